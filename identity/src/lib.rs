@@ -1,0 +1,17 @@
+//! kith's identity core: SPIFFE IDs and trust domains, SVIDs and trust bundles, X509-SVID
+//! verification and the renewal schedule. Every other kith crate stands on this one.
+
+pub mod bundle;
+pub mod pem;
+pub mod refresh;
+pub mod spiffe_id;
+pub mod svid;
+pub mod verify;
+pub mod x509;
+
+pub use bundle::{BundleError, JwtAuthority, TrustBundle};
+pub use refresh::{Jitter, RefreshPolicy, refresh_at};
+pub use spiffe_id::{IdError, SpiffeId, TrustDomain};
+pub use svid::{Svid, SvidError};
+pub use verify::{NotSvid, VerifyError, check_svid_leaf, verify_x509_svid};
+pub use x509::KeyType;
