@@ -1,1 +1,24 @@
-fn main() {}
+//! The `kith` binary: argument dispatch only. Each command lives in its crate.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "kith", version, about = "Attested SPIFFE identities and mutual TLS for workloads")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Developer certificates: a local CA that issues SPIFFE X509-SVIDs (mkcert for SPIFFE)
+    Certs(certs_dev::CertsArgs),
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Certs(args) => certs_dev::run(args),
+    }
+}

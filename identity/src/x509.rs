@@ -12,6 +12,7 @@ use rcgen::{
     KeyPair, KeyUsagePurpose, SanType, SerialNumber, SignatureAlgorithm,
 };
 use ring::rand::{SecureRandom, SystemRandom};
+use rustls_pki_types::PrivatePkcs8KeyDer;
 use time::OffsetDateTime;
 
 use crate::spiffe_id::{SpiffeId, TrustDomain};
@@ -79,6 +80,27 @@ impl FromStr for KeyType {
             )),
         }
     }
+}
+
+/// The key as PKCS#8 that every common tool reads. ring makes Ed25519 keys as PKCS#8 v2
+/// (RFC 5958, with the public key inside), which OpenSSL 3.0 refuses ("unsupported"); those are
+/// rewritten as the v1 document (RFC 8410) that OpenSSL, Go and ring itself all accept.
+pub fn portable_pkcs8(key: &KeyPair) -> PrivatePkcs8KeyDer<'static> {
+    // SEQUENCE { INTEGER 1, SEQUENCE { OID 1.3.101.112 }, OCTET STRING { OCTET STRING (seed) } …
+    const V2_PREFIX: [u8; 14] = [
+        0x02, 0x01, 0x01, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+    ];
+    const V1_PREFIX: [u8; 16] = [
+        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
+    ];
+    let der = key.serialize_der();
+    if der.len() >= 48 && der[0] == 0x30 && der[2..16] == V2_PREFIX {
+        let mut v1 = V1_PREFIX.to_vec();
+        v1.extend_from_slice(&der[16..48]);
+        return PrivatePkcs8KeyDer::from(v1);
+    }
+    PrivatePkcs8KeyDer::from(der)
 }
 
 /// A random serial of 128 bits with the top bit cleared (a positive DER INTEGER) and a
@@ -230,6 +252,19 @@ mod tests {
                 .unwrap_err()
                 .contains("expected p256")
         );
+    }
+
+    #[test]
+    fn ed25519_keys_export_as_pkcs8_v1_and_read_back() {
+        let key = KeyType::Ed25519.generate().unwrap();
+        let v1 = portable_pkcs8(&key);
+        assert_eq!(v1.secret_pkcs8_der().len(), 48);
+        assert_eq!(v1.secret_pkcs8_der()[4], 0, "version 0 (v1)");
+        let back = KeyPair::try_from(&v1).unwrap();
+        assert_eq!(back.public_key_raw(), key.public_key_raw());
+        // ECDSA keys are left as they are.
+        let ec = KeyType::P256.generate().unwrap();
+        assert_eq!(portable_pkcs8(&ec).secret_pkcs8_der(), ec.serialize_der().as_slice());
     }
 
     #[test]

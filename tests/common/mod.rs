@@ -1,0 +1,139 @@
+//! Shared harness for the `kith` CLI tests: a private CA home per test, the real binary, and
+//! external checkers (openssl, pkilint) that skip loudly when absent outside CI.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub struct Kith {
+    pub dir: tempfile::TempDir,
+}
+
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Kith {
+    pub fn new() -> Self {
+        Self { dir: tempfile::tempdir().unwrap() }
+    }
+
+    pub fn home(&self) -> PathBuf {
+        self.dir.path().join("home")
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Runs `kith certs <args>` with this test's CA home.
+    pub fn certs(&self, args: &[&str]) -> Run {
+        let out = Command::new(env!("CARGO_BIN_EXE_kith"))
+            .arg("certs")
+            .args(args)
+            .env("KITH_HOME", self.home())
+            .current_dir(self.dir.path())
+            .output()
+            .unwrap();
+        Run::from(out)
+    }
+
+    /// Issues `id` into `<dir>/<out>` and returns (chain path, key path, bundle path).
+    pub fn issue(&self, id: &str, out: &str, extra: &[&str]) -> (PathBuf, PathBuf, PathBuf) {
+        let out_dir = self.path(out);
+        let mut args = vec!["issue", id, "--out", out_dir.to_str().unwrap(), "--name", "svid"];
+        args.extend_from_slice(extra);
+        let run = self.certs(&args);
+        run.ok();
+        (out_dir.join("svid.crt"), out_dir.join("svid.key"), out_dir.join("bundle.crt"))
+    }
+}
+
+impl Run {
+    fn from(out: Output) -> Self {
+        let run = Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        };
+        assert!(!run.stderr.contains("panicked"), "kith panicked:\n{}", run.stderr);
+        run
+    }
+
+    pub fn ok(&self) -> &Self {
+        assert_eq!(self.code, 0, "stdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        self
+    }
+}
+
+/// True when `tool` runs. Absent outside CI, the test prints why it is skipped; absent in CI
+/// (CI=true, where .ci/run installs it), the test fails: a checker never silently passes.
+pub fn have_tool(tool: &str, test: &str) -> bool {
+    let found = Command::new(tool)
+        .arg("--help")
+        .output()
+        .map(|_| true)
+        .unwrap_or(false);
+    if !found {
+        if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+            panic!("{tool} is required in CI (installed by .ci/run) but was not found");
+        }
+        eprintln!("SKIPPED {test}: {tool} is not installed (run .ci/run, or install it, to check this)");
+    }
+    found
+}
+
+/// Runs openssl with `args`; returns (success, combined output).
+pub fn openssl(args: &[&str]) -> (bool, String) {
+    let out = Command::new("openssl").args(args).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// pkilint's known false positives on kith certificates (shared/PITFALLS.md): it accepts only
+/// web URL schemes in URIs, and no single-label DNS names.
+const PKILINT_FALSE_POSITIVES: &[&str] = &["pkix.invalid_uri_syntax", "pkix.invalid_domain_name_syntax"];
+
+/// Lints one PEM certificate and returns every ERROR or FATAL finding that is not a known
+/// false positive.
+pub fn pkilint_findings(cert_pem: &Path) -> Vec<String> {
+    let out = Command::new("lint_pkix_cert")
+        .args(["lint", "-s", "ERROR"])
+        .arg(cert_pem)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let findings: Vec<String> = text
+        .lines()
+        .filter(|l| l.contains("(ERROR)") || l.contains("(FATAL)"))
+        .map(|l| l.trim().to_owned())
+        .collect();
+    // Guard against a silent failure: non-zero with no finding means pkilint itself broke.
+    assert!(
+        out.status.success() || !findings.is_empty(),
+        "pkilint failed without findings: {}{}",
+        text,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    findings
+        .into_iter()
+        .filter(|f| !PKILINT_FALSE_POSITIVES.iter().any(|fp| f.starts_with(fp)))
+        .collect()
+}
+
+/// Splits a PEM file of several certificates into one file per certificate.
+pub fn split_pem(path: &Path, dir: &Path) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.split_inclusive("-----END CERTIFICATE-----\n")
+        .filter(|b| b.contains("BEGIN CERTIFICATE"))
+        .enumerate()
+        .map(|(i, block)| {
+            let stem = path.file_stem().unwrap().to_string_lossy();
+            let p = dir.join(format!("{stem}.{i}.pem"));
+            std::fs::write(&p, block.trim_start()).unwrap();
+            p
+        })
+        .collect()
+}
