@@ -5,7 +5,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "kith", version, about = "Attested SPIFFE identities and mutual TLS for workloads")]
+#[command(
+    name = "kith",
+    version,
+    about = "Attested SPIFFE identities and mutual TLS for workloads"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -74,23 +74,41 @@ pub fn init(home: &Path, td: &TrustDomain, key_type: KeyType) -> Result<Init> {
     let root_key = key_type.generate()?;
     let root_cn = format!("kith dev root {}", tag()?);
     let params = root_params(td, &root_cn, now - BACKDATE, now + ROOT_TTL)?;
-    let root = params.self_signed(&root_key).context("failed to sign the root")?;
+    let root = params
+        .self_signed(&root_key)
+        .context("failed to sign the root")?;
     // Key first: a root.crt without its key would be an unusable CA.
-    write_atomic(&home.join(ROOT_KEY), key_pem(&root_key).as_bytes(), KEY_MODE)?;
+    write_atomic(
+        &home.join(ROOT_KEY),
+        key_pem(&root_key).as_bytes(),
+        KEY_MODE,
+    )?;
     write_atomic(&home.join(ROOT_CRT), root.pem().as_bytes(), PUBLIC_MODE)?;
     let root_issuer = Issuer::new(params, root_key);
-    new_intermediate(home, td, &root_issuer, from_offset_cert(root.der())?, key_type)?;
+    new_intermediate(
+        home,
+        td,
+        &root_issuer,
+        from_offset_cert(root.der())?,
+        key_type,
+    )?;
     Ok(Init::Created(load(home)?))
 }
 
 /// Loads the CA from `home`.
 pub fn load(home: &Path) -> Result<DevCa> {
     if !exists(home) {
-        bail!("no dev CA in {}: run `kith certs init` first", home.display());
+        bail!(
+            "no dev CA in {}: run `kith certs init` first",
+            home.display()
+        );
     }
     let root = one_cert(&home.join(ROOT_CRT))?;
     let trust_domain = root_trust_domain(&root).with_context(|| {
-        format!("{} has no spiffe:// URI SAN naming its trust domain", home.join(ROOT_CRT).display())
+        format!(
+            "{} has no spiffe:// URI SAN naming its trust domain",
+            home.join(ROOT_CRT).display()
+        )
     })?;
     let intermediate = one_cert(&home.join(INTERMEDIATE_CRT))?;
     let key = load_key(&home.join(INTERMEDIATE_KEY))?;
@@ -109,7 +127,10 @@ pub fn load(home: &Path) -> Result<DevCa> {
 
 impl DevCa {
     pub fn bundle(&self) -> Result<TrustBundle> {
-        Ok(TrustBundle::from_roots(self.trust_domain.clone(), vec![self.root.clone()])?)
+        Ok(TrustBundle::from_roots(
+            self.trust_domain.clone(),
+            vec![self.root.clone()],
+        )?)
     }
 
     /// Makes a new signing intermediate under the root (when the old one has run out) and
@@ -118,7 +139,13 @@ impl DevCa {
         let root_key = load_key(&self.home.join(ROOT_KEY))?;
         let root_issuer = Issuer::from_ca_cert_der(&self.root, root_key)
             .context("root.crt does not parse as a CA certificate")?;
-        new_intermediate(&self.home, &self.trust_domain, &root_issuer, self.root_not_after, key_type)?;
+        new_intermediate(
+            &self.home,
+            &self.trust_domain,
+            &root_issuer,
+            self.root_not_after,
+            key_type,
+        )?;
         load(&self.home)
     }
 }
@@ -136,14 +163,27 @@ fn new_intermediate(
     let key = key_type.generate()?;
     let cn = format!("kith dev signer {}", tag()?);
     let params = intermediate_params(td, &cn, now - BACKDATE, not_after)?;
-    let cert = params.signed_by(&key, root).context("failed to sign the intermediate")?;
-    write_atomic(&home.join(INTERMEDIATE_KEY), key_pem(&key).as_bytes(), KEY_MODE)?;
-    write_atomic(&home.join(INTERMEDIATE_CRT), cert.pem().as_bytes(), PUBLIC_MODE)?;
+    let cert = params
+        .signed_by(&key, root)
+        .context("failed to sign the intermediate")?;
+    write_atomic(
+        &home.join(INTERMEDIATE_KEY),
+        key_pem(&key).as_bytes(),
+        KEY_MODE,
+    )?;
+    write_atomic(
+        &home.join(INTERMEDIATE_CRT),
+        cert.pem().as_bytes(),
+        PUBLIC_MODE,
+    )?;
     Ok(())
 }
 
 fn key_pem(key: &KeyPair) -> String {
-    identity::pem::encode("PRIVATE KEY", identity::x509::portable_pkcs8(key).secret_pkcs8_der())
+    identity::pem::encode(
+        "PRIVATE KEY",
+        identity::x509::portable_pkcs8(key).secret_pkcs8_der(),
+    )
 }
 
 fn one_cert(path: &Path) -> Result<CertificateDer<'static>> {
@@ -156,12 +196,15 @@ fn one_cert(path: &Path) -> Result<CertificateDer<'static>> {
 }
 
 fn load_key(path: &Path) -> Result<KeyPair> {
-    let pem = String::from_utf8(read(path)?).with_context(|| format!("{} is not PEM", path.display()))?;
-    KeyPair::from_pem(&pem).with_context(|| format!("{} is not a PKCS#8 private key", path.display()))
+    let pem =
+        String::from_utf8(read(path)?).with_context(|| format!("{} is not PEM", path.display()))?;
+    KeyPair::from_pem(&pem)
+        .with_context(|| format!("{} is not a PKCS#8 private key", path.display()))
 }
 
 fn from_offset_cert(der: &CertificateDer<'_>) -> Result<SystemTime> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).context("certificate does not parse")?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).context("certificate does not parse")?;
     Ok(from_offset(cert.validity().not_after.to_datetime()))
 }
 
@@ -169,5 +212,8 @@ fn from_offset_cert(der: &CertificateDer<'_>) -> Result<SystemTime> {
 /// CA never chains to this one by name.
 fn tag() -> Result<String> {
     let serial = identity::x509::random_serial()?;
-    Ok(serial.to_bytes()[..4].iter().map(|b| format!("{b:02x}")).collect())
+    Ok(serial.to_bytes()[..4]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }

@@ -15,7 +15,10 @@ pub const PUBLIC_MODE: u32 = 0o644;
 /// into place, so readers see either the old or the new file.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let result = (|| -> std::io::Result<()> {
         let mut f = OpenOptions::new()
@@ -41,7 +44,8 @@ pub fn ensure_dir(dir: &Path, mode: Option<u32>) -> Result<()> {
     if dir.exists() && !dir.is_dir() {
         anyhow::bail!("{} exists and is not a directory", dir.display());
     }
-    fs::create_dir_all(dir).with_context(|| format!("cannot create directory {}", dir.display()))?;
+    fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create directory {}", dir.display()))?;
     if let Some(mode) = mode {
         fs::set_permissions(dir, fs::Permissions::from_mode(mode))
             .with_context(|| format!("cannot set permissions on {}", dir.display()))?;

@@ -57,9 +57,16 @@ pub fn inspect(der: &CertificateDer<'_>, now: SystemTime) -> Result<CertInfo, St
     let sans = sans(&cert);
     let spiffe_id = sans
         .iter()
-        .find_map(|s| s.strip_prefix("URI:").filter(|u| u.starts_with("spiffe://")))
+        .find_map(|s| {
+            s.strip_prefix("URI:")
+                .filter(|u| u.starts_with("spiffe://"))
+        })
         .map(str::to_owned);
-    let bc = cert.basic_constraints().ok().flatten().map(|b| b.value.clone());
+    let bc = cert
+        .basic_constraints()
+        .ok()
+        .flatten()
+        .map(|b| b.value.clone());
     let svid = if cert.is_ca() {
         Verdict {
             kind: "signing",
@@ -69,7 +76,12 @@ pub fn inspect(der: &CertificateDer<'_>, now: SystemTime) -> Result<CertInfo, St
         }
     } else {
         match check_svid_leaf(der) {
-            Ok(_) => Verdict { kind: "leaf", valid: true, rule: None, message: None },
+            Ok(_) => Verdict {
+                kind: "leaf",
+                valid: true,
+                rule: None,
+                message: None,
+            },
             Err(e) => Verdict {
                 kind: "invalid",
                 valid: false,
@@ -109,14 +121,32 @@ pub fn render(infos: &[CertInfo]) -> String {
         } else {
             format!("EXPIRED {} ago", human(c.expires_in_seconds.unsigned_abs()))
         };
-        let dash = |v: &str| if v.is_empty() { "(empty)".to_owned() } else { v.to_owned() };
-        let list = |v: &[String]| if v.is_empty() { "-".to_owned() } else { v.join(", ") };
+        let dash = |v: &str| {
+            if v.is_empty() {
+                "(empty)".to_owned()
+            } else {
+                v.to_owned()
+            }
+        };
+        let list = |v: &[String]| {
+            if v.is_empty() {
+                "-".to_owned()
+            } else {
+                v.join(", ")
+            }
+        };
         let lines = [
-            ("SPIFFE ID", c.spiffe_id.clone().unwrap_or_else(|| "-".into())),
+            (
+                "SPIFFE ID",
+                c.spiffe_id.clone().unwrap_or_else(|| "-".into()),
+            ),
             ("subject", dash(&c.subject)),
             ("issuer", dash(&c.issuer)),
             ("serial", c.serial.clone()),
-            ("valid", format!("{} to {} ({remaining})", c.not_before, c.not_after)),
+            (
+                "valid",
+                format!("{} to {} ({remaining})", c.not_before, c.not_after),
+            ),
             ("key", c.key_algorithm.clone()),
             ("signature", c.signature_algorithm.clone()),
             ("SANs", list(&c.sans)),
@@ -128,13 +158,23 @@ pub fn render(infos: &[CertInfo]) -> String {
                     (false, _) => "no".into(),
                 },
             ),
-            ("key usage", list(&c.key_usage.iter().map(|k| k.to_string()).collect::<Vec<_>>())),
+            (
+                "key usage",
+                list(
+                    &c.key_usage
+                        .iter()
+                        .map(|k| k.to_string())
+                        .collect::<Vec<_>>(),
+                ),
+            ),
             ("ext key usage", list(&c.extended_key_usage)),
             ("SHA-256", c.sha256_fingerprint.clone()),
             (
                 "X509-SVID",
                 match (&c.svid.kind, &c.svid.message) {
-                    (&"leaf", _) => "valid leaf (chain not checked; use `kith certs verify`)".into(),
+                    (&"leaf", _) => {
+                        "valid leaf (chain not checked; use `kith certs verify`)".into()
+                    }
                     (&"signing", _) => "signing certificate (CA)".into(),
                     (_, Some(m)) => format!("NO: {m}"),
                     _ => "NO".into(),
@@ -167,8 +207,14 @@ fn sans(cert: &X509Certificate<'_>) -> Vec<String> {
             GeneralName::DNSName(d) => format!("DNS:{d}"),
             GeneralName::RFC822Name(e) => format!("email:{e}"),
             GeneralName::IPAddress(b) => match b.len() {
-                4 => format!("IP:{}", std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*b).unwrap_or_default())),
-                16 => format!("IP:{}", std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*b).unwrap_or_default())),
+                4 => format!(
+                    "IP:{}",
+                    std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*b).unwrap_or_default())
+                ),
+                16 => format!(
+                    "IP:{}",
+                    std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*b).unwrap_or_default())
+                ),
                 _ => format!("IP:{}", hex_colon(b)),
             },
             other => format!("{other}"),
@@ -244,7 +290,8 @@ fn eku(cert: &X509Certificate<'_>) -> Vec<String> {
         (e.ocsp_signing, "OCSPSigning"),
     ]
     .into_iter()
-    .filter_map(|(set, name)| set.then(|| name.to_owned()))
+    .filter(|(set, _)| *set)
+    .map(|(_, name)| name.to_owned())
     .collect();
     out.extend(e.other.iter().map(|o| o.to_id_string()));
     out

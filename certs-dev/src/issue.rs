@@ -56,7 +56,10 @@ pub struct Files {
 pub fn issue(home: &Path, req: Request) -> Result<Issued> {
     let mut notes = Vec::new();
     if req.ttl < Duration::from_secs(60) {
-        bail!("--ttl must be at least 1m (got {})", humantime::format_duration(req.ttl));
+        bail!(
+            "--ttl must be at least 1m (got {})",
+            humantime::format_duration(req.ttl)
+        );
     }
     let name = match &req.name {
         Some(n) => n.clone(),
@@ -114,13 +117,16 @@ pub fn issue(home: &Path, req: Request) -> Result<Issued> {
         .as_ref()
         .map(|s| hex_colon(&s.to_bytes()))
         .unwrap_or_default();
-    let leaf = params.signed_by(&key, &ca.issuer).context("failed to sign the leaf")?;
+    let leaf = params
+        .signed_by(&key, &ca.issuer)
+        .context("failed to sign the leaf")?;
     let chain = vec![leaf.der().clone(), ca.intermediate.clone()];
     let svid = Svid::new(chain, portable_pkcs8(&key))
         .context("issued certificate is not a valid X509-SVID (this is a bug)")?;
     // Validate what we made exactly as a peer would before handing it out.
     let bundle = ca.bundle()?;
-    verify_x509_svid(svid.chain(), &bundle, now).context("issued certificate does not verify (this is a bug)")?;
+    verify_x509_svid(svid.chain(), &bundle, now)
+        .context("issued certificate does not verify (this is a bug)")?;
 
     let files = write(&req, &name, &svid, &ca)?;
     Ok(Issued {
@@ -143,14 +149,24 @@ fn write(req: &Request, name: &str, svid: &Svid, ca: &DevCa) -> Result<Files> {
             write_atomic(&key, svid.key_pem().as_bytes(), KEY_MODE)?;
             write_atomic(&crt, svid.chain_pem().as_bytes(), PUBLIC_MODE)?;
             write_atomic(&bundle, bundle_pem.as_bytes(), PUBLIC_MODE)?;
-            Ok(Files { certificate: Some(crt), key, bundle })
+            Ok(Files {
+                certificate: Some(crt),
+                key,
+                bundle,
+            })
         }
         Format::SpiffeFs => {
             let cred = req.out.join("credential-bundle.private-key.pem");
-            let bundle = req.out.join(format!("{}.spiffe-trust-bundle.pem", ca.trust_domain));
+            let bundle = req
+                .out
+                .join(format!("{}.spiffe-trust-bundle.pem", ca.trust_domain));
             write_atomic(&cred, svid.to_credential_bundle().as_bytes(), KEY_MODE)?;
             write_atomic(&bundle, bundle_pem.as_bytes(), PUBLIC_MODE)?;
-            Ok(Files { certificate: None, key: cred, bundle })
+            Ok(Files {
+                certificate: None,
+                key: cred,
+                bundle,
+            })
         }
     }
 }
@@ -174,7 +190,10 @@ pub fn render(issued: &Issued, req_format: Format, has_dns: bool) -> String {
     let d = |p: &Path| p.display().to_string();
     match (req_format, &f.certificate) {
         (Format::Pem, Some(crt)) => {
-            s.push_str(&format!("  certificate  {}  (leaf + intermediate)\n", d(crt)));
+            s.push_str(&format!(
+                "  certificate  {}  (leaf + intermediate)\n",
+                d(crt)
+            ));
             s.push_str(&format!("  private key  {}  (0600)\n", d(&f.key)));
             s.push_str(&format!("  trust bundle {}\n\n", d(&f.bundle)));
             s.push_str("try it:\n");
@@ -201,10 +220,16 @@ pub fn render(issued: &Issued, req_format: Format, has_dns: bool) -> String {
             }
         }
         _ => {
-            s.push_str(&format!("  credential bundle {}  (key + chain, 0600)\n", d(&f.key)));
+            s.push_str(&format!(
+                "  credential bundle {}  (key + chain, 0600)\n",
+                d(&f.key)
+            ));
             s.push_str(&format!("  trust bundle      {}\n\n", d(&f.bundle)));
             if let Some(dir) = f.key.parent() {
-                s.push_str(&format!("point workloads at it: export SPIFFE_CREDENTIAL_FOLDER={}\n", d(dir)));
+                s.push_str(&format!(
+                    "point workloads at it: export SPIFFE_CREDENTIAL_FOLDER={}\n",
+                    d(dir)
+                ));
             }
         }
     }
@@ -218,5 +243,9 @@ pub fn rfc3339(t: SystemTime) -> String {
 }
 
 pub fn hex_colon(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":")
+    bytes
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }

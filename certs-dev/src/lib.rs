@@ -117,7 +117,11 @@ fn run_inner(args: CertsArgs) -> Result<ExitCode> {
         None => ca::default_home()?,
     };
     match args.command {
-        CertsCommand::Init { trust_domain, key_type, json } => {
+        CertsCommand::Init {
+            trust_domain,
+            key_type,
+            json,
+        } => {
             let (ca, created) = match ca::init(&home, &trust_domain, key_type)? {
                 ca::Init::Created(ca) => (ca, true),
                 ca::Init::Existing(ca) => (ca, false),
@@ -132,21 +136,54 @@ fn run_inner(args: CertsArgs) -> Result<ExitCode> {
                     "intermediate_not_after": issue::rfc3339(ca.intermediate_not_after),
                 }));
             } else {
-                let verb = if created { "created a new" } else { "kept the existing" };
-                println!("{verb} dev CA for trust domain {} in {}", ca.trust_domain, home.display());
-                println!("  root          {}  (until {})", home.join("root.crt").display(), issue::rfc3339(ca.root_not_after));
+                let verb = if created {
+                    "created a new"
+                } else {
+                    "kept the existing"
+                };
+                println!(
+                    "{verb} dev CA for trust domain {} in {}",
+                    ca.trust_domain,
+                    home.display()
+                );
+                println!(
+                    "  root          {}  (until {})",
+                    home.join("root.crt").display(),
+                    issue::rfc3339(ca.root_not_after)
+                );
                 println!(
                     "  intermediate  {}  (until {})",
                     home.join("intermediate.crt").display(),
                     issue::rfc3339(ca.intermediate_not_after)
                 );
-                println!("the system trust store was not touched; hand root.crt to what should trust it");
+                println!(
+                    "the system trust store was not touched; hand root.crt to what should trust it"
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
-        CertsCommand::Issue { spiffe_id, dns, ip, ttl, out, name, format, key_type, json } => {
+        CertsCommand::Issue {
+            spiffe_id,
+            dns,
+            ip,
+            ttl,
+            out,
+            name,
+            format,
+            key_type,
+            json,
+        } => {
             let has_dns = !dns.is_empty();
-            let req = issue::Request { id: spiffe_id, dns, ips: ip, ttl, out, name, format, key_type };
+            let req = issue::Request {
+                id: spiffe_id,
+                dns,
+                ips: ip,
+                ttl,
+                out,
+                name,
+                format,
+                key_type,
+            };
             let issued = issue::issue(&home, req)?;
             if json {
                 print_json(&issued);
@@ -161,7 +198,10 @@ fn run_inner(args: CertsArgs) -> Result<ExitCode> {
             let infos = certs
                 .iter()
                 .enumerate()
-                .map(|(i, c)| inspect::inspect(c, now).map_err(|e| anyhow::anyhow!("certificate {}: {e}", i + 1)))
+                .map(|(i, c)| {
+                    inspect::inspect(c, now)
+                        .map_err(|e| anyhow::anyhow!("certificate {}: {e}", i + 1))
+                })
                 .collect::<Result<Vec<_>>>()?;
             if json {
                 print_json(&infos);
@@ -170,7 +210,14 @@ fn run_inner(args: CertsArgs) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        CertsCommand::Verify { chain, bundle, id, at, trust_domain, json } => {
+        CertsCommand::Verify {
+            chain,
+            bundle,
+            id,
+            at,
+            trust_domain,
+            json,
+        } => {
             let certs = read_chain(&chain)?;
             let td = trust_domain.or_else(|| id.as_ref().map(SpiffeId::trust_domain));
             let bundle = TrustBundle::parse(td, &files::read(&bundle)?)
@@ -179,9 +226,10 @@ fn run_inner(args: CertsArgs) -> Result<ExitCode> {
             let outcome = verify_x509_svid(&certs, &bundle, now)
                 .map_err(|e| (e.detailed_reason(), e.to_string()))
                 .and_then(|got| match &id {
-                    Some(want) if want != &got => {
-                        Err(("unexpected_id".to_owned(), format!("spiffe id is {got}, expected {want}")))
-                    }
+                    Some(want) if want != &got => Err((
+                        "unexpected_id".to_owned(),
+                        format!("spiffe id is {got}, expected {want}"),
+                    )),
                     _ => Ok(got),
                 });
             match outcome {
@@ -225,8 +273,10 @@ fn read_chain(path: &std::path::Path) -> Result<Vec<rustls_pki_types::Certificat
     let bytes = files::read(path)?;
     match identity::pem::certificates(&bytes) {
         Ok(certs) => Ok(certs),
-        Err(identity::pem::PemError::NotACertificate { found: "private key" })
-            if bytes.starts_with(b"-----BEGIN PRIVATE KEY-----") =>
+        Err(identity::pem::PemError::NotACertificate {
+            found: "private key",
+        }) if bytes.starts_with(b"-----BEGIN PRIVATE KEY-----")
+            && bytes.windows(17).any(|w| w == b"BEGIN CERTIFICATE") =>
         {
             let svid = identity::Svid::from_credential_bundle(&bytes)
                 .with_context(|| format!("{} is not a valid credential bundle", path.display()))?;
@@ -245,7 +295,10 @@ fn print_json(value: &impl serde::Serialize) {
 
 /// One line: the error and its causes, outermost first.
 fn chain(e: &anyhow::Error) -> String {
-    e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")
+    e.chain()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 fn parse_id(s: &str) -> Result<SpiffeId, String> {

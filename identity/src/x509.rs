@@ -33,7 +33,7 @@ pub enum KeyType {
 #[derive(Debug, thiserror::Error)]
 pub enum TemplateError {
     #[error("invalid DNS name {0:?}: {1}")]
-    DnsName(String, rcgen::Error),
+    DnsName(String, String),
     #[error("random number generator failed")]
     Random,
     #[error("failed to generate a {0} key: {1}")]
@@ -174,10 +174,14 @@ pub fn svid_params(
 ) -> Result<CertificateParams, TemplateError> {
     let mut sans = vec![uri_san(id)];
     for name in dns_names {
+        // A leading "*." wildcard is allowed (as mkcert does); the rest must be a hostname.
+        let host = name.strip_prefix("*.").unwrap_or(name);
+        rustls_pki_types::DnsName::try_from(host)
+            .map_err(|_| TemplateError::DnsName(name.clone(), "not a valid hostname".into()))?;
         let ia5 = name
             .clone()
             .try_into()
-            .map_err(|e| TemplateError::DnsName(name.clone(), e))?;
+            .map_err(|e: rcgen::Error| TemplateError::DnsName(name.clone(), e.to_string()))?;
         sans.push(SanType::DnsName(ia5));
     }
     sans.extend(ips.iter().copied().map(SanType::IpAddress));
@@ -264,7 +268,10 @@ mod tests {
         assert_eq!(back.public_key_raw(), key.public_key_raw());
         // ECDSA keys are left as they are.
         let ec = KeyType::P256.generate().unwrap();
-        assert_eq!(portable_pkcs8(&ec).secret_pkcs8_der(), ec.serialize_der().as_slice());
+        assert_eq!(
+            portable_pkcs8(&ec).secret_pkcs8_der(),
+            ec.serialize_der().as_slice()
+        );
     }
 
     #[test]

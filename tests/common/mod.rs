@@ -17,7 +17,9 @@ pub struct Run {
 
 impl Kith {
     pub fn new() -> Self {
-        Self { dir: tempfile::tempdir().unwrap() }
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
     }
 
     pub fn home(&self) -> PathBuf {
@@ -43,11 +45,22 @@ impl Kith {
     /// Issues `id` into `<dir>/<out>` and returns (chain path, key path, bundle path).
     pub fn issue(&self, id: &str, out: &str, extra: &[&str]) -> (PathBuf, PathBuf, PathBuf) {
         let out_dir = self.path(out);
-        let mut args = vec!["issue", id, "--out", out_dir.to_str().unwrap(), "--name", "svid"];
+        let mut args = vec![
+            "issue",
+            id,
+            "--out",
+            out_dir.to_str().unwrap(),
+            "--name",
+            "svid",
+        ];
         args.extend_from_slice(extra);
         let run = self.certs(&args);
         run.ok();
-        (out_dir.join("svid.crt"), out_dir.join("svid.key"), out_dir.join("bundle.crt"))
+        (
+            out_dir.join("svid.crt"),
+            out_dir.join("svid.key"),
+            out_dir.join("bundle.crt"),
+        )
     }
 }
 
@@ -58,12 +71,20 @@ impl Run {
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         };
-        assert!(!run.stderr.contains("panicked"), "kith panicked:\n{}", run.stderr);
+        assert!(
+            !run.stderr.contains("panicked"),
+            "kith panicked:\n{}",
+            run.stderr
+        );
         run
     }
 
     pub fn ok(&self) -> &Self {
-        assert_eq!(self.code, 0, "stdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        assert_eq!(
+            self.code, 0,
+            "stdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
         self
     }
 }
@@ -80,7 +101,9 @@ pub fn have_tool(tool: &str, test: &str) -> bool {
         if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
             panic!("{tool} is required in CI (installed by .ci/run) but was not found");
         }
-        eprintln!("SKIPPED {test}: {tool} is not installed (run .ci/run, or install it, to check this)");
+        eprintln!(
+            "SKIPPED {test}: {tool} is not installed (run .ci/run, or install it, to check this)"
+        );
     }
     found
 }
@@ -88,13 +111,18 @@ pub fn have_tool(tool: &str, test: &str) -> bool {
 /// Runs openssl with `args`; returns (success, combined output).
 pub fn openssl(args: &[&str]) -> (bool, String) {
     let out = Command::new("openssl").args(args).output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     (out.status.success(), text)
 }
 
 /// pkilint's known false positives on kith certificates (shared/PITFALLS.md): it accepts only
 /// web URL schemes in URIs, and no single-label DNS names.
-const PKILINT_FALSE_POSITIVES: &[&str] = &["pkix.invalid_uri_syntax", "pkix.invalid_domain_name_syntax"];
+const PKILINT_FALSE_POSITIVES: &[&str] =
+    &["pkix.invalid_uri_syntax", "pkix.invalid_domain_name_syntax"];
 
 /// Lints one PEM certificate and returns every ERROR or FATAL finding that is not a known
 /// false positive.
