@@ -177,7 +177,7 @@ fn default_name(id: &SpiffeId) -> String {
 }
 
 /// A human summary with the files and one-liners to try them.
-pub fn render(issued: &Issued, req_format: Format, has_dns: bool) -> String {
+pub fn render(issued: &Issued, req_format: Format, dns_name: Option<&str>) -> String {
     let mut s = String::new();
     for note in &issued.notes {
         s.push_str(&format!("note: {note}\n"));
@@ -210,9 +210,9 @@ pub fn render(issued: &Issued, req_format: Format, has_dns: bool) -> String {
                 d(&f.key),
                 d(&f.bundle)
             ));
-            if has_dns {
+            if let Some(host) = dns_name {
                 s.push_str(&format!(
-                    "  curl --cacert {} --cert {} --key {} https://<dns-name>:8443/\n",
+                    "  curl --cacert {} --cert {} --key {} https://{host}:8443/\n",
                     d(&f.bundle),
                     d(crt),
                     d(&f.key)

@@ -173,7 +173,7 @@ fn run_inner(args: CertsArgs) -> Result<ExitCode> {
             key_type,
             json,
         } => {
-            let has_dns = !dns.is_empty();
+            let first_dns = dns.first().filter(|d| !d.starts_with('*')).cloned();
             let req = issue::Request {
                 id: spiffe_id,
                 dns,
@@ -188,7 +188,7 @@ fn run_inner(args: CertsArgs) -> Result<ExitCode> {
             if json {
                 print_json(&issued);
             } else {
-                print!("{}", issue::render(&issued, format, has_dns));
+                print!("{}", issue::render(&issued, format, first_dns.as_deref()));
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -1,0 +1,6 @@
+//! `kith ca`: the CA service. It issues short-lived X509-SVIDs and JWT-SVIDs only to callers that
+//! proved who they are (join token, Kubernetes service-account token, or a current SVID), keeps
+//! its keys sealed, and records every issuance and refusal in a hash-chained audit log.
+
+pub mod jwt_svid;
+pub mod k8s;
