@@ -4,3 +4,5 @@
 
 pub mod jwt_svid;
 pub mod k8s;
+pub mod seal;
+pub mod store;

@@ -1,0 +1,726 @@
+//! The embedded store: SQLite in WAL mode with `synchronous=FULL` (a commit survives power
+//! loss), versioned migrations, and one writer thread that drains every pending write into a
+//! single transaction (group commit). Reads use their own connection; WAL lets them run beside
+//! the writer.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::thread;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    AuditEvent, AuditRow, AuditVerdict, CaKeyRecord, Counts, Entry, IssuedCert, JoinToken, KeyKind,
+    Node, Outcome, Store, StoreError, TokenRefusal, Write, audit_hash, hex,
+};
+
+/// The most writes folded into one transaction.
+const MAX_GROUP: usize = 2048;
+
+/// Schema versions, applied in order; `PRAGMA user_version` records how far a database got.
+const MIGRATIONS: &[&str] = &[
+    // 1: the initial schema.
+    "CREATE TABLE ca_keys (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        cert_der BLOB,
+        sealed_key BLOB NOT NULL,
+        not_before INTEGER NOT NULL,
+        not_after INTEGER NOT NULL,
+        activate_at INTEGER NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE join_tokens (
+        hash BLOB PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        name TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        used_at INTEGER,
+        revoked_at INTEGER
+    );
+    CREATE TABLE nodes (
+        spiffe_id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        attested_at INTEGER NOT NULL,
+        last_issued_at INTEGER NOT NULL,
+        evicted_at INTEGER
+    );
+    CREATE TABLE entries (
+        id TEXT PRIMARY KEY,
+        spiffe_id TEXT NOT NULL,
+        parent_id TEXT NOT NULL,
+        selectors TEXT NOT NULL,
+        ttl INTEGER,
+        dns TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE INDEX entries_parent ON entries(parent_id);
+    CREATE TABLE certificates (
+        serial BLOB PRIMARY KEY,
+        spiffe_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        not_after INTEGER NOT NULL,
+        issued_at INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY,
+        at INTEGER NOT NULL,
+        action TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        prev_hash BLOB NOT NULL,
+        hash BLOB NOT NULL
+    );",
+];
+
+pub struct SqliteStore {
+    path: PathBuf,
+    reader: Mutex<Connection>,
+    tx: mpsc::UnboundedSender<Job>,
+}
+
+struct Job {
+    op: Write,
+    reply: oneshot::Sender<Result<Outcome, StoreError>>,
+}
+
+fn db(e: rusqlite::Error) -> StoreError {
+    StoreError::Db(e.to_string())
+}
+
+impl SqliteStore {
+    /// Opens (creating and migrating if needed) `<dir>/kith-ca.db` and starts the writer.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let path = dir.join("kith-ca.db");
+        let mut conn = open_conn(&path, false)?;
+        migrate(&mut conn)?;
+        let reader = open_conn(&path, true)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let last = last_hash(&conn)?;
+        thread::Builder::new()
+            .name("kith-ca-store".into())
+            .spawn(move || writer(conn, rx, last))
+            .map_err(|e| StoreError::Db(format!("cannot start the writer thread: {e}")))?;
+        Ok(Self {
+            path,
+            reader: Mutex::new(reader),
+            tx,
+        })
+    }
+
+    /// Opens an existing database read-only, e.g. for `kith ca audit verify` while the CA is
+    /// stopped. No writer is started.
+    pub fn open_read_only(dir: &Path) -> Result<ReadOnly, StoreError> {
+        let path = dir.join("kith-ca.db");
+        if !path.exists() {
+            return Err(StoreError::Db(format!(
+                "no CA database at {}",
+                path.display()
+            )));
+        }
+        let conn =
+            Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(db)?;
+        Ok(ReadOnly { conn })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let conn = self
+            .reader
+            .lock()
+            .map_err(|_| StoreError::Db("reader lock poisoned".into()))?;
+        f(&conn)
+    }
+}
+
+/// A read-only view for offline checks.
+pub struct ReadOnly {
+    conn: Connection,
+}
+
+impl ReadOnly {
+    pub fn verify_audit(&self) -> Result<AuditVerdict, StoreError> {
+        verify_audit(&self.conn)
+    }
+
+    pub fn audit(&self, after_seq: i64, limit: i64) -> Result<Vec<AuditRow>, StoreError> {
+        audit_rows(&self.conn, after_seq, limit)
+    }
+}
+
+fn open_conn(path: &Path, read_only: bool) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path).map_err(db)?;
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+        .map_err(db)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Db(format!(
+            "cannot enable WAL (journal_mode is {mode})"
+        )));
+    }
+    // SECURITY/durability: FULL syncs the WAL on every commit, so an acknowledged issuance and
+    // its audit row survive a crash or power loss.
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(db)?;
+    conn.pragma_update(None, "foreign_keys", "ON").map_err(db)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(db)?;
+    if read_only {
+        conn.pragma_update(None, "query_only", "ON").map_err(db)?;
+    }
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(db)?;
+    let known = MIGRATIONS.len() as i64;
+    if version > known {
+        return Err(StoreError::Migration(format!(
+            "database schema version {version} is newer than this kith ({known}); upgrade kith"
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction().map_err(db)?;
+        tx.execute_batch(sql)
+            .map_err(|e| StoreError::Migration(format!("step {}: {e}", i + 1)))?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)
+            .map_err(db)?;
+        tx.commit().map_err(db)?;
+    }
+    Ok(())
+}
+
+fn last_hash(conn: &Connection) -> Result<(i64, [u8; 32]), StoreError> {
+    let row: Option<(i64, Vec<u8>)> = conn
+        .query_row(
+            "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()
+        .map_err(db)?;
+    match row {
+        None => Ok((0, [0u8; 32])),
+        Some((seq, h)) => {
+            let hash = h.try_into().map_err(|_| StoreError::Corrupt {
+                table: "audit",
+                detail: format!("row {seq} has a hash that is not 32 bytes"),
+            })?;
+            Ok((seq, hash))
+        }
+    }
+}
+
+/// The writer loop: take one job, drain whatever else is waiting, apply them all in one
+/// transaction (each in its own savepoint, so one failing op does not sink the others), commit
+/// once, then answer everyone.
+fn writer(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Job>, mut last: (i64, [u8; 32])) {
+    let mut batch: Vec<Job> = Vec::with_capacity(MAX_GROUP);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let start = last;
+        let mut results = Vec::with_capacity(batch.len());
+        let commit = (|| -> Result<(), rusqlite::Error> {
+            let mut tx = conn.transaction()?;
+            // Savepoints need `&mut`; each one ends before the next begins.
+            for job in &batch {
+                let before = last;
+                let mut sp = tx.savepoint()?;
+                match apply(&sp, &job.op, &mut last) {
+                    Ok(outcome) => {
+                        sp.commit()?;
+                        results.push(Ok(outcome));
+                    }
+                    Err(e) => {
+                        sp.rollback()?;
+                        drop(sp);
+                        last = before;
+                        results.push(Err(db(e)));
+                    }
+                }
+            }
+            tx.commit()
+        })();
+        if let Err(e) = commit {
+            last = start;
+            let msg = e.to_string();
+            results = batch
+                .iter()
+                .map(|_| Err(StoreError::Db(msg.clone())))
+                .collect();
+        }
+        for (job, result) in batch.drain(..).zip(results) {
+            let _ = job.reply.send(result);
+        }
+    }
+}
+
+fn append_audit(
+    tx: &Connection,
+    e: &AuditEvent,
+    last: &mut (i64, [u8; 32]),
+) -> rusqlite::Result<()> {
+    let seq = last.0 + 1;
+    let hash = audit_hash(&last.1, seq, e);
+    tx.prepare_cached(
+        "INSERT INTO audit (seq, at, action, subject, outcome, detail, prev_hash, hash)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?
+    .execute(params![
+        seq,
+        e.at,
+        e.action,
+        e.subject,
+        e.outcome,
+        e.detail.to_string(),
+        &last.1[..],
+        &hash[..]
+    ])?;
+    *last = (seq, hash);
+    Ok(())
+}
+
+fn insert_cert(tx: &Connection, c: &IssuedCert) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO certificates (serial, spiffe_id, kind, not_after, issued_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![c.serial, c.spiffe_id, c.kind, c.not_after, c.issued_at])?;
+    Ok(())
+}
+
+fn upsert_node(tx: &Connection, n: &Node) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO nodes (spiffe_id, name, attested_at, last_issued_at, evicted_at)
+         VALUES (?1, ?2, ?3, ?4, NULL)
+         ON CONFLICT(spiffe_id) DO UPDATE SET last_issued_at = excluded.last_issued_at",
+    )?
+    .execute(params![
+        n.spiffe_id,
+        n.name,
+        n.attested_at,
+        n.last_issued_at
+    ])?;
+    Ok(())
+}
+
+/// Applies one write inside its savepoint (which derefs to the connection).
+fn apply(tx: &Connection, op: &Write, last: &mut (i64, [u8; 32])) -> rusqlite::Result<Outcome> {
+    match op {
+        Write::Issue { cert, node, audit } => {
+            insert_cert(tx, cert)?;
+            if let Some(node) = node {
+                upsert_node(tx, node)?;
+            }
+            append_audit(tx, audit, last)?;
+            Ok(Outcome::Done)
+        }
+        Write::JoinIssue {
+            token_hash,
+            now,
+            cert,
+            node,
+            audit,
+        } => {
+            let row: Option<(i64, Option<i64>, Option<i64>)> = tx
+                .prepare_cached(
+                    "SELECT expires_at, used_at, revoked_at FROM join_tokens WHERE hash = ?1",
+                )?
+                .query_row(params![&token_hash[..]], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .optional()?;
+            let refusal = match row {
+                None => Some(TokenRefusal::Unknown),
+                Some((_, _, Some(_))) => Some(TokenRefusal::Revoked),
+                Some((_, Some(_), _)) => Some(TokenRefusal::Used),
+                Some((expires, _, _)) if expires <= *now => Some(TokenRefusal::Expired),
+                _ => None,
+            };
+            if let Some(r) = refusal {
+                return Ok(Outcome::TokenRefused(r));
+            }
+            tx.prepare_cached("UPDATE join_tokens SET used_at = ?1 WHERE hash = ?2")?
+                .execute(params![now, &token_hash[..]])?;
+            insert_cert(tx, cert)?;
+            // A node re-attesting with a new token after eviction is a new decision by an
+            // operator (they made the token), so it clears the eviction.
+            tx.prepare_cached(
+                "INSERT INTO nodes (spiffe_id, name, attested_at, last_issued_at, evicted_at)
+                 VALUES (?1, ?2, ?3, ?4, NULL)
+                 ON CONFLICT(spiffe_id) DO UPDATE SET attested_at = excluded.attested_at,
+                   last_issued_at = excluded.last_issued_at, evicted_at = NULL",
+            )?
+            .execute(params![
+                node.spiffe_id,
+                node.name,
+                node.attested_at,
+                node.last_issued_at
+            ])?;
+            append_audit(tx, audit, last)?;
+            Ok(Outcome::Done)
+        }
+        Write::Audit(e) => {
+            append_audit(tx, e, last)?;
+            Ok(Outcome::Done)
+        }
+        Write::CreateToken(t, audit) => {
+            tx.prepare_cached(
+                "INSERT INTO join_tokens (hash, id, name, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![&t.hash[..], t.id, t.name, t.created_at, t.expires_at])?;
+            append_audit(tx, audit, last)?;
+            Ok(Outcome::Done)
+        }
+        Write::RevokeToken { id, now, audit } => {
+            let n = tx
+                .prepare_cached(
+                    "UPDATE join_tokens SET revoked_at = ?1 WHERE id = ?2 AND revoked_at IS NULL",
+                )?
+                .execute(params![now, id])?;
+            if n == 0 {
+                return Ok(Outcome::NotFound);
+            }
+            append_audit(tx, audit, last)?;
+            Ok(Outcome::Done)
+        }
+        Write::PutEntry(e, audit) => {
+            tx.prepare_cached(
+                "INSERT INTO entries (id, spiffe_id, parent_id, selectors, ttl, dns, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                e.id,
+                e.spiffe_id,
+                e.parent_id,
+                serde_json::to_string(&e.selectors).unwrap_or_default(),
+                e.ttl.map(|t| t as i64),
+                serde_json::to_string(&e.dns).unwrap_or_default(),
+                e.created_at
+            ])?;
+            append_audit(tx, audit, last)?;
+            Ok(Outcome::Done)
+        }
+        Write::DeleteEntry { id, audit } => {
+            let n = tx
+                .prepare_cached("DELETE FROM entries WHERE id = ?1")?
+                .execute(params![id])?;
+            if n == 0 {
+                return Ok(Outcome::NotFound);
+            }
+            append_audit(tx, audit, last)?;
+            Ok(Outcome::Done)
+        }
+        Write::EvictNode {
+            spiffe_id,
+            now,
+            audit,
+        } => {
+            let n = tx
+                .prepare_cached(
+                    "UPDATE nodes SET evicted_at = ?1 WHERE spiffe_id = ?2 AND evicted_at IS NULL",
+                )?
+                .execute(params![now, spiffe_id])?;
+            if n == 0 {
+                return Ok(Outcome::NotFound);
+            }
+            append_audit(tx, audit, last)?;
+            Ok(Outcome::Done)
+        }
+        Write::PutCaKey(k, audit) => {
+            tx.prepare_cached(
+                "INSERT INTO ca_keys (id, kind, cert_der, sealed_key, not_before, not_after, activate_at, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?
+            .execute(params![
+                k.id,
+                kind_str(k.kind),
+                k.cert_der,
+                k.sealed_key,
+                k.not_before,
+                k.not_after,
+                k.activate_at,
+                k.created_at
+            ])?;
+            append_audit(tx, audit, last)?;
+            Ok(Outcome::Done)
+        }
+    }
+}
+
+impl Store for SqliteStore {
+    async fn write(&self, op: Write) -> Result<Outcome, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Job { op, reply })
+            .map_err(|_| StoreError::WriterGone)?;
+        rx.await.map_err(|_| StoreError::WriterGone)?
+    }
+
+    fn ca_keys(&self) -> Result<Vec<CaKeyRecord>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c
+                .prepare(
+                    "SELECT id, kind, cert_der, sealed_key, not_before, not_after, activate_at, created_at
+                     FROM ca_keys ORDER BY created_at, id",
+                )
+                .map_err(db)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        CaKeyRecord {
+                            id: r.get(0)?,
+                            kind: KeyKind::Root,
+                            cert_der: r.get(2)?,
+                            sealed_key: r.get(3)?,
+                            not_before: r.get(4)?,
+                            not_after: r.get(5)?,
+                            activate_at: r.get(6)?,
+                            created_at: r.get(7)?,
+                        },
+                    ))
+                })
+                .map_err(db)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, kind, mut rec) = row.map_err(db)?;
+                rec.kind = parse_kind(&kind).ok_or_else(|| StoreError::Corrupt {
+                    table: "ca_keys",
+                    detail: format!("key {id} has unknown kind {kind:?}"),
+                })?;
+                out.push(rec);
+            }
+            Ok(out)
+        })
+    }
+
+    fn token(&self, hash: &[u8; 32]) -> Result<Option<JoinToken>, StoreError> {
+        self.read(|c| {
+            c.prepare_cached(
+                "SELECT hash, id, name, created_at, expires_at, used_at, revoked_at FROM join_tokens WHERE hash = ?1",
+            )
+            .map_err(db)?
+            .query_row(params![&hash[..]], token_row)
+            .optional()
+            .map_err(db)
+        })
+    }
+
+    fn tokens(&self) -> Result<Vec<JoinToken>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c
+                .prepare(
+                    "SELECT hash, id, name, created_at, expires_at, used_at, revoked_at FROM join_tokens ORDER BY created_at",
+                )
+                .map_err(db)?;
+            let rows = stmt.query_map([], token_row).map_err(db)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(db)
+        })
+    }
+
+    fn entries(&self) -> Result<Vec<Entry>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c
+                .prepare("SELECT id, spiffe_id, parent_id, selectors, ttl, dns, created_at FROM entries ORDER BY created_at, id")
+                .map_err(db)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    let selectors: String = r.get(3)?;
+                    let dns: String = r.get(5)?;
+                    Ok(Entry {
+                        id: r.get(0)?,
+                        spiffe_id: r.get(1)?,
+                        parent_id: r.get(2)?,
+                        selectors: serde_json::from_str(&selectors).unwrap_or_default(),
+                        ttl: r.get::<_, Option<i64>>(4)?.map(|t| t.max(0) as u64),
+                        dns: serde_json::from_str(&dns).unwrap_or_default(),
+                        created_at: r.get(6)?,
+                    })
+                })
+                .map_err(db)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(db)
+        })
+    }
+
+    fn nodes(&self) -> Result<Vec<Node>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c
+                .prepare("SELECT spiffe_id, name, attested_at, last_issued_at, evicted_at FROM nodes ORDER BY spiffe_id")
+                .map_err(db)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok(Node {
+                        spiffe_id: r.get(0)?,
+                        name: r.get(1)?,
+                        attested_at: r.get(2)?,
+                        last_issued_at: r.get(3)?,
+                        evicted_at: r.get(4)?,
+                    })
+                })
+                .map_err(db)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(db)
+        })
+    }
+
+    fn audit(&self, after_seq: i64, limit: i64) -> Result<Vec<AuditRow>, StoreError> {
+        self.read(|c| audit_rows(c, after_seq, limit))
+    }
+
+    fn verify_audit(&self) -> Result<AuditVerdict, StoreError> {
+        self.read(verify_audit)
+    }
+
+    fn counts(&self) -> Result<Counts, StoreError> {
+        self.read(|c| {
+            let one = |sql: &str| c.query_row(sql, [], |r| r.get::<_, i64>(0)).map_err(db);
+            Ok(Counts {
+                issued: one("SELECT COUNT(*) FROM certificates")?,
+                nodes: one("SELECT COUNT(*) FROM nodes WHERE evicted_at IS NULL")?,
+                evicted_nodes: one("SELECT COUNT(*) FROM nodes WHERE evicted_at IS NOT NULL")?,
+                entries: one("SELECT COUNT(*) FROM entries")?,
+                active_tokens: one(&format!(
+                    "SELECT COUNT(*) FROM join_tokens WHERE used_at IS NULL AND revoked_at IS NULL AND expires_at > {}",
+                    unix_now()
+                ))?,
+                audit_rows: one("SELECT COUNT(*) FROM audit")?,
+            })
+        })
+    }
+}
+
+fn token_row(r: &Row<'_>) -> rusqlite::Result<JoinToken> {
+    let hash: Vec<u8> = r.get(0)?;
+    let mut h = [0u8; 32];
+    if hash.len() == 32 {
+        h.copy_from_slice(&hash);
+    }
+    Ok(JoinToken {
+        hash: h,
+        id: r.get(1)?,
+        name: r.get(2)?,
+        created_at: r.get(3)?,
+        expires_at: r.get(4)?,
+        used_at: r.get(5)?,
+        revoked_at: r.get(6)?,
+    })
+}
+
+fn audit_rows(c: &Connection, after_seq: i64, limit: i64) -> Result<Vec<AuditRow>, StoreError> {
+    let mut stmt = c
+        .prepare(
+            "SELECT seq, at, action, subject, outcome, detail, prev_hash, hash FROM audit
+             WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )
+        .map_err(db)?;
+    let rows = stmt
+        .query_map(params![after_seq, limit], |r| {
+            let detail: String = r.get(5)?;
+            Ok(AuditRow {
+                seq: r.get(0)?,
+                event: AuditEvent {
+                    at: r.get(1)?,
+                    action: r.get(2)?,
+                    subject: r.get(3)?,
+                    outcome: r.get(4)?,
+                    detail: serde_json::from_str(&detail)
+                        .unwrap_or(serde_json::Value::String(detail)),
+                },
+                prev_hash: hex(&r.get::<_, Vec<u8>>(6)?),
+                hash: hex(&r.get::<_, Vec<u8>>(7)?),
+            })
+        })
+        .map_err(db)?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(db)
+}
+
+/// Walks the whole chain in order. A row is broken when its sequence number skips (a row was
+/// deleted), its stored previous hash is not the hash of the row before, or its own hash does
+/// not match its content (it was edited).
+fn verify_audit(c: &Connection) -> Result<AuditVerdict, StoreError> {
+    let mut stmt = c
+        .prepare("SELECT seq, at, action, subject, outcome, detail, prev_hash, hash FROM audit ORDER BY seq")
+        .map_err(db)?;
+    let mut rows = stmt.query([]).map_err(db)?;
+    let mut prev = [0u8; 32];
+    let mut expected_seq = 1i64;
+    let mut count = 0i64;
+    while let Some(r) = rows.next().map_err(db)? {
+        let seq: i64 = r.get(0).map_err(db)?;
+        let detail: String = r.get(5).map_err(db)?;
+        let event = AuditEvent {
+            at: r.get(1).map_err(db)?,
+            action: r.get(2).map_err(db)?,
+            subject: r.get(3).map_err(db)?,
+            outcome: r.get(4).map_err(db)?,
+            detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::String(detail)),
+        };
+        let stored_prev: Vec<u8> = r.get(6).map_err(db)?;
+        let stored: Vec<u8> = r.get(7).map_err(db)?;
+        count += 1;
+        let broken = |why: String| {
+            Ok(AuditVerdict {
+                rows: count,
+                first_broken: Some(seq),
+                detail: Some(why),
+            })
+        };
+        if seq != expected_seq {
+            return broken(format!("row {expected_seq} is missing (next row is {seq})"));
+        }
+        if stored_prev != prev {
+            return broken("previous-hash does not match the row before".into());
+        }
+        if stored != audit_hash(&prev, seq, &event) {
+            return broken("content does not match its hash (the row was altered)".into());
+        }
+        prev.copy_from_slice(&stored);
+        expected_seq += 1;
+    }
+    Ok(AuditVerdict {
+        rows: count,
+        first_broken: None,
+        detail: None,
+    })
+}
+
+fn kind_str(k: KeyKind) -> &'static str {
+    match k {
+        KeyKind::Root => "root",
+        KeyKind::Intermediate => "intermediate",
+        KeyKind::Jwt => "jwt",
+    }
+}
+
+fn parse_kind(s: &str) -> Option<KeyKind> {
+    match s {
+        "root" => Some(KeyKind::Root),
+        "intermediate" => Some(KeyKind::Intermediate),
+        "jwt" => Some(KeyKind::Jwt),
+        _ => None,
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,278 @@
+//! The SQLite store: group commit, single-use tokens under concurrency, a tamper-evident audit
+//! chain, and nothing lost across a reopen.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+
+use ca::store::sqlite::SqliteStore;
+use ca::store::{AuditEvent, IssuedCert, JoinToken, Node, Outcome, Store, TokenRefusal, Write};
+use serde_json::json;
+
+fn event(action: &str, subject: &str) -> AuditEvent {
+    AuditEvent {
+        at: 1000,
+        action: action.into(),
+        subject: subject.into(),
+        outcome: "ok".into(),
+        detail: json!({"k": 1}),
+    }
+}
+
+fn cert(i: u64) -> IssuedCert {
+    let mut serial = i.to_be_bytes().to_vec();
+    serial.extend_from_slice(&[7; 8]);
+    IssuedCert {
+        serial,
+        spiffe_id: format!("spiffe://td/w/{i}"),
+        kind: "workload",
+        not_after: 5000,
+        issued_at: 1000,
+    }
+}
+
+fn token(hash: u8, expires_at: i64) -> JoinToken {
+    JoinToken {
+        id: format!("t{hash}"),
+        hash: [hash; 32],
+        name: "host-a".into(),
+        created_at: 1000,
+        expires_at,
+        used_at: None,
+        revoked_at: None,
+    }
+}
+
+fn node() -> Node {
+    Node {
+        spiffe_id: "spiffe://td/kith/node/host-a".into(),
+        name: "host-a".into(),
+        attested_at: 1000,
+        last_issued_at: 1000,
+        evicted_at: None,
+    }
+}
+
+fn join(hash: u8, now: i64, i: u64) -> Write {
+    Write::JoinIssue {
+        token_hash: [hash; 32],
+        now,
+        cert: cert(i),
+        node: node(),
+        audit: event("issue", "node"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_issuances_are_all_committed_and_chained() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
+    let tasks: Vec<_> = (0..500u64)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .write(Write::Issue {
+                        cert: cert(i),
+                        node: None,
+                        audit: event("issue", &format!("w{i}")),
+                    })
+                    .await
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap(), Outcome::Done);
+    }
+    let counts = store.counts().unwrap();
+    assert_eq!((counts.issued, counts.audit_rows), (500, 500));
+    let verdict = store.verify_audit().unwrap();
+    assert_eq!((verdict.rows, verdict.first_broken), (500, None));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_token_is_spent_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
+    store
+        .write(Write::CreateToken(
+            token(1, 2000),
+            event("token.create", "t1"),
+        ))
+        .await
+        .unwrap();
+    let tasks: Vec<_> = (0..20u64)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move { store.write(join(1, 1500, i)).await.unwrap() })
+        })
+        .collect();
+    let mut done = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Outcome::Done => done += 1,
+            Outcome::TokenRefused(TokenRefusal::Used) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(done, 1);
+    assert_eq!(
+        store.counts().unwrap().issued,
+        1,
+        "refused joins record no certificate"
+    );
+    assert_eq!(store.nodes().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn expired_revoked_and_unknown_tokens_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
+    store
+        .write(Write::CreateToken(
+            token(2, 1200),
+            event("token.create", "t2"),
+        ))
+        .await
+        .unwrap();
+    store
+        .write(Write::CreateToken(
+            token(3, 9000),
+            event("token.create", "t3"),
+        ))
+        .await
+        .unwrap();
+    let revoke = Write::RevokeToken {
+        id: "t3".into(),
+        now: 1100,
+        audit: event("token.revoke", "t3"),
+    };
+    assert_eq!(store.write(revoke).await.unwrap(), Outcome::Done);
+    assert_eq!(
+        store.write(join(2, 1200, 1)).await.unwrap(),
+        Outcome::TokenRefused(TokenRefusal::Expired)
+    );
+    assert_eq!(
+        store.write(join(3, 1150, 2)).await.unwrap(),
+        Outcome::TokenRefused(TokenRefusal::Revoked)
+    );
+    assert_eq!(
+        store.write(join(9, 1150, 3)).await.unwrap(),
+        Outcome::TokenRefused(TokenRefusal::Unknown)
+    );
+    let again = Write::RevokeToken {
+        id: "t3".into(),
+        now: 1100,
+        audit: event("token.revoke", "t3"),
+    };
+    assert_eq!(store.write(again).await.unwrap(), Outcome::NotFound);
+}
+
+#[tokio::test]
+async fn a_failed_write_does_not_sink_its_group_or_break_the_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
+    store
+        .write(Write::Issue {
+            cert: cert(1),
+            node: None,
+            audit: event("issue", "a"),
+        })
+        .await
+        .unwrap();
+    // The same serial again violates the primary key: that write fails alone.
+    let dup = store.write(Write::Issue {
+        cert: cert(1),
+        node: None,
+        audit: event("issue", "dup"),
+    });
+    let ok = store.write(Write::Issue {
+        cert: cert(2),
+        node: None,
+        audit: event("issue", "b"),
+    });
+    let (dup, ok) = tokio::join!(dup, ok);
+    assert!(dup.is_err());
+    assert_eq!(ok.unwrap(), Outcome::Done);
+    let v = store.verify_audit().unwrap();
+    assert_eq!((v.rows, v.first_broken), (2, None));
+}
+
+#[tokio::test]
+async fn tampering_with_the_audit_log_is_found_at_the_first_broken_row() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = SqliteStore::open(dir.path()).unwrap();
+        for i in 0..10 {
+            store
+                .write(Write::Audit(event("refuse", &format!("r{i}"))))
+                .await
+                .unwrap();
+        }
+    }
+    let raw = rusqlite::Connection::open(dir.path().join("kith-ca.db")).unwrap();
+    raw.execute(
+        "UPDATE audit SET outcome = 'ok-but-edited' WHERE seq = 4",
+        [],
+    )
+    .unwrap();
+    let ro = SqliteStore::open_read_only(dir.path()).unwrap();
+    let v = ro.verify_audit().unwrap();
+    assert_eq!(v.first_broken, Some(4), "{v:?}");
+    assert!(v.detail.unwrap().contains("altered"));
+
+    raw.execute("UPDATE audit SET outcome = 'ok' WHERE seq = 4", [])
+        .unwrap();
+    assert_eq!(ro.verify_audit().unwrap().first_broken, None);
+    raw.execute("DELETE FROM audit WHERE seq = 7", []).unwrap();
+    let v = ro.verify_audit().unwrap();
+    assert_eq!(v.first_broken, Some(8));
+    assert!(v.detail.unwrap().contains("row 7 is missing"));
+}
+
+#[tokio::test]
+async fn a_reopened_store_keeps_everything_and_continues_the_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = SqliteStore::open(dir.path()).unwrap();
+        store
+            .write(Write::CreateToken(
+                token(5, 9000),
+                event("token.create", "t5"),
+            ))
+            .await
+            .unwrap();
+        store.write(join(5, 1100, 1)).await.unwrap();
+        let entry = ca::store::Entry {
+            id: "e1".into(),
+            spiffe_id: "spiffe://td/web".into(),
+            parent_id: node().spiffe_id,
+            selectors: vec!["unix:uid:1000".into()],
+            ttl: Some(600),
+            dns: vec!["web.local".into()],
+            created_at: 1000,
+        };
+        store
+            .write(Write::PutEntry(entry, event("entry.create", "e1")))
+            .await
+            .unwrap();
+        let evict = Write::EvictNode {
+            spiffe_id: node().spiffe_id,
+            now: 1200,
+            audit: event("node.evict", "n"),
+        };
+        store.write(evict).await.unwrap();
+    }
+    let store = SqliteStore::open(dir.path()).unwrap();
+    assert_eq!(store.tokens().unwrap()[0].used_at, Some(1100));
+    assert_eq!(
+        store.entries().unwrap()[0].selectors,
+        vec!["unix:uid:1000".to_owned()]
+    );
+    assert_eq!(store.nodes().unwrap()[0].evicted_at, Some(1200));
+    store
+        .write(Write::Audit(event("refuse", "later")))
+        .await
+        .unwrap();
+    let v = store.verify_audit().unwrap();
+    assert_eq!((v.rows, v.first_broken), (5, None));
+}
