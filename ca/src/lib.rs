@@ -2,7 +2,19 @@
 //! proved who they are (join token, Kubernetes service-account token, or a current SVID), keeps
 //! its keys sealed, and records every issuance and refusal in a hash-chained audit log.
 
+pub mod authority;
+pub mod csr;
 pub mod jwt_svid;
 pub mod k8s;
+pub mod metrics;
 pub mod seal;
+pub mod service;
 pub mod store;
+
+pub mod admin;
+pub mod admin_client;
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod server;
+pub mod tls;

@@ -1,0 +1,455 @@
+//! The local admin API: HTTP/1.1 over a Unix socket in the data directory, mode 0600, so only
+//! the CA's own user (or root) can create tokens, manage entries and evict nodes. The
+//! `kith ca token|entry|node|bundle|status|audit` commands are its client (`admin_client`).
+
+use std::convert::Infallible;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use ring::rand::{SecureRandom, SystemRandom};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::net::UnixListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use identity::SpiffeId;
+
+use crate::api::{error_response, json_response};
+use crate::authority::unix;
+use crate::service::{ApiError, Ca, token_hash, token_id};
+use crate::store::{AuditEvent, Entry, JoinToken, Outcome, Store, Write};
+
+type Body = Full<Bytes>;
+
+/// Binds the admin socket: a stale socket file is removed, the new one is made 0600.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    if path.exists() {
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+#[derive(Clone)]
+pub struct AdminContext {
+    pub public_url: String,
+}
+
+pub async fn serve<S: Store>(
+    ca: Arc<Ca<S>>,
+    ctx: AdminContext,
+    listener: UnixListener,
+    shutdown: CancellationToken,
+) {
+    let tracker = TaskTracker::new();
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let ca = ca.clone();
+        let ctx = ctx.clone();
+        tracker.spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let ca = ca.clone();
+                let ctx = ctx.clone();
+                async move {
+                    let resp = match handle(&ca, &ctx, req).await {
+                        Ok(r) => r,
+                        Err(e) => error_response(&e),
+                    };
+                    Ok::<_, Infallible>(resp)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenCreate {
+    pub name: String,
+    pub ttl_seconds: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct TokenCreated {
+    pub token: String,
+    pub id: String,
+    pub name: String,
+    pub spiffe_id: String,
+    pub expires_at: i64,
+    pub ca_url: String,
+    pub bundle_sha256: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntryCreate {
+    pub spiffe_id: String,
+    pub parent_id: String,
+    pub selectors: Vec<String>,
+    pub ttl_seconds: Option<u64>,
+    #[serde(default)]
+    pub dns: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeEvict {
+    pub spiffe_id: String,
+}
+
+async fn handle<S: Store>(
+    ca: &Ca<S>,
+    ctx: &AdminContext,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let method = req.method().as_str().to_owned();
+    let path = req.uri().path().trim_end_matches('/').to_owned();
+    let query = req.uri().query().unwrap_or_default().to_owned();
+    let now = SystemTime::now();
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    match (method.as_str(), segments.as_slice()) {
+        ("GET", ["status"]) => Ok(json_response(StatusCode::OK, &status(ca, now)?)),
+        ("GET", ["bundle"]) => {
+            if query.contains("format=pem") {
+                Ok(Response::new(Full::new(Bytes::from(
+                    ca.authority.bundle().to_pem(),
+                ))))
+            } else {
+                Ok(json_response(StatusCode::OK, &ca.bundle_value()))
+            }
+        }
+        ("POST", ["tokens"]) => {
+            let body: TokenCreate = read_json(req).await?;
+            let created = create_token(ca, ctx, &body, now).await?;
+            Ok(json_response(StatusCode::CREATED, &created))
+        }
+        ("GET", ["tokens"]) => Ok(json_response(StatusCode::OK, &ca.store.tokens()?)),
+        ("DELETE", ["tokens", id]) => {
+            let audit = event("token.revoke", id, json!({}), now);
+            match ca
+                .store
+                .write(Write::RevokeToken {
+                    id: (*id).to_owned(),
+                    now: unix(now),
+                    audit,
+                })
+                .await?
+            {
+                Outcome::Done => Ok(json_response(StatusCode::OK, &json!({"revoked": id}))),
+                _ => Err(ApiError::new(
+                    404,
+                    "not_found",
+                    format!("no active token with id {id}"),
+                )),
+            }
+        }
+        ("POST", ["entries"]) => {
+            let body: EntryCreate = read_json(req).await?;
+            let entry = create_entry(ca, body, now).await?;
+            Ok(json_response(StatusCode::CREATED, &entry))
+        }
+        ("GET", ["entries"]) => Ok(json_response(StatusCode::OK, &ca.store.entries()?)),
+        ("GET", ["entries", id]) => {
+            let entry = ca.store.entries()?.into_iter().find(|e| e.id == *id);
+            entry
+                .map(|e| json_response(StatusCode::OK, &e))
+                .ok_or_else(|| ApiError::new(404, "not_found", format!("no entry {id}")))
+        }
+        ("DELETE", ["entries", id]) => {
+            let audit = event("entry.delete", id, json!({}), now);
+            match ca
+                .store
+                .write(Write::DeleteEntry {
+                    id: (*id).to_owned(),
+                    audit,
+                })
+                .await?
+            {
+                Outcome::Done => {
+                    ca.reload()?;
+                    Ok(json_response(StatusCode::OK, &json!({"deleted": id})))
+                }
+                _ => Err(ApiError::new(404, "not_found", format!("no entry {id}"))),
+            }
+        }
+        ("GET", ["nodes"]) => Ok(json_response(StatusCode::OK, &ca.store.nodes()?)),
+        ("POST", ["nodes", "evict"]) => {
+            let body: NodeEvict = read_json(req).await?;
+            let id = parse_id(&body.spiffe_id)?;
+            let audit = event("node.evict", id.as_str(), json!({}), now);
+            match ca
+                .store
+                .write(Write::EvictNode {
+                    spiffe_id: id.to_string(),
+                    now: unix(now),
+                    audit,
+                })
+                .await?
+            {
+                Outcome::Done => {
+                    ca.reload()?;
+                    Ok(json_response(StatusCode::OK, &json!({"evicted": id})))
+                }
+                _ => Err(ApiError::new(
+                    404,
+                    "not_found",
+                    format!("no active node {id}"),
+                )),
+            }
+        }
+        ("GET", ["audit"]) => {
+            let param = |k: &str| {
+                query
+                    .split('&')
+                    .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
+                    .and_then(|v| v.parse::<i64>().ok())
+            };
+            let rows = ca.store.audit(
+                param("after").unwrap_or(0),
+                param("limit").unwrap_or(100).clamp(1, 10_000),
+            )?;
+            Ok(json_response(StatusCode::OK, &rows))
+        }
+        ("GET", ["audit", "verify"]) => {
+            Ok(json_response(StatusCode::OK, &ca.store.verify_audit()?))
+        }
+        _ => Err(ApiError::new(
+            404,
+            "not_found",
+            format!("no admin endpoint {method} {path}"),
+        )),
+    }
+}
+
+async fn create_token<S: Store>(
+    ca: &Ca<S>,
+    ctx: &AdminContext,
+    body: &TokenCreate,
+    now: SystemTime,
+) -> Result<TokenCreated, ApiError> {
+    if body.ttl_seconds == 0 || body.ttl_seconds > 30 * 86_400 {
+        return Err(ApiError::new(
+            400,
+            "bad_ttl",
+            "token ttl must be between 1s and 30d",
+        ));
+    }
+    let spiffe_id = ca
+        .trust_domain()
+        .id_with_path(&format!("/kith/node/{}", body.name))
+        .map_err(|e| {
+            ApiError::new(
+                400,
+                "bad_name",
+                format!("node name {:?} makes no valid SPIFFE ID: {e}", body.name),
+            )
+        })?;
+    // 256 random bits; only the SHA-256 is stored.
+    let mut secret = [0u8; 32];
+    SystemRandom::new()
+        .fill(&mut secret)
+        .map_err(|_| ApiError::new(500, "internal", "random number generator failed"))?;
+    let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret);
+    let hash = token_hash(&token);
+    let id = token_id(&hash);
+    let expires_at = unix(now + Duration::from_secs(body.ttl_seconds));
+    let record = JoinToken {
+        id: id.clone(),
+        hash,
+        name: body.name.clone(),
+        created_at: unix(now),
+        expires_at,
+        used_at: None,
+        revoked_at: None,
+    };
+    let audit = event(
+        "token.create",
+        &id,
+        json!({"name": body.name, "expires_at": expires_at}),
+        now,
+    );
+    ca.store.write(Write::CreateToken(record, audit)).await?;
+    Ok(TokenCreated {
+        token,
+        id,
+        name: body.name.clone(),
+        spiffe_id: spiffe_id.to_string(),
+        expires_at,
+        ca_url: ctx.public_url.clone(),
+        bundle_sha256: bundle_sha256(&ca.authority.bundle().to_pem()),
+    })
+}
+
+/// The pin a new agent checks the bundle it downloads against: SHA-256 of the PEM bundle as
+/// `GET /v1/bundle?format=pem` serves it.
+pub fn bundle_sha256(pem: &str) -> String {
+    crate::store::hex(ring::digest::digest(&ring::digest::SHA256, pem.as_bytes()).as_ref())
+}
+
+async fn create_entry<S: Store>(
+    ca: &Ca<S>,
+    body: EntryCreate,
+    now: SystemTime,
+) -> Result<Entry, ApiError> {
+    let id = parse_id(&body.spiffe_id)?;
+    let parent = parse_id(&body.parent_id)?;
+    for (what, i) in [("spiffe_id", &id), ("parent_id", &parent)] {
+        if !i.is_member_of(ca.trust_domain()) {
+            return Err(ApiError::new(
+                400,
+                "wrong_trust_domain",
+                format!("{what} {i} is not in {}", ca.trust_domain()),
+            ));
+        }
+    }
+    if id.path().is_empty() || id.path().starts_with("/kith/") {
+        return Err(ApiError::new(
+            400,
+            "reserved_id",
+            format!("{id} is reserved for kith itself"),
+        ));
+    }
+    if body.selectors.is_empty() {
+        return Err(ApiError::new(
+            400,
+            "no_selectors",
+            "an entry needs at least one selector (type:value)",
+        ));
+    }
+    for s in &body.selectors {
+        if s.split_once(':')
+            .is_none_or(|(t, v)| t.is_empty() || v.is_empty())
+        {
+            return Err(ApiError::new(
+                400,
+                "bad_selector",
+                format!("selector {s:?} is not type:value"),
+            ));
+        }
+    }
+    for d in &body.dns {
+        rustls_pki_types::DnsName::try_from(d.as_str())
+            .map_err(|_| ApiError::new(400, "bad_dns", format!("{d:?} is not a DNS name")))?;
+    }
+    let mut raw = [0u8; 8];
+    SystemRandom::new()
+        .fill(&mut raw)
+        .map_err(|_| ApiError::new(500, "internal", "random number generator failed"))?;
+    let entry = Entry {
+        id: crate::store::hex(&raw),
+        spiffe_id: id.to_string(),
+        parent_id: parent.to_string(),
+        selectors: body.selectors,
+        ttl: body.ttl_seconds,
+        dns: body.dns,
+        created_at: unix(now),
+    };
+    let audit = event(
+        "entry.create",
+        &entry.id,
+        json!({"spiffe_id": entry.spiffe_id, "parent_id": entry.parent_id, "selectors": entry.selectors}),
+        now,
+    );
+    ca.store
+        .write(Write::PutEntry(entry.clone(), audit))
+        .await?;
+    ca.reload()?;
+    Ok(entry)
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct Status {
+    pub trust_domain: String,
+    pub signers: Vec<SignerStatus>,
+    pub root_not_after: i64,
+    pub root_expires_in_seconds: i64,
+    /// If nothing else changes, the CA stops being able to issue when its root expires.
+    pub time_to_outage_seconds: i64,
+    pub counts: serde_json::Value,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct SignerStatus {
+    pub id: String,
+    pub state: String,
+    pub not_after: i64,
+    pub expires_in_seconds: i64,
+    pub activate_at: i64,
+}
+
+pub fn status<S: Store>(ca: &Ca<S>, now: SystemTime) -> Result<Status, ApiError> {
+    let keys = ca.authority.keys();
+    let secs = |t: SystemTime| unix(t) - unix(now);
+    let mut signers = vec![SignerStatus {
+        id: keys.active.id.clone(),
+        state: "active".into(),
+        not_after: unix(keys.active.not_after),
+        expires_in_seconds: secs(keys.active.not_after),
+        activate_at: unix(keys.active.activate_at),
+    }];
+    if let Some(next) = &keys.next {
+        signers.push(SignerStatus {
+            id: next.id.clone(),
+            state: "next".into(),
+            not_after: unix(next.not_after),
+            expires_in_seconds: secs(next.not_after),
+            activate_at: unix(next.activate_at),
+        });
+    }
+    Ok(Status {
+        trust_domain: ca.trust_domain().to_string(),
+        signers,
+        root_not_after: unix(keys.root_not_after),
+        root_expires_in_seconds: secs(keys.root_not_after),
+        time_to_outage_seconds: secs(keys.root_not_after),
+        counts: serde_json::to_value(ca.store.counts()?).unwrap_or_default(),
+    })
+}
+
+fn event(action: &str, subject: &str, detail: serde_json::Value, now: SystemTime) -> AuditEvent {
+    AuditEvent {
+        at: unix(now),
+        action: action.into(),
+        subject: subject.into(),
+        outcome: "ok".into(),
+        detail,
+    }
+}
+
+fn parse_id(s: &str) -> Result<SpiffeId, ApiError> {
+    SpiffeId::new(s).map_err(|e| ApiError::new(400, "invalid_spiffe_id", format!("{s:?}: {e}")))
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
+    let bytes = Limited::new(req.into_body(), crate::api::MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| ApiError::new(400, "bad_request", e.to_string()))?
+        .to_bytes();
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::new(400, "malformed_json", e.to_string()))
+}

@@ -1,0 +1,463 @@
+//! The HTTPS API (hyper 1 + tokio-rustls, TLS 1.3). Every response body is JSON; every error
+//! has the stable shape `{"code", "message"}`. Documented in `ca/API.md`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_TYPE, ETAG, IF_NONE_MATCH, RETRY_AFTER};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::ServerConfig;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use identity::SpiffeId;
+
+use crate::service::{ApiError, Ca};
+use crate::store::Store;
+use crate::tls::Peer;
+
+pub const MAX_BODY: usize = 64 * 1024;
+
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub handshake_timeout: Duration,
+    /// How long a client may take to send a request's headers, and its body.
+    pub request_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 4096,
+            handshake_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+type Body = Full<Bytes>;
+
+/// Serves the API on `listener` until `shutdown` fires, then lets open requests finish.
+pub async fn serve<S: Store>(
+    ca: Arc<Ca<S>>,
+    listener: TcpListener,
+    tls: Arc<arc_swap::ArcSwap<ServerConfig>>,
+    limits: Limits,
+    shutdown: CancellationToken,
+) {
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    // Connections past the limit get a short 429 answer from a small separate budget, so an
+    // overloaded CA still says why; past that budget they are closed at once.
+    let overflow = Arc::new(Semaphore::new(64));
+    let tracker = TaskTracker::new();
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        let (tcp, _) = match accepted {
+            Ok(conn) => {
+                backoff = Duration::from_millis(5);
+                conn
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => match overflow.clone().try_acquire_owned() {
+                Ok(p) => {
+                    let acceptor = TlsAcceptor::from(tls.load_full());
+                    let ca = ca.clone();
+                    let limits = limits.clone();
+                    tracker.spawn(async move {
+                        let _p = p;
+                        ca.metrics.refused("too_many_connections");
+                        if let Ok(Ok(stream)) =
+                            tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp))
+                                .await
+                        {
+                            let svc = hyper::service::service_fn(|_req| async {
+                                let mut resp = error_response(&ApiError::new(
+                                    429,
+                                    "too_many_connections",
+                                    "the CA is at its connection limit; retry shortly",
+                                ));
+                                resp.headers_mut().insert(
+                                    RETRY_AFTER,
+                                    hyper::header::HeaderValue::from_static("1"),
+                                );
+                                Ok::<_, Infallible>(resp)
+                            });
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .keep_alive(false)
+                                .serve_connection(TokioIo::new(stream), svc)
+                                .await;
+                        }
+                    });
+                    continue;
+                }
+                Err(_) => {
+                    ca.metrics.refused("too_many_connections");
+                    continue;
+                }
+            },
+        };
+        let acceptor = TlsAcceptor::from(tls.load_full());
+        let ca = ca.clone();
+        let limits = limits.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            let _permit = permit;
+            ca.metrics.connections.inc();
+            serve_connection(ca.clone(), acceptor, tcp, limits, shutdown).await;
+            ca.metrics.connections.dec();
+        });
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+async fn serve_connection<S: Store>(
+    ca: Arc<Ca<S>>,
+    acceptor: TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    limits: Limits,
+    shutdown: CancellationToken,
+) {
+    let stream = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "tls handshake failed");
+            ca.metrics.refused("tls_handshake");
+            return;
+        }
+        Err(_) => {
+            ca.metrics.refused("handshake_timeout");
+            return;
+        }
+    };
+    // The client certificate is judged once per connection; expiry is re-checked per request.
+    let peer = {
+        let (_, conn) = stream.get_ref();
+        let chain = conn
+            .peer_certificates()
+            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect::<Vec<_>>());
+        Arc::new(Peer::from_chain(
+            chain.as_deref(),
+            &ca.authority.bundle(),
+            SystemTime::now(),
+        ))
+    };
+    let svc = hyper::service::service_fn(move |req| {
+        let ca = ca.clone();
+        let peer = peer.clone();
+        let timeout = limits.request_timeout;
+        async move { Ok::<_, Infallible>(handle(ca, peer, req, timeout).await) }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.request_timeout);
+    builder.http2().max_concurrent_streams(64);
+    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AttestRequest {
+    token: String,
+    csr: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SvidRequest {
+    spiffe_id: String,
+    csr: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RenewRequest {
+    csr: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtRequest {
+    pub spiffe_id: String,
+    pub audience: Vec<String>,
+}
+
+async fn handle<S: Store>(
+    ca: Arc<Ca<S>>,
+    peer: Arc<Peer>,
+    req: Request<Incoming>,
+    timeout: Duration,
+) -> Response<Body> {
+    let started = Instant::now();
+    let now = SystemTime::now();
+    let path = req.uri().path().to_owned();
+    let endpoint = endpoint_name(req.method(), &path);
+    let result = route(&ca, &peer, req, timeout, now, endpoint).await;
+    let resp = match result {
+        Ok(resp) => resp,
+        Err(err) => {
+            let subject = match peer.as_ref() {
+                Peer::Verified { id, .. } => id.to_string(),
+                _ => "anonymous".into(),
+            };
+            let err = ca.refuse(endpoint, &subject, err, now).await;
+            error_response(&err)
+        }
+    };
+    ca.metrics
+        .observe(endpoint, started.elapsed().as_secs_f64());
+    resp
+}
+
+fn endpoint_name(method: &Method, path: &str) -> &'static str {
+    match (method.as_str(), path) {
+        ("POST", "/v1/attest/join") => "attest_join",
+        ("POST", "/v1/attest/k8s") => "attest_k8s",
+        ("POST", "/v1/svid") => "svid",
+        ("POST", "/v1/jwt") => "jwt",
+        ("POST", "/v1/renew") => "renew",
+        ("GET", "/v1/entries") => "entries",
+        ("GET", "/v1/bundle") => "bundle",
+        ("GET", "/healthz") | ("GET", "/readyz") => "health",
+        _ => "other",
+    }
+}
+
+async fn route<S: Store>(
+    ca: &Ca<S>,
+    peer: &Peer,
+    req: Request<Incoming>,
+    timeout: Duration,
+    now: SystemTime,
+    endpoint: &'static str,
+) -> Result<Response<Body>, ApiError> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    match (method.as_str(), path.as_str()) {
+        ("GET", "/v1/bundle") => {
+            let pem = req
+                .uri()
+                .query()
+                .is_some_and(|q| q.split('&').any(|kv| kv == "format=pem"));
+            if pem {
+                let mut resp =
+                    Response::new(Full::new(Bytes::from(ca.authority.bundle().to_pem())));
+                resp.headers_mut().insert(
+                    CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static("application/x-pem-file"),
+                );
+                Ok(resp)
+            } else {
+                Ok(json_response(StatusCode::OK, &ca.bundle_value()))
+            }
+        }
+        ("GET", "/healthz") | ("GET", "/readyz") => Ok(json_response(
+            StatusCode::OK,
+            &serde_json::json!({"status": "ok"}),
+        )),
+        ("POST", "/v1/attest/join") => {
+            let body: AttestRequest = read_json(req, timeout).await?;
+            let resp = ca
+                .attest_join(&body.token, body.csr.as_bytes(), now)
+                .await?;
+            Ok(json_response(StatusCode::OK, &resp))
+        }
+        ("POST", "/v1/attest/k8s") => {
+            let body: AttestRequest = read_json(req, timeout).await?;
+            let resp = ca.attest_k8s(&body.token, body.csr.as_bytes(), now).await?;
+            Ok(json_response(StatusCode::OK, &resp))
+        }
+        ("POST", "/v1/svid") => {
+            let caller = caller(peer, now)?;
+            let body: SvidRequest = read_json(req, timeout).await?;
+            let id = parse_id(&body.spiffe_id)?;
+            let resp = ca
+                .issue_for_node(&caller, &id, body.csr.as_bytes(), now)
+                .await?;
+            Ok(json_response(StatusCode::OK, &resp))
+        }
+        ("POST", "/v1/jwt") => {
+            let caller = caller(peer, now)?;
+            let body: JwtRequest = read_json(req, timeout).await?;
+            let id = parse_id(&body.spiffe_id)?;
+            let resp = ca.jwt_for_node(&caller, &id, &body.audience, now).await?;
+            Ok(json_response(StatusCode::OK, &resp))
+        }
+        ("POST", "/v1/renew") => {
+            let caller = caller(peer, now)?;
+            let body: RenewRequest = read_json(req, timeout).await?;
+            let resp = ca.renew(&caller, body.csr.as_bytes(), now).await?;
+            Ok(json_response(StatusCode::OK, &resp))
+        }
+        ("GET", "/v1/entries") => {
+            let caller = caller(peer, now)?;
+            let list = ca.entries_for(&caller)?;
+            let etag = hyper::header::HeaderValue::from_str(&list.etag)
+                .map_err(|e| ApiError::new(500, "internal", e.to_string()))?;
+            if req.headers().get(IF_NONE_MATCH) == Some(&etag) {
+                let mut resp = Response::new(Full::new(Bytes::new()));
+                *resp.status_mut() = StatusCode::NOT_MODIFIED;
+                resp.headers_mut().insert(ETAG, etag);
+                return Ok(resp);
+            }
+            let mut resp = json_response(StatusCode::OK, &list);
+            resp.headers_mut().insert(ETAG, etag);
+            Ok(resp)
+        }
+        _ if endpoint == "other" && is_known_path(&path) => Err(ApiError::new(
+            405,
+            "method_not_allowed",
+            format!("{method} is not allowed on {path}"),
+        )),
+        _ => Err(ApiError::new(
+            404,
+            "not_found",
+            format!("no endpoint {method} {path}; see ca/API.md"),
+        )),
+    }
+}
+
+fn is_known_path(path: &str) -> bool {
+    matches!(
+        path,
+        "/v1/attest/join"
+            | "/v1/attest/k8s"
+            | "/v1/svid"
+            | "/v1/jwt"
+            | "/v1/renew"
+            | "/v1/entries"
+            | "/v1/bundle"
+    )
+}
+
+/// The caller's verified SPIFFE ID, or why there is none.
+fn caller(peer: &Peer, now: SystemTime) -> Result<SpiffeId, ApiError> {
+    match peer {
+        Peer::None => Err(ApiError::new(
+            401,
+            "client_certificate_required",
+            "this endpoint needs mTLS with a current SVID",
+        )),
+        Peer::Refused(e) => Err(ApiError::new(
+            401,
+            client_cert_code(e),
+            format!("client certificate refused: {e}"),
+        )),
+        Peer::Verified { not_after, .. } if *not_after < now => Err(ApiError::new(
+            401,
+            "client_cert_expired",
+            "client certificate expired during this connection; reconnect with a fresh SVID",
+        )),
+        Peer::Verified { id, .. } => Ok(id.clone()),
+    }
+}
+
+fn client_cert_code(e: &identity::VerifyError) -> &'static str {
+    match e.reason() {
+        "expired" => "client_cert_expired",
+        "not_yet_valid" => "client_cert_not_yet_valid",
+        "unknown_ca" => "client_cert_unknown_ca",
+        "bad_signature" => "client_cert_bad_signature",
+        "not_svid" => "client_cert_not_svid",
+        "wrong_trust_domain" => "client_cert_wrong_trust_domain",
+        _ => "client_cert_invalid",
+    }
+}
+
+fn parse_id(s: &str) -> Result<SpiffeId, ApiError> {
+    SpiffeId::new(s).map_err(|e| ApiError::new(400, "invalid_spiffe_id", format!("{s:?}: {e}")))
+}
+
+async fn read_json<T: DeserializeOwned>(
+    req: Request<Incoming>,
+    timeout: Duration,
+) -> Result<T, ApiError> {
+    let limited = Limited::new(req.into_body(), MAX_BODY);
+    let collected = tokio::time::timeout(timeout, limited.collect())
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                408,
+                "request_timeout",
+                "the request body did not arrive in time",
+            )
+        })?;
+    let bytes = match collected {
+        Ok(c) => c.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(ApiError::new(
+                413,
+                "body_too_large",
+                format!("request body is larger than {} KiB", MAX_BODY / 1024),
+            ));
+        }
+        Err(e) => {
+            return Err(ApiError::new(
+                400,
+                "bad_request",
+                format!("cannot read the request body: {e}"),
+            ));
+        }
+    };
+    serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::new(
+            400,
+            "malformed_json",
+            format!("request body is not the expected JSON: {e}"),
+        )
+    })
+}
+
+pub fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
+    let body = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+pub fn error_response(err: &ApiError) -> Response<Body> {
+    let status = StatusCode::from_u16(err.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    json_response(
+        status,
+        &serde_json::json!({"code": err.code, "message": err.message}),
+    )
+}

@@ -1,0 +1,564 @@
+//! The CA's signing keys: one or more roots (the bundle), the active signing intermediate and
+//! the one prepared to follow it. The intermediate rotates by itself: the next one is made at
+//! 1/2 of the active one's life and takes over at 5/6. A leaf never outlives its signer.
+//!
+//! The active signer is published through an `ArcSwap`, so issuance reads it without a lock
+//! and rotation never pauses signing.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use identity::x509::{BACKDATE, intermediate_params, random_serial, root_params, svid_params};
+use identity::{KeyType, SpiffeId, TrustBundle, TrustDomain};
+use rcgen::{Issuer, KeyPair};
+use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
+use serde_json::json;
+
+use crate::seal::{Kek, SealError};
+use crate::store::{AuditEvent, CaKeyRecord, KeyKind, Store, StoreError, Write};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthorityError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Seal(#[from] SealError),
+    #[error("failed to make a certificate: {0}")]
+    Cert(String),
+    #[error("the CA has no usable root: {0}")]
+    NoRoot(String),
+    #[error("upstream certificate or key is unusable: {0}")]
+    Upstream(String),
+}
+
+fn cert_err(e: impl std::fmt::Display) -> AuthorityError {
+    AuthorityError::Cert(e.to_string())
+}
+
+#[derive(Clone, Debug)]
+pub struct Lifetimes {
+    pub root: Duration,
+    pub intermediate: Duration,
+}
+
+impl Default for Lifetimes {
+    fn default() -> Self {
+        Self {
+            root: Duration::from_secs(365 * 86_400),
+            intermediate: Duration::from_secs(7 * 86_400),
+        }
+    }
+}
+
+/// An operator's root or intermediate that kith's intermediates are signed by.
+pub struct Upstream {
+    /// The upstream signing certificate first, then its issuers up to and including the root.
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivatePkcs8KeyDer<'static>,
+}
+
+/// A signing intermediate, ready to sign.
+pub struct Signer {
+    pub id: String,
+    /// This intermediate, then any upstream intermediates: what follows a leaf in its chain.
+    pub chain: Vec<CertificateDer<'static>>,
+    pub issuer: Issuer<'static, KeyPair>,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    pub activate_at: SystemTime,
+}
+
+/// What the CA signs with and what it publishes.
+pub struct KeySet {
+    pub active: Arc<Signer>,
+    pub next: Option<Arc<Signer>>,
+    pub bundle: Arc<TrustBundle>,
+    /// The root (or upstream) that signs intermediates, and when it expires.
+    pub root_not_after: SystemTime,
+}
+
+pub struct Authority {
+    td: TrustDomain,
+    kek: Kek,
+    lifetimes: Lifetimes,
+    root_issuer: Issuer<'static, KeyPair>,
+    /// Upstream intermediates between our intermediate and the anchor (empty when self-rooted).
+    upstream_chain: Vec<CertificateDer<'static>>,
+    current: ArcSwap<KeySet>,
+}
+
+/// What rotation should do now: a pure function of time, unit-tested.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Rotation {
+    Nothing,
+    PrepareNext,
+    ActivateNext,
+}
+
+pub fn rotation_due(now: SystemTime, active: &Signer, has_next: bool) -> Rotation {
+    let life = active
+        .not_after
+        .duration_since(active.not_before)
+        .unwrap_or_default();
+    let prepare_at = active.not_before + life / 2;
+    let activate_at = active.not_before + life * 5 / 6;
+    match (has_next, now >= activate_at, now >= prepare_at) {
+        (true, true, _) => Rotation::ActivateNext,
+        (false, _, true) => Rotation::PrepareNext,
+        _ => Rotation::Nothing,
+    }
+}
+
+impl Authority {
+    /// Loads the keys from the store, creating the root (or importing the upstream) and the
+    /// first intermediate on first start.
+    pub async fn load_or_init<S: Store>(
+        store: &S,
+        kek: Kek,
+        td: TrustDomain,
+        lifetimes: Lifetimes,
+        upstream: Option<Upstream>,
+        now: SystemTime,
+    ) -> Result<Self, AuthorityError> {
+        let records = store.ca_keys()?;
+        let (root_issuer, anchors, upstream_chain, root_not_after) = match upstream {
+            Some(up) => import_upstream(up)?,
+            None => {
+                let roots: Vec<&CaKeyRecord> =
+                    records.iter().filter(|r| r.kind == KeyKind::Root).collect();
+                let signing_root = match roots.iter().rev().find(|r| at(r.activate_at) <= now) {
+                    Some(r) => (*r).clone(),
+                    None => create_root(store, &kek, &td, &lifetimes, now).await?,
+                };
+                let mut anchors: Vec<CertificateDer<'static>> = roots
+                    .iter()
+                    .filter(|r| at(r.not_after) > now)
+                    .filter_map(|r| r.cert_der.clone().map(CertificateDer::from))
+                    .collect();
+                if let Some(cert) = &signing_root.cert_der
+                    && !anchors.iter().any(|a| a.as_ref() == cert.as_slice())
+                {
+                    anchors.push(CertificateDer::from(cert.clone()));
+                }
+                let key = unseal_key(&kek, &signing_root)?;
+                let cert = CertificateDer::from(signing_root.cert_der.clone().unwrap_or_default());
+                let issuer = Issuer::from_ca_cert_der(&cert, key).map_err(cert_err)?;
+                (issuer, anchors, Vec::new(), at(signing_root.not_after))
+            }
+        };
+        let bundle = TrustBundle::from_roots(td.clone(), anchors)
+            .map_err(|e| AuthorityError::NoRoot(e.to_string()))?;
+        let mut intermediates: Vec<CaKeyRecord> = records
+            .into_iter()
+            .filter(|r| r.kind == KeyKind::Intermediate && at(r.not_after) > now)
+            .collect();
+        intermediates.sort_by_key(|r| r.activate_at);
+        let authority_parts = (root_issuer, upstream_chain);
+        let signer =
+            |r: &CaKeyRecord, chain: &[CertificateDer<'static>]| load_signer(&kek, r, chain);
+        let active_rec = intermediates
+            .iter()
+            .rev()
+            .find(|r| at(r.activate_at) <= now)
+            .cloned();
+        let next_rec = intermediates
+            .iter()
+            .find(|r| at(r.activate_at) > now)
+            .cloned();
+        let this = |active: Arc<Signer>,
+                    next: Option<Arc<Signer>>,
+                    parts: (Issuer<'static, KeyPair>, Vec<CertificateDer<'static>>),
+                    kek: Kek| Authority {
+            td: td.clone(),
+            kek,
+            lifetimes: lifetimes.clone(),
+            root_issuer: parts.0,
+            upstream_chain: parts.1,
+            current: ArcSwap::from_pointee(KeySet {
+                active,
+                next,
+                bundle: Arc::new(bundle.clone()),
+                root_not_after,
+            }),
+        };
+        match active_rec {
+            Some(rec) => {
+                let active = Arc::new(signer(&rec, &authority_parts.1)?);
+                let next = match &next_rec {
+                    Some(n) => Some(Arc::new(signer(n, &authority_parts.1)?)),
+                    None => None,
+                };
+                Ok(this(active, next, authority_parts, kek))
+            }
+            None => {
+                // First start (or every intermediate expired while the CA was down): make one
+                // that is active at once. Build a temporary authority to reuse `new_intermediate`.
+                let parts = authority_parts;
+                let rec = new_intermediate_record(
+                    &kek,
+                    &td,
+                    &lifetimes,
+                    &parts.0,
+                    root_not_after,
+                    now,
+                    now,
+                )?;
+                store
+                    .write(Write::PutCaKey(
+                        rec.0.clone(),
+                        rotate_event(&rec.0, now, "created"),
+                    ))
+                    .await?;
+                let active = Arc::new(rec.1.with_chain(&parts.1));
+                Ok(this(active, None, parts, kek))
+            }
+        }
+    }
+
+    pub fn keys(&self) -> Arc<KeySet> {
+        self.current.load_full()
+    }
+
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.td
+    }
+
+    pub fn bundle(&self) -> Arc<TrustBundle> {
+        self.current.load().bundle.clone()
+    }
+
+    /// Runs one rotation step if one is due; returns what it did.
+    pub async fn rotate<S: Store>(
+        &self,
+        store: &S,
+        now: SystemTime,
+    ) -> Result<Rotation, AuthorityError> {
+        let keys = self.current.load_full();
+        let due = rotation_due(now, &keys.active, keys.next.is_some());
+        match due {
+            Rotation::Nothing => {}
+            Rotation::PrepareNext => {
+                let activate_at = {
+                    let life = keys
+                        .active
+                        .not_after
+                        .duration_since(keys.active.not_before)
+                        .unwrap_or_default();
+                    keys.active.not_before + life * 5 / 6
+                };
+                let (rec, signer) = new_intermediate_record(
+                    &self.kek,
+                    &self.td,
+                    &self.lifetimes,
+                    &self.root_issuer,
+                    keys.root_not_after,
+                    now,
+                    activate_at,
+                )?;
+                store
+                    .write(Write::PutCaKey(
+                        rec.clone(),
+                        rotate_event(&rec, now, "prepared"),
+                    ))
+                    .await?;
+                self.current.store(Arc::new(KeySet {
+                    active: keys.active.clone(),
+                    next: Some(Arc::new(signer.with_chain(&self.upstream_chain))),
+                    bundle: keys.bundle.clone(),
+                    root_not_after: keys.root_not_after,
+                }));
+            }
+            Rotation::ActivateNext => {
+                if let Some(next) = &keys.next {
+                    let event = AuditEvent {
+                        at: unix(now),
+                        action: "signer.activate".into(),
+                        subject: next.id.clone(),
+                        outcome: "ok".into(),
+                        detail: json!({"previous": keys.active.id}),
+                    };
+                    store.write(Write::Audit(event)).await?;
+                    self.current.store(Arc::new(KeySet {
+                        active: next.clone(),
+                        next: None,
+                        bundle: keys.bundle.clone(),
+                        root_not_after: keys.root_not_after,
+                    }));
+                }
+            }
+        }
+        Ok(due)
+    }
+
+    /// Signs an X509-SVID for `id` over `public_key` (from a checked CSR). The TTL is capped by
+    /// the active signer's own NotAfter. Returns the chain (leaf first), the serial and NotAfter.
+    pub fn sign(
+        &self,
+        id: &SpiffeId,
+        public_key: &impl rcgen::PublicKeyData,
+        dns: &[String],
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<Issued, AuthorityError> {
+        let keys = self.current.load();
+        let signer = &keys.active;
+        let not_after = (now + ttl).min(signer.not_after);
+        let mut params = svid_params(id, dns, &[], now - BACKDATE, not_after).map_err(cert_err)?;
+        params.serial_number = Some(random_serial().map_err(cert_err)?);
+        let serial = params
+            .serial_number
+            .as_ref()
+            .map(|s| s.to_bytes())
+            .unwrap_or_default();
+        let leaf = params
+            .signed_by(public_key, &signer.issuer)
+            .map_err(cert_err)?;
+        let mut chain = Vec::with_capacity(1 + signer.chain.len());
+        chain.push(leaf.der().clone());
+        chain.extend(signer.chain.iter().cloned());
+        Ok(Issued {
+            chain,
+            serial,
+            not_after: identity::x509::from_offset(identity::x509::to_offset(not_after)),
+        })
+    }
+}
+
+pub struct Issued {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub serial: Vec<u8>,
+    pub not_after: SystemTime,
+}
+
+impl Signer {
+    fn with_chain(mut self, upstream: &[CertificateDer<'static>]) -> Self {
+        self.chain.extend(upstream.iter().cloned());
+        self
+    }
+}
+
+async fn create_root<S: Store>(
+    store: &S,
+    kek: &Kek,
+    td: &TrustDomain,
+    lifetimes: &Lifetimes,
+    now: SystemTime,
+) -> Result<CaKeyRecord, AuthorityError> {
+    let key = KeyType::P256.generate().map_err(cert_err)?;
+    let id = format!("root-{}", short_id()?);
+    let params = root_params(
+        td,
+        &format!("kith root {id}"),
+        now - BACKDATE,
+        now + lifetimes.root,
+    )
+    .map_err(cert_err)?;
+    let cert = params.self_signed(&key).map_err(cert_err)?;
+    let rec = CaKeyRecord {
+        sealed_key: kek.seal(&purpose(KeyKind::Root, &id), key.serialize_der().as_slice())?,
+        id,
+        kind: KeyKind::Root,
+        cert_der: Some(cert.der().to_vec()),
+        not_before: unix(now - BACKDATE),
+        not_after: unix(now + lifetimes.root),
+        activate_at: unix(now - BACKDATE),
+        created_at: unix(now),
+    };
+    store
+        .write(Write::PutCaKey(
+            rec.clone(),
+            rotate_event(&rec, now, "created"),
+        ))
+        .await?;
+    Ok(rec)
+}
+
+#[allow(clippy::type_complexity)]
+fn import_upstream(
+    up: Upstream,
+) -> Result<
+    (
+        Issuer<'static, KeyPair>,
+        Vec<CertificateDer<'static>>,
+        Vec<CertificateDer<'static>>,
+        SystemTime,
+    ),
+    AuthorityError,
+> {
+    let first = up
+        .chain
+        .first()
+        .ok_or_else(|| AuthorityError::Upstream("no certificate".into()))?;
+    let key =
+        KeyPair::try_from(&up.key).map_err(|e| AuthorityError::Upstream(format!("key: {e}")))?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(first)
+        .map_err(|e| AuthorityError::Upstream(e.to_string()))?;
+    if !parsed.is_ca() {
+        return Err(AuthorityError::Upstream(
+            "the upstream certificate is not a CA".into(),
+        ));
+    }
+    use rcgen::PublicKeyData;
+    if key.subject_public_key_info() != parsed.public_key().raw {
+        return Err(AuthorityError::Upstream(
+            "the key does not belong to the upstream certificate".into(),
+        ));
+    }
+    let not_after = identity::x509::from_offset(parsed.validity().not_after.to_datetime());
+    let self_signed = parsed.subject() == parsed.issuer();
+    let issuer = Issuer::from_ca_cert_der(first, key)
+        .map_err(|e| AuthorityError::Upstream(e.to_string()))?;
+    if self_signed {
+        return Ok((issuer, vec![first.clone()], Vec::new(), not_after));
+    }
+    // An upstream intermediate: the chain's last certificate is the anchor; everything from
+    // the upstream certificate to just below the anchor follows our intermediate in chains.
+    let anchor = up
+        .chain
+        .last()
+        .cloned()
+        .ok_or_else(|| AuthorityError::Upstream("no root".into()))?;
+    if up.chain.len() < 2 {
+        return Err(AuthorityError::Upstream(
+            "an upstream intermediate needs its chain up to the root in --upstream-cert".into(),
+        ));
+    }
+    let between = up.chain[..up.chain.len() - 1].to_vec();
+    Ok((issuer, vec![anchor], between, not_after))
+}
+
+fn new_intermediate_record(
+    kek: &Kek,
+    td: &TrustDomain,
+    lifetimes: &Lifetimes,
+    root: &Issuer<'_, KeyPair>,
+    root_not_after: SystemTime,
+    now: SystemTime,
+    activate_at: SystemTime,
+) -> Result<(CaKeyRecord, Signer), AuthorityError> {
+    let key = KeyType::P256.generate().map_err(cert_err)?;
+    let id = format!("int-{}", short_id()?);
+    // SECURITY: a CA certificate never outlives the one that signed it.
+    let not_after = identity::x509::from_offset(identity::x509::to_offset(
+        (now + lifetimes.intermediate).min(root_not_after),
+    ));
+    let not_before = identity::x509::from_offset(identity::x509::to_offset(now - BACKDATE));
+    let params = intermediate_params(td, &format!("kith signer {id}"), not_before, not_after)
+        .map_err(cert_err)?;
+    let cert = params.signed_by(&key, root).map_err(cert_err)?;
+    let sealed = kek.seal(
+        &purpose(KeyKind::Intermediate, &id),
+        key.serialize_der().as_slice(),
+    )?;
+    let rec = CaKeyRecord {
+        id: id.clone(),
+        kind: KeyKind::Intermediate,
+        cert_der: Some(cert.der().to_vec()),
+        sealed_key: sealed,
+        not_before: unix(not_before),
+        not_after: unix(not_after),
+        activate_at: unix(activate_at),
+        created_at: unix(now),
+    };
+    let signer = Signer {
+        id,
+        chain: vec![cert.der().clone()],
+        issuer: Issuer::new(params, key),
+        not_before,
+        not_after,
+        activate_at,
+    };
+    Ok((rec, signer))
+}
+
+fn load_signer(
+    kek: &Kek,
+    r: &CaKeyRecord,
+    upstream: &[CertificateDer<'static>],
+) -> Result<Signer, AuthorityError> {
+    let key = unseal_key(kek, r)?;
+    let cert = CertificateDer::from(r.cert_der.clone().unwrap_or_default());
+    let issuer = Issuer::from_ca_cert_der(&cert, key).map_err(cert_err)?;
+    let mut chain = vec![cert];
+    chain.extend(upstream.iter().cloned());
+    Ok(Signer {
+        id: r.id.clone(),
+        chain,
+        issuer,
+        not_before: at(r.not_before),
+        not_after: at(r.not_after),
+        activate_at: at(r.activate_at),
+    })
+}
+
+fn unseal_key(kek: &Kek, r: &CaKeyRecord) -> Result<KeyPair, AuthorityError> {
+    let der = kek.unseal(&purpose(r.kind, &r.id), &r.sealed_key)?;
+    KeyPair::try_from(der.as_slice())
+        .map_err(|e| AuthorityError::Cert(format!("key {}: {e}", r.id)))
+}
+
+/// The associated data that binds a sealed key to what it is for.
+pub fn purpose(kind: KeyKind, id: &str) -> String {
+    format!("kith-ca:{kind:?}:{id}")
+}
+
+fn rotate_event(r: &CaKeyRecord, now: SystemTime, what: &str) -> AuditEvent {
+    AuditEvent {
+        at: unix(now),
+        action: format!("key.{what}"),
+        subject: r.id.clone(),
+        outcome: "ok".into(),
+        detail: json!({"kind": r.kind, "not_after": r.not_after, "activate_at": r.activate_at}),
+    }
+}
+
+fn short_id() -> Result<String, AuthorityError> {
+    let s = random_serial().map_err(cert_err)?;
+    Ok(crate::store::hex(&s.to_bytes()[..6]))
+}
+
+pub fn unix(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_secs() as i64,
+        Err(e) => -(e.duration().as_secs() as i64),
+    }
+}
+
+pub fn at(secs: i64) -> SystemTime {
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::from_secs(secs as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signer(nb: u64, na: u64) -> Signer {
+        let key = KeyPair::generate().unwrap();
+        let td = TrustDomain::new("td").unwrap();
+        let p = intermediate_params(&td, "x", at(nb as i64), at(na as i64)).unwrap();
+        Signer {
+            id: "s".into(),
+            chain: vec![],
+            issuer: Issuer::new(p, key),
+            not_before: at(nb as i64),
+            not_after: at(na as i64),
+            activate_at: at(nb as i64),
+        }
+    }
+
+    #[test]
+    fn next_is_prepared_at_half_and_activated_at_five_sixths() {
+        let s = signer(0, 600);
+        assert_eq!(rotation_due(at(299), &s, false), Rotation::Nothing);
+        assert_eq!(rotation_due(at(300), &s, false), Rotation::PrepareNext);
+        assert_eq!(rotation_due(at(450), &s, true), Rotation::Nothing);
+        assert_eq!(rotation_due(at(500), &s, true), Rotation::ActivateNext);
+        // Past 5/6 without a prepared successor (the CA was down): prepare one now.
+        assert_eq!(rotation_due(at(550), &s, false), Rotation::PrepareNext);
+    }
+}

@@ -1,0 +1,352 @@
+//! `kith ca serve` settings: each one is a flag, a `KITH_CA_*` environment variable, and a key
+//! in the optional TOML file, in that order of precedence, over the built-in defaults.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use identity::TrustDomain;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Args, Default)]
+pub struct ServeArgs {
+    /// TOML file with any of the settings below (flags and env win over it)
+    #[arg(long, env = "KITH_CA_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Trust domain [default: example.org]
+    #[arg(long, env = "KITH_CA_TRUST_DOMAIN")]
+    pub trust_domain: Option<String>,
+    /// API address [default: 0.0.0.0:8443]
+    #[arg(long, env = "KITH_CA_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Data directory (database, admin socket) [default: /var/lib/kith-ca]
+    #[arg(long, env = "KITH_CA_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// DNS names for the CA's serving certificate (repeatable) [default: localhost]
+    #[arg(long, env = "KITH_CA_DNS", value_delimiter = ',')]
+    pub dns: Vec<String>,
+    /// URL agents use to reach this CA, printed in join commands [default: https://<first dns>:<port>]
+    #[arg(long, env = "KITH_CA_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Workload SVID lifetime [default: 1h]
+    #[arg(long, env = "KITH_CA_WORKLOAD_TTL", value_parser = humantime::parse_duration)]
+    pub workload_ttl: Option<Duration>,
+    /// Node SVID lifetime [default: 24h]
+    #[arg(long, env = "KITH_CA_NODE_TTL", value_parser = humantime::parse_duration)]
+    pub node_ttl: Option<Duration>,
+    /// Signing intermediate lifetime [default: 7d]
+    #[arg(long, env = "KITH_CA_INTERMEDIATE_TTL", value_parser = humantime::parse_duration)]
+    pub intermediate_ttl: Option<Duration>,
+    /// Root lifetime, for a root the CA creates [default: 365d]
+    #[arg(long, env = "KITH_CA_ROOT_TTL", value_parser = humantime::parse_duration)]
+    pub root_ttl: Option<Duration>,
+    /// File with the key-encryption key (32 bytes, base64) that seals CA keys at rest
+    #[arg(long, env = "KITH_CA_KEK_FILE")]
+    pub kek_file: Option<PathBuf>,
+    /// The key-encryption key itself, base64 (prefer --kek-file)
+    #[arg(long = "kek", env = "KITH_CA_KEK", hide_env_values = true, hide = true)]
+    pub kek: Option<String>,
+    /// Metrics and health address [default: 127.0.0.1:9090]
+    #[arg(long, env = "KITH_CA_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Admin socket [default: <data-dir>/admin.sock]
+    #[arg(long, env = "KITH_CA_ADMIN_SOCKET")]
+    pub admin_socket: Option<PathBuf>,
+    /// An operator's root or intermediate certificate (PEM, its chain up to the root) to sign under
+    #[arg(long, env = "KITH_CA_UPSTREAM_CERT", requires = "upstream_key")]
+    pub upstream_cert: Option<PathBuf>,
+    /// The private key of --upstream-cert (PKCS#8 PEM)
+    #[arg(long, env = "KITH_CA_UPSTREAM_KEY", requires = "upstream_cert")]
+    pub upstream_key: Option<PathBuf>,
+    /// Kubernetes service-account issuer (the `iss` of projected tokens); enables /v1/attest/k8s
+    #[arg(long, env = "KITH_CA_K8S_ISSUER")]
+    pub k8s_issuer: Option<String>,
+    /// JWKS file of the service-account issuer (else fetched from <issuer>/openid/v1/jwks)
+    #[arg(long, env = "KITH_CA_K8S_JWKS")]
+    pub k8s_jwks: Option<PathBuf>,
+    /// CA file to verify the issuer's HTTPS endpoint when fetching the JWKS
+    #[arg(long, env = "KITH_CA_K8S_CA_FILE")]
+    pub k8s_ca_file: Option<PathBuf>,
+    /// Audience the projected tokens must carry [default: kith-ca]
+    #[arg(long, env = "KITH_CA_K8S_AUDIENCE")]
+    pub k8s_audience: Option<String>,
+    /// Maximum concurrent API connections [default: 4096]
+    #[arg(long, env = "KITH_CA_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Log format: text or json [default: text]
+    #[arg(long, env = "KITH_CA_LOG_FORMAT")]
+    pub log_format: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileConfig {
+    trust_domain: Option<String>,
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    dns: Option<Vec<String>>,
+    public_url: Option<String>,
+    workload_ttl: Option<String>,
+    node_ttl: Option<String>,
+    intermediate_ttl: Option<String>,
+    root_ttl: Option<String>,
+    kek_file: Option<PathBuf>,
+    metrics_listen: Option<SocketAddr>,
+    admin_socket: Option<PathBuf>,
+    upstream_cert: Option<PathBuf>,
+    upstream_key: Option<PathBuf>,
+    k8s_issuer: Option<String>,
+    k8s_jwks: Option<PathBuf>,
+    k8s_ca_file: Option<PathBuf>,
+    k8s_audience: Option<String>,
+    max_connections: Option<usize>,
+    log_format: Option<String>,
+}
+
+/// The effective configuration. `Serialize` is what is logged at start: no secret is in it
+/// (the KEK appears only as where it came from).
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    pub trust_domain: TrustDomain,
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub dns: Vec<String>,
+    pub public_url: String,
+    #[serde(with = "humantime_serde_secs")]
+    pub workload_ttl: Duration,
+    #[serde(with = "humantime_serde_secs")]
+    pub node_ttl: Duration,
+    #[serde(with = "humantime_serde_secs")]
+    pub intermediate_ttl: Duration,
+    #[serde(with = "humantime_serde_secs")]
+    pub root_ttl: Duration,
+    pub kek_file: Option<PathBuf>,
+    #[serde(skip)]
+    pub kek: Option<String>,
+    pub metrics_listen: SocketAddr,
+    pub admin_socket: PathBuf,
+    pub upstream_cert: Option<PathBuf>,
+    pub upstream_key: Option<PathBuf>,
+    pub k8s_issuer: Option<String>,
+    pub k8s_jwks: Option<PathBuf>,
+    pub k8s_ca_file: Option<PathBuf>,
+    pub k8s_audience: String,
+    pub max_connections: usize,
+    pub log_format: String,
+}
+
+mod humantime_serde_secs {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+}
+
+fn dur(field: &str, v: Option<String>) -> Result<Option<Duration>> {
+    v.map(|s| {
+        humantime::parse_duration(&s).with_context(|| {
+            format!("config file: {field} = {s:?} is not a duration like 1h or 7d")
+        })
+    })
+    .transpose()
+}
+
+impl Config {
+    pub fn resolve(args: ServeArgs) -> Result<Self> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let td_text = args
+            .trust_domain
+            .or(file.trust_domain)
+            .unwrap_or_else(|| "example.org".into());
+        let trust_domain =
+            TrustDomain::new(&td_text).with_context(|| format!("--trust-domain {td_text:?}"))?;
+        let listen = args
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8443)));
+        let data_dir = args
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from("/var/lib/kith-ca"));
+        let dns = if !args.dns.is_empty() {
+            args.dns
+        } else {
+            file.dns.unwrap_or_else(|| vec!["localhost".into()])
+        };
+        for name in &dns {
+            rustls_pki_types::DnsName::try_from(name.as_str())
+                .map_err(|_| anyhow::anyhow!("--dns {name:?} is not a valid DNS name"))?;
+        }
+        let public_url = args.public_url.or(file.public_url).unwrap_or_else(|| {
+            format!(
+                "https://{}:{}",
+                dns.first().map(String::as_str).unwrap_or("localhost"),
+                listen.port()
+            )
+        });
+        let workload_ttl = args
+            .workload_ttl
+            .or(dur("workload-ttl", file.workload_ttl)?)
+            .unwrap_or(Duration::from_secs(3600));
+        let node_ttl = args
+            .node_ttl
+            .or(dur("node-ttl", file.node_ttl)?)
+            .unwrap_or(Duration::from_secs(86_400));
+        let intermediate_ttl = args
+            .intermediate_ttl
+            .or(dur("intermediate-ttl", file.intermediate_ttl)?)
+            .unwrap_or(Duration::from_secs(7 * 86_400));
+        let root_ttl = args
+            .root_ttl
+            .or(dur("root-ttl", file.root_ttl)?)
+            .unwrap_or(Duration::from_secs(365 * 86_400));
+        for (name, d) in [("workload-ttl", workload_ttl), ("node-ttl", node_ttl)] {
+            if d < Duration::from_secs(10) {
+                bail!("--{name} must be at least 10s");
+            }
+        }
+        if intermediate_ttl < Duration::from_secs(60) || intermediate_ttl > root_ttl {
+            bail!("--intermediate-ttl must be at least 1m and no longer than --root-ttl");
+        }
+        let admin_socket = args
+            .admin_socket
+            .or(file.admin_socket)
+            .unwrap_or_else(|| data_dir.join("admin.sock"));
+        let log_format = args
+            .log_format
+            .or(file.log_format)
+            .unwrap_or_else(|| "text".into());
+        if log_format != "text" && log_format != "json" {
+            bail!("--log-format must be text or json, not {log_format:?}");
+        }
+        let max_connections = args
+            .max_connections
+            .or(file.max_connections)
+            .unwrap_or(4096);
+        if max_connections == 0 {
+            bail!("--max-connections must be at least 1");
+        }
+        Ok(Self {
+            trust_domain,
+            listen,
+            data_dir,
+            dns,
+            public_url,
+            workload_ttl,
+            node_ttl,
+            intermediate_ttl,
+            root_ttl,
+            kek_file: args.kek_file.or(file.kek_file),
+            kek: args.kek,
+            metrics_listen: args
+                .metrics_listen
+                .or(file.metrics_listen)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9090))),
+            admin_socket,
+            upstream_cert: args.upstream_cert.or(file.upstream_cert),
+            upstream_key: args.upstream_key.or(file.upstream_key),
+            k8s_issuer: args.k8s_issuer.or(file.k8s_issuer),
+            k8s_jwks: args.k8s_jwks.or(file.k8s_jwks),
+            k8s_ca_file: args.k8s_ca_file.or(file.k8s_ca_file),
+            k8s_audience: args
+                .k8s_audience
+                .or(file.k8s_audience)
+                .unwrap_or_else(|| "kith-ca".into()),
+            max_connections,
+            log_format,
+        })
+    }
+
+    /// A test or embedded configuration: everything on loopback in `data_dir`.
+    pub fn for_tests(data_dir: &Path, trust_domain: &str) -> Result<Self> {
+        let mut c = Self::resolve(ServeArgs {
+            trust_domain: Some(trust_domain.into()),
+            data_dir: Some(data_dir.to_owned()),
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            ..Default::default()
+        })?;
+        c.kek = Some(base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            [42u8; 32],
+        ));
+        Ok(c)
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("config file {} is not valid", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_the_file_and_the_file_over_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ca.toml");
+        std::fs::write(
+            &file,
+            "trust-domain = \"file.org\"\nworkload-ttl = \"30m\"\nlisten = \"127.0.0.1:7000\"\n",
+        )
+        .unwrap();
+        let c = Config::resolve(ServeArgs {
+            config: Some(file.clone()),
+            listen: Some("127.0.0.1:7001".parse().unwrap()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.trust_domain.as_str(), "file.org");
+        assert_eq!(c.workload_ttl, Duration::from_secs(1800));
+        assert_eq!(c.listen.port(), 7001);
+        assert_eq!(c.node_ttl, Duration::from_secs(86_400));
+        assert_eq!(c.public_url, "https://localhost:7001");
+    }
+
+    #[test]
+    fn wrong_config_is_refused_with_what_to_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ca.toml");
+        std::fs::write(&file, "trust-domian = \"typo.org\"\n").unwrap();
+        let err = Config::resolve(ServeArgs {
+            config: Some(file.clone()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("unknown field `trust-domian`"),
+            "{err:#}"
+        );
+        std::fs::write(&file, "node-ttl = \"forever\"\n").unwrap();
+        let err = Config::resolve(ServeArgs {
+            config: Some(file),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("node-ttl"), "{err:#}");
+        let err = Config::resolve(ServeArgs {
+            trust_domain: Some("Bad.Org".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("lowercase"), "{err:#}");
+    }
+
+    #[test]
+    fn the_logged_config_has_no_secret() {
+        let mut c = Config::resolve(ServeArgs::default()).unwrap();
+        c.kek = Some("c2VjcmV0".into());
+        let logged = serde_json::to_string(&c).unwrap();
+        assert!(!logged.contains("c2VjcmV0"));
+    }
+}

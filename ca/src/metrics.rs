@@ -1,0 +1,114 @@
+//! Prometheus metrics: issuances by kind, refusals by reason, seconds until the signer and the
+//! root expire, and request latency.
+
+use std::sync::atomic::AtomicI64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabel {
+    endpoint: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    issued: Family<KindLabel, Counter>,
+    refused: Family<ReasonLabel, Counter>,
+    latency: Family<EndpointLabel, Histogram>,
+    pub signer_seconds_to_expiry: Gauge<i64, AtomicI64>,
+    pub root_seconds_to_expiry: Gauge<i64, AtomicI64>,
+    pub connections: Gauge<i64, AtomicI64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("kith_ca");
+        let issued = Family::<KindLabel, Counter>::default();
+        let refused = Family::<ReasonLabel, Counter>::default();
+        let latency = Family::<EndpointLabel, Histogram>::new_with_constructor(|| {
+            // 100 µs to ~3 s.
+            Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+        });
+        let signer = Gauge::<i64, AtomicI64>::default();
+        let root = Gauge::<i64, AtomicI64>::default();
+        let connections = Gauge::<i64, AtomicI64>::default();
+        registry.register("issued", "SVIDs issued, by kind", issued.clone());
+        registry.register("refused", "Requests refused, by reason", refused.clone());
+        registry.register(
+            "request_duration_seconds",
+            "API request latency",
+            latency.clone(),
+        );
+        registry.register(
+            "signer_seconds_to_expiry",
+            "Seconds until the active signing intermediate expires",
+            signer.clone(),
+        );
+        registry.register(
+            "root_seconds_to_expiry",
+            "Seconds until the signing root expires",
+            root.clone(),
+        );
+        registry.register(
+            "open_connections",
+            "Open API connections",
+            connections.clone(),
+        );
+        Self {
+            registry,
+            issued,
+            refused,
+            latency,
+            signer_seconds_to_expiry: signer,
+            root_seconds_to_expiry: root,
+            connections,
+        }
+    }
+
+    pub fn issued(&self, kind: &'static str) {
+        self.issued.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    pub fn refused(&self, reason: &'static str) {
+        self.refused.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    pub fn observe(&self, endpoint: &'static str, seconds: f64) {
+        self.latency
+            .get_or_create(&EndpointLabel { endpoint })
+            .observe(seconds);
+    }
+
+    pub fn refused_count(&self, reason: &'static str) -> u64 {
+        self.refused.get_or_create(&ReasonLabel { reason }).get()
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

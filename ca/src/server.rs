@@ -1,0 +1,235 @@
+//! Wiring: opens the store, unseals or creates the keys, issues the CA's own SVID, and runs the
+//! API, the metrics endpoint, the admin socket and the maintenance loop until shutdown.
+
+use std::convert::Infallible;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result};
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::StatusCode;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, UnixListener};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::{self, AdminContext};
+use crate::api::{self, Limits, json_response};
+use crate::authority::{Authority, Lifetimes, Rotation, Upstream, unix};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::seal::{Kek, KekSource};
+use crate::service::{Ca, Policy};
+use crate::store::sqlite::SqliteStore;
+use crate::tls::{ServingCert, server_config};
+
+/// The serving certificate's lifetime; it renews at half of it.
+const SERVING_TTL: Duration = Duration::from_secs(24 * 3600);
+
+pub struct Listeners {
+    pub api: TcpListener,
+    pub metrics: TcpListener,
+    pub admin: UnixListener,
+}
+
+/// A running CA, for tests and embedding.
+pub struct Running {
+    pub ca: Arc<Ca<SqliteStore>>,
+    pub tasks: TaskTracker,
+}
+
+/// Creates the data directory (0700) if needed.
+pub fn prepare_data_dir(cfg: &Config) -> Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
+    std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot set permissions on {}", cfg.data_dir.display()))?;
+    Ok(())
+}
+
+/// Starts everything on already-bound listeners and returns once serving has begun.
+pub async fn start(
+    cfg: &Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<Running> {
+    prepare_data_dir(cfg)?;
+    let (kek, source) = Kek::load(cfg.kek_file.as_deref(), cfg.kek.as_deref(), &cfg.data_dir)
+        .context("key-encryption key")?;
+    match &source {
+        KekSource::Generated(p) | KekSource::Existing(p) => tracing::warn!(
+            kek = %p.display(),
+            "the key-encryption key sits on the same disk as the CA data; use --kek-file on separate storage (or KITH_CA_KEK) in production"
+        ),
+        KekSource::File(p) => tracing::info!(kek = %p.display(), "key-encryption key from file"),
+        KekSource::Env => tracing::info!("key-encryption key from KITH_CA_KEK"),
+    }
+    let store = Arc::new(SqliteStore::open(&cfg.data_dir).context("opening the CA database")?);
+    let upstream = match (&cfg.upstream_cert, &cfg.upstream_key) {
+        (Some(c), Some(k)) => {
+            let chain = identity::pem::certificates(
+                &std::fs::read(c).with_context(|| format!("cannot read {}", c.display()))?,
+            )
+            .with_context(|| format!("{} is not a certificate chain", c.display()))?;
+            let key = identity::pem::private_key(
+                &std::fs::read(k).with_context(|| format!("cannot read {}", k.display()))?,
+            )
+            .with_context(|| format!("{} is not a private key", k.display()))?;
+            Some(Upstream { chain, key })
+        }
+        _ => None,
+    };
+    let now = SystemTime::now();
+    let lifetimes = Lifetimes {
+        root: cfg.root_ttl,
+        intermediate: cfg.intermediate_ttl,
+    };
+    let authority = Arc::new(
+        Authority::load_or_init(
+            store.as_ref(),
+            kek,
+            cfg.trust_domain.clone(),
+            lifetimes,
+            upstream,
+            now,
+        )
+        .await
+        .context("loading the CA keys")?,
+    );
+    let metrics = Arc::new(Metrics::new());
+    let policy = Policy {
+        workload_ttl: cfg.workload_ttl,
+        node_ttl: cfg.node_ttl,
+    };
+    let ca = Arc::new(Ca::new(store, authority.clone(), policy, metrics.clone())?);
+
+    let serving = Arc::new(ServingCert::issue(&authority, &cfg.dns, SERVING_TTL, now)?);
+    let tls = Arc::new(ArcSwap::new(server_config(serving.clone())?));
+
+    let api_addr = listeners.api.local_addr()?;
+    let metrics_addr = listeners.metrics.local_addr()?;
+    tracing::info!(
+        config = %serde_json::to_string(cfg).unwrap_or_default(),
+        api = %api_addr,
+        metrics = %metrics_addr,
+        "kith ca serving"
+    );
+
+    let tasks = TaskTracker::new();
+    let limits = Limits {
+        max_connections: cfg.max_connections,
+        ..Limits::default()
+    };
+    tasks.spawn(api::serve(
+        ca.clone(),
+        listeners.api,
+        tls,
+        limits,
+        shutdown.clone(),
+    ));
+    tasks.spawn(serve_metrics(
+        metrics.clone(),
+        listeners.metrics,
+        shutdown.clone(),
+    ));
+    let ctx = AdminContext {
+        public_url: cfg.public_url.clone(),
+    };
+    tasks.spawn(admin::serve(
+        ca.clone(),
+        ctx,
+        listeners.admin,
+        shutdown.clone(),
+    ));
+    tasks.spawn(maintain(
+        ca.clone(),
+        serving,
+        cfg.dns.clone(),
+        shutdown.clone(),
+    ));
+    tasks.close();
+    Ok(Running { ca, tasks })
+}
+
+/// Rotates the signer when due, renews the CA's own certificate, and keeps the expiry gauges
+/// current.
+async fn maintain(
+    ca: Arc<Ca<SqliteStore>>,
+    serving: Arc<ServingCert>,
+    dns: Vec<String>,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = SystemTime::now();
+        match ca.authority.rotate(ca.store.as_ref(), now).await {
+            Ok(Rotation::Nothing) => {}
+            Ok(r) => {
+                tracing::info!(step = ?r, "signer rotation");
+                // A freshly activated signer should also sign the CA's own certificate.
+                if r == Rotation::ActivateNext
+                    && let Err(e) = serving.renew(&ca.authority, &dns, SERVING_TTL, now)
+                {
+                    tracing::error!(error = %e, "failed to renew the CA's serving certificate");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "signer rotation failed; will retry"),
+        }
+        if now >= serving.refresh_at() {
+            match serving.renew(&ca.authority, &dns, SERVING_TTL, now) {
+                Ok(()) => tracing::info!("renewed the CA's serving certificate"),
+                Err(e) => {
+                    tracing::error!(error = %e, "failed to renew the CA's serving certificate")
+                }
+            }
+        }
+        let keys = ca.authority.keys();
+        ca.metrics
+            .signer_seconds_to_expiry
+            .set(unix(keys.active.not_after) - unix(now));
+        ca.metrics
+            .root_seconds_to_expiry
+            .set(unix(keys.root_not_after) - unix(now));
+    }
+}
+
+async fn serve_metrics(metrics: Arc<Metrics>, listener: TcpListener, shutdown: CancellationToken) {
+    let tracker = TaskTracker::new();
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue; } },
+        };
+        let metrics = metrics.clone();
+        tracker.spawn(async move {
+            let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let metrics = metrics.clone();
+                async move {
+                    let resp = match req.uri().path() {
+                        "/metrics" => {
+                            let mut r = hyper::Response::new(Full::new(Bytes::from(metrics.encode())));
+                            r.headers_mut().insert(
+                                hyper::header::CONTENT_TYPE,
+                                hyper::header::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                            );
+                            r
+                        }
+                        "/healthz" | "/readyz" => json_response(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+                        _ => json_response(StatusCode::NOT_FOUND, &serde_json::json!({"code": "not_found", "message": "try /metrics, /healthz or /readyz"})),
+                    };
+                    Ok::<_, Infallible>(resp)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
+    tracker.close();
+    tracker.wait().await;
+}

@@ -1,0 +1,460 @@
+//! The CA's decisions, independent of HTTP: who may have which SVID, and the record of every
+//! issuance and refusal. The HTTP layer (`api`) only parses, calls in here, and encodes.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use identity::{Jitter, SpiffeId, TrustDomain, refresh_at};
+use ring::digest::{SHA256, digest};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::authority::{Authority, AuthorityError, unix};
+use crate::csr::{CsrError, check_csr};
+use crate::metrics::Metrics;
+use crate::store::{
+    AuditEvent, Entry, IssuedCert, Node, Outcome, Store, StoreError, TokenRefusal, Write,
+};
+
+/// A refusal or failure, with the HTTP status, a stable machine code, and a message for
+/// humans. Every refusal is counted and audited with its code.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+    fn internal(e: impl std::fmt::Display) -> Self {
+        Self::new(500, "internal", e.to_string())
+    }
+}
+
+impl From<CsrError> for ApiError {
+    fn from(e: CsrError) -> Self {
+        Self::new(400, e.code(), e.to_string())
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        Self::new(503, "store_unavailable", e.to_string())
+    }
+}
+
+impl From<AuthorityError> for ApiError {
+    fn from(e: AuthorityError) -> Self {
+        Self::internal(e)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Policy {
+    pub workload_ttl: Duration,
+    pub node_ttl: Duration,
+}
+
+/// What a successful issuance returns to the caller.
+#[derive(Serialize)]
+pub struct SvidResponse {
+    pub spiffe_id: String,
+    /// PEM: the leaf, then the intermediates.
+    pub svid: String,
+    pub expires_at: i64,
+    /// When to renew: the CA spreads callers over 40–60 % of the lifetime.
+    pub renew_after: i64,
+    pub bundle: serde_json::Value,
+}
+
+/// Entries assigned to one node, and the ETag of that list.
+#[derive(Serialize)]
+pub struct EntryList {
+    pub entries: Vec<Entry>,
+    pub etag: String,
+}
+
+/// In-memory views of what the hot path reads, rebuilt after every admin change.
+#[derive(Default)]
+struct Cache {
+    evicted: HashSet<String>,
+    by_parent: HashMap<String, Vec<Entry>>,
+}
+
+pub struct Ca<S: Store> {
+    pub store: Arc<S>,
+    pub authority: Arc<Authority>,
+    pub policy: Policy,
+    pub metrics: Arc<Metrics>,
+    cache: ArcSwap<Cache>,
+    bundle_json: ArcSwap<(usize, serde_json::Value)>,
+}
+
+impl<S: Store> Ca<S> {
+    pub fn new(
+        store: Arc<S>,
+        authority: Arc<Authority>,
+        policy: Policy,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, StoreError> {
+        let ca = Self {
+            store,
+            authority,
+            policy,
+            metrics,
+            cache: ArcSwap::from_pointee(Cache::default()),
+            bundle_json: ArcSwap::from_pointee((0, serde_json::Value::Null)),
+        };
+        ca.reload()?;
+        Ok(ca)
+    }
+
+    pub fn trust_domain(&self) -> &TrustDomain {
+        self.authority.trust_domain()
+    }
+
+    /// Rebuilds the hot-path caches from the store.
+    pub fn reload(&self) -> Result<(), StoreError> {
+        let evicted = self
+            .store
+            .nodes()?
+            .into_iter()
+            .filter(|n| n.evicted_at.is_some())
+            .map(|n| n.spiffe_id)
+            .collect();
+        let mut by_parent: HashMap<String, Vec<Entry>> = HashMap::new();
+        for e in self.store.entries()? {
+            by_parent.entry(e.parent_id.clone()).or_default().push(e);
+        }
+        self.cache.store(Arc::new(Cache { evicted, by_parent }));
+        Ok(())
+    }
+
+    /// The bundle in the SPIFFE format, re-encoded only when the key set changes.
+    pub fn bundle_value(&self) -> serde_json::Value {
+        let bundle = self.authority.bundle();
+        let key = Arc::as_ptr(&bundle) as usize;
+        let cached = self.bundle_json.load();
+        if cached.0 == key {
+            return cached.1.clone();
+        }
+        let value: serde_json::Value =
+            serde_json::from_str(&bundle.to_spiffe_json()).unwrap_or_default();
+        self.bundle_json.store(Arc::new((key, value.clone())));
+        value
+    }
+
+    pub fn is_evicted(&self, node: &SpiffeId) -> bool {
+        self.cache.load().evicted.contains(node.as_str())
+    }
+
+    /// Node attestation by join token.
+    pub async fn attest_join(
+        &self,
+        token: &str,
+        csr: &[u8],
+        now: SystemTime,
+    ) -> Result<SvidResponse, ApiError> {
+        let hash = token_hash(token);
+        // Look first, so a bad token is refused before any signing work; the token is spent
+        // atomically with the issuance record below.
+        let name = match self.store.token(&hash)? {
+            Some(t) => t.name,
+            None => return Err(token_error(TokenRefusal::Unknown)),
+        };
+        let id = self
+            .trust_domain()
+            .id_with_path(&format!("/kith/node/{name}"))
+            .map_err(|e| {
+                ApiError::new(
+                    500,
+                    "internal",
+                    format!("token name makes no valid id: {e}"),
+                )
+            })?;
+        let key = check_csr(csr, &id)?;
+        let issued = self
+            .authority
+            .sign(&id, &key, &[], self.policy.node_ttl, now)?;
+        let at = unix(now);
+        let node = Node {
+            spiffe_id: id.to_string(),
+            name: name.clone(),
+            attested_at: at,
+            last_issued_at: at,
+            evicted_at: None,
+        };
+        let write = Write::JoinIssue {
+            token_hash: hash,
+            now: at,
+            cert: issued_cert(&issued, &id, "node", now),
+            node,
+            audit: issue_event(
+                &id,
+                "node",
+                &issued,
+                now,
+                json!({"attestation": "join_token", "token": token_id(&hash)}),
+            ),
+        };
+        match self.store.write(write).await? {
+            Outcome::Done => {}
+            Outcome::TokenRefused(r) => return Err(token_error(r)),
+            Outcome::NotFound => return Err(token_error(TokenRefusal::Unknown)),
+        }
+        // A node that re-attests is no longer evicted.
+        self.reload()?;
+        self.metrics.issued("node");
+        Ok(self.response(&id, issued, now))
+    }
+
+    /// A workload SVID for a node's agent, allowed by a registration entry under that node.
+    pub async fn issue_for_node(
+        &self,
+        node: &SpiffeId,
+        id: &SpiffeId,
+        csr: &[u8],
+        now: SystemTime,
+    ) -> Result<SvidResponse, ApiError> {
+        self.check_node(node)?;
+        let entry = self
+            .cache
+            .load()
+            .by_parent
+            .get(node.as_str())
+            .and_then(|es| es.iter().find(|e| e.spiffe_id == id.as_str()).cloned())
+            .ok_or_else(|| {
+                ApiError::new(
+                    403,
+                    "not_entitled",
+                    format!("no registration entry lets {node} obtain {id}"),
+                )
+            })?;
+        let key = check_csr(csr, id)?;
+        let ttl = entry
+            .ttl
+            .map(Duration::from_secs)
+            .unwrap_or(self.policy.workload_ttl);
+        let issued = self.authority.sign(id, &key, &entry.dns, ttl, now)?;
+        let write = Write::Issue {
+            cert: issued_cert(&issued, id, "workload", now),
+            node: None,
+            audit: issue_event(
+                id,
+                "workload",
+                &issued,
+                now,
+                json!({"node": node, "entry": entry.id}),
+            ),
+        };
+        self.store.write(write).await?;
+        self.metrics.issued("workload");
+        Ok(self.response(id, issued, now))
+    }
+
+    /// A fresh SVID for the caller's own, current identity.
+    pub async fn renew(
+        &self,
+        caller: &SpiffeId,
+        csr: &[u8],
+        now: SystemTime,
+    ) -> Result<SvidResponse, ApiError> {
+        let (kind, ttl) = if caller.path().starts_with("/kith/node/") {
+            self.check_node(caller)?;
+            ("node", self.policy.node_ttl)
+        } else {
+            ("workload", self.policy.workload_ttl)
+        };
+        let key = check_csr(csr, caller)?;
+        let issued = self.authority.sign(caller, &key, &[], ttl, now)?;
+        let at = unix(now);
+        let node = (kind == "node").then(|| Node {
+            spiffe_id: caller.to_string(),
+            name: caller.segments().last().unwrap_or_default().to_owned(),
+            attested_at: at,
+            last_issued_at: at,
+            evicted_at: None,
+        });
+        let write = Write::Issue {
+            cert: issued_cert(&issued, caller, kind, now),
+            node,
+            audit: issue_event(caller, kind, &issued, now, json!({"renewal": true})),
+        };
+        self.store.write(write).await?;
+        self.metrics.issued(if kind == "node" {
+            "node_renewal"
+        } else {
+            "workload_renewal"
+        });
+        Ok(self.response(caller, issued, now))
+    }
+
+    pub async fn attest_k8s(
+        &self,
+        _token: &str,
+        _csr: &[u8],
+        _now: SystemTime,
+    ) -> Result<SvidResponse, ApiError> {
+        Err(ApiError::new(404, "k8s_attestation_disabled", "TEMP"))
+    }
+
+    pub async fn jwt_for_node(
+        &self,
+        _node: &SpiffeId,
+        _id: &SpiffeId,
+        _aud: &[String],
+        _now: SystemTime,
+    ) -> Result<serde_json::Value, ApiError> {
+        Err(ApiError::new(404, "jwt_disabled", "TEMP"))
+    }
+
+    pub fn entries_for(&self, node: &SpiffeId) -> Result<EntryList, ApiError> {
+        self.check_node(node)?;
+        let entries = self
+            .cache
+            .load()
+            .by_parent
+            .get(node.as_str())
+            .cloned()
+            .unwrap_or_default();
+        let encoded = serde_json::to_vec(&entries).unwrap_or_default();
+        let etag = format!(
+            "\"{}\"",
+            crate::store::hex(&digest(&SHA256, &encoded).as_ref()[..16])
+        );
+        Ok(EntryList { entries, etag })
+    }
+
+    /// Refuses evicted nodes and anything that is not a node identity.
+    pub fn check_node(&self, node: &SpiffeId) -> Result<(), ApiError> {
+        if !node.path().starts_with("/kith/node/") {
+            return Err(ApiError::new(
+                403,
+                "not_a_node",
+                format!("{node} is not a node identity"),
+            ));
+        }
+        if self.is_evicted(node) {
+            return Err(ApiError::new(
+                403,
+                "node_evicted",
+                format!("{node} has been evicted; attest it again with a new join token"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Counts and audits a refusal; returns the error for the response.
+    pub async fn refuse(
+        &self,
+        endpoint: &str,
+        subject: &str,
+        err: ApiError,
+        now: SystemTime,
+    ) -> ApiError {
+        self.metrics.refused(err.code);
+        let event = AuditEvent {
+            at: unix(now),
+            action: "refuse".into(),
+            subject: subject.into(),
+            outcome: err.code.into(),
+            detail: json!({"endpoint": endpoint, "message": err.message}),
+        };
+        if let Err(e) = self.store.write(Write::Audit(event)).await {
+            tracing::error!(error = %e, "failed to audit a refusal");
+        }
+        err
+    }
+
+    fn response(
+        &self,
+        id: &SpiffeId,
+        issued: crate::authority::Issued,
+        now: SystemTime,
+    ) -> SvidResponse {
+        let not_before = now - identity::x509::BACKDATE;
+        let renew = refresh_at(not_before, issued.not_after, Jitter::random());
+        SvidResponse {
+            spiffe_id: id.to_string(),
+            svid: identity::pem::encode_certificates(&issued.chain),
+            expires_at: unix(issued.not_after),
+            renew_after: unix(renew),
+            bundle: self.bundle_value(),
+        }
+    }
+}
+
+pub fn token_hash(token: &str) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest(&SHA256, token.trim().as_bytes()).as_ref());
+    out
+}
+
+/// The public handle of a token: never the token itself.
+pub fn token_id(hash: &[u8; 32]) -> String {
+    crate::store::hex(&hash[..6])
+}
+
+fn token_error(r: TokenRefusal) -> ApiError {
+    match r {
+        TokenRefusal::Unknown => {
+            ApiError::new(401, "token_unknown", "join token is not known to this CA")
+        }
+        TokenRefusal::Used => ApiError::new(
+            401,
+            "token_used",
+            "join token was already used; create a new one with `kith ca token create`",
+        ),
+        TokenRefusal::Expired => ApiError::new(
+            401,
+            "token_expired",
+            "join token has expired; create a new one with `kith ca token create`",
+        ),
+        TokenRefusal::Revoked => ApiError::new(401, "token_revoked", "join token was revoked"),
+    }
+}
+
+fn issued_cert(
+    issued: &crate::authority::Issued,
+    id: &SpiffeId,
+    kind: &'static str,
+    now: SystemTime,
+) -> IssuedCert {
+    IssuedCert {
+        serial: issued.serial.clone(),
+        spiffe_id: id.to_string(),
+        kind,
+        not_after: unix(issued.not_after),
+        issued_at: unix(now),
+    }
+}
+
+fn issue_event(
+    id: &SpiffeId,
+    kind: &str,
+    issued: &crate::authority::Issued,
+    now: SystemTime,
+    mut detail: serde_json::Value,
+) -> AuditEvent {
+    if let Some(map) = detail.as_object_mut() {
+        map.insert("kind".into(), kind.into());
+        map.insert("serial".into(), crate::store::hex(&issued.serial).into());
+        map.insert("not_after".into(), unix(issued.not_after).into());
+    }
+    AuditEvent {
+        at: unix(now),
+        action: "issue".into(),
+        subject: id.to_string(),
+        outcome: "ok".into(),
+        detail,
+    }
+}
