@@ -17,12 +17,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The CA: issues short-lived SVIDs to attested nodes and workloads
+    Ca(ca::cli::CaArgs),
     /// Developer certificates: a local CA that issues SPIFFE X509-SVIDs (mkcert for SPIFFE)
     Certs(certs_dev::CertsArgs),
 }
 
 fn main() -> ExitCode {
     match Cli::parse().command {
+        Command::Ca(args) => ca::cli::run(args),
         Command::Certs(args) => certs_dev::run(args),
     }
 }

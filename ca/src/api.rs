@@ -10,7 +10,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, ETAG, IF_NONE_MATCH, RETRY_AFTER};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::ServerConfig;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -173,13 +173,12 @@ async fn serve_connection<S: Store>(
         let timeout = limits.request_timeout;
         async move { Ok::<_, Infallible>(handle(ca, peer, req, timeout).await) }
     });
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
+    // HTTP/1.1 with keep-alive: what agents and the benchmark speak; hyper's header timeout
+    // closes connections whose request never arrives.
+    let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.request_timeout);
-    builder.http2().max_concurrent_streams(64);
-    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+        .header_read_timeout(limits.request_timeout)
+        .serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);
     tokio::select! {
         _ = conn.as_mut() => {}

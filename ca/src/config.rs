@@ -78,6 +78,9 @@ pub struct ServeArgs {
     /// Log format: text or json [default: text]
     #[arg(long, env = "KITH_CA_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// How long a client may take to send a request [default: 10s]
+    #[arg(long, env = "KITH_CA_REQUEST_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub request_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -103,6 +106,7 @@ struct FileConfig {
     k8s_audience: Option<String>,
     max_connections: Option<usize>,
     log_format: Option<String>,
+    request_timeout: Option<String>,
 }
 
 /// The effective configuration. `Serialize` is what is logged at start: no secret is in it
@@ -135,6 +139,9 @@ pub struct Config {
     pub k8s_audience: String,
     pub max_connections: usize,
     pub log_format: String,
+    /// How long a client may take to send a request (headers, then body).
+    #[serde(with = "humantime_serde_secs")]
+    pub request_timeout: Duration,
 }
 
 mod humantime_serde_secs {
@@ -261,6 +268,10 @@ impl Config {
                 .unwrap_or_else(|| "kith-ca".into()),
             max_connections,
             log_format,
+            request_timeout: args
+                .request_timeout
+                .or(dur("request-timeout", file.request_timeout)?)
+                .unwrap_or(Duration::from_secs(10)),
         })
     }
 

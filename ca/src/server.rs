@@ -121,6 +121,7 @@ pub async fn start(
     let tasks = TaskTracker::new();
     let limits = Limits {
         max_connections: cfg.max_connections,
+        request_timeout: cfg.request_timeout,
         ..Limits::default()
     };
     tasks.spawn(api::serve(

@@ -170,14 +170,14 @@ impl ClientCertVerifier for DeferredClientAuth {
     }
 }
 
-/// The API's TLS configuration: TLS 1.3 only, HTTP/2 and HTTP/1.1 by ALPN.
+/// The API's TLS configuration: TLS 1.3 only, HTTP/1.1.
 pub fn server_config(cert: Arc<ServingCert>) -> Result<Arc<ServerConfig>, rustls::Error> {
     let provider = provider();
     let mut config = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(DeferredClientAuth { provider }))
         .with_cert_resolver(cert);
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     // SECURITY: no resumption. A resumed session presents no certificate, so an evicted or
     // expired client identity would live on for the ticket's lifetime (shared/PITFALLS.md).
     config.send_tls13_tickets = 0;

@@ -1,0 +1,545 @@
+//! `kith ca …`: `serve` runs the CA; the other commands talk to a running CA over its admin
+//! socket (found through `--data-dir` or `--admin-socket`), except `audit verify`, which can
+//! also read a stopped CA's database directly.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use hyper::Method;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::admin_client::AdminClient;
+use crate::config::{Config, ServeArgs};
+use crate::server::{Listeners, start};
+
+#[derive(Debug, Args)]
+pub struct CaArgs {
+    #[command(subcommand)]
+    command: CaCommand,
+}
+
+#[derive(Debug, Args, Clone)]
+struct Target {
+    /// The CA's data directory (its admin socket lives there)
+    #[arg(
+        long,
+        env = "KITH_CA_DATA_DIR",
+        default_value = "/var/lib/kith-ca",
+        global = true
+    )]
+    data_dir: PathBuf,
+    /// The admin socket, if not <data-dir>/admin.sock
+    #[arg(long, env = "KITH_CA_ADMIN_SOCKET", global = true)]
+    admin_socket: Option<PathBuf>,
+    /// Print JSON instead of text
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Run the CA
+    Serve(Box<ServeArgs>),
+    /// Join tokens for node attestation
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Registration entries: which workload IDs a node may obtain
+    Entry {
+        #[command(subcommand)]
+        command: EntryCommand,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Attested nodes
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Print the trust bundle
+    Bundle {
+        #[arg(long, default_value = "pem", value_parser = ["pem", "spiffe"])]
+        format: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Signers and their expiry, counts, time to outage
+    Status {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// The hash-chained audit log
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create a one-time join token and print the `kith agent run` line for the host
+    Create {
+        /// Node name: the node's ID becomes spiffe://<td>/kith/node/<name>
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+    List,
+    Revoke {
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum EntryCommand {
+    Create {
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        parent: String,
+        /// type:value, e.g. unix:uid:1000 or docker:label:app=web (repeatable)
+        #[arg(long = "selector", required = true)]
+        selectors: Vec<String>,
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        #[arg(long)]
+        dns: Vec<String>,
+    },
+    List,
+    Show {
+        id: String,
+    },
+    Delete {
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCommand {
+    List,
+    /// Refuse this node and everything under it from now on
+    Evict {
+        spiffe_id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    List {
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// Prove the chain is intact, or point at the first broken row (exit 1)
+    Verify,
+}
+
+pub fn run(args: CaArgs) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rt.block_on(run_inner(args)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!(
+                "error: {}",
+                e.chain()
+                    .map(|c| c.to_string())
+                    .collect::<Vec<_>>()
+                    .join(": ")
+            );
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run_inner(args: CaArgs) -> Result<ExitCode> {
+    match args.command {
+        CaCommand::Serve(serve_args) => serve(*serve_args).await,
+        CaCommand::Token { command, target } => {
+            let admin = client(&target);
+            match command {
+                TokenCommand::Create { name, ttl } => {
+                    let name = match name {
+                        Some(n) => n,
+                        None => format!("node-{}", &crate::store::hex(&random_bytes()?)[..8]),
+                    };
+                    let v = admin
+                        .call(
+                            Method::POST,
+                            "/tokens",
+                            Some(json!({"name": name, "ttl_seconds": ttl.as_secs()})),
+                        )
+                        .await?;
+                    if target.json {
+                        print_json(&v);
+                    } else {
+                        println!(
+                            "join token for {} (id {}, expires in {}):",
+                            v["spiffe_id"].as_str().unwrap_or_default(),
+                            v["id"].as_str().unwrap_or_default(),
+                            humantime::format_duration(ttl)
+                        );
+                        println!();
+                        println!(
+                            "  kith agent run --ca {} --bundle-sha256 {} --join-token {}",
+                            v["ca_url"].as_str().unwrap_or_default(),
+                            v["bundle_sha256"].as_str().unwrap_or_default(),
+                            v["token"].as_str().unwrap_or_default()
+                        );
+                        println!();
+                        println!("it works once; run that line on the host");
+                    }
+                }
+                TokenCommand::List => {
+                    let v = admin.call(Method::GET, "/tokens", None).await?;
+                    table(
+                        &v,
+                        target.json,
+                        &["id", "name", "expires_at", "used_at", "revoked_at"],
+                    );
+                }
+                TokenCommand::Revoke { id } => {
+                    let v = admin
+                        .call(Method::DELETE, &format!("/tokens/{id}"), None)
+                        .await?;
+                    if target.json {
+                        print_json(&v)
+                    } else {
+                        println!("revoked token {id}")
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        CaCommand::Entry { command, target } => {
+            let admin = client(&target);
+            match command {
+                EntryCommand::Create {
+                    id,
+                    parent,
+                    selectors,
+                    ttl,
+                    dns,
+                } => {
+                    let body = json!({"spiffe_id": id, "parent_id": parent, "selectors": selectors, "ttl_seconds": ttl.map(|t| t.as_secs()), "dns": dns});
+                    let v = admin.call(Method::POST, "/entries", Some(body)).await?;
+                    if target.json {
+                        print_json(&v)
+                    } else {
+                        println!(
+                            "created entry {} for {}",
+                            v["id"].as_str().unwrap_or_default(),
+                            id
+                        )
+                    }
+                }
+                EntryCommand::List => {
+                    let v = admin.call(Method::GET, "/entries", None).await?;
+                    table(
+                        &v,
+                        target.json,
+                        &["id", "spiffe_id", "parent_id", "selectors", "ttl"],
+                    );
+                }
+                EntryCommand::Show { id } => print_json(
+                    &admin
+                        .call(Method::GET, &format!("/entries/{id}"), None)
+                        .await?,
+                ),
+                EntryCommand::Delete { id } => {
+                    let v = admin
+                        .call(Method::DELETE, &format!("/entries/{id}"), None)
+                        .await?;
+                    if target.json {
+                        print_json(&v)
+                    } else {
+                        println!("deleted entry {id}")
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        CaCommand::Node { command, target } => {
+            let admin = client(&target);
+            match command {
+                NodeCommand::List => {
+                    let v = admin.call(Method::GET, "/nodes", None).await?;
+                    table(
+                        &v,
+                        target.json,
+                        &["spiffe_id", "attested_at", "last_issued_at", "evicted_at"],
+                    );
+                }
+                NodeCommand::Evict { spiffe_id } => {
+                    let v = admin
+                        .call(
+                            Method::POST,
+                            "/nodes/evict",
+                            Some(json!({"spiffe_id": spiffe_id})),
+                        )
+                        .await?;
+                    if target.json {
+                        print_json(&v)
+                    } else {
+                        println!(
+                            "evicted {spiffe_id}: its SVIDs and everything it asks for are refused from now on"
+                        )
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        CaCommand::Bundle { format, target } => {
+            let admin = client(&target);
+            if format == "pem" {
+                print!("{}", admin.call_text("/bundle?format=pem").await?);
+            } else {
+                print_json(&admin.call(Method::GET, "/bundle", None).await?);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        CaCommand::Status { target } => {
+            let v = client(&target).call(Method::GET, "/status", None).await?;
+            if target.json {
+                print_json(&v);
+            } else {
+                println!(
+                    "trust domain  {}",
+                    v["trust_domain"].as_str().unwrap_or_default()
+                );
+                for s in v["signers"].as_array().cloned().unwrap_or_default() {
+                    println!(
+                        "signer        {} ({}), expires in {}",
+                        s["id"].as_str().unwrap_or_default(),
+                        s["state"].as_str().unwrap_or_default(),
+                        secs(&s["expires_in_seconds"])
+                    );
+                }
+                println!(
+                    "root          expires in {}",
+                    secs(&v["root_expires_in_seconds"])
+                );
+                println!(
+                    "time to outage {} (when the root expires, unless rolled over)",
+                    secs(&v["time_to_outage_seconds"])
+                );
+                println!("counts        {}", v["counts"]);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        CaCommand::Audit { command, target } => match command {
+            AuditCommand::List { after, limit } => {
+                let v = client(&target)
+                    .call(
+                        Method::GET,
+                        &format!("/audit?after={after}&limit={limit}"),
+                        None,
+                    )
+                    .await?;
+                table(
+                    &v,
+                    target.json,
+                    &["seq", "at", "action", "subject", "outcome"],
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            AuditCommand::Verify => {
+                // Works on a stopped CA too: read the database directly when the socket is absent.
+                let v = match client(&target)
+                    .call(Method::GET, "/audit/verify", None)
+                    .await
+                {
+                    Ok(v) => v,
+                    Err(crate::admin_client::AdminError::Connect { .. }) => {
+                        let ro =
+                            crate::store::sqlite::SqliteStore::open_read_only(&target.data_dir)?;
+                        serde_json::to_value(ro.verify_audit()?)?
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                let intact = v["first_broken"].is_null();
+                if target.json {
+                    print_json(&v);
+                } else if intact {
+                    println!("audit chain intact: {} rows", v["rows"]);
+                } else {
+                    println!(
+                        "audit chain BROKEN at row {}: {}",
+                        v["first_broken"],
+                        v["detail"].as_str().unwrap_or_default()
+                    );
+                }
+                Ok(if intact {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                })
+            }
+        },
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<ExitCode> {
+    let cfg = Config::resolve(args)?;
+    init_logging(&cfg.log_format);
+    crate::server::prepare_data_dir(&cfg)?;
+    let api = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let metrics = tokio::net::TcpListener::bind(cfg.metrics_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (metrics)", cfg.metrics_listen))?;
+    let admin = crate::admin::bind(&cfg.admin_socket).with_context(|| {
+        format!(
+            "cannot bind the admin socket {}",
+            cfg.admin_socket.display()
+        )
+    })?;
+    let shutdown = CancellationToken::new();
+    let running = start(
+        &cfg,
+        Listeners {
+            api,
+            metrics,
+            admin,
+        },
+        shutdown.clone(),
+    )
+    .await?;
+    wait_for_signal().await;
+    tracing::info!("shutting down: no new connections; open requests may finish (up to 10s)");
+    shutdown.cancel();
+    if tokio::time::timeout(Duration::from_secs(10), running.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some requests did not finish within 10s");
+    }
+    let _ = std::fs::remove_file(&cfg.admin_socket);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+pub fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if format == "json" {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+fn client(target: &Target) -> AdminClient {
+    let path = target
+        .admin_socket
+        .clone()
+        .unwrap_or_else(|| target.data_dir.join("admin.sock"));
+    AdminClient::new(&path)
+}
+
+fn random_bytes() -> Result<[u8; 8]> {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 8];
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| anyhow::anyhow!("random number generator failed"))?;
+    Ok(b)
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn secs(v: &Value) -> String {
+    match v.as_i64() {
+        Some(s) if s >= 0 => humantime::format_duration(Duration::from_secs(s as u64)).to_string(),
+        Some(s) => format!(
+            "EXPIRED {} ago",
+            humantime::format_duration(Duration::from_secs(s.unsigned_abs()))
+        ),
+        None => "-".into(),
+    }
+}
+
+/// A plain table of selected columns, or the JSON as is.
+fn table(v: &Value, json: bool, columns: &[&str]) {
+    if json {
+        return print_json(v);
+    }
+    let rows = v.as_array().cloned().unwrap_or_default();
+    if rows.is_empty() {
+        println!("(none)");
+        return;
+    }
+    let cell = |row: &Value, c: &str| match &row[c] {
+        Value::Null => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let widths: Vec<usize> = columns
+        .iter()
+        .map(|c| {
+            rows.iter()
+                .map(|r| cell(r, c).len())
+                .max()
+                .unwrap_or(0)
+                .max(c.len())
+        })
+        .collect();
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_owned()
+    };
+    println!(
+        "{}",
+        line(columns.iter().map(|c| c.to_uppercase()).collect())
+    );
+    for r in &rows {
+        println!("{}", line(columns.iter().map(|c| cell(r, c)).collect()));
+    }
+}
