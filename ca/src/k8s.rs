@@ -1,1 +1,1508 @@
+//! Kubernetes attestation: verifies a pod's projected service-account token (a JWT signed by the
+//! cluster's service-account issuer) and turns its pod binding into a [`PodIdentity`].
+//!
+//! The issuer's public keys come from a JWKS file or from the issuer itself
+//! (`<issuer>/openid/v1/jwks`, [`fetch_jwks`]), and are swapped in place by
+//! [`K8sVerifier::replace_jwks`] or [`K8sVerifier::spawn_refresh`] without ever blocking a
+//! verification.
+//!
+//! The JWS header is read here, not by jsonwebtoken's `decode`: each key's algorithm is fixed
+//! when the JWKS is loaded (RSA → RS256, EC P-256 → ES256) and the signature primitive is called
+//! with that algorithm, so the token header can only ask for what the key already allows.
 
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty, Limited};
+use hyper_util::rt::TokioIo;
+use identity::{SpiffeId, TrustDomain};
+use jsonwebtoken::{Algorithm, DecodingKey};
+use rustls_pki_types::ServerName;
+use serde_json::{Map, Value};
+use tokio_util::sync::CancellationToken;
+
+/// The audience kith asks pods to request for their projected token.
+pub const DEFAULT_AUDIENCE: &str = "kith-ca";
+/// Clock skew allowed between the cluster's API server and the CA.
+pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
+/// Tokens larger than this are refused before any parsing (real ones are 1–2 KiB).
+pub const MAX_TOKEN_LEN: usize = 16 * 1024;
+/// The largest JWKS accepted, from a file or from the issuer.
+pub const MAX_JWKS_LEN: usize = 1024 * 1024;
+/// The whole JWKS fetch (connect, TLS, request, body) must finish within this.
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// After a failed refresh, the next attempt comes at most this much later.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(30);
+/// SECURITY: RSA keys below 2048 bits are refused when the JWKS is loaded.
+const MIN_RSA_MODULUS_BYTES: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum K8sError {
+    #[error("token is larger than {MAX_TOKEN_LEN} bytes")]
+    TooLarge,
+    #[error("malformed token: {0}")]
+    Malformed(&'static str),
+    #[error("algorithm not allowed: {0}")]
+    AlgNotAllowed(String),
+    #[error("no key for kid {0:?}")]
+    UnknownKey(Option<String>),
+    #[error("bad signature")]
+    BadSignature,
+    #[error("wrong issuer")]
+    WrongIssuer,
+    #[error("wrong audience")]
+    WrongAudience,
+    #[error("token expired")]
+    Expired,
+    #[error("token not yet valid")]
+    NotYetValid,
+    #[error("token has no pod binding")]
+    NoPodBinding,
+    #[error("invalid kubernetes name {0:?}")]
+    BadName(String),
+    #[error("bad jwks: {0}")]
+    BadJwks(String),
+    #[error("bad config: {0}")]
+    BadConfig(&'static str),
+    #[error("reading jwks: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("fetching jwks: {0}")]
+    Fetch(String),
+}
+
+impl K8sError {
+    /// A stable snake_case label for metrics and audit records.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::TooLarge => "too_large",
+            Self::Malformed(_) => "malformed",
+            Self::AlgNotAllowed(_) => "alg_not_allowed",
+            Self::UnknownKey(_) => "unknown_key",
+            Self::BadSignature => "bad_signature",
+            Self::WrongIssuer => "wrong_issuer",
+            Self::WrongAudience => "wrong_audience",
+            Self::Expired => "expired",
+            Self::NotYetValid => "not_yet_valid",
+            Self::NoPodBinding => "no_pod_binding",
+            Self::BadName(_) => "bad_name",
+            Self::BadJwks(_) => "bad_jwks",
+            Self::BadConfig(_) => "bad_config",
+            Self::Io(_) => "io",
+            Self::Fetch(_) => "fetch_failed",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct K8sConfig {
+    /// The `iss` the cluster puts in its tokens (`--service-account-issuer`).
+    pub issuer: String,
+    /// The audience pods request for their projected token; `aud` must contain it.
+    pub audience: String,
+    pub leeway: Duration,
+}
+
+impl K8sConfig {
+    /// A config for `issuer` with the default audience and leeway.
+    pub fn new(issuer: impl Into<String>) -> Self {
+        Self {
+            issuer: issuer.into(),
+            audience: DEFAULT_AUDIENCE.to_owned(),
+            leeway: DEFAULT_LEEWAY,
+        }
+    }
+}
+
+/// Who a verified token says the caller is: the pod it is bound to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodIdentity {
+    pub namespace: String,
+    pub service_account: String,
+    pub pod_name: String,
+    pub pod_uid: String,
+    /// The token's `exp`. With the leeway a token may be accepted slightly after it.
+    pub expires_at: SystemTime,
+}
+
+impl PodIdentity {
+    /// `spiffe://<td>/ns/<namespace>/sa/<service account>`. Names that Kubernetes itself would
+    /// not allow are refused, so no token can smuggle a `/` or a `..` into the path.
+    pub fn spiffe_id(&self, td: &TrustDomain) -> Result<SpiffeId, K8sError> {
+        check_names(&self.namespace, &self.service_account)?;
+        td.id_with_path(&format!(
+            "/ns/{}/sa/{}",
+            self.namespace, self.service_account
+        ))
+        .map_err(|e| K8sError::BadName(e.to_string()))
+    }
+}
+
+/// A namespace is an RFC 1123 label; a service account name is an RFC 1123 subdomain.
+fn check_names(namespace: &str, service_account: &str) -> Result<(), K8sError> {
+    let label = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 63
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !s.starts_with('-')
+            && !s.ends_with('-')
+    };
+    if !label(namespace) {
+        return Err(K8sError::BadName(namespace.to_owned()));
+    }
+    if service_account.len() > 253 || !service_account.split('.').all(label) {
+        return Err(K8sError::BadName(service_account.to_owned()));
+    }
+    Ok(())
+}
+
+/// One verification key, with the only algorithm it may be used with.
+#[derive(Debug)]
+struct VerifyKey {
+    kid: Option<String>,
+    alg: Algorithm,
+    key: DecodingKey,
+}
+
+#[derive(Debug)]
+struct KeySet {
+    keys: Vec<VerifyKey>,
+}
+
+impl KeySet {
+    /// Reads a JWK Set. Keys of a type kith does not verify with (`oct`, other curves, other
+    /// algorithms, `use` other than `sig`) are skipped, as RFC 7517 asks; a key of a supported
+    /// type that is broken, a duplicate kid, or a set with no usable key is an error.
+    fn parse(input: &[u8]) -> Result<Self, K8sError> {
+        if input.len() > MAX_JWKS_LEN {
+            return Err(K8sError::BadJwks("larger than 1 MiB".into()));
+        }
+        #[derive(serde::Deserialize)]
+        struct Set {
+            keys: Vec<Map<String, Value>>,
+        }
+        let set: Set =
+            serde_json::from_slice(input).map_err(|e| K8sError::BadJwks(e.to_string()))?;
+        let mut keys: Vec<VerifyKey> = Vec::new();
+        for (index, jwk) in set.keys.iter().enumerate() {
+            let Some(key) =
+                parse_jwk(jwk).map_err(|e| K8sError::BadJwks(format!("key {index}: {e}")))?
+            else {
+                continue;
+            };
+            if key.kid.is_some() && keys.iter().any(|k| k.kid == key.kid) {
+                return Err(K8sError::BadJwks(format!("key {index}: duplicate kid")));
+            }
+            keys.push(key);
+        }
+        if keys.is_empty() {
+            return Err(K8sError::BadJwks("no usable rsa or p-256 key".into()));
+        }
+        Ok(Self { keys })
+    }
+
+    /// The key for a token: by kid, or the only key when the token names none.
+    fn select(&self, kid: Option<&str>) -> Result<&VerifyKey, K8sError> {
+        match kid {
+            Some(kid) => self.keys.iter().find(|k| k.kid.as_deref() == Some(kid)),
+            None => match self.keys.as_slice() {
+                [only] => Some(only),
+                _ => None,
+            },
+        }
+        .ok_or_else(|| K8sError::UnknownKey(kid.map(str::to_owned)))
+    }
+}
+
+/// `Ok(None)` for a key kith does not use; `Err` for a supported key that is broken.
+fn parse_jwk(jwk: &Map<String, Value>) -> Result<Option<VerifyKey>, &'static str> {
+    let field = |name: &str| jwk.get(name).and_then(Value::as_str);
+    if jwk.get("use").is_some_and(|u| u != "sig") {
+        return Ok(None);
+    }
+    let kid = match jwk.get("kid") {
+        None => None,
+        Some(Value::String(k)) if !k.is_empty() => Some(k.clone()),
+        Some(_) => return Err("kid is not a non-empty string"),
+    };
+    let b64 = |name: &str| {
+        field(name)
+            .and_then(|v| URL_SAFE_NO_PAD.decode(v).ok())
+            .ok_or("missing or bad base64url key parameter")
+    };
+    // SECURITY: the algorithm is decided here, from the key, once.
+    let (alg, key) = match (field("kty"), field("alg")) {
+        (Some("RSA"), None | Some("RS256")) => {
+            let n = b64("n")?;
+            let e = b64("e")?;
+            let modulus = n.iter().skip_while(|b| **b == 0).count();
+            if modulus < MIN_RSA_MODULUS_BYTES {
+                return Err("rsa key shorter than 2048 bits");
+            }
+            if e.is_empty() || e.len() > 8 {
+                return Err("bad rsa exponent");
+            }
+            (
+                Algorithm::RS256,
+                DecodingKey::from_rsa_raw_components(&n, &e),
+            )
+        }
+        (Some("EC"), None | Some("ES256")) if field("crv") == Some("P-256") => {
+            let (x, y) = (b64("x")?, b64("y")?);
+            if x.len() != 32 || y.len() != 32 {
+                return Err("p-256 coordinates must be 32 bytes");
+            }
+            let mut point = Vec::with_capacity(65);
+            point.push(0x04);
+            point.extend_from_slice(&x);
+            point.extend_from_slice(&y);
+            (Algorithm::ES256, DecodingKey::from_ec_der(&point))
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(VerifyKey { kid, alg, key }))
+}
+
+/// Verifies projected service-account tokens against the issuer's current keys.
+#[derive(Debug)]
+pub struct K8sVerifier {
+    config: K8sConfig,
+    keys: ArcSwap<KeySet>,
+}
+
+impl K8sVerifier {
+    pub fn from_jwks(config: K8sConfig, jwks_json: &[u8]) -> Result<Self, K8sError> {
+        if config.issuer.is_empty() {
+            return Err(K8sError::BadConfig("issuer is empty"));
+        }
+        if config.audience.is_empty() {
+            return Err(K8sError::BadConfig("audience is empty"));
+        }
+        let keys = KeySet::parse(jwks_json)?;
+        Ok(Self {
+            config,
+            keys: ArcSwap::from_pointee(keys),
+        })
+    }
+
+    pub fn from_jwks_file(config: K8sConfig, path: &Path) -> Result<Self, K8sError> {
+        Self::from_jwks(config, &read_capped(path)?)
+    }
+
+    pub fn config(&self) -> &K8sConfig {
+        &self.config
+    }
+
+    /// Swaps in a new key set. A set that does not parse leaves the current one in place.
+    pub fn replace_jwks(&self, jwks_json: &[u8]) -> Result<(), K8sError> {
+        let keys = KeySet::parse(jwks_json)?;
+        self.keys.store(Arc::new(keys));
+        Ok(())
+    }
+
+    /// Verifies a projected service-account token as of `now`.
+    pub fn verify(&self, token: &str, now: SystemTime) -> Result<PodIdentity, K8sError> {
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(K8sError::TooLarge);
+        }
+        let mut parts = token.split('.');
+        let (Some(header_b64), Some(payload_b64), Some(sig_b64), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(K8sError::Malformed("not three segments"));
+        };
+        let header = decode_object(header_b64)?;
+        let alg = match header.get("alg").and_then(Value::as_str) {
+            Some("RS256") => Algorithm::RS256,
+            Some("ES256") => Algorithm::ES256,
+            // SECURITY: none, HS* and everything else stop here, before any key is touched.
+            Some(other) => return Err(K8sError::AlgNotAllowed(other.to_owned())),
+            None => return Err(K8sError::Malformed("header has no alg")),
+        };
+        // We implement no JWS extensions, so a token marking any as critical is refused.
+        if header.contains_key("crit") {
+            return Err(K8sError::Malformed("crit header not supported"));
+        }
+        let kid = match header.get("kid") {
+            None => None,
+            Some(Value::String(k)) => Some(k.as_str()),
+            Some(_) => return Err(K8sError::Malformed("kid is not a string")),
+        };
+        let payload = URL_SAFE_NO_PAD
+            .decode(payload_b64)
+            .map_err(|_| K8sError::Malformed("bad base64url"))?;
+        if URL_SAFE_NO_PAD.decode(sig_b64).is_err() {
+            return Err(K8sError::Malformed("bad base64url"));
+        }
+
+        let keys = self.keys.load();
+        let key = keys.select(kid)?;
+        if key.alg != alg {
+            return Err(K8sError::AlgNotAllowed(format!(
+                "{alg:?} on a {:?} key",
+                key.alg
+            )));
+        }
+        let message = &token.as_bytes()[..header_b64.len() + 1 + payload_b64.len()];
+        // The key's pinned algorithm, not the header's, selects the primitive.
+        match jsonwebtoken::crypto::verify(sig_b64, message, &key.key, key.alg) {
+            Ok(true) => {}
+            Ok(false) | Err(_) => return Err(K8sError::BadSignature),
+        }
+
+        // Claims are interpreted only once the signature holds.
+        let claims: Map<String, Value> = serde_json::from_slice(&payload)
+            .map_err(|_| K8sError::Malformed("claims are not a json object"))?;
+        self.check_claims(&claims, now)
+    }
+
+    fn check_claims(
+        &self,
+        claims: &Map<String, Value>,
+        now: SystemTime,
+    ) -> Result<PodIdentity, K8sError> {
+        // First, so that a legacy secret-based token (no binding, no exp, another iss) is
+        // reported as what it is.
+        let binding = claims
+            .get("kubernetes.io")
+            .and_then(Value::as_object)
+            .ok_or(K8sError::NoPodBinding)?;
+        if claims.get("iss").and_then(Value::as_str) != Some(self.config.issuer.as_str()) {
+            return Err(K8sError::WrongIssuer);
+        }
+        let audience_ok = match claims.get("aud") {
+            Some(Value::String(a)) => *a == self.config.audience,
+            Some(Value::Array(list)) => list.iter().any(|a| *a == *self.config.audience),
+            _ => false,
+        };
+        if !audience_ok {
+            return Err(K8sError::WrongAudience);
+        }
+
+        let now = now
+            .duration_since(UNIX_EPOCH)
+            .map_err(|_| K8sError::Malformed("now is before 1970"))?
+            .as_secs();
+        let leeway = self.config.leeway.as_secs();
+        // SECURITY: exp is required: a token that never expires (legacy secret token) is refused.
+        let exp = numeric_date(claims, "exp")?.ok_or(K8sError::Malformed("no exp"))?;
+        if now >= exp.saturating_add(leeway) {
+            return Err(K8sError::Expired);
+        }
+        for name in ["nbf", "iat"] {
+            if let Some(t) = numeric_date(claims, name)?
+                && t > now.saturating_add(leeway)
+            {
+                return Err(K8sError::NotYetValid);
+            }
+        }
+
+        let text = |path: &[&str]| -> Result<String, K8sError> {
+            let mut v = binding.get(path[0]);
+            for p in &path[1..] {
+                v = v.and_then(|v| v.get(p));
+            }
+            v.and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .ok_or(K8sError::NoPodBinding)
+        };
+        let namespace = text(&["namespace"])?;
+        let service_account = text(&["serviceaccount", "name"])?;
+        text(&["serviceaccount", "uid"])?;
+        let pod_name = text(&["pod", "name"])?;
+        let pod_uid = text(&["pod", "uid"])?;
+        check_names(&namespace, &service_account)?;
+        // The API server writes sub from the same service account; a mismatch means the token
+        // was not minted by it.
+        if let Some(sub) = claims.get("sub")
+            && *sub != *format!("system:serviceaccount:{namespace}:{service_account}")
+        {
+            return Err(K8sError::Malformed("sub does not match the binding"));
+        }
+        Ok(PodIdentity {
+            namespace,
+            service_account,
+            pod_name,
+            pod_uid,
+            expires_at: UNIX_EPOCH + Duration::from_secs(exp),
+        })
+    }
+
+    /// Fetches the issuer's JWKS once and swaps it in. The bearer token file is read on every
+    /// call because projected tokens rotate.
+    pub async fn refresh(
+        &self,
+        issuer_url: &str,
+        ca_file: Option<&Path>,
+        bearer_token_file: Option<&Path>,
+    ) -> Result<(), K8sError> {
+        let token = match bearer_token_file {
+            Some(path) => Some(tokio::fs::read_to_string(path).await?.trim().to_owned()),
+            None => None,
+        };
+        let jwks = fetch_jwks(issuer_url, ca_file, token.as_deref()).await?;
+        self.replace_jwks(&jwks)
+    }
+
+    /// Refreshes the keys from the issuer every `interval` until `shutdown` is cancelled.
+    /// A failed refresh is logged and keeps the current keys; the next try then comes sooner.
+    ///
+    /// Takes `bearer_token_file` in addition to the issuer and CA: a real API server serves
+    /// `/openid/v1/jwks` only to authenticated callers (service accounts by default).
+    pub fn spawn_refresh(
+        self: &Arc<Self>,
+        issuer_url: String,
+        ca_file: Option<PathBuf>,
+        bearer_token_file: Option<PathBuf>,
+        interval: Duration,
+        shutdown: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut delay = interval;
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                let attempt = this.refresh(
+                    &issuer_url,
+                    ca_file.as_deref(),
+                    bearer_token_file.as_deref(),
+                );
+                let result = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    r = attempt => r,
+                };
+                match result {
+                    Ok(()) => {
+                        tracing::debug!(issuer = %issuer_url, "k8s jwks refreshed");
+                        delay = interval;
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            issuer = %issuer_url, reason = e.reason(), error = %e,
+                            "k8s jwks refresh failed; keeping the current keys"
+                        );
+                        delay = interval.min(RETRY_AFTER_FAILURE);
+                    }
+                }
+            }
+        })
+    }
+}
+
+fn decode_object(segment: &str) -> Result<Map<String, Value>, K8sError> {
+    let bytes = URL_SAFE_NO_PAD
+        .decode(segment)
+        .map_err(|_| K8sError::Malformed("bad base64url"))?;
+    serde_json::from_slice(&bytes).map_err(|_| K8sError::Malformed("header is not a json object"))
+}
+
+/// An optional NumericDate claim; only non-negative integers are accepted (Kubernetes writes
+/// integers).
+fn numeric_date(claims: &Map<String, Value>, name: &str) -> Result<Option<u64>, K8sError> {
+    match claims.get(name) {
+        None => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .map(Some)
+            .ok_or(K8sError::Malformed("time claim is not an integer")),
+    }
+}
+
+fn read_capped(path: &Path) -> Result<Vec<u8>, K8sError> {
+    use std::io::Read as _;
+    let mut out = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_JWKS_LEN as u64 + 1)
+        .read_to_end(&mut out)?;
+    if out.len() > MAX_JWKS_LEN {
+        return Err(K8sError::BadJwks("larger than 1 MiB".into()));
+    }
+    Ok(out)
+}
+
+/// GETs `<issuer_url>/openid/v1/jwks` over HTTPS (TLS 1.3, ring provider), trusting only the
+/// roots in `ca_file`, with an optional bearer token, a 1 MiB body cap and [`FETCH_TIMEOUT`].
+/// Returns the body unparsed; [`K8sVerifier::replace_jwks`] validates it.
+///
+/// An issuer whose JWKS lives elsewhere (found through `.well-known/openid-configuration`) is
+/// not handled: pass a JWKS file for those.
+pub async fn fetch_jwks(
+    issuer_url: &str,
+    ca_file: Option<&Path>,
+    bearer_token: Option<&str>,
+) -> Result<Vec<u8>, K8sError> {
+    fetch_with_timeout(issuer_url, ca_file, bearer_token, FETCH_TIMEOUT).await
+}
+
+async fn fetch_with_timeout(
+    issuer_url: &str,
+    ca_file: Option<&Path>,
+    bearer_token: Option<&str>,
+    timeout: Duration,
+) -> Result<Vec<u8>, K8sError> {
+    tokio::time::timeout(timeout, fetch(issuer_url, ca_file, bearer_token))
+        .await
+        .map_err(|_| K8sError::Fetch("timed out".into()))?
+}
+
+async fn fetch(
+    issuer_url: &str,
+    ca_file: Option<&Path>,
+    bearer_token: Option<&str>,
+) -> Result<Vec<u8>, K8sError> {
+    let fail = |what: &str, e: &dyn std::fmt::Display| K8sError::Fetch(format!("{what}: {e}"));
+    let url = format!("{}/openid/v1/jwks", issuer_url.trim_end_matches('/'));
+    let uri: hyper::Uri = url.parse().map_err(|e| fail("bad issuer url", &e))?;
+    // SECURITY: https only; the keys that decide every pod's identity must not travel in the
+    // clear, and neither may the bearer token.
+    if uri.scheme_str() != Some("https") {
+        return Err(K8sError::Fetch("issuer url must be https".into()));
+    }
+    let (Some(authority), Some(host)) = (uri.authority(), uri.host()) else {
+        return Err(K8sError::Fetch("issuer url has no host".into()));
+    };
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let port = uri.port_u16().unwrap_or(443);
+    let path = uri
+        .path_and_query()
+        .map_or("/openid/v1/jwks", |p| p.as_str())
+        .to_owned();
+
+    // SECURITY: only the given roots are trusted: no system store, no process default.
+    let ca_file = ca_file.ok_or_else(|| K8sError::Fetch("a ca file is required".into()))?;
+    let pem = tokio::fs::read(ca_file).await?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in identity::pem::certificates(&pem).map_err(|e| fail("ca file", &e))? {
+        roots
+            .add(cert)
+            .map_err(|e| fail("ca file certificate", &e))?;
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| fail("tls config", &e))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let server_name = ServerName::try_from(host.clone()).map_err(|e| fail("server name", &e))?;
+
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+        .await
+        .map_err(|e| fail("connect", &e))?;
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect(server_name, tcp)
+        .await
+        .map_err(|e| fail("tls", &e))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| fail("http", &e))?;
+
+    let mut request = hyper::Request::get(path)
+        .header(hyper::header::HOST, authority.as_str())
+        .header(hyper::header::ACCEPT, "application/json");
+    if let Some(token) = bearer_token {
+        request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let request = request
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| fail("request", &e))?;
+    // The request owns the sender, so the connection future ends once the response is read;
+    // running both in one future leaves no task behind when the timeout drops it.
+    let exchange = async move {
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| fail("http", &e))?;
+        if response.status() != hyper::StatusCode::OK {
+            return Err(K8sError::Fetch(format!("status {}", response.status())));
+        }
+        let body = Limited::new(response.into_body(), MAX_JWKS_LEN)
+            .collect()
+            .await
+            .map_err(|e| fail("body", &e))?;
+        Ok(body.to_bytes().to_vec())
+    };
+    let (result, _) = tokio::join!(exchange, conn);
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Mutex, OnceLock};
+
+    use http_body_util::Full;
+    use jsonwebtoken::EncodingKey;
+    use ring::rand::SystemRandom;
+    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
+    use rsa::pkcs1::{EncodeRsaPrivateKey as _, EncodeRsaPublicKey as _};
+    use rsa::traits::PublicKeyParts as _;
+    use serde_json::json;
+
+    use super::*;
+
+    const ISS: &str = "https://kubernetes.default.svc.cluster.local";
+    const T: u64 = 1_800_000_000;
+
+    fn at(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    struct TestKey {
+        enc: EncodingKey,
+        alg: Algorithm,
+        /// The public JWK, without kid.
+        jwk: Value,
+        /// DER of the public key (PKCS#1 for RSA, the SEC1 point for EC): the "secret" an
+        /// algorithm-confusion attacker would try.
+        public_der: Vec<u8>,
+    }
+
+    impl TestKey {
+        fn jwk(&self, kid: Option<&str>) -> Value {
+            let mut jwk = self.jwk.clone();
+            if let Some(kid) = kid {
+                jwk["kid"] = kid.into();
+            }
+            jwk
+        }
+    }
+
+    fn b64(bytes: &[u8]) -> String {
+        URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    fn ec_key() -> TestKey {
+        let rng = SystemRandom::new();
+        let der = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+        let pair =
+            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der.as_ref(), &rng).unwrap();
+        let point = pair.public_key().as_ref().to_vec();
+        TestKey {
+            enc: EncodingKey::from_ec_der(der.as_ref()),
+            alg: Algorithm::ES256,
+            jwk: json!({"kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256",
+                        "x": b64(&point[1..33]), "y": b64(&point[33..])}),
+            public_der: point,
+        }
+    }
+
+    fn rsa_key() -> TestKey {
+        let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048).unwrap();
+        let public = key.to_public_key();
+        TestKey {
+            enc: EncodingKey::from_rsa_der(key.to_pkcs1_der().unwrap().as_bytes()),
+            alg: Algorithm::RS256,
+            jwk: json!({"kty": "RSA", "use": "sig", "alg": "RS256",
+                        "n": b64(&public.n().to_bytes_be()), "e": b64(&public.e().to_bytes_be())}),
+            public_der: public.to_pkcs1_der().unwrap().as_bytes().to_vec(),
+        }
+    }
+
+    /// RSA key generation takes a second or two in a debug build: two keys, shared by all tests.
+    fn rsa_keys() -> &'static [TestKey; 2] {
+        static KEYS: OnceLock<[TestKey; 2]> = OnceLock::new();
+        KEYS.get_or_init(|| [rsa_key(), rsa_key()])
+    }
+
+    fn ec_keys() -> &'static [TestKey; 2] {
+        static KEYS: OnceLock<[TestKey; 2]> = OnceLock::new();
+        KEYS.get_or_init(|| [ec_key(), ec_key()])
+    }
+
+    fn jwks(keys: &[Value]) -> Vec<u8> {
+        serde_json::to_vec(&json!({ "keys": keys })).unwrap()
+    }
+
+    /// The main key set: one EC key (kid ec-1), one RSA key (kid rsa-1).
+    fn verifier() -> K8sVerifier {
+        let set = jwks(&[
+            ec_keys()[0].jwk(Some("ec-1")),
+            rsa_keys()[0].jwk(Some("rsa-1")),
+        ]);
+        K8sVerifier::from_jwks(K8sConfig::new(ISS), &set).unwrap()
+    }
+
+    fn claims() -> Value {
+        json!({
+            "aud": ["https://kubernetes.default.svc", "kith-ca"],
+            "exp": T + 3600, "iat": T, "nbf": T,
+            "iss": ISS,
+            "jti": "5b1f7c3e",
+            "sub": "system:serviceaccount:payments:api",
+            "kubernetes.io": {
+                "namespace": "payments",
+                "node": {"name": "node-1", "uid": "n-uid"},
+                "pod": {"name": "api-7d9f8", "uid": "pod-uid-1"},
+                "serviceaccount": {"name": "api", "uid": "sa-uid-1"},
+            },
+        })
+    }
+
+    fn claims_with(edit: impl FnOnce(&mut Value)) -> Value {
+        let mut c = claims();
+        edit(&mut c);
+        c
+    }
+
+    /// Signs `header.claims` with `key` under `alg`, whatever the header says.
+    fn forge(header: Value, claims: &Value, key: &EncodingKey, alg: Algorithm) -> String {
+        let message = format!(
+            "{}.{}",
+            b64(&serde_json::to_vec(&header).unwrap()),
+            b64(&serde_json::to_vec(claims).unwrap())
+        );
+        let sig = jsonwebtoken::crypto::sign(message.as_bytes(), key, alg).unwrap();
+        format!("{message}.{sig}")
+    }
+
+    fn token(key: &TestKey, kid: Option<&str>, claims: &Value) -> String {
+        let mut header = json!({"alg": format!("{:?}", key.alg), "typ": "JWT"});
+        if let Some(kid) = kid {
+            header["kid"] = kid.into();
+        }
+        forge(header, claims, &key.enc, key.alg)
+    }
+
+    fn unsigned(header: Value, claims: &Value) -> String {
+        format!(
+            "{}.{}.",
+            b64(&serde_json::to_vec(&header).unwrap()),
+            b64(&serde_json::to_vec(claims).unwrap())
+        )
+    }
+
+    #[test]
+    fn verify_table() {
+        let ec = &ec_keys()[0];
+        let rsa = &rsa_keys()[0];
+        let good_ec = token(ec, Some("ec-1"), &claims());
+        let good_parts: Vec<String> = good_ec.split('.').map(str::to_owned).collect();
+        let now = at(T + 10);
+        let cases: Vec<(&str, String, SystemTime, Result<(), &str>)> = vec![
+            ("valid es256", good_ec.clone(), now, Ok(())),
+            (
+                "valid rs256",
+                token(rsa, Some("rsa-1"), &claims()),
+                now,
+                Ok(()),
+            ),
+            (
+                "expired",
+                good_ec.clone(),
+                at(T + 3600 + 30),
+                Err("expired"),
+            ),
+            (
+                "expired long ago",
+                good_ec.clone(),
+                at(T + 90_000),
+                Err("expired"),
+            ),
+            (
+                "expired within leeway",
+                good_ec.clone(),
+                at(T + 3600 + 29),
+                Ok(()),
+            ),
+            (
+                "nbf in the future",
+                token(
+                    ec,
+                    Some("ec-1"),
+                    &claims_with(|c| c["nbf"] = (T + 120).into()),
+                ),
+                now,
+                Err("not_yet_valid"),
+            ),
+            (
+                "nbf within leeway",
+                token(
+                    ec,
+                    Some("ec-1"),
+                    &claims_with(|c| c["nbf"] = (T + 35).into()),
+                ),
+                now,
+                Ok(()),
+            ),
+            (
+                "iat in the future",
+                token(
+                    ec,
+                    Some("ec-1"),
+                    &claims_with(|c| c["iat"] = (T + 120).into()),
+                ),
+                now,
+                Err("not_yet_valid"),
+            ),
+            (
+                "wrong audience",
+                token(
+                    ec,
+                    Some("ec-1"),
+                    &claims_with(|c| c["aud"] = json!(["other"])),
+                ),
+                now,
+                Err("wrong_audience"),
+            ),
+            (
+                "audience as a string",
+                token(
+                    ec,
+                    Some("ec-1"),
+                    &claims_with(|c| c["aud"] = "kith-ca".into()),
+                ),
+                now,
+                Ok(()),
+            ),
+            (
+                "audience missing",
+                token(ec, Some("ec-1"), &claims_with(|c| c["aud"] = Value::Null)),
+                now,
+                Err("wrong_audience"),
+            ),
+            (
+                "wrong issuer",
+                token(
+                    ec,
+                    Some("ec-1"),
+                    &claims_with(|c| c["iss"] = "https://evil".into()),
+                ),
+                now,
+                Err("wrong_issuer"),
+            ),
+            (
+                "unknown kid",
+                token(ec, Some("ec-9"), &claims()),
+                now,
+                Err("unknown_key"),
+            ),
+            (
+                "other ec key under the same kid",
+                token(&ec_keys()[1], Some("ec-1"), &claims()),
+                now,
+                Err("bad_signature"),
+            ),
+            (
+                "other rsa key under the same kid",
+                token(&rsa_keys()[1], Some("rsa-1"), &claims()),
+                now,
+                Err("bad_signature"),
+            ),
+            (
+                "tampered payload",
+                format!(
+                    "{}.{}.{}",
+                    good_parts[0],
+                    b64(&serde_json::to_vec(&claims_with(
+                        |c| c["kubernetes.io"]["namespace"] = "kube-system".into()
+                    ))
+                    .unwrap()),
+                    good_parts[2]
+                ),
+                now,
+                Err("bad_signature"),
+            ),
+            (
+                "alg none",
+                unsigned(json!({"alg": "none", "kid": "ec-1"}), &claims()),
+                now,
+                Err("alg_not_allowed"),
+            ),
+            (
+                "alg none without kid",
+                unsigned(json!({"alg": "none"}), &claims()),
+                now,
+                Err("alg_not_allowed"),
+            ),
+            (
+                "hs256 with the rsa public key as secret",
+                forge(
+                    json!({"alg": "HS256", "kid": "rsa-1"}),
+                    &claims(),
+                    &EncodingKey::from_secret(&rsa.public_der),
+                    Algorithm::HS256,
+                ),
+                now,
+                Err("alg_not_allowed"),
+            ),
+            (
+                "hs256 with the ec public point as secret",
+                forge(
+                    json!({"alg": "HS256", "kid": "ec-1"}),
+                    &claims(),
+                    &EncodingKey::from_secret(&ec.public_der),
+                    Algorithm::HS256,
+                ),
+                now,
+                Err("alg_not_allowed"),
+            ),
+            (
+                "header rs256 on the ec key",
+                forge(
+                    json!({"alg": "RS256", "kid": "ec-1"}),
+                    &claims(),
+                    &rsa.enc,
+                    Algorithm::RS256,
+                ),
+                now,
+                Err("alg_not_allowed"),
+            ),
+            (
+                "header es256 on the rsa key",
+                forge(
+                    json!({"alg": "ES256", "kid": "rsa-1"}),
+                    &claims(),
+                    &ec.enc,
+                    Algorithm::ES256,
+                ),
+                now,
+                Err("alg_not_allowed"),
+            ),
+            (
+                "ps256 on the rsa key",
+                forge(
+                    json!({"alg": "PS256", "kid": "rsa-1"}),
+                    &claims(),
+                    &rsa.enc,
+                    Algorithm::PS256,
+                ),
+                now,
+                Err("alg_not_allowed"),
+            ),
+            (
+                "no pod binding (legacy secret token)",
+                token(
+                    rsa,
+                    Some("rsa-1"),
+                    &json!({
+                        "iss": "kubernetes/serviceaccount",
+                        "sub": "system:serviceaccount:payments:api",
+                        "kubernetes.io/serviceaccount/namespace": "payments",
+                        "kubernetes.io/serviceaccount/service-account.name": "api",
+                    }),
+                ),
+                now,
+                Err("no_pod_binding"),
+            ),
+            (
+                "binding without a pod",
+                token(
+                    ec,
+                    Some("ec-1"),
+                    &claims_with(|c| {
+                        c["kubernetes.io"].as_object_mut().unwrap().remove("pod");
+                    }),
+                ),
+                now,
+                Err("no_pod_binding"),
+            ),
+            (
+                "binding with an empty pod uid",
+                token(
+                    ec,
+                    Some("ec-1"),
+                    &claims_with(|c| c["kubernetes.io"]["pod"]["uid"] = "".into()),
+                ),
+                now,
+                Err("no_pod_binding"),
+            ),
+            (
+                "no exp",
+                token(
+                    ec,
+                    Some("ec-1"),
+                    &claims_with(|c| {
+                        c.as_object_mut().unwrap().remove("exp");
+                    }),
+                ),
+                now,
+                Err("malformed"),
+            ),
+            (
+                "exp is a string",
+                token(ec, Some("ec-1"), &claims_with(|c| c["exp"] = "soon".into())),
+                now,
+                Err("malformed"),
+            ),
+            (
+                "sub does not match the binding",
+                token(
+                    ec,
+                    Some("ec-1"),
+                    &claims_with(|c| {
+                        c["sub"] = "system:serviceaccount:kube-system:admin".into();
+                    }),
+                ),
+                now,
+                Err("malformed"),
+            ),
+            (
+                "namespace kubernetes would not allow",
+                token(
+                    ec,
+                    Some("ec-1"),
+                    &claims_with(|c| {
+                        c["kubernetes.io"]["namespace"] = "../x".into();
+                        c.as_object_mut().unwrap().remove("sub");
+                    }),
+                ),
+                now,
+                Err("bad_name"),
+            ),
+            (
+                "crit header",
+                forge(
+                    json!({"alg": "ES256", "kid": "ec-1", "crit": ["b64"]}),
+                    &claims(),
+                    &ec.enc,
+                    Algorithm::ES256,
+                ),
+                now,
+                Err("malformed"),
+            ),
+            ("garbage", "garbage".into(), now, Err("malformed")),
+            ("empty", String::new(), now, Err("malformed")),
+            (
+                "two segments",
+                format!("{}.{}", good_parts[0], good_parts[1]),
+                now,
+                Err("malformed"),
+            ),
+            (
+                "four segments",
+                format!("{good_ec}.x"),
+                now,
+                Err("malformed"),
+            ),
+            (
+                "bad base64 header",
+                format!("!!!.{}.{}", good_parts[1], good_parts[2]),
+                now,
+                Err("malformed"),
+            ),
+            (
+                "bad base64 payload",
+                format!("{}.!!!.{}", good_parts[0], good_parts[2]),
+                now,
+                Err("malformed"),
+            ),
+            (
+                "bad base64 signature",
+                format!("{}.{}.!!!", good_parts[0], good_parts[1]),
+                now,
+                Err("malformed"),
+            ),
+            (
+                "header is not json",
+                format!("{}.{}.{}", b64(b"{not json"), good_parts[1], good_parts[2]),
+                now,
+                Err("malformed"),
+            ),
+            (
+                "oversized garbage",
+                "a".repeat(MAX_TOKEN_LEN + 1),
+                now,
+                Err("too_large"),
+            ),
+            (
+                "oversized signed token",
+                token(
+                    ec,
+                    Some("ec-1"),
+                    &claims_with(|c| c["pad"] = "x".repeat(MAX_TOKEN_LEN).into()),
+                ),
+                now,
+                Err("too_large"),
+            ),
+        ];
+        let v = verifier();
+        for (name, token, now, want) in cases {
+            let got = v.verify(&token, now).map(|_| ()).map_err(|e| e.reason());
+            assert_eq!(got, want, "case {name:?}");
+        }
+    }
+
+    #[test]
+    fn identity_from_a_valid_token() {
+        let v = verifier();
+        for (key, kid) in [(&ec_keys()[0], "ec-1"), (&rsa_keys()[0], "rsa-1")] {
+            let id = v
+                .verify(&token(key, Some(kid), &claims()), at(T + 1))
+                .unwrap();
+            assert_eq!(
+                id,
+                PodIdentity {
+                    namespace: "payments".into(),
+                    service_account: "api".into(),
+                    pod_name: "api-7d9f8".into(),
+                    pod_uid: "pod-uid-1".into(),
+                    expires_at: at(T + 3600),
+                }
+            );
+            let td = TrustDomain::new("example.org").unwrap();
+            assert_eq!(
+                id.spiffe_id(&td).unwrap().as_str(),
+                "spiffe://example.org/ns/payments/sa/api"
+            );
+        }
+    }
+
+    #[test]
+    fn token_without_kid_uses_the_only_key() {
+        let ec = &ec_keys()[0];
+        let single = K8sVerifier::from_jwks(K8sConfig::new(ISS), &jwks(&[ec.jwk(None)])).unwrap();
+        let no_kid = token(ec, None, &claims());
+        single.verify(&no_kid, at(T)).unwrap();
+        // The only key also answers a token without kid when the key has one.
+        let single_kid =
+            K8sVerifier::from_jwks(K8sConfig::new(ISS), &jwks(&[ec.jwk(Some("a"))])).unwrap();
+        single_kid.verify(&no_kid, at(T)).unwrap();
+        // With two keys, a token without kid names none of them.
+        let err = verifier().verify(&no_kid, at(T)).unwrap_err();
+        assert_eq!(err.reason(), "unknown_key");
+    }
+
+    #[test]
+    fn custom_audience_and_leeway() {
+        let ec = &ec_keys()[0];
+        let config = K8sConfig {
+            issuer: ISS.into(),
+            audience: "https://kubernetes.default.svc".into(),
+            leeway: Duration::ZERO,
+        };
+        let v = K8sVerifier::from_jwks(config, &jwks(&[ec.jwk(Some("ec-1"))])).unwrap();
+        let t = token(ec, Some("ec-1"), &claims());
+        v.verify(&t, at(T + 3599)).unwrap();
+        assert_eq!(v.verify(&t, at(T + 3600)).unwrap_err().reason(), "expired");
+        let config = K8sConfig {
+            audience: String::new(),
+            ..K8sConfig::new(ISS)
+        };
+        let err = K8sVerifier::from_jwks(config, &jwks(&[ec.jwk(None)])).unwrap_err();
+        assert_eq!(err.reason(), "bad_config");
+    }
+
+    #[test]
+    fn jwks_parsing() {
+        let ec = &ec_keys()[0];
+        let rsa = &rsa_keys()[0];
+        let parse = |keys: &[Value]| {
+            K8sVerifier::from_jwks(K8sConfig::new(ISS), &jwks(keys)).map_err(|e| e.reason())
+        };
+        let oct = json!({"kty": "oct", "kid": "h", "k": b64(b"secret")});
+        // Unusable keys are skipped; only they is not enough.
+        assert!(parse(&[oct.clone(), ec.jwk(Some("ec-1"))]).is_ok());
+        assert_eq!(parse(std::slice::from_ref(&oct)).unwrap_err(), "bad_jwks");
+        assert_eq!(parse(&[]).unwrap_err(), "bad_jwks");
+        let mut p384 = ec.jwk(Some("p"));
+        p384["crv"] = "P-384".into();
+        p384["alg"] = "ES384".into();
+        assert_eq!(parse(&[p384]).unwrap_err(), "bad_jwks");
+        let mut enc_use = ec.jwk(Some("e"));
+        enc_use["use"] = "enc".into();
+        assert_eq!(parse(&[enc_use]).unwrap_err(), "bad_jwks");
+        let mut ps256 = rsa.jwk(Some("r"));
+        ps256["alg"] = "PS256".into();
+        assert_eq!(parse(&[ps256]).unwrap_err(), "bad_jwks");
+        // Broken keys of a supported type, and duplicate kids, are errors.
+        assert_eq!(
+            parse(&[ec.jwk(Some("a")), ec.jwk(Some("a"))]).unwrap_err(),
+            "bad_jwks"
+        );
+        let mut short_rsa = rsa.jwk(Some("r"));
+        short_rsa["n"] = b64(&[0xff; 128]).into();
+        assert_eq!(parse(&[short_rsa]).unwrap_err(), "bad_jwks");
+        let mut bad_x = ec.jwk(Some("e"));
+        bad_x["x"] = b64(&[1; 31]).into();
+        assert_eq!(parse(&[bad_x]).unwrap_err(), "bad_jwks");
+        let mut no_y = ec.jwk(Some("e"));
+        no_y.as_object_mut().unwrap().remove("y");
+        assert_eq!(parse(&[no_y]).unwrap_err(), "bad_jwks");
+        let not_json = K8sVerifier::from_jwks(K8sConfig::new(ISS), b"{\"keys\": 7}");
+        assert_eq!(not_json.unwrap_err().reason(), "bad_jwks");
+        let huge = vec![b' '; MAX_JWKS_LEN + 1];
+        let err = K8sVerifier::from_jwks(K8sConfig::new(ISS), &huge).unwrap_err();
+        assert_eq!(err.reason(), "bad_jwks");
+    }
+
+    #[test]
+    fn replace_jwks_swaps_and_bad_set_keeps_old_keys() {
+        let v = verifier();
+        let old = token(&ec_keys()[0], Some("ec-1"), &claims());
+        for bad in [&b"not json"[..], b"{\"keys\": []}", b""] {
+            assert_eq!(v.replace_jwks(bad).unwrap_err().reason(), "bad_jwks");
+            v.verify(&old, at(T)).unwrap();
+        }
+        // Rotation: a new key under a new kid; the old key is gone.
+        let new_key = &ec_keys()[1];
+        v.replace_jwks(&jwks(&[new_key.jwk(Some("ec-2"))])).unwrap();
+        v.verify(&token(new_key, Some("ec-2"), &claims()), at(T))
+            .unwrap();
+        assert_eq!(v.verify(&old, at(T)).unwrap_err().reason(), "unknown_key");
+    }
+
+    #[test]
+    fn jwks_from_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jwks.json");
+        std::fs::write(&path, jwks(&[ec_keys()[0].jwk(Some("ec-1"))])).unwrap();
+        let v = K8sVerifier::from_jwks_file(K8sConfig::new(ISS), &path).unwrap();
+        v.verify(&token(&ec_keys()[0], Some("ec-1"), &claims()), at(T))
+            .unwrap();
+        let missing = K8sVerifier::from_jwks_file(K8sConfig::new(ISS), &dir.path().join("no"));
+        assert_eq!(missing.unwrap_err().reason(), "io");
+    }
+
+    #[test]
+    fn spiffe_id_refuses_bad_names() {
+        let td = TrustDomain::new("example.org").unwrap();
+        let pod = |ns: &str, sa: &str| PodIdentity {
+            namespace: ns.into(),
+            service_account: sa.into(),
+            pod_name: "p".into(),
+            pod_uid: "u".into(),
+            expires_at: at(T),
+        };
+        assert_eq!(
+            pod("default", "build.bot-1")
+                .spiffe_id(&td)
+                .unwrap()
+                .as_str(),
+            "spiffe://example.org/ns/default/sa/build.bot-1"
+        );
+        for (ns, sa) in [
+            ("", "a"),
+            ("a", ""),
+            ("Default", "a"),
+            ("a", "B"),
+            ("..", "a"),
+            ("a", ".."),
+            ("a", "x/y"),
+            ("a/b", "x"),
+            ("-a", "x"),
+            ("a", "x..y"),
+            ("a", "x_y"),
+        ] {
+            let err = pod(ns, sa).spiffe_id(&td).unwrap_err();
+            assert_eq!(err.reason(), "bad_name", "{ns:?} {sa:?}");
+        }
+        assert!(pod(&"n".repeat(64), "a").spiffe_id(&td).is_err());
+    }
+
+    // --- fetching the JWKS from a local HTTPS issuer ---
+
+    struct Issuer {
+        url: String,
+        dir: tempfile::TempDir,
+        /// Status and body the server answers with; changeable while it runs.
+        answer: Arc<Mutex<(u16, Vec<u8>)>>,
+    }
+
+    impl Issuer {
+        fn ca_file(&self) -> PathBuf {
+            self.dir.path().join("ca.pem")
+        }
+        fn set(&self, status: u16, body: Vec<u8>) {
+            *self.answer.lock().unwrap() = (status, body);
+        }
+    }
+
+    /// Starts an HTTPS server on 127.0.0.1 with a certificate for localhost/127.0.0.1 from a
+    /// fresh CA. It requires `Bearer <token>` when `token` is set and never answers when
+    /// `stall` is set.
+    async fn start_issuer(token: Option<&'static str>, stall: bool) -> Issuer {
+        use hyper::service::service_fn;
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
+            .unwrap()
+            .signed_by(&leaf_key, &issuer)
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca_cert.pem()).unwrap();
+
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls_pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+        )
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let answer = Arc::new(Mutex::new((200, Vec::new())));
+        let shared = Arc::clone(&answer);
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let acceptor = acceptor.clone();
+                let answer = Arc::clone(&shared);
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let answer = Arc::clone(&answer);
+                        async move {
+                            if stall {
+                                tokio::time::sleep(Duration::from_secs(3600)).await;
+                            }
+                            let authorized = token.is_none_or(|t| {
+                                req.headers().get(hyper::header::AUTHORIZATION)
+                                    == Some(&format!("Bearer {t}").parse().unwrap())
+                            });
+                            let (status, body) = if req.uri().path() != "/openid/v1/jwks" {
+                                (404, Vec::new())
+                            } else if !authorized {
+                                (401, Vec::new())
+                            } else {
+                                answer.lock().unwrap().clone()
+                            };
+                            let mut resp = hyper::Response::new(Full::new(Bytes::from(body)));
+                            *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        Issuer {
+            url: format!("https://127.0.0.1:{port}"),
+            dir,
+            answer,
+        }
+    }
+
+    #[tokio::test]
+    async fn fetch_jwks_over_https() {
+        let issuer = start_issuer(Some("sa-token"), false).await;
+        let set = jwks(&[ec_keys()[0].jwk(Some("ec-1"))]);
+        issuer.set(200, set.clone());
+        let ca = issuer.ca_file();
+        let got = fetch_jwks(&issuer.url, Some(&ca), Some("sa-token"))
+            .await
+            .unwrap();
+        assert_eq!(got, set);
+        // A trailing slash and the DNS name work as well.
+        let by_name = issuer.url.replace("127.0.0.1", "localhost") + "/";
+        let got = fetch_jwks(&by_name, Some(&ca), Some("sa-token"))
+            .await
+            .unwrap();
+        assert_eq!(got, set);
+        K8sVerifier::from_jwks(K8sConfig::new(ISS), &got).unwrap();
+    }
+
+    #[tokio::test]
+    async fn fetch_jwks_refusals() {
+        let issuer = start_issuer(Some("sa-token"), false).await;
+        let ca = issuer.ca_file();
+        issuer.set(200, jwks(&[ec_keys()[0].jwk(None)]));
+        let fetch = |url: String, ca: Option<PathBuf>, token: Option<&'static str>| async move {
+            fetch_jwks(&url, ca.as_deref(), token).await.unwrap_err()
+        };
+        // No token: the server says 401.
+        let err = fetch(issuer.url.clone(), Some(ca.clone()), None).await;
+        assert!(err.to_string().contains("401"), "{err}");
+        // Plain http is refused before connecting.
+        let http = issuer.url.replace("https", "http");
+        let err = fetch(http, Some(ca.clone()), Some("sa-token")).await;
+        assert!(err.to_string().contains("https"), "{err}");
+        // No roots, or roots that did not sign the server's certificate.
+        let err = fetch(issuer.url.clone(), None, Some("sa-token")).await;
+        assert_eq!(err.reason(), "fetch_failed");
+        let other = start_issuer(None, false).await;
+        let err = fetch(issuer.url.clone(), Some(other.ca_file()), Some("sa-token")).await;
+        assert!(err.to_string().contains("tls"), "{err}");
+        // A body over 1 MiB.
+        issuer.set(200, vec![b' '; MAX_JWKS_LEN + 1]);
+        let err = fetch(issuer.url.clone(), Some(ca.clone()), Some("sa-token")).await;
+        assert!(err.to_string().contains("body"), "{err}");
+        assert_eq!(err.reason(), "fetch_failed");
+        // A server that never answers.
+        let stalled = start_issuer(None, true).await;
+        let err = fetch_with_timeout(
+            &stalled.url,
+            Some(&stalled.ca_file()),
+            None,
+            Duration::from_millis(300),
+        )
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains("timed out"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn refresh_keeps_old_keys_on_failure_then_rotates() {
+        let issuer = start_issuer(Some("sa-token"), false).await;
+        let dir = tempfile::tempdir().unwrap();
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, "sa-token\n").unwrap();
+        let v = Arc::new(verifier());
+        let old = token(&ec_keys()[0], Some("ec-1"), &claims());
+        let new = token(&ec_keys()[1], Some("ec-2"), &claims());
+        issuer.set(200, b"not a jwks".to_vec());
+        let err = v
+            .refresh(&issuer.url, Some(&issuer.ca_file()), Some(&token_file))
+            .await
+            .unwrap_err();
+        assert_eq!(err.reason(), "bad_jwks");
+        v.verify(&old, at(T)).unwrap();
+
+        let shutdown = CancellationToken::new();
+        let task = v.spawn_refresh(
+            issuer.url.clone(),
+            Some(issuer.ca_file()),
+            Some(token_file),
+            Duration::from_millis(50),
+            shutdown.clone(),
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        v.verify(&old, at(T)).unwrap();
+        assert_eq!(v.verify(&new, at(T)).unwrap_err().reason(), "unknown_key");
+
+        issuer.set(200, jwks(&[ec_keys()[1].jwk(Some("ec-2"))]));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while v.verify(&new, at(T)).is_err() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "refresh never happened"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(v.verify(&old, at(T)).unwrap_err().reason(), "unknown_key");
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}
