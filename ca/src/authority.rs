@@ -15,6 +15,7 @@ use rcgen::{Issuer, KeyPair};
 use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use serde_json::json;
 
+use crate::jwt_svid::JwtSigner;
 use crate::seal::{Kek, SealError};
 use crate::store::{AuditEvent, CaKeyRecord, KeyKind, Store, StoreError, Write};
 
@@ -30,6 +31,8 @@ pub enum AuthorityError {
     NoRoot(String),
     #[error("upstream certificate or key is unusable: {0}")]
     Upstream(String),
+    #[error("jwt signing key: {0}")]
+    Jwt(#[from] crate::jwt_svid::JwtError),
 }
 
 fn cert_err(e: impl std::fmt::Display) -> AuthorityError {
@@ -69,10 +72,23 @@ pub struct Signer {
     pub activate_at: SystemTime,
 }
 
+/// A JWT-SVID signing key with its schedule; it rotates like the signing intermediate.
+pub struct JwtKey {
+    pub signer: JwtSigner,
+    pub not_before: SystemTime,
+    pub activate_at: SystemTime,
+}
+
 /// What the CA signs with and what it publishes.
 pub struct KeySet {
     pub active: Arc<Signer>,
     pub next: Option<Arc<Signer>>,
+    pub jwt: Arc<JwtKey>,
+    pub jwt_next: Option<Arc<JwtKey>>,
+    /// Every JWT key whose tokens may still be in use: published until it expires.
+    pub jwt_published: Vec<(identity::JwtAuthority, SystemTime)>,
+    /// The bundle's sequence number: the count of keys ever published, so it only grows.
+    pub sequence: u64,
     pub bundle: Arc<TrustBundle>,
     /// The root (or upstream) that signs intermediates, and when it expires.
     pub root_not_after: SystemTime,
@@ -85,6 +101,8 @@ pub struct Authority {
     root_issuer: Issuer<'static, KeyPair>,
     /// Upstream intermediates between our intermediate and the anchor (empty when self-rooted).
     upstream_chain: Vec<CertificateDer<'static>>,
+    /// The trust anchors published in the bundle.
+    anchors: Vec<CertificateDer<'static>>,
     current: ArcSwap<KeySet>,
 }
 
@@ -96,13 +114,15 @@ pub enum Rotation {
     ActivateNext,
 }
 
-pub fn rotation_due(now: SystemTime, active: &Signer, has_next: bool) -> Rotation {
-    let life = active
-        .not_after
-        .duration_since(active.not_before)
-        .unwrap_or_default();
-    let prepare_at = active.not_before + life / 2;
-    let activate_at = active.not_before + life * 5 / 6;
+pub fn rotation_due(
+    now: SystemTime,
+    not_before: SystemTime,
+    not_after: SystemTime,
+    has_next: bool,
+) -> Rotation {
+    let life = not_after.duration_since(not_before).unwrap_or_default();
+    let prepare_at = not_before + life / 2;
+    let activate_at = not_before + life * 5 / 6;
     match (has_next, now >= activate_at, now >= prepare_at) {
         (true, true, _) => Rotation::ActivateNext,
         (false, _, true) => Rotation::PrepareNext,
@@ -111,8 +131,8 @@ pub fn rotation_due(now: SystemTime, active: &Signer, has_next: bool) -> Rotatio
 }
 
 impl Authority {
-    /// Loads the keys from the store, creating the root (or importing the upstream) and the
-    /// first intermediate on first start.
+    /// Loads the keys from the store, creating the root (or importing the upstream), the first
+    /// intermediate and the first JWT key on first start.
     pub async fn load_or_init<S: Store>(
         store: &S,
         kek: Kek,
@@ -131,6 +151,8 @@ impl Authority {
                     Some(r) => (*r).clone(),
                     None => create_root(store, &kek, &td, &lifetimes, now).await?,
                 };
+                // Every unexpired root is in the bundle: that is how a successor root is
+                // published before it signs anything.
                 let mut anchors: Vec<CertificateDer<'static>> = roots
                     .iter()
                     .filter(|r| at(r.not_after) > now)
@@ -147,73 +169,101 @@ impl Authority {
                 (issuer, anchors, Vec::new(), at(signing_root.not_after))
             }
         };
-        let bundle = TrustBundle::from_roots(td.clone(), anchors)
-            .map_err(|e| AuthorityError::NoRoot(e.to_string()))?;
-        let mut intermediates: Vec<CaKeyRecord> = records
-            .into_iter()
-            .filter(|r| r.kind == KeyKind::Intermediate && at(r.not_after) > now)
-            .collect();
-        intermediates.sort_by_key(|r| r.activate_at);
-        let authority_parts = (root_issuer, upstream_chain);
-        let signer =
-            |r: &CaKeyRecord, chain: &[CertificateDer<'static>]| load_signer(&kek, r, chain);
-        let active_rec = intermediates
-            .iter()
-            .rev()
-            .find(|r| at(r.activate_at) <= now)
-            .cloned();
-        let next_rec = intermediates
-            .iter()
-            .find(|r| at(r.activate_at) > now)
-            .cloned();
-        let this = |active: Arc<Signer>,
-                    next: Option<Arc<Signer>>,
-                    parts: (Issuer<'static, KeyPair>, Vec<CertificateDer<'static>>),
-                    kek: Kek| Authority {
-            td: td.clone(),
-            kek,
-            lifetimes: lifetimes.clone(),
-            root_issuer: parts.0,
-            upstream_chain: parts.1,
-            current: ArcSwap::from_pointee(KeySet {
-                active,
-                next,
-                bundle: Arc::new(bundle.clone()),
-                root_not_after,
-            }),
+
+        let live = |kind: KeyKind| -> Vec<CaKeyRecord> {
+            let mut v: Vec<CaKeyRecord> = records
+                .iter()
+                .filter(|r| r.kind == kind && at(r.not_after) > now)
+                .cloned()
+                .collect();
+            v.sort_by_key(|r| r.activate_at);
+            v
         };
-        match active_rec {
-            Some(rec) => {
-                let active = Arc::new(signer(&rec, &authority_parts.1)?);
-                let next = match &next_rec {
-                    Some(n) => Some(Arc::new(signer(n, &authority_parts.1)?)),
-                    None => None,
-                };
-                Ok(this(active, next, authority_parts, kek))
-            }
+        let split = |v: &[CaKeyRecord]| {
+            let active = v.iter().rev().find(|r| at(r.activate_at) <= now).cloned();
+            let next = v.iter().find(|r| at(r.activate_at) > now).cloned();
+            (active, next)
+        };
+
+        let (active_rec, next_rec) = split(&live(KeyKind::Intermediate));
+        let active = match active_rec {
+            Some(rec) => load_signer(&kek, &rec, &upstream_chain)?,
             None => {
-                // First start (or every intermediate expired while the CA was down): make one
-                // that is active at once. Build a temporary authority to reuse `new_intermediate`.
-                let parts = authority_parts;
-                let rec = new_intermediate_record(
+                // First start, or every intermediate expired while the CA was down.
+                let (rec, signer) = new_intermediate_record(
                     &kek,
                     &td,
                     &lifetimes,
-                    &parts.0,
+                    &root_issuer,
                     root_not_after,
                     now,
                     now,
                 )?;
                 store
                     .write(Write::PutCaKey(
-                        rec.0.clone(),
-                        rotate_event(&rec.0, now, "created"),
+                        rec.clone(),
+                        key_event(&rec, now, "created"),
                     ))
                     .await?;
-                let active = Arc::new(rec.1.with_chain(&parts.1));
-                Ok(this(active, None, parts, kek))
+                signer.with_chain(&upstream_chain)
             }
+        };
+        let next = next_rec
+            .map(|r| load_signer(&kek, &r, &upstream_chain))
+            .transpose()?;
+
+        let (jwt_rec, jwt_next_rec) = split(&live(KeyKind::Jwt));
+        let jwt = match jwt_rec {
+            Some(rec) => load_jwt(&kek, &rec)?,
+            None => {
+                let (rec, key) = new_jwt_record(&kek, &lifetimes, root_not_after, now, now)?;
+                store
+                    .write(Write::PutCaKey(
+                        rec.clone(),
+                        key_event(&rec, now, "created"),
+                    ))
+                    .await?;
+                key
+            }
+        };
+        let jwt_next = jwt_next_rec.map(|r| load_jwt(&kek, &r)).transpose()?;
+        let mut jwt_published = Vec::new();
+        for r in live(KeyKind::Jwt) {
+            jwt_published.push((load_jwt(&kek, &r)?.signer.authority(), at(r.not_after)));
         }
+        if !jwt_published
+            .iter()
+            .any(|(a, _)| a.key_id == jwt.signer.key_id())
+        {
+            jwt_published.push((jwt.signer.authority(), jwt.signer.not_after()));
+        }
+        let sequence = (store
+            .ca_keys()?
+            .iter()
+            .filter(|r| r.kind != KeyKind::Intermediate)
+            .count() as u64)
+            .max(1);
+
+        let keys = KeySet {
+            active: Arc::new(active),
+            next: next.map(Arc::new),
+            jwt: Arc::new(jwt),
+            jwt_next: jwt_next.map(Arc::new),
+            jwt_published,
+            sequence,
+            bundle: Arc::new(TrustBundle::new(td.clone())),
+            root_not_after,
+        };
+        let keys = with_bundle(keys, &td, &anchors)?;
+        Ok(Self {
+            td,
+            kek,
+            lifetimes,
+            root_issuer,
+            upstream_chain,
+            anchors,
+            current: ArcSwap::from_pointee(keys),
+        })
     }
 
     pub fn keys(&self) -> Arc<KeySet> {
@@ -228,25 +278,36 @@ impl Authority {
         self.current.load().bundle.clone()
     }
 
-    /// Runs one rotation step if one is due; returns what it did.
+    /// Runs the rotation steps that are due for the signing intermediate and the JWT key;
+    /// returns what happened to the intermediate.
     pub async fn rotate<S: Store>(
         &self,
         store: &S,
         now: SystemTime,
     ) -> Result<Rotation, AuthorityError> {
         let keys = self.current.load_full();
-        let due = rotation_due(now, &keys.active, keys.next.is_some());
+        let due = rotation_due(
+            now,
+            keys.active.not_before,
+            keys.active.not_after,
+            keys.next.is_some(),
+        );
+        let jwt_due = rotation_due(
+            now,
+            keys.jwt.not_before,
+            keys.jwt.signer.not_after(),
+            keys.jwt_next.is_some(),
+        );
+        if due == Rotation::Nothing && jwt_due == Rotation::Nothing {
+            return Ok(due);
+        }
+        let activate_at =
+            |nb: SystemTime, na: SystemTime| nb + na.duration_since(nb).unwrap_or_default() * 5 / 6;
+        let (mut active, mut next) = (keys.active.clone(), keys.next.clone());
         match due {
             Rotation::Nothing => {}
             Rotation::PrepareNext => {
-                let activate_at = {
-                    let life = keys
-                        .active
-                        .not_after
-                        .duration_since(keys.active.not_before)
-                        .unwrap_or_default();
-                    keys.active.not_before + life * 5 / 6
-                };
+                let when = activate_at(active.not_before, active.not_after);
                 let (rec, signer) = new_intermediate_record(
                     &self.kek,
                     &self.td,
@@ -254,40 +315,78 @@ impl Authority {
                     &self.root_issuer,
                     keys.root_not_after,
                     now,
-                    activate_at,
+                    when,
                 )?;
                 store
                     .write(Write::PutCaKey(
                         rec.clone(),
-                        rotate_event(&rec, now, "prepared"),
+                        key_event(&rec, now, "prepared"),
                     ))
                     .await?;
-                self.current.store(Arc::new(KeySet {
-                    active: keys.active.clone(),
-                    next: Some(Arc::new(signer.with_chain(&self.upstream_chain))),
-                    bundle: keys.bundle.clone(),
-                    root_not_after: keys.root_not_after,
-                }));
+                next = Some(Arc::new(signer.with_chain(&self.upstream_chain)));
             }
             Rotation::ActivateNext => {
-                if let Some(next) = &keys.next {
-                    let event = AuditEvent {
-                        at: unix(now),
-                        action: "signer.activate".into(),
-                        subject: next.id.clone(),
-                        outcome: "ok".into(),
-                        detail: json!({"previous": keys.active.id}),
-                    };
-                    store.write(Write::Audit(event)).await?;
-                    self.current.store(Arc::new(KeySet {
-                        active: next.clone(),
-                        next: None,
-                        bundle: keys.bundle.clone(),
-                        root_not_after: keys.root_not_after,
-                    }));
+                if let Some(n) = next.take() {
+                    store
+                        .write(Write::Audit(activate_event(&n.id, &active.id, now)))
+                        .await?;
+                    active = n;
                 }
             }
         }
+        let (mut jwt, mut jwt_next) = (keys.jwt.clone(), keys.jwt_next.clone());
+        let mut jwt_published: Vec<_> = keys
+            .jwt_published
+            .iter()
+            .filter(|(_, na)| *na > now)
+            .cloned()
+            .collect();
+        let mut sequence = keys.sequence;
+        match jwt_due {
+            Rotation::Nothing => {}
+            Rotation::PrepareNext => {
+                let when = activate_at(jwt.not_before, jwt.signer.not_after());
+                let (rec, key) =
+                    new_jwt_record(&self.kek, &self.lifetimes, keys.root_not_after, now, when)?;
+                store
+                    .write(Write::PutCaKey(
+                        rec.clone(),
+                        key_event(&rec, now, "prepared"),
+                    ))
+                    .await?;
+                // Published now, used from its activation on: verifiers learn it first.
+                jwt_published.push((key.signer.authority(), key.signer.not_after()));
+                sequence += 1;
+                jwt_next = Some(Arc::new(key));
+            }
+            Rotation::ActivateNext => {
+                if let Some(n) = jwt_next.take() {
+                    store
+                        .write(Write::Audit(activate_event(
+                            n.signer.key_id(),
+                            jwt.signer.key_id(),
+                            now,
+                        )))
+                        .await?;
+                    jwt = n;
+                }
+            }
+        }
+        if jwt_published.len() != keys.jwt_published.len() && jwt_due != Rotation::PrepareNext {
+            sequence += 1;
+        }
+        let updated = KeySet {
+            active,
+            next,
+            jwt,
+            jwt_next,
+            jwt_published,
+            sequence,
+            bundle: keys.bundle.clone(),
+            root_not_after: keys.root_not_after,
+        };
+        self.current
+            .store(Arc::new(with_bundle(updated, &self.td, &self.anchors)?));
         Ok(due)
     }
 
@@ -368,7 +467,7 @@ async fn create_root<S: Store>(
     store
         .write(Write::PutCaKey(
             rec.clone(),
-            rotate_event(&rec, now, "created"),
+            key_event(&rec, now, "created"),
         ))
         .await?;
     Ok(rec)
@@ -503,7 +602,78 @@ pub fn purpose(kind: KeyKind, id: &str) -> String {
     format!("kith-ca:{kind:?}:{id}")
 }
 
-fn rotate_event(r: &CaKeyRecord, now: SystemTime, what: &str) -> AuditEvent {
+/// The bundle for a key set: the anchors plus every published JWT key, so tokens signed by the
+/// previous key still verify after a rotation.
+fn with_bundle(
+    mut keys: KeySet,
+    td: &TrustDomain,
+    anchors: &[CertificateDer<'static>],
+) -> Result<KeySet, AuthorityError> {
+    let mut bundle = TrustBundle::from_roots(td.clone(), anchors.to_vec())
+        .map_err(|e| AuthorityError::NoRoot(e.to_string()))?;
+    for (authority, _) in &keys.jwt_published {
+        bundle.add_jwt_authority(authority.clone());
+    }
+    bundle.set_sequence(keys.sequence);
+    bundle.set_refresh_hint(Duration::from_secs(300));
+    keys.bundle = Arc::new(bundle);
+    Ok(keys)
+}
+
+fn new_jwt_record(
+    kek: &Kek,
+    lifetimes: &Lifetimes,
+    root_not_after: SystemTime,
+    now: SystemTime,
+    activate_at: SystemTime,
+) -> Result<(CaKeyRecord, JwtKey), AuthorityError> {
+    let not_before = identity::x509::from_offset(identity::x509::to_offset(now));
+    let not_after = identity::x509::from_offset(identity::x509::to_offset(
+        (now + lifetimes.intermediate).min(root_not_after),
+    ));
+    let (signer, der) = JwtSigner::generate(not_after)?;
+    let id = signer.key_id().to_owned();
+    let rec = CaKeyRecord {
+        sealed_key: kek.seal(&purpose(KeyKind::Jwt, &id), &der)?,
+        id,
+        kind: KeyKind::Jwt,
+        cert_der: None,
+        not_before: unix(not_before),
+        not_after: unix(not_after),
+        activate_at: unix(activate_at),
+        created_at: unix(now),
+    };
+    Ok((
+        rec,
+        JwtKey {
+            signer,
+            not_before,
+            activate_at,
+        },
+    ))
+}
+
+fn load_jwt(kek: &Kek, r: &CaKeyRecord) -> Result<JwtKey, AuthorityError> {
+    let der = kek.unseal(&purpose(r.kind, &r.id), &r.sealed_key)?;
+    let signer = JwtSigner::from_pkcs8(r.id.clone(), &der, at(r.not_after))?;
+    Ok(JwtKey {
+        signer,
+        not_before: at(r.not_before),
+        activate_at: at(r.activate_at),
+    })
+}
+
+fn activate_event(new: &str, previous: &str, now: SystemTime) -> AuditEvent {
+    AuditEvent {
+        at: unix(now),
+        action: "key.activate".into(),
+        subject: new.into(),
+        outcome: "ok".into(),
+        detail: json!({"previous": previous}),
+    }
+}
+
+fn key_event(r: &CaKeyRecord, now: SystemTime, what: &str) -> AuditEvent {
     AuditEvent {
         at: unix(now),
         action: format!("key.{what}"),
@@ -554,11 +724,12 @@ mod tests {
     #[test]
     fn next_is_prepared_at_half_and_activated_at_five_sixths() {
         let s = signer(0, 600);
-        assert_eq!(rotation_due(at(299), &s, false), Rotation::Nothing);
-        assert_eq!(rotation_due(at(300), &s, false), Rotation::PrepareNext);
-        assert_eq!(rotation_due(at(450), &s, true), Rotation::Nothing);
-        assert_eq!(rotation_due(at(500), &s, true), Rotation::ActivateNext);
+        let due = |t: i64, next: bool| rotation_due(at(t), s.not_before, s.not_after, next);
+        assert_eq!(due(299, false), Rotation::Nothing);
+        assert_eq!(due(300, false), Rotation::PrepareNext);
+        assert_eq!(due(450, true), Rotation::Nothing);
+        assert_eq!(due(500, true), Rotation::ActivateNext);
         // Past 5/6 without a prepared successor (the CA was down): prepare one now.
-        assert_eq!(rotation_due(at(550), &s, false), Rotation::PrepareNext);
+        assert_eq!(due(550, false), Rotation::PrepareNext);
     }
 }

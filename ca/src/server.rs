@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -20,6 +21,7 @@ use crate::admin::{self, AdminContext};
 use crate::api::{self, Limits, json_response};
 use crate::authority::{Authority, Lifetimes, Rotation, Upstream, unix};
 use crate::config::Config;
+use crate::k8s::{K8sConfig, K8sVerifier};
 use crate::metrics::Metrics;
 use crate::seal::{Kek, KekSource};
 use crate::service::{Ca, Policy};
@@ -104,7 +106,9 @@ pub async fn start(
         workload_ttl: cfg.workload_ttl,
         node_ttl: cfg.node_ttl,
     };
-    let ca = Arc::new(Ca::new(store, authority.clone(), policy, metrics.clone())?);
+    let mut ca = Ca::new(store, authority.clone(), policy, metrics.clone())?;
+    ca.k8s = k8s_verifier(cfg, &shutdown).await?;
+    let ca = Arc::new(ca);
 
     let serving = Arc::new(ServingCert::issue(&authority, &cfg.dns, SERVING_TTL, now)?);
     let tls = Arc::new(ArcSwap::new(server_config(serving.clone())?));
@@ -153,6 +157,46 @@ pub async fn start(
     ));
     tasks.close();
     Ok(Running { ca, tasks })
+}
+
+/// The Kubernetes token verifier, when an issuer is configured: keys from `--k8s-jwks`, or
+/// fetched from the issuer and refreshed every 10 minutes.
+async fn k8s_verifier(
+    cfg: &Config,
+    shutdown: &CancellationToken,
+) -> Result<Option<Arc<K8sVerifier>>> {
+    let Some(issuer) = &cfg.k8s_issuer else {
+        return Ok(None);
+    };
+    let mut k8s_cfg = K8sConfig::new(issuer.clone());
+    k8s_cfg.audience = cfg.k8s_audience.clone();
+    if let Some(path) = &cfg.k8s_jwks {
+        let v = K8sVerifier::from_jwks_file(k8s_cfg, path)
+            .with_context(|| format!("--k8s-jwks {}", path.display()))?;
+        return Ok(Some(Arc::new(v)));
+    }
+    // In a pod, the CA's own service-account token lets it read the issuer's keys.
+    let token_file = PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/token");
+    let token_file = token_file.exists().then_some(token_file);
+    let token = token_file
+        .as_ref()
+        .and_then(|p| std::fs::read_to_string(p).ok());
+    let jwks = crate::k8s::fetch_jwks(
+        issuer,
+        cfg.k8s_ca_file.as_deref(),
+        token.as_deref().map(str::trim),
+    )
+    .await
+    .with_context(|| format!("fetching the service-account keys from {issuer}"))?;
+    let v = Arc::new(K8sVerifier::from_jwks(k8s_cfg, &jwks)?);
+    v.spawn_refresh(
+        issuer.clone(),
+        cfg.k8s_ca_file.clone(),
+        token_file,
+        Duration::from_secs(600),
+        shutdown.clone(),
+    );
+    Ok(Some(v))
 }
 
 /// Rotates the signer when due, renews the CA's own certificate, and keeps the expiry gauges

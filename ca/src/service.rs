@@ -13,6 +13,7 @@ use serde_json::json;
 
 use crate::authority::{Authority, AuthorityError, unix};
 use crate::csr::{CsrError, check_csr};
+use crate::k8s::{K8sError, K8sVerifier};
 use crate::metrics::Metrics;
 use crate::store::{
     AuditEvent, Entry, IssuedCert, Node, Outcome, Store, StoreError, TokenRefusal, Write,
@@ -76,6 +77,16 @@ pub struct SvidResponse {
     pub bundle: serde_json::Value,
 }
 
+/// JWT-SVIDs live five minutes (the SPIFFE Workload API's usual lifetime).
+pub const JWT_TTL: Duration = Duration::from_secs(300);
+
+#[derive(Serialize)]
+pub struct JwtResponse {
+    pub spiffe_id: String,
+    pub token: String,
+    pub expires_at: i64,
+}
+
 /// Entries assigned to one node, and the ETag of that list.
 #[derive(Serialize)]
 pub struct EntryList {
@@ -95,6 +106,7 @@ pub struct Ca<S: Store> {
     pub authority: Arc<Authority>,
     pub policy: Policy,
     pub metrics: Arc<Metrics>,
+    pub k8s: Option<Arc<K8sVerifier>>,
     cache: ArcSwap<Cache>,
     bundle_json: ArcSwap<(usize, serde_json::Value)>,
 }
@@ -111,6 +123,7 @@ impl<S: Store> Ca<S> {
             authority,
             policy,
             metrics,
+            k8s: None,
             cache: ArcSwap::from_pointee(Cache::default()),
             bundle_json: ArcSwap::from_pointee((0, serde_json::Value::Null)),
         };
@@ -298,23 +311,91 @@ impl<S: Store> Ca<S> {
         Ok(self.response(caller, issued, now))
     }
 
+    /// Pod attestation by a projected service-account token: the pod gets
+    /// `spiffe://<td>/ns/<namespace>/sa/<serviceaccount>`.
     pub async fn attest_k8s(
         &self,
-        _token: &str,
-        _csr: &[u8],
-        _now: SystemTime,
+        token: &str,
+        csr: &[u8],
+        now: SystemTime,
     ) -> Result<SvidResponse, ApiError> {
-        Err(ApiError::new(404, "k8s_attestation_disabled", "TEMP"))
+        let verifier = self.k8s.as_ref().ok_or_else(|| {
+            ApiError::new(
+                404,
+                "k8s_attestation_disabled",
+                "this CA has no Kubernetes issuer configured (--k8s-issuer)",
+            )
+        })?;
+        let pod = verifier
+            .verify(token, now)
+            .map_err(|e| ApiError::new(401, k8s_code(&e), e.to_string()))?;
+        let id = pod
+            .spiffe_id(self.trust_domain())
+            .map_err(|e| ApiError::new(401, k8s_code(&e), e.to_string()))?;
+        let key = check_csr(csr, &id)?;
+        let issued = self
+            .authority
+            .sign(&id, &key, &[], self.policy.workload_ttl, now)?;
+        let detail = json!({"attestation": "k8s_psat", "namespace": pod.namespace, "pod": pod.pod_name, "pod_uid": pod.pod_uid});
+        let write = Write::Issue {
+            cert: issued_cert(&issued, &id, "workload", now),
+            node: None,
+            audit: issue_event(&id, "workload", &issued, now, detail),
+        };
+        self.store.write(write).await?;
+        self.metrics.issued("pod");
+        Ok(self.response(&id, issued, now))
     }
 
+    /// A JWT-SVID (ES256, 5 minutes) for a workload the node's entries allow.
     pub async fn jwt_for_node(
         &self,
-        _node: &SpiffeId,
-        _id: &SpiffeId,
-        _aud: &[String],
-        _now: SystemTime,
-    ) -> Result<serde_json::Value, ApiError> {
-        Err(ApiError::new(404, "jwt_disabled", "TEMP"))
+        node: &SpiffeId,
+        id: &SpiffeId,
+        audience: &[String],
+        now: SystemTime,
+    ) -> Result<JwtResponse, ApiError> {
+        self.check_node(node)?;
+        let entitled = self
+            .cache
+            .load()
+            .by_parent
+            .get(node.as_str())
+            .is_some_and(|es| es.iter().any(|e| e.spiffe_id == id.as_str()));
+        if !entitled {
+            return Err(ApiError::new(
+                403,
+                "not_entitled",
+                format!("no registration entry lets {node} obtain {id}"),
+            ));
+        }
+        if audience.is_empty() || audience.iter().any(|a| a.is_empty()) {
+            return Err(ApiError::new(
+                400,
+                "audience_required",
+                "a JWT-SVID needs at least one non-empty audience",
+            ));
+        }
+        let keys = self.authority.keys();
+        let (token, expires) = keys
+            .jwt
+            .signer
+            .mint(id, audience, JWT_TTL, now)
+            .map_err(|e| ApiError::new(500, "internal", e.to_string()))?;
+        let event = AuditEvent {
+            at: unix(now),
+            action: "issue".into(),
+            subject: id.to_string(),
+            outcome: "ok".into(),
+            detail: json!({"kind": "jwt", "node": node, "audience": audience, "kid": keys.jwt.signer.key_id(), "exp": unix(expires)}),
+        };
+        self.store.write(Write::Audit(event)).await?;
+        self.metrics.issued("jwt");
+        Ok(JwtResponse {
+            spiffe_id: id.to_string(),
+            token,
+            expires_at: unix(expires),
+        })
     }
 
     pub fn entries_for(&self, node: &SpiffeId) -> Result<EntryList, ApiError> {
@@ -402,6 +483,23 @@ pub fn token_hash(token: &str) -> [u8; 32] {
 /// The public handle of a token: never the token itself.
 pub fn token_id(hash: &[u8; 32]) -> String {
     crate::store::hex(&hash[..6])
+}
+
+/// A stable refusal code per kind of bad Kubernetes token.
+fn k8s_code(e: &K8sError) -> &'static str {
+    match e.reason() {
+        "expired" => "k8s_token_expired",
+        "not_yet_valid" => "k8s_token_not_yet_valid",
+        "wrong_audience" => "k8s_wrong_audience",
+        "wrong_issuer" => "k8s_wrong_issuer",
+        "unknown_key" => "k8s_unknown_key",
+        "bad_signature" => "k8s_bad_signature",
+        "alg_not_allowed" => "k8s_alg_not_allowed",
+        "no_pod_binding" => "k8s_no_pod_binding",
+        "too_large" => "k8s_token_too_large",
+        "bad_name" => "k8s_bad_name",
+        _ => "k8s_token_malformed",
+    }
 }
 
 fn token_error(r: TokenRefusal) -> ApiError {
