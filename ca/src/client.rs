@@ -29,6 +29,10 @@ pub enum ClientError {
     Http(String),
     #[error("bad client certificate or key: {0}")]
     Credentials(String),
+    #[error(
+        "the CA's bundle has SHA-256 {got}, not the pinned {expected}: wrong CA address, or someone in between"
+    )]
+    PinMismatch { expected: String, got: String },
 }
 
 /// Verifies the server's chain with rustls-webpki against the bundle (via
@@ -126,6 +130,88 @@ pub fn client_config(
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
+}
+
+/// First contact: fetches the CA's PEM bundle over TLS *without* trusting the server yet, and
+/// accepts it only if its SHA-256 is `pin_hex` (as printed by `kith ca token create`).
+///
+/// SECURITY: the pin is the only thing that authenticates this response; the TLS session only
+/// keeps it private. Nothing else may be read over this connection.
+pub async fn fetch_bundle_pinned(addr: &str, pin_hex: &str) -> Result<TrustBundle, ClientError> {
+    let config = ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ClientError::Credentials(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedLater {
+            provider: crate::tls::provider(),
+        }))
+        .with_no_client_auth();
+    let mut conn = Connection::open(addr, Arc::new(config)).await?;
+    let (status, _, body) = conn
+        .send(Method::GET, "/v1/bundle?format=pem", None, &[])
+        .await?;
+    if status != 200 {
+        return Err(ClientError::Http(format!(
+            "GET /v1/bundle answered {status}"
+        )));
+    }
+    let got = crate::admin::bundle_sha256(&String::from_utf8_lossy(&body));
+    if !got.eq_ignore_ascii_case(pin_hex.trim()) {
+        return Err(ClientError::PinMismatch {
+            expected: pin_hex.trim().to_owned(),
+            got,
+        });
+    }
+    TrustBundle::parse(None, &body)
+        .map_err(|e| ClientError::Http(format!("the pinned bundle does not parse: {e}")))
+}
+
+/// Accepts any server certificate; see `fetch_bundle_pinned` for why that is safe there.
+#[derive(Debug)]
+struct PinnedLater {
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedLater {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.2 is not supported".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 /// One keep-alive HTTP/1.1 connection to the CA.

@@ -1,0 +1,212 @@
+//! `kith ca` as a user runs it: serve on loopback, create a token and paste the join line's
+//! parts, manage entries and nodes, read status and the audit log, stop with SIGTERM, and prove
+//! the audit chain offline, including finding a tampered row.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+struct Ca {
+    child: Child,
+    addr: String,
+}
+
+fn kith(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_kith"))
+        .args(args)
+        .output()
+        .unwrap();
+    let (o, e) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(!e.contains("panicked"), "{e}");
+    (out.status.code().unwrap_or(-1), o, e)
+}
+
+fn serve(data: &Path) -> Ca {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kith"))
+        .args([
+            "ca",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ])
+        .arg("--data-dir")
+        .arg(data)
+        .env(
+            "KITH_CA_KEK",
+            "KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio=",
+        )
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<Value>(&line)
+                && v["fields"]["message"] == "kith ca serving"
+            {
+                let _ = tx.send(v["fields"]["api"].as_str().unwrap_or_default().to_owned());
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the CA logs its address when serving");
+    Ca { child, addr }
+}
+
+fn stop(mut ca: Ca) -> i32 {
+    // SIGTERM, as an init system would send.
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(ca.child.id().to_string())
+        .status();
+    ca.child.wait().unwrap().code().unwrap_or(-1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_runs_the_ca_from_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let d = data.to_str().unwrap();
+    let ca = serve(&data);
+
+    let (code, out, err) = kith(&["ca", "token", "create", "--name", "host-a", "--data-dir", d]);
+    assert_eq!(code, 0, "{err}");
+    let line = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("kith agent run"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let parts: Vec<&str> = line.split_whitespace().collect();
+    let arg = |flag: &str| parts[parts.iter().position(|p| *p == flag).unwrap() + 1].to_owned();
+    let (token, pin) = (arg("--join-token"), arg("--bundle-sha256"));
+    assert!(arg("--ca").starts_with("https://localhost:"));
+
+    // First contact: fetch the bundle over TLS without trusting it yet, check the pin, then
+    // attest with the token, as an agent does.
+    let bundle = Arc::new(
+        ca::client::fetch_bundle_pinned(&ca.addr, &pin)
+            .await
+            .unwrap(),
+    );
+    let pem = bundle.to_pem();
+    let wrong = ca::client::fetch_bundle_pinned(&ca.addr, &"0".repeat(64))
+        .await
+        .unwrap_err();
+    assert!(wrong.to_string().contains("not the pinned"), "{wrong}");
+    let mut conn =
+        ca::client::Connection::open(&ca.addr, ca::client::client_config(bundle, None).unwrap())
+            .await
+            .unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    let csr = p.serialize_request(&key).unwrap().pem().unwrap();
+    let (status, v) = conn
+        .post_json("/v1/attest/join", &json!({"token": token, "csr": csr}))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["spiffe_id"], "spiffe://example.org/kith/node/host-a");
+
+    let (code, out, _) = kith(&[
+        "ca",
+        "entry",
+        "create",
+        "--id",
+        "spiffe://example.org/web",
+        "--parent",
+        "spiffe://example.org/kith/node/host-a",
+        "--selector",
+        "unix:uid:1000",
+        "--data-dir",
+        d,
+        "--json",
+    ]);
+    assert_eq!(code, 0);
+    let entry: Value = serde_json::from_str(&out).unwrap();
+    let (_, out, _) = kith(&["ca", "entry", "list", "--data-dir", d]);
+    assert!(
+        out.contains("spiffe://example.org/web") && out.contains("SPIFFE_ID"),
+        "{out}"
+    );
+    let (code, out, _) = kith(&[
+        "ca",
+        "entry",
+        "show",
+        entry["id"].as_str().unwrap(),
+        "--data-dir",
+        d,
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let (code, _, err) = kith(&[
+        "ca",
+        "entry",
+        "create",
+        "--id",
+        "spiffe://other.org/web",
+        "--parent",
+        "spiffe://example.org/kith/node/host-a",
+        "--selector",
+        "unix:uid:1",
+        "--data-dir",
+        d,
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("wrong_trust_domain"), "{err}");
+
+    let (_, out, _) = kith(&["ca", "node", "list", "--json", "--data-dir", d]);
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()[0]["spiffe_id"],
+        "spiffe://example.org/kith/node/host-a"
+    );
+    let (code, out, _) = kith(&["ca", "status", "--json", "--data-dir", d]);
+    assert_eq!(code, 0);
+    let status: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["signers"][0]["state"], "active");
+    assert!(status["time_to_outage_seconds"].as_i64().unwrap() > 300 * 86_400);
+    assert_eq!(status["counts"]["issued"], 1);
+    let (_, out, _) = kith(&["ca", "bundle", "--data-dir", d]);
+    assert_eq!(out, pem);
+    let (code, out, _) = kith(&["ca", "audit", "verify", "--data-dir", d]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("audit chain intact"), "{out}");
+
+    assert_eq!(stop(ca), 0, "SIGTERM is a clean exit");
+    assert!(!data.join("admin.sock").exists());
+    // Offline: the audit chain can be proven without the CA running...
+    let (code, out, _) = kith(&["ca", "audit", "verify", "--data-dir", d]);
+    assert_eq!(code, 0, "{out}");
+    // ...and a tampered row is found by number.
+    let db = rusqlite_free_edit(&data.join("kith-ca.db"));
+    let (code, out, _) = kith(&["ca", "audit", "verify", "--data-dir", d]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(&format!("BROKEN at row {db}")), "{out}");
+
+    // Admin commands against a stopped CA say what is wrong.
+    let (code, _, err) = kith(&["ca", "status", "--data-dir", d]);
+    assert_eq!(code, 2);
+    assert!(err.contains("is `kith ca serve` running"), "{err}");
+}
+
+/// Alters audit row 2 behind the CA's back; returns the row number.
+fn rusqlite_free_edit(db: &Path) -> i64 {
+    let c = rusqlite::Connection::open(db).unwrap();
+    c.execute("UPDATE audit SET subject = 'forged' WHERE seq = 2", [])
+        .unwrap();
+    2
+}
