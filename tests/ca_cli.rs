@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+mod common;
+
 struct Ca {
     child: Child,
     addr: String,
@@ -122,6 +124,7 @@ async fn a_user_runs_the_ca_from_the_cli() {
         .unwrap();
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["spiffe_id"], "spiffe://example.org/kith/node/host-a");
+    check_with_outside_tools(dir.path(), &pem, v["svid"].as_str().unwrap());
 
     let (code, out, _) = kith(&[
         "ca",
@@ -209,4 +212,35 @@ fn rusqlite_free_edit(db: &Path) -> i64 {
     c.execute("UPDATE audit SET subject = 'forged' WHERE seq = 2", [])
         .unwrap();
     2
+}
+
+/// openssl verifies the CA's node SVID against its bundle, and pkilint finds no error in the
+/// leaf, the signing intermediate or the root beyond its known false positives.
+fn check_with_outside_tools(dir: &Path, bundle_pem: &str, chain_pem: &str) {
+    let bundle = dir.join("bundle.pem");
+    let chain = dir.join("node.pem");
+    std::fs::write(&bundle, bundle_pem).unwrap();
+    std::fs::write(&chain, chain_pem).unwrap();
+    if common::have_tool("openssl", "a_user_runs_the_ca_from_the_cli (openssl part)") {
+        let (ok, text) = common::openssl(&[
+            "verify",
+            "-CAfile",
+            bundle.to_str().unwrap(),
+            "-untrusted",
+            chain.to_str().unwrap(),
+            chain.to_str().unwrap(),
+        ]);
+        assert!(ok, "{text}");
+    }
+    if common::have_tool(
+        "lint_pkix_cert",
+        "a_user_runs_the_ca_from_the_cli (pkilint part)",
+    ) {
+        let mut certs = common::split_pem(&chain, dir);
+        certs.push(bundle);
+        for cert in certs {
+            let findings = common::pkilint_findings(&cert);
+            assert!(findings.is_empty(), "{}: {findings:#?}", cert.display());
+        }
+    }
 }
