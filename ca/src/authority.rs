@@ -403,8 +403,7 @@ impl Authority {
         let keys = self.current.load();
         let signer = &keys.active;
         let not_after = (now + ttl).min(signer.not_after);
-        let mut params = svid_params(id, dns, &[], now - BACKDATE, not_after).map_err(cert_err)?;
-        params.serial_number = Some(random_serial().map_err(cert_err)?);
+        let params = svid_params(id, dns, &[], now - BACKDATE, not_after).map_err(cert_err)?;
         let serial = params
             .serial_number
             .as_ref()

@@ -10,6 +10,7 @@ use identity::{Jitter, SpiffeId, TrustDomain, refresh_at};
 use ring::digest::{SHA256, digest};
 use serde::Serialize;
 use serde_json::json;
+use serde_json::value::RawValue;
 
 use crate::authority::{Authority, AuthorityError, unix};
 use crate::csr::{CsrError, check_csr};
@@ -74,7 +75,7 @@ pub struct SvidResponse {
     pub expires_at: i64,
     /// When to renew: the CA spreads callers over 40–60 % of the lifetime.
     pub renew_after: i64,
-    pub bundle: serde_json::Value,
+    pub bundle: Box<RawValue>,
 }
 
 /// JWT-SVIDs live five minutes (the SPIFFE Workload API's usual lifetime).
@@ -108,7 +109,7 @@ pub struct Ca<S: Store> {
     pub metrics: Arc<Metrics>,
     pub k8s: Option<Arc<K8sVerifier>>,
     cache: ArcSwap<Cache>,
-    bundle_json: ArcSwap<(usize, serde_json::Value)>,
+    bundle_json: ArcSwap<(u64, Option<Box<RawValue>>)>,
 }
 
 impl<S: Store> Ca<S> {
@@ -125,7 +126,7 @@ impl<S: Store> Ca<S> {
             metrics,
             k8s: None,
             cache: ArcSwap::from_pointee(Cache::default()),
-            bundle_json: ArcSwap::from_pointee((0, serde_json::Value::Null)),
+            bundle_json: ArcSwap::from_pointee((0, None)),
         };
         ca.reload()?;
         Ok(ca)
@@ -152,18 +153,25 @@ impl<S: Store> Ca<S> {
         Ok(())
     }
 
-    /// The bundle in the SPIFFE format, re-encoded only when the key set changes.
-    pub fn bundle_value(&self) -> serde_json::Value {
+    /// The bundle in the SPIFFE format, encoded once per bundle version (its sequence number
+    /// only grows) rather than once per response.
+    pub fn bundle_raw(&self) -> Box<RawValue> {
         let bundle = self.authority.bundle();
-        let key = Arc::as_ptr(&bundle) as usize;
+        let seq = bundle.sequence().unwrap_or(0);
         let cached = self.bundle_json.load();
-        if cached.0 == key {
-            return cached.1.clone();
+        if cached.0 == seq
+            && let Some(raw) = &cached.1
+        {
+            return raw.clone();
         }
-        let value: serde_json::Value =
-            serde_json::from_str(&bundle.to_spiffe_json()).unwrap_or_default();
-        self.bundle_json.store(Arc::new((key, value.clone())));
-        value
+        let raw = RawValue::from_string(bundle.to_spiffe_json().trim_end().to_owned())
+            .unwrap_or_else(|_| RawValue::NULL.to_owned());
+        self.bundle_json.store(Arc::new((seq, Some(raw.clone()))));
+        raw
+    }
+
+    pub fn bundle_value(&self) -> serde_json::Value {
+        serde_json::from_str(self.bundle_raw().get()).unwrap_or_default()
     }
 
     pub fn is_evicted(&self, node: &SpiffeId) -> bool {
@@ -469,7 +477,7 @@ impl<S: Store> Ca<S> {
             svid: identity::pem::encode_certificates(&issued.chain),
             expires_at: unix(issued.not_after),
             renew_after: unix(renew),
-            bundle: self.bundle_value(),
+            bundle: self.bundle_raw(),
         }
     }
 }
