@@ -25,7 +25,7 @@ use identity::SpiffeId;
 
 use crate::api::{error_response, json_response};
 use crate::authority::unix;
-use crate::service::{ApiError, Ca, token_hash, token_id};
+use crate::service::{ApiError, Ca, secret_hash};
 use crate::store::{AuditEvent, Entry, JoinToken, Outcome, Store, Write};
 
 type Body = Full<Bytes>;
@@ -274,9 +274,14 @@ async fn create_token<S: Store>(
     SystemRandom::new()
         .fill(&mut secret)
         .map_err(|_| ApiError::new(500, "internal", "random number generator failed"))?;
-    let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret);
-    let hash = token_hash(&token);
-    let id = token_id(&hash);
+    let mut id_bytes = [0u8; 6];
+    SystemRandom::new()
+        .fill(&mut id_bytes)
+        .map_err(|_| ApiError::new(500, "internal", "random number generator failed"))?;
+    let id = crate::store::hex(&id_bytes);
+    let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret);
+    let hash = secret_hash(&secret);
+    let token = format!("{id}.{secret}");
     let expires_at = unix(now + Duration::from_secs(body.ttl_seconds));
     let record = JoinToken {
         id: id.clone(),

@@ -11,6 +11,7 @@ use ring::digest::{SHA256, digest};
 use serde::Serialize;
 use serde_json::json;
 use serde_json::value::RawValue;
+use subtle::ConstantTimeEq;
 
 use crate::authority::{Authority, AuthorityError, unix};
 use crate::csr::{CsrError, check_csr};
@@ -185,12 +186,15 @@ impl<S: Store> Ca<S> {
         csr: &[u8],
         now: SystemTime,
     ) -> Result<SvidResponse, ApiError> {
-        let hash = token_hash(token);
+        let (token_id, hash) =
+            parse_token(token).ok_or_else(|| token_error(TokenRefusal::Unknown))?;
         // Look first, so a bad token is refused before any signing work; the token is spent
-        // atomically with the issuance record below.
-        let name = match self.store.token(&hash)? {
-            Some(t) => t.name,
-            None => return Err(token_error(TokenRefusal::Unknown)),
+        // atomically with the issuance record below, which checks it again.
+        let name = match self.store.token(&token_id)? {
+            // SECURITY: the secret's hash is compared in constant time; the lookup itself is by
+            // the public id, so its timing says nothing about the secret.
+            Some(t) if bool::from(t.hash.ct_eq(&hash)) => t.name,
+            _ => return Err(token_error(TokenRefusal::Unknown)),
         };
         let id = self
             .trust_domain()
@@ -215,6 +219,7 @@ impl<S: Store> Ca<S> {
             evicted_at: None,
         };
         let write = Write::JoinIssue {
+            token_id: token_id.clone(),
             token_hash: hash,
             now: at,
             cert: issued_cert(&issued, &id, "node", now),
@@ -224,7 +229,7 @@ impl<S: Store> Ca<S> {
                 "node",
                 &issued,
                 now,
-                json!({"attestation": "join_token", "token": token_id(&hash)}),
+                json!({"attestation": "join_token", "token": token_id}),
             ),
         };
         match self.store.write(write).await? {
@@ -482,15 +487,20 @@ impl<S: Store> Ca<S> {
     }
 }
 
-pub fn token_hash(token: &str) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    out.copy_from_slice(digest(&SHA256, token.trim().as_bytes()).as_ref());
-    out
+/// A join token is `<id>.<secret>`: the id (12 hex characters) is a public handle for list and
+/// revoke; the secret is 256 random bits, of which the CA keeps only the SHA-256.
+pub fn parse_token(token: &str) -> Option<(String, [u8; 32])> {
+    let (id, secret) = token.trim().split_once('.')?;
+    if id.len() != 12 || !id.bytes().all(|b| b.is_ascii_hexdigit()) || secret.is_empty() {
+        return None;
+    }
+    Some((id.to_ascii_lowercase(), secret_hash(secret)))
 }
 
-/// The public handle of a token: never the token itself.
-pub fn token_id(hash: &[u8; 32]) -> String {
-    crate::store::hex(&hash[..6])
+pub fn secret_hash(secret: &str) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest(&SHA256, secret.as_bytes()).as_ref());
+    out
 }
 
 /// A stable refusal code per kind of bad Kubernetes token.

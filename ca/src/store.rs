@@ -150,6 +150,7 @@ pub enum Write {
     },
     /// Consume a join token and record the node SVID it paid for, or neither.
     JoinIssue {
+        token_id: String,
         token_hash: [u8; 32],
         now: i64,
         cert: IssuedCert,
@@ -188,7 +189,7 @@ pub trait Store: Send + Sync + 'static {
     /// Applies `op` durably (grouped with concurrent writes) and returns its outcome.
     fn write(&self, op: Write) -> impl Future<Output = Result<Outcome, StoreError>> + Send;
     fn ca_keys(&self) -> Result<Vec<CaKeyRecord>, StoreError>;
-    fn token(&self, hash: &[u8; 32]) -> Result<Option<JoinToken>, StoreError>;
+    fn token(&self, id: &str) -> Result<Option<JoinToken>, StoreError>;
     fn tokens(&self) -> Result<Vec<JoinToken>, StoreError>;
     fn entries(&self) -> Result<Vec<Entry>, StoreError>;
     fn nodes(&self) -> Result<Vec<Node>, StoreError>;

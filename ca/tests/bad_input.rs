@@ -204,12 +204,22 @@ async fn replayed_expired_unknown_and_revoked_tokens() {
         .await
         .unwrap();
     expect_refusal(&ca, s, &v, 401, "token_unknown").await;
+    // The right id with a wrong secret is as unknown as anything else.
+    let fresh = ca.token("host-b").await;
+    let forged = format!("{}.AAAA{}", &fresh[..12], &fresh[17..]);
+    let (s, v) = ca
+        .anon()
+        .await
+        .post_json("/v1/attest/join", &json!({"token": forged, "csr": csr().0}))
+        .await
+        .unwrap();
+    expect_refusal(&ca, s, &v, 401, "token_unknown").await;
 
     // An expired token, written straight into the store.
-    let expired = "expired-token-for-the-test";
-    let hash = ca::service::token_hash(expired);
+    let expired = "0123456789ab.expired-token-secret";
+    let (id, hash) = ca::service::parse_token(expired).unwrap();
     let record = JoinToken {
-        id: ca::service::token_id(&hash),
+        id,
         hash,
         name: "host-x".into(),
         created_at: 1,

@@ -54,6 +54,7 @@ fn node() -> Node {
 
 fn join(hash: u8, now: i64, i: u64) -> Write {
     Write::JoinIssue {
+        token_id: format!("t{hash}"),
         token_hash: [hash; 32],
         now,
         cert: cert(i),

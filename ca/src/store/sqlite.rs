@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use std::thread;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
+use subtle::ConstantTimeEq;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
@@ -320,6 +321,9 @@ fn upsert_node(tx: &Connection, n: &Node) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// A join token's stored hash, expiry, use and revocation times.
+type TokenState = (Vec<u8>, i64, Option<i64>, Option<i64>);
+
 /// Applies one write inside its savepoint (which derefs to the connection).
 fn apply(tx: &Connection, op: &Write, last: &mut (i64, [u8; 32])) -> rusqlite::Result<Outcome> {
     match op {
@@ -332,20 +336,24 @@ fn apply(tx: &Connection, op: &Write, last: &mut (i64, [u8; 32])) -> rusqlite::R
             Ok(Outcome::Done)
         }
         Write::JoinIssue {
+            token_id,
             token_hash,
             now,
             cert,
             node,
             audit,
         } => {
-            let row: Option<(i64, Option<i64>, Option<i64>)> = tx
+            let row: Option<TokenState> = tx
                 .prepare_cached(
-                    "SELECT expires_at, used_at, revoked_at FROM join_tokens WHERE hash = ?1",
+                    "SELECT hash, expires_at, used_at, revoked_at FROM join_tokens WHERE id = ?1",
                 )?
-                .query_row(params![&token_hash[..]], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                .query_row(params![token_id], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
                 })
                 .optional()?;
+            // SECURITY: constant-time comparison of the secret's hash.
+            let row = row.filter(|(h, ..)| bool::from(h.as_slice().ct_eq(&token_hash[..])));
+            let row = row.map(|(_, e, u, r)| (e, u, r));
             let refusal = match row {
                 None => Some(TokenRefusal::Unknown),
                 Some((_, _, Some(_))) => Some(TokenRefusal::Revoked),
@@ -356,8 +364,8 @@ fn apply(tx: &Connection, op: &Write, last: &mut (i64, [u8; 32])) -> rusqlite::R
             if let Some(r) = refusal {
                 return Ok(Outcome::TokenRefused(r));
             }
-            tx.prepare_cached("UPDATE join_tokens SET used_at = ?1 WHERE hash = ?2")?
-                .execute(params![now, &token_hash[..]])?;
+            tx.prepare_cached("UPDATE join_tokens SET used_at = ?1 WHERE id = ?2")?
+                .execute(params![now, token_id])?;
             insert_cert(tx, cert)?;
             // A node re-attesting with a new token after eviction is a new decision by an
             // operator (they made the token), so it clears the eviction.
@@ -512,13 +520,13 @@ impl Store for SqliteStore {
         })
     }
 
-    fn token(&self, hash: &[u8; 32]) -> Result<Option<JoinToken>, StoreError> {
+    fn token(&self, id: &str) -> Result<Option<JoinToken>, StoreError> {
         self.read(|c| {
             c.prepare_cached(
-                "SELECT hash, id, name, created_at, expires_at, used_at, revoked_at FROM join_tokens WHERE hash = ?1",
+                "SELECT hash, id, name, created_at, expires_at, used_at, revoked_at FROM join_tokens WHERE id = ?1",
             )
             .map_err(db)?
-            .query_row(params![&hash[..]], token_row)
+            .query_row(params![id], token_row)
             .optional()
             .map_err(db)
         })
