@@ -320,7 +320,11 @@ async fn route<S: Store>(
         ("POST", "/v1/renew") => {
             let caller = caller(peer, now)?;
             let body: RenewRequest = read_json(req, timeout).await?;
-            let resp = ca.renew(&caller, body.csr.as_bytes(), now).await?;
+            let serial = match peer {
+                Peer::Verified { serial, .. } => serial.as_slice(),
+                _ => &[],
+            };
+            let resp = ca.renew(&caller, serial, body.csr.as_bytes(), now).await?;
             Ok(json_response(StatusCode::OK, &resp))
         }
         ("GET", "/v1/entries") => {

@@ -105,6 +105,7 @@ pub async fn start(
     let policy = Policy {
         workload_ttl: cfg.workload_ttl,
         node_ttl: cfg.node_ttl,
+        max_ttl: cfg.workload_ttl.max(cfg.node_ttl),
     };
     let mut ca = Ca::new(store, authority.clone(), policy, metrics.clone())?;
     ca.k8s = k8s_verifier(cfg, &shutdown).await?;

@@ -65,6 +65,8 @@ impl From<AuthorityError> for ApiError {
 pub struct Policy {
     pub workload_ttl: Duration,
     pub node_ttl: Duration,
+    /// No SVID lives longer than this, whatever an entry asks (the larger of the two TTLs).
+    pub max_ttl: Duration,
 }
 
 /// What a successful issuance returns to the caller.
@@ -222,7 +224,7 @@ impl<S: Store> Ca<S> {
             token_id: token_id.clone(),
             token_hash: hash,
             now: at,
-            cert: issued_cert(&issued, &id, "node", now),
+            cert: issued_cert(&issued, &id, "node", None, now),
             node,
             audit: issue_event(
                 &id,
@@ -252,27 +254,12 @@ impl<S: Store> Ca<S> {
         now: SystemTime,
     ) -> Result<SvidResponse, ApiError> {
         self.check_node(node)?;
-        let entry = self
-            .cache
-            .load()
-            .by_parent
-            .get(node.as_str())
-            .and_then(|es| es.iter().find(|e| e.spiffe_id == id.as_str()).cloned())
-            .ok_or_else(|| {
-                ApiError::new(
-                    403,
-                    "not_entitled",
-                    format!("no registration entry lets {node} obtain {id}"),
-                )
-            })?;
+        let entry = self.entry_for(node, id)?;
         let key = check_csr(csr, id)?;
-        let ttl = entry
-            .ttl
-            .map(Duration::from_secs)
-            .unwrap_or(self.policy.workload_ttl);
+        let ttl = self.entry_ttl(&entry);
         let issued = self.authority.sign(id, &key, &entry.dns, ttl, now)?;
         let write = Write::Issue {
-            cert: issued_cert(&issued, id, "workload", now),
+            cert: issued_cert(&issued, id, "workload", Some(node.to_string()), now),
             node: None,
             audit: issue_event(
                 id,
@@ -291,14 +278,34 @@ impl<S: Store> Ca<S> {
     pub async fn renew(
         &self,
         caller: &SpiffeId,
+        caller_serial: &[u8],
         csr: &[u8],
         now: SystemTime,
     ) -> Result<SvidResponse, ApiError> {
-        let (kind, ttl) = if caller.path().starts_with("/kith/node/") {
+        let (kind, ttl, parent) = if caller.path().starts_with("/kith/node/") {
             self.check_node(caller)?;
-            ("node", self.policy.node_ttl)
+            ("node", self.policy.node_ttl, None)
         } else {
-            ("workload", self.policy.workload_ttl)
+            // A workload SVID renews only while the node it came through is in good standing
+            // and still entitled to it: eviction reaches everything under a node.
+            let record = self.store.certificate(caller_serial)?.ok_or_else(|| {
+                ApiError::new(
+                    403,
+                    "unknown_certificate",
+                    "this CA has no record of the presented certificate",
+                )
+            })?;
+            let Some(node) = record.parent.filter(|_| record.kind == "workload") else {
+                return Err(ApiError::new(
+                    403,
+                    "renew_not_allowed",
+                    "only node and agent-issued workload SVIDs renew here; pods attest again with a fresh service-account token at /v1/attest/k8s",
+                ));
+            };
+            let node_id = SpiffeId::new(&node).map_err(ApiError::internal)?;
+            self.check_node(&node_id)?;
+            let entry = self.entry_for(&node_id, caller)?;
+            ("workload", self.entry_ttl(&entry), Some(node))
         };
         let key = check_csr(csr, caller)?;
         let issued = self.authority.sign(caller, &key, &[], ttl, now)?;
@@ -311,7 +318,7 @@ impl<S: Store> Ca<S> {
             evicted_at: None,
         });
         let write = Write::Issue {
-            cert: issued_cert(&issued, caller, kind, now),
+            cert: issued_cert(&issued, caller, kind, parent, now),
             node,
             audit: issue_event(caller, kind, &issued, now, json!({"renewal": true})),
         };
@@ -322,6 +329,31 @@ impl<S: Store> Ca<S> {
             "workload_renewal"
         });
         Ok(self.response(caller, issued, now))
+    }
+
+    /// The registration entry under `node` that names `id`.
+    fn entry_for(&self, node: &SpiffeId, id: &SpiffeId) -> Result<Entry, ApiError> {
+        self.cache
+            .load()
+            .by_parent
+            .get(node.as_str())
+            .and_then(|es| es.iter().find(|e| e.spiffe_id == id.as_str()).cloned())
+            .ok_or_else(|| {
+                ApiError::new(
+                    403,
+                    "not_entitled",
+                    format!("no registration entry lets {node} obtain {id}"),
+                )
+            })
+    }
+
+    /// An entry's TTL, else the workload default; never more than the policy's maximum.
+    fn entry_ttl(&self, entry: &Entry) -> Duration {
+        entry
+            .ttl
+            .map(Duration::from_secs)
+            .unwrap_or(self.policy.workload_ttl)
+            .min(self.policy.max_ttl)
     }
 
     /// Pod attestation by a projected service-account token: the pod gets
@@ -351,7 +383,7 @@ impl<S: Store> Ca<S> {
             .sign(&id, &key, &[], self.policy.workload_ttl, now)?;
         let detail = json!({"attestation": "k8s_psat", "namespace": pod.namespace, "pod": pod.pod_name, "pod_uid": pod.pod_uid});
         let write = Write::Issue {
-            cert: issued_cert(&issued, &id, "workload", now),
+            cert: issued_cert(&issued, &id, "pod", None, now),
             node: None,
             audit: issue_event(&id, "workload", &issued, now, detail),
         };
@@ -543,12 +575,14 @@ fn issued_cert(
     issued: &crate::authority::Issued,
     id: &SpiffeId,
     kind: &'static str,
+    parent: Option<String>,
     now: SystemTime,
 ) -> IssuedCert {
     IssuedCert {
         serial: issued.serial.clone(),
         spiffe_id: id.to_string(),
         kind,
+        parent,
         not_after: unix(issued.not_after),
         issued_at: unix(now),
     }

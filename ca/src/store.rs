@@ -85,8 +85,17 @@ pub struct IssuedCert {
     pub serial: Vec<u8>,
     pub spiffe_id: String,
     pub kind: &'static str,
+    /// The node a workload SVID was issued through (None for nodes and pods).
+    pub parent: Option<String>,
     pub not_after: i64,
     pub issued_at: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertRecord {
+    pub spiffe_id: String,
+    pub kind: String,
+    pub parent: Option<String>,
 }
 
 /// One audit event as the CA describes it; the store adds the sequence number and hashes.
@@ -190,6 +199,8 @@ pub trait Store: Send + Sync + 'static {
     fn write(&self, op: Write) -> impl Future<Output = Result<Outcome, StoreError>> + Send;
     fn ca_keys(&self) -> Result<Vec<CaKeyRecord>, StoreError>;
     fn token(&self, id: &str) -> Result<Option<JoinToken>, StoreError>;
+    /// The record of an issued certificate, by serial.
+    fn certificate(&self, serial: &[u8]) -> Result<Option<CertRecord>, StoreError>;
     fn tokens(&self) -> Result<Vec<JoinToken>, StoreError>;
     fn entries(&self) -> Result<Vec<Entry>, StoreError>;
     fn nodes(&self) -> Result<Vec<Node>, StoreError>;

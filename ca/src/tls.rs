@@ -189,7 +189,11 @@ pub fn server_config(cert: Arc<ServingCert>) -> Result<Arc<ServerConfig>, rustls
 #[derive(Clone, Debug)]
 pub enum Peer {
     None,
-    Verified { id: SpiffeId, not_after: SystemTime },
+    Verified {
+        id: SpiffeId,
+        not_after: SystemTime,
+        serial: Vec<u8>,
+    },
     Refused(identity::VerifyError),
 }
 
@@ -203,12 +207,17 @@ impl Peer {
             return Peer::None;
         };
         match identity::verify_x509_svid(chain, bundle, now) {
-            Ok(id) => {
-                let not_after = x509_parser::parse_x509_certificate(&chain[0])
-                    .map(|(_, c)| identity::x509::from_offset(c.validity().not_after.to_datetime()))
-                    .unwrap_or(now);
-                Peer::Verified { id, not_after }
-            }
+            Ok(id) => match x509_parser::parse_x509_certificate(&chain[0]) {
+                Ok((_, c)) => Peer::Verified {
+                    id,
+                    not_after: identity::x509::from_offset(c.validity().not_after.to_datetime()),
+                    serial: c.raw_serial().to_vec(),
+                },
+                Err(e) => Peer::Refused(identity::VerifyError::Malformed {
+                    index: 0,
+                    detail: e.to_string(),
+                }),
+            },
             Err(e) => Peer::Refused(e),
         }
     }

@@ -25,6 +25,7 @@ fn cert(i: u64) -> IssuedCert {
         serial,
         spiffe_id: format!("spiffe://td/w/{i}"),
         kind: "workload",
+        parent: None,
         not_after: 5000,
         issued_at: 1000,
     }
@@ -276,4 +277,15 @@ async fn a_reopened_store_keeps_everything_and_continues_the_chain() {
         .unwrap();
     let v = store.verify_audit().unwrap();
     assert_eq!((v.rows, v.first_broken), (5, None));
+}
+
+#[tokio::test]
+async fn a_database_from_a_newer_kith_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(SqliteStore::open(dir.path()).unwrap());
+    let raw = rusqlite::Connection::open(dir.path().join("kith-ca.db")).unwrap();
+    raw.pragma_update(None, "user_version", 99).unwrap();
+    drop(raw);
+    let err = SqliteStore::open(dir.path()).err().unwrap();
+    assert!(err.to_string().contains("newer than this kith"), "{err}");
 }

@@ -12,8 +12,8 @@ use subtle::ConstantTimeEq;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    AuditEvent, AuditRow, AuditVerdict, CaKeyRecord, Counts, Entry, IssuedCert, JoinToken, KeyKind,
-    Node, Outcome, Store, StoreError, TokenRefusal, Write, audit_hash, hex,
+    AuditEvent, AuditRow, AuditVerdict, CaKeyRecord, CertRecord, Counts, Entry, IssuedCert,
+    JoinToken, KeyKind, Node, Outcome, Store, StoreError, TokenRefusal, Write, audit_hash, hex,
 };
 
 /// The most writes folded into one transaction.
@@ -75,6 +75,8 @@ const MIGRATIONS: &[&str] = &[
         prev_hash BLOB NOT NULL,
         hash BLOB NOT NULL
     );",
+    // 2: the node each workload SVID was issued through, so renewals follow evictions.
+    "ALTER TABLE certificates ADD COLUMN parent TEXT;",
 ];
 
 pub struct SqliteStore {
@@ -300,9 +302,9 @@ fn append_audit(
 
 fn insert_cert(tx: &Connection, c: &IssuedCert) -> rusqlite::Result<()> {
     tx.prepare_cached(
-        "INSERT INTO certificates (serial, spiffe_id, kind, not_after, issued_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO certificates (serial, spiffe_id, kind, not_after, issued_at, parent) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?
-    .execute(params![c.serial, c.spiffe_id, c.kind, c.not_after, c.issued_at])?;
+    .execute(params![c.serial, c.spiffe_id, c.kind, c.not_after, c.issued_at, c.parent])?;
     Ok(())
 }
 
@@ -529,6 +531,22 @@ impl Store for SqliteStore {
             .query_row(params![id], token_row)
             .optional()
             .map_err(db)
+        })
+    }
+
+    fn certificate(&self, serial: &[u8]) -> Result<Option<CertRecord>, StoreError> {
+        self.read(|c| {
+            c.prepare_cached("SELECT spiffe_id, kind, parent FROM certificates WHERE serial = ?1")
+                .map_err(db)?
+                .query_row(params![serial], |r| {
+                    Ok(CertRecord {
+                        spiffe_id: r.get(0)?,
+                        kind: r.get(1)?,
+                        parent: r.get(2)?,
+                    })
+                })
+                .optional()
+                .map_err(db)
         })
     }
 
