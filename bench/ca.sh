@@ -1,0 +1,275 @@
+#!/usr/bin/env bash
+# CA issuance benchmark: kith CA vs cfssl, in one run on the same machine.
+#
+#   bench/ca.sh                 3 rounds of 20 s per target
+#   QUICK=1 bench/ca.sh         1 round of 10 s per target
+#   SAVE=1 bench/ca.sh          also write bench/results/ca-<date>.md
+#
+# Environment: ROUNDS (3), DURATION (20s), WARMUP (3s), CONNECTIONS (16), QUICK, SAVE,
+# CFSSL_LOGLEVEL (2 = warnings; cfssl's default 1 logs three lines per issuance),
+# QUIET_WAIT (seconds to wait for other work on the machine to stop before each round, 120),
+# KEEP=1 (keep the temp dir with logs and databases). See bench/README.md.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+QUICK=${QUICK:-0}
+if [[ $QUICK == 1 ]]; then
+    ROUNDS=${ROUNDS:-1}
+    DURATION=${DURATION:-10s}
+    WARMUP=${WARMUP:-2s}
+else
+    ROUNDS=${ROUNDS:-3}
+    DURATION=${DURATION:-20s}
+    WARMUP=${WARMUP:-3s}
+fi
+CONNECTIONS=${CONNECTIONS:-16}
+CFSSL_LOGLEVEL=${CFSSL_LOGLEVEL:-2}
+QUIET_WAIT=${QUIET_WAIT:-120}
+SAVE=${SAVE:-0}
+KEEP=${KEEP:-0}
+TD=example.org
+WORKLOAD_ID=spiffe://$TD/bench/w
+
+log() { printf '== %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+for tool in cargo openssl cfssl jq; do
+    command -v "$tool" >/dev/null || die "$tool is not installed"
+done
+
+# ---- build once --------------------------------------------------------------------------
+log "building (cargo build --release -j2 -p kith -p kith-bench)"
+(cd "$ROOT" && cargo build --release -j2 -p kith -p kith-bench)
+TARGET_DIR=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps | jq -r .target_directory)
+KITH=$TARGET_DIR/release/kith
+LOAD=$TARGET_DIR/release/ca-load
+[[ -x $KITH && -x $LOAD ]] || die "binaries not found in $TARGET_DIR/release"
+
+WORK=$(mktemp -d /tmp/kith-bench-ca.XXXXXX)
+PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    if [[ $KEEP == 1 ]]; then
+        log "kept $WORK"
+    else
+        rm -rf "$WORK"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Stops one process we started and forgets it.
+stop() {
+    local pid=$1 p keep=()
+    kill -TERM "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    for p in "${PIDS[@]}"; do [[ $p == "$pid" ]] || keep+=("$p"); done
+    PIDS=("${keep[@]}")
+}
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+wait_tcp() { # host port what
+    local i
+    for i in $(seq 1 100); do
+        if (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; then return 0; fi
+        sleep 0.1
+    done
+    die "$3 did not start listening on $1:$2"
+}
+
+# Cores busy over one second on the whole machine (nothing of ours runs while this samples).
+busy_cores() {
+    local a b
+    a=$(head -1 /proc/stat)
+    sleep 1
+    b=$(head -1 /proc/stat)
+    awk -v a="$a" -v b="$b" 'BEGIN {
+        split(a, x); split(b, y); busy = 0
+        for (i = 2; i <= 9; i++) if (i != 5 && i != 6) busy += y[i] - x[i]
+        printf "%.2f", busy / 100 }'
+}
+
+# Waits (up to QUIET_WAIT s) until other work leaves the shared cores, so it does not eat
+# into one target's round more than the other's.
+wait_quiet() {
+    local waited=0 b
+    while :; do
+        b=$(busy_cores)
+        if awk -v b="$b" 'BEGIN { exit !(b < 0.25) }'; then return 0; fi
+        if ((waited >= QUIET_WAIT)); then
+            log "warning: the machine is still busy (${b} cores) after ${QUIET_WAIT}s; measuring anyway"
+            return 0
+        fi
+        ((waited == 0)) && log "waiting for other work to stop (${b} cores busy)"
+        waited=$((waited + 1))
+    done
+}
+
+db_bytes() { # data dir: the database with its WAL
+    local total=0 f
+    for f in "$1"/kith-ca.db "$1"/kith-ca.db-wal; do
+        [[ -f $f ]] && total=$((total + $(stat -c %s "$f")))
+    done
+    echo "$total"
+}
+
+RESULTS=$WORK/results.jsonl
+: >"$RESULTS"
+log "work dir $WORK; $ROUNDS round(s) of $DURATION (+$WARMUP warm-up), $CONNECTIONS connections"
+
+# ---- (a) the crypto limit ---------------------------------------------------------------
+wait_quiet
+log "openssl speed -seconds 3 ecdsap256"
+SPEED=$(openssl speed -seconds 3 ecdsap256 2>/dev/null | awk '/nistp256/ { print $(NF-1), $NF }' | tail -1)
+read -r SIGN_S VERIFY_S <<<"$SPEED"
+[[ -n ${VERIFY_S:-} ]] || die "could not read openssl speed's output"
+OPENSSL_VERSION=$(openssl version)
+
+# ---- (b) kith ----------------------------------------------------------------------------
+KDIR=$WORK/kith
+mkdir -p "$KDIR"
+KPORT=$(free_port)
+KMPORT=$(free_port)
+KITH_CA_KEK=$(openssl rand -base64 32)
+export KITH_CA_KEK
+log "starting kith ca on 127.0.0.1:$KPORT"
+"$KITH" ca serve --data-dir "$KDIR/data" --listen "127.0.0.1:$KPORT" \
+    --metrics-listen "127.0.0.1:$KMPORT" --trust-domain "$TD" >"$KDIR/ca.log" 2>&1 &
+KPID=$!
+PIDS+=("$KPID")
+wait_tcp 127.0.0.1 "$KPORT" "kith ca"
+for _ in $(seq 1 50); do
+    "$KITH" ca bundle --data-dir "$KDIR/data" >"$KDIR/bundle.pem" 2>/dev/null && break
+    sleep 0.1
+done
+[[ -s $KDIR/bundle.pem ]] || die "kith ca bundle failed; see $KDIR/ca.log"
+"$KITH" ca entry create --id "$WORKLOAD_ID" --parent "spiffe://$TD/kith/node/bench" \
+    --selector unix:uid:0 --data-dir "$KDIR/data" >/dev/null
+KDB_BEFORE=$(db_bytes "$KDIR/data")
+KITH_ISSUED=0
+
+for r in $(seq 1 "$ROUNDS"); do
+    TOKEN=$("$KITH" ca token create --name bench --data-dir "$KDIR/data" --json | jq -r .token)
+    wait_quiet
+    log "kith round $r/$ROUNDS"
+    line=$("$LOAD" --target kith --addr "127.0.0.1:$KPORT" --bundle "$KDIR/bundle.pem" \
+        --token "$TOKEN" --id "$WORKLOAD_ID" --connections "$CONNECTIONS" \
+        --duration "$DURATION" --warmup "$WARMUP" --server-pid "$KPID" --label "round $r")
+    echo "$line" | tee -a "$RESULTS" >&2
+    # The node SVID of the attestation is an issuance too.
+    KITH_ISSUED=$((KITH_ISSUED + $(jq .total_ok <<<"$line") + 1))
+done
+KITH_RSS_KB=$(awk '/^VmHWM/ { print $2 }' "/proc/$KPID/status")
+stop "$KPID"
+KDB_STOPPED=$(db_bytes "$KDIR/data")
+# What the issuances really take: fold the WAL into the database (the CA is stopped).
+python3 -c 'import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute("PRAGMA wal_checkpoint(TRUNCATE)"); c.close()' \
+    "$KDIR/data/kith-ca.db"
+KDB_AFTER=$(db_bytes "$KDIR/data")
+
+# ---- (c) cfssl ---------------------------------------------------------------------------
+CDIR=$WORK/cfssl
+mkdir -p "$CDIR"
+cat >"$CDIR/ca-csr.json" <<'EOF'
+{"CN": "kith bench cfssl CA", "key": {"algo": "ecdsa", "size": 256}, "names": [{"O": "kith-bench"}]}
+EOF
+cat >"$CDIR/config.json" <<'EOF'
+{"signing": {"default": {"expiry": "1h", "usages": ["digital signature", "server auth", "client auth"]}}}
+EOF
+cfssl gencert -initca "$CDIR/ca-csr.json" 2>"$CDIR/gencert.log" >"$CDIR/ca.json"
+jq -r .cert "$CDIR/ca.json" >"$CDIR/ca.pem"
+jq -r .key "$CDIR/ca.json" >"$CDIR/ca-key.pem"
+CPORT=$(free_port)
+log "starting cfssl serve on 127.0.0.1:$CPORT ($(cfssl version | head -1), -loglevel $CFSSL_LOGLEVEL)"
+cfssl serve -address 127.0.0.1 -port "$CPORT" -ca "$CDIR/ca.pem" -ca-key "$CDIR/ca-key.pem" \
+    -config "$CDIR/config.json" -loglevel "$CFSSL_LOGLEVEL" >"$CDIR/serve.log" 2>&1 &
+CPID=$!
+PIDS+=("$CPID")
+wait_tcp 127.0.0.1 "$CPORT" "cfssl serve"
+for r in $(seq 1 "$ROUNDS"); do
+    wait_quiet
+    log "cfssl round $r/$ROUNDS"
+    line=$("$LOAD" --target cfssl --addr "127.0.0.1:$CPORT" --connections "$CONNECTIONS" \
+        --duration "$DURATION" --warmup "$WARMUP" --server-pid "$CPID" --label "round $r")
+    echo "$line" | tee -a "$RESULTS" >&2
+done
+CFSSL_RSS_KB=$(awk '/^VmHWM/ { print $2 }' "/proc/$CPID/status")
+stop "$CPID"
+
+# ---- (d) the table -----------------------------------------------------------------------
+REPORT=$WORK/report.md
+jq -rs \
+    --argjson sign "$SIGN_S" --argjson verify "$VERIFY_S" \
+    --argjson dbb "$KDB_BEFORE" --argjson dba "$KDB_AFTER" --argjson dbs "$KDB_STOPPED" --argjson issued "$KITH_ISSUED" \
+    --argjson krss "$KITH_RSS_KB" --argjson crss "$CFSSL_RSS_KB" \
+    --arg ossl "$OPENSSL_VERSION" --argjson ncpu "$(nproc)" \
+    --arg rounds "$ROUNDS" --arg dur "$DURATION" --arg warm "$WARMUP" --arg conns "$CONNECTIONS" '
+  def r1: (. * 10 | round) / 10;
+  def r2: (. * 100 | round) / 100;
+  def median: sort | if length % 2 == 1 then .[length / 2 | floor]
+                      else (.[length / 2 - 1] + .[length / 2]) / 2 end;
+  def mean: add / length;
+  def summary($t): map(select(.target == $t)) | {
+      rate: (map(.rate) | mean), rmin: (map(.rate) | min), rmax: (map(.rate) | max),
+      p50: (map(.p50_ms) | median), p99: (map(.p99_ms) | median), max: (map(.max_ms) | max),
+      errors: (map(.errors) | add), cpu: (map(.server_cpu_us_per_req // 0) | mean),
+      client: (map((.client_cpu_s // 0) / .duration_s) | mean),
+      other: (map(.other_busy_cores // 0) | max), inline: (map(.csr_inline) | add) };
+  (summary("kith")) as $k | (summary("cfssl")) as $c |
+  (1 / (1 / $sign + 1 / $verify)) as $core |
+  (1e6 / $sign + 1e6 / $verify) as $cryptous |
+  "## CA issuance: kith vs cfssl\n",
+  "\($rounds) round(s) x \($dur) (+\($warm) warm-up), \($conns) keep-alive connections, one request in flight each; client and server on the same \($ncpu) cores.\n",
+  "| round | target | issued/s | p50 ms | p90 ms | p99 ms | max ms | errors | server CPU us/issuance | other load (cores) |",
+  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+  (.[] | "| \(.label) | \(.target) | \(.rate | r1) | \(.p50_ms) | \(.p90_ms) | \(.p99_ms) | \(.max_ms) | \(.errors) | \(.server_cpu_us_per_req // "?" ) | \(.other_busy_cores // "?") |"),
+  "",
+  "| | kith (mTLS, durable + audited) | cfssl (plain HTTP, stores nothing) | kith / cfssl |",
+  "|---|---:|---:|---:|",
+  "| issued/s (mean of rounds) | \($k.rate | r1) (\($k.rmin | r1)-\($k.rmax | r1)) | \($c.rate | r1) (\($c.rmin | r1)-\($c.rmax | r1)) | **\($k.rate / $c.rate | r2)x** |",
+  "| p50 latency ms (median of rounds) | \($k.p50) | \($c.p50) | \($k.p50 / $c.p50 | r2)x |",
+  "| p99 latency ms (median of rounds) | \($k.p99) | \($c.p99) | \($k.p99 / $c.p99 | r2)x |",
+  "| max latency ms | \($k.max) | \($c.max) | |",
+  "| errors | \($k.errors) | \($c.errors) | |",
+  "| server CPU per issuance, us | \($k.cpu | r1) | \($c.cpu | r1) | \($k.cpu / $c.cpu | r2)x |",
+  "| load generator CPU, cores | \($k.client | r2) | \($c.client | r2) | |",
+  "| server peak RSS, MB | \($krss / 1024 | r1) | \($crss / 1024 | r1) | |",
+  "",
+  "Crypto limit (\($ossl), `openssl speed -seconds 3 ecdsap256`, one core): sign \($sign | r1)/s, verify \($verify | r1)/s.",
+  "One issuance costs about one verify (the CSR) and one sign (the certificate): \($cryptous | r1) us of crypto, so \($core | r1)/s per core, \($ncpu * $core | r1)/s on \($ncpu) cores with nothing else running (no TLS, no HTTP, no client).",
+  "kith reached **\(100 * $k.rate / ($ncpu * $core) | r1) %** of that \($ncpu)-core crypto limit (cfssl \(100 * $c.rate / ($ncpu * $core) | r1) %); kith spent \($k.cpu | r1) us of server CPU per issuance, \($k.cpu / $cryptous | r2)x the crypto cost.",
+  "",
+  "kith database: \($dbb) B before the load, \($dba) B after it (checkpointed; \($dbs) B with the WAL as the CA left it) for \($issued) issuances: **\(($dba - $dbb) / $issued | round) B per issuance**.",
+  (if $k.inline + $c.inline > 0 then "\nNote: the CSR pool ran out: \($k.inline + $c.inline) CSRs were made inside the timed loop (raise --pool-rate)." else empty end),
+  (if ([$k.other, $c.other] | max) > 0.25 then "\nWarning: other work used up to \([$k.other, $c.other] | max) cores during a round: the numbers are disturbed." else empty end)
+' "$RESULTS" | tee "$REPORT"
+
+if [[ $SAVE == 1 ]]; then
+    mkdir -p "$ROOT/bench/results"
+    out=$ROOT/bench/results/ca-$(date +%F).md
+    [[ -e $out ]] && out=$ROOT/bench/results/ca-$(date +%F-%H%M%S).md
+    {
+        echo "# CA issuance benchmark, $(date -u '+%F %H:%M UTC')"
+        echo
+        echo "Command: \`$(printf '%s ' QUICK="$QUICK" ROUNDS="$ROUNDS" DURATION="$DURATION" CONNECTIONS="$CONNECTIONS")bench/ca.sh\`"
+        echo "Machine: $(nproc) cores, $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo); kith $(cd "$ROOT" && git rev-parse --short HEAD)$(cd "$ROOT" && git diff --quiet HEAD -- ca src identity || echo ' + uncommitted changes')"
+        echo
+        cat "$REPORT"
+        echo
+        echo "Raw lines (ca-load):"
+        echo
+        echo '```'
+        cat "$RESULTS"
+        echo '```'
+    } >"$out"
+    log "saved $out"
+fi
