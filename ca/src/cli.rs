@@ -148,7 +148,9 @@ enum AuditCommand {
 }
 
 pub fn run(args: CaArgs) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_multi_thread()
+    // One thread for accepting, admin, metrics and maintenance; API connections run on their
+    // own per-core runtimes (`api::serve`) and the store's writer on its own thread.
+    let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

@@ -3,9 +3,13 @@
 //! something the CA would not grant (CA:true, another SPIFFE ID) is refused rather than
 //! silently ignored, so a confused or malicious client learns it at once.
 
-use rcgen::{CertificateSigningRequestParams, IsCa, PublicKey, SanType};
+use rcgen::SubjectPublicKeyInfo;
 use rustls_pki_types::CertificateSigningRequestDer;
 use rustls_pki_types::pem::PemObject;
+use x509_parser::certification_request::X509CertificationRequest;
+use x509_parser::error::X509Error;
+use x509_parser::extensions::{GeneralName, ParsedExtension};
+use x509_parser::prelude::FromDer;
 use x509_parser::public_key::PublicKey as ParsedKey;
 
 use identity::SpiffeId;
@@ -50,9 +54,9 @@ impl CsrError {
     }
 }
 
-/// Parses a CSR (PEM text or DER bytes), checks its signature and policy, and returns the only
-/// thing the CA takes from it: the public key.
-pub fn check_csr(input: &[u8], expected: &SpiffeId) -> Result<PublicKey, CsrError> {
+/// Parses a CSR (PEM text or DER bytes) once, checks its signature and policy, and returns the
+/// only thing the CA takes from it: the public key.
+pub fn check_csr(input: &[u8], expected: &SpiffeId) -> Result<SubjectPublicKeyInfo, CsrError> {
     if input.len() > MAX_CSR_BYTES {
         return Err(CsrError::TooLarge);
     }
@@ -61,45 +65,49 @@ pub fn check_csr(input: &[u8], expected: &SpiffeId) -> Result<PublicKey, CsrErro
     } else {
         CertificateSigningRequestDer::from(input.to_vec())
     };
-    check_key_strength(&der)?;
-    let csr = CertificateSigningRequestParams::from_der(&der).map_err(|e| match e {
-        rcgen::Error::InvalidCertificationRequestSignature => CsrError::BadSignature,
-        rcgen::Error::UnsupportedExtension => CsrError::UnsupportedExtension,
-        rcgen::Error::UnsupportedSignatureAlgorithm => {
+    let (rest, req) =
+        X509CertificationRequest::from_der(der.as_ref()).map_err(|_| CsrError::Garbage)?;
+    if !rest.is_empty() {
+        return Err(CsrError::Garbage);
+    }
+    check_key_strength(&req.certification_request_info.subject_pki)?;
+    // Proof of possession: the request is signed by the key it carries.
+    req.verify_signature().map_err(|e| match e {
+        X509Error::SignatureUnsupportedAlgorithm => {
             CsrError::UnsupportedKey("signature algorithm".into())
         }
-        _ => CsrError::Garbage,
+        _ => CsrError::BadSignature,
     })?;
-    if matches!(csr.params.is_ca, IsCa::Ca(_)) {
-        return Err(CsrError::RequestsCa);
-    }
-    for san in &csr.params.subject_alt_names {
-        match san {
-            SanType::URI(uri) if uri.as_str() == expected.as_str() => {}
-            SanType::URI(uri) => {
-                return Err(CsrError::WrongId {
-                    asked: uri.as_str().to_owned(),
-                    allowed: expected.to_string(),
-                });
+    for ext in req.requested_extensions().into_iter().flatten() {
+        match ext {
+            ParsedExtension::BasicConstraints(bc) if bc.ca => return Err(CsrError::RequestsCa),
+            ParsedExtension::BasicConstraints(_)
+            | ParsedExtension::KeyUsage(_)
+            | ParsedExtension::ExtendedKeyUsage(_) => {}
+            ParsedExtension::SubjectAlternativeName(san) => {
+                for name in &san.general_names {
+                    match name {
+                        GeneralName::URI(uri) if *uri == expected.as_str() => {}
+                        GeneralName::URI(uri) => {
+                            return Err(CsrError::WrongId {
+                                asked: (*uri).to_owned(),
+                                allowed: expected.to_string(),
+                            });
+                        }
+                        // DNS names come from registration entries, never from the requester.
+                        other => return Err(CsrError::ExtraSan(other.to_string())),
+                    }
+                }
             }
-            // DNS names come from registration entries, never from the requester.
-            SanType::DnsName(name) => {
-                return Err(CsrError::ExtraSan(format!("DNS:{}", name.as_str())));
-            }
-            SanType::IpAddress(ip) => return Err(CsrError::ExtraSan(format!("IP:{ip}"))),
-            other => return Err(CsrError::ExtraSan(format!("{other:?}"))),
+            _ => return Err(CsrError::UnsupportedExtension),
         }
     }
-    Ok(csr.public_key)
+    SubjectPublicKeyInfo::from_der(req.certification_request_info.subject_pki.raw)
+        .map_err(|e| CsrError::UnsupportedKey(e.to_string()))
 }
 
 /// ECDSA P-256/P-384 and Ed25519 are accepted; RSA only from 2048 bits.
-fn check_key_strength(der: &CertificateSigningRequestDer<'_>) -> Result<(), CsrError> {
-    use x509_parser::prelude::FromDer;
-    let (_, req) =
-        x509_parser::certification_request::X509CertificationRequest::from_der(der.as_ref())
-            .map_err(|_| CsrError::Garbage)?;
-    let spki = &req.certification_request_info.subject_pki;
+fn check_key_strength(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<(), CsrError> {
     match spki.parsed() {
         Ok(ParsedKey::RSA(rsa)) if rsa.key_size() < 2048 => Err(CsrError::WeakKey(format!(
             "RSA {} bits (at least 2048 required)",
@@ -132,7 +140,7 @@ fn check_key_strength(der: &CertificateSigningRequestDer<'_>) -> Result<(), CsrE
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, KeyPair};
+    use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, IsCa, KeyPair, SanType};
 
     fn id() -> SpiffeId {
         SpiffeId::new("spiffe://td/web").unwrap()

@@ -210,9 +210,9 @@ pub trait Store: Send + Sync + 'static {
 }
 
 /// The hash of an audit row: SHA-256 over the previous row's hash and every field of this
-/// row, each length-prefixed so no two rows encode alike.
-pub fn audit_hash(prev: &[u8; 32], seq: i64, e: &AuditEvent) -> [u8; 32] {
-    let detail = e.detail.to_string();
+/// row as stored (`detail` is the JSON text in the row), each length-prefixed so no two rows
+/// encode alike.
+pub fn audit_hash(prev: &[u8; 32], seq: i64, e: &AuditEvent, detail: &str) -> [u8; 32] {
     let mut buf = Vec::with_capacity(96 + e.action.len() + e.subject.len() + detail.len());
     buf.extend_from_slice(prev);
     buf.extend_from_slice(&seq.to_be_bytes());
@@ -221,7 +221,7 @@ pub fn audit_hash(prev: &[u8; 32], seq: i64, e: &AuditEvent) -> [u8; 32] {
         e.action.as_str(),
         e.subject.as_str(),
         e.outcome.as_str(),
-        detail.as_str(),
+        detail,
     ] {
         buf.extend_from_slice(&(field.len() as u64).to_be_bytes());
         buf.extend_from_slice(field.as_bytes());

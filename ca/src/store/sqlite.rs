@@ -239,36 +239,39 @@ fn writer(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Job>, mut last: 
             }
         }
         let start = last;
+        // Fast path: the whole group in one transaction, one fsync.
         let mut results = Vec::with_capacity(batch.len());
-        let commit = (|| -> Result<(), rusqlite::Error> {
-            let mut tx = conn.transaction()?;
-            // Savepoints need `&mut`; each one ends before the next begins.
+        let grouped = (|| -> Result<(), rusqlite::Error> {
+            let tx = conn.transaction()?;
             for job in &batch {
-                let before = last;
-                let mut sp = tx.savepoint()?;
-                match apply(&sp, &job.op, &mut last) {
-                    Ok(outcome) => {
-                        sp.commit()?;
-                        results.push(Ok(outcome));
-                    }
-                    Err(e) => {
-                        sp.rollback()?;
-                        drop(sp);
-                        last = before;
-                        results.push(Err(db(e)));
-                    }
-                }
+                results.push(apply(&tx, &job.op, &mut last)?);
             }
             tx.commit()
         })();
-        if let Err(e) = commit {
-            last = start;
-            let msg = e.to_string();
-            results = batch
-                .iter()
-                .map(|_| Err(StoreError::Db(msg.clone())))
-                .collect();
-        }
+        let results: Vec<Result<Outcome, StoreError>> = match grouped {
+            Ok(()) => results.into_iter().map(Ok).collect(),
+            Err(_) => {
+                // One write failed (or the commit did): the group was rolled back. Apply each
+                // write alone so only the failing one fails.
+                last = start;
+                batch
+                    .iter()
+                    .map(|job| {
+                        let before = last;
+                        let alone = (|| -> Result<Outcome, rusqlite::Error> {
+                            let tx = conn.transaction()?;
+                            let outcome = apply(&tx, &job.op, &mut last)?;
+                            tx.commit()?;
+                            Ok(outcome)
+                        })();
+                        alone.map_err(|e| {
+                            last = before;
+                            db(e)
+                        })
+                    })
+                    .collect()
+            }
+        };
         for (job, result) in batch.drain(..).zip(results) {
             let _ = job.reply.send(result);
         }
@@ -281,7 +284,8 @@ fn append_audit(
     last: &mut (i64, [u8; 32]),
 ) -> rusqlite::Result<()> {
     let seq = last.0 + 1;
-    let hash = audit_hash(&last.1, seq, e);
+    let detail = e.detail.to_string();
+    let hash = audit_hash(&last.1, seq, e, &detail);
     tx.prepare_cached(
         "INSERT INTO audit (seq, at, action, subject, outcome, detail, prev_hash, hash)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -292,7 +296,7 @@ fn append_audit(
         e.action,
         e.subject,
         e.outcome,
-        e.detail.to_string(),
+        detail,
         &last.1[..],
         &hash[..]
     ])?;
@@ -696,7 +700,7 @@ fn verify_audit(c: &Connection) -> Result<AuditVerdict, StoreError> {
             action: r.get(2).map_err(db)?,
             subject: r.get(3).map_err(db)?,
             outcome: r.get(4).map_err(db)?,
-            detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::String(detail)),
+            detail: serde_json::Value::Null,
         };
         let stored_prev: Vec<u8> = r.get(6).map_err(db)?;
         let stored: Vec<u8> = r.get(7).map_err(db)?;
@@ -714,7 +718,7 @@ fn verify_audit(c: &Connection) -> Result<AuditVerdict, StoreError> {
         if stored_prev != prev {
             return broken("previous-hash does not match the row before".into());
         }
-        if stored != audit_hash(&prev, seq, &event) {
+        if stored != audit_hash(&prev, seq, &event, &detail) {
             return broken("content does not match its hash (the row was altered)".into());
         }
         prev.copy_from_slice(&stored);
