@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
-use identity::x509::{BACKDATE, intermediate_params, random_serial, root_params, svid_params};
+use identity::x509::{
+    BACKDATE, intermediate_params, ordered_serial, random_serial, root_params, svid_params,
+};
 use identity::{KeyType, SpiffeId, TrustBundle, TrustDomain};
 use rcgen::{Issuer, KeyPair};
 use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
@@ -403,7 +405,8 @@ impl Authority {
         let keys = self.current.load();
         let signer = &keys.active;
         let not_after = (now + ttl).min(signer.not_after);
-        let params = svid_params(id, dns, &[], now - BACKDATE, not_after).map_err(cert_err)?;
+        let mut params = svid_params(id, dns, &[], now - BACKDATE, not_after).map_err(cert_err)?;
+        params.serial_number = Some(ordered_serial(now).map_err(cert_err)?);
         let serial = params
             .serial_number
             .as_ref()
