@@ -507,8 +507,9 @@ impl<S: Store> Ca<S> {
         issued: crate::authority::Issued,
         now: SystemTime,
     ) -> SvidResponse {
-        let not_before = now - identity::x509::BACKDATE;
-        let renew = refresh_at(not_before, issued.not_after, Jitter::random());
+        // From the moment of issuance, not the backdated NotBefore: with short lifetimes the
+        // 30 s backdate would put the renewal point in the past.
+        let renew = refresh_at(now, issued.not_after, Jitter::random());
         SvidResponse {
             spiffe_id: id.to_string(),
             svid: identity::pem::encode_certificates(&issued.chain),

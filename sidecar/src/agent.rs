@@ -1,0 +1,533 @@
+//! The agent's work: prove the node (join token once, then renewals), keep the entries the CA
+//! assigns to this node in sync, obtain and renew a workload SVID per entry, and publish each
+//! change as a new `Snapshot` for the Workload API. A CA outage costs nothing but retries:
+//! current SVIDs keep being served until they expire, failures back off from 1 s to 60 s, and
+//! everything catches up when the CA returns.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use hyper::Method;
+use identity::{SpiffeId, Svid, TrustBundle, TrustDomain};
+use serde::Deserialize;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::ca_link::{self, LinkError};
+use crate::metrics::AgentMetrics;
+use crate::node::{self, NodeError, NodeMeta};
+use crate::state::{JwtSource, Snapshot, SnapshotRx, SnapshotTx, WorkloadSvid};
+
+/// How often the agent asks for its entries (a conditional request, so unchanged lists cost a
+/// 304): well inside the 30 s in which a change on the CA must reach the agent.
+pub const ENTRIES_POLL: Duration = Duration::from_secs(5);
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    #[error(
+        "no node identity in {dir} and no --join-token: create one on the CA with `kith ca token create` and pass it with --join-token"
+    )]
+    NoIdentity { dir: PathBuf },
+    #[error(
+        "the node SVID in {dir} expired at {expired}; the agent cannot renew it. Create a new join token on the CA (`kith ca token create --name {name}`) and start the agent with --join-token"
+    )]
+    Expired {
+        dir: PathBuf,
+        expired: String,
+        name: String,
+    },
+    #[error("first contact needs the CA's bundle: pass --bundle <file> or --bundle-sha256 <hex>")]
+    NoBundle,
+    #[error("--bundle {path}: {detail}")]
+    BadBundle { path: PathBuf, detail: String },
+    #[error("the stored node identity is for {stored}, but --ca serves {served}")]
+    WrongTrustDomain { stored: String, served: String },
+}
+
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub ca_url: String,
+    pub bundle_file: Option<PathBuf>,
+    pub bundle_sha256: Option<String>,
+    pub join_token: Option<String>,
+    pub data_dir: PathBuf,
+}
+
+/// The node's current SVID and when to renew it.
+struct Node {
+    svid: Svid,
+    renew_after: SystemTime,
+}
+
+pub struct Agent {
+    cfg: AgentConfig,
+    addr: String,
+    td: TrustDomain,
+    bundle: ArcSwap<TrustBundle>,
+    node: ArcSwap<Node>,
+    snapshots: SnapshotTx,
+    pub metrics: Arc<AgentMetrics>,
+    ready: AtomicBool,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+struct Entry {
+    id: String,
+    spiffe_id: String,
+    selectors: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct EntryList {
+    entries: Vec<Entry>,
+}
+
+/// One workload SVID slot per entry.
+struct Slot {
+    entry: Entry,
+    svid: Option<Arc<WorkloadSvid>>,
+    renew_after: SystemTime,
+    retry: Retry,
+}
+
+/// Exponential backoff from 1 s to 60 s.
+#[derive(Clone, Copy)]
+struct Retry {
+    next: tokio::time::Instant,
+    delay: Duration,
+}
+
+impl Retry {
+    fn new() -> Self {
+        Self {
+            next: tokio::time::Instant::now(),
+            delay: BACKOFF_MIN,
+        }
+    }
+    fn ready(&self) -> bool {
+        tokio::time::Instant::now() >= self.next
+    }
+    fn failed(&mut self) -> Duration {
+        let wait = self.delay;
+        self.next = tokio::time::Instant::now() + wait;
+        self.delay = (self.delay * 2).min(BACKOFF_MAX);
+        wait
+    }
+    fn succeeded(&mut self) {
+        *self = Self::new();
+    }
+}
+
+impl Agent {
+    /// Loads the node identity from the data dir, or attests with the join token on first
+    /// start. Fails with what to do when neither works.
+    pub async fn bootstrap(
+        cfg: AgentConfig,
+        metrics: Arc<AgentMetrics>,
+    ) -> Result<(Arc<Self>, SnapshotRx), AgentError> {
+        let addr = ca_link::ca_addr(&cfg.ca_url)?;
+        let now = SystemTime::now();
+        let (svid, bundle, renew_after) = if node::exists(&cfg.data_dir) {
+            let stored = node::load(&cfg.data_dir)?;
+            if node::expired(&stored, now) {
+                return Err(AgentError::Expired {
+                    dir: cfg.data_dir.clone(),
+                    expired: rfc3339(stored.svid.not_after()),
+                    name: stored
+                        .svid
+                        .id()
+                        .segments()
+                        .last()
+                        .unwrap_or("host")
+                        .to_owned(),
+                });
+            }
+            (stored.svid, stored.bundle, at(stored.meta.renew_after))
+        } else {
+            let token = cfg
+                .join_token
+                .clone()
+                .ok_or_else(|| AgentError::NoIdentity {
+                    dir: cfg.data_dir.clone(),
+                })?;
+            let bundle = initial_bundle(&cfg, &addr).await?;
+            let (key, csr) = ca_link::new_key_and_csr()?;
+            let answer =
+                ca_link::attest_join(&addr, Arc::new(bundle.clone()), &token, &csr).await?;
+            let bundle = ca_link::bundle_of(&answer.bundle, bundle.trust_domain())?;
+            let expected = SpiffeId::new(&answer.spiffe_id)
+                .map_err(|e| LinkError::BadAnswer(e.to_string()))?;
+            if !expected.path().starts_with("/kith/node/") {
+                return Err(LinkError::BadAnswer(format!(
+                    "attestation answered {expected}, not a node ID"
+                ))
+                .into());
+            }
+            let svid = ca_link::validate(&answer, &key, &bundle, &expected, now)?;
+            let meta = NodeMeta {
+                trust_domain: bundle.trust_domain().to_string(),
+                spiffe_id: svid.id().to_string(),
+                renew_after: answer.renew_after,
+            };
+            node::save(&cfg.data_dir, &svid, &bundle, &meta)?;
+            metrics.renewal("node_attest", "ok");
+            tracing::info!(id = %svid.id(), "node attested with the join token");
+            let renew_after = renew_point(answer.renew_after, svid.not_after(), now);
+            (svid, bundle, renew_after)
+        };
+        let td = bundle.trust_domain().clone();
+        let bundle = Arc::new(bundle);
+        let (tx, rx) = watch::channel(Arc::new(Snapshot {
+            version: 0,
+            svids: Vec::new(),
+            bundle: bundle.clone(),
+        }));
+        let agent = Arc::new(Self {
+            addr,
+            td,
+            bundle: ArcSwap::new(bundle),
+            node: ArcSwap::from_pointee(Node { svid, renew_after }),
+            snapshots: tx,
+            metrics,
+            ready: AtomicBool::new(false),
+            cfg,
+        });
+        Ok((agent, rx))
+    }
+
+    pub fn node_id(&self) -> SpiffeId {
+        self.node.load().svid.id().clone()
+    }
+
+    pub fn bundle(&self) -> Arc<TrustBundle> {
+        self.bundle.load_full()
+    }
+
+    /// Ready once the first round with the CA (or without it, from disk) has been published.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed) && self.node.load().svid.not_after() > SystemTime::now()
+    }
+
+    /// The reconcile loop; returns when `shutdown` fires.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut node_retry = Retry::new();
+        let mut entries_retry = Retry::new();
+        let mut next_entries_poll = tokio::time::Instant::now();
+        let mut etag: Option<String> = None;
+        let mut slots: HashMap<String, Slot> = HashMap::new();
+        let mut version = 0u64;
+        let mut last_published: Option<Vec<(String, Option<SystemTime>)>> = None;
+        let mut last_bundle_seq = None;
+        loop {
+            let now = SystemTime::now();
+            // Node renewal.
+            if now >= self.node.load().renew_after && node_retry.ready() {
+                match self.renew_node(now).await {
+                    Ok(()) => {
+                        node_retry.succeeded();
+                        self.metrics.renewal("node", "ok");
+                    }
+                    Err(e) => {
+                        let wait = node_retry.failed();
+                        self.metrics.renewal("node", e.reason());
+                        tracing::warn!(error = %e, retry_in = ?wait, "node SVID renewal failed; serving the current one");
+                    }
+                }
+            }
+            // Entries, with a conditional request.
+            if tokio::time::Instant::now() >= next_entries_poll && entries_retry.ready() {
+                match self.fetch_entries(etag.as_deref()).await {
+                    Ok(Some((list, tag))) => {
+                        entries_retry.succeeded();
+                        etag = tag;
+                        slots.retain(|id, _| list.iter().any(|e| &e.id == id));
+                        for entry in list {
+                            match slots.get_mut(&entry.id) {
+                                Some(slot) if slot.entry == entry => {}
+                                Some(slot) => {
+                                    // Changed selectors or ID: the old SVID no longer fits.
+                                    slot.entry = entry;
+                                    slot.svid = None;
+                                    slot.retry = Retry::new();
+                                }
+                                None => {
+                                    slots.insert(
+                                        entry.id.clone(),
+                                        Slot {
+                                            entry,
+                                            svid: None,
+                                            renew_after: now,
+                                            retry: Retry::new(),
+                                        },
+                                    );
+                                }
+                            }
+                        }
+                    }
+                    Ok(None) => entries_retry.succeeded(),
+                    Err(e) => {
+                        let wait = entries_retry.failed();
+                        tracing::warn!(error = %e, retry_in = ?wait, "fetching entries failed");
+                    }
+                }
+                next_entries_poll = tokio::time::Instant::now() + ENTRIES_POLL;
+            }
+            // Workload SVIDs that are missing or due.
+            for slot in slots.values_mut() {
+                let due = slot.svid.is_none() || now >= slot.renew_after;
+                if !due || !slot.retry.ready() {
+                    continue;
+                }
+                match self.issue_workload(&slot.entry, now).await {
+                    Ok((svid, renew_after)) => {
+                        slot.svid = Some(Arc::new(svid));
+                        slot.renew_after = renew_after;
+                        slot.retry.succeeded();
+                        self.metrics.renewal("workload", "ok");
+                    }
+                    Err(e) => {
+                        let wait = slot.retry.failed();
+                        self.metrics.renewal("workload", e.reason());
+                        tracing::warn!(entry = %slot.entry.id, id = %slot.entry.spiffe_id, error = %e, retry_in = ?wait,
+                            "workload SVID renewal failed; serving the current one until it expires");
+                    }
+                }
+            }
+            // An expired SVID is never served.
+            for slot in slots.values_mut() {
+                if slot.svid.as_ref().is_some_and(|s| s.not_after <= now) {
+                    slot.svid = None;
+                }
+            }
+            // Publish when what workloads would receive changed.
+            let shape: Vec<(String, Option<SystemTime>)> = {
+                let mut v: Vec<_> = slots
+                    .values()
+                    .map(|s| (s.entry.id.clone(), s.svid.as_ref().map(|x| x.not_after)))
+                    .collect();
+                v.sort();
+                v
+            };
+            let bundle = self.bundle.load_full();
+            let bundle_seq = Some((
+                bundle.sequence(),
+                bundle.x509_authorities().len(),
+                bundle.jwt_authorities().len(),
+            ));
+            if last_published.as_ref() != Some(&shape) || last_bundle_seq != bundle_seq {
+                version += 1;
+                let svids = slots.values().filter_map(|s| s.svid.clone()).collect();
+                self.snapshots.send_replace(Arc::new(Snapshot {
+                    version,
+                    svids,
+                    bundle,
+                }));
+                last_published = Some(shape);
+                last_bundle_seq = bundle_seq;
+            }
+            self.metrics.observe(
+                &self.node.load().svid,
+                slots.values().filter_map(|s| s.svid.as_deref()),
+                now,
+            );
+            self.ready.store(true, Ordering::Relaxed);
+
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+    }
+
+    async fn renew_node(&self, now: SystemTime) -> Result<(), LinkError> {
+        let (key, csr) = ca_link::new_key_and_csr()?;
+        let node = self.node.load_full();
+        let (status, _, body) = self
+            .call(
+                &node.svid,
+                Method::POST,
+                "/v1/renew",
+                Some(serde_json::json!({"csr": csr})),
+                &[],
+            )
+            .await?;
+        let answer = ca_link::answer(status, serde_json::from_slice(&body).unwrap_or_default())?;
+        let bundle = ca_link::bundle_of(&answer.bundle, &self.td)?;
+        let svid = ca_link::validate(&answer, &key, &bundle, node.svid.id(), now)?;
+        let meta = NodeMeta {
+            trust_domain: self.td.to_string(),
+            spiffe_id: svid.id().to_string(),
+            renew_after: answer.renew_after,
+        };
+        node::save(&self.cfg.data_dir, &svid, &bundle, &meta)
+            .map_err(|e| LinkError::BadAnswer(e.to_string()))?;
+        self.set_bundle(bundle);
+        let renew_after = renew_point(answer.renew_after, svid.not_after(), now);
+        self.node.store(Arc::new(Node { svid, renew_after }));
+        tracing::info!(id = %self.node_id(), renew_after = answer.renew_after, "renewed the node SVID");
+        Ok(())
+    }
+
+    /// `Ok(None)` when the list has not changed (304).
+    async fn fetch_entries(
+        &self,
+        etag: Option<&str>,
+    ) -> Result<Option<(Vec<Entry>, Option<String>)>, LinkError> {
+        let node = self.node.load_full();
+        let headers: Vec<(&str, &str)> =
+            etag.map(|t| vec![("if-none-match", t)]).unwrap_or_default();
+        let (status, headers, body) = self
+            .call(&node.svid, Method::GET, "/v1/entries", None, &headers)
+            .await?;
+        match status {
+            304 => Ok(None),
+            200 => {
+                let list: EntryList = serde_json::from_slice(&body)
+                    .map_err(|e| LinkError::BadAnswer(e.to_string()))?;
+                let tag = headers
+                    .get("etag")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                Ok(Some((list.entries, tag)))
+            }
+            s => Err(ca_link::refused(
+                s,
+                &serde_json::from_slice(&body).unwrap_or_default(),
+            )),
+        }
+    }
+
+    async fn issue_workload(
+        &self,
+        entry: &Entry,
+        now: SystemTime,
+    ) -> Result<(WorkloadSvid, SystemTime), LinkError> {
+        let id =
+            SpiffeId::new(&entry.spiffe_id).map_err(|e| LinkError::BadAnswer(e.to_string()))?;
+        let (key, csr) = ca_link::new_key_and_csr()?;
+        let node = self.node.load_full();
+        let body = serde_json::json!({"spiffe_id": id, "csr": csr});
+        let (status, _, bytes) = self
+            .call(&node.svid, Method::POST, "/v1/svid", Some(body), &[])
+            .await?;
+        let answer = ca_link::answer(status, serde_json::from_slice(&bytes).unwrap_or_default())?;
+        let bundle = ca_link::bundle_of(&answer.bundle, &self.td)?;
+        // Validated before it can replace anything.
+        let svid = ca_link::validate(&answer, &key, &bundle, &id, now)?;
+        self.set_bundle(bundle);
+        let workload = WorkloadSvid {
+            entry_id: entry.id.clone(),
+            spiffe_id: id,
+            selectors: entry.selectors.clone(),
+            chain: svid.chain().to_vec(),
+            key: svid.key().clone_key(),
+            not_after: svid.not_after(),
+        };
+        let renew_after = renew_point(answer.renew_after, workload.not_after, now);
+        Ok((workload, renew_after))
+    }
+
+    /// Adopts a bundle from a CA answer if it differs; persists it.
+    fn set_bundle(&self, bundle: TrustBundle) {
+        let current = self.bundle.load();
+        if **current == bundle {
+            return;
+        }
+        if let Err(e) = node::save_bundle(&self.cfg.data_dir, &bundle) {
+            tracing::warn!(error = %e, "cannot persist the new trust bundle");
+        }
+        tracing::info!(sequence = ?bundle.sequence(), roots = bundle.x509_authorities().len(), "trust bundle changed");
+        self.bundle.store(Arc::new(bundle));
+    }
+
+    async fn call(
+        &self,
+        node: &Svid,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+        headers: &[(&str, &str)],
+    ) -> Result<(u16, hyper::HeaderMap, bytes::Bytes), LinkError> {
+        ca_link::call(
+            &self.addr,
+            self.bundle.load_full(),
+            node,
+            method,
+            path,
+            body,
+            headers,
+        )
+        .await
+    }
+}
+
+impl JwtSource for Agent {
+    async fn fetch_jwt(
+        &self,
+        id: &SpiffeId,
+        audience: &[String],
+    ) -> Result<(String, SystemTime), String> {
+        let node = self.node.load_full();
+        let body = serde_json::json!({"spiffe_id": id, "audience": audience});
+        let (status, _, bytes) = self
+            .call(&node.svid, Method::POST, "/v1/jwt", Some(body), &[])
+            .await
+            .map_err(|e| e.to_string())?;
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        if status != 200 {
+            return Err(ca_link::refused(status, &v).to_string());
+        }
+        let token = v["token"]
+            .as_str()
+            .ok_or("the CA's answer has no token")?
+            .to_owned();
+        Ok((token, at(v["expires_at"].as_i64().unwrap_or(0))))
+    }
+}
+
+/// The bundle for first contact: a file the operator copied, or fetched and pinned by SHA-256.
+async fn initial_bundle(cfg: &AgentConfig, addr: &str) -> Result<TrustBundle, AgentError> {
+    if let Some(path) = &cfg.bundle_file {
+        let bytes = std::fs::read(path).map_err(|e| AgentError::BadBundle {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+        return TrustBundle::parse(None, &bytes).map_err(|e| AgentError::BadBundle {
+            path: path.clone(),
+            detail: e.to_string(),
+        });
+    }
+    let pin = cfg.bundle_sha256.as_deref().ok_or(AgentError::NoBundle)?;
+    Ok(ca_link::first_contact(addr, pin).await?)
+}
+
+/// When to renew: the CA's hint if it falls inside the SVID's remaining life, else the usual
+/// schedule from now. A hint in the past would make the agent renew in a loop.
+fn renew_point(hint: i64, not_after: SystemTime, now: SystemTime) -> SystemTime {
+    let hint = at(hint);
+    if hint > now && hint < not_after {
+        hint
+    } else {
+        identity::refresh_at(now, not_after, identity::Jitter::random())
+    }
+}
+
+pub fn at(secs: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64)
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    identity::x509::to_offset(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}

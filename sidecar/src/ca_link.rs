@@ -1,0 +1,211 @@
+//! The agent's side of the CA API: first contact (pinned bundle), attestation, and calls over
+//! mTLS with the current node SVID. Each call opens a fresh connection with the credentials of
+//! the moment, so a rotated node SVID or bundle is used at once; the agent calls rarely.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use ca::client::{ClientError, Connection, client_config, fetch_bundle_pinned};
+use hyper::Method;
+use identity::{SpiffeId, TrustBundle};
+use rcgen::{CertificateParams, DistinguishedName, KeyPair};
+use rustls_pki_types::PrivateKeyDer;
+use serde::Deserialize;
+use serde_json::json;
+
+/// How long one call to the CA may take before it counts as a failure.
+const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("the CA did not answer within {}s", CALL_TIMEOUT.as_secs())]
+    Timeout,
+    #[error("the CA refused: {code}: {message}")]
+    Refused {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    #[error("the CA's answer is not valid: {0}")]
+    BadAnswer(String),
+    #[error("--ca {0:?} is not an https://host:port URL")]
+    BadUrl(String),
+}
+
+impl LinkError {
+    /// A stable label for metrics and logs.
+    pub fn reason(&self) -> &str {
+        match self {
+            Self::Client(ClientError::Connect { .. }) => "ca_unreachable",
+            Self::Client(_) => "transport",
+            Self::Timeout => "timeout",
+            Self::Refused { code, .. } => code,
+            Self::BadAnswer(_) => "bad_answer",
+            Self::BadUrl(_) => "bad_url",
+        }
+    }
+}
+
+/// An issued SVID as the CA answers it.
+#[derive(Debug, Deserialize)]
+pub struct SvidAnswer {
+    pub spiffe_id: String,
+    pub svid: String,
+    pub expires_at: i64,
+    pub renew_after: i64,
+    pub bundle: serde_json::Value,
+}
+
+/// A fresh key and its CSR (empty subject: the CA decides every field).
+pub fn new_key_and_csr() -> Result<(KeyPair, String), LinkError> {
+    let key =
+        KeyPair::generate().map_err(|e| LinkError::BadAnswer(format!("key generation: {e}")))?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    let csr = params
+        .serialize_request(&key)
+        .and_then(|c| c.pem())
+        .map_err(|e| LinkError::BadAnswer(format!("csr: {e}")))?;
+    Ok((key, csr))
+}
+
+/// `https://ca.example.org:8443` → `ca.example.org:8443`.
+pub fn ca_addr(url: &str) -> Result<String, LinkError> {
+    let rest = url
+        .strip_prefix("https://")
+        .ok_or_else(|| LinkError::BadUrl(url.into()))?;
+    let host_port = rest.trim_end_matches('/');
+    if host_port.is_empty() || host_port.contains('/') {
+        return Err(LinkError::BadUrl(url.into()));
+    }
+    Ok(
+        if host_port
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        {
+            host_port.to_owned()
+        } else {
+            format!("{host_port}:443")
+        },
+    )
+}
+
+pub async fn first_contact(addr: &str, pin: &str) -> Result<TrustBundle, LinkError> {
+    timed(fetch_bundle_pinned(addr, pin))
+        .await?
+        .map_err(LinkError::from)
+}
+
+/// Node attestation with a join token.
+pub async fn attest_join(
+    addr: &str,
+    bundle: Arc<TrustBundle>,
+    token: &str,
+    csr: &str,
+) -> Result<SvidAnswer, LinkError> {
+    let mut conn = timed(Connection::open(addr, client_config(bundle, None)?)).await??;
+    let (status, v) =
+        timed(conn.post_json("/v1/attest/join", &json!({"token": token, "csr": csr}))).await??;
+    answer(status, v)
+}
+
+/// A call over mTLS with the node's SVID.
+pub async fn call(
+    addr: &str,
+    bundle: Arc<TrustBundle>,
+    node: &identity::Svid,
+    method: Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+    headers: &[(&str, &str)],
+) -> Result<(u16, hyper::HeaderMap, Bytes), LinkError> {
+    let config = client_config(
+        bundle,
+        Some((
+            node.chain().to_vec(),
+            PrivateKeyDer::Pkcs8(node.key().clone_key()),
+        )),
+    )?;
+    let mut conn = timed(Connection::open(addr, config)).await??;
+    let body = body.map(|b| b.to_string().into_bytes());
+    Ok(timed(conn.send(method, path, body, headers)).await??)
+}
+
+pub fn answer(status: u16, v: serde_json::Value) -> Result<SvidAnswer, LinkError> {
+    if status != 200 {
+        return Err(refused(status, &v));
+    }
+    serde_json::from_value(v).map_err(|e| LinkError::BadAnswer(e.to_string()))
+}
+
+pub fn refused(status: u16, v: &serde_json::Value) -> LinkError {
+    LinkError::Refused {
+        status,
+        code: v["code"].as_str().unwrap_or("error").to_owned(),
+        message: v["message"].as_str().unwrap_or_default().to_owned(),
+    }
+}
+
+/// Parses the bundle carried by a CA answer (the SPIFFE format) for `td`.
+pub fn bundle_of(
+    v: &serde_json::Value,
+    td: &identity::TrustDomain,
+) -> Result<TrustBundle, LinkError> {
+    TrustBundle::from_spiffe_json(td.clone(), v.to_string().as_bytes())
+        .map_err(|e| LinkError::BadAnswer(format!("bundle: {e}")))
+}
+
+/// Checks an issued SVID before it is used: the chain verifies against the bundle, it names the
+/// expected ID, and the key is the one we generated.
+pub fn validate(
+    answer: &SvidAnswer,
+    key: &KeyPair,
+    bundle: &TrustBundle,
+    expected: &SpiffeId,
+    now: SystemTime,
+) -> Result<identity::Svid, LinkError> {
+    let chain = identity::pem::certificates(answer.svid.as_bytes())
+        .map_err(|e| LinkError::BadAnswer(e.to_string()))?;
+    let svid = identity::Svid::new(chain, identity::x509::portable_pkcs8(key))
+        .map_err(|e| LinkError::BadAnswer(e.to_string()))?;
+    let id = identity::verify_x509_svid(svid.chain(), bundle, now)
+        .map_err(|e| LinkError::BadAnswer(format!("issued SVID does not verify: {e}")))?;
+    if &id != expected {
+        return Err(LinkError::BadAnswer(format!(
+            "the CA issued {id}, expected {expected}"
+        )));
+    }
+    Ok(svid)
+}
+
+async fn timed<T>(f: impl std::future::Future<Output = T>) -> Result<T, LinkError> {
+    tokio::time::timeout(CALL_TIMEOUT, f)
+        .await
+        .map_err(|_| LinkError::Timeout)
+}
+
+impl From<tokio::time::error::Elapsed> for LinkError {
+    fn from(_: tokio::time::error::Elapsed) -> Self {
+        LinkError::Timeout
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ca_urls() {
+        assert_eq!(ca_addr("https://ca:8443").unwrap(), "ca:8443");
+        assert_eq!(
+            ca_addr("https://ca.example.org/").unwrap(),
+            "ca.example.org:443"
+        );
+        assert_eq!(ca_addr("https://127.0.0.1:9").unwrap(), "127.0.0.1:9");
+        assert!(ca_addr("http://ca:8443").is_err());
+        assert!(ca_addr("https://ca:8443/v1").is_err());
+    }
+}
