@@ -19,6 +19,8 @@ struct Cli {
 enum Command {
     /// The CA: issues short-lived SVIDs to attested nodes and workloads
     Ca(ca::cli::CaArgs),
+    /// The per-host agent: attests the node, keeps SVIDs fresh, serves the SPIFFE Workload API
+    Agent(sidecar::cli::AgentArgs),
     /// Developer certificates: a local CA that issues SPIFFE X509-SVIDs (mkcert for SPIFFE)
     Certs(certs_dev::CertsArgs),
 }
@@ -26,6 +28,7 @@ enum Command {
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Ca(args) => ca::cli::run(args),
+        Command::Agent(args) => sidecar::cli::run(args),
         Command::Certs(args) => certs_dev::run(args),
     }
 }

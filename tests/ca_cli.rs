@@ -3,80 +3,14 @@
 //! the audit chain offline, including finding a tampered row.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde_json::{Value, json};
 
 mod common;
 
-struct Ca {
-    child: Child,
-    addr: String,
-}
-
-fn kith(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_kith"))
-        .args(args)
-        .output()
-        .unwrap();
-    let (o, e) = (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    assert!(!e.contains("panicked"), "{e}");
-    (out.status.code().unwrap_or(-1), o, e)
-}
-
-fn serve(data: &Path) -> Ca {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kith"))
-        .args([
-            "ca",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-        ])
-        .arg("--data-dir")
-        .arg(data)
-        .env(
-            "KITH_CA_KEK",
-            "KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio=",
-        )
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str::<Value>(&line)
-                && v["fields"]["message"] == "kith ca serving"
-            {
-                let _ = tx.send(v["fields"]["api"].as_str().unwrap_or_default().to_owned());
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("the CA logs its address when serving");
-    Ca { child, addr }
-}
-
-fn stop(mut ca: Ca) -> i32 {
-    // SIGTERM, as an init system would send.
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(ca.child.id().to_string())
-        .status();
-    ca.child.wait().unwrap().code().unwrap_or(-1)
-}
+use common::{kith, serve_ca as serve, stop};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_runs_the_ca_from_the_cli() {

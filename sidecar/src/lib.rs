@@ -1,8 +1,12 @@
 //! `kith agent` (and, in a later issue, `kith sidecar`): proves the node to the CA, keeps node
 //! and workload SVIDs fresh, and serves them to local workloads over the SPIFFE Workload API.
 
+pub mod admin;
 pub mod agent;
+pub mod attest;
 pub mod ca_link;
+pub mod cli;
 pub mod metrics;
 pub mod node;
 pub mod state;
+pub mod workload_api;

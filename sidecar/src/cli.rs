@@ -1,0 +1,179 @@
+//! `kith agent run`: the per-host identity agent. Flags, each also a `KITH_AGENT_*` variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::agent::{Agent, AgentConfig};
+use crate::attest::Attestor;
+use crate::metrics::AgentMetrics;
+use crate::workload_api::{self, Limits, WorkloadApiMetrics};
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    #[command(subcommand)]
+    command: AgentCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum AgentCommand {
+    /// Attest the node, keep SVIDs fresh, and serve the SPIFFE Workload API
+    Run(Box<RunArgs>),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// The CA, e.g. https://ca.example.org:8443
+    #[arg(long, env = "KITH_AGENT_CA")]
+    ca: String,
+    /// The CA's trust bundle (PEM or SPIFFE format), for first contact
+    #[arg(long, env = "KITH_AGENT_BUNDLE", conflicts_with = "bundle_sha256")]
+    bundle: Option<PathBuf>,
+    /// SHA-256 of the CA's PEM bundle (printed by `kith ca token create`), for first contact
+    #[arg(long, env = "KITH_AGENT_BUNDLE_SHA256")]
+    bundle_sha256: Option<String>,
+    /// One-time join token (first start only; later starts renew the stored identity)
+    #[arg(long, env = "KITH_AGENT_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    #[arg(
+        long,
+        env = "KITH_AGENT_DATA_DIR",
+        default_value = "/var/lib/kith-agent"
+    )]
+    data_dir: PathBuf,
+    /// The Workload API socket (SPIFFE_ENDPOINT_SOCKET for workloads: unix://<path>)
+    #[arg(
+        long,
+        env = "KITH_AGENT_SOCKET",
+        default_value = "/run/kith/agent.sock"
+    )]
+    socket: PathBuf,
+    /// /live, /ready and /metrics
+    #[arg(
+        long,
+        env = "KITH_AGENT_ADMIN_LISTEN",
+        default_value = "127.0.0.1:15021"
+    )]
+    admin_listen: SocketAddr,
+    /// text or json
+    #[arg(long, env = "KITH_AGENT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+pub fn run(args: AgentArgs) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let AgentCommand::Run(args) = args.command;
+    match rt.block_on(run_agent(*args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!(
+                "error: {}",
+                e.chain()
+                    .map(|c| c.to_string())
+                    .collect::<Vec<_>>()
+                    .join(": ")
+            );
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run_agent(args: RunArgs) -> Result<()> {
+    ca::cli::init_logging(&args.log_format);
+    let cfg = AgentConfig {
+        ca_url: args.ca.clone(),
+        bundle_file: args.bundle.clone(),
+        bundle_sha256: args.bundle_sha256.clone(),
+        join_token: args.join_token.clone(),
+        data_dir: args.data_dir.clone(),
+    };
+    tracing::info!(
+        ca = %args.ca,
+        data_dir = %args.data_dir.display(),
+        socket = %args.socket.display(),
+        admin = %args.admin_listen,
+        first_contact = if args.bundle.is_some() { "bundle file" } else if args.bundle_sha256.is_some() { "pinned sha256" } else { "stored" },
+        join_token = if args.join_token.is_some() { "<redacted>" } else { "none" },
+        "kith agent starting"
+    );
+    let metrics = Arc::new(AgentMetrics::new());
+    let (agent, snapshots) = Agent::bootstrap(cfg, metrics).await?;
+    let socket = workload_api::bind(&args.socket).with_context(|| {
+        format!(
+            "cannot bind the Workload API socket {}",
+            args.socket.display()
+        )
+    })?;
+    let admin = tokio::net::TcpListener::bind(args.admin_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (admin)", args.admin_listen))?;
+    tracing::info!(id = %agent.node_id(), socket = %args.socket.display(), "serving the Workload API");
+
+    let shutdown = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let api_metrics = Arc::new(WorkloadApiMetrics::new());
+    tasks.spawn(agent.clone().run(shutdown.clone()));
+    tasks.spawn(crate::admin::serve(
+        agent.clone(),
+        api_metrics.clone(),
+        admin,
+        shutdown.clone(),
+    ));
+    let api = workload_api::serve(
+        socket,
+        snapshots,
+        agent.clone(),
+        Arc::new(Attestor::new()),
+        Limits::default(),
+        api_metrics,
+        shutdown.clone(),
+    );
+    let api = tasks.spawn(api);
+    tasks.close();
+    tokio::select! {
+        _ = wait_for_signal() => tracing::info!("shutting down"),
+        r = api => {
+            if let Ok(Err(e)) = r {
+                tracing::error!(error = %e, "the Workload API stopped");
+            }
+        }
+    }
+    shutdown.cancel();
+    if tokio::time::timeout(Duration::from_secs(10), tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some tasks did not stop within 10s");
+    }
+    let _ = std::fs::remove_file(&args.socket);
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,468 @@
+//! The SPIFFE Workload API (spiffe/spiffe `standards/SPIFFE_Workload_API.md`) over a Unix
+//! socket: local workloads fetch their X509-SVIDs, JWT-SVIDs and bundles here, and are told
+//! who they are by the kernel (see [`crate::attest`]), never by anything they send.
+//!
+//! Every answer comes from the latest [`Snapshot`] the agent published. Streams push a new
+//! message only when what *this* caller would receive changed.
+
+mod convert;
+mod metrics;
+mod socket;
+
+/// The code generated from `proto/workloadapi.proto` (no package, hence `_`).
+pub mod proto {
+    #![allow(clippy::all, clippy::unwrap_used, missing_docs)]
+    tonic::include_proto!("_");
+}
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use identity::SpiffeId;
+use tokio::net::UnixListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::{Code, Request, Response, Status};
+
+pub use self::metrics::{CallCount, Method, WorkloadApiMetrics};
+use self::proto::spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApiServer};
+use self::proto::*;
+use self::socket::ConnInfo;
+pub use self::socket::bind;
+use crate::attest::{AttestError, Attestor};
+use crate::state::{JwtSource, Snapshot, SnapshotRx, WorkloadSvid};
+
+/// The metadata every Workload API call must carry (SPIFFE Workload Endpoint standard): it
+/// proves the request came from a Workload API client and not from a browser or a proxy
+/// tricked into forwarding to the socket.
+const SECURITY_HEADER: &str = "workload.spiffe.io";
+
+/// Requests are tiny; the largest is a JWT-SVID to validate (16 KiB at most).
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// Limits on what callers can hold open.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// HTTP/2 concurrent streams per connection (SETTINGS_MAX_CONCURRENT_STREAMS). Clients queue
+    /// past it; tonic sets no limit by default.
+    pub max_streams_per_connection: u32,
+    /// Server streams open at once over all connections; past it new ones get
+    /// ResourceExhausted.
+    pub max_streams: usize,
+    /// HTTP/2 PING interval on an idle connection, and how long to wait for the answer: finds
+    /// callers that vanished without closing (frozen, or the socket held by a stopped process).
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    /// After shutdown, how long connections may take to close before they are cut. A client
+    /// that never completes the HTTP/2 handshake would otherwise hold the server open forever.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_streams_per_connection: 100,
+            max_streams: 10_000,
+            keepalive_interval: Duration::from_secs(60),
+            keepalive_timeout: Duration::from_secs(20),
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("workload api server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// Serves the Workload API on `listener` until `shutdown` is cancelled; then stops accepting,
+/// ends every stream (callers see Unavailable and reconnect to the next agent) and returns once
+/// every connection has closed.
+pub async fn serve<J: JwtSource>(
+    listener: UnixListener,
+    snapshots: SnapshotRx,
+    jwt: Arc<J>,
+    attestor: Arc<Attestor>,
+    limits: Limits,
+    metrics: Arc<WorkloadApiMetrics>,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let tasks = TaskTracker::new();
+    let api = WorkloadApi {
+        snapshots,
+        jwt,
+        attestor,
+        metrics,
+        // Semaphore::new panics past MAX_PERMITS; a configured limit must not.
+        streams: Arc::new(Semaphore::new(
+            limits.max_streams.min(Semaphore::MAX_PERMITS),
+        )),
+        tasks: tasks.clone(),
+        shutdown: shutdown.clone(),
+    };
+    let service = SpiffeWorkloadApiServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES);
+    let force_close = CancellationToken::new();
+    let serving = tonic::transport::Server::builder()
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        .add_service(service)
+        .serve_with_incoming_shutdown(
+            socket::incoming(listener, force_close.clone()),
+            shutdown.cancelled(),
+        );
+    tokio::pin!(serving);
+    let grace_over = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(limits.shutdown_grace).await;
+    };
+    let result = tokio::select! {
+        result = &mut serving => result,
+        () = grace_over => {
+            tracing::info!("workload api connections still open after the grace period; cutting them");
+            force_close.cancel();
+            serving.await
+        }
+    };
+    tasks.close();
+    tasks.wait().await;
+    Ok(result?)
+}
+
+struct WorkloadApi<J> {
+    snapshots: SnapshotRx,
+    jwt: Arc<J>,
+    attestor: Arc<Attestor>,
+    metrics: Arc<WorkloadApiMetrics>,
+    streams: Arc<Semaphore>,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+type Feed<T> = ReceiverStream<Result<T, Status>>;
+
+impl<J: JwtSource> WorkloadApi<J> {
+    /// The caller's selectors, once the request proved it is a Workload API call.
+    async fn attest<T>(&self, req: &Request<T>) -> Result<Vec<String>, Status> {
+        let header = req.metadata().get(SECURITY_HEADER);
+        if header.is_none_or(|v| v.as_bytes() != b"true") {
+            return Err(Status::invalid_argument(
+                "security header missing from request",
+            ));
+        }
+        let cred = req
+            .extensions()
+            .get::<ConnInfo>()
+            .and_then(|info| info.cred)
+            .ok_or_else(|| Status::permission_denied("no peer credentials on this connection"))?;
+        self.attestor.attest(cred).await.map_err(|e| match e {
+            AttestError::Gone => Status::permission_denied(e.to_string()),
+            AttestError::Proc(_) | AttestError::Plugin { .. } => Status::unavailable(e.to_string()),
+            AttestError::Task(_) => Status::internal(e.to_string()),
+        })
+    }
+
+    /// Opens a server stream for an attested caller: `build` makes the message this caller
+    /// gets from a snapshot; the first goes out at once, later ones whenever the message would
+    /// differ from the last one sent. An error from `build` (the caller lost its entitlement)
+    /// ends the stream with that status.
+    fn open_stream<T, F>(&self, build: F) -> Result<Feed<T>, Status>
+    where
+        T: PartialEq + Clone + Send + Sync + 'static,
+        F: Fn(&Snapshot) -> Result<T, Status> + Send + 'static,
+    {
+        let permit = self
+            .streams
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Status::resource_exhausted("too many workload api streams open"))?;
+        let mut snapshots = self.snapshots.clone();
+        // Clone the Arc out so the watch's lock is not held while the message is built.
+        let current = snapshots.borrow_and_update().clone();
+        let first = build(&current)?;
+        let (tx, rx) = mpsc::channel(1);
+        // Capacity 1 and nothing sent yet: this cannot fail.
+        let _ = tx.try_send(Ok(first.clone()));
+        let metrics = self.metrics.clone();
+        let shutdown = self.shutdown.clone();
+        metrics.stream_opened();
+        self.tasks.spawn(async move {
+            push_changes(snapshots, tx, first, build, shutdown, permit).await;
+            metrics.stream_closed();
+        });
+        Ok(ReceiverStream::new(rx))
+    }
+
+    async fn x509_svid(
+        &self,
+        req: Request<X509svidRequest>,
+    ) -> Result<Feed<X509svidResponse>, Status> {
+        let selectors = self.attest(&req).await?;
+        self.open_stream(move |snap| {
+            let svids = entitled(snap, &selectors)?;
+            Ok(convert::x509_svid_response(&svids, &snap.bundle))
+        })
+    }
+
+    async fn x509_bundles(
+        &self,
+        req: Request<X509BundlesRequest>,
+    ) -> Result<Feed<X509BundlesResponse>, Status> {
+        let selectors = self.attest(&req).await?;
+        self.open_stream(move |snap| {
+            // As SPIRE does by default: bundles go to registered workloads only.
+            entitled(snap, &selectors)?;
+            Ok(convert::x509_bundles_response(&snap.bundle))
+        })
+    }
+
+    async fn jwt_bundles(
+        &self,
+        req: Request<JwtBundlesRequest>,
+    ) -> Result<Feed<JwtBundlesResponse>, Status> {
+        let selectors = self.attest(&req).await?;
+        self.open_stream(move |snap| {
+            entitled(snap, &selectors)?;
+            Ok(JwtBundlesResponse {
+                bundles: [(
+                    convert::bundle_key(&snap.bundle),
+                    convert::jwks(&snap.bundle),
+                )]
+                .into(),
+            })
+        })
+    }
+
+    async fn jwt_svid(
+        &self,
+        req: Request<JwtsvidRequest>,
+    ) -> Result<Response<JwtsvidResponse>, Status> {
+        let selectors = self.attest(&req).await?;
+        let req = req.into_inner();
+        if req.audience.is_empty() || req.audience.iter().any(String::is_empty) {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        let wanted = match req.spiffe_id.as_str() {
+            "" => None,
+            id => Some(
+                SpiffeId::new(id)
+                    .map_err(|e| Status::invalid_argument(format!("invalid spiffe_id: {e}")))?,
+            ),
+        };
+        let snapshot = self.snapshots.borrow().clone();
+        let mut ids: Vec<SpiffeId> = Vec::new();
+        for svid in entitled(&snapshot, &selectors)? {
+            // Two entries may grant the same ID: one token per ID is enough.
+            if !ids.contains(&svid.spiffe_id) {
+                ids.push(svid.spiffe_id.clone());
+            }
+        }
+        if let Some(wanted) = wanted {
+            if !ids.contains(&wanted) {
+                tracing::debug!(?selectors, %wanted, "caller asked for a jwt-svid it is not entitled to");
+                return Err(Status::permission_denied(format!(
+                    "no identity issued for {wanted}"
+                )));
+            }
+            ids = vec![wanted];
+        }
+        let mut svids = Vec::with_capacity(ids.len());
+        for id in ids {
+            let (token, _exp) = self.jwt.fetch_jwt(&id, &req.audience).await.map_err(|e| {
+                Status::unavailable(format!("could not fetch jwt-svid for {id}: {e}"))
+            })?;
+            svids.push(Jwtsvid {
+                spiffe_id: id.to_string(),
+                svid: token,
+                hint: String::new(),
+            });
+        }
+        Ok(Response::new(JwtsvidResponse { svids }))
+    }
+
+    async fn validate_jwt(
+        &self,
+        req: Request<ValidateJwtsvidRequest>,
+    ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
+        let selectors = self.attest(&req).await?;
+        let req = req.into_inner();
+        if req.audience.is_empty() {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        if req.svid.is_empty() {
+            return Err(Status::invalid_argument("svid must be specified"));
+        }
+        let snapshot = self.snapshots.borrow().clone();
+        entitled(&snapshot, &selectors)?;
+        let bundle = &snapshot.bundle;
+        let claims = ca::jwt_svid::verify_jwt_svid(
+            &req.svid,
+            bundle.jwt_authorities(),
+            &req.audience,
+            SystemTime::now(),
+        )
+        .map_err(|e| Status::invalid_argument(format!("invalid jwt-svid: {e}")))?;
+        // The standard: validate against the bundle of the subject's trust domain. The agent
+        // holds one, so a subject from elsewhere is not ours to vouch for.
+        if !claims.sub.is_member_of(bundle.trust_domain()) {
+            return Err(Status::invalid_argument(format!(
+                "invalid jwt-svid: no bundle for trust domain {}",
+                claims.sub.trust_domain()
+            )));
+        }
+        Ok(Response::new(ValidateJwtsvidResponse {
+            spiffe_id: claims.sub.to_string(),
+            claims: Some(convert::claims_struct(&claims)),
+        }))
+    }
+
+    fn record<T>(&self, method: Method, result: &Result<T, Status>) {
+        let code = match result {
+            Ok(_) => Code::Ok,
+            Err(status) => status.code(),
+        };
+        self.metrics.record(method, code);
+    }
+}
+
+/// The caller's SVIDs in `snapshot`; PermissionDenied when there are none.
+fn entitled(snapshot: &Snapshot, selectors: &[String]) -> Result<Vec<Arc<WorkloadSvid>>, Status> {
+    let svids = snapshot.for_caller(selectors);
+    if svids.is_empty() {
+        tracing::debug!(?selectors, "workload api caller matches no entry");
+        return Err(Status::permission_denied("no identity issued"));
+    }
+    Ok(svids)
+}
+
+/// The life of one stream after its first message.
+async fn push_changes<T, F>(
+    mut snapshots: SnapshotRx,
+    tx: mpsc::Sender<Result<T, Status>>,
+    mut last: T,
+    build: F,
+    shutdown: CancellationToken,
+    _permit: OwnedSemaphorePermit,
+) where
+    T: PartialEq + Clone + Send,
+    F: Fn(&Snapshot) -> Result<T, Status>,
+{
+    loop {
+        tokio::select! {
+            changed = snapshots.changed() => {
+                if changed.is_err() {
+                    let _ = tx.try_send(Err(Status::unavailable("agent is shutting down")));
+                    return;
+                }
+            }
+            () = tx.closed() => return,
+            () = shutdown.cancelled() => {
+                let _ = tx.try_send(Err(Status::unavailable("agent is shutting down")));
+                return;
+            }
+        }
+        let current = snapshots.borrow_and_update().clone();
+        let next = build(&current);
+        let item = match next {
+            Ok(msg) if msg == last => continue,
+            Ok(msg) => {
+                last = msg.clone();
+                Ok(msg)
+            }
+            Err(status) => Err(status),
+        };
+        let end = item.is_err();
+        // A caller that does not read blocks this send; the snapshot it then gets is the
+        // latest, since `watch` keeps only that.
+        tokio::select! {
+            sent = tx.send(item) => {
+                if sent.is_err() {
+                    return;
+                }
+            }
+            () = shutdown.cancelled() => return,
+        }
+        if end {
+            return;
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl<J: JwtSource> SpiffeWorkloadApi for WorkloadApi<J> {
+    type FetchX509SVIDStream = Feed<X509svidResponse>;
+    type FetchX509BundlesStream = Feed<X509BundlesResponse>;
+    type FetchJWTBundlesStream = Feed<JwtBundlesResponse>;
+    type FetchWITSVIDStream = Feed<WitsvidResponse>;
+    type FetchWITBundlesStream = Feed<WitBundlesResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        req: Request<X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        let result = self.x509_svid(req).await.map(Response::new);
+        self.record(Method::FetchX509Svid, &result);
+        result
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        req: Request<X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        let result = self.x509_bundles(req).await.map(Response::new);
+        self.record(Method::FetchX509Bundles, &result);
+        result
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        req: Request<JwtsvidRequest>,
+    ) -> Result<Response<JwtsvidResponse>, Status> {
+        let result = self.jwt_svid(req).await;
+        self.record(Method::FetchJwtSvid, &result);
+        result
+    }
+
+    async fn fetch_jwt_bundles(
+        &self,
+        req: Request<JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        let result = self.jwt_bundles(req).await.map(Response::new);
+        self.record(Method::FetchJwtBundles, &result);
+        result
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        req: Request<ValidateJwtsvidRequest>,
+    ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
+        let result = self.validate_jwt(req).await;
+        self.record(Method::ValidateJwtSvid, &result);
+        result
+    }
+
+    async fn fetch_witsvid(
+        &self,
+        _req: Request<WitsvidRequest>,
+    ) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
+        let result = Err(Status::unimplemented(
+            "the WIT-SVID profile is not supported",
+        ));
+        self.record(Method::FetchWitSvid, &result);
+        result
+    }
+
+    async fn fetch_wit_bundles(
+        &self,
+        _req: Request<WitBundlesRequest>,
+    ) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
+        let result = Err(Status::unimplemented(
+            "the WIT-SVID profile is not supported",
+        ));
+        self.record(Method::FetchWitBundles, &result);
+        result
+    }
+}
