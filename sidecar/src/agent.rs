@@ -309,6 +309,9 @@ impl Agent {
                     slot.svid = None;
                 }
             }
+            // Ready from the end of the first round; set before publishing so that whoever sees
+            // the first snapshot also sees the agent ready.
+            self.ready.store(true, Ordering::Relaxed);
             // Publish when what workloads would receive changed.
             let shape: Vec<(String, Option<SystemTime>)> = {
                 let mut v: Vec<_> = slots
@@ -340,7 +343,6 @@ impl Agent {
                 slots.values().filter_map(|s| s.svid.as_deref()),
                 now,
             );
-            self.ready.store(true, Ordering::Relaxed);
 
             tokio::select! {
                 _ = shutdown.cancelled() => return,
