@@ -216,3 +216,121 @@ async fn a_ca_outage_is_survived_and_caught_up_without_a_restart() {
         "renewed by itself once the CA returned"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_data_dir_is_reported_and_nothing_is_overwritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = start_ca(
+        &dir.path().join("ca"),
+        "127.0.0.1:0".parse().unwrap(),
+        |_| {},
+    )
+    .await;
+    let (token, pin) = ca.token("host-a").await;
+    let adir = dir.path().join("agent");
+    let (_agent, _rx, stop) = run_agent(agent_config(&ca, &adir, Some(token), Some(pin))).await;
+    stop.cancel();
+    for (file, garbage) in [
+        ("node.json", "{not json"),
+        ("node.key", "-----BEGIN PRIVATE KEY-----\nAAAA\n"),
+        ("bundle.json", "[]"),
+    ] {
+        let path = adir.join(file);
+        let good = std::fs::read(&path).unwrap();
+        std::fs::write(&path, garbage).unwrap();
+        let err = Agent::bootstrap(
+            agent_config(&ca, &adir, None, None),
+            std::sync::Arc::new(AgentMetrics::new()),
+        )
+        .await
+        .err()
+        .unwrap();
+        let text = err.to_string();
+        assert!(
+            text.contains("is damaged") && text.contains(file) && text.contains("join token"),
+            "{file}: {text}"
+        );
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            garbage.as_bytes(),
+            "the agent does not overwrite what it cannot read"
+        );
+        std::fs::write(&path, good).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_reports_readiness_and_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = start_ca(
+        &dir.path().join("ca"),
+        "127.0.0.1:0".parse().unwrap(),
+        |_| {},
+    )
+    .await;
+    let (token, pin) = ca.token("host-a").await;
+    let (agent, rx, stop) = run_agent(agent_config(
+        &ca,
+        &dir.path().join("agent"),
+        Some(token),
+        Some(pin),
+    ))
+    .await;
+    ca.entry(
+        "spiffe://example.org/web",
+        agent.node_id().as_str(),
+        &["unix:uid:1000"],
+    )
+    .await;
+    assert!(eventually(Duration::from_secs(15), || !rx.borrow().svids.is_empty()).await);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let api = std::sync::Arc::new(sidecar::workload_api::WorkloadApiMetrics::new());
+    tokio::spawn(sidecar::admin::serve(
+        agent.clone(),
+        api,
+        listener,
+        stop.clone(),
+    ));
+    let get = |path: &'static str| async move {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = hyper::Request::get(path)
+            .header("host", "x")
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        use http_body_util::BodyExt;
+        (
+            status,
+            String::from_utf8(
+                resp.into_body()
+                    .collect()
+                    .await
+                    .unwrap()
+                    .to_bytes()
+                    .to_vec(),
+            )
+            .unwrap(),
+        )
+    };
+    assert_eq!(get("/live").await.0, 200);
+    assert_eq!(get("/ready").await.0, 200);
+    let (status, metrics) = get("/metrics").await;
+    assert_eq!(status, 200);
+    for want in [
+        "kith_agent_renewals_total{kind=\"node_attest\",result=\"ok\"} 1",
+        "kith_agent_renewals_total{kind=\"workload\",result=\"ok\"}",
+        "kith_agent_svid_seconds_to_expiry{spiffe_id=\"spiffe://example.org/web\"}",
+        "kith_agent_svids_held 1",
+        "kith_agent_workload_api_open_streams 0",
+    ] {
+        assert!(metrics.contains(want), "{want} in\n{metrics}");
+    }
+    assert!(metrics.ends_with("# EOF\n"));
+}
