@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::agent::{Agent, AgentConfig};
 use crate::attest::Attestor;
+use crate::docker::DockerPlugin;
 use crate::metrics::AgentMetrics;
 use crate::workload_api::{self, Limits, WorkloadApiMetrics};
 
@@ -62,6 +63,13 @@ struct RunArgs {
         default_value = "127.0.0.1:15021"
     )]
     admin_listen: SocketAddr,
+    /// The Docker Engine API socket, for docker:label/image/name selectors of callers in containers
+    #[arg(
+        long,
+        env = "KITH_AGENT_DOCKER_SOCKET",
+        default_value = crate::docker::DEFAULT_SOCKET
+    )]
+    docker_socket: PathBuf,
     /// text or json
     #[arg(long, env = "KITH_AGENT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -126,6 +134,18 @@ async fn run_agent(args: RunArgs) -> Result<()> {
         .with_context(|| format!("cannot listen on {} (admin)", args.admin_listen))?;
     tracing::info!(id = %agent.node_id(), socket = %args.socket.display(), "serving the Workload API");
 
+    // Without the engine the agent still serves host processes; callers in containers are
+    // refused until it answers (see crate::docker for why). Warned once, here.
+    let docker = DockerPlugin::new(&args.docker_socket);
+    match docker.api_version().await {
+        Ok(api) => {
+            tracing::info!(socket = %args.docker_socket.display(), api, "docker attestation enabled")
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "callers in docker containers will be refused until the engine answers")
+        }
+    }
+
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
     let api_metrics = Arc::new(WorkloadApiMetrics::new());
@@ -140,7 +160,7 @@ async fn run_agent(args: RunArgs) -> Result<()> {
         socket,
         snapshots,
         agent.clone(),
-        Arc::new(Attestor::new()),
+        Arc::new(Attestor::new().with_plugin(docker)),
         Limits::default(),
         api_metrics,
         shutdown.clone(),

@@ -6,6 +6,7 @@ pub mod agent;
 pub mod attest;
 pub mod ca_link;
 pub mod cli;
+pub mod docker;
 pub mod metrics;
 pub mod node;
 pub mod state;
