@@ -228,6 +228,7 @@ impl Agent {
         let mut version = 0u64;
         let mut last_published: Option<Vec<(String, Option<SystemTime>)>> = None;
         let mut last_bundle_seq = None;
+        let mut next_bundle_refresh = tokio::time::Instant::now() + self.bundle_refresh();
         loop {
             let now = SystemTime::now();
             // Node renewal.
@@ -281,6 +282,17 @@ impl Agent {
                     }
                 }
                 next_entries_poll = tokio::time::Instant::now() + ENTRIES_POLL;
+            }
+            // The bundle at its refresh hint, besides the copy every renewal brings: a new root
+            // reaches workloads even when nothing renews for a while.
+            if tokio::time::Instant::now() >= next_bundle_refresh {
+                match self.fetch_bundle().await {
+                    Ok(bundle) => self.set_bundle(bundle),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "refreshing the trust bundle failed; keeping the current one")
+                    }
+                }
+                next_bundle_refresh = tokio::time::Instant::now() + self.bundle_refresh();
             }
             // Workload SVIDs that are missing or due.
             for slot in slots.values_mut() {
@@ -437,6 +449,27 @@ impl Agent {
         };
         let renew_after = renew_point(answer.renew_after, workload.not_after, now);
         Ok((workload, renew_after))
+    }
+
+    /// The bundle's refresh hint, within sane bounds (10 s to 1 h; 5 min when it has none).
+    fn bundle_refresh(&self) -> Duration {
+        self.bundle
+            .load()
+            .refresh_hint()
+            .unwrap_or(Duration::from_secs(300))
+            .clamp(Duration::from_secs(10), Duration::from_secs(3600))
+    }
+
+    async fn fetch_bundle(&self) -> Result<TrustBundle, LinkError> {
+        let node = self.node.load_full();
+        let (status, _, body) = self
+            .call(&node.svid, Method::GET, "/v1/bundle", None, &[])
+            .await?;
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        if status != 200 {
+            return Err(ca_link::refused(status, &v));
+        }
+        ca_link::bundle_of(&v, &self.td)
     }
 
     /// Adopts a bundle from a CA answer if it differs; persists it.

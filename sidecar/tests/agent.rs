@@ -334,3 +334,41 @@ async fn admin_reports_readiness_and_metrics() {
     }
     assert!(metrics.ends_with("# EOF\n"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_change_on_the_ca_reaches_workloads_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    // A one-minute signer: its successor JWT key is published at 30 s, changing the bundle.
+    let ca = start_ca(
+        &dir.path().join("ca"),
+        "127.0.0.1:0".parse().unwrap(),
+        |c| {
+            c.intermediate_ttl = Duration::from_secs(60);
+            c.workload_ttl = Duration::from_secs(20);
+        },
+    )
+    .await;
+    let (token, pin) = ca.token("host-a").await;
+    let (agent, rx, _stop) = run_agent(agent_config(
+        &ca,
+        &dir.path().join("agent"),
+        Some(token),
+        Some(pin),
+    ))
+    .await;
+    ca.entry(
+        "spiffe://example.org/web",
+        agent.node_id().as_str(),
+        &["unix:uid:1000"],
+    )
+    .await;
+    assert!(eventually(Duration::from_secs(15), || !rx.borrow().svids.is_empty()).await);
+    let before = rx.borrow().bundle.sequence();
+    assert!(
+        eventually(Duration::from_secs(75), || rx.borrow().bundle.sequence()
+            > before
+            && rx.borrow().bundle.jwt_authorities().len() >= 2)
+        .await,
+        "the new bundle was published to workloads"
+    );
+}
