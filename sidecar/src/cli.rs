@@ -27,6 +27,8 @@ pub struct AgentArgs {
 enum AgentCommand {
     /// Attest the node, keep SVIDs fresh, and serve the SPIFFE Workload API
     Run(Box<RunArgs>),
+    /// Write this process's SVID and bundles as files (SPIFFE Filesystem Delivery)
+    Fetch(Box<crate::fetch::FetchArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -87,7 +89,10 @@ pub fn run(args: AgentArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let AgentCommand::Run(args) = args.command;
+    let args = match args.command {
+        AgentCommand::Run(args) => args,
+        AgentCommand::Fetch(args) => return rt.block_on(crate::fetch::main(*args)),
+    };
     match rt.block_on(run_agent(*args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -7,6 +7,7 @@ pub mod attest;
 pub mod ca_link;
 pub mod cli;
 pub mod docker;
+pub mod fetch;
 pub mod metrics;
 pub mod node;
 pub mod state;
