@@ -5,6 +5,7 @@
 //! Every answer comes from the latest [`Snapshot`] the agent published. Streams push a new
 //! message only when what *this* caller would receive changed.
 
+mod authority;
 mod convert;
 mod metrics;
 mod socket;

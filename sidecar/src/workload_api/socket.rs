@@ -16,6 +16,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::Connected;
 
+use super::authority::AuthorityFix;
 use crate::attest::PeerCred;
 
 /// How long the accept loop rests after an accept error (EMFILE, ENFILE, ENOMEM): tonic
@@ -72,7 +73,8 @@ pub(crate) struct ConnInfo {
 }
 
 pub(crate) struct Conn {
-    io: UnixStream,
+    /// The client's bytes reach h2 through the `:authority` shim (see `authority.rs`).
+    io: AuthorityFix<UnixStream>,
     info: ConnInfo,
     /// Once ready, reads and writes fail: a connection that outlives the shutdown grace
     /// (no HTTP/2 preface ever sent, a reader that never reads) is cut.
@@ -161,7 +163,7 @@ pub(crate) fn incoming(
                         }
                     };
                     Ok(Conn {
-                        io,
+                        io: AuthorityFix::new(io),
                         info: ConnInfo { cred },
                         force_close: Box::pin(force_close.cancelled_owned()),
                     })
