@@ -92,7 +92,8 @@ pub struct DirectionMetrics {
 }
 
 impl DirectionMetrics {
-    /// Connections that passed the handshake and authorization and were forwarded.
+    /// Connections that were established: inbound, handshake and authorization passed;
+    /// outbound, the peer's first byte arrived (or it closed cleanly) after the handshake.
     pub fn accepted(&self) -> u64 {
         self.accepted.load(Ordering::Relaxed)
     }
@@ -129,6 +130,10 @@ impl DirectionMetrics {
 
     pub(crate) fn close(&self, from_tls: u64, to_tls: u64) {
         self.active.fetch_sub(1, Ordering::Relaxed);
+        self.add_bytes(from_tls, to_tls);
+    }
+
+    pub(crate) fn add_bytes(&self, from_tls: u64, to_tls: u64) {
         self.bytes_from_tls.fetch_add(from_tls, Ordering::Relaxed);
         self.bytes_to_tls.fetch_add(to_tls, Ordering::Relaxed);
     }

@@ -2,11 +2,15 @@
 //! address. Outbound: plaintext in, mTLS to the remote inbound. Both take a bound listener and
 //! a shutdown token, cap connections with a semaphore, and count every refusal by reason.
 
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
@@ -121,11 +125,11 @@ pub async fn serve_outbound(
     accept_loop(listener, limits, shutdown, move |stream| {
         let (connector, identity, metrics) = (connector.clone(), identity.clone(), metrics.clone());
         async move {
-            let m = &metrics.outbound;
+            let m = metrics.clone();
             if let Err(reason) = outbound(stream, &connector, &identity, connect, &limits, m).await
             {
                 tracing::debug!(%reason, "outbound connection refused");
-                m.refuse(reason);
+                metrics.outbound.refuse(reason);
             }
         }
     })
@@ -229,7 +233,7 @@ async fn outbound(
     identity: &IdentityHandle,
     to: SocketAddr,
     limits: &Limits,
-    metrics: &DirectionMetrics,
+    metrics: Arc<Metrics>,
 ) -> Result<(), Reason> {
     if identity.ready(limits.identity_hold).await.is_none() {
         return Err(Reason::NoIdentityYet);
@@ -248,16 +252,70 @@ async fn outbound(
     if tls.get_ref().1.alpn_protocol() != Some(ALPN) {
         return Err(Reason::HandshakeFailed);
     }
-    metrics.open();
+    // TLS 1.3: the server judges our certificate after our handshake "succeeded"; a refusal
+    // arrives as an alert on the first read. So the connection counts as established only
+    // with the peer's first byte (FirstByte), and an error before it is a refusal.
+    let tls = FirstByte {
+        inner: tls,
+        metrics: metrics.clone(),
+        opened: false,
+    };
     let outcome = copy_bidirectional(stream, tls, limits.idle_timeout).await;
     log_end(&to.to_string(), &outcome);
-    metrics.close(outcome.transferred.b_to_a, outcome.transferred.a_to_b);
-    // TLS 1.3: the server judges our certificate after our handshake "succeeded"; a refusal
-    // shows up as an error before the peer's first byte.
-    if outcome.result.is_err() && outcome.transferred.b_to_a == 0 {
+    let m = &metrics.outbound;
+    let t = outcome.transferred;
+    if t.b_to_a > 0 {
+        m.close(t.b_to_a, t.a_to_b);
+    } else if outcome.result.is_ok() {
+        // A clean close without a byte back is a normal (one-way) exchange.
+        m.open();
+        m.close(0, t.a_to_b);
+    } else {
+        m.add_bytes(0, t.a_to_b);
         return Err(Reason::PeerRefused);
     }
     Ok(())
+}
+
+/// Counts an outbound connection as established (`open`) on the first byte from the peer.
+struct FirstByte<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+    opened: bool,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for FirstByte<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if !self.opened && buf.filled().len() > before {
+            self.opened = true;
+            self.metrics.outbound.open();
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for FirstByte<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 async fn connect(to: SocketAddr, timeout: Duration) -> Result<TcpStream, Reason> {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use common::*;
 use identity::x509::to_offset;
 use identity::{SpiffeId, TrustBundle};
-use proxy::{ExpectedPeer, IdentityHandle, Policy, Reason};
+use proxy::{ExpectedPeer, IdentityHandle, Limits, Policy, Reason};
 use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -212,6 +212,93 @@ async fn outbound_refuses_an_unexpected_server() {
     assert!(got.map(|b| b.is_empty()).unwrap_or(true));
     let m = &outbound.metrics.outbound;
     eventually("not authorized", || m.refused(Reason::NotAuthorized) == 1).await;
+}
+
+#[tokio::test]
+async fn outbound_counts_a_refusal_that_arrives_after_its_handshake() {
+    let pki = Pki::new("example.test");
+    let backend = echo_backend().await;
+    let inbound = inbound(
+        handle(pki.svid(SERVER), pki.bundle()),
+        Policy::new(pki.td.clone()),
+        backend,
+    )
+    .await;
+    // The client trusts the server's CA, but the server does not trust the client's.
+    let other = Pki::new("example.test");
+    let both = TrustBundle::from_roots(pki.td.clone(), vec![pki.root.clone(), other.root.clone()])
+        .unwrap();
+    let outbound = outbound(
+        handle(other.svid(CLIENT), both),
+        inbound.addr,
+        ExpectedPeer::Id(id(SERVER)),
+    )
+    .await;
+    let got = within(round_trip(outbound.addr, b"hello")).await;
+    assert!(got.map(|b| b.is_empty()).unwrap_or(true));
+    let (i, o) = (&inbound.metrics.inbound, &outbound.metrics.outbound);
+    eventually("refused on both sides", || {
+        i.refused(Reason::UnknownCa) == 1 && o.refused(Reason::PeerRefused) == 1
+    })
+    .await;
+    assert_eq!(
+        o.accepted(),
+        0,
+        "counted as established before the peer's first byte"
+    );
+}
+
+#[tokio::test]
+async fn connection_limit_queues_the_excess() {
+    let pki = Pki::new("example.test");
+    let backend = echo_backend().await;
+    let one = Limits {
+        max_connections: 1,
+        ..limits()
+    };
+    let inbound = inbound_with(
+        handle(pki.svid(SERVER), pki.bundle()),
+        Policy::new(pki.td.clone()),
+        backend,
+        one,
+    )
+    .await;
+    let outbound = outbound(
+        handle(pki.svid(CLIENT), pki.bundle()),
+        inbound.addr,
+        ExpectedPeer::Id(id(SERVER)),
+    )
+    .await;
+    let mut first = TcpStream::connect(outbound.addr).await.unwrap();
+    first.write_all(b"1").await.unwrap();
+    let mut b = [0u8; 1];
+    within(first.read_exact(&mut b)).await.unwrap();
+
+    // The second waits in the backlog while the first holds the only slot.
+    let second = tokio::spawn(round_trip(outbound.addr, b"2"));
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(!second.is_finished());
+    assert_eq!(inbound.metrics.inbound.accepted(), 1);
+
+    drop(first);
+    let got = within(second).await.unwrap().unwrap();
+    assert_eq!(got, b"2");
+    assert_eq!(inbound.metrics.inbound.accepted(), 2);
+}
+
+#[test]
+fn limits_are_validated() {
+    assert!(limits().validate().is_ok());
+    let zero = Limits {
+        max_connections: 0,
+        ..limits()
+    };
+    assert!(zero.validate().is_err());
+    let no_idle = Limits {
+        idle_timeout: std::time::Duration::ZERO,
+        ..limits()
+    };
+    assert!(no_idle.validate().is_err());
 }
 
 #[tokio::test]

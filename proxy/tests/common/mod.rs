@@ -154,6 +154,15 @@ impl Drop for Running {
 }
 
 pub async fn inbound(identity: IdentityHandle, policy: Policy, forward: SocketAddr) -> Running {
+    inbound_with(identity, policy, forward, limits()).await
+}
+
+pub async fn inbound_with(
+    identity: IdentityHandle,
+    policy: Policy,
+    forward: SocketAddr,
+    limits: Limits,
+) -> Running {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let metrics = Arc::new(Metrics::default());
@@ -163,7 +172,7 @@ pub async fn inbound(identity: IdentityHandle, policy: Policy, forward: SocketAd
         identity,
         policy,
         forward,
-        limits(),
+        limits,
         metrics.clone(),
         shutdown.clone(),
     ));
