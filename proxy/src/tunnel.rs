@@ -199,6 +199,8 @@ async fn inbound(
     let mut first = [0u8; 1];
     match tokio::time::timeout(limits.handshake_timeout, stream.peek(&mut first)).await {
         Ok(Ok(1)) if first[0] == TLS_HANDSHAKE => {}
+        // Connected and closed without a byte (a port probe): not plaintext.
+        Ok(Ok(0)) => return Err(Reason::HandshakeFailed),
         Ok(Ok(_)) => return Err(Reason::PlaintextRefused),
         Ok(Err(_)) | Err(_) => return Err(Reason::HandshakeFailed),
     }

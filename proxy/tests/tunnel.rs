@@ -286,6 +286,43 @@ async fn connection_limit_queues_the_excess() {
     assert_eq!(inbound.metrics.inbound.accepted(), 2);
 }
 
+#[tokio::test]
+async fn shutdown_stops_the_listener_and_its_connections() {
+    let pki = Pki::new("example.test");
+    let backend = echo_backend().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let metrics = Arc::new(proxy::Metrics::default());
+    let serve = tokio::spawn(proxy::serve_inbound(
+        listener,
+        handle(pki.svid(SERVER), pki.bundle()),
+        Policy::new(pki.td.clone()),
+        backend,
+        limits(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    let outbound = outbound(
+        handle(pki.svid(CLIENT), pki.bundle()),
+        addr,
+        ExpectedPeer::Id(id(SERVER)),
+    )
+    .await;
+    let mut open = TcpStream::connect(outbound.addr).await.unwrap();
+    open.write_all(b"1").await.unwrap();
+    let mut b = [0u8; 1];
+    within(open.read_exact(&mut b)).await.unwrap();
+
+    shutdown.cancel();
+    within(serve).await.unwrap().unwrap();
+    // The established connection was closed too.
+    let mut rest = Vec::new();
+    let closed = within(open.read_to_end(&mut rest)).await;
+    assert!(closed.is_err() || rest.is_empty());
+    assert!(TcpStream::connect(addr).await.is_err());
+}
+
 #[test]
 fn limits_are_validated() {
     assert!(limits().validate().is_ok());
