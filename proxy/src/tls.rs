@@ -1,0 +1,441 @@
+//! The proxy's TLS: the current identity (SVID + trust bundle) published on a `watch`, a
+//! certificate resolver and two SPIFFE verifiers that read it on every handshake, and the
+//! rustls configurations (TLS 1.3 only, ring, X25519, ALPN `kith/1`, no resumption).
+//!
+//! The configs are built once per listener: because the resolvers and verifiers read the
+//! current identity per handshake, a newly published SVID or bundle applies to the next
+//! handshake, and established connections keep the keys they negotiated.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{ResolvesClientCert, Resumption};
+use rustls::crypto::CryptoProvider;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError,
+    ServerConfig, SignatureScheme,
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use tokio::sync::watch;
+
+use identity::{SpiffeId, Svid, TrustBundle, VerifyError};
+
+use crate::metrics::Reason;
+
+/// The one ALPN protocol both ends speak.
+pub const ALPN: &[u8] = b"kith/1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("svid does not verify against the bundle: {0}")]
+    Verify(#[from] VerifyError),
+    #[error("svid is for {svid}, but the chain says {chain}")]
+    IdMismatch { svid: SpiffeId, chain: SpiffeId },
+    #[error("private key is not usable: {0}")]
+    Key(rustls::Error),
+    #[error("tls configuration: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+/// The peer presented a valid SVID, but not the identity this side expects.
+#[derive(Debug, thiserror::Error)]
+#[error("peer is {got}, expected {expected}")]
+pub struct UnexpectedPeer {
+    pub got: SpiffeId,
+    pub expected: String,
+}
+
+/// ring with X25519 only for key exchange (DESIGN.md defaults); TLS 1.2 is compiled out.
+pub fn provider() -> Arc<CryptoProvider> {
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.kx_groups = vec![rustls::crypto::ring::kx_group::X25519];
+    Arc::new(provider)
+}
+
+/// A published identity: validated SVID, the bundle it validated against, and the signing key.
+pub struct Credentials {
+    svid: Svid,
+    bundle: TrustBundle,
+    key: Arc<CertifiedKey>,
+    version: u64,
+}
+
+impl Credentials {
+    pub fn svid(&self) -> &Svid {
+        &self.svid
+    }
+
+    pub fn bundle(&self) -> &TrustBundle {
+        &self.bundle
+    }
+
+    /// Increases by one with every publish.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("id", self.svid.id())
+            .field("trust_domain", self.bundle.trust_domain())
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The current identity of this proxy, shared by listeners, resolvers and verifiers. Starts
+/// empty: before the first publish every handshake fails closed.
+#[derive(Clone)]
+pub struct IdentityHandle {
+    tx: Arc<watch::Sender<Option<Arc<Credentials>>>>,
+}
+
+impl IdentityHandle {
+    pub fn new() -> Self {
+        Self {
+            tx: Arc::new(watch::Sender::new(None)),
+        }
+    }
+
+    /// Validates `svid` against `bundle` at `now` (chain, X509-SVID rules, trust domain) and
+    /// only then publishes both. On error the previous identity stays in place.
+    pub fn publish(
+        &self,
+        svid: Svid,
+        bundle: TrustBundle,
+        now: SystemTime,
+    ) -> Result<(), TlsError> {
+        let id = identity::verify_x509_svid(svid.chain(), &bundle, now)?;
+        if &id != svid.id() {
+            return Err(TlsError::IdMismatch {
+                svid: svid.id().clone(),
+                chain: id,
+            });
+        }
+        let signing = provider()
+            .key_provider
+            .load_private_key(PrivateKeyDer::Pkcs8(svid.key().clone_key()))
+            .map_err(TlsError::Key)?;
+        let key = Arc::new(CertifiedKey::new(svid.chain().to_vec(), signing));
+        self.tx.send_modify(|current| {
+            let version = current.as_ref().map_or(1, |c| c.version + 1);
+            tracing::info!(id = %svid.id(), version, "identity published");
+            *current = Some(Arc::new(Credentials {
+                svid,
+                bundle,
+                key,
+                version,
+            }));
+        });
+        Ok(())
+    }
+
+    pub fn current(&self) -> Option<Arc<Credentials>> {
+        self.tx.borrow().clone()
+    }
+
+    /// Waits up to `hold` for the first identity.
+    pub async fn ready(&self, hold: Duration) -> Option<Arc<Credentials>> {
+        if let Some(c) = self.current() {
+            return Some(c);
+        }
+        let mut rx = self.tx.subscribe();
+        match tokio::time::timeout(hold, rx.wait_for(Option::is_some)).await {
+            Ok(Ok(c)) => c.clone(),
+            _ => None,
+        }
+    }
+}
+
+impl Default for IdentityHandle {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for IdentityHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("IdentityHandle")
+            .field(&self.current())
+            .finish()
+    }
+}
+
+/// Which server the client side accepts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExpectedPeer {
+    /// Exactly this SPIFFE ID.
+    Id(SpiffeId),
+    /// Any workload of the own trust domain (the bundle's).
+    TrustDomain,
+}
+
+impl ExpectedPeer {
+    fn check(&self, id: &SpiffeId) -> Result<(), UnexpectedPeer> {
+        match self {
+            // The trust domain was already enforced by `verify_x509_svid`.
+            Self::TrustDomain => Ok(()),
+            Self::Id(expected) if expected == id => Ok(()),
+            Self::Id(expected) => Err(UnexpectedPeer {
+                got: id.clone(),
+                expected: expected.to_string(),
+            }),
+        }
+    }
+}
+
+/// Serves (and presents, as a client) the current certificate, read per handshake.
+#[derive(Debug)]
+struct CurrentCert(IdentityHandle);
+
+impl ResolvesServerCert for CurrentCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.0.current().map(|c| c.key.clone())
+    }
+}
+
+impl ResolvesClientCert for CurrentCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.0.current().map(|c| c.key.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Validates a peer chain against the *current* bundle and returns its SPIFFE ID.
+fn verify_peer(
+    identity: &IdentityHandle,
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    now: UnixTime,
+) -> Result<SpiffeId, rustls::Error> {
+    let Some(current) = identity.current() else {
+        return Err(rustls::Error::General("no identity yet".into()));
+    };
+    let mut chain = Vec::with_capacity(1 + intermediates.len());
+    chain.push(end_entity.clone());
+    chain.extend(intermediates.iter().cloned());
+    let at = SystemTime::UNIX_EPOCH + Duration::from_secs(now.as_secs());
+    // SECURITY: rustls-webpki validates the chain inside verify_x509_svid; the error travels
+    // as an OtherError so that the listener can count the refusal by its reason.
+    identity::verify_x509_svid(&chain, current.bundle(), at).map_err(other)
+}
+
+fn other(e: impl std::error::Error + Send + Sync + 'static) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
+}
+
+/// Server side: a client certificate is mandatory and must be an SVID of the current bundle.
+/// Authorization of the ID happens after the handshake (`authz::Policy`).
+#[derive(Debug)]
+struct SpiffeClientVerifier {
+    identity: IdentityHandle,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        verify_peer(&self.identity, end_entity, intermediates, now)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("tls 1.2 is not supported".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Client side: the server must present an SVID of the current bundle with the expected ID.
+/// SECURITY: the server name is ignored on purpose; an SVID is identified by its URI SAN only.
+#[derive(Debug)]
+struct SpiffeServerVerifier {
+    identity: IdentityHandle,
+    expect: ExpectedPeer,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let id = verify_peer(&self.identity, end_entity, intermediates, now)?;
+        self.expect.check(&id).map_err(other)?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("tls 1.2 is not supported".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The inbound (server) configuration: client certificate required, read per handshake.
+pub fn server_config(identity: &IdentityHandle) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = provider();
+    let verifier = SpiffeClientVerifier {
+        identity: identity.clone(),
+        provider: provider.clone(),
+    };
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_cert_resolver(Arc::new(CurrentCert(identity.clone())));
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    // SECURITY: no resumption. A resumed TLS 1.3 session presents no certificate and rustls
+    // reports the original one, so a rotated-out or expired client identity would live on
+    // for the ticket's lifetime (PITFALLS.md "Resumption hides rotation").
+    config.send_tls13_tickets = 0;
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    Ok(Arc::new(config))
+}
+
+/// The outbound (client) configuration: presents the current SVID, expects `expect`.
+pub fn client_config(
+    identity: &IdentityHandle,
+    expect: ExpectedPeer,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let provider = provider();
+    let verifier = SpiffeServerVerifier {
+        identity: identity.clone(),
+        expect,
+        provider: provider.clone(),
+    };
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_cert_resolver(Arc::new(CurrentCert(identity.clone())));
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    // SECURITY: see server_config; also makes every connection present the current SVID.
+    config.resumption = Resumption::disabled();
+    Ok(Arc::new(config))
+}
+
+/// The SPIFFE ID of an already verified peer chain's leaf.
+pub fn peer_id(certs: Option<&[CertificateDer<'static>]>) -> Option<SpiffeId> {
+    let leaf = certs?.first()?;
+    identity::check_svid_leaf(leaf).ok()
+}
+
+/// Why a handshake failed, as a refusal reason, when the error says.
+pub fn refusal_reason(error: &std::io::Error) -> Option<Reason> {
+    let tls = error.get_ref()?.downcast_ref::<rustls::Error>()?;
+    match tls {
+        // SECURITY: STRICT mode; a client that presents no identity is refused like plaintext.
+        rustls::Error::NoCertificatesPresented => Some(Reason::PlaintextRefused),
+        rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(e))) => {
+            if let Some(v) = e.downcast_ref::<VerifyError>() {
+                Some(Reason::from_verify(v))
+            } else if e.downcast_ref::<UnexpectedPeer>().is_some() {
+                Some(Reason::NotAuthorized)
+            } else {
+                None
+            }
+        }
+        rustls::Error::InvalidCertificate(CertificateError::Expired) => Some(Reason::Expired),
+        rustls::Error::InvalidCertificate(CertificateError::NotValidYet) => {
+            Some(Reason::NotYetValid)
+        }
+        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
+            Some(Reason::UnknownCa)
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expected_peer_checks_exact_id() {
+        let a = SpiffeId::new("spiffe://example.test/a").expect("id");
+        let b = SpiffeId::new("spiffe://example.test/b").expect("id");
+        assert!(ExpectedPeer::Id(a.clone()).check(&a).is_ok());
+        assert!(ExpectedPeer::Id(a).check(&b).is_err());
+        assert!(ExpectedPeer::TrustDomain.check(&b).is_ok());
+    }
+
+    #[test]
+    fn configs_build_without_identity() {
+        let handle = IdentityHandle::new();
+        assert!(handle.current().is_none());
+        server_config(&handle).expect("server config");
+        client_config(&handle, ExpectedPeer::TrustDomain).expect("client config");
+    }
+}

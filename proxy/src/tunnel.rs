@@ -1,0 +1,350 @@
+//! The two tunnel ends. Inbound: mTLS in, authorize the peer, plaintext to a local forward
+//! address. Outbound: plaintext in, mTLS to the remote inbound. Both take a bound listener and
+//! a shutdown token, cap connections with a semaphore, and count every refusal by reason.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::authz::Policy;
+use crate::copy::{self, copy_bidirectional};
+use crate::metrics::{DirectionMetrics, Metrics, Reason};
+use crate::tls::{self, ALPN, ExpectedPeer, IdentityHandle, TlsError};
+
+/// The first byte of every TLS record carrying a handshake message.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot build the tls configuration: {0}")]
+    Tls(#[from] TlsError),
+    #[error("invalid limits: {0}")]
+    Limits(&'static str),
+}
+
+/// Per-listener limits. All durations must be non-zero and `max_connections` at least one.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_connections: usize,
+    /// A connection with no byte either way for this long is closed.
+    pub idle_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// How long a connection waits for the first identity before `no_identity_yet`.
+    pub identity_hold: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 1024,
+            idle_timeout: Duration::from_secs(3600),
+            handshake_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            identity_hold: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Limits {
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.max_connections == 0 {
+            return Err(Error::Limits("max_connections must be at least 1"));
+        }
+        let durations = [
+            self.idle_timeout,
+            self.handshake_timeout,
+            self.connect_timeout,
+            self.identity_hold,
+        ];
+        if durations.iter().any(Duration::is_zero) {
+            return Err(Error::Limits("timeouts must be non-zero"));
+        }
+        Ok(())
+    }
+}
+
+/// mTLS in → plaintext to `forward`. Runs until `shutdown`, then waits for the connections,
+/// which are cancelled by the same token.
+pub async fn serve_inbound(
+    listener: TcpListener,
+    identity: IdentityHandle,
+    policy: Policy,
+    forward: SocketAddr,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    limits.validate()?;
+    let acceptor = TlsAcceptor::from(tls::server_config(&identity)?);
+    let policy = Arc::new(policy);
+    accept_loop(listener, limits, shutdown, move |stream| {
+        let (acceptor, identity, policy, metrics) = (
+            acceptor.clone(),
+            identity.clone(),
+            policy.clone(),
+            metrics.clone(),
+        );
+        async move {
+            let m = &metrics.inbound;
+            if let Err(reason) =
+                inbound(stream, &acceptor, &identity, &policy, forward, &limits, m).await
+            {
+                tracing::debug!(%reason, "inbound connection refused");
+                m.refuse(reason);
+            }
+        }
+    })
+    .await;
+    Ok(())
+}
+
+/// Plaintext in → mTLS to `connect`, whose server must match `expect`.
+pub async fn serve_outbound(
+    listener: TcpListener,
+    identity: IdentityHandle,
+    connect: SocketAddr,
+    expect: ExpectedPeer,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    limits.validate()?;
+    let connector = TlsConnector::from(tls::client_config(&identity, expect)?);
+    accept_loop(listener, limits, shutdown, move |stream| {
+        let (connector, identity, metrics) = (connector.clone(), identity.clone(), metrics.clone());
+        async move {
+            let m = metrics.clone();
+            if let Err(reason) = outbound(stream, &connector, &identity, connect, &limits, m).await
+            {
+                tracing::debug!(%reason, "outbound connection refused");
+                metrics.outbound.refuse(reason);
+            }
+        }
+    })
+    .await;
+    Ok(())
+}
+
+async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    limits: Limits,
+    shutdown: CancellationToken,
+    handle: F,
+) where
+    F: Fn(TcpStream) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let tracker = TaskTracker::new();
+    loop {
+        // Wait for a free slot before accepting: excess connections queue in the kernel's
+        // backlog instead of costing memory here (mini-redis).
+        let permit = tokio::select! {
+            () = shutdown.cancelled() => break,
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let stream = tokio::select! {
+            () = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // EMFILE and friends pass; back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = handle(stream);
+        let token = shutdown.clone();
+        tracker.spawn(async move {
+            tokio::select! {
+                () = token.cancelled() => {}
+                () = conn => {}
+            }
+            drop(permit);
+        });
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+async fn inbound(
+    stream: TcpStream,
+    acceptor: &TlsAcceptor,
+    identity: &IdentityHandle,
+    policy: &Policy,
+    forward: SocketAddr,
+    limits: &Limits,
+    metrics: &DirectionMetrics,
+) -> Result<(), Reason> {
+    // SECURITY: STRICT mode. Anything that does not start like a TLS handshake is refused
+    // before rustls sees it, and counted as plaintext.
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(limits.handshake_timeout, stream.peek(&mut first)).await {
+        Ok(Ok(1)) if first[0] == TLS_HANDSHAKE => {}
+        // Connected and closed without a byte (a port probe): not plaintext.
+        Ok(Ok(0)) => return Err(Reason::HandshakeFailed),
+        Ok(Ok(_)) => return Err(Reason::PlaintextRefused),
+        Ok(Err(_)) | Err(_) => return Err(Reason::HandshakeFailed),
+    }
+    if identity.ready(limits.identity_hold).await.is_none() {
+        return Err(Reason::NoIdentityYet);
+    }
+    let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => return Err(tls::refusal_reason(&e).unwrap_or(Reason::HandshakeFailed)),
+        Err(_) => return Err(Reason::HandshakeFailed),
+    };
+    let conn = tls.get_ref().1;
+    if conn.alpn_protocol() != Some(ALPN) {
+        return Err(Reason::HandshakeFailed);
+    }
+    let peer = tls::peer_id(conn.peer_certificates()).ok_or(Reason::BadCertificate)?;
+    if let Err(denied) = policy.check(&peer, forward.port()) {
+        tracing::info!(%denied, "inbound connection not authorized");
+        return Err(Reason::NotAuthorized);
+    }
+    let upstream = connect(forward, limits.connect_timeout).await?;
+    metrics.open();
+    let outcome = copy_bidirectional(tls, upstream, limits.idle_timeout).await;
+    log_end(&peer.to_string(), &outcome);
+    metrics.close(outcome.transferred.a_to_b, outcome.transferred.b_to_a);
+    Ok(())
+}
+
+async fn outbound(
+    stream: TcpStream,
+    connector: &TlsConnector,
+    identity: &IdentityHandle,
+    to: SocketAddr,
+    limits: &Limits,
+    metrics: Arc<Metrics>,
+) -> Result<(), Reason> {
+    if identity.ready(limits.identity_hold).await.is_none() {
+        return Err(Reason::NoIdentityYet);
+    }
+    let upstream = connect(to, limits.connect_timeout).await?;
+    // The name is not checked (SPIFFE verifier) and an IP address sends no SNI.
+    let name = ServerName::IpAddress(to.ip().into());
+    let tls =
+        match tokio::time::timeout(limits.handshake_timeout, connector.connect(name, upstream))
+            .await
+        {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => return Err(tls::refusal_reason(&e).unwrap_or(Reason::HandshakeFailed)),
+            Err(_) => return Err(Reason::HandshakeFailed),
+        };
+    if tls.get_ref().1.alpn_protocol() != Some(ALPN) {
+        return Err(Reason::HandshakeFailed);
+    }
+    // TLS 1.3: the server judges our certificate after our handshake "succeeded"; a refusal
+    // arrives as an alert on the first read. So the connection counts as established only
+    // with the peer's first byte (FirstByte), and an error before it is a refusal.
+    let tls = FirstByte {
+        inner: tls,
+        metrics: metrics.clone(),
+        opened: false,
+    };
+    let outcome = copy_bidirectional(stream, tls, limits.idle_timeout).await;
+    log_end(&to.to_string(), &outcome);
+    let m = &metrics.outbound;
+    let t = outcome.transferred;
+    if t.b_to_a > 0 {
+        m.close(t.b_to_a, t.a_to_b);
+    } else if outcome.result.is_ok() {
+        // A clean close without a byte back is a normal (one-way) exchange.
+        m.open();
+        m.close(0, t.a_to_b);
+    } else {
+        m.add_bytes(0, t.a_to_b);
+        return Err(Reason::PeerRefused);
+    }
+    Ok(())
+}
+
+/// Counts an outbound connection as established (`open`) on the first byte from the peer.
+struct FirstByte<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+    opened: bool,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for FirstByte<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if !self.opened && buf.filled().len() > before {
+            self.opened = true;
+            self.metrics.outbound.open();
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for FirstByte<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+async fn connect(to: SocketAddr, timeout: Duration) -> Result<TcpStream, Reason> {
+    match tokio::time::timeout(timeout, TcpStream::connect(to)).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
+        Ok(Err(e)) => {
+            tracing::info!(%to, error = %e, "upstream unreachable");
+            Err(Reason::UpstreamUnreachable)
+        }
+        Err(_) => Err(Reason::UpstreamUnreachable),
+    }
+}
+
+fn log_end(peer: &str, outcome: &copy::Outcome) {
+    let t = outcome.transferred;
+    match &outcome.result {
+        Ok(()) => tracing::debug!(
+            peer,
+            a_to_b = t.a_to_b,
+            b_to_a = t.b_to_a,
+            "connection closed"
+        ),
+        Err(e) => {
+            tracing::debug!(peer, a_to_b = t.a_to_b, b_to_a = t.b_to_a, error = %e, "connection ended")
+        }
+    }
+}
