@@ -21,6 +21,8 @@ enum Command {
     Ca(ca::cli::CaArgs),
     /// The per-host agent: attests the node, keeps SVIDs fresh, serves the SPIFFE Workload API
     Agent(sidecar::cli::AgentArgs),
+    /// The mTLS sidecar proxy (explicit tunnels for now)
+    Sidecar(sidecar::tunnel_cli::SidecarArgs),
     /// Developer certificates: a local CA that issues SPIFFE X509-SVIDs (mkcert for SPIFFE)
     Certs(certs_dev::CertsArgs),
 }
@@ -29,6 +31,7 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Ca(args) => ca::cli::run(args),
         Command::Agent(args) => sidecar::cli::run(args),
+        Command::Sidecar(args) => sidecar::tunnel_cli::run(args),
         Command::Certs(args) => certs_dev::run(args),
     }
 }

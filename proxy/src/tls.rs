@@ -344,6 +344,16 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     }
 }
 
+/// The inbound configuration for clients that are not kith proxies (curl, a Go program with
+/// its SVID): the same client-certificate requirement, but no ALPN, since such clients offer
+/// their own application protocols (`h2`, `http/1.1`) and `kith/1` would refuse them.
+pub fn edge_server_config(identity: &IdentityHandle) -> Result<Arc<ServerConfig>, TlsError> {
+    let mesh = server_config(identity)?;
+    let mut edge = (*mesh).clone();
+    edge.alpn_protocols = Vec::new();
+    Ok(Arc::new(edge))
+}
+
 /// The inbound (server) configuration: client certificate required, read per handshake.
 pub fn server_config(identity: &IdentityHandle) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = provider();

@@ -13,7 +13,7 @@ use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
-use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -87,7 +87,10 @@ pub async fn serve_inbound(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     limits.validate()?;
-    let acceptor = TlsAcceptor::from(tls::server_config(&identity)?);
+    let acceptor = Arc::new(Configs {
+        mesh: tls::server_config(&identity)?,
+        edge: tls::edge_server_config(&identity)?,
+    });
     let policy = Arc::new(policy);
     accept_loop(listener, limits, shutdown, move |stream| {
         let (acceptor, identity, policy, metrics) = (
@@ -185,9 +188,16 @@ async fn accept_loop<F, Fut>(
     tracker.wait().await;
 }
 
+/// The two inbound configurations: `mesh` for kith proxies (they offer ALPN `kith/1`), `edge`
+/// for other mTLS clients of an explicit tunnel. Both require a client SVID.
+struct Configs {
+    mesh: Arc<rustls::ServerConfig>,
+    edge: Arc<rustls::ServerConfig>,
+}
+
 async fn inbound(
     stream: TcpStream,
-    acceptor: &TlsAcceptor,
+    acceptor: &Configs,
     identity: &IdentityHandle,
     policy: &Policy,
     forward: SocketAddr,
@@ -207,13 +217,30 @@ async fn inbound(
     if identity.ready(limits.identity_hold).await.is_none() {
         return Err(Reason::NoIdentityYet);
     }
-    let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => tls,
+    // Read the ClientHello first: a kith peer offers `kith/1` and must get it; any other mTLS
+    // client is served without ALPN.
+    let handshake = async {
+        let start =
+            tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream)
+                .await?;
+        let mesh = start
+            .client_hello()
+            .alpn()
+            .is_some_and(|mut offered| offered.any(|p| p == ALPN));
+        let config = if mesh {
+            acceptor.mesh.clone()
+        } else {
+            acceptor.edge.clone()
+        };
+        Ok::<_, std::io::Error>((start.into_stream(config).await?, mesh))
+    };
+    let (tls, mesh) = match tokio::time::timeout(limits.handshake_timeout, handshake).await {
+        Ok(Ok(done)) => done,
         Ok(Err(e)) => return Err(tls::refusal_reason(&e).unwrap_or(Reason::HandshakeFailed)),
         Err(_) => return Err(Reason::HandshakeFailed),
     };
     let conn = tls.get_ref().1;
-    if conn.alpn_protocol() != Some(ALPN) {
+    if mesh && conn.alpn_protocol() != Some(ALPN) {
         return Err(Reason::HandshakeFailed);
     }
     let peer = tls::peer_id(conn.peer_certificates()).ok_or(Reason::BadCertificate)?;

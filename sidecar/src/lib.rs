@@ -11,4 +11,5 @@ pub mod fetch;
 pub mod metrics;
 pub mod node;
 pub mod state;
+pub mod tunnel_cli;
 pub mod workload_api;

@@ -1,0 +1,317 @@
+//! `kith sidecar run` in explicit mode, as a user runs it with files from `kith certs`: bytes
+//! cross a client-side and a server-side tunnel both ways; curl and openssl (clients no one
+//! here wrote) are accepted with a client certificate and refused without one or over TLS 1.2;
+//! a policy refusal is counted; new certificate files apply without a restart; POST
+//! /quitquitquit stops it.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Kith, have_tool};
+
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// A TCP echo server on a thread.
+fn echo_backend() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = s;
+                let mut r = s.try_clone().unwrap();
+                let _ = std::io::copy(&mut r, &mut s);
+            });
+        }
+    });
+    addr
+}
+
+struct Sidecar {
+    child: Child,
+    admin: SocketAddr,
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn sidecar(kith: &Kith, name: &str, listen: SocketAddr, extra: &[&str]) -> Sidecar {
+    let dir = kith.path(name);
+    let admin = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_kith"))
+        .args([
+            "sidecar",
+            "run",
+            "--listen",
+            &listen.to_string(),
+            "--admin-listen",
+            &admin.to_string(),
+        ])
+        .arg("--cert")
+        .arg(dir.join("svid.crt"))
+        .arg("--key")
+        .arg(dir.join("svid.key"))
+        .arg("--bundle")
+        .arg(dir.join("bundle.crt"))
+        .args(extra)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_port(listen);
+    Sidecar { child, admin }
+}
+
+fn wait_port(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {addr}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Sends `msg` through `addr` and returns what comes back before the other side closes.
+fn roundtrip(addr: SocketAddr, msg: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(msg).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    out
+}
+
+fn http(admin: SocketAddr, method: &str, path: &str) -> String {
+    let mut s = TcpStream::connect(admin).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+#[test]
+fn explicit_tunnels_carry_bytes_and_refuse_what_they_should() {
+    let kith = Kith::new();
+    kith.issue("spiffe://example.org/client", "client", &[]);
+    kith.issue(
+        "spiffe://example.org/server",
+        "server",
+        &["--dns", "localhost"],
+    );
+    kith.issue("spiffe://example.org/stranger", "stranger", &[]);
+    let backend = echo_backend();
+    let server_addr = free_port();
+    let server = sidecar(
+        &kith,
+        "server",
+        server_addr,
+        &[
+            "--forward",
+            &backend.to_string(),
+            "--allow",
+            "spiffe://example.org/client",
+        ],
+    );
+    let client_addr = free_port();
+    let _client = sidecar(
+        &kith,
+        "client",
+        client_addr,
+        &[
+            "--connect",
+            &server_addr.to_string(),
+            "--expect-id",
+            "spiffe://example.org/server",
+        ],
+    );
+    let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    assert_eq!(
+        roundtrip(client_addr, &big),
+        big,
+        "bytes cross both tunnels both ways"
+    );
+
+    // A peer the policy does not allow is refused, and counted with its reason.
+    let stranger_addr = free_port();
+    let _stranger = sidecar(
+        &kith,
+        "stranger",
+        stranger_addr,
+        &["--connect", &server_addr.to_string()],
+    );
+    assert_eq!(roundtrip(stranger_addr, b"hello"), b"", "refused");
+    let want = "kith_sidecar_connections_total{direction=\"inbound\",result=\"not_authorized\"} ";
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let metrics = http(server.admin, "GET", "/metrics");
+        let count = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(want))
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if count.is_some_and(|c| c >= 1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{want} in\n{metrics}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(http(server.admin, "GET", "/ready").starts_with("HTTP/1.1 200"));
+
+    if have_tool(
+        "curl",
+        "explicit_tunnels_carry_bytes_and_refuse_what_they_should (curl part)",
+    ) {
+        // curl with the client's certificate through the server-side tunnel to a tiny HTTP backend.
+        let web = TcpListener::bind("127.0.0.1:0").unwrap();
+        let web_addr = web.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for mut s in web.incoming().flatten() {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf);
+                let _ = s.write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello",
+                );
+            }
+        });
+        let web_side = free_port();
+        let _w = sidecar(
+            &kith,
+            "server",
+            web_side,
+            &["--forward", &web_addr.to_string()],
+        );
+        let c = kith.path("client");
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "5", "--cacert"])
+            .arg(c.join("bundle.crt"))
+            .arg("--cert")
+            .arg(c.join("svid.crt"))
+            .arg("--key")
+            .arg(c.join("svid.key"))
+            .arg(format!("https://localhost:{}/", web_side.port()))
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "hello",
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    if have_tool(
+        "openssl",
+        "explicit_tunnels_carry_bytes_and_refuse_what_they_should (openssl part)",
+    ) {
+        // No client certificate: the handshake may complete, but nothing reaches the backend.
+        let mut child = Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &server_addr.to_string(),
+                "-quiet",
+                "-verify_quiet",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"should not echo\n")
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("should not echo"),
+            "no client certificate, no service"
+        );
+        // TLS 1.2 only: refused at the handshake.
+        let out = Command::new("openssl")
+            .args(["s_client", "-connect", &server_addr.to_string(), "-tls1_2"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "a TLS 1.2-only client is refused");
+    }
+}
+
+#[test]
+fn new_certificate_files_apply_without_a_restart_and_quitquitquit_stops_it() {
+    let kith = Kith::new();
+    kith.issue("spiffe://example.org/client", "client", &["--ttl", "1h"]);
+    kith.issue("spiffe://example.org/server", "server", &[]);
+    let backend = echo_backend();
+    let server_addr = free_port();
+    let server = sidecar(
+        &kith,
+        "server",
+        server_addr,
+        &["--forward", &backend.to_string()],
+    );
+    let client_addr = free_port();
+    let mut client = sidecar(
+        &kith,
+        "client",
+        client_addr,
+        &["--connect", &server_addr.to_string()],
+    );
+    assert_eq!(roundtrip(client_addr, b"one"), b"one");
+
+    // Rotate the client's certificate on disk (a new key and serial, same ID).
+    let before = std::fs::read(kith.path("client/svid.crt")).unwrap();
+    kith.issue("spiffe://example.org/client", "client", &["--ttl", "2h"]);
+    assert_ne!(std::fs::read(kith.path("client/svid.crt")).unwrap(), before);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = http(client.admin, "GET", "/metrics");
+        if m.contains("svid_seconds_to_expiry")
+            && m.lines().any(|l| {
+                l.starts_with("kith_sidecar_svid_seconds_to_expiry")
+                    && l.split_whitespace()
+                        .last()
+                        .and_then(|v| v.parse::<i64>().ok())
+                        .is_some_and(|s| s > 3700)
+            })
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new certificate was not picked up: {m}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        roundtrip(client_addr, b"two"),
+        b"two",
+        "the next connection uses the new certificate"
+    );
+
+    // A broken file is not applied; the current identity stays.
+    std::fs::write(kith.path("client/svid.key"), "garbage").unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(roundtrip(client_addr, b"three"), b"three");
+
+    assert!(http(client.admin, "POST", "/quitquitquit").starts_with("HTTP/1.1 200"));
+    let status = client.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    drop(server);
+}
