@@ -5,6 +5,7 @@ pub mod admin;
 pub mod agent;
 pub mod attest;
 pub mod ca_link;
+pub mod capture;
 pub mod cli;
 pub mod docker;
 pub mod fetch;

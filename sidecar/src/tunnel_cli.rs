@@ -40,6 +40,8 @@ pub struct SidecarArgs {
 enum SidecarCommand {
     /// Run an explicit mTLS tunnel with the identity from --cert/--key/--bundle
     Run(Box<RunArgs>),
+    /// Program the pod's network namespace to capture its TCP traffic (the init container)
+    Init(Box<crate::capture::InitArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -93,6 +95,10 @@ struct RunArgs {
 }
 
 pub fn run(args: SidecarArgs) -> ExitCode {
+    let args = match args.command {
+        SidecarCommand::Run(args) => args,
+        SidecarCommand::Init(args) => return crate::capture::run(*args),
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -104,7 +110,6 @@ pub fn run(args: SidecarArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let SidecarCommand::Run(args) = args.command;
     match rt.block_on(run_tunnel(*args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -1,0 +1,476 @@
+//! `kith sidecar init` in throw-away network namespaces (root and iptables only). Never touches
+//! the host namespace's rules: every iptables call goes through `ip netns exec <ns>`, and the
+//! canary check runs in a thread that entered the test namespace with setns.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use sidecar::capture::{self, Family, InitArgs, Runner};
+
+fn can_run() -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    let ipt = Command::new("iptables")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let ip = Command::new("ip")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if root && ipt && ip {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("CI=true but the capture tests cannot run: they need root, ip and iptables");
+    }
+    eprintln!("SKIPPED capture tests: needs root and iptables (and ip)");
+    false
+}
+
+/// A fresh network namespace with `lo` up, removed on drop (also on panic).
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new() -> Netns {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let name = format!(
+            "kith-test-{}-{}-{:x}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed),
+            nanos
+        );
+        sh(&["ip", "netns", "add", &name]);
+        let ns = Netns { name };
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    fn runner(&self) -> Runner {
+        Runner::in_netns(&self.name)
+    }
+
+    fn exec(&self, args: &[&str]) -> String {
+        let mut a = vec!["ip", "netns", "exec", &self.name];
+        a.extend_from_slice(args);
+        sh(&a)
+    }
+
+    /// A route for the canary: a veth pair (both ends inside) carrying the default route.
+    fn add_default_route(&self) {
+        self.exec(&[
+            "ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1",
+        ]);
+        self.exec(&["ip", "addr", "add", "10.200.0.2/24", "dev", "v0"]);
+        self.exec(&["ip", "link", "set", "v0", "up"]);
+        self.exec(&["ip", "link", "set", "v1", "up"]);
+        self.exec(&[
+            "ip",
+            "route",
+            "add",
+            "default",
+            "via",
+            "10.200.0.1",
+            "dev",
+            "v0",
+        ]);
+    }
+
+    /// `<save> -t nat`, without comments and counters.
+    fn nat(&self, bin: &str) -> String {
+        let out = self.exec(&[&format!("{bin}-save"), "-t", "nat"]);
+        out.lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| match l.find(" [") {
+                Some(i) if l.starts_with(':') => &l[..i],
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Runs `f` in a thread that entered this namespace.
+    fn within<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let fd = std::fs::File::open(&path).expect("open netns");
+                nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+                f()
+            })
+            .join()
+            .expect("thread in the namespace panicked")
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Whether `bin` can use the nat table inside a fresh namespace.
+fn backend_works(bin: &str) -> bool {
+    let ns = Netns::new();
+    ns.runner()
+        .output(bin, &["-w", "-t", "nat", "-S"])
+        .is_ok_and(|o| o.status.success())
+}
+
+fn args_for(bin: &str) -> InitArgs {
+    InitArgs {
+        iptables: Some(bin.to_owned()),
+        exclude_ports: vec![22, 5432],
+        exclude_cidrs: vec![
+            capture::parse_cidr("10.96.0.0/12").expect("cidr"),
+            capture::parse_cidr("fd00::/8").expect("cidr"),
+        ],
+        exclude_inbound_ports: vec![9090],
+        no_verify: true,
+        ..InitArgs::default()
+    }
+}
+
+/// Apply, list, apply again (no change), uninstall (back to exactly the start), with one
+/// backend; a pre-existing rule of someone else's must survive all of it.
+fn lifecycle(bin: &str) {
+    let ns = Netns::new();
+    let runner = ns.runner();
+    let bin6 = capture::ip6_name(bin);
+    // Someone else's rules, present before kith.
+    ns.exec(&[
+        bin,
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-d",
+        "192.0.2.1/32",
+        "-j",
+        "RETURN",
+    ]);
+    let v6 = runner
+        .output(
+            &bin6,
+            &[
+                "-w",
+                "-t",
+                "nat",
+                "-A",
+                "OUTPUT",
+                "-d",
+                "2001:db8::1/128",
+                "-j",
+                "RETURN",
+            ],
+        )
+        .is_ok_and(|o| o.status.success());
+    let before = ns.nat(bin);
+    let before6 = v6.then(|| ns.nat(&bin6));
+
+    let args = args_for(bin);
+    let report = capture::execute(&runner, &args).expect("init");
+    assert!(report.contains(bin), "{report}");
+
+    let applied = ns.nat(bin);
+    for want in [
+        "-A OUTPUT -d 192.0.2.1/32 -j RETURN",
+        "-A OUTPUT -p tcp -j KITH_OUTBOUND",
+        "-A PREROUTING -p tcp -j KITH_INBOUND",
+        "-A KITH_OUTBOUND -m owner --uid-owner 1337 -j RETURN",
+        "-A KITH_OUTBOUND -d 10.96.0.0/12 -j RETURN",
+        "--dport 5432 -j RETURN",
+        "-A KITH_OUTBOUND -p tcp -j REDIRECT --to-ports 15001",
+        "-A KITH_INBOUND -p tcp -j REDIRECT --to-ports 15006",
+    ] {
+        assert!(applied.contains(want), "missing {want:?} in\n{applied}");
+    }
+    for port in [15001, 15006, 15020, 15021, 9090] {
+        let want = format!("--dport {port} -j RETURN");
+        let inbound: Vec<&str> = applied
+            .lines()
+            .filter(|l| l.starts_with("-A KITH_INBOUND"))
+            .collect();
+        assert!(
+            inbound.iter().any(|l| l.ends_with(&want)),
+            "inbound {port} not excluded:\n{applied}"
+        );
+    }
+    assert!(
+        !applied.contains("fd00::/8"),
+        "IPv6 CIDR in the IPv4 table:\n{applied}"
+    );
+    if v6 {
+        let applied6 = ns.nat(&bin6);
+        assert!(
+            applied6.contains("-A KITH_OUTBOUND -d fd00::/8 -j RETURN"),
+            "{applied6}"
+        );
+        assert!(
+            applied6.contains("-A KITH_OUTBOUND -d ::1/128 -j RETURN"),
+            "{applied6}"
+        );
+        assert!(
+            applied6.contains("-A OUTPUT -p tcp -j KITH_OUTBOUND"),
+            "{applied6}"
+        );
+    }
+
+    // Idempotent.
+    let applied6 = v6.then(|| ns.nat(&bin6));
+    capture::execute(&runner, &args).expect("init again");
+    assert_eq!(
+        ns.nat(bin),
+        applied,
+        "a second init changed the IPv4 nat table"
+    );
+    assert_eq!(
+        v6.then(|| ns.nat(&bin6)),
+        applied6,
+        "a second init changed the IPv6 nat table"
+    );
+    assert_eq!(applied.matches("-j KITH_OUTBOUND").count(), 1, "{applied}");
+
+    // Uninstall: exactly as before, twice in a row.
+    let un = InitArgs {
+        uninstall: true,
+        ..args.clone()
+    };
+    capture::execute(&runner, &un).expect("uninstall");
+    assert_eq!(
+        ns.nat(bin),
+        before,
+        "uninstall did not restore the IPv4 nat table"
+    );
+    assert_eq!(
+        v6.then(|| ns.nat(&bin6)),
+        before6,
+        "uninstall did not restore the IPv6 nat table"
+    );
+    capture::execute(&runner, &un).expect("uninstall when nothing is installed");
+    assert_eq!(ns.nat(bin), before);
+}
+
+#[test]
+fn lifecycle_nft_backend() {
+    if !can_run() {
+        return;
+    }
+    // `iptables` is the nf_tables backend on this host; name it as such when it exists.
+    let bin = if backend_works("iptables-nft") {
+        "iptables-nft"
+    } else {
+        "iptables"
+    };
+    lifecycle(bin);
+}
+
+#[test]
+fn lifecycle_legacy_backend() {
+    if !can_run() {
+        return;
+    }
+    if !backend_works("iptables-legacy") {
+        eprintln!("SKIPPED legacy backend: iptables-legacy does not work in a namespace here");
+        return;
+    }
+    lifecycle("iptables-legacy");
+}
+
+#[test]
+fn dry_run_touches_nothing() {
+    if !can_run() {
+        return;
+    }
+    let ns = Netns::new();
+    ns.exec(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-d",
+        "192.0.2.1/32",
+        "-j",
+        "RETURN",
+    ]);
+    let before = ns.nat("iptables");
+    let args = InitArgs {
+        dry_run: true,
+        ..args_for("iptables")
+    };
+    let out = capture::execute(&ns.runner(), &args).expect("dry run");
+    assert_eq!(
+        ns.nat("iptables"),
+        before,
+        "--dry-run changed the nat table"
+    );
+    for want in [
+        "*nat",
+        ":KITH_OUTBOUND - [0:0]",
+        "-A OUTPUT -p tcp -j KITH_OUTBOUND",
+        "-A KITH_OUTBOUND -p tcp -j REDIRECT --to-ports 15001",
+        "COMMIT",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in\n{out}");
+    }
+    // The IPv4 part is valid iptables-restore input: it applies in a second namespace.
+    let other = Netns::new();
+    let v4 = capture::render(&args, Family::V4);
+    let mut child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &other.name,
+            "iptables-restore",
+            "--noflush",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("iptables-restore");
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(v4.as_bytes())
+        .expect("write");
+    assert!(
+        child.wait().expect("wait").success(),
+        "iptables-restore refused:\n{v4}"
+    );
+    assert!(
+        other
+            .nat("iptables")
+            .contains("-A OUTPUT -p tcp -j KITH_OUTBOUND")
+    );
+}
+
+#[test]
+fn detects_the_backend_with_rules() {
+    if !can_run() {
+        return;
+    }
+    if !backend_works("iptables-legacy") {
+        eprintln!("SKIPPED: iptables-legacy does not work in a namespace here");
+        return;
+    }
+    let ns = Netns::new();
+    ns.exec(&[
+        "iptables-legacy",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-d",
+        "192.0.2.1/32",
+        "-j",
+        "RETURN",
+    ]);
+    let b = capture::detect(&ns.runner(), None, false).expect("detect");
+    assert_eq!(b.v4, "iptables-legacy");
+    let b = capture::detect(&ns.runner(), Some("iptables-nft"), true).expect("detect");
+    assert_eq!(b.v4, "iptables-nft");
+}
+
+#[test]
+fn canary_fails_without_rules_and_passes_with_them() {
+    if !can_run() {
+        return;
+    }
+    let ns = Netns::new();
+    ns.add_default_route();
+    let args = InitArgs {
+        iptables: Some("iptables".into()),
+        ..InitArgs::default()
+    };
+
+    let err = ns
+        .within(|| capture::canary_check(&args, Duration::from_millis(1500)))
+        .expect_err("no rules yet: the canary must not arrive");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("outbound capture is not working")
+            && msg.contains("uid 65534")
+            && msg.contains("10.255.255.1:80")
+            && msg.contains("127.0.0.1:15001"),
+        "{msg}"
+    );
+
+    capture::install(&ns.runner(), "iptables", &args, Family::V4).expect("install");
+    let dst = ns
+        .within(|| capture::canary_check(&args, Duration::from_secs(3)))
+        .expect("canary with rules");
+    assert_eq!(dst, args.canary_addr);
+
+    // The whole command as the init container runs it: in the namespace, verification on.
+    let report = ns
+        .within(|| capture::execute(&Runner::default(), &args))
+        .expect("init with verification");
+    assert!(report.contains("verified"), "{report}");
+
+    // Traffic from the proxy's UID is not captured: canary from 1337 is refused up front,
+    // and with the jump removed the check fails again.
+    let same = InitArgs {
+        canary_uid: 1337,
+        ..args.clone()
+    };
+    assert!(
+        ns.within(|| capture::canary_check(&same, Duration::from_secs(1)))
+            .is_err()
+    );
+    capture::uninstall(&ns.runner(), "iptables").expect("uninstall");
+    assert!(
+        ns.within(|| capture::canary_check(&args, Duration::from_millis(800)))
+            .is_err()
+    );
+}
+
+#[test]
+fn cidrs_names_and_rules_without_root() {
+    let c = capture::parse_cidr("10.0.0.0/8").expect("cidr");
+    assert_eq!(c.to_string(), "10.0.0.0/8");
+    assert_eq!(
+        capture::parse_cidr("192.0.2.7").expect("bare").to_string(),
+        "192.0.2.7/32"
+    );
+    assert_eq!(capture::parse_cidr("fd00::/8").expect("v6").len, 8);
+    assert!(capture::parse_cidr("10.0.0.0/33").is_err());
+    assert!(capture::parse_cidr("example.com").is_err());
+    assert_eq!(capture::ip6_name("iptables"), "ip6tables");
+    assert_eq!(
+        capture::ip6_name("/usr/sbin/iptables-legacy"),
+        "/usr/sbin/ip6tables-legacy"
+    );
+    // Excluded inbound ports are deduplicated and the sidecar's own are always there.
+    let args = InitArgs {
+        exclude_inbound_ports: vec![15020, 8081, 8081],
+        ..InitArgs::default()
+    };
+    let v4 = capture::render(&args, Family::V4);
+    assert_eq!(v4.matches("--dport 15020 -j RETURN").count(), 1, "{v4}");
+    assert_eq!(v4.matches("--dport 8081 -j RETURN").count(), 1, "{v4}");
+    assert!(v4.contains("-d 127.0.0.0/8 -j RETURN"));
+}
