@@ -4,16 +4,26 @@
 //! - [`authz`]: which peer SPIFFE IDs may connect;
 //! - [`copy`]: bidirectional copy with half-close, idle timeout and growing buffers;
 //! - [`tunnel`]: `serve_inbound` (mTLS in) and `serve_outbound` (mTLS out);
+//! - [`transparent`]: `serve_transparent_outbound`/`serve_transparent_inbound` for
+//!   iptables-captured connections;
+//! - [`socket`]: the original destination of a captured connection (`SO_ORIGINAL_DST`);
 //! - [`metrics`]: connection and byte counters.
 #![forbid(unsafe_code)]
 
 pub mod authz;
 pub mod copy;
 pub mod metrics;
+pub mod socket;
 pub mod tls;
+pub mod transparent;
 pub mod tunnel;
 
 pub use authz::{Denied, Policy};
 pub use metrics::{DirectionMetrics, Metrics, Reason};
+pub use socket::{OriginalDst, SoOriginalDst};
 pub use tls::{ExpectedPeer, IdentityHandle};
+pub use transparent::{
+    Captured, Cidr, InboundMode, OutboundPolicy, TransparentMetrics, serve_transparent_inbound,
+    serve_transparent_outbound,
+};
 pub use tunnel::{Limits, serve_inbound, serve_outbound};

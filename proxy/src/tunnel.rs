@@ -23,7 +23,7 @@ use crate::metrics::{DirectionMetrics, Metrics, Reason};
 use crate::tls::{self, ALPN, ExpectedPeer, IdentityHandle, TlsError};
 
 /// The first byte of every TLS record carrying a handshake message.
-const TLS_HANDSHAKE: u8 = 0x16;
+pub(crate) const TLS_HANDSHAKE: u8 = 0x16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -140,7 +140,7 @@ pub async fn serve_outbound(
     Ok(())
 }
 
-async fn accept_loop<F, Fut>(
+pub(crate) async fn accept_loop<F, Fut>(
     listener: TcpListener,
     limits: Limits,
     shutdown: CancellationToken,
@@ -190,12 +190,12 @@ async fn accept_loop<F, Fut>(
 
 /// The two inbound configurations: `mesh` for kith proxies (they offer ALPN `kith/1`), `edge`
 /// for other mTLS clients of an explicit tunnel. Both require a client SVID.
-struct Configs {
-    mesh: Arc<rustls::ServerConfig>,
-    edge: Arc<rustls::ServerConfig>,
+pub(crate) struct Configs {
+    pub(crate) mesh: Arc<rustls::ServerConfig>,
+    pub(crate) edge: Arc<rustls::ServerConfig>,
 }
 
-async fn inbound(
+pub(crate) async fn inbound(
     stream: TcpStream,
     acceptor: &Configs,
     identity: &IdentityHandle,
@@ -256,7 +256,7 @@ async fn inbound(
     Ok(())
 }
 
-async fn outbound(
+pub(crate) async fn outbound(
     stream: TcpStream,
     connector: &TlsConnector,
     identity: &IdentityHandle,
@@ -347,7 +347,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for FirstByte<S> {
     }
 }
 
-async fn connect(to: SocketAddr, timeout: Duration) -> Result<TcpStream, Reason> {
+pub(crate) async fn connect(to: SocketAddr, timeout: Duration) -> Result<TcpStream, Reason> {
     match tokio::time::timeout(timeout, TcpStream::connect(to)).await {
         Ok(Ok(s)) => {
             let _ = s.set_nodelay(true);
@@ -361,7 +361,7 @@ async fn connect(to: SocketAddr, timeout: Duration) -> Result<TcpStream, Reason>
     }
 }
 
-fn log_end(peer: &str, outcome: &copy::Outcome) {
+pub(crate) fn log_end(peer: &str, outcome: &copy::Outcome) {
     let t = outcome.transferred;
     match &outcome.result {
         Ok(()) => tracing::debug!(

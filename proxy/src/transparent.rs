@@ -1,0 +1,457 @@
+//! Transparent mode: connections captured by iptables `REDIRECT` instead of explicit tunnels.
+//!
+//! - Outbound (default `127.0.0.1:15001`): the app's connection, redirected. Its original
+//!   destination decides: inside a mesh CIDR → mTLS with the pod's SVID to that address
+//!   (whose own inbound capture takes it); elsewhere → plain TCP pass-through, or refused
+//!   under [`OutboundPolicy::Deny`].
+//! - Inbound (default `0.0.0.0:15006`): connections to the pod, redirected. TLS 1.3 with a
+//!   verified client SVID, authorized by [`Policy`] for the ORIGINAL destination port, then
+//!   forwarded to `127.0.0.1:<original port>`. [`InboundMode::Strict`] refuses plaintext;
+//!   [`InboundMode::Permissive`] forwards it too (first byte `0x16` means TLS).
+//!
+//! The original destination comes from an [`OriginalDst`] source: `SO_ORIGINAL_DST` in
+//! production ([`SoOriginalDst`]), anything injected in tests ([`Captured::with_source`]).
+//!
+//! The redirect rules must exclude the proxy's own outbound connections (for example
+//! `-m owner --uid-owner <proxy uid> -j RETURN`), or they loop back into it.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsConnector;
+use tokio_util::sync::CancellationToken;
+
+use crate::authz::Policy;
+use crate::copy::copy_bidirectional;
+use crate::metrics::{Metrics, Reason};
+use crate::socket::{OriginalDst, SoOriginalDst};
+use crate::tls::{self, ExpectedPeer, IdentityHandle};
+use crate::tunnel::{self, Configs, Error, Limits, TLS_HANDSHAKE};
+
+/// The default listen addresses (Istio's ports).
+pub const DEFAULT_OUTBOUND: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15001);
+pub const DEFAULT_INBOUND: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 15006);
+
+/// What happens to an outbound connection whose destination is outside the mesh.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OutboundPolicy {
+    /// Plain TCP to the original destination.
+    #[default]
+    Passthrough,
+    /// Refused (closed at once) and counted.
+    Deny,
+}
+
+/// Whether the inbound side accepts plaintext.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum InboundMode {
+    /// mTLS only; plaintext is refused as `plaintext_refused`.
+    #[default]
+    Strict,
+    /// mTLS, or plaintext forwarded unauthenticated (migration). A client that sends nothing
+    /// within the handshake timeout (a server-speaks-first protocol) is plaintext.
+    Permissive,
+}
+
+/// An address range such as `10.0.0.0/8` or `fd00::/8`. Host bits are cleared on parse.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid CIDR {0:?}: expected ADDRESS/PREFIX, such as 10.0.0.0/8 or fd00::/8")]
+pub struct CidrError(String);
+
+impl Cidr {
+    pub fn new(addr: IpAddr, prefix: u8) -> Option<Self> {
+        let addr = addr.to_canonical();
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        (prefix <= max).then(|| Self {
+            addr: mask(addr, prefix),
+            prefix,
+        })
+    }
+
+    pub fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
+    /// Whether `ip` is in the range; an IPv4-mapped IPv6 address counts as IPv4.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        ip.is_ipv4() == self.addr.is_ipv4() && mask(ip, self.prefix) == self.addr
+    }
+}
+
+fn mask(ip: IpAddr, prefix: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => {
+            let m = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+            IpAddr::V4((u32::from(v4) & m).into())
+        }
+        IpAddr::V6(v6) => {
+            let m = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+            IpAddr::V6((u128::from(v6) & m).into())
+        }
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = CidrError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || CidrError(s.to_owned());
+        let (addr, prefix) = s.split_once('/').ok_or_else(bad)?;
+        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
+        if prefix.is_empty() || !prefix.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+        Self::new(addr, prefix).ok_or_else(bad)
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// A listener that receives redirected connections, and where to learn their destination.
+pub struct Captured {
+    listener: TcpListener,
+    source: Arc<dyn OriginalDst>,
+}
+
+impl Captured {
+    /// Original destinations from `SO_ORIGINAL_DST`.
+    pub fn new(listener: TcpListener) -> Self {
+        Self::with_source(listener, SoOriginalDst)
+    }
+
+    /// Original destinations from `source` (tests without iptables).
+    pub fn with_source(listener: TcpListener, source: impl OriginalDst) -> Self {
+        Self {
+            listener,
+            source: Arc::new(source),
+        }
+    }
+}
+
+impl From<TcpListener> for Captured {
+    fn from(listener: TcpListener) -> Self {
+        Self::new(listener)
+    }
+}
+
+/// Plaintext connections (outbound pass-through, permissive inbound).
+#[derive(Debug, Default)]
+pub struct PlainMetrics {
+    accepted: AtomicU64,
+    active: AtomicU64,
+    unreachable: AtomicU64,
+    /// From the accepted client to the destination.
+    bytes_sent: AtomicU64,
+    bytes_received: AtomicU64,
+}
+
+impl PlainMetrics {
+    /// Connections forwarded (destination reached).
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
+    pub fn active(&self) -> u64 {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Connections whose destination could not be reached.
+    pub fn unreachable(&self) -> u64 {
+        self.unreachable.load(Ordering::Relaxed)
+    }
+
+    pub fn bytes_sent(&self) -> u64 {
+        self.bytes_sent.load(Ordering::Relaxed)
+    }
+
+    pub fn bytes_received(&self) -> u64 {
+        self.bytes_received.load(Ordering::Relaxed)
+    }
+}
+
+/// Counters of transparent mode. mTLS connections are counted in [`Self::tunnels`] exactly as
+/// the explicit tunnels count them (accepted, refused by [`Reason`], bytes); the rest here.
+#[derive(Debug, Default)]
+pub struct TransparentMetrics {
+    tunnels: Arc<Metrics>,
+    outbound_mesh: AtomicU64,
+    outbound_denied: AtomicU64,
+    outbound_no_original_dst: AtomicU64,
+    inbound_tls: AtomicU64,
+    inbound_no_original_dst: AtomicU64,
+    /// Outbound connections to non-mesh destinations under `Passthrough`.
+    pub outbound_passthrough: PlainMetrics,
+    /// Inbound plaintext connections forwarded under `Permissive`.
+    pub inbound_plaintext: PlainMetrics,
+}
+
+impl TransparentMetrics {
+    /// mTLS counters: `outbound` for mesh destinations, `inbound` for captured inbound
+    /// connections (strict plaintext is `refused(PlaintextRefused)` there).
+    pub fn tunnels(&self) -> &Metrics {
+        &self.tunnels
+    }
+
+    /// Outbound connections to a mesh destination (each then established or refused in
+    /// `tunnels().outbound`).
+    pub fn outbound_mesh(&self) -> u64 {
+        self.outbound_mesh.load(Ordering::Relaxed)
+    }
+
+    /// Outbound connections to non-mesh destinations refused under `Deny`.
+    pub fn outbound_denied(&self) -> u64 {
+        self.outbound_denied.load(Ordering::Relaxed)
+    }
+
+    /// Connections closed because their original destination was unknown (not redirected).
+    pub fn outbound_no_original_dst(&self) -> u64 {
+        self.outbound_no_original_dst.load(Ordering::Relaxed)
+    }
+
+    /// Inbound connections that started with a TLS handshake (each then established or
+    /// refused in `tunnels().inbound`).
+    pub fn inbound_tls(&self) -> u64 {
+        self.inbound_tls.load(Ordering::Relaxed)
+    }
+
+    pub fn inbound_no_original_dst(&self) -> u64 {
+        self.inbound_no_original_dst.load(Ordering::Relaxed)
+    }
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Serves captured outbound connections until `shutdown`: mTLS to destinations in `mesh`
+/// (the server must match `expect`), `outbound_policy` for the others.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve_transparent_outbound(
+    listener: impl Into<Captured>,
+    identity: IdentityHandle,
+    mesh: Vec<Cidr>,
+    outbound_policy: OutboundPolicy,
+    expect: ExpectedPeer,
+    limits: Limits,
+    metrics: Arc<TransparentMetrics>,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    limits.validate()?;
+    let Captured { listener, source } = listener.into();
+    let connector = TlsConnector::from(tls::client_config(&identity, expect)?);
+    let mesh: Arc<[Cidr]> = mesh.into();
+    tunnel::accept_loop(listener, limits, shutdown, move |stream| {
+        let (connector, identity, metrics, source, mesh) = (
+            connector.clone(),
+            identity.clone(),
+            metrics.clone(),
+            source.clone(),
+            mesh.clone(),
+        );
+        async move {
+            let to = match source.original_dst(&stream) {
+                Ok(to) => to,
+                Err(e) => {
+                    tracing::info!(error = %e, "outbound connection without original destination");
+                    bump(&metrics.outbound_no_original_dst);
+                    return;
+                }
+            };
+            if mesh.iter().any(|c| c.contains(to.ip())) {
+                bump(&metrics.outbound_mesh);
+                let tunnels = metrics.tunnels.clone();
+                let result =
+                    tunnel::outbound(stream, &connector, &identity, to, &limits, tunnels).await;
+                if let Err(reason) = result {
+                    tracing::debug!(%to, %reason, "mesh connection refused");
+                    metrics.tunnels.outbound.refuse(reason);
+                }
+                return;
+            }
+            match outbound_policy {
+                OutboundPolicy::Deny => {
+                    tracing::info!(%to, "outbound connection outside the mesh denied");
+                    bump(&metrics.outbound_denied);
+                }
+                OutboundPolicy::Passthrough => {
+                    plain(stream, to, &limits, &metrics.outbound_passthrough).await;
+                }
+            }
+        }
+    })
+    .await;
+    Ok(())
+}
+
+/// Serves captured inbound connections until `shutdown`: mTLS, peer authorized by `policy` for
+/// the original destination port, forwarded to `127.0.0.1:<original port>`.
+pub async fn serve_transparent_inbound(
+    listener: impl Into<Captured>,
+    identity: IdentityHandle,
+    policy: Policy,
+    mode: InboundMode,
+    limits: Limits,
+    metrics: Arc<TransparentMetrics>,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    limits.validate()?;
+    let Captured { listener, source } = listener.into();
+    let configs = Arc::new(Configs {
+        mesh: tls::server_config(&identity)?,
+        edge: tls::edge_server_config(&identity)?,
+    });
+    let policy = Arc::new(policy);
+    tunnel::accept_loop(listener, limits, shutdown, move |stream| {
+        let (configs, identity, policy, metrics, source) = (
+            configs.clone(),
+            identity.clone(),
+            policy.clone(),
+            metrics.clone(),
+            source.clone(),
+        );
+        async move {
+            let m = &metrics.tunnels.inbound;
+            let to = match source.original_dst(&stream) {
+                Ok(to) => to,
+                Err(e) => {
+                    tracing::info!(error = %e, "inbound connection without original destination");
+                    bump(&metrics.inbound_no_original_dst);
+                    return;
+                }
+            };
+            let forward = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), to.port());
+            let mut first = [0u8; 1];
+            let peeked =
+                tokio::time::timeout(limits.handshake_timeout, stream.peek(&mut first)).await;
+            let plaintext = match peeked {
+                Ok(Ok(1)) if first[0] == TLS_HANDSHAKE => false,
+                // Connected and closed without a byte (a port probe): not plaintext.
+                Ok(Ok(0)) | Ok(Err(_)) => return m.refuse(Reason::HandshakeFailed),
+                Ok(Ok(_)) => true,
+                Err(_) if mode == InboundMode::Permissive => true,
+                Err(_) => return m.refuse(Reason::HandshakeFailed),
+            };
+            if plaintext {
+                match mode {
+                    InboundMode::Strict => {
+                        tracing::debug!(port = to.port(), "plaintext refused");
+                        m.refuse(Reason::PlaintextRefused);
+                    }
+                    InboundMode::Permissive => {
+                        plain(stream, forward, &limits, &metrics.inbound_plaintext).await;
+                    }
+                }
+                return;
+            }
+            bump(&metrics.inbound_tls);
+            let result =
+                tunnel::inbound(stream, &configs, &identity, &policy, forward, &limits, m).await;
+            if let Err(reason) = result {
+                tracing::debug!(port = to.port(), %reason, "inbound connection refused");
+                m.refuse(reason);
+            }
+        }
+    })
+    .await;
+    Ok(())
+}
+
+/// Plain TCP from `stream` to `to`, counted in `m`.
+async fn plain(stream: TcpStream, to: SocketAddr, limits: &Limits, m: &PlainMetrics) {
+    let Ok(upstream) = tunnel::connect(to, limits.connect_timeout).await else {
+        bump(&m.unreachable);
+        return;
+    };
+    bump(&m.accepted);
+    m.active.fetch_add(1, Ordering::Relaxed);
+    let outcome = copy_bidirectional(stream, upstream, limits.idle_timeout).await;
+    tunnel::log_end(&to.to_string(), &outcome);
+    m.active.fetch_sub(1, Ordering::Relaxed);
+    let t = outcome.transferred;
+    m.bytes_sent.fetch_add(t.a_to_b, Ordering::Relaxed);
+    m.bytes_received.fetch_add(t.b_to_a, Ordering::Relaxed);
+}
+
+/// Parses a list of CIDRs (such as repeated `--mesh-cidr` flags).
+pub fn parse_cidrs<'a>(items: impl IntoIterator<Item = &'a str>) -> Result<Vec<Cidr>, CidrError> {
+    items.into_iter().map(str::parse).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    #[test]
+    fn cidr_parse_and_contains() {
+        let c: Cidr = "10.0.0.0/8".parse().expect("cidr");
+        assert!(c.contains(ip("10.1.2.3")));
+        assert!(!c.contains(ip("11.0.0.1")));
+        assert!(c.contains(ip("::ffff:10.9.9.9")));
+        assert!(!c.contains(ip("fd00::1")));
+        let c6: Cidr = "fd00::/8".parse().expect("cidr");
+        assert!(c6.contains(ip("fd12::1")));
+        assert!(!c6.contains(ip("fe80::1")));
+        assert!(!c6.contains(ip("10.0.0.1")));
+        let host: Cidr = "10.1.2.3/32".parse().expect("cidr");
+        assert!(host.contains(ip("10.1.2.3")) && !host.contains(ip("10.1.2.4")));
+        let all: Cidr = "0.0.0.0/0".parse().expect("cidr");
+        assert!(all.contains(ip("1.2.3.4")));
+        let all6: Cidr = "::/0".parse().expect("cidr");
+        assert!(all6.contains(ip("2001:db8::1")));
+    }
+
+    #[test]
+    fn cidr_clears_host_bits_and_displays() {
+        let c: Cidr = "10.1.2.3/8".parse().expect("cidr");
+        assert_eq!(c.to_string(), "10.0.0.0/8");
+        assert_eq!(
+            "fd00:1::/8".parse::<Cidr>().expect("cidr").to_string(),
+            "fd00::/8"
+        );
+    }
+
+    #[test]
+    fn bad_cidrs() {
+        for s in [
+            "10.0.0.0",
+            "10.0.0.0/33",
+            "fd00::/129",
+            "10.0.0.0/",
+            "x/8",
+            "10.0.0.0/+8",
+            "10.0.0.0/8/8",
+            "",
+        ] {
+            assert!(s.parse::<Cidr>().is_err(), "{s}");
+        }
+        assert!(parse_cidrs(["10.0.0.0/8", "bad"]).is_err());
+        assert_eq!(
+            parse_cidrs(["10.0.0.0/8", "fd00::/8"]).expect("ok").len(),
+            2
+        );
+    }
+}

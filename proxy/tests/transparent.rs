@@ -1,0 +1,389 @@
+//! Transparent mode on loopback: the original destination is injected instead of coming from
+//! iptables (see transparent_netns.rs for the real `SO_ORIGINAL_DST`).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use identity::SpiffeId;
+use proxy::transparent::{Captured, Cidr, InboundMode, OutboundPolicy, TransparentMetrics};
+use proxy::{ExpectedPeer, IdentityHandle, OriginalDst, Policy, Reason};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+const CLIENT: &str = "spiffe://example.test/client";
+const SERVER: &str = "spiffe://example.test/server";
+
+fn id(s: &str) -> SpiffeId {
+    SpiffeId::new(s).unwrap()
+}
+
+fn cidrs(list: &[&str]) -> Vec<Cidr> {
+    list.iter().map(|s| s.parse().unwrap()).collect()
+}
+
+/// An original destination the test can change between connections.
+#[derive(Clone)]
+struct Dst(Arc<Mutex<io::Result<SocketAddr>>>);
+
+impl Dst {
+    fn new(addr: SocketAddr) -> Self {
+        Self(Arc::new(Mutex::new(Ok(addr))))
+    }
+
+    fn set(&self, addr: SocketAddr) {
+        *self.0.lock().unwrap() = Ok(addr);
+    }
+
+    fn unknown(&self) {
+        *self.0.lock().unwrap() = Err(io::Error::new(io::ErrorKind::NotFound, "not redirected"));
+    }
+}
+
+impl OriginalDst for Dst {
+    fn original_dst(&self, _: &TcpStream) -> io::Result<SocketAddr> {
+        match &*self.0.lock().unwrap() {
+            Ok(a) => Ok(*a),
+            Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+        }
+    }
+}
+
+struct Side {
+    addr: SocketAddr,
+    metrics: Arc<TransparentMetrics>,
+    dst: Dst,
+    shutdown: CancellationToken,
+}
+
+impl Drop for Side {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn captured(dst: SocketAddr) -> (Captured, SocketAddr, Dst) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dst = Dst::new(dst);
+    (Captured::with_source(listener, dst.clone()), addr, dst)
+}
+
+async fn t_inbound(
+    identity: IdentityHandle,
+    policy: Policy,
+    mode: InboundMode,
+    to: SocketAddr,
+) -> Side {
+    let (listener, addr, dst) = captured(to).await;
+    let metrics = Arc::new(TransparentMetrics::default());
+    let shutdown = CancellationToken::new();
+    tokio::spawn(proxy::serve_transparent_inbound(
+        listener,
+        identity,
+        policy,
+        mode,
+        limits(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    Side {
+        addr,
+        metrics,
+        dst,
+        shutdown,
+    }
+}
+
+async fn t_outbound(
+    identity: IdentityHandle,
+    mesh: Vec<Cidr>,
+    policy: OutboundPolicy,
+    expect: ExpectedPeer,
+    to: SocketAddr,
+) -> Side {
+    let (listener, addr, dst) = captured(to).await;
+    let metrics = Arc::new(TransparentMetrics::default());
+    let shutdown = CancellationToken::new();
+    tokio::spawn(proxy::serve_transparent_outbound(
+        listener,
+        identity,
+        mesh,
+        policy,
+        expect,
+        limits(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    Side {
+        addr,
+        metrics,
+        dst,
+        shutdown,
+    }
+}
+
+fn client_cert(pki: &Pki) -> Arc<rustls::ClientConfig> {
+    let (chain, key) = pki.leaf(CLIENT);
+    raw_client(Some((chain, &key)))
+}
+
+#[tokio::test]
+async fn mesh_destination_gets_mtls_and_reaches_the_original_port() {
+    let pki = Pki::new("example.test");
+    let backend = echo_backend().await;
+    // The inbound's original destination is the pod address at the backend's port: it must
+    // forward to 127.0.0.1:<that port>.
+    let pod = SocketAddr::new("10.1.2.3".parse().unwrap(), backend.port());
+    let inbound = t_inbound(
+        handle(pki.svid(SERVER), pki.bundle()),
+        Policy::new(pki.td.clone()),
+        InboundMode::Strict,
+        pod,
+    )
+    .await;
+    // The outbound's original destination is "the pod", here the inbound listener itself.
+    let outbound = t_outbound(
+        handle(pki.svid(CLIENT), pki.bundle()),
+        cidrs(&["127.0.0.0/8", "fd00::/8"]),
+        OutboundPolicy::Deny,
+        ExpectedPeer::Id(id(SERVER)),
+        inbound.addr,
+    )
+    .await;
+    let got = within(round_trip(outbound.addr, b"ping")).await.unwrap();
+    assert_eq!(got, b"ping");
+    let (o, i) = (&outbound.metrics, &inbound.metrics);
+    eventually("both ends closed", || {
+        i.tunnels().inbound.accepted() == 1
+            && i.tunnels().inbound.active() == 0
+            && o.tunnels().outbound.accepted() == 1
+            && o.tunnels().outbound.active() == 0
+    })
+    .await;
+    assert_eq!(o.outbound_mesh(), 1);
+    assert_eq!(o.outbound_denied(), 0);
+    assert_eq!(o.outbound_passthrough.accepted(), 0);
+    assert_eq!(o.tunnels().outbound.bytes_to_tls(), 4);
+    assert_eq!(i.inbound_tls(), 1);
+    assert_eq!(i.inbound_plaintext.accepted(), 0);
+    assert_eq!(i.tunnels().inbound.bytes_from_tls(), 4);
+    assert_eq!(i.tunnels().inbound.refused_total(), 0);
+}
+
+#[tokio::test]
+async fn mesh_destination_with_unexpected_server_is_refused() {
+    let pki = Pki::new("example.test");
+    let backend = echo_backend().await;
+    let inbound = t_inbound(
+        handle(pki.svid(SERVER), pki.bundle()),
+        Policy::new(pki.td.clone()),
+        InboundMode::Strict,
+        backend,
+    )
+    .await;
+    let outbound = t_outbound(
+        handle(pki.svid(CLIENT), pki.bundle()),
+        cidrs(&["127.0.0.0/8"]),
+        OutboundPolicy::Passthrough,
+        ExpectedPeer::Id(id("spiffe://example.test/someone-else")),
+        inbound.addr,
+    )
+    .await;
+    let got = within(round_trip(outbound.addr, b"ping")).await;
+    assert!(got.map(|g| g.is_empty()).unwrap_or(true));
+    eventually("refused", || {
+        outbound.metrics.tunnels().outbound.refused_total() == 1
+    })
+    .await;
+    assert_eq!(outbound.metrics.tunnels().outbound.accepted(), 0);
+    // Never downgraded to plaintext.
+    assert_eq!(outbound.metrics.outbound_passthrough.accepted(), 0);
+}
+
+#[tokio::test]
+async fn non_mesh_destination_passes_through_plain() {
+    let pki = Pki::new("example.test");
+    let backend = echo_backend().await;
+    let outbound = t_outbound(
+        handle(pki.svid(CLIENT), pki.bundle()),
+        cidrs(&["10.0.0.0/8"]),
+        OutboundPolicy::Passthrough,
+        ExpectedPeer::TrustDomain,
+        backend,
+    )
+    .await;
+    let got = within(round_trip(outbound.addr, b"plain")).await.unwrap();
+    assert_eq!(got, b"plain");
+    let m = &outbound.metrics;
+    eventually("closed", || {
+        m.outbound_passthrough.accepted() == 1 && m.outbound_passthrough.active() == 0
+    })
+    .await;
+    assert_eq!(m.outbound_passthrough.bytes_sent(), 5);
+    assert_eq!(m.outbound_passthrough.bytes_received(), 5);
+    assert_eq!(m.outbound_mesh(), 0);
+    assert_eq!(m.tunnels().outbound.accepted(), 0);
+
+    // An unreachable destination is counted, not retried.
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gone = closed.local_addr().unwrap();
+    drop(closed);
+    outbound.dst.set(gone);
+    let _ = within(round_trip(outbound.addr, b"x")).await;
+    eventually("unreachable", || m.outbound_passthrough.unreachable() == 1).await;
+}
+
+#[tokio::test]
+async fn non_mesh_destination_is_refused_under_deny() {
+    let pki = Pki::new("example.test");
+    let backend = echo_backend().await;
+    let outbound = t_outbound(
+        handle(pki.svid(CLIENT), pki.bundle()),
+        cidrs(&["10.0.0.0/8"]),
+        OutboundPolicy::Deny,
+        ExpectedPeer::TrustDomain,
+        backend,
+    )
+    .await;
+    let got = within(round_trip(outbound.addr, b"plain")).await;
+    assert!(got.map(|g| g.is_empty()).unwrap_or(true));
+    let m = &outbound.metrics;
+    eventually("denied", || m.outbound_denied() == 1).await;
+    assert_eq!(m.outbound_passthrough.accepted(), 0);
+    assert_eq!(m.outbound_mesh(), 0);
+}
+
+#[tokio::test]
+async fn unknown_original_destination_is_closed_and_counted() {
+    let pki = Pki::new("example.test");
+    let backend = echo_backend().await;
+    let outbound = t_outbound(
+        handle(pki.svid(CLIENT), pki.bundle()),
+        cidrs(&["10.0.0.0/8"]),
+        OutboundPolicy::Passthrough,
+        ExpectedPeer::TrustDomain,
+        backend,
+    )
+    .await;
+    outbound.dst.unknown();
+    let got = within(round_trip(outbound.addr, b"x")).await;
+    assert!(got.map(|g| g.is_empty()).unwrap_or(true));
+    eventually("counted", || {
+        outbound.metrics.outbound_no_original_dst() == 1
+    })
+    .await;
+    assert_eq!(outbound.metrics.outbound_passthrough.accepted(), 0);
+
+    let inbound = t_inbound(
+        handle(pki.svid(SERVER), pki.bundle()),
+        Policy::new(pki.td.clone()),
+        InboundMode::Permissive,
+        backend,
+    )
+    .await;
+    inbound.dst.unknown();
+    let got = within(round_trip(inbound.addr, b"x")).await;
+    assert!(got.map(|g| g.is_empty()).unwrap_or(true));
+    eventually("counted", || inbound.metrics.inbound_no_original_dst() == 1).await;
+    assert_eq!(inbound.metrics.inbound_plaintext.accepted(), 0);
+}
+
+#[tokio::test]
+async fn strict_inbound_refuses_plaintext_and_accepts_mtls() {
+    let pki = Pki::new("example.test");
+    let backend = echo_backend().await;
+    let inbound = t_inbound(
+        handle(pki.svid(SERVER), pki.bundle()),
+        Policy::new(pki.td.clone()),
+        InboundMode::Strict,
+        backend,
+    )
+    .await;
+    let m = &inbound.metrics;
+    let got = within(round_trip(inbound.addr, b"GET / HTTP/1.1\r\n\r\n")).await;
+    assert!(got.map(|g| g.is_empty()).unwrap_or(true));
+    eventually("plaintext refused", || {
+        m.tunnels().inbound.refused(Reason::PlaintextRefused) == 1
+    })
+    .await;
+    assert_eq!(m.inbound_plaintext.accepted(), 0);
+
+    let got = within(tls_attempt(inbound.addr, client_cert(&pki)))
+        .await
+        .unwrap();
+    assert_eq!(got, b"x");
+    eventually("mtls accepted", || m.tunnels().inbound.accepted() == 1).await;
+    assert_eq!(m.inbound_tls(), 1);
+
+    // No client certificate: refused even in transparent mode.
+    let got = within(tls_attempt(inbound.addr, raw_client(None))).await;
+    assert!(got.is_err() || got.unwrap().is_empty());
+    eventually("refused", || m.tunnels().inbound.refused_total() == 2).await;
+    assert_eq!(m.tunnels().inbound.accepted(), 1);
+}
+
+#[tokio::test]
+async fn permissive_inbound_accepts_plaintext_and_mtls_and_counts_each() {
+    let pki = Pki::new("example.test");
+    let backend = echo_backend().await;
+    let inbound = t_inbound(
+        handle(pki.svid(SERVER), pki.bundle()),
+        Policy::new(pki.td.clone()),
+        InboundMode::Permissive,
+        SocketAddr::new("10.9.9.9".parse().unwrap(), backend.port()),
+    )
+    .await;
+    let m = &inbound.metrics;
+    let got = within(round_trip(inbound.addr, b"plain")).await.unwrap();
+    assert_eq!(got, b"plain");
+    let got = within(tls_attempt(inbound.addr, client_cert(&pki)))
+        .await
+        .unwrap();
+    assert_eq!(got, b"x");
+    eventually("both counted", || {
+        m.inbound_plaintext.accepted() == 1
+            && m.inbound_plaintext.active() == 0
+            && m.tunnels().inbound.accepted() == 1
+    })
+    .await;
+    assert_eq!(m.inbound_tls(), 1);
+    assert_eq!(m.inbound_plaintext.bytes_sent(), 5);
+    assert_eq!(m.tunnels().inbound.refused_total(), 0);
+}
+
+#[tokio::test]
+async fn inbound_policy_applies_to_the_original_port() {
+    let pki = Pki::new("example.test");
+    let open = echo_backend().await;
+    let closed = echo_backend().await;
+    let policy = Policy::new(pki.td.clone())
+        .allow_on(CLIENT, &[open.port()])
+        .unwrap();
+    let inbound = t_inbound(
+        handle(pki.svid(SERVER), pki.bundle()),
+        policy,
+        InboundMode::Strict,
+        open,
+    )
+    .await;
+    let m = &inbound.metrics;
+    let got = within(tls_attempt(inbound.addr, client_cert(&pki)))
+        .await
+        .unwrap();
+    assert_eq!(got, b"x");
+    eventually("allowed", || m.tunnels().inbound.accepted() == 1).await;
+
+    inbound.dst.set(closed);
+    let got = within(tls_attempt(inbound.addr, client_cert(&pki))).await;
+    assert!(got.is_err() || got.unwrap().is_empty());
+    eventually("not authorized", || {
+        m.tunnels().inbound.refused(Reason::NotAuthorized) == 1
+    })
+    .await;
+    assert_eq!(m.tunnels().inbound.accepted(), 1);
+}
