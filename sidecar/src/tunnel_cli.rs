@@ -6,8 +6,9 @@
 //! - server side: `--listen 0.0.0.0:8443 --forward 127.0.0.1:8080 --allow spiffe://…`
 //!   (mTLS in, plaintext out).
 //!
-//! Transparent mode (capture) and identity from the CA or the Workload API come with the
-//! sidecar issue's next steps.
+//! Without `--listen` it runs in transparent mode: captured outbound (15001) and inbound (15006)
+//! listeners behind `kith sidecar init`'s rules. Identity from the CA or the Workload API comes
+//! with the sidecar issue's next steps.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -26,6 +27,7 @@ use identity::{SpiffeId, Svid, TrustBundle, TrustDomain};
 use proxy::authz::Policy;
 use proxy::metrics::{DirectionMetrics, Metrics, Reason};
 use proxy::tls::{ExpectedPeer, IdentityHandle};
+use proxy::transparent::{InboundMode, OutboundPolicy, TransparentMetrics};
 use proxy::tunnel::{self, Limits};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -55,32 +57,54 @@ struct RunArgs {
     /// The trust bundle (PEM or SPIFFE format); reloaded when it changes
     #[arg(long, env = "KITH_SIDECAR_BUNDLE")]
     bundle: PathBuf,
-    /// Where to accept connections
+    /// Explicit mode: where to accept connections (without it: transparent mode)
     #[arg(long, env = "KITH_SIDECAR_LISTEN")]
-    listen: SocketAddr,
-    /// Client side: the mTLS server to connect to
+    listen: Option<SocketAddr>,
+    /// Explicit client side: the mTLS server to connect to
     #[arg(
         long,
         env = "KITH_SIDECAR_CONNECT",
         conflicts_with = "forward",
-        required_unless_present = "forward"
+        requires = "listen"
     )]
     connect: Option<SocketAddr>,
-    /// Client side: the SPIFFE ID the server must present [default: any ID of the own trust domain]
-    #[arg(long, env = "KITH_SIDECAR_EXPECT_ID", requires = "connect")]
+    /// The SPIFFE ID servers must present [default: any ID of the own trust domain]
+    #[arg(long, env = "KITH_SIDECAR_EXPECT_ID")]
     expect_id: Option<String>,
-    /// Server side: the plaintext backend to forward to
-    #[arg(long, env = "KITH_SIDECAR_FORWARD")]
+    /// Explicit server side: the plaintext backend to forward to
+    #[arg(long, env = "KITH_SIDECAR_FORWARD", requires = "listen")]
     forward: Option<SocketAddr>,
-    /// Server side: a SPIFFE ID or `spiffe://td/prefix/*` allowed to connect (repeatable)
+    /// A SPIFFE ID or `spiffe://td/prefix/*` allowed to connect in (repeatable)
     /// [default: any ID of the own trust domain]
-    #[arg(
-        long = "allow",
-        env = "KITH_SIDECAR_ALLOW",
-        value_delimiter = ',',
-        requires = "forward"
-    )]
+    #[arg(long = "allow", env = "KITH_SIDECAR_ALLOW", value_delimiter = ',')]
     allow: Vec<String>,
+    /// Transparent mode: the captured outbound listener
+    #[arg(
+        long,
+        env = "KITH_SIDECAR_OUTBOUND_LISTEN",
+        default_value = "127.0.0.1:15001"
+    )]
+    outbound_listen: SocketAddr,
+    /// Transparent mode: the captured inbound listener
+    #[arg(
+        long,
+        env = "KITH_SIDECAR_INBOUND_LISTEN",
+        default_value = "0.0.0.0:15006"
+    )]
+    inbound_listen: SocketAddr,
+    /// Transparent mode: destinations that get mTLS (repeatable, e.g. 10.0.0.0/8)
+    #[arg(
+        long = "mesh-cidr",
+        env = "KITH_SIDECAR_MESH_CIDR",
+        value_delimiter = ','
+    )]
+    mesh_cidr: Vec<String>,
+    /// Transparent mode: other destinations pass through as plain TCP, or are refused
+    #[arg(long, env = "KITH_SIDECAR_OUTBOUND_POLICY", default_value = "passthrough", value_parser = ["passthrough", "deny"])]
+    outbound_policy: String,
+    /// Transparent mode: strict refuses plaintext inbound; permissive (migration) accepts it too
+    #[arg(long, env = "KITH_SIDECAR_MODE", default_value = "strict", value_parser = ["strict", "permissive"])]
+    mode: String,
     /// /live, /ready, /metrics, POST /quitquitquit
     #[arg(
         long,
@@ -167,6 +191,12 @@ impl Files {
     }
 }
 
+async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))
+}
+
 async fn run_tunnel(args: RunArgs) -> Result<()> {
     ca::cli::init_logging(&args.log_format);
     let files = Files {
@@ -181,9 +211,6 @@ async fn run_tunnel(args: RunArgs) -> Result<()> {
     identity
         .publish(svid, bundle, SystemTime::now())
         .context("the SVID does not verify against the bundle")?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
     let admin = tokio::net::TcpListener::bind(args.admin_listen)
         .await
         .with_context(|| format!("cannot listen on {} (admin)", args.admin_listen))?;
@@ -194,16 +221,26 @@ async fn run_tunnel(args: RunArgs) -> Result<()> {
     let metrics = Arc::new(Metrics::default());
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
-
-    let mode = match (args.connect, args.forward) {
-        (Some(connect), None) => {
-            let expect = match &args.expect_id {
-                Some(s) => ExpectedPeer::Id(
-                    SpiffeId::new(s).with_context(|| format!("--expect-id {s:?}"))?,
-                ),
-                None => ExpectedPeer::TrustDomain,
-            };
-            tracing::info!(%id, listen = %args.listen, %connect, expect = ?args.expect_id, "kith sidecar: client side (plaintext in, mTLS out)");
+    let expect = match &args.expect_id {
+        Some(s) => {
+            ExpectedPeer::Id(SpiffeId::new(s).with_context(|| format!("--expect-id {s:?}"))?)
+        }
+        None => ExpectedPeer::TrustDomain,
+    };
+    let mut policy = Policy::new(own_td);
+    for rule in &args.allow {
+        policy = policy
+            .allow(rule)
+            .with_context(|| format!("--allow {rule:?}"))?;
+    }
+    let render: Arc<dyn Fn() -> String + Send + Sync> = match (
+        args.listen,
+        args.connect,
+        args.forward,
+    ) {
+        (Some(listen), Some(connect), None) => {
+            let listener = bind(listen).await?;
+            tracing::info!(%id, %listen, %connect, expect = ?args.expect_id, "kith sidecar: client side (plaintext in, mTLS out)");
             tasks.spawn(tunnel::serve_outbound(
                 listener,
                 identity.clone(),
@@ -213,16 +250,12 @@ async fn run_tunnel(args: RunArgs) -> Result<()> {
                 metrics.clone(),
                 shutdown.clone(),
             ));
-            "outbound"
+            let (m, i) = (metrics.clone(), identity.clone());
+            Arc::new(move || metrics_text(&m, &i, "outbound"))
         }
-        (None, Some(forward)) => {
-            let mut policy = Policy::new(own_td);
-            for rule in &args.allow {
-                policy = policy
-                    .allow(rule)
-                    .with_context(|| format!("--allow {rule:?}"))?;
-            }
-            tracing::info!(%id, listen = %args.listen, %forward, allow = ?args.allow, "kith sidecar: server side (mTLS in, plaintext out)");
+        (Some(listen), None, Some(forward)) => {
+            let listener = bind(listen).await?;
+            tracing::info!(%id, %listen, %forward, allow = ?args.allow, "kith sidecar: server side (mTLS in, plaintext out)");
             tasks.spawn(tunnel::serve_inbound(
                 listener,
                 identity.clone(),
@@ -232,16 +265,64 @@ async fn run_tunnel(args: RunArgs) -> Result<()> {
                 metrics.clone(),
                 shutdown.clone(),
             ));
-            "inbound"
+            let (m, i) = (metrics.clone(), identity.clone());
+            Arc::new(move || metrics_text(&m, &i, "inbound"))
         }
-        _ => bail!("give either --connect (client side) or --forward (server side)"),
+        (None, None, None) => {
+            // Transparent mode: connections captured by `kith sidecar init`'s rules.
+            let mesh = proxy::transparent::parse_cidrs(args.mesh_cidr.iter().map(String::as_str))
+                .map_err(|e| anyhow::anyhow!("--mesh-cidr: {e}"))?;
+            let outbound_policy = if args.outbound_policy == "deny" {
+                OutboundPolicy::Deny
+            } else {
+                OutboundPolicy::Passthrough
+            };
+            let inbound_mode = if args.mode == "permissive" {
+                InboundMode::Permissive
+            } else {
+                InboundMode::Strict
+            };
+            if inbound_mode == InboundMode::Permissive {
+                tracing::warn!(
+                    "PERMISSIVE mode: plaintext inbound connections are accepted unauthenticated (for migration only)"
+                );
+            }
+            let out_listener = bind(args.outbound_listen).await?;
+            let in_listener = bind(args.inbound_listen).await?;
+            let tm = Arc::new(TransparentMetrics::default());
+            tracing::info!(%id, outbound = %args.outbound_listen, inbound = %args.inbound_listen, mesh = ?args.mesh_cidr,
+                outbound_policy = %args.outbound_policy, mode = %args.mode, "kith sidecar: transparent mode");
+            tasks.spawn(proxy::transparent::serve_transparent_outbound(
+                out_listener,
+                identity.clone(),
+                mesh,
+                outbound_policy,
+                expect,
+                limits,
+                tm.clone(),
+                shutdown.clone(),
+            ));
+            tasks.spawn(proxy::transparent::serve_transparent_inbound(
+                in_listener,
+                identity.clone(),
+                policy,
+                inbound_mode,
+                limits,
+                tm.clone(),
+                shutdown.clone(),
+            ));
+            let i = identity.clone();
+            Arc::new(move || transparent_text(&tm, &i))
+        }
+        _ => bail!(
+            "explicit mode needs --listen with either --connect (client side) or --forward (server side); transparent mode takes neither"
+        ),
     };
     tasks.spawn(reload(files, identity.clone(), shutdown.clone()));
     tasks.spawn(admin_serve(
         admin,
         identity.clone(),
-        metrics.clone(),
-        mode,
+        render,
         shutdown.clone(),
     ));
     tasks.close();
@@ -293,8 +374,7 @@ async fn reload(files: Files, identity: IdentityHandle, shutdown: CancellationTo
 async fn admin_serve(
     listener: tokio::net::TcpListener,
     identity: IdentityHandle,
-    metrics: Arc<Metrics>,
-    mode: &'static str,
+    render: Arc<dyn Fn() -> String + Send + Sync>,
     shutdown: CancellationToken,
 ) {
     let tracker = TaskTracker::new();
@@ -303,12 +383,12 @@ async fn admin_serve(
             _ = shutdown.cancelled() => break,
             r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue; } },
         };
-        let (identity, metrics, shutdown) = (identity.clone(), metrics.clone(), shutdown.clone());
+        let (identity, render, shutdown) = (identity.clone(), render.clone(), shutdown.clone());
         tracker.spawn(async move {
             let svc =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let (identity, metrics, shutdown) =
-                        (identity.clone(), metrics.clone(), shutdown.clone());
+                    let (identity, render, shutdown) =
+                        (identity.clone(), render.clone(), shutdown.clone());
                     async move {
                         let (status, body) = match (req.method().as_str(), req.uri().path()) {
                             (_, "/live") => (StatusCode::OK, "ok\n".to_owned()),
@@ -319,9 +399,7 @@ async fn admin_serve(
                                 StatusCode::SERVICE_UNAVAILABLE,
                                 "no identity yet\n".to_owned(),
                             ),
-                            (_, "/metrics") => {
-                                (StatusCode::OK, metrics_text(&metrics, &identity, mode))
-                            }
+                            (_, "/metrics") => (StatusCode::OK, render()),
                             ("POST", "/quitquitquit") => {
                                 shutdown.cancel();
                                 (StatusCode::OK, "shutting down\n".to_owned())
@@ -343,6 +421,27 @@ async fn admin_serve(
     }
     tracker.close();
     tracker.wait().await;
+}
+
+/// Transparent mode: the mTLS counters plus the capture outcomes.
+fn transparent_text(tm: &TransparentMetrics, identity: &IdentityHandle) -> String {
+    let base = metrics_text(tm.tunnels(), identity, "transparent");
+    let mut out = base.strip_suffix("# EOF\n").unwrap_or(&base).to_owned();
+    for (name, value) in [
+        ("outbound_mesh", tm.outbound_mesh()),
+        ("outbound_denied", tm.outbound_denied()),
+        ("outbound_no_original_dst", tm.outbound_no_original_dst()),
+        ("outbound_passthrough", tm.outbound_passthrough.accepted()),
+        ("inbound_tls", tm.inbound_tls()),
+        ("inbound_plaintext", tm.inbound_plaintext.accepted()),
+        ("inbound_no_original_dst", tm.inbound_no_original_dst()),
+    ] {
+        out.push_str(&format!(
+            "kith_sidecar_captured_total{{outcome=\"{name}\"}} {value}\n"
+        ));
+    }
+    out.push_str("# EOF\n");
+    out
 }
 
 /// Prometheus text: connections and refusals by reason, bytes, and the SVID's time left.
