@@ -10,7 +10,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use identity::x509::{
-    BACKDATE, intermediate_params, ordered_serial, random_serial, root_params, svid_params,
+    BACKDATE, intermediate_params, ordered_serial, random_serial, root_params,
+    svid_params_with_serial,
 };
 use identity::{KeyType, SpiffeId, TrustBundle, TrustDomain};
 use rcgen::{Issuer, KeyPair};
@@ -405,8 +406,9 @@ impl Authority {
         let keys = self.current.load();
         let signer = &keys.active;
         let not_after = (now + ttl).min(signer.not_after);
-        let mut params = svid_params(id, dns, &[], now - BACKDATE, not_after).map_err(cert_err)?;
-        params.serial_number = Some(ordered_serial(now).map_err(cert_err)?);
+        let serial = ordered_serial(now).map_err(cert_err)?;
+        let params = svid_params_with_serial(id, dns, &[], now - BACKDATE, not_after, serial)
+            .map_err(cert_err)?;
         let serial = params
             .serial_number
             .as_ref()

@@ -13,8 +13,7 @@ use rcgen::KeyPair;
 
 const LIFE: Duration = Duration::from_secs(600);
 
-async fn load(dir: &std::path::Path, store: &SqliteStore, now: SystemTime) -> Authority {
-    let _ = dir;
+async fn load(store: &SqliteStore, now: SystemTime) -> Authority {
     let kek = Kek::from_bytes(&[9u8; 32]).unwrap();
     let lifetimes = Lifetimes {
         root: Duration::from_secs(86_400),
@@ -37,7 +36,7 @@ async fn the_signer_rotates_on_schedule_and_across_restarts() {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(dir.path()).unwrap();
     let t0 = SystemTime::now();
-    let auth = load(dir.path(), &store, t0).await;
+    let auth = load(&store, t0).await;
     let first = auth.keys().active.id.clone();
     let first_jwt = auth.keys().jwt.signer.key_id().to_owned();
     let seq0 = auth.bundle().sequence().unwrap();
@@ -66,7 +65,7 @@ async fn the_signer_rotates_on_schedule_and_across_restarts() {
 
     // A restart between preparation and activation keeps both.
     drop(auth);
-    let auth = load(dir.path(), &store, t0 + Duration::from_secs(400)).await;
+    let auth = load(&store, t0 + Duration::from_secs(400)).await;
     assert_eq!(auth.keys().active.id, first);
     assert_eq!(auth.keys().next.as_ref().unwrap().id, next);
 
@@ -96,7 +95,7 @@ async fn the_signer_rotates_on_schedule_and_across_restarts() {
     );
 
     drop(auth);
-    let auth = load(dir.path(), &store, t0 + Duration::from_secs(520)).await;
+    let auth = load(&store, t0 + Duration::from_secs(520)).await;
     assert_eq!(auth.keys().active.id, next, "activation survives a restart");
     let v = ca::store::Store::verify_audit(&store).unwrap();
     assert_eq!(v.first_broken, None);
@@ -107,9 +106,9 @@ async fn a_ca_down_past_its_signer_makes_a_fresh_one() {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(dir.path()).unwrap();
     let t0 = SystemTime::now();
-    let first = load(dir.path(), &store, t0).await.keys().active.id.clone();
+    let first = load(&store, t0).await.keys().active.id.clone();
     let later = t0 + LIFE + Duration::from_secs(60);
-    let auth = load(dir.path(), &store, later).await;
+    let auth = load(&store, later).await;
     assert_ne!(auth.keys().active.id, first);
     assert!(auth.keys().active.not_after > later);
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, bail};
 use identity::x509::{BACKDATE, portable_pkcs8, svid_params};
-use identity::{KeyType, SpiffeId, Svid, verify_x509_svid};
+use identity::{KeyType, SpiffeId, Svid, TrustBundle, verify_x509_svid};
 use serde::Serialize;
 
 use crate::ca::{self, DevCa, Init};
@@ -128,7 +128,7 @@ pub fn issue(home: &Path, req: Request) -> Result<Issued> {
     verify_x509_svid(svid.chain(), &bundle, now)
         .context("issued certificate does not verify (this is a bug)")?;
 
-    let files = write(&req, &name, &svid, &ca)?;
+    let files = write(&req, &name, &svid, &ca, &bundle)?;
     Ok(Issued {
         spiffe_id: req.id.to_string(),
         serial,
@@ -139,8 +139,14 @@ pub fn issue(home: &Path, req: Request) -> Result<Issued> {
     })
 }
 
-fn write(req: &Request, name: &str, svid: &Svid, ca: &DevCa) -> Result<Files> {
-    let bundle_pem = ca.bundle()?.to_pem();
+fn write(
+    req: &Request,
+    name: &str,
+    svid: &Svid,
+    ca: &DevCa,
+    bundle: &TrustBundle,
+) -> Result<Files> {
+    let bundle_pem = bundle.to_pem();
     match req.format {
         Format::Pem => {
             let crt = req.out.join(format!("{name}.crt"));

@@ -191,6 +191,19 @@ pub fn svid_params(
     not_before: SystemTime,
     not_after: SystemTime,
 ) -> Result<CertificateParams, TemplateError> {
+    svid_params_with_serial(id, dns_names, ips, not_before, not_after, random_serial()?)
+}
+
+/// `svid_params` with the caller's serial (the CA's time-ordered one), so the issuance path
+/// draws random bytes once.
+pub fn svid_params_with_serial(
+    id: &SpiffeId,
+    dns_names: &[String],
+    ips: &[IpAddr],
+    not_before: SystemTime,
+    not_after: SystemTime,
+    serial: SerialNumber,
+) -> Result<CertificateParams, TemplateError> {
     let mut sans = vec![uri_san(id)];
     for name in dns_names {
         // A leading "*." wildcard is allowed (as mkcert does); the rest must be a hostname.
@@ -209,7 +222,7 @@ pub fn svid_params(
     params.subject_alt_names = sans;
     params.not_before = to_offset(not_before);
     params.not_after = to_offset(not_after);
-    params.serial_number = Some(random_serial()?);
+    params.serial_number = Some(serial);
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![
