@@ -35,7 +35,8 @@ struct Rule {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
-    own: TrustDomain,
+    /// The trust domain of the default rule; `None`: that of the proxy's current SVID.
+    own: Option<TrustDomain>,
     rules: Vec<Rule>,
 }
 
@@ -43,9 +44,23 @@ impl Policy {
     /// The default policy: any ID of `own` trust domain.
     pub fn new(own: TrustDomain) -> Self {
         Self {
-            own,
+            own: Some(own),
             rules: Vec::new(),
         }
+    }
+
+    /// The default policy when the trust domain is not known yet (the identity comes later):
+    /// any ID of the trust domain of the proxy's SVID at the time of the check.
+    pub fn own_trust_domain() -> Self {
+        Self {
+            own: None,
+            rules: Vec::new(),
+        }
+    }
+
+    /// Whether any allow rule was added (otherwise the own trust domain is allowed).
+    pub fn has_rules(&self) -> bool {
+        !self.rules.is_empty()
     }
 
     /// Adds a rule (`spiffe://td/path` or `spiffe://td/path/*`) for every port.
@@ -76,8 +91,22 @@ impl Policy {
 
     /// Allows or denies a verified peer ID to a destination port.
     pub fn check(&self, id: &SpiffeId, port: u16) -> Result<(), Denied> {
+        self.check_in(id, port, None)
+    }
+
+    /// [`Self::check`], with `current` as the own trust domain when the policy was built
+    /// without one.
+    pub fn check_in(
+        &self,
+        id: &SpiffeId,
+        port: u16,
+        current: Option<&TrustDomain>,
+    ) -> Result<(), Denied> {
         let allowed = if self.rules.is_empty() {
-            id.is_member_of(&self.own)
+            self.own
+                .as_ref()
+                .or(current)
+                .is_some_and(|td| id.is_member_of(td))
         } else {
             self.rules.iter().any(|r| {
                 (r.ports.is_empty() || r.ports.contains(&port))
@@ -115,6 +144,19 @@ mod tests {
         let p = Policy::new(td());
         assert!(p.check(&id("spiffe://example.test/ns/a"), 80).is_ok());
         assert!(p.check(&id("spiffe://other.test/ns/a"), 80).is_err());
+    }
+
+    #[test]
+    fn default_without_trust_domain_follows_the_current_one() {
+        let p = Policy::own_trust_domain();
+        let a = id("spiffe://example.test/ns/a");
+        assert!(
+            p.check(&a, 80).is_err(),
+            "no trust domain yet: nothing allowed"
+        );
+        assert!(p.check_in(&a, 80, Some(&td())).is_ok());
+        let other = TrustDomain::new("other.test").expect("td");
+        assert!(p.check_in(&a, 80, Some(&other)).is_err());
     }
 
     #[test]

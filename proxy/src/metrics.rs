@@ -2,7 +2,9 @@
 //! exporter (Prometheus text) reads them; nothing here allocates per connection.
 
 use std::fmt;
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use identity::VerifyError;
 
@@ -89,6 +91,9 @@ pub struct DirectionMetrics {
     bytes_from_tls: AtomicU64,
     /// Bytes from the plaintext side to the TLS side.
     bytes_to_tls: AtomicU64,
+    /// Completed TLS handshakes, by duration (inbound: from the first byte to the finished
+    /// handshake; outbound: TCP connect plus handshake).
+    handshake: Histogram,
 }
 
 impl DirectionMetrics {
@@ -119,6 +124,10 @@ impl DirectionMetrics {
         self.bytes_to_tls.load(Ordering::Relaxed)
     }
 
+    pub fn handshake(&self) -> &Histogram {
+        &self.handshake
+    }
+
     pub(crate) fn refuse(&self, reason: Reason) {
         self.refused[reason.index()].fetch_add(1, Ordering::Relaxed);
     }
@@ -145,6 +154,139 @@ pub struct Metrics {
     pub outbound: DirectionMetrics,
 }
 
+impl Metrics {
+    /// Appends the Prometheus text exposition (format 0.0.4) of one or more sets of counters,
+    /// each set's series labelled with its labels (such as `tunnel="db"`; empty for none).
+    pub fn render_prometheus(out: &mut String, sets: &[(&str, &Metrics)]) {
+        let series = || {
+            sets.iter().flat_map(|(labels, m)| {
+                [("inbound", &m.inbound), ("outbound", &m.outbound)].map(|(dir, d)| {
+                    let l = if labels.is_empty() {
+                        format!("direction=\"{dir}\"")
+                    } else {
+                        format!("{labels},direction=\"{dir}\"")
+                    };
+                    (l, d)
+                })
+            })
+        };
+        family(
+            out,
+            "kith_sidecar_connections_total",
+            "counter",
+            "Connections by direction and result (accepted, or the refusal reason)",
+        );
+        for (l, m) in series() {
+            let _ = writeln!(
+                out,
+                "kith_sidecar_connections_total{{{l},result=\"accepted\"}} {}",
+                m.accepted()
+            );
+            for r in Reason::ALL {
+                let _ = writeln!(
+                    out,
+                    "kith_sidecar_connections_total{{{l},result=\"{r}\"}} {}",
+                    m.refused(r)
+                );
+            }
+        }
+        family(
+            out,
+            "kith_sidecar_active_connections",
+            "gauge",
+            "Connections being forwarded now",
+        );
+        for (l, m) in series() {
+            let _ = writeln!(out, "kith_sidecar_active_connections{{{l}}} {}", m.active());
+        }
+        family(
+            out,
+            "kith_sidecar_bytes_total",
+            "counter",
+            "Bytes forwarded, by direction and by side (from or to the TLS side)",
+        );
+        for (l, m) in series() {
+            let _ = writeln!(
+                out,
+                "kith_sidecar_bytes_total{{{l},side=\"from_tls\"}} {}",
+                m.bytes_from_tls()
+            );
+            let _ = writeln!(
+                out,
+                "kith_sidecar_bytes_total{{{l},side=\"to_tls\"}} {}",
+                m.bytes_to_tls()
+            );
+        }
+        family(
+            out,
+            "kith_sidecar_handshake_seconds",
+            "histogram",
+            "Duration of completed TLS handshakes",
+        );
+        for (l, m) in series() {
+            m.handshake
+                .render(out, "kith_sidecar_handshake_seconds", &l);
+        }
+    }
+}
+
+/// Writes the `# HELP` and `# TYPE` lines of a metric family.
+pub fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// Upper bounds of the handshake histogram's buckets, in microseconds (250 µs to 10 s).
+const BUCKETS_US: [u64; 14] = [
+    250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+    2_500_000, 10_000_000,
+];
+
+/// A fixed-bucket latency histogram of atomics: recording is three relaxed adds, no lock.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Per bucket (not cumulative); the last slot is +Inf.
+    buckets: [AtomicU64; BUCKETS_US.len() + 1],
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    pub fn record(&self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let slot = BUCKETS_US
+            .iter()
+            .position(|b| us <= *b)
+            .unwrap_or(BUCKETS_US.len());
+        self.buckets[slot].fetch_add(1, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Appends `_bucket` (cumulative), `_sum` and `_count` series.
+    pub fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0;
+        for (i, slot) in self.buckets.iter().enumerate() {
+            cumulative += slot.load(Ordering::Relaxed);
+            let le = BUCKETS_US
+                .get(i)
+                .map_or_else(|| "+Inf".to_owned(), |us| format!("{}", *us as f64 / 1e6));
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}"
+            );
+        }
+        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,5 +300,24 @@ mod tests {
         m.refuse(Reason::UnknownCa);
         assert_eq!(m.refused(Reason::UnknownCa), 1);
         assert_eq!(m.refused_total(), 1);
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = Histogram::default();
+        h.record(Duration::from_micros(100));
+        h.record(Duration::from_millis(3));
+        h.record(Duration::from_secs(60));
+        let mut out = String::new();
+        h.render(&mut out, "x", "d=\"in\"");
+        assert!(
+            out.contains("x_bucket{d=\"in\",le=\"0.00025\"} 1\n"),
+            "{out}"
+        );
+        assert!(out.contains("x_bucket{d=\"in\",le=\"0.005\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{d=\"in\",le=\"10\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{d=\"in\",le=\"+Inf\"} 3\n"), "{out}");
+        assert!(out.contains("x_count{d=\"in\"} 3\n"), "{out}");
+        assert!(out.contains("x_sum{d=\"in\"} 60.0031\n"), "{out}");
     }
 }

@@ -237,6 +237,62 @@ impl TransparentMetrics {
     pub fn inbound_no_original_dst(&self) -> u64 {
         self.inbound_no_original_dst.load(Ordering::Relaxed)
     }
+
+    /// The mTLS series of [`Metrics::render_prometheus`], then the capture outcomes and the
+    /// plaintext connections.
+    pub fn render_prometheus(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        Metrics::render_prometheus(out, &[("", &self.tunnels)]);
+        crate::metrics::family(
+            out,
+            "kith_sidecar_captured_total",
+            "counter",
+            "Captured connections by what became of them",
+        );
+        for (outcome, value) in [
+            ("outbound_mesh", self.outbound_mesh()),
+            ("outbound_passthrough", self.outbound_passthrough.accepted()),
+            (
+                "outbound_passthrough_unreachable",
+                self.outbound_passthrough.unreachable(),
+            ),
+            ("outbound_denied", self.outbound_denied()),
+            ("outbound_no_original_dst", self.outbound_no_original_dst()),
+            ("inbound_tls", self.inbound_tls()),
+            ("inbound_plaintext", self.inbound_plaintext.accepted()),
+            (
+                "inbound_plaintext_unreachable",
+                self.inbound_plaintext.unreachable(),
+            ),
+            ("inbound_no_original_dst", self.inbound_no_original_dst()),
+        ] {
+            let _ = writeln!(
+                out,
+                "kith_sidecar_captured_total{{outcome=\"{outcome}\"}} {value}"
+            );
+        }
+        crate::metrics::family(
+            out,
+            "kith_sidecar_plaintext_bytes_total",
+            "counter",
+            "Bytes of plaintext connections (outbound pass-through, permissive inbound)",
+        );
+        for (kind, m) in [
+            ("outbound_passthrough", &self.outbound_passthrough),
+            ("inbound_plaintext", &self.inbound_plaintext),
+        ] {
+            let _ = writeln!(
+                out,
+                "kith_sidecar_plaintext_bytes_total{{kind=\"{kind}\",side=\"sent\"}} {}",
+                m.bytes_sent()
+            );
+            let _ = writeln!(
+                out,
+                "kith_sidecar_plaintext_bytes_total{{kind=\"{kind}\",side=\"received\"}} {}",
+                m.bytes_received()
+            );
+        }
+    }
 }
 
 fn bump(counter: &AtomicU64) {

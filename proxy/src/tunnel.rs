@@ -43,6 +43,8 @@ pub struct Limits {
     pub connect_timeout: Duration,
     /// How long a connection waits for the first identity before `no_identity_yet`.
     pub identity_hold: Duration,
+    /// After shutdown: how long open connections may finish before they are cut.
+    pub drain_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -53,6 +55,7 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
             identity_hold: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -67,6 +70,7 @@ impl Limits {
             self.handshake_timeout,
             self.connect_timeout,
             self.identity_hold,
+            self.drain_timeout,
         ];
         if durations.iter().any(Duration::is_zero) {
             return Err(Error::Limits("timeouts must be non-zero"));
@@ -140,6 +144,8 @@ pub async fn serve_outbound(
     Ok(())
 }
 
+/// Accepts until `shutdown`, then drains: open connections may finish within
+/// `limits.drain_timeout`, after which the rest are cut.
 pub(crate) async fn accept_loop<F, Fut>(
     listener: TcpListener,
     limits: Limits,
@@ -151,6 +157,7 @@ pub(crate) async fn accept_loop<F, Fut>(
 {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let tracker = TaskTracker::new();
+    let cut = CancellationToken::new();
     loop {
         // Wait for a free slot before accepting: excess connections queue in the kernel's
         // backlog instead of costing memory here (mini-redis).
@@ -175,17 +182,32 @@ pub(crate) async fn accept_loop<F, Fut>(
         };
         let _ = stream.set_nodelay(true);
         let conn = handle(stream);
-        let token = shutdown.clone();
+        let cut = cut.clone();
         tracker.spawn(async move {
             tokio::select! {
-                () = token.cancelled() => {}
+                () = cut.cancelled() => {}
                 () = conn => {}
             }
             drop(permit);
         });
     }
+    // Stop accepting at once: new connections are refused by the kernel, not queued.
+    drop(listener);
     tracker.close();
-    tracker.wait().await;
+    if !tracker.is_empty() {
+        tracing::info!(open = tracker.len(), drain = ?limits.drain_timeout, "draining connections");
+    }
+    if tokio::time::timeout(limits.drain_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            cut = tracker.len(),
+            "connections still open after the drain timeout; closing them"
+        );
+        cut.cancel();
+        tracker.wait().await;
+    }
 }
 
 /// The two inbound configurations: `mesh` for kith proxies (they offer ALPN `kith/1`), `edge`
@@ -214,11 +236,12 @@ pub(crate) async fn inbound(
         Ok(Ok(_)) => return Err(Reason::PlaintextRefused),
         Ok(Err(_)) | Err(_) => return Err(Reason::HandshakeFailed),
     }
-    if identity.ready(limits.identity_hold).await.is_none() {
+    let Some(own) = identity.ready(limits.identity_hold).await else {
         return Err(Reason::NoIdentityYet);
-    }
+    };
     // Read the ClientHello first: a kith peer offers `kith/1` and must get it; any other mTLS
     // client is served without ALPN.
+    let began = std::time::Instant::now();
     let handshake = async {
         let start =
             tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream)
@@ -239,12 +262,14 @@ pub(crate) async fn inbound(
         Ok(Err(e)) => return Err(tls::refusal_reason(&e).unwrap_or(Reason::HandshakeFailed)),
         Err(_) => return Err(Reason::HandshakeFailed),
     };
+    metrics.handshake().record(began.elapsed());
     let conn = tls.get_ref().1;
     if mesh && conn.alpn_protocol() != Some(ALPN) {
         return Err(Reason::HandshakeFailed);
     }
     let peer = tls::peer_id(conn.peer_certificates()).ok_or(Reason::BadCertificate)?;
-    if let Err(denied) = policy.check(&peer, forward.port()) {
+    let own_td = own.svid().id().trust_domain();
+    if let Err(denied) = policy.check_in(&peer, forward.port(), Some(&own_td)) {
         tracing::info!(%denied, "inbound connection not authorized");
         return Err(Reason::NotAuthorized);
     }
@@ -267,6 +292,7 @@ pub(crate) async fn outbound(
     if identity.ready(limits.identity_hold).await.is_none() {
         return Err(Reason::NoIdentityYet);
     }
+    let began = std::time::Instant::now();
     let upstream = connect(to, limits.connect_timeout).await?;
     // The name is not checked (SPIFFE verifier) and an IP address sends no SNI.
     let name = ServerName::IpAddress(to.ip().into());
@@ -278,6 +304,7 @@ pub(crate) async fn outbound(
             Ok(Err(e)) => return Err(tls::refusal_reason(&e).unwrap_or(Reason::HandshakeFailed)),
             Err(_) => return Err(Reason::HandshakeFailed),
         };
+    metrics.outbound.handshake().record(began.elapsed());
     if tls.get_ref().1.alpn_protocol() != Some(ALPN) {
         return Err(Reason::HandshakeFailed);
     }

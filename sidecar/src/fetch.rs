@@ -22,12 +22,13 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use spiffe::transport::{Endpoint, GrpcStatusCode, TransportError};
-use spiffe::{WorkloadApiClient, WorkloadApiError};
+use spiffe::{WorkloadApiClient, WorkloadApiError, X509Context};
 use tokio_util::sync::CancellationToken;
 
 pub use self::cli::{FetchArgs, main};
 use self::hook::run_hook;
 pub use self::hook::{Hook, PidSource, SignalTarget};
+pub(crate) use self::layout::pick;
 pub use self::layout::{CREDENTIAL_BUNDLE, TRUST_BUNDLE_SUFFIX, Written, WrittenBundle};
 use self::layout::{ensure_dir, render, write_layout};
 use crate::node::NodeError;
@@ -123,38 +124,92 @@ pub async fn watch(
 ) -> Result<(), FetchError> {
     check_endpoint(&opts.fetch.endpoint)?;
     ensure_dir(&opts.fetch.write_dir)?;
-    let mut backoff = opts.min_backoff;
+    let keeping = format!(
+        "keeping the last written files in {}",
+        opts.fetch.write_dir.display()
+    );
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+    let follower = follow(
+        &opts.fetch.endpoint,
+        (opts.min_backoff, opts.max_backoff),
+        &shutdown,
+        &keeping,
+        tx,
+    );
+    let writer = async {
+        while let Some(context) = rx.recv().await {
+            // A message we cannot use (the chosen ID missing, a broken chain) leaves the old
+            // files in place; the next message may be fine.
+            let layout = match render(&context, opts.fetch.id.as_deref()) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(error = %e, "not writing this update; the previous files stay");
+                    continue;
+                }
+            };
+            match write_layout(&opts.fetch.write_dir, &layout) {
+                Ok(written) if written.changed => {
+                    tracing::info!(
+                        id = %written.spiffe_id,
+                        not_after = %written.not_after,
+                        dir = %written.dir.display(),
+                        "credentials written"
+                    );
+                    on_write(&written);
+                    run_hook(&opts.hook, &opts.fetch.write_dir).await;
+                }
+                Ok(_) => tracing::debug!("update leaves the files unchanged"),
+                // Atomic writes: a failed one leaves the previous file whole.
+                Err(e) => tracing::error!(error = %e, "cannot write the update"),
+            }
+        }
+    };
+    let (result, ()) = tokio::join!(follower, writer);
+    result
+}
+
+/// Follows the agent's X509-SVID stream until `shutdown` (or until `tx`'s receiver is gone),
+/// sending every message to `tx`, and reconnects with exponential backoff (`backoff`: first and
+/// longest wait) whenever the stream fails; `keeping` says in the log what stays in use
+/// meanwhile.
+pub(crate) async fn follow(
+    endpoint: &str,
+    backoff: (Duration, Duration),
+    shutdown: &CancellationToken,
+    keeping: &str,
+    tx: tokio::sync::mpsc::Sender<X509Context>,
+) -> Result<(), FetchError> {
+    check_endpoint(endpoint)?;
+    let (min_backoff, max_backoff) = backoff;
+    let mut wait = min_backoff;
     loop {
         let mut delivered = false;
         let ended = tokio::select! {
-            e = session(opts, &mut delivered, &mut on_write) => e,
+            e = session(endpoint, &mut delivered, &tx) => e,
             () = shutdown.cancelled() => return Ok(()),
         };
+        if tx.is_closed() {
+            return Ok(());
+        }
         if delivered {
             // The agent was healthy a moment ago: come back quickly.
-            backoff = opts.min_backoff;
+            wait = min_backoff;
         }
-        tracing::warn!(
-            error = %ended,
-            retry_in = ?backoff,
-            dir = %opts.fetch.write_dir.display(),
-            "workload api stream lost; keeping the last written files"
-        );
+        tracing::warn!(error = %ended, retry_in = ?wait, "workload api stream lost; {keeping}");
         tokio::select! {
-            () = tokio::time::sleep(backoff) => {}
+            () = tokio::time::sleep(wait) => {}
             () = shutdown.cancelled() => return Ok(()),
         }
-        backoff = (backoff * 2).min(opts.max_backoff);
+        wait = (wait * 2).min(max_backoff);
     }
 }
 
 /// One connection: follows the stream until it fails; always returns the reason it stopped.
 async fn session(
-    opts: &WatchOptions,
+    endpoint: &str,
     delivered: &mut bool,
-    on_write: &mut impl FnMut(&Written),
+    tx: &tokio::sync::mpsc::Sender<X509Context>,
 ) -> FetchError {
-    let endpoint = &opts.fetch.endpoint;
     let client = match connect(endpoint).await {
         Ok(c) => c,
         Err(e) => return e,
@@ -164,34 +219,14 @@ async fn session(
         Err(e) => return api_error(endpoint, e),
     };
     while let Some(item) = stream.next().await {
-        let context = match item {
-            Ok(c) => c,
+        match item {
+            Ok(context) => {
+                *delivered = true;
+                if tx.send(context).await.is_err() {
+                    return FetchError::StreamEnded;
+                }
+            }
             Err(e) => return api_error(endpoint, e),
-        };
-        *delivered = true;
-        // A message we cannot use (the chosen ID missing, a broken chain) leaves the old
-        // files in place; the next message may be fine.
-        let layout = match render(&context, opts.fetch.id.as_deref()) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(error = %e, "not writing this update; the previous files stay");
-                continue;
-            }
-        };
-        match write_layout(&opts.fetch.write_dir, &layout) {
-            Ok(written) if written.changed => {
-                tracing::info!(
-                    id = %written.spiffe_id,
-                    not_after = %written.not_after,
-                    dir = %written.dir.display(),
-                    "credentials written"
-                );
-                on_write(&written);
-                run_hook(&opts.hook, &opts.fetch.write_dir).await;
-            }
-            Ok(_) => tracing::debug!("update leaves the files unchanged"),
-            // Atomic writes: a failed one leaves the previous file whole.
-            Err(e) => tracing::error!(error = %e, "cannot write the update"),
         }
     }
     FetchError::StreamEnded

@@ -11,6 +11,8 @@ pub mod docker;
 pub mod fetch;
 pub mod metrics;
 pub mod node;
+pub mod source;
 pub mod state;
 pub mod tunnel_cli;
+pub mod tunnel_config;
 pub mod workload_api;

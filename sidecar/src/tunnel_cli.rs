@@ -1,18 +1,21 @@
-//! `kith sidecar run` in explicit mode (ghostunnel-style), with its identity from files that
-//! are reloaded when they change:
+//! `kith sidecar run`: the mTLS proxy, with its identity from files, from the CA (the pod's
+//! service-account token) or from a `kith agent` over the Workload API (see [`crate::source`]).
 //!
-//! - client side: `--listen 127.0.0.1:9000 --connect 10.0.0.2:8443 --expect-id spiffe://…`
-//!   (plaintext in, mTLS out);
-//! - server side: `--listen 0.0.0.0:8443 --forward 127.0.0.1:8080 --allow spiffe://…`
-//!   (mTLS in, plaintext out).
+//! - explicit mode (ghostunnel-style), one tunnel from flags or several from `--config`:
+//!   client side `--listen 127.0.0.1:9000 --connect 10.0.0.2:8443 --expect-id spiffe://…`
+//!   (plaintext in, mTLS out), server side `--listen 0.0.0.0:8443 --forward 127.0.0.1:8080
+//!   --allow spiffe://…` (mTLS in, plaintext out);
+//! - transparent mode (no `--listen`, no `--config`): captured outbound (15001) and inbound
+//!   (15006) listeners behind `kith sidecar init`'s rules.
 //!
-//! Without `--listen` it runs in transparent mode: captured outbound (15001) and inbound (15006)
-//! listeners behind `kith sidecar init`'s rules. Identity from the CA or the Workload API comes
-//! with the sidecar issue's next steps.
+//! Before the first SVID, connections wait up to `--hold-timeout`; SIGTERM (or
+//! `POST /quitquitquit`) stops accepting and lets open connections finish for
+//! `--drain-timeout`.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -23,14 +26,16 @@ use clap::{Args, Subcommand};
 use http_body_util::Full;
 use hyper::{Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use identity::{SpiffeId, Svid, TrustBundle, TrustDomain};
 use proxy::authz::Policy;
-use proxy::metrics::{DirectionMetrics, Metrics, Reason};
-use proxy::tls::{ExpectedPeer, IdentityHandle};
+use proxy::metrics::{Metrics, family};
+use proxy::tls::IdentityHandle;
 use proxy::transparent::{InboundMode, OutboundPolicy, TransparentMetrics};
 use proxy::tunnel::{self, Limits};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use crate::source::{self, Source, SourceMetrics};
+use crate::tunnel_config::{self, End, Tunnel};
 
 #[derive(Debug, Args)]
 pub struct SidecarArgs {
@@ -40,7 +45,7 @@ pub struct SidecarArgs {
 
 #[derive(Debug, Subcommand)]
 enum SidecarCommand {
-    /// Run an explicit mTLS tunnel with the identity from --cert/--key/--bundle
+    /// Run the mTLS proxy: explicit tunnels (--listen or --config) or transparent mode
     Run(Box<RunArgs>),
     /// Program the pod's network namespace to capture its TCP traffic (the init container)
     Init(Box<crate::capture::InitArgs>),
@@ -48,17 +53,30 @@ enum SidecarCommand {
 
 #[derive(Debug, Args)]
 struct RunArgs {
-    /// The SVID chain (PEM, leaf first); reloaded when it changes
-    #[arg(long, env = "KITH_SIDECAR_CERT")]
-    cert: PathBuf,
-    /// The SVID's private key (PKCS#8 PEM); reloaded when it changes
-    #[arg(long, env = "KITH_SIDECAR_KEY")]
-    key: PathBuf,
-    /// The trust bundle (PEM or SPIFFE format); reloaded when it changes
+    /// Identity from files: the SVID chain (PEM, leaf first); reloaded when it changes
+    #[arg(long, env = "KITH_SIDECAR_CERT", requires_all = ["key", "bundle"], conflicts_with_all = ["k8s_token_file", "workload_api"])]
+    cert: Option<PathBuf>,
+    /// Identity from files: the SVID's private key (PKCS#8 PEM); reloaded when it changes
+    #[arg(long, env = "KITH_SIDECAR_KEY", requires = "cert")]
+    key: Option<PathBuf>,
+    /// The trust bundle (PEM or SPIFFE format): with --cert, the peers' roots (reloaded); with
+    /// --ca, what authenticates the CA at first contact
     #[arg(long, env = "KITH_SIDECAR_BUNDLE")]
-    bundle: PathBuf,
+    bundle: Option<PathBuf>,
+    /// Identity from the CA: the pod's projected service-account token, read for every request
+    #[arg(long, env = "KITH_SIDECAR_K8S_TOKEN_FILE", requires_all = ["ca", "bundle"], conflicts_with = "workload_api")]
+    k8s_token_file: Option<PathBuf>,
+    /// The CA's URL (with --k8s-token-file), e.g. https://kith-ca.kith-system.svc:8443
+    #[arg(long, env = "KITH_SIDECAR_CA", requires = "k8s_token_file")]
+    ca: Option<String>,
+    /// Identity from a kith agent: its Workload API socket, e.g. unix:///run/kith/agent.sock
+    #[arg(long, env = "KITH_SIDECAR_WORKLOAD_API")]
+    workload_api: Option<String>,
+    /// With --workload-api: which SVID to use when the agent issues several [default: the first]
+    #[arg(long, env = "KITH_SIDECAR_WORKLOAD_ID", requires = "workload_api")]
+    workload_id: Option<String>,
     /// Explicit mode: where to accept connections (without it: transparent mode)
-    #[arg(long, env = "KITH_SIDECAR_LISTEN")]
+    #[arg(long, env = "KITH_SIDECAR_LISTEN", conflicts_with = "config")]
     listen: Option<SocketAddr>,
     /// Explicit client side: the mTLS server to connect to
     #[arg(
@@ -74,11 +92,18 @@ struct RunArgs {
     /// Explicit server side: the plaintext backend to forward to
     #[arg(long, env = "KITH_SIDECAR_FORWARD", requires = "listen")]
     forward: Option<SocketAddr>,
-    /// A SPIFFE ID or `spiffe://td/prefix/*` allowed to connect in (repeatable)
-    /// [default: any ID of the own trust domain]
+    /// Explicit mode: several tunnels from a TOML file ([[tunnel]] listen, connect|forward,
+    /// expect_id, allow, name)
+    #[arg(long, env = "KITH_SIDECAR_CONFIG")]
+    config: Option<PathBuf>,
+    /// A SPIFFE ID or `spiffe://td/prefix/*` allowed to connect in, optionally for some ports
+    /// only (`…@8080+8081`); repeatable [default: any ID of the own trust domain]
     #[arg(long = "allow", env = "KITH_SIDECAR_ALLOW", value_delimiter = ',')]
     allow: Vec<String>,
-    /// Transparent mode: the captured outbound listener
+    /// Allow rules from a TOML file ([[allow]] id, ports), added to --allow
+    #[arg(long, env = "KITH_SIDECAR_POLICY")]
+    policy: Option<PathBuf>,
+    /// Transparent mode: the captured outbound listener (127.0.0.1 also listens on [::1])
     #[arg(
         long,
         env = "KITH_SIDECAR_OUTBOUND_LISTEN",
@@ -112,10 +137,100 @@ struct RunArgs {
         default_value = "127.0.0.1:15020"
     )]
     admin_listen: SocketAddr,
+    /// Most connections per listener at once; more wait in the kernel's backlog
     #[arg(long, env = "KITH_SIDECAR_MAX_CONNECTIONS", default_value_t = 1024)]
     max_connections: usize,
+    /// How long a connection waits for the first SVID before it is refused (no_identity_yet)
+    #[arg(long, env = "KITH_SIDECAR_HOLD_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    hold_timeout: Duration,
+    /// After SIGTERM: how long open connections may finish before they are cut
+    #[arg(long, env = "KITH_SIDECAR_DRAIN_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
+    /// A connection with no byte either way for this long is closed
+    #[arg(long, env = "KITH_SIDECAR_IDLE_TIMEOUT", default_value = "1h", value_parser = humantime::parse_duration)]
+    idle_timeout: Duration,
     #[arg(long, env = "KITH_SIDECAR_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+}
+
+impl RunArgs {
+    fn source(&self) -> Result<Source> {
+        match (
+            &self.cert,
+            &self.key,
+            &self.k8s_token_file,
+            &self.ca,
+            &self.workload_api,
+        ) {
+            (Some(cert), Some(key), None, None, None) => Ok(Source::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+                bundle: self.bundle.clone().context("--cert needs --bundle")?,
+            }),
+            (None, None, Some(token_file), Some(url), None) => Ok(Source::Ca {
+                url: url.clone(),
+                token_file: token_file.clone(),
+                bundle: self
+                    .bundle
+                    .clone()
+                    .context("--k8s-token-file needs --bundle")?,
+            }),
+            (None, None, None, None, Some(endpoint)) => Ok(Source::WorkloadApi {
+                endpoint: endpoint.clone(),
+                id: self.workload_id.clone(),
+            }),
+            _ => bail!(
+                "say where the identity comes from: --cert/--key/--bundle (files), \
+                 --k8s-token-file/--ca/--bundle (the CA, in Kubernetes) or --workload-api (a kith agent)"
+            ),
+        }
+    }
+
+    fn policy(&self) -> Result<Policy> {
+        let mut policy = Policy::own_trust_domain();
+        for rule in &self.allow {
+            policy = tunnel_config::add_allow_flag(policy, rule)?;
+        }
+        if let Some(path) = &self.policy {
+            policy = tunnel_config::add_policy_file(policy, path)?;
+        }
+        Ok(policy)
+    }
+
+    /// The explicit tunnels: from --config, or the one of --listen; none in transparent mode.
+    fn tunnels(&self, policy: &Policy) -> Result<Vec<Tunnel>> {
+        if let Some(path) = &self.config {
+            if self.connect.is_some() || self.forward.is_some() || self.expect_id.is_some() {
+                bail!("--config defines the tunnels; drop --connect/--forward/--expect-id");
+            }
+            return tunnel_config::load_tunnels(path, policy);
+        }
+        let Some(listen) = self.listen else {
+            if self.connect.is_some() || self.forward.is_some() {
+                bail!("--connect and --forward need --listen");
+            }
+            return Ok(Vec::new());
+        };
+        let end = match (self.connect, self.forward) {
+            (Some(connect), None) => End::Client {
+                connect,
+                expect: tunnel_config::expected_peer(self.expect_id.as_deref())?,
+            },
+            (None, Some(forward)) => End::Server {
+                forward,
+                policy: policy.clone(),
+            },
+            _ => bail!(
+                "explicit mode needs --listen with either --connect (client side) or --forward (server side); transparent mode takes neither"
+            ),
+        };
+        // One tunnel from flags: its series carry no tunnel label.
+        Ok(vec![Tunnel {
+            name: String::new(),
+            listen,
+            end,
+        }])
+    }
 }
 
 pub fn run(args: SidecarArgs) -> ExitCode {
@@ -134,7 +249,7 @@ pub fn run(args: SidecarArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match rt.block_on(run_tunnel(*args)) {
+    match rt.block_on(run_sidecar(*args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!(
@@ -149,241 +264,238 @@ pub fn run(args: SidecarArgs) -> ExitCode {
     }
 }
 
-/// The identity files and what was last loaded from them.
-struct Files {
-    cert: PathBuf,
-    key: PathBuf,
-    bundle: PathBuf,
-}
-
-impl Files {
-    fn load(&self) -> Result<(Svid, TrustBundle)> {
-        let read =
-            |p: &Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
-        let svid = Svid::from_pem(&read(&self.cert)?, &read(&self.key)?).with_context(|| {
-            format!(
-                "{} / {} are not an X509-SVID and its key",
-                self.cert.display(),
-                self.key.display()
-            )
-        })?;
-        let td = svid.id().trust_domain();
-        let bundle = TrustBundle::parse(Some(td), &read(&self.bundle)?).with_context(|| {
-            format!(
-                "{} is not a trust bundle for {}",
-                self.bundle.display(),
-                svid.id().trust_domain()
-            )
-        })?;
-        Ok((svid, bundle))
-    }
-
-    /// A cheap fingerprint of the three files: their sizes and modification times.
-    fn stamp(&self) -> Vec<Option<(u64, SystemTime)>> {
-        [&self.cert, &self.key, &self.bundle]
-            .iter()
-            .map(|p| {
-                std::fs::metadata(p)
-                    .ok()
-                    .and_then(|m| Some((m.len(), m.modified().ok()?)))
-            })
-            .collect()
-    }
-}
-
 async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))
 }
 
-async fn run_tunnel(args: RunArgs) -> Result<()> {
+/// What /metrics renders besides the identity: the explicit tunnels' counters (labelled by
+/// tunnel name), or transparent mode's.
+enum Counters {
+    Explicit(Vec<(String, Arc<Metrics>)>),
+    Transparent(Arc<TransparentMetrics>),
+}
+
+async fn run_sidecar(args: RunArgs) -> Result<()> {
     ca::cli::init_logging(&args.log_format);
-    let files = Files {
-        cert: args.cert.clone(),
-        key: args.key.clone(),
-        bundle: args.bundle.clone(),
+    let source = args.source()?;
+    let policy = args.policy()?;
+    let tunnels = args.tunnels(&policy)?;
+    let limits = Limits {
+        max_connections: args.max_connections,
+        identity_hold: args.hold_timeout,
+        drain_timeout: args.drain_timeout,
+        idle_timeout: args.idle_timeout,
+        ..Limits::default()
     };
-    let (svid, bundle) = files.load()?;
-    let own_td: TrustDomain = svid.id().trust_domain();
+    limits
+        .validate()
+        .context("--max-connections and the timeouts")?;
     let identity = IdentityHandle::new();
-    let id = svid.id().clone();
-    identity
-        .publish(svid, bundle, SystemTime::now())
-        .context("the SVID does not verify against the bundle")?;
+    let source_metrics = Arc::new(SourceMetrics::default());
+    source::prepare(&source, &identity, &source_metrics)?;
     let admin = tokio::net::TcpListener::bind(args.admin_listen)
         .await
         .with_context(|| format!("cannot listen on {} (admin)", args.admin_listen))?;
-    let limits = Limits {
-        max_connections: args.max_connections,
-        ..Limits::default()
-    };
-    let metrics = Arc::new(Metrics::default());
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
-    let expect = match &args.expect_id {
-        Some(s) => {
-            ExpectedPeer::Id(SpiffeId::new(s).with_context(|| format!("--expect-id {s:?}"))?)
-        }
-        None => ExpectedPeer::TrustDomain,
-    };
-    let mut policy = Policy::new(own_td);
-    for rule in &args.allow {
-        policy = policy
-            .allow(rule)
-            .with_context(|| format!("--allow {rule:?}"))?;
+    if policy.has_rules() {
+        tracing::info!(allow = ?args.allow, policy = ?args.policy, "inbound authorization rules loaded");
     }
-    let render: Arc<dyn Fn() -> String + Send + Sync> = match (
-        args.listen,
-        args.connect,
-        args.forward,
-    ) {
-        (Some(listen), Some(connect), None) => {
-            let listener = bind(listen).await?;
-            tracing::info!(%id, %listen, %connect, expect = ?args.expect_id, "kith sidecar: client side (plaintext in, mTLS out)");
-            tasks.spawn(tunnel::serve_outbound(
-                listener,
-                identity.clone(),
-                connect,
-                expect,
-                limits,
-                metrics.clone(),
-                shutdown.clone(),
-            ));
-            let (m, i) = (metrics.clone(), identity.clone());
-            Arc::new(move || metrics_text(&m, &i, "outbound"))
+
+    let counters = if tunnels.is_empty() {
+        Counters::Transparent(
+            transparent(&args, &identity, policy, limits, &tasks, &shutdown).await?,
+        )
+    } else {
+        // Bind every listener before serving any, so a taken port fails the start.
+        let mut bound = Vec::new();
+        for t in tunnels {
+            let listener = bind(t.listen).await.with_context(|| tunnel_name(&t))?;
+            bound.push((t, listener));
         }
-        (Some(listen), None, Some(forward)) => {
-            let listener = bind(listen).await?;
-            tracing::info!(%id, %listen, %forward, allow = ?args.allow, "kith sidecar: server side (mTLS in, plaintext out)");
-            tasks.spawn(tunnel::serve_inbound(
-                listener,
-                identity.clone(),
-                policy,
-                forward,
-                limits,
-                metrics.clone(),
-                shutdown.clone(),
-            ));
-            let (m, i) = (metrics.clone(), identity.clone());
-            Arc::new(move || metrics_text(&m, &i, "inbound"))
-        }
-        (None, None, None) => {
-            // Transparent mode: connections captured by `kith sidecar init`'s rules.
-            let mesh = proxy::transparent::parse_cidrs(args.mesh_cidr.iter().map(String::as_str))
-                .map_err(|e| anyhow::anyhow!("--mesh-cidr: {e}"))?;
-            let outbound_policy = if args.outbound_policy == "deny" {
-                OutboundPolicy::Deny
-            } else {
-                OutboundPolicy::Passthrough
-            };
-            let inbound_mode = if args.mode == "permissive" {
-                InboundMode::Permissive
-            } else {
-                InboundMode::Strict
-            };
-            if inbound_mode == InboundMode::Permissive {
-                tracing::warn!(
-                    "PERMISSIVE mode: plaintext inbound connections are accepted unauthenticated (for migration only)"
-                );
+        let mut sets = Vec::new();
+        for (t, listener) in bound {
+            let metrics = Arc::new(Metrics::default());
+            match t.end {
+                End::Client { connect, expect } => {
+                    tracing::info!(tunnel = %t.name, listen = %t.listen, %connect, ?expect, "client side (plaintext in, mTLS out)");
+                    let fut = tunnel::serve_outbound(
+                        listener,
+                        identity.clone(),
+                        connect,
+                        expect,
+                        limits,
+                        metrics.clone(),
+                        shutdown.clone(),
+                    );
+                    tasks.spawn(async move { log_exit(fut.await) });
+                }
+                End::Server { forward, policy } => {
+                    tracing::info!(tunnel = %t.name, listen = %t.listen, %forward, "server side (mTLS in, plaintext out)");
+                    let fut = tunnel::serve_inbound(
+                        listener,
+                        identity.clone(),
+                        policy,
+                        forward,
+                        limits,
+                        metrics.clone(),
+                        shutdown.clone(),
+                    );
+                    tasks.spawn(async move { log_exit(fut.await) });
+                }
             }
-            let out_listener = bind(args.outbound_listen).await?;
-            let in_listener = bind(args.inbound_listen).await?;
-            let tm = Arc::new(TransparentMetrics::default());
-            tracing::info!(%id, outbound = %args.outbound_listen, inbound = %args.inbound_listen, mesh = ?args.mesh_cidr,
-                outbound_policy = %args.outbound_policy, mode = %args.mode, "kith sidecar: transparent mode");
-            tasks.spawn(proxy::transparent::serve_transparent_outbound(
-                out_listener,
-                identity.clone(),
-                mesh,
-                outbound_policy,
-                expect,
-                limits,
-                tm.clone(),
-                shutdown.clone(),
-            ));
-            tasks.spawn(proxy::transparent::serve_transparent_inbound(
-                in_listener,
-                identity.clone(),
-                policy,
-                inbound_mode,
-                limits,
-                tm.clone(),
-                shutdown.clone(),
-            ));
-            let i = identity.clone();
-            Arc::new(move || transparent_text(&tm, &i))
+            let label = if t.name.is_empty() {
+                String::new()
+            } else {
+                format!("tunnel=\"{}\"", t.name)
+            };
+            sets.push((label, metrics));
         }
-        _ => bail!(
-            "explicit mode needs --listen with either --connect (client side) or --forward (server side); transparent mode takes neither"
-        ),
+        Counters::Explicit(sets)
     };
-    tasks.spawn(reload(files, identity.clone(), shutdown.clone()));
-    tasks.spawn(admin_serve(
+    tracing::info!(identity = %source.describe(), hold = ?args.hold_timeout, "kith sidecar running");
+    tasks.spawn(source::run(
+        source,
+        identity.clone(),
+        source_metrics.clone(),
+        shutdown.clone(),
+    ));
+    let render = {
+        let identity = identity.clone();
+        Arc::new(move || metrics_text(&counters, &identity, &source_metrics))
+    };
+    let admin_shutdown = CancellationToken::new();
+    let admin_task = tokio::spawn(admin_serve(
         admin,
         identity.clone(),
         render,
         shutdown.clone(),
+        admin_shutdown.clone(),
     ));
     tasks.close();
     tokio::select! {
         _ = wait_for_signal() => {}
         _ = shutdown.cancelled() => {}
     }
-    tracing::info!("shutting down");
+    tracing::info!(drain = ?args.drain_timeout, "shutting down: no new connections; open ones may finish");
     shutdown.cancel();
-    if tokio::time::timeout(Duration::from_secs(5), tasks.wait())
+    // The listeners drain and cut by themselves; this is only a bound on a stuck task.
+    if tokio::time::timeout(args.drain_timeout + Duration::from_secs(2), tasks.wait())
         .await
         .is_err()
     {
-        tracing::warn!("some connections did not close within 5s");
+        tracing::warn!("some tasks did not stop in time");
     }
+    admin_shutdown.cancel();
+    let _ = admin_task.await;
+    tracing::info!("stopped");
     Ok(())
 }
 
-/// Reloads the identity when a file changes. A new SVID or bundle applies to the next
-/// handshake; an invalid one is refused and the current identity stays (logged).
-async fn reload(files: Files, identity: IdentityHandle, shutdown: CancellationToken) {
-    let mut last = files.stamp();
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-        let stamp = files.stamp();
-        if stamp == last {
-            continue;
-        }
-        last = stamp;
-        match files.load().and_then(|(svid, bundle)| {
-            let id = svid.id().clone();
-            identity
-                .publish(svid, bundle, SystemTime::now())
-                .map(|()| id)
-                .map_err(anyhow::Error::from)
-        }) {
-            Ok(id) => tracing::info!(%id, "reloaded the identity files; new handshakes use them"),
-            Err(e) => tracing::warn!(
-                error = format!("{e:#}"),
-                "identity files changed but are not usable; keeping the current identity"
-            ),
-        }
+fn tunnel_name(t: &Tunnel) -> String {
+    if t.name.is_empty() {
+        "--listen".to_owned()
+    } else {
+        format!("tunnel {}", t.name)
     }
 }
 
+fn log_exit(result: Result<(), tunnel::Error>) {
+    if let Err(e) = result {
+        tracing::error!(error = %e, "listener stopped");
+    }
+}
+
+/// Transparent mode: connections captured by `kith sidecar init`'s rules.
+async fn transparent(
+    args: &RunArgs,
+    identity: &IdentityHandle,
+    policy: Policy,
+    limits: Limits,
+    tasks: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Result<Arc<TransparentMetrics>> {
+    let mesh = proxy::transparent::parse_cidrs(args.mesh_cidr.iter().map(String::as_str))
+        .map_err(|e| anyhow::anyhow!("--mesh-cidr: {e}"))?;
+    if mesh.is_empty() {
+        tracing::warn!(
+            "no --mesh-cidr: every outbound connection leaves as plain TCP (or is refused with --outbound-policy deny)"
+        );
+    }
+    let outbound_policy = if args.outbound_policy == "deny" {
+        OutboundPolicy::Deny
+    } else {
+        OutboundPolicy::Passthrough
+    };
+    let inbound_mode = if args.mode == "permissive" {
+        InboundMode::Permissive
+    } else {
+        InboundMode::Strict
+    };
+    if inbound_mode == InboundMode::Permissive {
+        tracing::warn!(
+            "PERMISSIVE mode: plaintext inbound connections are accepted unauthenticated (for migration only)"
+        );
+    }
+    let expect = tunnel_config::expected_peer(args.expect_id.as_deref())?;
+    let mut out_listeners = vec![bind(args.outbound_listen).await?];
+    // ip6tables redirects IPv6 connections to [::1]: listen there too when the host has IPv6.
+    if args.outbound_listen.ip().is_loopback() && args.outbound_listen.is_ipv4() {
+        let v6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), args.outbound_listen.port());
+        match tokio::net::TcpListener::bind(v6).await {
+            Ok(l) => out_listeners.push(l),
+            Err(e) => tracing::info!(addr = %v6, error = %e, "no IPv6 outbound listener"),
+        }
+    }
+    let in_listener = bind(args.inbound_listen).await?;
+    let tm = Arc::new(TransparentMetrics::default());
+    tracing::info!(outbound = %args.outbound_listen, inbound = %args.inbound_listen, mesh = ?args.mesh_cidr,
+        outbound_policy = %args.outbound_policy, mode = %args.mode, "transparent mode");
+    for listener in out_listeners {
+        let fut = proxy::transparent::serve_transparent_outbound(
+            listener,
+            identity.clone(),
+            mesh.clone(),
+            outbound_policy,
+            expect.clone(),
+            limits,
+            tm.clone(),
+            shutdown.clone(),
+        );
+        tasks.spawn(async move { log_exit(fut.await) });
+    }
+    let fut = proxy::transparent::serve_transparent_inbound(
+        in_listener,
+        identity.clone(),
+        policy,
+        inbound_mode,
+        limits,
+        tm.clone(),
+        shutdown.clone(),
+    );
+    tasks.spawn(async move { log_exit(fut.await) });
+    Ok(tm)
+}
+
+/// The admin endpoints. `shutdown` is what POST /quitquitquit triggers; the server itself
+/// stops on `stop`, after the drain, so /metrics stays readable while connections drain.
 async fn admin_serve(
     listener: tokio::net::TcpListener,
     identity: IdentityHandle,
     render: Arc<dyn Fn() -> String + Send + Sync>,
     shutdown: CancellationToken,
+    stop: CancellationToken,
 ) {
     let tracker = TaskTracker::new();
     loop {
         let stream = tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = stop.cancelled() => break,
             r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue; } },
         };
         let (identity, render, shutdown) = (identity.clone(), render.clone(), shutdown.clone());
+        let stop = stop.clone();
         tracker.spawn(async move {
             let svc =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
@@ -392,6 +504,9 @@ async fn admin_serve(
                     async move {
                         let (status, body) = match (req.method().as_str(), req.uri().path()) {
                             (_, "/live") => (StatusCode::OK, "ok\n".to_owned()),
+                            (_, "/ready") if shutdown.is_cancelled() => {
+                                (StatusCode::SERVICE_UNAVAILABLE, "draining\n".to_owned())
+                            }
                             (_, "/ready") if identity.current().is_some() => {
                                 (StatusCode::OK, "ready\n".to_owned())
                             }
@@ -414,78 +529,63 @@ async fn admin_serve(
                         Ok::<_, Infallible>(resp)
                     }
                 });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::select! {
+                _ = conn => {}
+                _ = stop.cancelled() => {}
+            }
         });
     }
     tracker.close();
     tracker.wait().await;
 }
 
-/// Transparent mode: the mTLS counters plus the capture outcomes.
-fn transparent_text(tm: &TransparentMetrics, identity: &IdentityHandle) -> String {
-    let base = metrics_text(tm.tunnels(), identity, "transparent");
-    let mut out = base.strip_suffix("# EOF\n").unwrap_or(&base).to_owned();
-    for (name, value) in [
-        ("outbound_mesh", tm.outbound_mesh()),
-        ("outbound_denied", tm.outbound_denied()),
-        ("outbound_no_original_dst", tm.outbound_no_original_dst()),
-        ("outbound_passthrough", tm.outbound_passthrough.accepted()),
-        ("inbound_tls", tm.inbound_tls()),
-        ("inbound_plaintext", tm.inbound_plaintext.accepted()),
-        ("inbound_no_original_dst", tm.inbound_no_original_dst()),
-    ] {
-        out.push_str(&format!(
-            "kith_sidecar_captured_total{{outcome=\"{name}\"}} {value}\n"
-        ));
-    }
-    out.push_str("# EOF\n");
-    out
-}
-
-/// Prometheus text: connections and refusals by reason, bytes, and the SVID's time left.
-fn metrics_text(metrics: &Metrics, identity: &IdentityHandle, mode: &str) -> String {
+/// Prometheus text (format 0.0.4): connections by direction and result, handshake latency,
+/// bytes, the SVID's time left and the identity source's counters.
+fn metrics_text(counters: &Counters, identity: &IdentityHandle, source: &SourceMetrics) -> String {
     let mut out = String::new();
-    let dir = |name: &str, m: &DirectionMetrics, out: &mut String| {
-        out.push_str(&format!(
-            "kith_sidecar_connections_total{{direction=\"{name}\",result=\"accepted\"}} {}\n",
-            m.accepted()
-        ));
-        for r in Reason::ALL {
-            out.push_str(&format!(
-                "kith_sidecar_connections_total{{direction=\"{name}\",result=\"{}\"}} {}\n",
-                r.as_str(),
-                m.refused(r)
-            ));
+    match counters {
+        Counters::Explicit(sets) => {
+            let sets: Vec<(&str, &Metrics)> =
+                sets.iter().map(|(l, m)| (l.as_str(), m.as_ref())).collect();
+            Metrics::render_prometheus(&mut out, &sets);
         }
-        out.push_str(&format!(
-            "kith_sidecar_active_connections{{direction=\"{name}\"}} {}\n",
-            m.active()
-        ));
-        out.push_str(&format!(
-            "kith_sidecar_bytes_total{{direction=\"{name}\",from=\"tls\"}} {}\n",
-            m.bytes_from_tls()
-        ));
-        out.push_str(&format!(
-            "kith_sidecar_bytes_total{{direction=\"{name}\",to=\"tls\"}} {}\n",
-            m.bytes_to_tls()
-        ));
-    };
-    out.push_str("# TYPE kith_sidecar_connections counter\n");
-    dir("inbound", &metrics.inbound, &mut out);
-    dir("outbound", &metrics.outbound, &mut out);
+        Counters::Transparent(tm) => tm.render_prometheus(&mut out),
+    }
+    family(
+        &mut out,
+        "kith_sidecar_svid_seconds_to_expiry",
+        "gauge",
+        "Seconds until the current SVID expires (negative: expired)",
+    );
     if let Some(c) = identity.current() {
         let left = match c.svid().not_after().duration_since(SystemTime::now()) {
             Ok(d) => d.as_secs() as i64,
             Err(e) => -(e.duration().as_secs() as i64),
         };
-        out.push_str(&format!(
-            "kith_sidecar_svid_seconds_to_expiry{{spiffe_id=\"{}\",mode=\"{mode}\"}} {left}\n",
+        let _ = writeln!(
+            out,
+            "kith_sidecar_svid_seconds_to_expiry{{spiffe_id=\"{}\"}} {left}",
             c.svid().id()
-        ));
+        );
     }
-    out.push_str("# EOF\n");
+    family(
+        &mut out,
+        "kith_sidecar_identity_updates_total",
+        "counter",
+        "SVIDs and bundles published (ok), and failed attempts to get one (failed)",
+    );
+    let _ = writeln!(
+        out,
+        "kith_sidecar_identity_updates_total{{result=\"ok\"}} {}",
+        source.updates()
+    );
+    let _ = writeln!(
+        out,
+        "kith_sidecar_identity_updates_total{{result=\"failed\"}} {}",
+        source.failures()
+    );
     out
 }
 

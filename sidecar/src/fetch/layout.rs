@@ -49,9 +49,18 @@ pub(super) struct Layout {
     bundles: Vec<(String, String)>,
 }
 
-/// Picks the SVID, checks it against its own trust domain's bundle, and renders the files.
-/// Everything from the agent is checked here, before the disk is touched.
-pub(super) fn render(context: &X509Context, wanted: Option<&str>) -> Result<Layout, FetchError> {
+/// What [`pick`] chose from a Workload API message, checked.
+pub(crate) struct Picked {
+    pub svid: Svid,
+    /// The bundle of the SVID's own trust domain.
+    pub own: TrustBundle,
+    /// (trust domain, PEM) of every bundle, sorted by trust domain.
+    pub bundles: Vec<(String, String)>,
+}
+
+/// Picks the SVID (`wanted`, or the default one) and checks it against its own trust domain's
+/// bundle. Everything from the agent is checked here, before anyone uses it.
+pub(crate) fn pick(context: &X509Context, wanted: Option<&str>) -> Result<Picked, FetchError> {
     let chosen = match wanted {
         None => context.default_svid(),
         Some(id) => context
@@ -121,6 +130,12 @@ pub(super) fn render(context: &X509Context, wanted: Option<&str>) -> Result<Layo
     verify_x509_svid(svid.chain(), &own, SystemTime::now()).map_err(|e| {
         FetchError::BadResponse(format!("svid does not verify against its bundle: {e}"))
     })?;
+    Ok(Picked { svid, own, bundles })
+}
+
+/// Picks and checks the SVID, and renders the files, before the disk is touched.
+pub(super) fn render(context: &X509Context, wanted: Option<&str>) -> Result<Layout, FetchError> {
+    let Picked { svid, bundles, .. } = pick(context, wanted)?;
     Ok(Layout {
         spiffe_id: svid.id().to_string(),
         not_after: svid.not_after(),

@@ -1,0 +1,391 @@
+//! Where `kith sidecar` gets its identity, and how it keeps it fresh. Each source publishes
+//! into the proxy's [`IdentityHandle`]; a new SVID or bundle applies to the next handshake and
+//! established connections are untouched. When a source fails, the current identity stays in
+//! use and the source retries with backoff.
+//!
+//! - [`Source::Files`]: `--cert/--key/--bundle`, reloaded when they change;
+//! - [`Source::Ca`]: `--k8s-token-file` + `--ca` + `--bundle`: the pod's projected
+//!   service-account token, read again for every request, exchanged at the CA's
+//!   `POST /v1/attest/k8s` for the pod's SVID, renewed at the CA's `renew_after`;
+//! - [`Source::WorkloadApi`]: SVIDs streamed from a `kith agent` (or any SPIFFE Workload API).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use ca::client::{Connection, client_config};
+use identity::{SpiffeId, Svid, TrustBundle};
+use proxy::tls::IdentityHandle;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::ca_link::{self, LinkError};
+
+/// First and longest wait between failed attempts.
+const BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
+
+#[derive(Debug, Clone)]
+pub enum Source {
+    Files {
+        cert: PathBuf,
+        key: PathBuf,
+        bundle: PathBuf,
+    },
+    Ca {
+        /// `https://host:port`.
+        url: String,
+        token_file: PathBuf,
+        /// The trust bundle that authenticates the CA at first contact.
+        bundle: PathBuf,
+    },
+    /// `unix:///path` (or `tcp://ip:port`), as in SPIFFE_ENDPOINT_SOCKET.
+    WorkloadApi {
+        endpoint: String,
+        id: Option<String>,
+    },
+}
+
+impl Source {
+    pub fn describe(&self) -> String {
+        match self {
+            Source::Files { cert, .. } => format!("files ({})", cert.display()),
+            Source::Ca { url, .. } => format!("the CA at {url} (service-account token)"),
+            Source::WorkloadApi { endpoint, .. } => format!("the Workload API at {endpoint}"),
+        }
+    }
+}
+
+/// Counters of the identity source, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct SourceMetrics {
+    updates: AtomicU64,
+    failures: AtomicU64,
+}
+
+impl SourceMetrics {
+    /// Identities published (the first one included).
+    pub fn updates(&self) -> u64 {
+        self.updates.load(Ordering::Relaxed)
+    }
+
+    /// Failed attempts to obtain or renew the identity.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    fn updated(&self) {
+        self.updates.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn failed(&self) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Checks what can be checked before the listeners start, so that a wrong flag fails at once
+/// with its name rather than as a retry loop. Files are loaded and published here: with them
+/// there is nothing to wait for.
+pub fn prepare(source: &Source, identity: &IdentityHandle, metrics: &SourceMetrics) -> Result<()> {
+    match source {
+        Source::Files { cert, key, bundle } => {
+            let files = Files::new(cert, key, bundle);
+            let (svid, bundle) = files.load()?;
+            identity
+                .publish(svid, bundle, SystemTime::now())
+                .context("the SVID does not verify against the bundle")?;
+            metrics.updated();
+        }
+        Source::Ca {
+            url,
+            token_file,
+            bundle,
+        } => {
+            ca_link::ca_addr(url).context("--ca")?;
+            read_token(token_file)?;
+            read_bundle(bundle)?;
+        }
+        Source::WorkloadApi { endpoint, .. } => {
+            spiffe::transport::Endpoint::parse(endpoint).map_err(|e| {
+                anyhow::anyhow!(
+                    "--workload-api {endpoint:?}: {e} (expected unix:///path/to/agent.sock)"
+                )
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Keeps the identity fresh until `shutdown`.
+pub async fn run(
+    source: Source,
+    identity: IdentityHandle,
+    metrics: Arc<SourceMetrics>,
+    shutdown: CancellationToken,
+) {
+    match source {
+        Source::Files { cert, key, bundle } => {
+            watch_files(
+                Files::new(&cert, &key, &bundle),
+                identity,
+                metrics,
+                shutdown,
+            )
+            .await
+        }
+        Source::Ca {
+            url,
+            token_file,
+            bundle,
+        } => from_ca(url, token_file, bundle, identity, metrics, shutdown).await,
+        Source::WorkloadApi { endpoint, id } => {
+            from_workload_api(endpoint, id, identity, metrics, shutdown).await
+        }
+    }
+}
+
+/// The identity files.
+struct Files {
+    cert: PathBuf,
+    key: PathBuf,
+    bundle: PathBuf,
+}
+
+impl Files {
+    fn new(cert: &Path, key: &Path, bundle: &Path) -> Self {
+        Self {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            bundle: bundle.to_owned(),
+        }
+    }
+
+    fn load(&self) -> Result<(Svid, TrustBundle)> {
+        let svid = Svid::from_pem(&read(&self.cert)?, &read(&self.key)?).with_context(|| {
+            format!(
+                "{} / {} are not an X509-SVID and its key",
+                self.cert.display(),
+                self.key.display()
+            )
+        })?;
+        let td = svid.id().trust_domain();
+        let bundle = TrustBundle::parse(Some(td), &read(&self.bundle)?).with_context(|| {
+            format!(
+                "{} is not a trust bundle for {}",
+                self.bundle.display(),
+                svid.id().trust_domain()
+            )
+        })?;
+        Ok((svid, bundle))
+    }
+
+    /// A cheap fingerprint of the three files: their sizes and modification times.
+    fn stamp(&self) -> Vec<Option<(u64, SystemTime)>> {
+        [&self.cert, &self.key, &self.bundle]
+            .iter()
+            .map(|p| {
+                std::fs::metadata(p)
+                    .ok()
+                    .and_then(|m| Some((m.len(), m.modified().ok()?)))
+            })
+            .collect()
+    }
+}
+
+fn read(p: &Path) -> Result<Vec<u8>> {
+    std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
+}
+
+/// Reloads the files when one changes. An unusable new set is refused and the current
+/// identity stays (logged).
+async fn watch_files(
+    files: Files,
+    identity: IdentityHandle,
+    metrics: Arc<SourceMetrics>,
+    shutdown: CancellationToken,
+) {
+    let mut last = files.stamp();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let stamp = files.stamp();
+        if stamp == last {
+            continue;
+        }
+        last = stamp;
+        match files
+            .load()
+            .and_then(|(svid, bundle)| publish(&identity, svid, bundle, &metrics))
+        {
+            Ok(id) => tracing::info!(%id, "reloaded the identity files; new handshakes use them"),
+            Err(e) => {
+                metrics.failed();
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "identity files changed but are not usable; keeping the current identity"
+                )
+            }
+        }
+    }
+}
+
+fn publish(
+    identity: &IdentityHandle,
+    svid: Svid,
+    bundle: TrustBundle,
+    metrics: &SourceMetrics,
+) -> Result<SpiffeId> {
+    let id = svid.id().clone();
+    identity.publish(svid, bundle, SystemTime::now())?;
+    metrics.updated();
+    Ok(id)
+}
+
+fn read_token(path: &Path) -> Result<String> {
+    let raw = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "cannot read the service-account token {} (--k8s-token-file)",
+            path.display()
+        )
+    })?;
+    let token = raw.trim();
+    if token.is_empty() {
+        anyhow::bail!(
+            "the service-account token {} is empty (--k8s-token-file)",
+            path.display()
+        );
+    }
+    Ok(token.to_owned())
+}
+
+fn read_bundle(path: &Path) -> Result<TrustBundle> {
+    TrustBundle::parse(None, &read(path)?).with_context(|| {
+        format!(
+            "{} is not a trust bundle (--bundle: PEM roots or the SPIFFE format)",
+            path.display()
+        )
+    })
+}
+
+/// The Kubernetes case: exchange the projected token for the pod's SVID, then again at each
+/// `renew_after`. The token file is read for every request, because the kubelet rotates it.
+async fn from_ca(
+    url: String,
+    token_file: PathBuf,
+    bundle_file: PathBuf,
+    identity: IdentityHandle,
+    metrics: Arc<SourceMetrics>,
+    shutdown: CancellationToken,
+) {
+    let mut wait = BACKOFF.0;
+    loop {
+        let next = match attest_k8s(&url, &token_file, &bundle_file, &identity).await {
+            Ok((id, renew_at)) => {
+                metrics.updated();
+                wait = BACKOFF.0;
+                let in_ = renew_at
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default();
+                tracing::info!(%id, renew_in = ?in_, "pod SVID from the CA");
+                in_
+            }
+            Err(e) => {
+                metrics.failed();
+                let retry = wait;
+                wait = (wait * 2).min(BACKOFF.1);
+                let keeping = if identity.current().is_some() {
+                    "keeping the current SVID"
+                } else {
+                    "no SVID yet: outbound connections are held, inbound refused"
+                };
+                tracing::warn!(error = format!("{e:#}"), retry_in = ?retry, "cannot get the pod SVID from the CA; {keeping}");
+                retry
+            }
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(next) => {}
+        }
+    }
+}
+
+/// One exchange: returns the published ID and when to renew.
+async fn attest_k8s(
+    url: &str,
+    token_file: &Path,
+    bundle_file: &Path,
+    identity: &IdentityHandle,
+) -> Result<(SpiffeId, SystemTime)> {
+    let addr = ca_link::ca_addr(url)?;
+    let token = read_token(token_file)?;
+    // The CA is authenticated by the bundle we hold: the last one the CA sent, else the file.
+    let bundle = match identity.current() {
+        Some(c) => c.bundle().clone(),
+        None => read_bundle(bundle_file)?,
+    };
+    let td = bundle.trust_domain().clone();
+    let (key, csr) = ca_link::new_key_and_csr()?;
+    let config = client_config(Arc::new(bundle), None).map_err(LinkError::from)?;
+    let call = async {
+        let mut conn = Connection::open(&addr, config).await?;
+        conn.post_json("/v1/attest/k8s", &json!({"token": token, "csr": csr}))
+            .await
+    };
+    let (status, v) = tokio::time::timeout(Duration::from_secs(15), call)
+        .await
+        .map_err(|_| LinkError::Timeout)?
+        .map_err(LinkError::from)?;
+    let answer = ca_link::answer(status, v)?;
+    let id = SpiffeId::new(&answer.spiffe_id)
+        .map_err(|e| LinkError::BadAnswer(format!("spiffe_id: {e}")))?;
+    if !id.is_member_of(&td) {
+        return Err(LinkError::BadAnswer(format!("the CA issued {id}, outside {td}")).into());
+    }
+    let new_bundle = ca_link::bundle_of(&answer.bundle, &td)?;
+    let svid = ca_link::validate(&answer, &key, &new_bundle, &id, SystemTime::now())?;
+    identity.publish(svid, new_bundle, SystemTime::now())?;
+    let renew_at = UNIX_EPOCH + Duration::from_secs(answer.renew_after.max(0) as u64);
+    Ok((id, renew_at))
+}
+
+/// The Docker-host case: every SVID or bundle the agent streams is published at once.
+async fn from_workload_api(
+    endpoint: String,
+    id: Option<String>,
+    identity: IdentityHandle,
+    metrics: Arc<SourceMetrics>,
+    shutdown: CancellationToken,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+    let follower = crate::fetch::follow(
+        &endpoint,
+        BACKOFF,
+        &shutdown,
+        "keeping the current SVID",
+        tx,
+    );
+    let publisher = async {
+        while let Some(context) = rx.recv().await {
+            let picked = crate::fetch::pick(&context, id.as_deref())
+                .map_err(anyhow::Error::from)
+                .and_then(|p| publish(&identity, p.svid, p.own, &metrics));
+            match picked {
+                Ok(id) => tracing::info!(%id, "SVID from the Workload API; new handshakes use it"),
+                Err(e) => {
+                    metrics.failed();
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        "unusable Workload API update; keeping the current SVID"
+                    )
+                }
+            }
+        }
+    };
+    let (result, ()) = tokio::join!(follower, publisher);
+    if let Err(e) = result {
+        tracing::error!(error = %e, "the Workload API source stopped");
+    }
+}

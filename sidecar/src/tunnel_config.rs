@@ -1,0 +1,353 @@
+//! `kith sidecar run`'s configuration beyond flags: several explicit tunnels from a TOML file
+//! (`--config`), an authorization policy file (`--policy`), and `--allow` rules with ports.
+//!
+//! ```toml
+//! # tunnels.toml
+//! [[tunnel]]                      # client side: plaintext in, mTLS out
+//! name = "db"                     # label in logs and metrics (default: the listen address)
+//! listen = "127.0.0.1:5432"
+//! connect = "10.0.0.2:8443"
+//! expect_id = "spiffe://example.org/db"
+//!
+//! [[tunnel]]                      # server side: mTLS in, plaintext out
+//! listen = "0.0.0.0:8443"
+//! forward = "127.0.0.1:8080"
+//! allow = ["spiffe://example.org/ns/shop/*"]   # default: the global policy
+//! ```
+//!
+//! ```toml
+//! # policy.toml: who may connect in; with no rule, any ID of the own trust domain
+//! [[allow]]
+//! id = "spiffe://example.org/ns/shop/sa/web"
+//! ports = [8080]                  # default: every port
+//!
+//! [[allow]]
+//! id = "spiffe://example.org/ns/monitoring/*"
+//! ```
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use identity::SpiffeId;
+use proxy::authz::Policy;
+use proxy::tls::ExpectedPeer;
+use serde::Deserialize;
+
+/// The largest config or policy file read (a typo'd path to a huge file fails fast).
+const MAX_FILE: u64 = 1 << 20;
+
+/// One explicit tunnel, resolved.
+#[derive(Debug, Clone)]
+pub struct Tunnel {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub end: End,
+}
+
+#[derive(Debug, Clone)]
+pub enum End {
+    /// Plaintext in, mTLS to `connect`, whose server must match `expect`.
+    Client {
+        connect: SocketAddr,
+        expect: ExpectedPeer,
+    },
+    /// mTLS in, authorized by `policy`, plaintext to `forward`.
+    Server { forward: SocketAddr, policy: Policy },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    tunnel: Vec<TunnelEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TunnelEntry {
+    name: Option<String>,
+    listen: SocketAddr,
+    connect: Option<SocketAddr>,
+    expect_id: Option<String>,
+    forward: Option<SocketAddr>,
+    allow: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    #[serde(default)]
+    allow: Vec<AllowEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AllowEntry {
+    id: String,
+    #[serde(default)]
+    ports: Vec<u16>,
+}
+
+fn read_toml<T: for<'de> Deserialize<'de>>(path: &Path, what: &str) -> Result<T> {
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if meta.len() > MAX_FILE {
+        bail!(
+            "{} is {} bytes; a {what} is at most {MAX_FILE}",
+            path.display(),
+            meta.len()
+        );
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read {} as UTF-8 text", path.display()))?;
+    toml::from_str(&text).map_err(|e| anyhow::anyhow!("{} ({what}): {e}", path.display()))
+}
+
+/// `spiffe://td/path`, `spiffe://td/prefix/*`, either with `@PORT[+PORT…]`: the rule holds for
+/// those ports only (`@` and `+` cannot occur in a SPIFFE ID).
+pub fn add_allow_flag(policy: Policy, flag: &str) -> Result<Policy> {
+    let (rule, ports) = match flag.rsplit_once('@') {
+        None => (flag, Vec::new()),
+        Some((rule, ports)) => {
+            let ports = ports
+                .split('+')
+                .map(|p| {
+                    p.parse::<u16>()
+                        .ok()
+                        .filter(|p| *p != 0)
+                        .with_context(|| format!("--allow {flag:?}: {p:?} is not a port"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            (rule, ports)
+        }
+    };
+    policy
+        .allow_on(rule, &ports)
+        .with_context(|| format!("--allow {flag:?}"))
+}
+
+/// Adds the rules of a policy file.
+pub fn add_policy_file(mut policy: Policy, path: &Path) -> Result<Policy> {
+    let file: PolicyFile = read_toml(path, "policy file")?;
+    if file.allow.is_empty() {
+        bail!(
+            "{} has no [[allow]] rule; remove --policy to allow the own trust domain",
+            path.display()
+        );
+    }
+    for (i, rule) in file.allow.iter().enumerate() {
+        if rule.ports.contains(&0) {
+            bail!("{}: allow rule {} lists port 0", path.display(), i + 1);
+        }
+        policy = policy
+            .allow_on(&rule.id, &rule.ports)
+            .with_context(|| format!("{}: allow rule {}", path.display(), i + 1))?;
+    }
+    Ok(policy)
+}
+
+/// The tunnels of a config file; server tunnels without their own `allow` get `global`.
+pub fn load_tunnels(path: &Path, global: &Policy) -> Result<Vec<Tunnel>> {
+    let file: File = read_toml(path, "tunnel config")?;
+    if file.tunnel.is_empty() {
+        bail!("{} defines no [[tunnel]]", path.display());
+    }
+    let mut names = HashSet::new();
+    let mut listens = HashSet::new();
+    let mut out = Vec::new();
+    for (i, t) in file.tunnel.into_iter().enumerate() {
+        let name = t.name.clone().unwrap_or_else(|| t.listen.to_string());
+        let at = || format!("{}: tunnel {} ({name})", path.display(), i + 1);
+        if name.is_empty() || name.contains(['"', '\\', '\n']) {
+            bail!("{}: the name must be non-empty, without quotes", at());
+        }
+        if !names.insert(name.clone()) {
+            bail!("{}: another tunnel has this name", at());
+        }
+        if !listens.insert(t.listen) {
+            bail!("{}: another tunnel listens on {}", at(), t.listen);
+        }
+        let end = match (t.connect, t.forward) {
+            (Some(connect), None) => {
+                if t.allow.is_some() {
+                    bail!("{}: allow is for server tunnels (forward)", at());
+                }
+                End::Client {
+                    connect,
+                    expect: expected_peer(t.expect_id.as_deref()).with_context(at)?,
+                }
+            }
+            (None, Some(forward)) => {
+                if t.expect_id.is_some() {
+                    bail!("{}: expect_id is for client tunnels (connect)", at());
+                }
+                let policy = match &t.allow {
+                    None => global.clone(),
+                    Some(rules) => rules
+                        .iter()
+                        .try_fold(Policy::own_trust_domain(), |p, r| add_allow_flag(p, r))
+                        .with_context(at)?,
+                };
+                End::Server { forward, policy }
+            }
+            _ => bail!(
+                "{}: give either connect (client side) or forward (server side)",
+                at()
+            ),
+        };
+        out.push(Tunnel {
+            name,
+            listen: t.listen,
+            end,
+        });
+    }
+    Ok(out)
+}
+
+/// `--expect-id`: an exact SPIFFE ID, or any ID of the own trust domain.
+pub fn expected_peer(expect_id: Option<&str>) -> Result<ExpectedPeer> {
+    Ok(match expect_id {
+        Some(s) => {
+            ExpectedPeer::Id(SpiffeId::new(s).with_context(|| format!("--expect-id {s:?}"))?)
+        }
+        None => ExpectedPeer::TrustDomain,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> SpiffeId {
+        SpiffeId::new(s).expect("id")
+    }
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        let f = tempfile::NamedTempFile::new().expect("temp");
+        std::fs::write(f.path(), text).expect("write");
+        f
+    }
+
+    #[test]
+    fn allow_flags_with_ports() {
+        let p =
+            add_allow_flag(Policy::own_trust_domain(), "spiffe://td/db@5432+5433").expect("rule");
+        let p = add_allow_flag(p, "spiffe://td/ops/*").expect("rule");
+        assert!(p.check(&id("spiffe://td/db"), 5433).is_ok());
+        assert!(p.check(&id("spiffe://td/db"), 80).is_err());
+        assert!(p.check(&id("spiffe://td/ops/x"), 80).is_ok());
+        for bad in [
+            "spiffe://td/db@",
+            "spiffe://td/db@0",
+            "spiffe://td/db@70000",
+            "spiffe://td/db@80+x",
+            "db@80",
+        ] {
+            assert!(
+                add_allow_flag(Policy::own_trust_domain(), bad).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn policy_file() {
+        let f = write(
+            "[[allow]]\nid = \"spiffe://td/web\"\nports = [8080]\n\n[[allow]]\nid = \"spiffe://td/mon/*\"\n",
+        );
+        let p = add_policy_file(Policy::own_trust_domain(), f.path()).expect("policy");
+        assert!(p.check(&id("spiffe://td/web"), 8080).is_ok());
+        assert!(p.check(&id("spiffe://td/web"), 9090).is_err());
+        assert!(p.check(&id("spiffe://td/mon/prom"), 9090).is_ok());
+        assert!(p.check(&id("spiffe://td/other"), 8080).is_err());
+
+        let typo = write("[[allow]]\nid = \"spiffe://td/web\"\nport = [8080]\n");
+        let e = add_policy_file(Policy::own_trust_domain(), typo.path()).unwrap_err();
+        assert!(format!("{e:#}").contains("unknown field `port`"), "{e:#}");
+        let empty = write("");
+        assert!(add_policy_file(Policy::own_trust_domain(), empty.path()).is_err());
+        let bad = write("[[allow]]\nid = \"web\"\n");
+        let e = add_policy_file(Policy::own_trust_domain(), bad.path()).unwrap_err();
+        assert!(format!("{e:#}").contains("allow rule 1"), "{e:#}");
+    }
+
+    #[test]
+    fn tunnels_file() {
+        let f = write(
+            r#"
+[[tunnel]]
+name = "db"
+listen = "127.0.0.1:5432"
+connect = "10.0.0.2:8443"
+expect_id = "spiffe://td/db"
+
+[[tunnel]]
+listen = "0.0.0.0:8443"
+forward = "127.0.0.1:8080"
+allow = ["spiffe://td/web@8080"]
+
+[[tunnel]]
+listen = "0.0.0.0:9443"
+forward = "127.0.0.1:9090"
+"#,
+        );
+        let global = add_allow_flag(Policy::own_trust_domain(), "spiffe://td/ops").expect("r");
+        let t = load_tunnels(f.path(), &global).expect("tunnels");
+        assert_eq!(t.len(), 3);
+        assert_eq!(t[0].name, "db");
+        assert!(
+            matches!(&t[0].end, End::Client { expect: ExpectedPeer::Id(i), .. } if i.as_str() == "spiffe://td/db")
+        );
+        assert_eq!(t[1].name, "0.0.0.0:8443");
+        let End::Server { policy, .. } = &t[1].end else {
+            panic!("server")
+        };
+        assert!(policy.check(&id("spiffe://td/web"), 8080).is_ok());
+        assert!(policy.check(&id("spiffe://td/ops"), 8080).is_err());
+        let End::Server { policy, .. } = &t[2].end else {
+            panic!("server")
+        };
+        assert_eq!(policy, &global);
+    }
+
+    #[test]
+    fn bad_tunnel_files_name_the_problem() {
+        for (text, want) in [
+            ("", "defines no [[tunnel]]"),
+            ("[[tunnel]]\nlisten = \"127.0.0.1:1\"\n", "either connect"),
+            (
+                "[[tunnel]]\nlisten = \"127.0.0.1:1\"\nconnect = \"127.0.0.1:2\"\nforward = \"127.0.0.1:3\"\n",
+                "either connect",
+            ),
+            (
+                "[[tunnel]]\nlisten = \"127.0.0.1:1\"\nconnect = \"127.0.0.1:2\"\nallow = []\n",
+                "allow is for server tunnels",
+            ),
+            (
+                "[[tunnel]]\nlisten = \"127.0.0.1:1\"\nconnect = \"127.0.0.1:2\"\n[[tunnel]]\nlisten = \"127.0.0.1:1\"\nconnect = \"127.0.0.1:3\"\n",
+                "another tunnel",
+            ),
+            (
+                "[[tunnel]]\nlisten = \"nowhere\"\n",
+                "invalid socket address",
+            ),
+            (
+                "[[tunnel]]\nlisten = \"127.0.0.1:1\"\nconnect = \"127.0.0.1:2\"\nexpect_id = \"db\"\n",
+                "--expect-id",
+            ),
+            ("[[tunel]]\n", "unknown field `tunel`"),
+        ] {
+            let f = write(text);
+            let e = load_tunnels(f.path(), &Policy::own_trust_domain()).unwrap_err();
+            assert!(format!("{e:#}").contains(want), "{text:?}: {e:#}");
+        }
+        let e = load_tunnels(
+            Path::new("/nonexistent/t.toml"),
+            &Policy::own_trust_domain(),
+        )
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("cannot read"), "{e:#}");
+    }
+}
