@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+pub mod net;
+
 pub struct Kith {
     pub dir: tempfile::TempDir,
 }
@@ -190,6 +192,11 @@ pub fn kith(args: &[&str]) -> (i32, String, String) {
 }
 
 pub fn serve_ca(data: &Path) -> Ca {
+    serve_ca_with(data, &[])
+}
+
+/// `kith ca serve` on loopback with extra flags (`--k8s-issuer`, `--workload-ttl`, …).
+pub fn serve_ca_with(data: &Path, extra: &[&str]) -> Ca {
     let mut child = Command::new(env!("CARGO_BIN_EXE_kith"))
         .args([
             "ca",
@@ -203,6 +210,7 @@ pub fn serve_ca(data: &Path) -> Ca {
         ])
         .arg("--data-dir")
         .arg(data)
+        .args(extra)
         .env(
             "KITH_CA_KEK",
             "KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio=",
@@ -225,6 +233,14 @@ pub fn serve_ca(data: &Path) -> Ca {
         .recv_timeout(Duration::from_secs(20))
         .expect("the CA logs its address when serving");
     Ca { child, addr }
+}
+
+/// A CA left running by a failed test would keep the test's output pipe open.
+impl Drop for Ca {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 pub fn stop(mut ca: Ca) -> i32 {
