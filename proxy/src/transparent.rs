@@ -30,7 +30,7 @@ use crate::copy::copy_bidirectional;
 use crate::metrics::{Metrics, Reason};
 use crate::socket::{OriginalDst, SoOriginalDst};
 use crate::tls::{self, ExpectedPeer, IdentityHandle};
-use crate::tunnel::{self, Configs, Error, Limits, TLS_HANDSHAKE};
+use crate::tunnel::{self, Configs, Error, Limits, Opening};
 
 /// The default listen addresses (Istio's ports).
 pub const DEFAULT_OUTBOUND: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15001);
@@ -316,7 +316,7 @@ pub async fn serve_transparent_outbound(
     let Captured { listener, source } = listener.into();
     let connector = TlsConnector::from(tls::client_config(&identity, expect)?);
     let mesh: Arc<[Cidr]> = mesh.into();
-    tunnel::accept_loop(listener, limits, shutdown, move |stream| {
+    tunnel::accept_loop(listener, limits, shutdown, move |stream, slot| {
         let (connector, identity, metrics, source, mesh) = (
             connector.clone(),
             identity.clone(),
@@ -325,6 +325,9 @@ pub async fn serve_transparent_outbound(
             mesh.clone(),
         );
         async move {
+            let Some(_permit) = slot.claim().await else {
+                return;
+            };
             let to = match source.original_dst(&stream) {
                 Ok(to) => to,
                 Err(e) => {
@@ -377,7 +380,7 @@ pub async fn serve_transparent_inbound(
         edge: tls::edge_server_config(&identity)?,
     });
     let policy = Arc::new(policy);
-    tunnel::accept_loop(listener, limits, shutdown, move |stream| {
+    tunnel::accept_loop(listener, limits, shutdown, move |stream, slot| {
         let (configs, identity, policy, metrics, source) = (
             configs.clone(),
             identity.clone(),
@@ -396,16 +399,18 @@ pub async fn serve_transparent_inbound(
                 }
             };
             let forward = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), to.port());
-            let mut first = [0u8; 1];
-            let peeked =
-                tokio::time::timeout(limits.handshake_timeout, stream.peek(&mut first)).await;
-            let plaintext = match peeked {
-                Ok(Ok(1)) if first[0] == TLS_HANDSHAKE => false,
-                // Connected and closed without a byte (a port probe): not plaintext.
-                Ok(Ok(0)) | Ok(Err(_)) => return m.refuse(Reason::HandshakeFailed),
-                Ok(Ok(_)) => true,
-                Err(_) if mode == InboundMode::Permissive => true,
-                Err(_) => return m.refuse(Reason::HandshakeFailed),
+            // The first byte decides, before the connection takes a slot: silent clients
+            // wait in the pending pool and leave after the handshake timeout.
+            let plaintext = match tunnel::opening(&stream, &limits).await {
+                Ok(Opening::Tls) => false,
+                Ok(Opening::Other) => true,
+                // Nothing within the timeout: a server-speaks-first protocol, plaintext.
+                Ok(Opening::Silent) if mode == InboundMode::Permissive => true,
+                Ok(Opening::Silent) => return m.refuse(Reason::HandshakeFailed),
+                Err(reason) => return m.refuse(reason),
+            };
+            let Some(_permit) = slot.claim().await else {
+                return;
             };
             if plaintext {
                 match mode {
