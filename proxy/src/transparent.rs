@@ -426,7 +426,8 @@ pub async fn serve_transparent_inbound(
             }
             bump(&metrics.inbound_tls);
             let result =
-                tunnel::inbound(stream, &configs, &identity, &policy, forward, &limits, m).await;
+                // Boxed: a connection still waiting for its first byte stays a small task.
+                Box::pin(tunnel::inbound(stream, &configs, &identity, &policy, forward, &limits, m)).await;
             if let Err(reason) = result {
                 tracing::debug!(port = to.port(), %reason, "inbound connection refused");
                 m.refuse(reason);

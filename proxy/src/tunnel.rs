@@ -128,7 +128,11 @@ pub async fn serve_inbound(
                 return;
             };
             if let Err(reason) =
-                inbound(stream, &acceptor, &identity, &policy, forward, &limits, m).await
+                // Boxed: a connection still waiting for its first byte stays a small task.
+                Box::pin(inbound(
+                    stream, &acceptor, &identity, &policy, forward, &limits, m,
+                ))
+                .await
             {
                 tracing::debug!(%reason, "inbound connection refused");
                 m.refuse(reason);

@@ -251,3 +251,33 @@ pub fn stop(mut ca: Ca) -> i32 {
         .status();
     ca.child.wait().unwrap().code().unwrap_or(-1)
 }
+
+/// A child process killed when the test ends, its stderr kept in a file for failure messages.
+pub struct Proc {
+    pub child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(dir: &Path, name: &str, args: &[&str]) -> Self {
+        let log = dir.join(format!("{name}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_kith"))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Self { child, log }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
