@@ -339,6 +339,7 @@ pub(crate) async fn inbound(
         return Err(Reason::NotAuthorized);
     }
     let upstream = connect(forward, limits.connect_timeout).await?;
+    log_established("inbound", &peer, conn);
     metrics.open();
     let outcome = copy_bidirectional(tls, upstream, limits.idle_timeout).await;
     log_end(&peer.to_string(), &outcome);
@@ -370,8 +371,12 @@ pub(crate) async fn outbound(
             Err(_) => return Err(Reason::HandshakeFailed),
         };
     metrics.outbound.handshake().record(began.elapsed());
-    if tls.get_ref().1.alpn_protocol() != Some(ALPN) {
+    let conn = tls.get_ref().1;
+    if conn.alpn_protocol() != Some(ALPN) {
         return Err(Reason::HandshakeFailed);
+    }
+    if let Some(peer) = tls::peer_id(conn.peer_certificates()) {
+        log_established("outbound", &peer, conn);
     }
     // TLS 1.3: the server judges our certificate after our handshake "succeeded"; a refusal
     // arrives as an alert on the first read. So the connection counts as established only
@@ -451,6 +456,18 @@ pub(crate) async fn connect(to: SocketAddr, timeout: Duration) -> Result<TcpStre
         }
         Err(_) => Err(Reason::UpstreamUnreachable),
     }
+}
+
+/// One debug line per mTLS connection: who the peer is and what was negotiated
+/// (`RUST_LOG=proxy=debug`).
+fn log_established(direction: &str, peer: &identity::SpiffeId, conn: &rustls::CommonState) {
+    tracing::debug!(
+        direction,
+        peer = %peer,
+        tls = ?conn.protocol_version(),
+        suite = ?conn.negotiated_cipher_suite().map(|s| s.suite()),
+        "mTLS connection established"
+    );
 }
 
 pub(crate) fn log_end(peer: &str, outcome: &copy::Outcome) {
