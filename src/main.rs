@@ -25,6 +25,8 @@ enum Command {
     Sidecar(sidecar::tunnel_cli::SidecarArgs),
     /// Developer certificates: a local CA that issues SPIFFE X509-SVIDs (mkcert for SPIFFE)
     Certs(certs_dev::CertsArgs),
+    /// A live end-to-end demo on loopback: CA, agent, two workloads behind mTLS sidecars
+    Demo(demo::DemoArgs),
 }
 
 fn main() -> ExitCode {
@@ -33,5 +35,6 @@ fn main() -> ExitCode {
         Command::Agent(args) => sidecar::cli::run(args),
         Command::Sidecar(args) => sidecar::tunnel_cli::run(args),
         Command::Certs(args) => certs_dev::run(args),
+        Command::Demo(args) => demo::run(args),
     }
 }
