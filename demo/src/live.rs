@@ -362,7 +362,9 @@ impl Live {
 
         let deadline = self.duration.map(|d| tokio::time::Instant::now() + d);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
-        let (window_every, status_every) = if term.redraw() { (2, 0) } else { (5, 5) };
+        // Traffic lines every 5 s keep rotations and refusals in view; a terminal shows the
+        // status (SVIDs left, counts) in its frame all the time instead of as lines.
+        let (window_every, status_every) = if term.redraw() { (5, 0) } else { (5, 5) };
         let mut ticks = 0u64;
         let stop = loop {
             tokio::select! {

@@ -296,10 +296,7 @@ pub async fn start(stack: &mut Stack, term: &mut Term, w: Wiring<'_>) -> Result<
                 .is_some_and(|n| n >= held)
     })
     .await?;
-    step.ok(
-        term,
-        &format!("Workload API at unix://{}, 3 SVIDs held", socket.display()),
-    );
+    step.ok(term, "node attested, Workload API up, 3 SVIDs held");
 
     let step = Step::begin(term, "starting the api backend (HTTP, in this process)");
     let backend = tokio::net::TcpListener::bind("127.0.0.1:0")

@@ -222,14 +222,15 @@ impl Summary {
             ));
         }
         t.line(&format!(
-            "  intruder   {} attempts, {} refused, {} answered",
-            i.attempts, i.refused, i.answered
+            "  intruder   {}, {} refused, {} answered",
+            plural(i.attempts, "attempt"),
+            i.refused,
+            i.answered
         ));
         if let Some(tls) = &self.tls {
+            t.line(&format!("  mTLS       {} {}", tls.version, tls.suite));
             t.line(&format!(
-                "  mTLS       {} {}; web's sidecar saw {}, api's saw {}",
-                tls.version,
-                tls.suite,
+                "  peers      web's sidecar saw {}, api's saw {}",
                 tls.web_saw,
                 tls.api_saw.as_deref().unwrap_or("-")
             ));
@@ -254,7 +255,7 @@ fn verdict(s: &State, stop: &Stop, elapsed: Duration) -> (bool, String) {
         wrong.push(why.clone());
     }
     if s.requests.failed > 0 {
-        wrong.push(format!("{} requests failed", s.requests.failed));
+        wrong.push(format!("{} failed", plural(s.requests.failed, "request")));
     }
     if s.intruder.let_in > 0 {
         wrong.push(format!(
@@ -292,6 +293,15 @@ fn verdict(s: &State, stop: &Stop, elapsed: Duration) -> (bool, String) {
         )
     };
     (true, format!("no request failed; {rotation}"))
+}
+
+/// "1 attempt", "3 attempts".
+pub fn plural(n: u64, word: &str) -> String {
+    if n == 1 {
+        format!("{n} {word}")
+    } else {
+        format!("{n} {word}s")
+    }
 }
 
 fn round2(x: f64) -> f64 {
@@ -344,7 +354,7 @@ mod tests {
         );
         let (ok, why) = verdict(&state(true, true), &Stop::Duration, long);
         assert!(!ok);
-        assert!(why.contains("1 requests failed"), "{why}");
+        assert!(why.contains("1 request failed"), "{why}");
     }
 
     #[test]

@@ -336,8 +336,8 @@ pub fn frame(t: &Term, s: &State, header: &str, recent: &[Event]) -> Vec<String>
         .map(|(reason, n)| format!("{reason} ×{n}"))
         .collect();
     lines.push(format!(
-        "intruder  {} attempts, {} refused{}{}",
-        s.intruder.attempts,
+        "intruder  {}, {} refused{}{}",
+        crate::summary::plural(s.intruder.attempts, "attempt"),
         s.intruder.refused,
         if reasons.is_empty() {
             String::new()
