@@ -165,6 +165,11 @@ impl State {
                     message: format!("connection to the api refused: {reason}"),
                 }];
             }
+            // The demo's callers are host processes: the agent's warning that callers in
+            // containers cannot be attested (no Docker engine, or no access to it) does not
+            // apply. It stays in the agent's log.
+            (Role::Agent, LogEvent::Problem { message })
+                if message.contains("callers in docker containers") => {}
             (role, LogEvent::Problem { message }) => {
                 return vec![EventKind::Problem {
                     who: role.title(),
@@ -478,7 +483,7 @@ impl Live {
             None => "Ctrl-C stops".to_owned(),
         };
         let header = format!(
-            "{}  ·  trust domain {}  ·  {}  ·  {}  ·  {}",
+            "{} · {} · {} · {} · {}",
             term.paint(Style::Bold, "kith demo"),
             term.paint(Style::Cyan, &self.td),
             self.dir,

@@ -12,6 +12,7 @@ use crate::stack::SVID_TTL;
 /// Where the demo writes: stdout, or stderr when stdout carries the JSON summary.
 pub struct Term {
     out: Box<dyn Write + Send>,
+    to_stderr: bool,
     /// Cursor movement allowed (a terminal that is not `dumb`).
     redraw: bool,
     color: bool,
@@ -40,12 +41,15 @@ impl Term {
         };
         let dumb = std::env::var("TERM").is_ok_and(|t| t == "dumb");
         let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
-        Self::with(out, tty && !dumb, tty && !dumb && !no_color)
+        let mut t = Self::with(out, tty && !dumb, tty && !dumb && !no_color);
+        t.to_stderr = to_stderr;
+        t
     }
 
     fn with(out: Box<dyn Write + Send>, redraw: bool, color: bool) -> Self {
         Self {
             out,
+            to_stderr: false,
             redraw,
             color,
             frame_lines: 0,
@@ -56,6 +60,17 @@ impl Term {
 
     pub fn redraw(&self) -> bool {
         self.redraw
+    }
+
+    /// The terminal's columns and rows, when it says.
+    pub fn size(&self) -> Option<(usize, usize)> {
+        let ws = if self.to_stderr {
+            rustix::termios::tcgetwinsize(io::stderr())
+        } else {
+            rustix::termios::tcgetwinsize(io::stdout())
+        }
+        .ok()?;
+        (ws.ws_col > 0 && ws.ws_row > 0).then(|| (ws.ws_col.into(), ws.ws_row.into()))
     }
 
     /// True once a write failed (the reader went away): the demo then stops.
@@ -88,13 +103,16 @@ impl Term {
         self.write(text);
     }
 
-    /// Replaces the frame on screen with `lines` (terminal only). Auto-wrap is off while the
-    /// frame is written, so a line wider than the terminal is cut rather than wrapped, and the
-    /// next redraw moves back over exactly the lines it wrote.
+    /// Replaces the frame on screen with `lines` (terminal only). Lines are cut to the
+    /// terminal's width (and auto-wrap is off while the frame is written, in case the width
+    /// changed meanwhile), so the next redraw moves back over exactly the lines it wrote.
     pub fn frame(&mut self, lines: &[String]) {
         if !self.redraw {
             return;
         }
+        let width = self
+            .size()
+            .map_or(usize::MAX, |(cols, _)| cols.saturating_sub(1));
         let mut buf = String::new();
         if !self.cursor_hidden {
             buf.push_str("\x1b[?25l");
@@ -105,7 +123,7 @@ impl Term {
         }
         buf.push_str("\x1b[J\x1b[?7l");
         for l in lines {
-            buf.push_str(l);
+            buf.push_str(&cut(l, width));
             buf.push('\n');
         }
         buf.push_str("\x1b[?7h");
@@ -352,8 +370,37 @@ pub fn frame(t: &Term, s: &State, header: &str, recent: &[Event]) -> Vec<String>
     ));
     lines.push(String::new());
     lines.push(t.paint(Style::Dim, "recent events"));
+    // The newest events that fit: a frame taller than the terminal would scroll on redraw.
+    let room = t.size().map_or(recent.len(), |(_, rows)| {
+        rows.saturating_sub(lines.len() + 1)
+    });
+    let recent = &recent[recent.len().saturating_sub(room)..];
     lines.extend(recent.iter().map(|e| e.render(t)));
     lines
+}
+
+/// `line` cut to `width` visible characters; escape sequences pass and do not count.
+fn cut(line: &str, width: usize) -> String {
+    let mut out = String::with_capacity(line.len());
+    let (mut visible, mut in_escape, mut cut) = (0, false, false);
+    for c in line.chars() {
+        if in_escape {
+            out.push(c);
+            in_escape = !c.is_ascii_alphabetic();
+        } else if c == '\x1b' {
+            out.push(c);
+            in_escape = true;
+        } else if visible < width {
+            out.push(c);
+            visible += 1;
+        } else {
+            cut = true;
+        }
+    }
+    if cut && out.contains('\x1b') {
+        out.push_str("\x1b[0m");
+    }
+    out
 }
 
 /// `m:ss`.
@@ -427,6 +474,14 @@ mod tests {
             kind.render(&t),
             "web → api  200 ×9  peer spiffe://demo.kith/api  TLSv1.3 TLS13_AES_256_GCM_SHA384"
         );
+    }
+
+    #[test]
+    fn lines_are_cut_to_the_width_without_counting_escapes() {
+        assert_eq!(cut("abcdef", 4), "abcd");
+        assert_eq!(cut("ab", 4), "ab");
+        assert_eq!(cut("\x1b[32mabcdef\x1b[0m", 3), "\x1b[32mabc\x1b[0m\x1b[0m");
+        assert_eq!(cut("0:01  web → api", 9), "0:01  web");
     }
 
     #[test]
