@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::task::TaskTracker;
 
 use crate::observe::{self, LogEvent};
-use crate::stack::Role;
+use crate::roles::Role;
 
 /// Log events of every child, tagged with who logged them.
 pub type LogTx = mpsc::UnboundedSender<(Role, LogEvent)>;

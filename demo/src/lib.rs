@@ -14,7 +14,9 @@ mod child;
 pub mod cli;
 mod live;
 mod observe;
+mod roles;
 mod stack;
+mod state;
 mod summary;
 mod traffic;
 mod view;
@@ -33,7 +35,8 @@ use tokio_util::task::TaskTracker;
 pub use cli::DemoArgs;
 
 use crate::live::{Live, Stop};
-use crate::stack::{Role, Stack, Wiring};
+use crate::roles::Role;
+use crate::stack::{Stack, Wiring};
 use crate::summary::{Run, Summary};
 use crate::view::{Style, Term};
 
@@ -98,16 +101,19 @@ async fn demo(args: DemoArgs) -> ExitCode {
         sig = signals.recv() => Err(anyhow::anyhow!("interrupted by {sig} during startup")),
     };
     if let Err(e) = started {
-        term.line("failed");
+        let failed = term.paint(Style::Red, "failed");
+        term.close_line(&failed);
         stop_children(&stack, &mut signals).await;
         backend_stop.cancel();
         let logs = dir.join("logs");
+        let started_any = !stack.children.is_empty();
         let kept = finish_dir(tmp, args.keep);
         let hint = match kept {
-            Some(_) => format!("every component's log is in {}", logs.display()),
-            None => "run with --keep to keep every component's log".to_owned(),
+            Some(_) => format!("\n  every component's log is in {}", logs.display()),
+            None if started_any => "\n  run with --keep to keep every component's log".to_owned(),
+            None => String::new(),
         };
-        return fail(&mut term, &format!("{e:#}\n  {hint}"));
+        return fail(&mut term, &format!("{e:#}{hint}"));
     }
 
     let mut live = Live::new(&stack, args.duration);

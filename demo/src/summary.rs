@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::live::{State, Stop};
-use crate::stack::{SVID_TTL, Workload};
+use crate::live::Stop;
+use crate::roles::Workload;
+use crate::stack::SVID_TTL;
+use crate::state::State;
 use crate::view::{Style, Term};
 
 /// A run at least this long must see rotations: the first renewal comes at about half of the
@@ -251,9 +253,6 @@ impl Summary {
 /// Whether the run proved what the demo claims, and why (or why not).
 fn verdict(s: &State, stop: &Stop, elapsed: Duration) -> (bool, String) {
     let mut wrong = Vec::new();
-    if let Stop::Died(why) = stop {
-        wrong.push(why.clone());
-    }
     if s.requests.failed > 0 {
         wrong.push(format!("{} failed", plural(s.requests.failed, "request")));
     }
@@ -279,6 +278,10 @@ fn verdict(s: &State, stop: &Stop, elapsed: Duration) -> (bool, String) {
             elapsed.as_secs(),
             SVID_TTL.as_secs()
         ));
+    }
+    // Last: it carries the dead part's log lines.
+    if let Stop::Died(why) = stop {
+        wrong.push(why.clone());
     }
     if !wrong.is_empty() {
         return (false, wrong.join("; "));

@@ -129,7 +129,8 @@ async fn reuse(
         }
     })
     .await
-    .unwrap_or_else(|_| Err(format!("no answer within {} s", TIMEOUT.as_secs())));
+    .unwrap_or_else(|_| Err(format!("no answer within {} s", TIMEOUT.as_secs())))
+    .map_err(|e| format!("keep-alive connection: {e}"));
     if result.is_err() {
         *slot = None;
     }
@@ -144,6 +145,7 @@ async fn one_shot(to: SocketAddr, tracker: &TaskTracker) -> Result<u16, String> 
     })
     .await
     .unwrap_or_else(|_| Err(format!("no answer within {} s", TIMEOUT.as_secs())))
+    .map_err(|e| format!("new connection: {e}"))
 }
 
 async fn connect(
@@ -156,7 +158,7 @@ async fn connect(
     let _ = stream.set_nodelay(true);
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| chain(&e))?;
     // Ends when the sender is dropped or the peer closes.
     tracker.spawn(async move {
         let _ = conn.await;
@@ -180,7 +182,7 @@ async fn send(sender: &mut SendRequest<Empty<Bytes>>, close: bool) -> Result<u16
         .into_body()
         .collect()
         .await
-        .map_err(|e| format!("reading the answer: {e}"))?
+        .map_err(|e| format!("reading the answer: {}", chain(&e)))?
         .to_bytes();
     if status == 200 && !body.starts_with(b"{\"from\":\"api\"") {
         return Err(format!(
@@ -189,4 +191,16 @@ async fn send(sender: &mut SendRequest<Empty<Bytes>>, close: bool) -> Result<u16
         ));
     }
     Ok(status)
+}
+
+/// An error with its causes: hyper's own message alone ("connection error") says too little.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::io::{self, IsTerminal, Write};
 use std::time::Duration;
 
-use crate::live::State;
 use crate::stack::SVID_TTL;
+use crate::state::State;
 
 /// Where the demo writes: stdout, or stderr when stdout carries the JSON summary.
 pub struct Term {
@@ -19,6 +19,8 @@ pub struct Term {
     /// Lines of the frame on screen, to move back over on the next redraw.
     frame_lines: usize,
     cursor_hidden: bool,
+    /// A line was started with [`Term::partial`] and not finished yet.
+    open_line: bool,
     broken: bool,
 }
 
@@ -54,6 +56,7 @@ impl Term {
             color,
             frame_lines: 0,
             cursor_hidden: false,
+            open_line: false,
             broken: false,
         }
     }
@@ -95,12 +98,21 @@ impl Term {
 
     /// A complete line, appended.
     pub fn line(&mut self, text: &str) {
+        self.open_line = false;
         self.write(&format!("{text}\n"));
     }
 
     /// The start of a line, shown at once (a startup step before its "ok").
     pub fn partial(&mut self, text: &str) {
+        self.open_line = true;
         self.write(text);
+    }
+
+    /// Ends a line left open by [`Term::partial`] with `text`; nothing if none is open.
+    pub fn close_line(&mut self, text: &str) {
+        if self.open_line {
+            self.line(text);
+        }
     }
 
     /// Replaces the frame on screen with `lines` (terminal only). Lines are cut to the
