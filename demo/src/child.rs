@@ -13,7 +13,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -81,9 +81,18 @@ impl Child {
             // or it panics) is killed.
             .kill_on_drop(true)
             .process_group(0);
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {} ({})", role.title(), exe.display()))?;
+        let mut child = cmd.spawn().map_err(|e| {
+            let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
+                "; if the temporary directory is on a noexec file system, set TMPDIR to another one"
+            } else {
+                ""
+            };
+            anyhow!(
+                "cannot start {} ({}): {e}{hint}",
+                role.title(),
+                exe.display()
+            )
+        })?;
         let pid = child.id().context("the child has no pid")?;
         let tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL)));
         if let Some(stderr) = child.stderr.take() {
