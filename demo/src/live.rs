@@ -36,6 +36,8 @@ pub struct Live {
     pub state: State,
     recent: VecDeque<Event>,
     started: Instant,
+    /// How long the live phase ran, once it stopped.
+    ran: Option<Duration>,
     duration: Option<Duration>,
     td: String,
     dir: String,
@@ -47,14 +49,16 @@ impl Live {
             state: State::new(&stack.td),
             recent: VecDeque::with_capacity(RECENT),
             started: Instant::now(),
+            ran: None,
             duration,
             td: stack.td.to_string(),
             dir: stack.dir.display().to_string(),
         }
     }
 
+    /// How long the live phase ran (until it was told to stop, not until it had stopped).
     pub fn elapsed(&self) -> Duration {
-        self.started.elapsed()
+        self.ran.unwrap_or_else(|| self.started.elapsed())
     }
 
     /// Runs traffic and the view until the end; then lets requests in flight finish (their
@@ -132,6 +136,7 @@ impl Live {
             }
         };
 
+        self.ran = Some(self.started.elapsed());
         // Requests in flight finish against a system that is still up, and count.
         stop_traffic.cancel();
         tokio::select! {
@@ -203,10 +208,11 @@ impl Live {
         if !term.redraw() {
             return;
         }
-        let elapsed = self.started.elapsed();
-        let until = match self.duration {
-            Some(d) => format!("stops in {}", view::clock(d.saturating_sub(elapsed))),
-            None => "Ctrl-C stops".to_owned(),
+        let elapsed = self.elapsed();
+        let until = match (self.ran, self.duration) {
+            (Some(_), _) => "stopped".to_owned(),
+            (None, Some(d)) => format!("stops in {}", view::clock(d.saturating_sub(elapsed))),
+            (None, None) => "Ctrl-C stops".to_owned(),
         };
         let header = format!(
             "{} · {} · {} · {} · {}",
