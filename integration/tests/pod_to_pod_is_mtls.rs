@@ -30,10 +30,7 @@ fn pod_to_pod_is_mtls() {
     assert_eq!(connections(&lab.metrics(&b), "inbound", "accepted"), 1.0);
     let m = lab.metrics(&b);
     assert!(
-        m.contains(
-            "kith_sidecar_captured_total{outcome=\"inbound_tls\"} 1
-"
-        ),
+        m.contains("kith_sidecar_captured_total{outcome=\"inbound_tls\"} 1\n"),
         "{m}"
     );
     lab.keep(a_sidecar);
