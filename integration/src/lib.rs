@@ -520,11 +520,11 @@ impl Lab {
         self.exec(&pod.ns, &[podapp(), "get", "127.0.0.1:15020", "/metrics"])
     }
 
-    /// `kith ca` admin commands against the lab's CA data dir.
+    /// `kith ca <args>` admin commands against the lab's CA data dir.
     pub fn ca_cli(&self, args: &[&str]) -> String {
         let kith = kith_bin();
         let data = self.path("ca");
-        let mut a = vec![kith.to_str().unwrap()];
+        let mut a = vec![kith.to_str().unwrap(), "ca"];
         a.extend_from_slice(args);
         a.extend_from_slice(&["--data-dir", data.to_str().unwrap()]);
         sh(&a)
