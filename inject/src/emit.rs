@@ -117,14 +117,18 @@ fn scalar(out: &mut String, v: &Value, indent: usize) -> Result<(), EmitError> {
 fn quoted_or_plain(out: &mut String, s: &str) {
     if plain_ok(s) {
         out.push_str(s);
+    } else if single_quote_ok(s) {
+        out.push('\'');
+        out.push_str(&s.replace('\'', "''"));
+        out.push('\'');
     } else {
         double_quoted(out, s);
     }
 }
 
 /// Only strings that no YAML 1.1 or 1.2 reader takes for anything but a string: a conservative
-/// alphabet, no leading digit or sign (numbers, timestamps, `1_000`, `0x1F`), and none of the
-/// 1.1 words for booleans and null.
+/// alphabet without spaces, no indicator first, no `:` last, nothing that reads as a number or
+/// timestamp, and none of the 1.1 words for booleans and null.
 fn plain_ok(s: &str) -> bool {
     const WORDS: &[&str] = &[
         "y", "n", "yes", "no", "true", "false", "on", "off", "null", "nan", "inf",
@@ -132,10 +136,51 @@ fn plain_ok(s: &str) -> bool {
     let Some(first) = s.chars().next() else {
         return false;
     };
-    first.is_ascii_alphabetic()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
+    (first.is_ascii_alphanumeric() || matches!(first, '/' | '.' | '_' | '-' | '+'))
+        && s != "-"
+        && !s.ends_with(':')
+        && s.chars().all(|c| {
+            c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/' | ':' | '=' | '@' | '+')
+        })
+        && !looks_numeric(s)
         && !WORDS.contains(&s.to_ascii_lowercase().as_str())
+}
+
+/// True for anything a YAML 1.1 or 1.2 reader could resolve to an int, float or timestamp
+/// (decimal, `0x`, `0o`, `0b`, old-style octal, `1_000`, `1:30` sexagesimal, `1e3`, `.inf`,
+/// `2024-01-01`), and for some strings that only look close; those are merely quoted.
+fn looks_numeric(s: &str) -> bool {
+    let t = s.strip_prefix(['+', '-']).unwrap_or(s);
+    let lower = t.to_ascii_lowercase();
+    if lower == ".inf" || lower == ".nan" {
+        return true;
+    }
+    let b = t.as_bytes();
+    if !b.first().is_some_and(|c| c.is_ascii_digit() || *c == b'.') {
+        return false;
+    }
+    if b.len() >= 5 && b[..4].iter().all(u8::is_ascii_digit) && b[4] == b'-' {
+        return true;
+    }
+    let digits = |rest: &str, ok: fn(char) -> bool| {
+        !rest.is_empty() && rest.chars().all(|c| c == '_' || ok(c))
+    };
+    if let Some(rest) = lower.strip_prefix("0x") {
+        return digits(rest, |c| c.is_ascii_hexdigit());
+    }
+    if let Some(rest) = lower.strip_prefix("0o") {
+        return digits(rest, |c| c.is_digit(8));
+    }
+    if let Some(rest) = lower.strip_prefix("0b") {
+        return digits(rest, |c| c.is_digit(2));
+    }
+    t.chars()
+        .all(|c| c.is_ascii_digit() || matches!(c, '_' | '.' | ':' | 'e' | 'E' | '+' | '-'))
+}
+
+/// One printable line without tabs: single quotes keep it as it is ('' for a quote).
+fn single_quote_ok(s: &str) -> bool {
+    !s.is_empty() && s.chars().all(|c| c != '\t' && !needs_escape(c))
 }
 
 /// YAML's double-quoted style, escaping everything a reader could change: quotes, backslashes,
@@ -251,12 +296,23 @@ mod tests {
             "?",
             "a #b",
             "1e3",
+            "1e+3",
+            "-1",
+            "+1.5",
+            "1:20:30",
+            "0b101",
+            "-.inf",
+            "a:",
+            "2001-12-14t21:59:43.10-05:00",
             "12:30",
         ] {
             let mut m = Mapping::new();
             m.insert(Value::String("k".into()), Value::String(s.into()));
             let text = round_trip(&Value::Mapping(m));
-            assert!(text.starts_with("k: \""), "{s:?} was not quoted: {text}");
+            assert!(
+                text.starts_with("k: \"") || text.starts_with("k: '"),
+                "{s:?} was not quoted: {text}"
+            );
         }
     }
 
@@ -339,7 +395,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             round_trip(&v),
-            "spec:\n  containers:\n  - name: a\n    args:\n    - x\n    - \"1\"\n    env: []\n  \
+            "spec:\n  containers:\n  - name: a\n    args:\n    - x\n    - '1'\n    env: []\n  \
              - name: b\n    ports:\n    - containerPort: 80\n  volumes: {}\nm:\n- - 1\n  - 2\n- []\n\
              script: |\n  set -e\n  echo hi\nf: 1.5\nz: null\n"
         );

@@ -530,10 +530,6 @@ mod tests {
         let (before, after) = (docs(input).remove(0), docs(&report.output).remove(0));
         assert_eq!(after["metadata"]["labels"], before["metadata"]["labels"]);
         assert_eq!(after["spec"]["containers"], before["spec"]["containers"]);
-        assert!(
-            report.output.contains("legacy: \"on\""),
-            "{}",
-            report.output
-        );
+        assert!(report.output.contains("legacy: 'on'"), "{}", report.output);
     }
 }
