@@ -107,6 +107,9 @@ impl SettingsArgs {
 pub fn run(args: InjectArgs) -> ExitCode {
     let settings = args.settings.resolve();
     let result = match (args.command, args.filename) {
+        (Some(InjectCommand::Serve(_)), None) if args.all => Err(anyhow::anyhow!(
+            "--all is for -f: the webhook injects every pod its selectors send it"
+        )),
         (Some(InjectCommand::Serve(serve)), None) => return run_serve(serve, settings),
         (Some(_), Some(_)) => Err(anyhow::anyhow!(
             "-f injects offline and serve runs the webhook; use one or the other"

@@ -32,7 +32,7 @@ impl Metrics {
         registry.register(
             "reviews",
             "Requests to /mutate by result: injected, a skip reason, not_a_pod, not_create, \
-             denied, or why the request was refused (malformed, too_large, timeout, ...)",
+             denied_<why>, or why the request was refused (malformed, too_large, timeout, ...)",
             reviews.clone(),
         );
         registry.register(

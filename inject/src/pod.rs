@@ -35,6 +35,25 @@ pub enum InjectError {
         what: &'static str,
         name: &'static str,
     },
+    #[error(
+        "container {container} declares port {port}, which kith's sidecar uses in the pod's \
+         network namespace (15001, 15006, 15020); move the app, or opt the pod out"
+    )]
+    PortTaken { container: String, port: u64 },
+}
+
+impl InjectError {
+    /// A stable snake_case label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            InjectError::WrongShape { .. } | InjectError::NoContainers => "malformed_pod",
+            InjectError::BadInjectValue { .. } | InjectError::BadAnnotation { .. } => {
+                "bad_annotation"
+            }
+            InjectError::NameTaken { .. } => "name_taken",
+            InjectError::PortTaken { .. } => "port_taken",
+        }
+    }
 }
 
 /// Why a template was left alone.
@@ -104,6 +123,7 @@ pub fn inject(
         return Err(InjectError::NoContainers);
     }
     check_names_free(spec)?;
+    check_ports_free(spec)?;
     let (probe_ports, mut warnings) = probe_ports(spec);
     warnings.extend(proxy_uid_warnings(spec));
     let mut not_captured = vec![ADMIN_PORT];
@@ -271,6 +291,35 @@ fn check_names_free(spec: &Mapping) -> Result<(), InjectError> {
                 what: "volume",
                 name,
             });
+        }
+    }
+    Ok(())
+}
+
+/// The app must not listen where the sidecar does: one of them would fail to bind.
+fn check_ports_free(spec: &Mapping) -> Result<(), InjectError> {
+    const SIDECAR_PORTS: [u64; 3] = [OUTBOUND_PORT as u64, INBOUND_PORT as u64, ADMIN_PORT as u64];
+    for list in ["containers", "initContainers"] {
+        for c in spec
+            .get(list)
+            .and_then(Value::as_sequence)
+            .into_iter()
+            .flatten()
+        {
+            let ports = c
+                .get("ports")
+                .and_then(Value::as_sequence)
+                .into_iter()
+                .flatten();
+            for port in ports.filter_map(|p| p.get("containerPort").and_then(Value::as_u64)) {
+                if SIDECAR_PORTS.contains(&port) {
+                    let name = c.get("name").and_then(Value::as_str).unwrap_or("?");
+                    return Err(InjectError::PortTaken {
+                        container: name.to_owned(),
+                        port,
+                    });
+                }
+            }
         }
     }
     Ok(())
@@ -919,6 +968,25 @@ spec:
                 matches!(err, InjectError::NameTaken { .. }),
                 "{spec}: {err}"
             );
+        }
+    }
+
+    #[test]
+    fn apps_on_the_sidecars_ports_are_refused() {
+        for port in [15001, 15006, 15020] {
+            let mut v = yaml(&format!(
+                "metadata: {{labels: {{kith.dev/inject: enabled}}}}\n\
+                 spec: {{containers: [{{name: a, ports: [{{containerPort: 80}}, {{containerPort: {port}}}]}}]}}"
+            ));
+            let err = inject(&mut v, &Settings::default(), false).unwrap_err();
+            assert_eq!(
+                err,
+                InjectError::PortTaken {
+                    container: "a".into(),
+                    port
+                }
+            );
+            assert_eq!(err.label(), "port_taken");
         }
     }
 

@@ -40,7 +40,7 @@ pub enum ReviewError {
 pub struct Reviewed {
     /// The AdmissionReview to send back.
     pub body: Value,
-    /// A metrics label: `injected`, a skip reason, `not_a_pod`, `not_create` or `denied`.
+    /// A metrics label: `injected`, a skip reason, `not_a_pod`, `not_create`, or `denied_<why>`.
     pub result: &'static str,
     /// `namespace/name` of the object, for the log.
     pub object: String,
@@ -127,11 +127,19 @@ pub fn review(body: &[u8], settings: &Settings) -> Result<Reviewed, ReviewError>
 
 fn review_pod(req: &AdmissionRequest, settings: &Settings, object: String) -> Reviewed {
     let Some(original) = req.object.as_ref().filter(|o| o.is_object()) else {
-        return denied(&req.uid, "request.object is not a Pod", object);
+        return denied(
+            &req.uid,
+            "request.object is not a Pod",
+            "malformed_pod",
+            object,
+        );
     };
     let mut pod: serde_norway::Value = match serde_json::from_value(original.clone()) {
         Ok(p) => p,
-        Err(e) => return denied(&req.uid, &format!("request.object: {e}"), object),
+        Err(e) => {
+            let msg = format!("request.object: {e}");
+            return denied(&req.uid, &msg, "malformed_pod", object);
+        }
     };
     match pod::inject(&mut pod, settings, true) {
         Ok(Outcome::Skipped(why)) => allowed(
@@ -154,13 +162,12 @@ fn review_pod(req: &AdmissionRequest, settings: &Settings, object: String) -> Re
                     object,
                 )
             }
-            Err(e) => denied(&req.uid, &e, object),
+            Err(e) => denied(&req.uid, &e, "patch_failed", object),
         },
-        Err(e) => denied(
-            &req.uid,
-            &format!("kith cannot inject this pod: {e}"),
-            object,
-        ),
+        Err(e) => {
+            let msg = format!("kith cannot inject this pod: {e}");
+            denied(&req.uid, &msg, e.label(), object)
+        }
     }
 }
 
@@ -201,7 +208,8 @@ fn allowed(
     }
 }
 
-fn denied(uid: &str, message: &str, object: String) -> Reviewed {
+/// A refusal; `why` becomes the metrics label `denied_<why>`.
+fn denied(uid: &str, message: &str, why: &'static str, object: String) -> Reviewed {
     let response = json!({
         "uid": uid,
         "allowed": false,
@@ -209,9 +217,21 @@ fn denied(uid: &str, message: &str, object: String) -> Reviewed {
     });
     Reviewed {
         body: envelope(response),
-        result: "denied",
+        result: denied_label(why),
         object,
         detail: message.to_owned(),
+    }
+}
+
+/// Metrics labels are `&'static str`: one per refusal reason.
+fn denied_label(why: &str) -> &'static str {
+    match why {
+        "malformed_pod" => "denied_malformed_pod",
+        "bad_annotation" => "denied_bad_annotation",
+        "name_taken" => "denied_name_taken",
+        "port_taken" => "denied_port_taken",
+        "patch_failed" => "denied_patch_failed",
+        _ => "denied_other",
     }
 }
 
@@ -374,22 +394,33 @@ spec:
 
     #[test]
     fn a_pod_that_asked_for_kith_but_cannot_have_it_is_refused_with_the_reason() {
-        for (pod, expect) in [
+        for (pod, expect, label) in [
             (
                 json!({"metadata": {"annotations": {"kith.dev/exclude-inbound-ports": "http"}},
                        "spec": {"containers": [{"name": "a"}]}}),
                 "kith.dev/exclude-inbound-ports",
+                "denied_bad_annotation",
             ),
             (
                 json!({"metadata": {}, "spec": {"containers": [{"name": "kith-proxy"}]}}),
                 "named \"kith-proxy\"",
+                "denied_name_taken",
             ),
             (
                 json!({"metadata": {}, "spec": {"containers": "web"}}),
                 "spec.containers",
+                "denied_malformed_pod",
             ),
-            (json!({"metadata": {}, "spec": []}), "spec is not a mapping"),
-            (json!("a pod"), "request.object is not a Pod"),
+            (
+                json!({"metadata": {}, "spec": []}),
+                "spec is not a mapping",
+                "denied_malformed_pod",
+            ),
+            (
+                json!("a pod"),
+                "request.object is not a Pod",
+                "denied_malformed_pod",
+            ),
         ] {
             let reviewed = review(&pod_request(pod), &Settings::default()).unwrap();
             let response = &reviewed.body["response"];
@@ -398,7 +429,7 @@ spec:
             assert_eq!(response["uid"], "705ab4f5-6393-11e8-b7cc-42010a800002");
             let msg = response["status"]["message"].as_str().unwrap();
             assert!(msg.contains(expect), "{msg}");
-            assert_eq!(reviewed.result, "denied");
+            assert_eq!(reviewed.result, label);
         }
     }
 
