@@ -8,11 +8,14 @@ use serde::Serialize;
 use serde_norway::{Mapping, Value};
 
 use crate::settings::{
-    ADMIN_PORT, BUNDLE_DIR, BUNDLE_FILE, BUNDLE_VOLUME, Cidr, EXCLUDE_CIDRS_KEY,
-    EXCLUDE_INBOUND_KEY, EXCLUDE_OUTBOUND_KEY, INBOUND_PORT, INIT_CONTAINER, INJECT_KEY,
-    OUTBOUND_PORT, PROXY_CONTAINER, PROXY_UID, STATUS_KEY, Settings, TOKEN_DIR, TOKEN_FILE,
-    TOKEN_SECONDS, VERSION, XTABLES_VOLUME,
+    ADMIN_PORT, BUNDLE_VOLUME, Cidr, EXCLUDE_CIDRS_KEY, EXCLUDE_INBOUND_KEY, EXCLUDE_OUTBOUND_KEY,
+    INBOUND_PORT, INIT_CONTAINER, INJECT_KEY, OUTBOUND_PORT, PROXY_CONTAINER, PROXY_UID,
+    STATUS_KEY, Settings, TOKEN_VOLUME, VERSION, XTABLES_VOLUME,
 };
+
+mod containers;
+
+use containers::{init_container, proxy_container, s, volumes};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum InjectError {
@@ -152,7 +155,7 @@ pub fn inject(
     Ok(Outcome::Injected { warnings })
 }
 
-const VOLUME_NAMES: [&str; 3] = [crate::settings::TOKEN_VOLUME, BUNDLE_VOLUME, XTABLES_VOLUME];
+const VOLUME_NAMES: [&str; 3] = [TOKEN_VOLUME, BUNDLE_VOLUME, XTABLES_VOLUME];
 
 /// What `kith.dev/status` records.
 #[derive(Serialize)]
@@ -430,158 +433,6 @@ fn proxy_uid_warnings(spec: &Mapping) -> Vec<String> {
     warnings
 }
 
-/// `kith sidecar init`: root with NET_ADMIN and NET_RAW only, to program the pod's nat table.
-fn init_container(settings: &Settings, not_captured: &[u16], excl: &Exclusions) -> Value {
-    let mut args = vec![
-        s("sidecar"),
-        s("init"),
-        s(format!("--proxy-uid={PROXY_UID}")),
-        s(format!("--outbound-port={OUTBOUND_PORT}")),
-        s(format!("--inbound-port={INBOUND_PORT}")),
-        s(format!("--exclude-inbound-ports={}", join(not_captured))),
-    ];
-    if !excl.outbound.is_empty() {
-        args.push(s(format!("--exclude-ports={}", join(&excl.outbound))));
-    }
-    if !excl.cidrs.is_empty() {
-        args.push(s(format!("--exclude-cidrs={}", join(&excl.cidrs))));
-    }
-    // The canary check connects as another UID, which needs CAP_SETUID and CAP_SETGID; this
-    // container has NET_ADMIN and NET_RAW only, so it cannot run here.
-    args.push(s("--no-verify"));
-    map([
-        ("name", s(INIT_CONTAINER)),
-        ("image", s(&settings.init_image)),
-        ("args", Value::Sequence(args)),
-        ("resources", resources(("10m", "16Mi"), ("100m", "64Mi"))),
-        (
-            "securityContext",
-            security_context(0, &["NET_ADMIN", "NET_RAW"]),
-        ),
-        (
-            "volumeMounts",
-            seq([map([("name", s(XTABLES_VOLUME)), ("mountPath", s("/run"))])]),
-        ),
-    ])
-}
-
-/// `kith sidecar run` in transparent mode, as a native sidecar (an init container that keeps
-/// running), identified by the pod's projected service-account token.
-fn proxy_container(settings: &Settings) -> Value {
-    let cidrs = join(&settings.mesh_cidrs);
-    // SECURITY: the admin port listens on the pod's address because the kubelet probes /ready
-    // there; `kith sidecar init` never captures it. It serves /live, /ready, /metrics and
-    // POST /quitquitquit to anyone who can reach the pod (see deploy/kubernetes/README.md).
-    let args = [
-        "sidecar".to_owned(),
-        "run".to_owned(),
-        format!("--k8s-token-file={TOKEN_DIR}/{TOKEN_FILE}"),
-        format!("--ca={}", settings.ca_url),
-        format!("--bundle={BUNDLE_DIR}/{BUNDLE_FILE}"),
-        format!("--mesh-cidr={cidrs}"),
-        format!("--admin-listen=0.0.0.0:{ADMIN_PORT}"),
-        "--log-format=json".to_owned(),
-    ];
-    let probe = |path: &str, period: u64, failures: u64| {
-        map([
-            (
-                "httpGet",
-                map([("path", s(path)), ("port", n(u64::from(ADMIN_PORT)))]),
-            ),
-            ("periodSeconds", n(period)),
-            ("timeoutSeconds", n(1)),
-            ("failureThreshold", n(failures)),
-        ])
-    };
-    map([
-        ("name", s(PROXY_CONTAINER)),
-        ("image", s(&settings.image)),
-        ("args", seq(args.into_iter().map(s))),
-        (
-            "ports",
-            seq([map([
-                ("name", s("kith-admin")),
-                ("containerPort", n(u64::from(ADMIN_PORT))),
-                ("protocol", s("TCP")),
-            ])]),
-        ),
-        ("restartPolicy", s("Always")),
-        ("resources", resources(("50m", "32Mi"), ("1", "256Mi"))),
-        ("securityContext", security_context(PROXY_UID, &[])),
-        // Up to two minutes for the first SVID; the app's containers start only after this.
-        ("startupProbe", probe("/ready", 1, 120)),
-        ("readinessProbe", probe("/ready", 5, 3)),
-        ("livenessProbe", probe("/live", 10, 3)),
-        (
-            "volumeMounts",
-            seq([
-                map([
-                    ("name", s(crate::settings::TOKEN_VOLUME)),
-                    ("mountPath", s(TOKEN_DIR)),
-                    ("readOnly", Value::Bool(true)),
-                ]),
-                map([
-                    ("name", s(BUNDLE_VOLUME)),
-                    ("mountPath", s(BUNDLE_DIR)),
-                    ("readOnly", Value::Bool(true)),
-                ]),
-            ]),
-        ),
-    ])
-}
-
-fn volumes(settings: &Settings) -> [Value; 3] {
-    let token = map([(
-        "serviceAccountToken",
-        map([
-            ("audience", s(&settings.audience)),
-            ("expirationSeconds", n(TOKEN_SECONDS)),
-            ("path", s(TOKEN_FILE)),
-        ]),
-    )]);
-    [
-        map([
-            ("name", s(crate::settings::TOKEN_VOLUME)),
-            ("projected", map([("sources", seq([token]))])),
-        ]),
-        map([
-            ("name", s(BUNDLE_VOLUME)),
-            ("configMap", map([("name", s(&settings.bundle_configmap))])),
-        ]),
-        map([
-            ("name", s(XTABLES_VOLUME)),
-            (
-                "emptyDir",
-                map([("medium", s("Memory")), ("sizeLimit", s("1Mi"))]),
-            ),
-        ]),
-    ]
-}
-
-fn resources(requests: (&str, &str), limits: (&str, &str)) -> Value {
-    let pair = |(cpu, memory): (&str, &str)| map([("cpu", s(cpu)), ("memory", s(memory))]);
-    map([("requests", pair(requests)), ("limits", pair(limits))])
-}
-
-/// Non-root unless `uid` is 0; nothing but `add` on top of dropping every capability.
-fn security_context(uid: u32, add: &[&str]) -> Value {
-    let mut caps = Mapping::new();
-    if !add.is_empty() {
-        caps.insert(s("add"), seq(add.iter().map(|c| s(*c))));
-    }
-    caps.insert(s("drop"), seq([s("ALL")]));
-    map([
-        ("allowPrivilegeEscalation", Value::Bool(false)),
-        ("capabilities", Value::Mapping(caps)),
-        ("privileged", Value::Bool(false)),
-        ("readOnlyRootFilesystem", Value::Bool(true)),
-        ("runAsGroup", n(u64::from(uid))),
-        ("runAsNonRoot", Value::Bool(uid != 0)),
-        ("runAsUser", n(u64::from(uid))),
-        ("seccompProfile", map([("type", s("RuntimeDefault"))])),
-    ])
-}
-
 /// The mapping under `key`, created when absent or null.
 fn child_mapping<'a>(
     parent: &'a mut Mapping,
@@ -619,31 +470,6 @@ fn string_at<'a>(root: Option<&'a Value>, path: &[&str]) -> Option<&'a str> {
     path.iter()
         .try_fold(root?, |v, key| v.get(*key))
         .and_then(Value::as_str)
-}
-
-fn join<T: ToString>(items: &[T]) -> String {
-    items
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-fn s(v: impl Into<String>) -> Value {
-    Value::String(v.into())
-}
-
-fn n(v: u64) -> Value {
-    Value::Number(v.into())
-}
-
-fn seq(items: impl IntoIterator<Item = Value>) -> Value {
-    Value::Sequence(items.into_iter().collect())
-}
-
-/// A mapping whose keys keep the order given.
-fn map<const N: usize>(pairs: [(&str, Value); N]) -> Value {
-    Value::Mapping(pairs.into_iter().map(|(k, v)| (s(k), v)).collect())
 }
 
 #[cfg(test)]
