@@ -391,3 +391,74 @@ fn base64_decode(text: &str) -> Vec<u8> {
     assert!(out.status.success(), "base64 -d failed on {text}");
     out.stdout
 }
+
+/// The injected containers' arguments are ones `kith sidecar init` and `kith sidecar run`
+/// accept, and the pod's annotations and probes reach the capture rules.
+#[test]
+fn injected_containers_take_the_sidecars_own_flags() {
+    if !have_tool(
+        "iptables",
+        "injected_containers_take_the_sidecars_own_flags",
+    ) {
+        return;
+    }
+    let run = inject(&["-f", FIXTURE], b"");
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let pod: Value = run
+        .stdout
+        .split("\n---\n")
+        .map(serde_norway_value)
+        .find(|d| d["kind"] == "Pod")
+        .unwrap();
+    let args = |i: usize| -> Vec<String> {
+        pod["spec"]["initContainers"][i]["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (init, proxy) = (args(0), args(1));
+    assert_eq!(init[..2], ["sidecar", "init"]);
+    assert_eq!(proxy[..2], ["sidecar", "run"]);
+
+    let out = Command::new(env!("CARGO_BIN_EXE_kith"))
+        .args(&init)
+        .arg("--dry-run")
+        .output()
+        .unwrap();
+    let rules = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for rule in [
+        "-A KITH_INBOUND -p tcp --dport 8081 -j RETURN", // the probes' port
+        "-A KITH_INBOUND -p tcp --dport 9100 -j RETURN", // kith.dev/exclude-inbound-ports
+        "-A KITH_INBOUND -p tcp --dport 15020 -j RETURN", // the sidecar's admin port
+        "-A KITH_OUTBOUND -p tcp --dport 5432 -j RETURN",
+        "-A KITH_OUTBOUND -p tcp --dport 6379 -j RETURN",
+        "-A KITH_OUTBOUND -d 169.254.169.254/32 -j RETURN",
+        "-A KITH_OUTBOUND -m owner --uid-owner 1337 -j RETURN",
+    ] {
+        assert!(rules.contains(rule), "{rule} missing:\n{rules}");
+    }
+    assert!(
+        !rules.contains("--dport 8080 -j RETURN"),
+        "8080 is the app's, captured:\n{rules}"
+    );
+
+    // clap stops at --help only after every argument before it parsed: unknown flags or bad
+    // values would fail here.
+    let out = Command::new(env!("CARGO_BIN_EXE_kith"))
+        .args(&proxy)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
