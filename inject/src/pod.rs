@@ -530,6 +530,8 @@ spec:
         assert!(warnings.is_empty(), "{warnings:?}");
         assert_eq!(init_names(&v), ["kith-init", "kith-proxy", "migrate"]);
         let proxy = &v["spec"]["initContainers"][1];
+        assert_eq!(proxy["command"], yaml("[kith]"));
+        assert_eq!(v["spec"]["initContainers"][0]["command"], yaml("[kith]"));
         assert_eq!(proxy["restartPolicy"], "Always");
         assert_eq!(proxy["startupProbe"]["httpGet"]["path"], "/ready");
         assert_eq!(proxy["startupProbe"]["httpGet"]["port"], 15020);

@@ -36,6 +36,7 @@ pub(super) fn init_container(
     map([
         ("name", s(INIT_CONTAINER)),
         ("image", s(&settings.init_image)),
+        ("command", kith_command()),
         ("args", Value::Sequence(args)),
         ("resources", resources(("10m", "16Mi"), ("100m", "64Mi"))),
         (
@@ -80,6 +81,7 @@ pub(super) fn proxy_container(settings: &Settings) -> Value {
     map([
         ("name", s(PROXY_CONTAINER)),
         ("image", s(&settings.image)),
+        ("command", kith_command()),
         ("args", seq(args.into_iter().map(s))),
         (
             "ports",
@@ -112,6 +114,12 @@ pub(super) fn proxy_container(settings: &Settings) -> Value {
             ]),
         ),
     ])
+}
+
+/// `kith`, found on the image's PATH: the init image (which needs iptables besides kith) may
+/// have another entrypoint than kith's own image.
+fn kith_command() -> Value {
+    seq([s("kith")])
 }
 
 pub(super) fn volumes(settings: &Settings) -> [Value; 3] {
