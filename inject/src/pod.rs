@@ -590,7 +590,6 @@ spec:
                 "--outbound-port=15001",
                 "--inbound-port=15006",
                 "--exclude-inbound-ports=15020",
-                "--no-verify",
             ]
         );
     }

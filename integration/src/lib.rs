@@ -43,7 +43,50 @@ pub fn kith_bin() -> PathBuf {
     if let Ok(p) = std::env::var("KITH_BIN") {
         return p.into();
     }
-    built("kith", "cargo build -p kith")
+    let bin = built("kith", "cargo build -p kith");
+    if let Some(newer) = newer_source(&bin) {
+        panic!(
+            "{} is older than {}: rebuild it (cargo build -p kith; `cargo test --workspace` does)",
+            bin.display(),
+            newer.display()
+        );
+    }
+    bin
+}
+
+/// A Rust source of the workspace changed after `bin` was built, if any: `cargo test -p
+/// integration` alone does not rebuild the `kith` binary, and a stale one proves nothing.
+fn newer_source(bin: &Path) -> Option<PathBuf> {
+    let built = std::fs::metadata(bin).and_then(|m| m.modified()).ok()?;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?;
+    let mut dirs: Vec<PathBuf> = vec![root.join("src")];
+    dirs.extend(
+        std::fs::read_dir(root)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            // bench/ is not part of the binary.
+            .filter(|p| !p.ends_with("bench"))
+            .map(|p| p.join("src"))
+            .filter(|p| p.is_dir()),
+    );
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs")
+                && entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t > built)
+                && !path.starts_with(env!("CARGO_MANIFEST_DIR"))
+            {
+                return Some(path);
+            }
+        }
+    }
+    None
 }
 
 /// The pods' application binary (`src/bin/podapp.rs`), built with this crate's tests.
@@ -438,11 +481,12 @@ impl Lab {
             bundle.to_str().unwrap(),
             "--mesh-cidr",
             "10.77.0.0/24",
-            "--admin-listen",
-            "127.0.0.1:15020",
             "--log-format",
             "json",
         ];
+        if !extra.contains(&"--admin-listen") {
+            cmd.extend_from_slice(&["--admin-listen", "127.0.0.1:15020"]);
+        }
         cmd.extend_from_slice(extra);
         self.spawn_in(
             &pod.ns,

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use integration::{Lab, kith_bin};
+use integration::{Lab, PROXY_UID, kith_bin};
 
 /// The nat table without counters and comments: what the rules are, not how often they hit.
 fn nat_rules(lab: &Lab, ns: &str, tool: &str) -> String {
@@ -32,10 +32,33 @@ fn shutdown_drains_and_cleans_up() {
         before,
         "init added rules"
     );
-    let mut b_sidecar = lab.start_sidecar(&b, &["--drain-timeout", "10s"]);
+    // The admin port open to the pod network (as for kubelet probes).
+    let mut b_sidecar = lab.start_sidecar(
+        &b,
+        &["--drain-timeout", "10s", "--admin-listen", "0.0.0.0:15020"],
+    );
     let app = lab.start_app(&b);
     lab.keep(app);
     lab.wait_ready(&b, &b_sidecar);
+    // Another pod may read it, but not stop the sidecar (from A's proxy UID: not captured).
+    let admin = format!("{}:15020", b.ip);
+    let uid = format!("--reuid={PROXY_UID}");
+    let stop = integration::run(&[
+        "ip",
+        "netns",
+        "exec",
+        &a.ns,
+        "setpriv",
+        &uid,
+        "--",
+        integration::podapp(),
+        "get",
+        &admin,
+        "/quitquitquit",
+    ]);
+    let said = String::from_utf8_lossy(&stop.stdout);
+    assert!(said.contains(" 403 "), "{said}");
+    assert!(b_sidecar.is_running());
 
     let (signalled_after, finished, answer) = std::thread::scope(|s| {
         let slow = s.spawn(|| {

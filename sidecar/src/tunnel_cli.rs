@@ -507,10 +507,13 @@ async fn admin_serve(
 ) {
     let tracker = TaskTracker::new();
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => break,
-            r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue; } },
+            r = listener.accept() => match r { Ok(s) => s, Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue; } },
         };
+        // SECURITY: the admin port may listen beyond loopback (kubelet probes); only local
+        // processes may stop the sidecar.
+        let local = peer.ip().to_canonical().is_loopback();
         let (identity, render, shutdown) = (identity.clone(), render.clone(), shutdown.clone());
         let stop = stop.clone();
         tracker.spawn(async move {
@@ -532,10 +535,14 @@ async fn admin_serve(
                                 "no identity yet\n".to_owned(),
                             ),
                             (_, "/metrics") => (StatusCode::OK, render()),
-                            ("POST", "/quitquitquit") => {
+                            ("POST", "/quitquitquit") if local => {
                                 shutdown.cancel();
                                 (StatusCode::OK, "shutting down\n".to_owned())
                             }
+                            ("POST", "/quitquitquit") => (
+                                StatusCode::FORBIDDEN,
+                                "only local processes may stop the sidecar\n".to_owned(),
+                            ),
                             _ => (
                                 StatusCode::NOT_FOUND,
                                 "try /live, /ready, /metrics or POST /quitquitquit\n".to_owned(),

@@ -30,9 +30,9 @@ pub(super) fn init_container(
     if !excl.cidrs.is_empty() {
         args.push(s(format!("--exclude-cidrs={}", join(&excl.cidrs))));
     }
-    // The canary check connects as another UID, which needs CAP_SETUID and CAP_SETGID; this
-    // container has NET_ADMIN and NET_RAW only, so it cannot run here.
-    args.push(s("--no-verify"));
+    // No --no-verify: the canary check connects from init's own UID (0, not the proxy's), so
+    // it needs no capability beyond NET_ADMIN and NET_RAW, and a pod whose capture does not
+    // work never starts.
     map([
         ("name", s(INIT_CONTAINER)),
         ("image", s(&settings.init_image)),
