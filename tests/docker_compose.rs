@@ -45,7 +45,6 @@ fn docker_compose() {
     let Some(kek) = kek_file(dir.path()) else {
         return;
     };
-
     let unique = format!(
         "{}-{:x}",
         std::process::id(),
@@ -54,7 +53,6 @@ fn docker_compose() {
             .unwrap()
             .subsec_nanos()
     );
-    let net = free_net();
     let mut stack = Stack {
         project: format!("kith-e2e-{unique}"),
         files: vec![
@@ -68,26 +66,45 @@ fn docker_compose() {
                 "KITH_TESTAPP_IMAGE".into(),
                 format!("kith-e2e-testapp:{unique}"),
             ),
-            ("KITH_NET".into(), net.clone()),
+            ("KITH_NET".into(), free_net()),
             ("KITH_CA_KEK_FILE".into(), kek.display().to_string()),
         ],
         images: Vec::new(),
     };
 
-    // ---- images ----
     let t = Instant::now();
+    build_images(&mut stack, repo, &kith, dir.path());
+    eprintln!("images built in {:?}", t.elapsed());
+    let t = Instant::now();
+    ca_and_agent(&mut stack);
+    eprintln!("CA and agent up in {:?}", t.elapsed());
+    let t = Instant::now();
+    svids_by_label(&stack);
+    eprintln!("attestation checks in {:?}", t.elapsed());
+    let t = Instant::now();
+    services(&stack);
+    eprintln!("services ready in {:?}", t.elapsed());
+    web_calls_api(&stack, &unique);
+    refusals(&stack);
+    stack.down();
+    eprintln!("docker_compose passed in {:?}", began.elapsed());
+}
+
+/// The kith image from the static binary (Dockerfile.local) and the stand-in app's.
+fn build_images(stack: &mut Stack, repo: &Path, kith: &Path, dir: &Path) {
     let kith_image = stack.var("KITH_IMAGE");
     let testapp_image = stack.var("KITH_TESTAPP_IMAGE");
-    let ctx = dir.path().join("kith-context");
+    let ctx = dir.join("kith-context");
     std::fs::create_dir_all(ctx.join("empty")).unwrap();
-    copy_stripped(&kith, &ctx.join("kith"));
+    copy_stripped(kith, &ctx.join("kith"));
     stack.images.push(kith_image.clone());
     build_image(
         &repo.join("deploy/docker/Dockerfile.local"),
         &ctx,
         &kith_image,
     );
-    let app_ctx = dir.path().join("testapp-context");
+
+    let app_ctx = dir.join("testapp-context");
     std::fs::create_dir_all(&app_ctx).unwrap();
     build_testapp(repo, &app_ctx.join("kith-testapp"));
     stack.images.push(testapp_image.clone());
@@ -96,10 +113,10 @@ fn docker_compose() {
         &app_ctx,
         &testapp_image,
     );
+
     let kith_size = image_size(&kith_image);
     eprintln!(
-        "images built in {:?}: kith {:.1} MB, testapp {:.1} MB",
-        t.elapsed(),
+        "image sizes: kith {:.1} MB, testapp {:.1} MB",
         kith_size as f64 / 1e6,
         image_size(&testapp_image) as f64 / 1e6
     );
@@ -108,46 +125,24 @@ fn docker_compose() {
         "the kith image is {kith_size} bytes: a release binary makes about 16 MB"
     );
     let user = docker(&["image", "inspect", "-f", "{{.Config.User}}", &kith_image]);
-    assert_eq!(
-        user.stdout.trim(),
-        "65532:65532",
-        "the image runs as non-root"
-    );
+    assert_eq!(user.stdout.trim(), "65532:65532", "runs as non-root");
+}
 
-    // ---- CA, join token, entries ----
-    let t = Instant::now();
+/// The README's steps: the CA, a join token, one entry per service, the agent with the token.
+fn ca_and_agent(stack: &mut Stack) {
     stack.compose(&["up", "-d", "ca"], 180).ok();
     eventually("the CA answers on its admin socket", 60, || {
-        stack
-            .compose(&["exec", "-T", "ca", "kith", "ca", "status"], 30)
-            .ok_or_err()
+        stack.kith_ca(&["status"]).ok_or_err()
     });
-    let token = stack.compose(
-        &[
-            "exec",
-            "-T",
-            "ca",
-            "kith",
-            "ca",
-            "token",
-            "create",
-            "--name",
-            "docker-host",
-            "--json",
-        ],
-        30,
-    );
-    let token: Value = serde_json::from_str(&token.ok().stdout).unwrap();
+    let token = stack
+        .kith_ca(&["token", "create", "--name", "docker-host", "--json"])
+        .ok();
+    let token: Value = serde_json::from_str(&token.stdout).unwrap();
     assert_eq!(token["spiffe_id"], NODE);
     for (id, service) in [(WEB, "web"), (API, "api"), (OTHER, "other")] {
         let selector = format!("docker:label:kith.dev/service={service}");
-        let created = stack.compose(
-            &[
-                "exec",
-                "-T",
-                "ca",
-                "kith",
-                "ca",
+        let created = stack
+            .kith_ca(&[
                 "entry",
                 "create",
                 "--id",
@@ -156,33 +151,32 @@ fn docker_compose() {
                 NODE,
                 "--selector",
                 &selector,
-            ],
-            30,
-        );
-        let created = created.ok().stdout;
-        assert!(created.contains(id), "{created}");
+            ])
+            .ok();
+        assert!(created.stdout.contains(id), "{}", created.stdout);
     }
     // Every later compose call carries the token, so that `up` never sees the agent's
     // configuration change (and recreate it) between calls.
-    stack.env.push((
-        "KITH_AGENT_JOIN_TOKEN".into(),
-        token["token"].as_str().unwrap().into(),
-    ));
-    stack.env.push((
-        "KITH_AGENT_BUNDLE_SHA256".into(),
-        token["bundle_sha256"].as_str().unwrap().into(),
-    ));
+    for (var, field) in [
+        ("KITH_AGENT_JOIN_TOKEN", "token"),
+        ("KITH_AGENT_BUNDLE_SHA256", "bundle_sha256"),
+    ] {
+        let value = token[field].as_str().unwrap().to_owned();
+        stack.env.push((var.into(), value));
+    }
     stack.compose(&["up", "-d", "agent"], 180).ok();
-    eprintln!("CA and agent up in {:?}", t.elapsed());
+}
 
-    // ---- the Docker attestor, real engine: which SVID each label gets ----
-    let t = Instant::now();
+/// The Docker attestor on the real engine: fresh containers that differ only in their label
+/// get web's SVID, api's, or none.
+fn svids_by_label(stack: &Stack) {
     let web = eventually("the agent issues web's SVID", 60, || {
-        stack.probe(Some("web")).map_err(|e| e.to_string())
+        stack.probe(Some("web"))
     });
     assert_eq!(web, WEB);
+    // The agent fetches all its entries' SVIDs together; a short wait covers a slow CA.
     let api = eventually("the agent issues api's SVID", 30, || {
-        stack.probe(Some("api")).map_err(|e| e.to_string())
+        stack.probe(Some("api"))
     });
     assert_eq!(api, API);
     for label in [Some("stranger"), None] {
@@ -192,24 +186,28 @@ fn docker_compose() {
             "label {label:?}: {refused}"
         );
     }
-    eprintln!("attestation checks in {:?}", t.elapsed());
+}
 
-    // ---- the services ----
-    let t = Instant::now();
+/// The rest of the project; each sidecar ready (an SVID from the agent) and showing its own ID.
+fn services(stack: &Stack) {
     stack.compose(&["up", "-d"], 180).ok();
-    for app in ["web-app", "api-app", "other-app"] {
+    for (app, id) in [("web-app", WEB), ("api-app", API), ("other-app", OTHER)] {
         eventually(&format!("{app}'s sidecar is ready"), 60, || {
             let ready = stack.call(app, "127.0.0.1:15020", "GET", "/ready", "");
-            if ready.contains("200 OK") {
+            if ready.starts_with("HTTP/1.1 200 OK") {
                 Ok(())
             } else {
                 Err(ready)
             }
         });
+        assert_eq!(stack.metrics(app).svid_id(), Some(id), "{app}'s sidecar");
     }
-    eprintln!("services ready in {:?}", t.elapsed());
+}
 
-    // web → api through both sidecars.
+/// web's app → web's sidecar → mTLS → api's sidecar → api's app, and who saw whom: web's
+/// sidecar connects only to a server proving api (--expect-id), api's lets only web in and
+/// logs the peer ID of the connection.
+fn web_calls_api(stack: &Stack, unique: &str) {
     let body = format!("order {unique} \u{2713} 42");
     let answer = stack.call("web-app", "127.0.0.1:9000", "POST", "/orders", &body);
     assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
@@ -217,27 +215,10 @@ fn docker_compose() {
         answer.ends_with(&format!("api got POST /orders: {body}")),
         "{answer}"
     );
-
-    // Who saw whom. web's sidecar only connects to a server proving API (--expect-id), and
-    // shows its own ID; api's shows its own and logged web as the peer it let through.
-    let web_metrics = stack.metrics("web-app");
-    assert_eq!(web_metrics.svid_id(), Some(WEB));
     eventually("web's sidecar counts the connection", 10, || {
-        check_eq(
-            stack.metrics("web-app").value(
-                "kith_sidecar_connections_total",
-                "outbound",
-                "accepted",
-            ),
-            1,
-        )
+        check_eq(stack.connections("web-app", "outbound", "accepted"), 1)
     });
-    let api_metrics = stack.metrics("api-app");
-    assert_eq!(api_metrics.svid_id(), Some(API));
-    assert_eq!(
-        api_metrics.value("kith_sidecar_connections_total", "inbound", "accepted"),
-        Some(1)
-    );
+    check_eq(stack.connections("api-app", "inbound", "accepted"), 1).unwrap();
     eventually("api's sidecar logs web as the peer", 10, || {
         let peers = stack.api_log("connection closed", "peer");
         if peers == [WEB] {
@@ -246,24 +227,18 @@ fn docker_compose() {
             Err(format!("peers logged: {peers:?}"))
         }
     });
+}
 
-    // other has an SVID, but api allows only web.
-    let other_metrics = stack.metrics("other-app");
-    assert_eq!(other_metrics.svid_id(), Some(OTHER));
+/// other has an SVID, but api allows only web; plaintext never reaches api's app, and the app
+/// itself listens on loopback only. Through all of it, api's app saw web's request only.
+fn refusals(stack: &Stack) {
     let refused = stack.call("other-app", "127.0.0.1:9000", "POST", "/orders", "other");
     assert!(
         refused.contains("connection closed without an answer"),
         "{refused}"
     );
     eventually("api's sidecar counts other as not authorized", 10, || {
-        check_eq(
-            stack.metrics("api-app").value(
-                "kith_sidecar_connections_total",
-                "inbound",
-                "not_authorized",
-            ),
-            1,
-        )
+        check_eq(stack.connections("api-app", "inbound", "not_authorized"), 1)
     });
     eventually("api's sidecar logs whom it refused", 10, || {
         let denied = stack.api_log("inbound connection not authorized", "denied");
@@ -275,40 +250,29 @@ fn docker_compose() {
     });
     eventually("other's sidecar sees the refusal", 10, || {
         check_eq(
-            stack.metrics("other-app").value(
-                "kith_sidecar_connections_total",
-                "outbound",
-                "peer_refused",
-            ),
+            stack.connections("other-app", "outbound", "peer_refused"),
             1,
         )
     });
 
-    // Plaintext to api's mTLS port is refused; its app is not on the network at all.
-    let api_ip = format!("{net}.10");
+    let api_ip = format!("{}.10", stack.var("KITH_NET"));
     let plain = stack.call("other-app", &format!("{api_ip}:8443"), "GET", "/", "");
     assert!(!plain.contains("HTTP/1.1"), "{plain}");
     eventually("api's sidecar counts the plaintext refusal", 10, || {
         check_eq(
-            stack.metrics("api-app").value(
-                "kith_sidecar_connections_total",
-                "inbound",
-                "plaintext_refused",
-            ),
+            stack.connections("api-app", "inbound", "plaintext_refused"),
             1,
         )
     });
     let direct = stack.call("other-app", &format!("{api_ip}:8080"), "GET", "/", "");
     assert!(direct.contains("Connection refused"), "{direct}");
+
     let app_log = stack.logs("api-app");
     assert_eq!(
         app_log.matches("kith-testapp api: ").count(),
         1,
         "api's app saw one request only:\n{app_log}"
     );
-
-    stack.down();
-    eprintln!("docker_compose passed in {:?}", began.elapsed());
 }
 
 // ---- the compose project ----
@@ -337,6 +301,13 @@ impl Stack {
         }
         cmd.args(args).envs(self.env.iter().map(|(k, v)| (k, v)));
         run(cmd, Duration::from_secs(timeout_secs))
+    }
+
+    /// `kith ca <args>` in the CA's container.
+    fn kith_ca(&self, args: &[&str]) -> Out {
+        let mut all = vec!["exec", "-T", "ca", "kith", "ca"];
+        all.extend_from_slice(args);
+        self.compose(&all, 30)
     }
 
     /// `kith agent fetch` in a fresh container with `kith.dev/service=<label>`: the SPIFFE ID
@@ -387,6 +358,12 @@ impl Stack {
         let text = self.call(app, "127.0.0.1:15020", "GET", "/metrics", "");
         assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
         Metrics(text)
+    }
+
+    /// `kith_sidecar_connections_total{direction, result}` of the sidecar in `app`'s namespace.
+    fn connections(&self, app: &str, direction: &str, result: &str) -> Option<u64> {
+        self.metrics(app)
+            .value("kith_sidecar_connections_total", direction, result)
     }
 
     /// A service's container output, without compose's prefixes.
