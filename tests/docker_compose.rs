@@ -560,6 +560,7 @@ fn build_image(dockerfile: &Path, context: &Path, tag: &str) {
     docker(&[
         "build",
         "-q",
+        "--force-rm",
         "--network",
         "none",
         "-f",
