@@ -21,7 +21,7 @@ enum Command {
     Ca(ca::cli::CaArgs),
     /// The per-host agent: attests the node, keeps SVIDs fresh, serves the SPIFFE Workload API
     Agent(sidecar::cli::AgentArgs),
-    /// The mTLS sidecar proxy (explicit tunnels for now)
+    /// The mTLS sidecar proxy: explicit tunnels, or transparent capture in a pod
     Sidecar(sidecar::tunnel_cli::SidecarArgs),
     /// Developer certificates: a local CA that issues SPIFFE X509-SVIDs (mkcert for SPIFFE)
     Certs(certs_dev::CertsArgs),

@@ -12,30 +12,8 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::net::{echo_backend, free_port, http, metric, roundtrip, wait_metric, wait_port};
 use common::{Kith, have_tool};
-
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-/// A TCP echo server on a thread.
-fn echo_backend() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut s = s;
-                let mut r = s.try_clone().unwrap();
-                let _ = std::io::copy(&mut r, &mut s);
-            });
-        }
-    });
-    addr
-}
 
 struct Sidecar {
     child: Child,
@@ -73,38 +51,6 @@ fn sidecar(kith: &Kith, name: &str, listen: SocketAddr, extra: &[&str]) -> Sidec
         .unwrap();
     wait_port(listen);
     Sidecar { child, admin }
-}
-
-fn wait_port(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on {addr}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Sends `msg` through `addr` and returns what comes back before the other side closes.
-fn roundtrip(addr: SocketAddr, msg: &[u8]) -> Vec<u8> {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    // A refused connection may already be closed: that shows as an empty answer.
-    let _ = s.write_all(msg);
-    let _ = s.shutdown(std::net::Shutdown::Write);
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    out
-}
-
-fn http(admin: SocketAddr, method: &str, path: &str) -> String {
-    let mut s = TcpStream::connect(admin).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
 }
 
 #[test]
@@ -389,5 +335,169 @@ fn transparent_mode_starts_its_captured_listeners_and_counts_what_was_not_captur
         Some(2),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A sidecar with its identity files and a config file instead of --listen.
+fn sidecar_with_config(kith: &Kith, name: &str, config: &str, extra: &[&str]) -> Sidecar {
+    let dir = kith.path(name);
+    let path = kith.path(&format!("{name}.toml"));
+    std::fs::write(&path, config).unwrap();
+    let admin = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_kith"))
+        .args(["sidecar", "run", "--admin-listen", &admin.to_string()])
+        .arg("--config")
+        .arg(&path)
+        .arg("--cert")
+        .arg(dir.join("svid.crt"))
+        .arg("--key")
+        .arg(dir.join("svid.key"))
+        .arg("--bundle")
+        .arg(dir.join("bundle.crt"))
+        .args(extra)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_port(admin);
+    Sidecar { child, admin }
+}
+
+#[test]
+fn several_tunnels_from_a_config_file_with_a_per_port_policy_file() {
+    let kith = Kith::new();
+    kith.issue("spiffe://example.org/client", "client", &[]);
+    kith.issue("spiffe://example.org/server", "server", &[]);
+    let (orders, billing) = (echo_backend(), echo_backend());
+    let (orders_in, billing_in) = (free_port(), free_port());
+    // The client may reach the orders app's port only; ops/* may reach every port.
+    let policy = kith.path("policy.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "[[allow]]\nid = \"spiffe://example.org/client\"\nports = [{}]\n\n[[allow]]\nid = \"spiffe://example.org/ops/*\"\n",
+            orders.port()
+        ),
+    )
+    .unwrap();
+    let server = sidecar_with_config(
+        &kith,
+        "server",
+        &format!(
+            "[[tunnel]]\nname = \"orders\"\nlisten = \"{orders_in}\"\nforward = \"{orders}\"\n\n\
+             [[tunnel]]\nname = \"billing\"\nlisten = \"{billing_in}\"\nforward = \"{billing}\"\n"
+        ),
+        &["--policy", policy.to_str().unwrap()],
+    );
+    let (to_orders, to_billing) = (free_port(), free_port());
+    let _client = sidecar_with_config(
+        &kith,
+        "client",
+        &format!(
+            "[[tunnel]]\nname = \"orders\"\nlisten = \"{to_orders}\"\nconnect = \"{orders_in}\"\nexpect_id = \"spiffe://example.org/server\"\n\n\
+             [[tunnel]]\nname = \"billing\"\nlisten = \"{to_billing}\"\nconnect = \"{billing_in}\"\n"
+        ),
+        &[],
+    );
+    wait_port(to_orders);
+    wait_port(to_billing);
+    assert_eq!(roundtrip(to_orders, b"order 1"), b"order 1");
+    assert_eq!(roundtrip(to_billing, b"invoice 1"), b"", "port not allowed");
+    let m = wait_metric(
+        server.admin,
+        "kith_sidecar_connections_total{tunnel=\"billing\",direction=\"inbound\",result=\"not_authorized\"}",
+        1.0,
+        Duration::from_secs(5),
+    );
+    // (wait_port's probe through the client tunnel counts too.)
+    assert!(
+        metric(
+            &m,
+            "kith_sidecar_connections_total{tunnel=\"orders\",direction=\"inbound\",result=\"accepted\"}"
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{m}"
+    );
+
+    // A bad config or policy file stops the start with the file and the problem named.
+    let bad = kith.path("bad.toml");
+    std::fs::write(&bad, "[[tunnel]]\nlisten = \"127.0.0.1:1\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kith"))
+        .args([
+            "sidecar",
+            "run",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--config",
+        ])
+        .arg(&bad)
+        .args(["--cert", "x", "--key", "y", "--bundle", "z"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("bad.toml") && err.contains("either connect"),
+        "{err}"
+    );
+}
+
+#[test]
+fn sigterm_lets_open_connections_finish_then_cuts_them_at_the_drain_timeout() {
+    let kith = Kith::new();
+    kith.issue("spiffe://example.org/client", "client", &[]);
+    kith.issue("spiffe://example.org/server", "server", &[]);
+    let backend = echo_backend();
+    let server_addr = free_port();
+    let mut server = sidecar(
+        &kith,
+        "server",
+        server_addr,
+        &["--forward", &backend.to_string(), "--drain-timeout", "4s"],
+    );
+    let client_addr = free_port();
+    let _client = sidecar(
+        &kith,
+        "client",
+        client_addr,
+        &["--connect", &server_addr.to_string()],
+    );
+    let mut open = TcpStream::connect(client_addr).unwrap();
+    open.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let echo = |s: &mut TcpStream, msg: &[u8]| {
+        s.write_all(msg).unwrap();
+        let mut buf = vec![0u8; msg.len()];
+        s.read_exact(&mut buf).map(|()| buf)
+    };
+    assert_eq!(echo(&mut open, b"before").unwrap(), b"before");
+
+    let signalled = Instant::now();
+    let _ = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status();
+    std::thread::sleep(Duration::from_millis(500));
+    // In flight: still served. New: refused (the listener is closed).
+    assert_eq!(
+        echo(&mut open, b"during the drain").unwrap(),
+        b"during the drain"
+    );
+    assert!(
+        TcpStream::connect(server_addr).is_err(),
+        "no new connections"
+    );
+    let ready = http(server.admin, "GET", "/ready");
+    assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
+    // Past the drain timeout the connection is cut and the process exits cleanly.
+    let status = server.child.wait().unwrap();
+    let took = signalled.elapsed();
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        took >= Duration::from_secs(4) && took < Duration::from_secs(8),
+        "exited after {took:?} with a connection open and a 4 s drain"
+    );
+    let mut rest = Vec::new();
+    let cut = open.read_to_end(&mut rest);
+    assert!(
+        cut.is_err() || rest.is_empty(),
+        "the open connection was closed"
     );
 }

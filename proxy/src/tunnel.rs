@@ -12,7 +12,7 @@ use std::time::Duration;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -36,7 +36,12 @@ pub enum Error {
 /// Per-listener limits. All durations must be non-zero and `max_connections` at least one.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
+    /// Connections being served at once (handshake done, or plaintext). More wait.
     pub max_connections: usize,
+    /// Accepted connections still waiting for their first byte (the start of a handshake).
+    /// They hold no connection slot, so clients that connect and stay silent cannot starve the
+    /// others; each leaves after `handshake_timeout`.
+    pub max_pending: usize,
     /// A connection with no byte either way for this long is closed.
     pub idle_timeout: Duration,
     pub handshake_timeout: Duration,
@@ -51,6 +56,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_connections: 1024,
+            max_pending: 16 * 1024,
             idle_timeout: Duration::from_secs(3600),
             handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
@@ -62,8 +68,10 @@ impl Default for Limits {
 
 impl Limits {
     pub fn validate(&self) -> Result<(), Error> {
-        if self.max_connections == 0 {
-            return Err(Error::Limits("max_connections must be at least 1"));
+        if self.max_connections == 0 || self.max_pending == 0 {
+            return Err(Error::Limits(
+                "max_connections and max_pending must be at least 1",
+            ));
         }
         let durations = [
             self.idle_timeout,
@@ -96,7 +104,7 @@ pub async fn serve_inbound(
         edge: tls::edge_server_config(&identity)?,
     });
     let policy = Arc::new(policy);
-    accept_loop(listener, limits, shutdown, move |stream| {
+    accept_loop(listener, limits, shutdown, move |stream, slot| {
         let (acceptor, identity, policy, metrics) = (
             acceptor.clone(),
             identity.clone(),
@@ -105,8 +113,26 @@ pub async fn serve_inbound(
         );
         async move {
             let m = &metrics.inbound;
+            let tls = match opening(&stream, &limits).await {
+                Ok(Opening::Tls) => true,
+                Ok(Opening::Other) => false,
+                Ok(Opening::Silent) => return m.refuse(Reason::HandshakeFailed),
+                Err(reason) => return m.refuse(reason),
+            };
+            if !tls {
+                // SECURITY: STRICT. What does not start like a TLS handshake is refused before
+                // rustls sees it.
+                return m.refuse(Reason::PlaintextRefused);
+            }
+            let Some(_permit) = slot.claim().await else {
+                return;
+            };
             if let Err(reason) =
-                inbound(stream, &acceptor, &identity, &policy, forward, &limits, m).await
+                // Boxed: a connection still waiting for its first byte stays a small task.
+                Box::pin(inbound(
+                    stream, &acceptor, &identity, &policy, forward, &limits, m,
+                ))
+                .await
             {
                 tracing::debug!(%reason, "inbound connection refused");
                 m.refuse(reason);
@@ -129,9 +155,12 @@ pub async fn serve_outbound(
 ) -> Result<(), Error> {
     limits.validate()?;
     let connector = TlsConnector::from(tls::client_config(&identity, expect)?);
-    accept_loop(listener, limits, shutdown, move |stream| {
+    accept_loop(listener, limits, shutdown, move |stream, slot| {
         let (connector, identity, metrics) = (connector.clone(), identity.clone(), metrics.clone());
         async move {
+            let Some(_permit) = slot.claim().await else {
+                return;
+            };
             let m = metrics.clone();
             if let Err(reason) = outbound(stream, &connector, &identity, connect, &limits, m).await
             {
@@ -144,6 +173,24 @@ pub async fn serve_outbound(
     Ok(())
 }
 
+/// A connection's claim on a connection slot. Until [`Slot::claim`], the connection only
+/// holds a pending slot (bounded by `max_pending`); handlers claim once the peer has spoken
+/// (TLS listeners) or at once (plaintext listeners, which may serve server-speaks-first
+/// protocols).
+pub(crate) struct Slot {
+    pending: OwnedSemaphorePermit,
+    active: Arc<Semaphore>,
+}
+
+impl Slot {
+    /// Waits for a connection slot, then gives the pending one back.
+    pub(crate) async fn claim(self) -> Option<OwnedSemaphorePermit> {
+        let permit = self.active.acquire_owned().await.ok();
+        drop(self.pending);
+        permit
+    }
+}
+
 /// Accepts until `shutdown`, then drains: open connections may finish within
 /// `limits.drain_timeout`, after which the rest are cut.
 pub(crate) async fn accept_loop<F, Fut>(
@@ -152,10 +199,11 @@ pub(crate) async fn accept_loop<F, Fut>(
     shutdown: CancellationToken,
     handle: F,
 ) where
-    F: Fn(TcpStream) -> Fut,
+    F: Fn(TcpStream, Slot) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let pending = Arc::new(Semaphore::new(limits.max_pending));
+    let active = Arc::new(Semaphore::new(limits.max_connections));
     let tracker = TaskTracker::new();
     let cut = CancellationToken::new();
     loop {
@@ -163,7 +211,7 @@ pub(crate) async fn accept_loop<F, Fut>(
         // backlog instead of costing memory here (mini-redis).
         let permit = tokio::select! {
             () = shutdown.cancelled() => break,
-            p = permits.clone().acquire_owned() => match p {
+            p = pending.clone().acquire_owned() => match p {
                 Ok(p) => p,
                 Err(_) => break,
             },
@@ -181,14 +229,19 @@ pub(crate) async fn accept_loop<F, Fut>(
             },
         };
         let _ = stream.set_nodelay(true);
-        let conn = handle(stream);
+        let conn = handle(
+            stream,
+            Slot {
+                pending: permit,
+                active: active.clone(),
+            },
+        );
         let cut = cut.clone();
         tracker.spawn(async move {
             tokio::select! {
                 () = cut.cancelled() => {}
                 () = conn => {}
             }
-            drop(permit);
         });
     }
     // Stop accepting at once: new connections are refused by the kernel, not queued.
@@ -217,6 +270,28 @@ pub(crate) struct Configs {
     pub(crate) edge: Arc<rustls::ServerConfig>,
 }
 
+/// What a connection's first byte says, within the handshake timeout.
+pub(crate) enum Opening {
+    Tls,
+    Other,
+    /// Nothing within the handshake timeout.
+    Silent,
+}
+
+/// Waits (up to the handshake timeout) for the first byte without consuming it. A peer that
+/// connects and closes without a byte (a port probe) is a failed handshake.
+pub(crate) async fn opening(stream: &TcpStream, limits: &Limits) -> Result<Opening, Reason> {
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(limits.handshake_timeout, stream.peek(&mut first)).await {
+        Ok(Ok(1)) if first[0] == TLS_HANDSHAKE => Ok(Opening::Tls),
+        Ok(Ok(0)) | Ok(Err(_)) => Err(Reason::HandshakeFailed),
+        Err(_) => Ok(Opening::Silent),
+        Ok(Ok(_)) => Ok(Opening::Other),
+    }
+}
+
+/// An mTLS connection whose first byte was a TLS handshake record: handshake, authorize, and
+/// forward to `forward`.
 pub(crate) async fn inbound(
     stream: TcpStream,
     acceptor: &Configs,
@@ -226,16 +301,6 @@ pub(crate) async fn inbound(
     limits: &Limits,
     metrics: &DirectionMetrics,
 ) -> Result<(), Reason> {
-    // SECURITY: STRICT mode. Anything that does not start like a TLS handshake is refused
-    // before rustls sees it, and counted as plaintext.
-    let mut first = [0u8; 1];
-    match tokio::time::timeout(limits.handshake_timeout, stream.peek(&mut first)).await {
-        Ok(Ok(1)) if first[0] == TLS_HANDSHAKE => {}
-        // Connected and closed without a byte (a port probe): not plaintext.
-        Ok(Ok(0)) => return Err(Reason::HandshakeFailed),
-        Ok(Ok(_)) => return Err(Reason::PlaintextRefused),
-        Ok(Err(_)) | Err(_) => return Err(Reason::HandshakeFailed),
-    }
     let Some(own) = identity.ready(limits.identity_hold).await else {
         return Err(Reason::NoIdentityYet);
     };
@@ -274,6 +339,7 @@ pub(crate) async fn inbound(
         return Err(Reason::NotAuthorized);
     }
     let upstream = connect(forward, limits.connect_timeout).await?;
+    log_established("inbound", &peer, conn);
     metrics.open();
     let outcome = copy_bidirectional(tls, upstream, limits.idle_timeout).await;
     log_end(&peer.to_string(), &outcome);
@@ -305,8 +371,12 @@ pub(crate) async fn outbound(
             Err(_) => return Err(Reason::HandshakeFailed),
         };
     metrics.outbound.handshake().record(began.elapsed());
-    if tls.get_ref().1.alpn_protocol() != Some(ALPN) {
+    let conn = tls.get_ref().1;
+    if conn.alpn_protocol() != Some(ALPN) {
         return Err(Reason::HandshakeFailed);
+    }
+    if let Some(peer) = tls::peer_id(conn.peer_certificates()) {
+        log_established("outbound", &peer, conn);
     }
     // TLS 1.3: the server judges our certificate after our handshake "succeeded"; a refusal
     // arrives as an alert on the first read. So the connection counts as established only
@@ -386,6 +456,18 @@ pub(crate) async fn connect(to: SocketAddr, timeout: Duration) -> Result<TcpStre
         }
         Err(_) => Err(Reason::UpstreamUnreachable),
     }
+}
+
+/// One debug line per mTLS connection: who the peer is and what was negotiated
+/// (`RUST_LOG=proxy=debug`).
+fn log_established(direction: &str, peer: &identity::SpiffeId, conn: &rustls::CommonState) {
+    tracing::debug!(
+        direction,
+        peer = %peer,
+        tls = ?conn.protocol_version(),
+        suite = ?conn.negotiated_cipher_suite().map(|s| s.suite()),
+        "mTLS connection established"
+    );
 }
 
 pub(crate) fn log_end(peer: &str, outcome: &copy::Outcome) {

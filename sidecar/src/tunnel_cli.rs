@@ -29,7 +29,7 @@ use hyper_util::rt::TokioIo;
 use proxy::authz::Policy;
 use proxy::metrics::{Metrics, family};
 use proxy::tls::IdentityHandle;
-use proxy::transparent::{InboundMode, OutboundPolicy, TransparentMetrics};
+use proxy::transparent::{ExpectRules, InboundMode, OutboundPolicy, TransparentMetrics};
 use proxy::tunnel::{self, Limits};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -86,9 +86,14 @@ struct RunArgs {
         requires = "listen"
     )]
     connect: Option<SocketAddr>,
-    /// The SPIFFE ID servers must present [default: any ID of the own trust domain]
-    #[arg(long, env = "KITH_SIDECAR_EXPECT_ID")]
-    expect_id: Option<String>,
+    /// The SPIFFE ID servers must present [default: any ID of the own trust domain];
+    /// transparent mode also takes rules per destination, `CIDR[:PORT]=ID` (repeatable)
+    #[arg(
+        long = "expect-id",
+        env = "KITH_SIDECAR_EXPECT_ID",
+        value_delimiter = ','
+    )]
+    expect_id: Vec<String>,
     /// Explicit server side: the plaintext backend to forward to
     #[arg(long, env = "KITH_SIDECAR_FORWARD", requires = "listen")]
     forward: Option<SocketAddr>,
@@ -197,10 +202,21 @@ impl RunArgs {
         Ok(policy)
     }
 
+    /// Explicit mode takes one plain --expect-id.
+    fn single_expect_id(&self) -> Result<Option<&str>> {
+        match self.expect_id.as_slice() {
+            [] => Ok(None),
+            [one] if !one.contains('=') => Ok(Some(one)),
+            _ => bail!(
+                "explicit mode takes one --expect-id SPIFFE ID; CIDR=ID rules are for transparent mode"
+            ),
+        }
+    }
+
     /// The explicit tunnels: from --config, or the one of --listen; none in transparent mode.
     fn tunnels(&self, policy: &Policy) -> Result<Vec<Tunnel>> {
         if let Some(path) = &self.config {
-            if self.connect.is_some() || self.forward.is_some() || self.expect_id.is_some() {
+            if self.connect.is_some() || self.forward.is_some() || !self.expect_id.is_empty() {
                 bail!("--config defines the tunnels; drop --connect/--forward/--expect-id");
             }
             return tunnel_config::load_tunnels(path, policy);
@@ -214,7 +230,7 @@ impl RunArgs {
         let end = match (self.connect, self.forward) {
             (Some(connect), None) => End::Client {
                 connect,
-                expect: tunnel_config::expected_peer(self.expect_id.as_deref())?,
+                expect: tunnel_config::expected_peer(self.single_expect_id()?)?,
             },
             (None, Some(forward)) => End::Server {
                 forward,
@@ -439,7 +455,8 @@ async fn transparent(
             "PERMISSIVE mode: plaintext inbound connections are accepted unauthenticated (for migration only)"
         );
     }
-    let expect = tunnel_config::expected_peer(args.expect_id.as_deref())?;
+    let expect = ExpectRules::parse(args.expect_id.iter().map(String::as_str))
+        .map_err(|e| anyhow::anyhow!("--expect-id: {e}"))?;
     let mut out_listeners = vec![bind(args.outbound_listen).await?];
     // ip6tables redirects IPv6 connections to [::1]: listen there too when the host has IPv6.
     if args.outbound_listen.ip().is_loopback() && args.outbound_listen.is_ipv4() {

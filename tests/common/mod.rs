@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+pub mod net;
+
 pub struct Kith {
     pub dir: tempfile::TempDir,
 }
@@ -190,6 +192,11 @@ pub fn kith(args: &[&str]) -> (i32, String, String) {
 }
 
 pub fn serve_ca(data: &Path) -> Ca {
+    serve_ca_with(data, &[])
+}
+
+/// `kith ca serve` on loopback with extra flags (`--k8s-issuer`, `--workload-ttl`, …).
+pub fn serve_ca_with(data: &Path, extra: &[&str]) -> Ca {
     let mut child = Command::new(env!("CARGO_BIN_EXE_kith"))
         .args([
             "ca",
@@ -203,6 +210,7 @@ pub fn serve_ca(data: &Path) -> Ca {
         ])
         .arg("--data-dir")
         .arg(data)
+        .args(extra)
         .env(
             "KITH_CA_KEK",
             "KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio=",
@@ -227,6 +235,14 @@ pub fn serve_ca(data: &Path) -> Ca {
     Ca { child, addr }
 }
 
+/// A CA left running by a failed test would keep the test's output pipe open.
+impl Drop for Ca {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 pub fn stop(mut ca: Ca) -> i32 {
     // SIGTERM, as an init system would send.
     let _ = Command::new("kill")
@@ -234,4 +250,34 @@ pub fn stop(mut ca: Ca) -> i32 {
         .arg(ca.child.id().to_string())
         .status();
     ca.child.wait().unwrap().code().unwrap_or(-1)
+}
+
+/// A child process killed when the test ends, its stderr kept in a file for failure messages.
+pub struct Proc {
+    pub child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(dir: &Path, name: &str, args: &[&str]) -> Self {
+        let log = dir.join(format!("{name}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_kith"))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Self { child, log }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

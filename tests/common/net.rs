@@ -1,0 +1,94 @@
+//! Loopback helpers for the sidecar tests: free ports, an echo backend, byte round trips and
+//! the admin endpoints.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+pub fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// A TCP echo server on a thread.
+pub fn echo_backend() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = s;
+                let mut r = s.try_clone().unwrap();
+                let _ = std::io::copy(&mut r, &mut s);
+            });
+        }
+    });
+    addr
+}
+
+pub fn wait_port(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {addr}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Sends `msg` through `addr` and returns what comes back before the other side closes.
+pub fn roundtrip(addr: SocketAddr, msg: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // A refused connection may already be closed: that shows as an empty answer.
+    let _ = s.write_all(msg);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    out
+}
+
+pub fn http(admin: SocketAddr, method: &str, path: &str) -> String {
+    try_http(admin, method, path).unwrap_or_else(|e| panic!("{method} {path} at {admin}: {e}"))
+}
+
+/// [`http`], or the connection error (nothing listens yet).
+pub fn try_http(admin: SocketAddr, method: &str, path: &str) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(admin)?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    Ok(out)
+}
+
+/// The value of the first series in Prometheus `text` whose line starts with `series` (name and
+/// labels, as written), e.g. `kith_sidecar_identity_updates_total{result="ok"}`.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// Polls `/metrics` at `admin` until `series` reaches `at_least`; panics after `within`.
+pub fn wait_metric(admin: SocketAddr, series: &str, at_least: f64, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let text = http(admin, "GET", "/metrics");
+        if metric(&text, series).is_some_and(|v| v >= at_least) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{series} did not reach {at_least} within {within:?}:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
