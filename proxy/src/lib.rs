@@ -26,4 +26,4 @@ pub use transparent::{
     Captured, Cidr, ExpectRule, ExpectRules, InboundMode, OutboundPolicy, TransparentMetrics,
     serve_transparent_inbound, serve_transparent_outbound,
 };
-pub use tunnel::{Limits, serve_inbound, serve_outbound};
+pub use tunnel::{Limits, Upstream, serve_inbound, serve_outbound};

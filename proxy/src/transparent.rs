@@ -434,7 +434,8 @@ pub async fn serve_transparent_outbound(
                     return;
                 };
                 let result =
-                    tunnel::outbound(stream, connector, &identity, to, &limits, tunnels).await;
+                    tunnel::outbound(stream, connector, &identity, &to.into(), &limits, tunnels)
+                        .await;
                 if let Err(reason) = result {
                     tracing::debug!(%to, %reason, "mesh connection refused");
                     metrics.tunnels.outbound.refuse(reason);

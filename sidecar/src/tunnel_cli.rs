@@ -30,7 +30,7 @@ use proxy::authz::Policy;
 use proxy::metrics::{Metrics, family};
 use proxy::tls::IdentityHandle;
 use proxy::transparent::{ExpectRules, InboundMode, OutboundPolicy, TransparentMetrics};
-use proxy::tunnel::{self, Limits};
+use proxy::tunnel::{self, Limits, Upstream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -78,14 +78,15 @@ struct RunArgs {
     /// Explicit mode: where to accept connections (without it: transparent mode)
     #[arg(long, env = "KITH_SIDECAR_LISTEN", conflicts_with = "config")]
     listen: Option<SocketAddr>,
-    /// Explicit client side: the mTLS server to connect to
+    /// Explicit client side: the mTLS server to connect to, ADDRESS:PORT or HOST:PORT (a name
+    /// is resolved for every connection)
     #[arg(
         long,
         env = "KITH_SIDECAR_CONNECT",
         conflicts_with = "forward",
         requires = "listen"
     )]
-    connect: Option<SocketAddr>,
+    connect: Option<Upstream>,
     /// The SPIFFE ID servers must present [default: any ID of the own trust domain];
     /// transparent mode also takes rules per destination, `CIDR[:PORT]=ID` (repeatable)
     #[arg(
@@ -227,7 +228,7 @@ impl RunArgs {
             }
             return Ok(Vec::new());
         };
-        let end = match (self.connect, self.forward) {
+        let end = match (self.connect.clone(), self.forward) {
             (Some(connect), None) => End::Client {
                 connect,
                 expect: tunnel_config::expected_peer(self.single_expect_id()?)?,
