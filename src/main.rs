@@ -27,6 +27,8 @@ enum Command {
     Inject(inject::cli::InjectArgs),
     /// Developer certificates: a local CA that issues SPIFFE X509-SVIDs (mkcert for SPIFFE)
     Certs(certs_dev::CertsArgs),
+    /// A live end-to-end demo on loopback: CA, agent, two workloads behind mTLS sidecars
+    Demo(demo::DemoArgs),
 }
 
 fn main() -> ExitCode {
@@ -36,5 +38,6 @@ fn main() -> ExitCode {
         Command::Sidecar(args) => sidecar::tunnel_cli::run(args),
         Command::Inject(args) => inject::cli::run(args),
         Command::Certs(args) => certs_dev::run(args),
+        Command::Demo(args) => demo::run(args),
     }
 }
