@@ -23,6 +23,8 @@ enum Command {
     Agent(sidecar::cli::AgentArgs),
     /// The mTLS sidecar proxy: explicit tunnels, or transparent capture in a pod
     Sidecar(sidecar::tunnel_cli::SidecarArgs),
+    /// Kubernetes injection: add kith to pod templates offline (-f) or as an admission webhook (serve)
+    Inject(inject::cli::InjectArgs),
     /// Developer certificates: a local CA that issues SPIFFE X509-SVIDs (mkcert for SPIFFE)
     Certs(certs_dev::CertsArgs),
     /// A live end-to-end demo on loopback: CA, agent, two workloads behind mTLS sidecars
@@ -34,6 +36,7 @@ fn main() -> ExitCode {
         Command::Ca(args) => ca::cli::run(args),
         Command::Agent(args) => sidecar::cli::run(args),
         Command::Sidecar(args) => sidecar::tunnel_cli::run(args),
+        Command::Inject(args) => inject::cli::run(args),
         Command::Certs(args) => certs_dev::run(args),
         Command::Demo(args) => demo::run(args),
     }

@@ -393,8 +393,10 @@ fn several_tunnels_from_a_config_file_with_a_per_port_policy_file() {
         &kith,
         "client",
         &format!(
-            "[[tunnel]]\nname = \"orders\"\nlisten = \"{to_orders}\"\nconnect = \"{orders_in}\"\nexpect_id = \"spiffe://example.org/server\"\n\n\
-             [[tunnel]]\nname = \"billing\"\nlisten = \"{to_billing}\"\nconnect = \"{billing_in}\"\n"
+            "[[tunnel]]\nname = \"orders\"\nlisten = \"{to_orders}\"\nconnect = \"localhost:{}\"\nexpect_id = \"spiffe://example.org/server\"\n\n\
+             [[tunnel]]\nname = \"billing\"\nlisten = \"{to_billing}\"\nconnect = \"{billing_in}\"\n",
+            // A name, resolved for each connection (both ::1 and 127.0.0.1 are tried).
+            orders_in.port()
         ),
         &[],
     );

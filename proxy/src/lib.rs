@@ -23,7 +23,7 @@ pub use metrics::{DirectionMetrics, Metrics, Reason};
 pub use socket::{OriginalDst, SoOriginalDst};
 pub use tls::{ExpectedPeer, IdentityHandle};
 pub use transparent::{
-    Captured, Cidr, InboundMode, OutboundPolicy, TransparentMetrics, serve_transparent_inbound,
-    serve_transparent_outbound,
+    Captured, Cidr, ExpectRule, ExpectRules, InboundMode, OutboundPolicy, TransparentMetrics,
+    serve_transparent_inbound, serve_transparent_outbound,
 };
-pub use tunnel::{Limits, serve_inbound, serve_outbound};
+pub use tunnel::{Limits, Upstream, serve_inbound, serve_outbound};

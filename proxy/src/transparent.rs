@@ -21,6 +21,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use identity::SpiffeId;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
@@ -124,6 +125,85 @@ impl FromStr for Cidr {
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// Which server identity each mesh destination must present: rules `CIDR[:PORT]=ID` checked in
+/// order, then the default (an exact ID, or any ID of the own trust domain).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExpectRules {
+    pub default: ExpectedPeer,
+    pub rules: Vec<ExpectRule>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExpectRule {
+    pub cidr: Cidr,
+    /// `None`: every port.
+    pub port: Option<u16>,
+    pub expect: ExpectedPeer,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "invalid expect-id rule {0:?}: expected a SPIFFE ID, or CIDR=ID / CIDR:PORT=ID such as 10.0.0.5/32:5432=spiffe://example.org/db"
+)]
+pub struct ExpectRuleError(String);
+
+impl From<ExpectedPeer> for ExpectRules {
+    fn from(default: ExpectedPeer) -> Self {
+        Self {
+            default,
+            rules: Vec::new(),
+        }
+    }
+}
+
+impl ExpectRules {
+    /// Parses `--expect-id` values: at most one plain SPIFFE ID (the default), any number of
+    /// `CIDR[:PORT]=ID` rules.
+    pub fn parse<'a>(items: impl IntoIterator<Item = &'a str>) -> Result<Self, ExpectRuleError> {
+        let mut out = Self::from(ExpectedPeer::TrustDomain);
+        let mut have_default = false;
+        for item in items {
+            let bad = || ExpectRuleError(item.to_owned());
+            let Some((dest, id)) = item.split_once('=') else {
+                if have_default {
+                    return Err(bad());
+                }
+                have_default = true;
+                out.default = ExpectedPeer::Id(SpiffeId::new(item).map_err(|_| bad())?);
+                continue;
+            };
+            let id = ExpectedPeer::Id(SpiffeId::new(id).map_err(|_| bad())?);
+            // `10.0.0.0/8:5432`: the port follows the prefix length.
+            let (cidr, port) = match dest.rsplit_once('/').and_then(|(_, p)| p.split_once(':')) {
+                Some((_, port)) => {
+                    let cidr_part = &dest[..dest.len() - port.len() - 1];
+                    let port = port
+                        .parse::<u16>()
+                        .ok()
+                        .filter(|p| *p != 0)
+                        .ok_or_else(bad)?;
+                    (cidr_part.parse::<Cidr>().map_err(|_| bad())?, Some(port))
+                }
+                None => (dest.parse::<Cidr>().map_err(|_| bad())?, None),
+            };
+            out.rules.push(ExpectRule {
+                cidr,
+                port,
+                expect: id,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The expectation for a destination: the first matching rule, else the default.
+    pub fn for_destination(&self, to: SocketAddr) -> &ExpectedPeer {
+        self.rules
+            .iter()
+            .find(|r| r.cidr.contains(to.ip()) && r.port.is_none_or(|p| p == to.port()))
+            .map_or(&self.default, |r| &r.expect)
     }
 }
 
@@ -307,18 +387,28 @@ pub async fn serve_transparent_outbound(
     identity: IdentityHandle,
     mesh: Vec<Cidr>,
     outbound_policy: OutboundPolicy,
-    expect: ExpectedPeer,
+    expect: ExpectRules,
     limits: Limits,
     metrics: Arc<TransparentMetrics>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     limits.validate()?;
     let Captured { listener, source } = listener.into();
-    let connector = TlsConnector::from(tls::client_config(&identity, expect)?);
+    // One client configuration per distinct expectation, built once.
+    let mut connectors: Vec<(ExpectedPeer, TlsConnector)> = Vec::new();
+    for e in std::iter::once(&expect.default).chain(expect.rules.iter().map(|r| &r.expect)) {
+        if !connectors.iter().any(|(have, _)| have == e) {
+            let config = tls::client_config(&identity, e.clone())?;
+            connectors.push((e.clone(), TlsConnector::from(config)));
+        }
+    }
+    let connectors = Arc::new(connectors);
+    let expect = Arc::new(expect);
     let mesh: Arc<[Cidr]> = mesh.into();
     tunnel::accept_loop(listener, limits, shutdown, move |stream, slot| {
-        let (connector, identity, metrics, source, mesh) = (
-            connector.clone(),
+        let (connectors, expect, identity, metrics, source, mesh) = (
+            connectors.clone(),
+            expect.clone(),
             identity.clone(),
             metrics.clone(),
             source.clone(),
@@ -339,8 +429,13 @@ pub async fn serve_transparent_outbound(
             if mesh.iter().any(|c| c.contains(to.ip())) {
                 bump(&metrics.outbound_mesh);
                 let tunnels = metrics.tunnels.clone();
+                let wanted = expect.for_destination(to);
+                let Some((_, connector)) = connectors.iter().find(|(e, _)| e == wanted) else {
+                    return;
+                };
                 let result =
-                    tunnel::outbound(stream, &connector, &identity, to, &limits, tunnels).await;
+                    tunnel::outbound(stream, connector, &identity, &to.into(), &limits, tunnels)
+                        .await;
                 if let Err(reason) = result {
                     tracing::debug!(%to, %reason, "mesh connection refused");
                     metrics.tunnels.outbound.refuse(reason);
@@ -484,6 +579,41 @@ mod tests {
         assert!(all.contains(ip("1.2.3.4")));
         let all6: Cidr = "::/0".parse().expect("cidr");
         assert!(all6.contains(ip("2001:db8::1")));
+    }
+
+    #[test]
+    fn expect_rules_pick_the_first_match_then_the_default() {
+        let r = ExpectRules::parse([
+            "10.0.0.5/32:5432=spiffe://td/db",
+            "10.1.0.0/16=spiffe://td/cache",
+            "spiffe://td/any",
+        ])
+        .expect("rules");
+        let id = |s: &str| ExpectedPeer::Id(SpiffeId::new(s).expect("id"));
+        let to = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        assert_eq!(
+            r.for_destination(to("10.0.0.5:5432")),
+            &id("spiffe://td/db")
+        );
+        assert_eq!(r.for_destination(to("10.0.0.5:80")), &id("spiffe://td/any"));
+        assert_eq!(
+            r.for_destination(to("10.1.2.3:80")),
+            &id("spiffe://td/cache")
+        );
+        let none = ExpectRules::parse([]).expect("empty");
+        assert_eq!(
+            none.for_destination(to("1.2.3.4:1")),
+            &ExpectedPeer::TrustDomain
+        );
+        for bad in [
+            "spiffe://td/a,spiffe://td/b",
+            "10.0.0.0/8=db",
+            "10.0.0.0=spiffe://td/x",
+            "10.0.0.0/8:0=spiffe://td/x",
+            "10.0.0.0/8:x=spiffe://td/x",
+        ] {
+            assert!(ExpectRules::parse(bad.split(',')).is_err(), "{bad}");
+        }
     }
 
     #[test]

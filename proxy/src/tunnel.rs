@@ -143,11 +143,94 @@ pub async fn serve_inbound(
     Ok(())
 }
 
+/// Where a client-side tunnel connects: an address, or a host name resolved for every
+/// connection (so a service whose address changes, as in Docker Compose, is followed).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Upstream {
+    Addr(SocketAddr),
+    Host(String, u16),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "invalid upstream {0:?}: expected ADDRESS:PORT or HOST:PORT, such as 10.0.0.2:8443 or api:8443"
+)]
+pub struct UpstreamError(String);
+
+impl std::str::FromStr for Upstream {
+    type Err = UpstreamError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            return Ok(Self::Addr(addr));
+        }
+        let bad = || UpstreamError(s.to_owned());
+        let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        let port = port
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(bad)?;
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        if host.len() > 253 || !host.trim_end_matches('.').split('.').all(label_ok) {
+            return Err(bad());
+        }
+        Ok(Self::Host(host.to_owned(), port))
+    }
+}
+
+impl std::fmt::Display for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Addr(a) => write!(f, "{a}"),
+            Self::Host(h, p) => write!(f, "{h}:{p}"),
+        }
+    }
+}
+
+impl From<SocketAddr> for Upstream {
+    fn from(addr: SocketAddr) -> Self {
+        Self::Addr(addr)
+    }
+}
+
+/// Connects to the upstream: an address directly; a name is resolved now and its addresses
+/// are tried in order until one answers.
+async fn connect_upstream(
+    upstream: &Upstream,
+    timeout: Duration,
+) -> Result<(TcpStream, SocketAddr), Reason> {
+    let (host, port) = match upstream {
+        Upstream::Addr(a) => return Ok((connect(*a, timeout).await?, *a)),
+        Upstream::Host(h, p) => (h.as_str(), *p),
+    };
+    let addrs: Vec<SocketAddr> =
+        match tokio::time::timeout(timeout, tokio::net::lookup_host((host, port))).await {
+            Ok(Ok(addrs)) => addrs.collect(),
+            Ok(Err(e)) => {
+                tracing::info!(%upstream, error = %e, "cannot resolve the upstream");
+                return Err(Reason::UpstreamUnreachable);
+            }
+            Err(_) => return Err(Reason::UpstreamUnreachable),
+        };
+    for addr in &addrs {
+        if let Ok(stream) = connect(*addr, timeout).await {
+            return Ok((stream, *addr));
+        }
+    }
+    Err(Reason::UpstreamUnreachable)
+}
+
 /// Plaintext in → mTLS to `connect`, whose server must match `expect`.
 pub async fn serve_outbound(
     listener: TcpListener,
     identity: IdentityHandle,
-    connect: SocketAddr,
+    connect: Upstream,
     expect: ExpectedPeer,
     limits: Limits,
     metrics: Arc<Metrics>,
@@ -155,14 +238,20 @@ pub async fn serve_outbound(
 ) -> Result<(), Error> {
     limits.validate()?;
     let connector = TlsConnector::from(tls::client_config(&identity, expect)?);
+    let connect = Arc::new(connect);
     accept_loop(listener, limits, shutdown, move |stream, slot| {
-        let (connector, identity, metrics) = (connector.clone(), identity.clone(), metrics.clone());
+        let (connector, identity, metrics, connect) = (
+            connector.clone(),
+            identity.clone(),
+            metrics.clone(),
+            connect.clone(),
+        );
         async move {
             let Some(_permit) = slot.claim().await else {
                 return;
             };
             let m = metrics.clone();
-            if let Err(reason) = outbound(stream, &connector, &identity, connect, &limits, m).await
+            if let Err(reason) = outbound(stream, &connector, &identity, &connect, &limits, m).await
             {
                 tracing::debug!(%reason, "outbound connection refused");
                 metrics.outbound.refuse(reason);
@@ -351,7 +440,7 @@ pub(crate) async fn outbound(
     stream: TcpStream,
     connector: &TlsConnector,
     identity: &IdentityHandle,
-    to: SocketAddr,
+    to: &Upstream,
     limits: &Limits,
     metrics: Arc<Metrics>,
 ) -> Result<(), Reason> {
@@ -359,7 +448,7 @@ pub(crate) async fn outbound(
         return Err(Reason::NoIdentityYet);
     }
     let began = std::time::Instant::now();
-    let upstream = connect(to, limits.connect_timeout).await?;
+    let (upstream, to) = connect_upstream(to, limits.connect_timeout).await?;
     // The name is not checked (SPIFFE verifier) and an IP address sends no SNI.
     let name = ServerName::IpAddress(to.ip().into());
     let tls =

@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 
 use common::*;
 use identity::SpiffeId;
-use proxy::transparent::{Captured, Cidr, InboundMode, OutboundPolicy, TransparentMetrics};
+use proxy::transparent::{
+    Captured, Cidr, ExpectRules, InboundMode, OutboundPolicy, TransparentMetrics,
+};
 use proxy::{ExpectedPeer, IdentityHandle, OriginalDst, Policy, Reason};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -103,12 +105,13 @@ async fn t_outbound(
     identity: IdentityHandle,
     mesh: Vec<Cidr>,
     policy: OutboundPolicy,
-    expect: ExpectedPeer,
+    expect: impl Into<ExpectRules>,
     to: SocketAddr,
 ) -> Side {
     let (listener, addr, dst) = captured(to).await;
     let metrics = Arc::new(TransparentMetrics::default());
     let shutdown = CancellationToken::new();
+    let expect: ExpectRules = expect.into();
     tokio::spawn(proxy::serve_transparent_outbound(
         listener,
         identity,
@@ -203,6 +206,51 @@ async fn mesh_destination_with_unexpected_server_is_refused() {
     assert_eq!(outbound.metrics.tunnels().outbound.accepted(), 0);
     // Never downgraded to plaintext.
     assert_eq!(outbound.metrics.outbound_passthrough.accepted(), 0);
+}
+
+#[tokio::test]
+async fn expect_id_rules_apply_per_destination() {
+    let pki = Pki::new("example.test");
+    let backend = echo_backend().await;
+    let inbound = t_inbound(
+        handle(pki.svid(SERVER), pki.bundle()),
+        Policy::new(pki.td.clone()),
+        InboundMode::Strict,
+        backend,
+    )
+    .await;
+    let port = inbound.addr.port();
+    // The rule for this destination names the server: accepted.
+    let right = ExpectRules::parse([format!("127.0.0.0/8:{port}={SERVER}").as_str()]).unwrap();
+    let ok = t_outbound(
+        handle(pki.svid(CLIENT), pki.bundle()),
+        cidrs(&["127.0.0.0/8"]),
+        OutboundPolicy::Passthrough,
+        right,
+        inbound.addr,
+    )
+    .await;
+    assert_eq!(within(round_trip(ok.addr, b"ping")).await.unwrap(), b"ping");
+    // A rule for another port does not apply; the default (another ID) refuses this one.
+    let wrong = ExpectRules::parse([
+        format!("127.0.0.0/8:{}={SERVER}", port.wrapping_add(1)).as_str(),
+        "spiffe://example.test/someone-else",
+    ])
+    .unwrap();
+    let refused = t_outbound(
+        handle(pki.svid(CLIENT), pki.bundle()),
+        cidrs(&["127.0.0.0/8"]),
+        OutboundPolicy::Passthrough,
+        wrong,
+        inbound.addr,
+    )
+    .await;
+    let got = within(round_trip(refused.addr, b"ping")).await;
+    assert!(got.map(|g| g.is_empty()).unwrap_or(true));
+    eventually("refused", || {
+        refused.metrics.tunnels().outbound.refused_total() == 1
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -79,9 +79,10 @@ pub struct InitArgs {
     /// The canary's destination: any non-local address (it is never reached)
     #[arg(long, default_value = "10.255.255.1:80")]
     pub canary_addr: SocketAddrV4,
-    /// The UID the canary connects from (must not be the proxy's)
-    #[arg(long, default_value_t = 65534)]
-    pub canary_uid: u32,
+    /// The UID the canary connects from (must not be the proxy's) [default: this process's
+    /// own, which needs neither CAP_SETUID nor a shell]
+    #[arg(long)]
+    pub canary_uid: Option<u32>,
     /// Skip the canary check after applying the rules
     #[arg(long)]
     pub no_verify: bool,
@@ -101,7 +102,7 @@ impl Default for InitArgs {
             iptables: None,
             no_ipv6: false,
             canary_addr: SocketAddrV4::new(Ipv4Addr::new(10, 255, 255, 1), 80),
-            canary_uid: 65534,
+            canary_uid: None,
             no_verify: false,
         }
     }
@@ -416,10 +417,11 @@ pub fn uninstall(runner: &Runner, bin: &str) -> Result<()> {
 /// running as the canary UID connect to the canary address, and waits for that connection.
 /// Returns the original destination read with SO_ORIGINAL_DST.
 pub fn canary_check(args: &InitArgs, timeout: Duration) -> Result<SocketAddrV4> {
-    if args.canary_uid == args.proxy_uid {
+    let uid = canary_uid(args);
+    if uid == args.proxy_uid {
         bail!(
-            "--canary-uid {} is the proxy's UID, whose traffic is deliberately not captured",
-            args.canary_uid
+            "the canary would connect as UID {uid}, the proxy's, whose traffic is deliberately \
+             not captured: run init as another UID or pass --canary-uid"
         );
     }
     let listen = SocketAddrV4::new(Ipv4Addr::LOCALHOST, args.outbound_port);
@@ -428,20 +430,7 @@ pub fn canary_check(args: &InitArgs, timeout: Duration) -> Result<SocketAddrV4> 
     })?;
     listener.set_nonblocking(true)?;
     let target = args.canary_addr;
-    let mut child = Command::new("bash")
-        .arg("-c")
-        .arg(format!(
-            "exec 3<>/dev/tcp/{}/{} && exec 3>&-",
-            target.ip(),
-            target.port()
-        ))
-        .uid(args.canary_uid)
-        .gid(args.canary_uid)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("canary check: cannot start `bash` as the canary UID")?;
+    let mut child = Canary::start(uid, target, timeout)?;
     let deadline = Instant::now() + timeout;
     let mut early_exit: Option<String> = None;
     let result = loop {
@@ -469,15 +458,8 @@ pub fn canary_check(args: &InitArgs, timeout: Duration) -> Result<SocketAddrV4> 
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => break Err(anyhow!("canary check: accept on {listen}: {e}")),
         }
-        if early_exit.is_none()
-            && let Ok(Some(status)) = child.try_wait()
-            && !status.success()
-        {
-            let mut err = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                let _ = e.read_to_string(&mut err);
-            }
-            early_exit = Some(format!("{status}: {}", err.trim()));
+        if early_exit.is_none() {
+            early_exit = child.failed();
         }
         if early_exit.is_some() || Instant::now() >= deadline {
             let why = match &early_exit {
@@ -489,14 +471,77 @@ pub fn canary_check(args: &InitArgs, timeout: Duration) -> Result<SocketAddrV4> 
                  not redirected to {listen}: {why}. Check that the nat OUTPUT chain jumps to \
                  {OUTBOUND_CHAIN} in this network namespace and that {target} is routable here \
                  (--canary-addr)",
-                args.canary_uid
+                uid
             ));
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    let _ = child.kill();
-    let _ = child.wait();
+    child.stop();
     result
+}
+
+/// The canary's UID: `--canary-uid`, else our own.
+fn canary_uid(args: &InitArgs) -> u32 {
+    args.canary_uid
+        .unwrap_or_else(|| nix::unistd::geteuid().as_raw())
+}
+
+/// The canary connection: from a thread of this process when it runs as our own UID, else from
+/// a `bash` child switched to that UID (which needs CAP_SETUID and CAP_SETGID).
+enum Canary {
+    /// `None` once joined.
+    Thread(Option<std::thread::JoinHandle<std::io::Result<()>>>),
+    Child(std::process::Child),
+}
+
+impl Canary {
+    fn start(uid: u32, target: SocketAddrV4, timeout: Duration) -> Result<Canary> {
+        if uid == nix::unistd::geteuid().as_raw() {
+            return Ok(Canary::Thread(Some(std::thread::spawn(move || {
+                std::net::TcpStream::connect_timeout(&target.into(), timeout).map(drop)
+            }))));
+        }
+        let child = Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "exec 3<>/dev/tcp/{}/{} && exec 3>&-",
+                target.ip(),
+                target.port()
+            ))
+            .uid(uid)
+            .gid(uid)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("canary check: cannot start `bash` as the canary UID")?;
+        Ok(Canary::Child(child))
+    }
+
+    /// Why the canary's connect failed, once it has.
+    fn failed(&mut self) -> Option<String> {
+        match self {
+            Canary::Thread(slot) => match slot.take_if(|t| t.is_finished())?.join() {
+                Ok(Err(e)) => Some(e.to_string()),
+                _ => None,
+            },
+            Canary::Child(child) => {
+                let status = child.try_wait().ok().flatten().filter(|s| !s.success())?;
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                Some(format!("{status}: {}", err.trim()))
+            }
+        }
+    }
+
+    fn stop(self) {
+        if let Canary::Child(mut child) = self {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// Does what `kith sidecar init` does with `args`, through `runner`, and returns what it
@@ -526,8 +571,11 @@ pub fn execute(runner: &Runner, args: &InitArgs) -> Result<String> {
         }
         return Ok(report);
     }
-    if args.canary_uid == args.proxy_uid && !args.no_verify {
-        bail!("--canary-uid must differ from --proxy-uid");
+    if canary_uid(args) == args.proxy_uid && !args.no_verify {
+        bail!(
+            "the canary check would connect as UID {}, the proxy's: run init as another UID, or pass --canary-uid",
+            args.proxy_uid
+        );
     }
     for f in families {
         if let Some(bin) = backend.bin(f) {
@@ -551,7 +599,8 @@ pub fn execute(runner: &Runner, args: &InitArgs) -> Result<String> {
         let _ = writeln!(
             report,
             "verified: a connection from uid {} to {d} arrived at 127.0.0.1:{}",
-            args.canary_uid, args.outbound_port
+            canary_uid(args),
+            args.outbound_port
         );
     }
     Ok(report)

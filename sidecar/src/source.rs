@@ -294,7 +294,7 @@ async fn from_ca(
             }
             Err(e) => {
                 metrics.failed();
-                let retry = wait;
+                let retry = retry_delay(wait, identity.current().as_deref());
                 wait = (wait * 2).min(BACKOFF.1);
                 let keeping = if identity.current().is_some() {
                     "keeping the current SVID"
@@ -310,6 +310,21 @@ async fn from_ca(
             () = tokio::time::sleep(next) => {}
         }
     }
+}
+
+/// The wait before the next attempt: the backoff, but never more than a quarter of the
+/// current SVID's remaining life (at least 1 s), so that a CA that comes back shortly before
+/// the SVID expires is used in time.
+fn retry_delay(backoff: Duration, current: Option<&proxy::tls::Credentials>) -> Duration {
+    let Some(c) = current else {
+        return backoff;
+    };
+    let left = c
+        .svid()
+        .not_after()
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
+    backoff.min((left / 4).max(BACKOFF.0))
 }
 
 /// One exchange: returns the published ID and when to renew.

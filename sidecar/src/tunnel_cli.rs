@@ -29,8 +29,8 @@ use hyper_util::rt::TokioIo;
 use proxy::authz::Policy;
 use proxy::metrics::{Metrics, family};
 use proxy::tls::IdentityHandle;
-use proxy::transparent::{InboundMode, OutboundPolicy, TransparentMetrics};
-use proxy::tunnel::{self, Limits};
+use proxy::transparent::{ExpectRules, InboundMode, OutboundPolicy, TransparentMetrics};
+use proxy::tunnel::{self, Limits, Upstream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -78,17 +78,23 @@ struct RunArgs {
     /// Explicit mode: where to accept connections (without it: transparent mode)
     #[arg(long, env = "KITH_SIDECAR_LISTEN", conflicts_with = "config")]
     listen: Option<SocketAddr>,
-    /// Explicit client side: the mTLS server to connect to
+    /// Explicit client side: the mTLS server to connect to, ADDRESS:PORT or HOST:PORT (a name
+    /// is resolved for every connection)
     #[arg(
         long,
         env = "KITH_SIDECAR_CONNECT",
         conflicts_with = "forward",
         requires = "listen"
     )]
-    connect: Option<SocketAddr>,
-    /// The SPIFFE ID servers must present [default: any ID of the own trust domain]
-    #[arg(long, env = "KITH_SIDECAR_EXPECT_ID")]
-    expect_id: Option<String>,
+    connect: Option<Upstream>,
+    /// The SPIFFE ID servers must present [default: any ID of the own trust domain];
+    /// transparent mode also takes rules per destination, `CIDR[:PORT]=ID` (repeatable)
+    #[arg(
+        long = "expect-id",
+        env = "KITH_SIDECAR_EXPECT_ID",
+        value_delimiter = ','
+    )]
+    expect_id: Vec<String>,
     /// Explicit server side: the plaintext backend to forward to
     #[arg(long, env = "KITH_SIDECAR_FORWARD", requires = "listen")]
     forward: Option<SocketAddr>,
@@ -197,10 +203,21 @@ impl RunArgs {
         Ok(policy)
     }
 
+    /// Explicit mode takes one plain --expect-id.
+    fn single_expect_id(&self) -> Result<Option<&str>> {
+        match self.expect_id.as_slice() {
+            [] => Ok(None),
+            [one] if !one.contains('=') => Ok(Some(one)),
+            _ => bail!(
+                "explicit mode takes one --expect-id SPIFFE ID; CIDR=ID rules are for transparent mode"
+            ),
+        }
+    }
+
     /// The explicit tunnels: from --config, or the one of --listen; none in transparent mode.
     fn tunnels(&self, policy: &Policy) -> Result<Vec<Tunnel>> {
         if let Some(path) = &self.config {
-            if self.connect.is_some() || self.forward.is_some() || self.expect_id.is_some() {
+            if self.connect.is_some() || self.forward.is_some() || !self.expect_id.is_empty() {
                 bail!("--config defines the tunnels; drop --connect/--forward/--expect-id");
             }
             return tunnel_config::load_tunnels(path, policy);
@@ -211,10 +228,10 @@ impl RunArgs {
             }
             return Ok(Vec::new());
         };
-        let end = match (self.connect, self.forward) {
+        let end = match (self.connect.clone(), self.forward) {
             (Some(connect), None) => End::Client {
                 connect,
-                expect: tunnel_config::expected_peer(self.expect_id.as_deref())?,
+                expect: tunnel_config::expected_peer(self.single_expect_id()?)?,
             },
             (None, Some(forward)) => End::Server {
                 forward,
@@ -439,7 +456,8 @@ async fn transparent(
             "PERMISSIVE mode: plaintext inbound connections are accepted unauthenticated (for migration only)"
         );
     }
-    let expect = tunnel_config::expected_peer(args.expect_id.as_deref())?;
+    let expect = ExpectRules::parse(args.expect_id.iter().map(String::as_str))
+        .map_err(|e| anyhow::anyhow!("--expect-id: {e}"))?;
     let mut out_listeners = vec![bind(args.outbound_listen).await?];
     // ip6tables redirects IPv6 connections to [::1]: listen there too when the host has IPv6.
     if args.outbound_listen.ip().is_loopback() && args.outbound_listen.is_ipv4() {
@@ -490,10 +508,13 @@ async fn admin_serve(
 ) {
     let tracker = TaskTracker::new();
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => break,
-            r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue; } },
+            r = listener.accept() => match r { Ok(s) => s, Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue; } },
         };
+        // SECURITY: the admin port may listen beyond loopback (kubelet probes); only local
+        // processes may stop the sidecar.
+        let local = peer.ip().to_canonical().is_loopback();
         let (identity, render, shutdown) = (identity.clone(), render.clone(), shutdown.clone());
         let stop = stop.clone();
         tracker.spawn(async move {
@@ -515,10 +536,14 @@ async fn admin_serve(
                                 "no identity yet\n".to_owned(),
                             ),
                             (_, "/metrics") => (StatusCode::OK, render()),
-                            ("POST", "/quitquitquit") => {
+                            ("POST", "/quitquitquit") if local => {
                                 shutdown.cancel();
                                 (StatusCode::OK, "shutting down\n".to_owned())
                             }
+                            ("POST", "/quitquitquit") => (
+                                StatusCode::FORBIDDEN,
+                                "only local processes may stop the sidecar\n".to_owned(),
+                            ),
                             _ => (
                                 StatusCode::NOT_FOUND,
                                 "try /live, /ready, /metrics or POST /quitquitquit\n".to_owned(),

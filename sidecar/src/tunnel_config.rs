@@ -33,6 +33,7 @@ use anyhow::{Context, Result, bail};
 use identity::SpiffeId;
 use proxy::authz::Policy;
 use proxy::tls::ExpectedPeer;
+use proxy::tunnel::Upstream;
 use serde::Deserialize;
 
 /// The largest config or policy file read (a typo'd path to a huge file fails fast).
@@ -50,7 +51,7 @@ pub struct Tunnel {
 pub enum End {
     /// Plaintext in, mTLS to `connect`, whose server must match `expect`.
     Client {
-        connect: SocketAddr,
+        connect: Upstream,
         expect: ExpectedPeer,
     },
     /// mTLS in, authorized by `policy`, plaintext to `forward`.
@@ -69,7 +70,7 @@ struct File {
 struct TunnelEntry {
     name: Option<String>,
     listen: SocketAddr,
-    connect: Option<SocketAddr>,
+    connect: Option<String>,
     expect_id: Option<String>,
     forward: Option<SocketAddr>,
     allow: Option<Vec<String>>,
@@ -175,7 +176,7 @@ pub fn load_tunnels(path: &Path, global: &Policy) -> Result<Vec<Tunnel>> {
                     bail!("{}: allow is for server tunnels (forward)", at());
                 }
                 End::Client {
-                    connect,
+                    connect: connect.parse().with_context(at)?,
                     expect: expected_peer(t.expect_id.as_deref()).with_context(at)?,
                 }
             }
@@ -284,6 +285,10 @@ connect = "10.0.0.2:8443"
 expect_id = "spiffe://td/db"
 
 [[tunnel]]
+listen = "127.0.0.1:5433"
+connect = "db.internal:8443"
+
+[[tunnel]]
 listen = "0.0.0.0:8443"
 forward = "127.0.0.1:8080"
 allow = ["spiffe://td/web@8080"]
@@ -295,11 +300,15 @@ forward = "127.0.0.1:9090"
         );
         let global = add_allow_flag(Policy::own_trust_domain(), "spiffe://td/ops").expect("r");
         let t = load_tunnels(f.path(), &global).expect("tunnels");
-        assert_eq!(t.len(), 3);
+        assert_eq!(t.len(), 4);
         assert_eq!(t[0].name, "db");
+        assert!(
+            matches!(&t[1].end, End::Client { connect: Upstream::Host(h, 8443), .. } if h == "db.internal")
+        );
         assert!(
             matches!(&t[0].end, End::Client { expect: ExpectedPeer::Id(i), .. } if i.as_str() == "spiffe://td/db")
         );
+        let t = &t[1..];
         assert_eq!(t[1].name, "0.0.0.0:8443");
         let End::Server { policy, .. } = &t[1].end else {
             panic!("server")
@@ -338,6 +347,10 @@ forward = "127.0.0.1:9090"
                 "--expect-id",
             ),
             ("[[tunel]]\n", "unknown field `tunel`"),
+            (
+                "[[tunnel]]\nlisten = \"127.0.0.1:1\"\nconnect = \"bad host:80\"\n",
+                "invalid upstream",
+            ),
         ] {
             let f = write(text);
             let e = load_tunnels(f.path(), &Policy::own_trust_domain()).unwrap_err();

@@ -413,7 +413,7 @@ fn canary_fails_without_rules_and_passes_with_them() {
     let msg = format!("{err:#}");
     assert!(
         msg.contains("outbound capture is not working")
-            && msg.contains("uid 65534")
+            && msg.contains("uid 0")
             && msg.contains("10.255.255.1:80")
             && msg.contains("127.0.0.1:15001"),
         "{msg}"
@@ -423,6 +423,15 @@ fn canary_fails_without_rules_and_passes_with_them() {
     let dst = ns
         .within(|| capture::canary_check(&args, Duration::from_secs(3)))
         .expect("canary with rules");
+    assert_eq!(dst, args.canary_addr);
+    // From another UID (a `bash` child switched to it, which needs CAP_SETUID) as well.
+    let nobody = InitArgs {
+        canary_uid: Some(65534),
+        ..args.clone()
+    };
+    let dst = ns
+        .within(|| capture::canary_check(&nobody, Duration::from_secs(3)))
+        .expect("canary from uid 65534 with rules");
     assert_eq!(dst, args.canary_addr);
 
     // The whole command as the init container runs it: in the namespace, verification on.
@@ -434,7 +443,7 @@ fn canary_fails_without_rules_and_passes_with_them() {
     // Traffic from the proxy's UID is not captured: canary from 1337 is refused up front,
     // and with the jump removed the check fails again.
     let same = InitArgs {
-        canary_uid: 1337,
+        canary_uid: Some(1337),
         ..args.clone()
     };
     assert!(

@@ -195,7 +195,7 @@ pub async fn outbound(
     tokio::spawn(proxy::serve_outbound(
         listener,
         identity,
-        connect,
+        connect.into(),
         expect,
         limits(),
         metrics.clone(),

@@ -1,0 +1,655 @@
+//! The pod lab: a "node" that is itself a network namespace (so nothing touches the host's
+//! interfaces or firewall, where a Docker engine may keep its own rules), a bridge in it, and
+//! "pods": network namespaces with an address on the bridge, their own nat rules from
+//! `kith sidecar init`, a sidecar running as UID 1337 and an application ([`podapp`]). The CA
+//! runs on the node; pods get their SVIDs from it with a projected-token lookalike signed by
+//! the lab's own "cluster" key, exactly as in Kubernetes.
+//!
+//! Everything is torn down on drop, also when a test panics: processes are killed, namespaces
+//! deleted (which removes their links and rules).
+//!
+//! The tests need root, `ip`, `iptables`, `setpriv` (and `tcpdump` for the capture test):
+//! [`Lab::available`] says whether they can run and prints why not; under `CI=true` a missing
+//! piece fails instead, so the lab never passes silently.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod pcap;
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use ring::rand::SystemRandom;
+use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
+use serde_json::{Value, json};
+
+/// The proxy's UID, as `kith sidecar init` assumes by default.
+pub const PROXY_UID: u32 = 1337;
+/// The app port every pod serves on.
+pub const APP_PORT: u16 = 8080;
+pub const TRUST_DOMAIN: &str = "example.org";
+const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+const SUBNET: &str = "10.77.0";
+const CA_PORT: u16 = 8443;
+
+/// The `kith` binary of this build: beside the test binary's `deps/` directory (cargo builds
+/// it for the root package's tests), or `KITH_BIN`.
+pub fn kith_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("KITH_BIN") {
+        return p.into();
+    }
+    let bin = built("kith", "cargo build -p kith");
+    if let Some(newer) = newer_source(&bin) {
+        panic!(
+            "{} is older than {}: rebuild it (cargo build -p kith; `cargo test --workspace` does)",
+            bin.display(),
+            newer.display()
+        );
+    }
+    bin
+}
+
+/// A Rust source of the workspace changed after `bin` was built, if any: `cargo test -p
+/// integration` alone does not rebuild the `kith` binary, and a stale one proves nothing.
+fn newer_source(bin: &Path) -> Option<PathBuf> {
+    let built = std::fs::metadata(bin).and_then(|m| m.modified()).ok()?;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?;
+    let mut dirs: Vec<PathBuf> = vec![root.join("src")];
+    dirs.extend(
+        std::fs::read_dir(root)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            // bench/ is not part of the binary.
+            .filter(|p| !p.ends_with("bench"))
+            .map(|p| p.join("src"))
+            .filter(|p| p.is_dir()),
+    );
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs")
+                && entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t > built)
+                && !path.starts_with(env!("CARGO_MANIFEST_DIR"))
+            {
+                return Some(path);
+            }
+        }
+    }
+    None
+}
+
+/// The pods' application binary (`src/bin/podapp.rs`), built with this crate's tests.
+pub fn podapp() -> &'static str {
+    static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        built("podapp", "cargo build -p integration")
+            .to_string_lossy()
+            .into_owned()
+    })
+}
+
+/// A binary of this build's profile directory (the test binary lives in its `deps/`).
+fn built(name: &str, how: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
+    let bin = profile_dir.join(name);
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first ({how})",
+        bin.display()
+    );
+    bin
+}
+
+/// Runs a command to completion; panics with its output if it fails.
+pub fn sh(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn run(args: &[&str]) -> Output {
+    Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", args[0]))
+}
+
+fn tool_works(args: &[&str]) -> bool {
+    Command::new(args[0])
+        .args(&args[1..])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A process of the lab, killed on drop; its stderr is kept in a file.
+pub struct Proc {
+    pub name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
+        let _ = nix::sys::signal::kill(pid, sig);
+    }
+
+    /// Waits up to `within` for the process to exit; its exit code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        let child = self.child.as_mut()?;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The node: its namespace, bridge, CA and "cluster" signing key.
+pub struct Lab {
+    pub node: String,
+    pub dir: tempfile::TempDir,
+    pub ca: Option<Proc>,
+    pods: Vec<String>,
+    procs: Vec<Proc>,
+    sa_key: EncodingKey,
+    next_ip: u8,
+}
+
+static LABS: AtomicU32 = AtomicU32::new(0);
+
+impl Lab {
+    /// Whether the lab can run here; prints why not (and panics under CI=true).
+    pub fn available(test: &str) -> bool {
+        let mut missing = Vec::new();
+        if !nix::unistd::geteuid().is_root() {
+            missing.push("root");
+        }
+        for (tool, probe) in [
+            ("ip", &["ip", "-V"][..]),
+            ("iptables", &["iptables", "--version"][..]),
+            ("setpriv", &["setpriv", "--version"][..]),
+            ("tcpdump", &["tcpdump", "--version"][..]),
+        ] {
+            if !tool_works(probe) {
+                missing.push(tool);
+            }
+        }
+        if missing.is_empty() {
+            return true;
+        }
+        let why = format!("SKIPPED {test}: the pod lab needs {}", missing.join(", "));
+        if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+            panic!("{why}, and CI=true (.ci/run installs them and runs as root)");
+        }
+        eprintln!("{why}");
+        false
+    }
+
+    /// A node namespace with a bridge at 10.77.0.1/24 and the CA listening on it. Pods' SVIDs
+    /// live `workload_ttl`.
+    pub fn start(workload_ttl: &str) -> Lab {
+        let n = LABS.fetch_add(1, Ordering::Relaxed);
+        let node = format!("kn{}x{n}", std::process::id());
+        let dir = tempfile::Builder::new()
+            .prefix("kith-lab")
+            .tempdir()
+            .unwrap();
+        // The sidecars run as UID 1337 and read their token and bundle from here.
+        set_mode(dir.path(), 0o755);
+        sh(&["ip", "netns", "add", &node]);
+        let (sa_key, jwk) = cluster_key();
+        let mut lab = Lab {
+            node,
+            dir,
+            ca: None,
+            pods: Vec::new(),
+            procs: Vec::new(),
+            sa_key,
+            next_ip: 2,
+        };
+        lab.exec_node(&["ip", "link", "set", "lo", "up"]);
+        lab.exec_node(&["ip", "link", "add", "br0", "type", "bridge"]);
+        lab.exec_node(&["ip", "addr", "add", &format!("{SUBNET}.1/24"), "dev", "br0"]);
+        lab.exec_node(&["ip", "link", "set", "br0", "up"]);
+        let jwks = lab.path("jwks.json");
+        std::fs::write(&jwks, json!({"keys": [jwk]}).to_string()).unwrap();
+        let ttl = workload_ttl.to_owned();
+        lab.ca = Some(lab.start_ca(&ttl));
+        let bundle = lab.path("bundle.pem");
+        let pem = sh(&[
+            kith_bin().to_str().unwrap(),
+            "ca",
+            "bundle",
+            "--data-dir",
+            lab.path("ca").to_str().unwrap(),
+        ]);
+        std::fs::write(&bundle, pem).unwrap();
+        set_mode(&bundle, 0o644);
+        lab
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn ca_url(&self) -> String {
+        format!("https://{SUBNET}.1:{CA_PORT}")
+    }
+
+    /// `kith ca serve` in the node namespace on its data dir (a restart keeps the state).
+    pub fn start_ca(&self, workload_ttl: &str) -> Proc {
+        let ca_dir = self.path("ca");
+        let jwks = self.path("jwks.json");
+        let listen = format!("{SUBNET}.1:{CA_PORT}");
+        let args = [
+            "ca",
+            "serve",
+            "--data-dir",
+            ca_dir.to_str().unwrap(),
+            "--listen",
+            &listen,
+            "--metrics-listen",
+            "127.0.0.1:9090",
+            "--k8s-issuer",
+            ISSUER,
+            "--k8s-jwks",
+            jwks.to_str().unwrap(),
+            "--workload-ttl",
+            workload_ttl,
+        ];
+        let kith = kith_bin();
+        let mut cmd = vec![kith.to_str().unwrap()];
+        cmd.extend_from_slice(&args);
+        let ca = self.spawn_in(
+            &self.node,
+            "ca",
+            None,
+            &cmd,
+            &[(
+                "KITH_CA_KEK",
+                "KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio=",
+            )],
+        );
+        self.wait_until("the CA answers", Duration::from_secs(20), || {
+            self.exec_ok(&self.node, &[podapp(), "get", "127.0.0.1:9090", "/readyz"])
+        });
+        ca
+    }
+
+    /// Stops the CA with SIGTERM (as an init system would) and waits for it.
+    pub fn stop_ca(&mut self) -> Option<i32> {
+        let mut ca = self.ca.take()?;
+        ca.signal(nix::sys::signal::Signal::SIGTERM);
+        ca.wait_exit(Duration::from_secs(10))
+    }
+
+    /// Spawns `cmd` in namespace `ns`, as `uid` when given; stderr goes to `<dir>/<name>.log`.
+    pub fn spawn_in(
+        &self,
+        ns: &str,
+        name: &str,
+        uid: Option<u32>,
+        cmd: &[&str],
+        env: &[(&str, &str)],
+    ) -> Proc {
+        let log = self.path(&format!("{name}.log"));
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns]);
+        if let Some(uid) = uid {
+            c.args([
+                "setpriv",
+                &format!("--reuid={uid}"),
+                &format!("--regid={uid}"),
+                "--clear-groups",
+                "--",
+            ]);
+        }
+        c.args(cmd)
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        let child = c.spawn().unwrap();
+        Proc {
+            name: name.to_owned(),
+            child: Some(child),
+            log,
+        }
+    }
+
+    /// Keeps `p` until the lab is dropped.
+    pub fn keep(&mut self, p: Proc) {
+        self.procs.push(p);
+    }
+
+    pub fn exec_node(&self, args: &[&str]) -> String {
+        self.exec(&self.node, args)
+    }
+
+    pub fn exec(&self, ns: &str, args: &[&str]) -> String {
+        let mut a = vec!["ip", "netns", "exec", ns];
+        a.extend_from_slice(args);
+        sh(&a)
+    }
+
+    pub fn exec_ok(&self, ns: &str, args: &[&str]) -> bool {
+        let mut a = vec!["ip", "netns", "exec", ns];
+        a.extend_from_slice(args);
+        run(&a).status.success()
+    }
+
+    /// Polls `check` every 100 ms until it holds; panics after `within`.
+    pub fn wait_until(&self, what: &str, within: Duration, mut check: impl FnMut() -> bool) {
+        let deadline = Instant::now() + within;
+        while !check() {
+            assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// A pod namespace with the next address, a veth into the bridge and a default route.
+    pub fn add_pod(&mut self, name: &str) -> Pod {
+        let ns = format!("{}-{name}", self.node);
+        let ip = Ipv4Addr::new(10, 77, 0, self.next_ip);
+        self.next_ip += 1;
+        sh(&["ip", "netns", "add", &ns]);
+        self.pods.push(ns.clone());
+        let host_end = format!("v{}{}", self.next_ip, &name[..name.len().min(6)]);
+        self.exec_node(&[
+            "ip", "link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ]);
+        self.exec_node(&["ip", "link", "set", &host_end, "master", "br0", "up"]);
+        self.exec(&ns, &["ip", "link", "set", "lo", "up"]);
+        self.exec(
+            &ns,
+            &["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"],
+        );
+        self.exec(&ns, &["ip", "link", "set", "eth0", "up"]);
+        self.exec(
+            &ns,
+            &[
+                "ip",
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("{SUBNET}.1"),
+            ],
+        );
+        Pod {
+            name: name.to_owned(),
+            ns,
+            ip,
+        }
+    }
+
+    /// A projected service-account token for pod `pod` of `default/<sa>`, issued `age` ago.
+    pub fn token(&self, sa: &str, pod: &str, age: Duration) -> String {
+        let iat = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            - age.as_secs();
+        let claims = json!({
+            "aud": ["kith-ca"], "exp": iat + 3600, "iat": iat, "nbf": iat, "iss": ISSUER,
+            "sub": format!("system:serviceaccount:default:{sa}"),
+            "kubernetes.io": {"namespace": "default", "pod": {"name": pod, "uid": format!("uid-{pod}")},
+                              "serviceaccount": {"name": sa, "uid": format!("uid-{sa}")}},
+        });
+        let mut h = Header::new(Algorithm::ES256);
+        h.kid = Some("lab".into());
+        jsonwebtoken::encode(&h, &claims, &self.sa_key).unwrap()
+    }
+
+    /// Writes a valid token for `pod` (its service account is named like the pod).
+    pub fn write_token(&self, pod: &Pod, age: Duration) {
+        let path = self.token_path(pod);
+        std::fs::write(&path, self.token(&pod.name, &pod.name, age)).unwrap();
+        set_mode(&path, 0o644);
+    }
+
+    pub fn token_path(&self, pod: &Pod) -> PathBuf {
+        self.path(&format!("{}.token", pod.name))
+    }
+
+    /// `kith sidecar init` in the pod: its nat rules, proven by the canary.
+    pub fn init_capture(&self, pod: &Pod) {
+        self.exec(&pod.ns, &[kith_bin().to_str().unwrap(), "sidecar", "init"]);
+    }
+
+    /// The pod's sidecar in transparent mode, as UID 1337, identity from the CA with the pod's
+    /// token; `extra` flags are appended.
+    pub fn start_sidecar(&self, pod: &Pod, extra: &[&str]) -> Proc {
+        let kith = kith_bin();
+        let token = self.token_path(pod);
+        let bundle = self.path("bundle.pem");
+        let ca = self.ca_url();
+        let mut cmd = vec![
+            kith.to_str().unwrap(),
+            "sidecar",
+            "run",
+            "--k8s-token-file",
+            token.to_str().unwrap(),
+            "--ca",
+            &ca,
+            "--bundle",
+            bundle.to_str().unwrap(),
+            "--mesh-cidr",
+            "10.77.0.0/24",
+            "--log-format",
+            "json",
+        ];
+        if !extra.contains(&"--admin-listen") {
+            cmd.extend_from_slice(&["--admin-listen", "127.0.0.1:15020"]);
+        }
+        cmd.extend_from_slice(extra);
+        self.spawn_in(
+            &pod.ns,
+            &format!("{}-sidecar", pod.name),
+            Some(PROXY_UID),
+            &cmd,
+            &[("RUST_LOG", "info,proxy=debug")],
+        )
+    }
+
+    /// The pod's application server on 0.0.0.0:8080, answering `<pod name>:<body>`.
+    pub fn start_app(&self, pod: &Pod) -> Proc {
+        let addr = format!("0.0.0.0:{APP_PORT}");
+        self.spawn_in(
+            &pod.ns,
+            &format!("{}-app", pod.name),
+            None,
+            &[podapp(), "serve", &addr, &pod.name],
+            &[],
+        )
+    }
+
+    /// A pod with capture, sidecar and app, its sidecar ready.
+    pub fn ready_pod(&mut self, name: &str, sidecar_flags: &[&str]) -> (Pod, Proc) {
+        let pod = self.add_pod(name);
+        self.write_token(&pod, Duration::ZERO);
+        self.init_capture(&pod);
+        let sidecar = self.start_sidecar(&pod, sidecar_flags);
+        let app = self.start_app(&pod);
+        self.keep(app);
+        self.wait_ready(&pod, &sidecar);
+        (pod, sidecar)
+    }
+
+    pub fn wait_ready(&self, pod: &Pod, sidecar: &Proc) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.exec_ok(&pod.ns, &[podapp(), "get", "127.0.0.1:15020", "/ready"]) {
+            assert!(
+                Instant::now() < deadline,
+                "{}'s sidecar is not ready:\n{}",
+                pod.name,
+                sidecar.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// One request from `from`'s app side (a process in its namespace, not UID 1337, so it is
+    /// captured) to `to`'s app port: (succeeded, output).
+    pub fn request(&self, from: &Pod, to: &Pod, body: &str) -> (bool, String) {
+        let addr = format!("{}:{APP_PORT}", to.ip);
+        let mut a = vec![
+            "ip",
+            "netns",
+            "exec",
+            &from.ns,
+            podapp(),
+            "get",
+            &addr,
+            "/",
+            body,
+        ];
+        if body.is_empty() {
+            a.pop();
+        }
+        let out = run(&a);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+
+    /// The pod sidecar's Prometheus text.
+    pub fn metrics(&self, pod: &Pod) -> String {
+        self.exec(&pod.ns, &[podapp(), "get", "127.0.0.1:15020", "/metrics"])
+    }
+
+    /// `kith ca <args>` admin commands against the lab's CA data dir.
+    pub fn ca_cli(&self, args: &[&str]) -> String {
+        let kith = kith_bin();
+        let data = self.path("ca");
+        let mut a = vec![kith.to_str().unwrap(), "ca"];
+        a.extend_from_slice(args);
+        a.extend_from_slice(&["--data-dir", data.to_str().unwrap()]);
+        sh(&a)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.procs.clear();
+        self.ca = None;
+        for ns in self.pods.drain(..) {
+            let _ = run(&["ip", "netns", "delete", &ns]);
+        }
+        let _ = run(&["ip", "netns", "delete", &self.node]);
+    }
+}
+
+/// A pod: its namespace and address.
+#[derive(Debug, Clone)]
+pub struct Pod {
+    pub name: String,
+    pub ns: String,
+    pub ip: Ipv4Addr,
+}
+
+impl Pod {
+    pub fn spiffe_id(&self) -> String {
+        format!("spiffe://{TRUST_DOMAIN}/ns/default/sa/{}", self.name)
+    }
+}
+
+/// The value of the series `series` (name and labels as written) in Prometheus text.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// `kith_sidecar_connections_total{direction=…,result=…}` in `text` (0 when absent).
+pub fn connections(text: &str, direction: &str, result: &str) -> f64 {
+    metric(
+        text,
+        &format!("kith_sidecar_connections_total{{direction=\"{direction}\",result=\"{result}\"}}"),
+    )
+    .unwrap_or(0.0)
+}
+
+/// Successful identity updates (SVIDs published) of a sidecar.
+pub fn identity_updates(text: &str) -> f64 {
+    metric(text, "kith_sidecar_identity_updates_total{result=\"ok\"}").unwrap_or(0.0)
+}
+
+/// The peers a sidecar logged for established mTLS connections (JSON logs, proxy=debug).
+pub fn logged_peers(log: &str, direction: &str) -> Vec<String> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| {
+            v["fields"]["message"] == "mTLS connection established"
+                && v["fields"]["direction"] == direction
+        })
+        .filter_map(|v| v["fields"]["peer"].as_str().map(str::to_owned))
+        .collect()
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// The lab cluster's service-account signing key and its JWK (kid "lab").
+fn cluster_key() -> (EncodingKey, Value) {
+    let rng = SystemRandom::new();
+    let der = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+    let pair =
+        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der.as_ref(), &rng).unwrap();
+    let p = pair.public_key().as_ref().to_vec();
+    let jwk = json!({"kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": "lab",
+                     "x": URL_SAFE_NO_PAD.encode(&p[1..33]), "y": URL_SAFE_NO_PAD.encode(&p[33..])});
+    (EncodingKey::from_ec_der(der.as_ref()), jwk)
+}
