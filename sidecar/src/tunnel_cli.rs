@@ -155,6 +155,9 @@ struct RunArgs {
     /// A connection with no byte either way for this long is closed
     #[arg(long, env = "KITH_SIDECAR_IDLE_TIMEOUT", default_value = "1h", value_parser = humantime::parse_duration)]
     idle_timeout: Duration,
+    /// Threads that serve connections (1: a single-threaded proxy)
+    #[arg(long, env = "KITH_SIDECAR_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(usize))]
+    workers: usize,
     #[arg(long, env = "KITH_SIDECAR_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
 }
@@ -255,11 +258,20 @@ pub fn run(args: SidecarArgs) -> ExitCode {
         SidecarCommand::Run(args) => args,
         SidecarCommand::Init(args) => return crate::capture::run(*args),
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    // One thread by default, as linkerd2-proxy: a sidecar scales with its pod, and on a busy
+    // node fewer threads mean fewer wake-ups per request. --workers for a proxy in front of a
+    // hot service.
+    let rt = if args.workers <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.workers)
+            .enable_all()
+            .build()
+    };
+    let rt = match rt {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
