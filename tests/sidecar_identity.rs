@@ -11,57 +11,14 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use common::net::{
     echo_backend, free_port, http, metric, roundtrip, try_http, wait_metric, wait_port,
 };
 use common::{Proc, kith, serve_ca, serve_ca_with, stop};
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use ring::rand::SystemRandom;
-use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
-use serde_json::{Value, json};
-
-const ISS: &str = "https://kubernetes.default.svc.cluster.local";
-
-/// The cluster's service-account signing key and its JWK.
-struct SaKey {
-    enc: EncodingKey,
-    jwk: Value,
-}
-
-fn sa_key() -> SaKey {
-    let rng = SystemRandom::new();
-    let der = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
-    let pair =
-        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der.as_ref(), &rng).unwrap();
-    let p = pair.public_key().as_ref().to_vec();
-    SaKey {
-        enc: EncodingKey::from_ec_der(der.as_ref()),
-        jwk: json!({"kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": "k1",
-                    "x": URL_SAFE_NO_PAD.encode(&p[1..33]), "y": URL_SAFE_NO_PAD.encode(&p[33..])}),
-    }
-}
-
-/// A projected token for pod `pod` of service account `ns/sa`, issued `age` ago, valid 1 h.
-fn pod_token(key: &SaKey, ns: &str, sa: &str, pod: &str, age: Duration) -> String {
-    let iat = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        - age.as_secs();
-    let claims = json!({
-        "aud": ["kith-ca"], "exp": iat + 3600, "iat": iat, "nbf": iat, "iss": ISS,
-        "sub": format!("system:serviceaccount:{ns}:{sa}"),
-        "kubernetes.io": {"namespace": ns, "pod": {"name": pod, "uid": format!("uid-{pod}")},
-                          "serviceaccount": {"name": sa, "uid": format!("uid-{sa}")}},
-    });
-    let mut h = Header::new(Algorithm::ES256);
-    h.kid = Some("k1".into());
-    jsonwebtoken::encode(&h, &claims, &key.enc).unwrap()
-}
+use integration::{ClusterKey, ISSUER};
+use serde_json::Value;
 
 fn write_bundle(ca_data: &Path, to: &Path) {
     let (code, pem, err) = kith(&["ca", "bundle", "--data-dir", ca_data.to_str().unwrap()]);
@@ -81,16 +38,16 @@ fn wait_ready(admin: std::net::SocketAddr, p: &Proc) {
 fn pod_sidecars_get_their_svids_from_the_ca_with_the_service_account_token() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let key = sa_key();
+    let key = ClusterKey::new();
     let jwks = d.join("jwks.json");
-    std::fs::write(&jwks, json!({"keys": [key.jwk]}).to_string()).unwrap();
+    std::fs::write(&jwks, key.jwks()).unwrap();
     let ca_data = d.join("ca");
     // Pod SVIDs of 20 s: renewals (at 40-60 % of the lifetime) happen within the test.
     let ca = serve_ca_with(
         &ca_data,
         &[
             "--k8s-issuer",
-            ISS,
+            ISSUER,
             "--k8s-jwks",
             jwks.to_str().unwrap(),
             "--workload-ttl",
@@ -104,12 +61,12 @@ fn pod_sidecars_get_their_svids_from_the_ca_with_the_service_account_token() {
     let web_token = d.join("web.token");
     std::fs::write(
         &api_token,
-        pod_token(&key, "payments", "api", "api-1", Duration::ZERO),
+        key.token("payments", "api", "api-1", Duration::ZERO),
     )
     .unwrap();
     std::fs::write(
         &web_token,
-        pod_token(&key, "shop", "web", "web-1", Duration::ZERO),
+        key.token("shop", "web", "web-1", Duration::ZERO),
     )
     .unwrap();
 
@@ -193,7 +150,7 @@ fn pod_sidecars_get_their_svids_from_the_ca_with_the_service_account_token() {
     let failed = "kith_sidecar_identity_updates_total{result=\"failed\"}";
     std::fs::write(
         &api_token,
-        pod_token(&key, "payments", "api", "api-1", Duration::from_secs(7200)),
+        key.token("payments", "api", "api-1", Duration::from_secs(7200)),
     )
     .unwrap();
     let m = wait_metric(server_admin, failed, 1.0, Duration::from_secs(30));
@@ -207,7 +164,7 @@ fn pod_sidecars_get_their_svids_from_the_ca_with_the_service_account_token() {
     // A fresh token (the kubelet rotated it): the next attempt renews.
     std::fs::write(
         &api_token,
-        pod_token(&key, "payments", "api", "api-1", Duration::ZERO),
+        key.token("payments", "api", "api-1", Duration::ZERO),
     )
     .unwrap();
     wait_metric(server_admin, ok, ok_before + 1.0, Duration::from_secs(30));

@@ -33,7 +33,8 @@ pub const PROXY_UID: u32 = 1337;
 /// The app port every pod serves on.
 pub const APP_PORT: u16 = 8080;
 pub const TRUST_DOMAIN: &str = "example.org";
-const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+/// The service-account issuer of [`ClusterKey`] tokens.
+pub const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 const SUBNET: &str = "10.77.0";
 const CA_PORT: u16 = 8443;
 
@@ -197,7 +198,7 @@ pub struct Lab {
     pub ca: Option<Proc>,
     pods: Vec<String>,
     procs: Vec<Proc>,
-    sa_key: EncodingKey,
+    cluster: ClusterKey,
     next_ip: u8,
 }
 
@@ -243,14 +244,14 @@ impl Lab {
         // The sidecars run as UID 1337 and read their token and bundle from here.
         set_mode(dir.path(), 0o755);
         sh(&["ip", "netns", "add", &node]);
-        let (sa_key, jwk) = cluster_key();
+        let cluster = ClusterKey::new();
         let mut lab = Lab {
             node,
             dir,
             ca: None,
             pods: Vec::new(),
             procs: Vec::new(),
-            sa_key,
+            cluster,
             next_ip: 2,
         };
         lab.exec_node(&["ip", "link", "set", "lo", "up"]);
@@ -258,7 +259,7 @@ impl Lab {
         lab.exec_node(&["ip", "addr", "add", &format!("{SUBNET}.1/24"), "dev", "br0"]);
         lab.exec_node(&["ip", "link", "set", "br0", "up"]);
         let jwks = lab.path("jwks.json");
-        std::fs::write(&jwks, json!({"keys": [jwk]}).to_string()).unwrap();
+        std::fs::write(&jwks, lab.cluster.jwks()).unwrap();
         let ttl = workload_ttl.to_owned();
         lab.ca = Some(lab.start_ca(&ttl));
         let bundle = lab.path("bundle.pem");
@@ -430,20 +431,7 @@ impl Lab {
 
     /// A projected service-account token for pod `pod` of `default/<sa>`, issued `age` ago.
     pub fn token(&self, sa: &str, pod: &str, age: Duration) -> String {
-        let iat = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
-            - age.as_secs();
-        let claims = json!({
-            "aud": ["kith-ca"], "exp": iat + 3600, "iat": iat, "nbf": iat, "iss": ISSUER,
-            "sub": format!("system:serviceaccount:default:{sa}"),
-            "kubernetes.io": {"namespace": "default", "pod": {"name": pod, "uid": format!("uid-{pod}")},
-                              "serviceaccount": {"name": sa, "uid": format!("uid-{sa}")}},
-        });
-        let mut h = Header::new(Algorithm::ES256);
-        h.kid = Some("lab".into());
-        jsonwebtoken::encode(&h, &claims, &self.sa_key).unwrap()
+        self.cluster.token("default", sa, pod, age)
     }
 
     /// Writes a valid token for `pod` (its service account is named like the pod).
@@ -642,14 +630,56 @@ fn set_mode(path: &Path, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
-/// The lab cluster's service-account signing key and its JWK (kid "lab").
-fn cluster_key() -> (EncodingKey, Value) {
-    let rng = SystemRandom::new();
-    let der = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
-    let pair =
-        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der.as_ref(), &rng).unwrap();
-    let p = pair.public_key().as_ref().to_vec();
-    let jwk = json!({"kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": "lab",
-                     "x": URL_SAFE_NO_PAD.encode(&p[1..33]), "y": URL_SAFE_NO_PAD.encode(&p[33..])});
-    (EncodingKey::from_ec_der(der.as_ref()), jwk)
+/// A Kubernetes cluster's service-account signing key (ES256), for CAs started with
+/// `--k8s-issuer ISSUER --k8s-jwks <file with the JWK set>` in tests.
+pub struct ClusterKey {
+    enc: EncodingKey,
+    /// The public key as a JWK (kid "lab").
+    pub jwk: Value,
+}
+
+impl ClusterKey {
+    pub fn new() -> Self {
+        let rng = SystemRandom::new();
+        let der = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+        let pair =
+            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der.as_ref(), &rng).unwrap();
+        let p = pair.public_key().as_ref().to_vec();
+        let jwk = json!({"kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": "lab",
+                         "x": URL_SAFE_NO_PAD.encode(&p[1..33]), "y": URL_SAFE_NO_PAD.encode(&p[33..])});
+        Self {
+            enc: EncodingKey::from_ec_der(der.as_ref()),
+            jwk,
+        }
+    }
+
+    /// `{"keys": [jwk]}`, the content of a `--k8s-jwks` file.
+    pub fn jwks(&self) -> String {
+        json!({"keys": [self.jwk]}).to_string()
+    }
+
+    /// A projected token (audience `kith-ca`, 1 h) for pod `pod` of service account `ns/sa`,
+    /// issued `age` ago.
+    pub fn token(&self, ns: &str, sa: &str, pod: &str, age: Duration) -> String {
+        let iat = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            - age.as_secs();
+        let claims = json!({
+            "aud": ["kith-ca"], "exp": iat + 3600, "iat": iat, "nbf": iat, "iss": ISSUER,
+            "sub": format!("system:serviceaccount:{ns}:{sa}"),
+            "kubernetes.io": {"namespace": ns, "pod": {"name": pod, "uid": format!("uid-{pod}")},
+                              "serviceaccount": {"name": sa, "uid": format!("uid-{sa}")}},
+        });
+        let mut h = Header::new(Algorithm::ES256);
+        h.kid = Some("lab".into());
+        jsonwebtoken::encode(&h, &claims, &self.enc).unwrap()
+    }
+}
+
+impl Default for ClusterKey {
+    fn default() -> Self {
+        Self::new()
+    }
 }
