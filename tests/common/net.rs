@@ -65,17 +65,8 @@ pub fn try_http(admin: SocketAddr, method: &str, path: &str) -> std::io::Result<
     Ok(out)
 }
 
-/// The value of the first series in Prometheus `text` whose line starts with `series` (name and
-/// labels, as written), e.g. `kith_sidecar_identity_updates_total{result="ok"}`.
-pub fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        l.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
+/// The value of a series in Prometheus text (the pod lab's parser).
+pub use integration::metric;
 
 /// Polls `/metrics` at `admin` until `series` reaches `at_least`; panics after `within`.
 pub fn wait_metric(admin: SocketAddr, series: &str, at_least: f64, within: Duration) -> String {
