@@ -503,3 +503,50 @@ fn sigterm_lets_open_connections_finish_then_cuts_them_at_the_drain_timeout() {
         "the open connection was closed"
     );
 }
+
+#[test]
+fn tls_resumption_is_on_by_default_and_off_on_request() {
+    let kith = Kith::new();
+    kith.issue("spiffe://example.org/client", "client", &[]);
+    kith.issue("spiffe://example.org/server", "server", &[]);
+    let backend = echo_backend().to_string();
+    let resumed = "kith_sidecar_tls_resumed_total{direction=\"inbound\"}";
+    let handshakes = "kith_sidecar_handshake_seconds_count{direction=\"inbound\"}";
+    for (setting, extra) in [("on", &[][..]), ("off", &["--tls-resumption", "off"][..])] {
+        let server_addr = free_port();
+        let server_str = server_addr.to_string();
+        let server_args = [&["--forward", &backend][..], extra].concat();
+        let server = sidecar(&kith, "server", server_addr, &server_args);
+        let client_addr = free_port();
+        let client_args = [
+            &[
+                "--connect",
+                &server_str,
+                "--expect-id",
+                "spiffe://example.org/server",
+            ][..],
+            extra,
+        ]
+        .concat();
+        let _client = sidecar(&kith, "client", client_addr, &client_args);
+        for i in 0..4 {
+            let msg = format!("request {i}");
+            assert_eq!(roundtrip(client_addr, msg.as_bytes()), msg.as_bytes());
+        }
+        let m = wait_metric(server.admin, handshakes, 4.0, Duration::from_secs(5));
+        let n = metric(&m, resumed).unwrap_or_else(|| panic!("{resumed} in\n{m}"));
+        if setting == "on" {
+            assert!(n >= 3.0, "resumption {setting}: {n} resumed\n{m}");
+        } else {
+            assert_eq!(n, 0.0, "resumption {setting}\n{m}");
+        }
+    }
+
+    let out = Command::new(env!("CARGO_BIN_EXE_kith"))
+        .args(["sidecar", "run", "--tls-resumption", "sometimes"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--tls-resumption"), "{err}");
+}

@@ -94,6 +94,8 @@ pub struct DirectionMetrics {
     /// Completed TLS handshakes, by duration (inbound: from the first byte to the finished
     /// handshake; outbound: TCP connect plus handshake).
     handshake: Histogram,
+    /// Of those, the handshakes that resumed a session (no certificates exchanged).
+    resumed: AtomicU64,
 }
 
 impl DirectionMetrics {
@@ -126,6 +128,18 @@ impl DirectionMetrics {
 
     pub fn handshake(&self) -> &Histogram {
         &self.handshake
+    }
+
+    pub fn resumed(&self) -> u64 {
+        self.resumed.load(Ordering::Relaxed)
+    }
+
+    /// Records a completed handshake: its duration, and whether it resumed a session.
+    pub(crate) fn handshake_done(&self, took: Duration, resumed: bool) {
+        self.handshake.record(took);
+        if resumed {
+            self.resumed.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     pub(crate) fn refuse(&self, reason: Reason) {
@@ -226,6 +240,15 @@ impl Metrics {
         for (l, m) in series() {
             m.handshake
                 .render(out, "kith_sidecar_handshake_seconds", &l);
+        }
+        family(
+            out,
+            "kith_sidecar_tls_resumed_total",
+            "counter",
+            "Completed TLS handshakes that resumed a session (no certificate exchange)",
+        );
+        for (l, m) in series() {
+            let _ = writeln!(out, "kith_sidecar_tls_resumed_total{{{l}}} {}", m.resumed());
         }
     }
 }

@@ -1,24 +1,33 @@
 //! The proxy's TLS: the current identity (SVID + trust bundle) published on a `watch`, a
 //! certificate resolver and two SPIFFE verifiers that read it on every handshake, and the
-//! rustls configurations (TLS 1.3 only, ring, X25519, ALPN `kith/1`, no resumption).
+//! rustls configurations (TLS 1.3 only, ring, X25519, ALPN `kith/1`).
 //!
 //! The configs are built once per listener: because the resolvers and verifiers read the
 //! current identity per handshake, a newly published SVID or bundle applies to the next
 //! handshake, and established connections keep the keys they negotiated.
+//!
+//! Session resumption (on unless [`IdentityHandle::with_resumption`] turns it off) keeps that
+//! promise: tickets and the client's session cache are bound to the identity version, so
+//! every publish ends all sessions and the next handshake is a full one with the new SVID; and
+//! a resumed session, which skips the verifiers, has its peer chain checked again against the
+//! current bundle and clock by [`check_resumed`] (PITFALLS.md "Resumption hides rotation").
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::{ResolvesClientCert, Resumption};
+use rustls::client::{
+    ClientSessionMemoryCache, ClientSessionStore, ResolvesClientCert, Resumption,
+    Tls12ClientSessionValue, Tls13ClientSessionValue,
+};
 use rustls::crypto::CryptoProvider;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert};
+use rustls::server::{ClientHello, NoServerSessionStorage, ProducesTickets, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError,
-    ServerConfig, SignatureScheme,
+    CertificateError, ClientConfig, CommonState, DigitallySignedStruct, DistinguishedName,
+    HandshakeKind, NamedGroup, OtherError, ServerConfig, SignatureScheme,
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use tokio::sync::watch;
@@ -29,6 +38,14 @@ use crate::metrics::Reason;
 
 /// The one ALPN protocol both ends speak.
 pub const ALPN: &[u8] = b"kith/1";
+
+/// The longest a session ticket can resume a session; the next publish (new SVID or bundle)
+/// ends it sooner.
+pub const TICKET_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// Server names (peer addresses) whose tickets a client configuration remembers; rustls keeps
+/// up to eight tickets for each.
+const CLIENT_SESSIONS: usize = 128;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -95,13 +112,34 @@ impl fmt::Debug for Credentials {
 #[derive(Clone)]
 pub struct IdentityHandle {
     tx: Arc<watch::Sender<Option<Arc<Credentials>>>>,
+    resumption: bool,
 }
 
 impl IdentityHandle {
+    /// An empty identity; TLS session resumption on.
     pub fn new() -> Self {
         Self {
             tx: Arc::new(watch::Sender::new(None)),
+            resumption: true,
         }
+    }
+
+    /// Turns TLS session resumption on or off for every configuration built from this handle
+    /// afterwards: off, no tickets are issued or offered and every connection is a full
+    /// handshake (for like-for-like comparisons, or peers that must see a certificate each
+    /// time).
+    pub fn with_resumption(mut self, on: bool) -> Self {
+        self.resumption = on;
+        self
+    }
+
+    pub fn resumption(&self) -> bool {
+        self.resumption
+    }
+
+    /// The version of the current identity (0 before the first publish).
+    fn version(&self) -> u64 {
+        self.tx.borrow().as_ref().map_or(0, |c| c.version)
     }
 
     /// Validates `svid` against `bundle` at `now` (chain, X509-SVID rules, trust domain) and
@@ -162,8 +200,9 @@ impl Default for IdentityHandle {
 
 impl fmt::Debug for IdentityHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("IdentityHandle")
-            .field(&self.current())
+        f.debug_struct("IdentityHandle")
+            .field("current", &self.current())
+            .field("resumption", &self.resumption)
             .finish()
     }
 }
@@ -366,11 +405,20 @@ pub fn server_config(identity: &IdentityHandle) -> Result<Arc<ServerConfig>, Tls
         .with_client_cert_verifier(Arc::new(verifier))
         .with_cert_resolver(Arc::new(CurrentCert(identity.clone())));
     config.alpn_protocols = vec![ALPN.to_vec()];
-    // SECURITY: no resumption. A resumed TLS 1.3 session presents no certificate and rustls
-    // reports the original one, so a rotated-out or expired client identity would live on
-    // for the ticket's lifetime (PITFALLS.md "Resumption hides rotation").
-    config.send_tls13_tickets = 0;
+    // Stateless tickets only: the server remembers nothing per session.
     config.session_storage = Arc::new(NoServerSessionStorage {});
+    if identity.resumption {
+        // SECURITY: a resumed TLS 1.3 session presents no certificate and rustls reports the
+        // original one; tickets die with the identity version, and `check_resumed` checks the
+        // original client chain again on every resumed connection.
+        config.ticketer = Arc::new(IdentityTickets {
+            identity: identity.clone(),
+            inner: rustls::crypto::ring::Ticketer::new()?,
+        });
+        config.send_tls13_tickets = 1;
+    } else {
+        config.send_tls13_tickets = 0;
+    }
     Ok(Arc::new(config))
 }
 
@@ -391,9 +439,129 @@ pub fn client_config(
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_cert_resolver(Arc::new(CurrentCert(identity.clone())));
     config.alpn_protocols = vec![ALPN.to_vec()];
-    // SECURITY: see server_config; also makes every connection present the current SVID.
-    config.resumption = Resumption::disabled();
+    config.resumption = if identity.resumption {
+        // SECURITY: see server_config; the cache is emptied when the identity changes, so the
+        // next handshake presents the new SVID.
+        Resumption::store(Arc::new(IdentitySessions {
+            identity: identity.clone(),
+            cache: Mutex::new((0, Arc::new(ClientSessionMemoryCache::new(CLIENT_SESSIONS)))),
+        }))
+    } else {
+        Resumption::disabled()
+    };
     Ok(Arc::new(config))
+}
+
+/// Session tickets bound to the identity version: each ticket carries the version it was
+/// issued under, and a ticket from another version (an SVID or bundle ago) does not decrypt,
+/// so the client falls back to a full handshake.
+#[derive(Debug)]
+struct IdentityTickets {
+    identity: IdentityHandle,
+    inner: Arc<dyn ProducesTickets>,
+}
+
+impl ProducesTickets for IdentityTickets {
+    fn enabled(&self) -> bool {
+        true
+    }
+
+    fn lifetime(&self) -> u32 {
+        u32::try_from(TICKET_LIFETIME.as_secs()).unwrap_or(u32::MAX)
+    }
+
+    fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
+        let mut tagged = Vec::with_capacity(8 + plain.len());
+        tagged.extend_from_slice(&self.identity.version().to_be_bytes());
+        tagged.extend_from_slice(plain);
+        self.inner.encrypt(&tagged)
+    }
+
+    fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
+        let mut plain = self.inner.decrypt(cipher)?;
+        if plain.get(..8)? != self.identity.version().to_be_bytes() {
+            return None;
+        }
+        plain.drain(..8);
+        Some(plain)
+    }
+}
+
+/// The client's session cache, started afresh whenever the identity version changes.
+#[derive(Debug)]
+struct IdentitySessions {
+    identity: IdentityHandle,
+    cache: Mutex<(u64, Arc<ClientSessionMemoryCache>)>,
+}
+
+impl IdentitySessions {
+    fn cache(&self) -> Arc<ClientSessionMemoryCache> {
+        let version = self.identity.version();
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        if cache.0 != version {
+            *cache = (
+                version,
+                Arc::new(ClientSessionMemoryCache::new(CLIENT_SESSIONS)),
+            );
+        }
+        cache.1.clone()
+    }
+}
+
+impl ClientSessionStore for IdentitySessions {
+    fn set_kx_hint(&self, server_name: ServerName<'static>, group: NamedGroup) {
+        self.cache().set_kx_hint(server_name, group);
+    }
+
+    fn kx_hint(&self, server_name: &ServerName<'_>) -> Option<NamedGroup> {
+        self.cache().kx_hint(server_name)
+    }
+
+    // TLS 1.2 is compiled out; these only keep the trait whole.
+    fn set_tls12_session(&self, _: ServerName<'static>, _: Tls12ClientSessionValue) {}
+
+    fn tls12_session(&self, _: &ServerName<'_>) -> Option<Tls12ClientSessionValue> {
+        None
+    }
+
+    fn remove_tls12_session(&self, _: &ServerName<'static>) {}
+
+    fn insert_tls13_ticket(
+        &self,
+        server_name: ServerName<'static>,
+        value: Tls13ClientSessionValue,
+    ) {
+        self.cache().insert_tls13_ticket(server_name, value);
+    }
+
+    fn take_tls13_ticket(
+        &self,
+        server_name: &ServerName<'static>,
+    ) -> Option<Tls13ClientSessionValue> {
+        self.cache().take_tls13_ticket(server_name)
+    }
+}
+
+/// After a handshake: a resumed session skipped the certificate verifiers, so the peer chain
+/// of the original handshake is checked again against the current bundle and clock, and on
+/// the client side against `expect`. A full handshake was checked by the verifiers already.
+pub fn check_resumed(
+    identity: &IdentityHandle,
+    conn: &CommonState,
+    expect: Option<&ExpectedPeer>,
+) -> Result<(), Reason> {
+    if conn.handshake_kind() != Some(HandshakeKind::Resumed) {
+        return Ok(());
+    }
+    let Some((leaf, intermediates)) = conn.peer_certificates().and_then(<[_]>::split_first) else {
+        return Err(Reason::BadCertificate);
+    };
+    let id = verify_peer(identity, leaf, intermediates, UnixTime::now())
+        .map_err(|e| reason(&e).unwrap_or(Reason::HandshakeFailed))?;
+    if let Some(expect) = expect {
+        expect.check(&id).map_err(|_| Reason::NotAuthorized)?;
+    }
+    Ok(())
 }
 
 /// The SPIFFE ID of an already verified peer chain's leaf.
@@ -404,7 +572,10 @@ pub fn peer_id(certs: Option<&[CertificateDer<'static>]>) -> Option<SpiffeId> {
 
 /// Why a handshake failed, as a refusal reason, when the error says.
 pub fn refusal_reason(error: &std::io::Error) -> Option<Reason> {
-    let tls = error.get_ref()?.downcast_ref::<rustls::Error>()?;
+    reason(error.get_ref()?.downcast_ref::<rustls::Error>()?)
+}
+
+fn reason(tls: &rustls::Error) -> Option<Reason> {
     match tls {
         // SECURITY: STRICT mode; a client that presents no identity is refused like plaintext.
         rustls::Error::NoCertificatesPresented => Some(Reason::PlaintextRefused),

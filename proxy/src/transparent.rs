@@ -430,12 +430,19 @@ pub async fn serve_transparent_outbound(
                 bump(&metrics.outbound_mesh);
                 let tunnels = metrics.tunnels.clone();
                 let wanted = expect.for_destination(to);
-                let Some((_, connector)) = connectors.iter().find(|(e, _)| e == wanted) else {
+                let Some((expect, connector)) = connectors.iter().find(|(e, _)| e == wanted) else {
                     return;
                 };
-                let result =
-                    tunnel::outbound(stream, connector, &identity, &to.into(), &limits, tunnels)
-                        .await;
+                let result = tunnel::outbound(
+                    stream,
+                    connector,
+                    expect,
+                    &identity,
+                    &to.into(),
+                    &limits,
+                    tunnels,
+                )
+                .await;
                 if let Err(reason) = result {
                     tracing::debug!(%to, %reason, "mesh connection refused");
                     metrics.tunnels.outbound.refuse(reason);

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use rustls::HandshakeKind;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -237,11 +238,13 @@ pub async fn serve_outbound(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     limits.validate()?;
-    let connector = TlsConnector::from(tls::client_config(&identity, expect)?);
+    let connector = TlsConnector::from(tls::client_config(&identity, expect.clone())?);
     let connect = Arc::new(connect);
+    let expect = Arc::new(expect);
     accept_loop(listener, limits, shutdown, move |stream, slot| {
-        let (connector, identity, metrics, connect) = (
+        let (connector, expect, identity, metrics, connect) = (
             connector.clone(),
+            expect.clone(),
             identity.clone(),
             metrics.clone(),
             connect.clone(),
@@ -251,7 +254,8 @@ pub async fn serve_outbound(
                 return;
             };
             let m = metrics.clone();
-            if let Err(reason) = outbound(stream, &connector, &identity, &connect, &limits, m).await
+            if let Err(reason) =
+                outbound(stream, &connector, &expect, &identity, &connect, &limits, m).await
             {
                 tracing::debug!(%reason, "outbound connection refused");
                 metrics.outbound.refuse(reason);
@@ -416,11 +420,13 @@ pub(crate) async fn inbound(
         Ok(Err(e)) => return Err(tls::refusal_reason(&e).unwrap_or(Reason::HandshakeFailed)),
         Err(_) => return Err(Reason::HandshakeFailed),
     };
-    metrics.handshake().record(began.elapsed());
     let conn = tls.get_ref().1;
+    let resumed = conn.handshake_kind() == Some(HandshakeKind::Resumed);
+    metrics.handshake_done(began.elapsed(), resumed);
     if mesh && conn.alpn_protocol() != Some(ALPN) {
         return Err(Reason::HandshakeFailed);
     }
+    tls::check_resumed(identity, conn, None)?;
     let peer = tls::peer_id(conn.peer_certificates()).ok_or(Reason::BadCertificate)?;
     let own_td = own.svid().id().trust_domain();
     if let Err(denied) = policy.check_in(&peer, forward.port(), Some(&own_td)) {
@@ -439,6 +445,7 @@ pub(crate) async fn inbound(
 pub(crate) async fn outbound(
     stream: TcpStream,
     connector: &TlsConnector,
+    expect: &ExpectedPeer,
     identity: &IdentityHandle,
     to: &Upstream,
     limits: &Limits,
@@ -459,11 +466,13 @@ pub(crate) async fn outbound(
             Ok(Err(e)) => return Err(tls::refusal_reason(&e).unwrap_or(Reason::HandshakeFailed)),
             Err(_) => return Err(Reason::HandshakeFailed),
         };
-    metrics.outbound.handshake().record(began.elapsed());
     let conn = tls.get_ref().1;
+    let resumed = conn.handshake_kind() == Some(HandshakeKind::Resumed);
+    metrics.outbound.handshake_done(began.elapsed(), resumed);
     if conn.alpn_protocol() != Some(ALPN) {
         return Err(Reason::HandshakeFailed);
     }
+    tls::check_resumed(identity, conn, Some(expect))?;
     if let Some(peer) = tls::peer_id(conn.peer_certificates()) {
         log_established("outbound", &peer, conn);
     }

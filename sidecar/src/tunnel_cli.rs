@@ -155,6 +155,10 @@ struct RunArgs {
     /// A connection with no byte either way for this long is closed
     #[arg(long, env = "KITH_SIDECAR_IDLE_TIMEOUT", default_value = "1h", value_parser = humantime::parse_duration)]
     idle_timeout: Duration,
+    /// TLS session resumption on both sides (tickets end with every new SVID or bundle, and a
+    /// resumed peer's certificate is checked again); off makes every connection a full handshake
+    #[arg(long, env = "KITH_SIDECAR_TLS_RESUMPTION", default_value = "on", value_parser = ["on", "off"])]
+    tls_resumption: String,
     /// Threads that serve connections (1: a single-threaded proxy)
     #[arg(long, env = "KITH_SIDECAR_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(usize))]
     workers: usize,
@@ -321,7 +325,11 @@ async fn run_sidecar(args: RunArgs) -> Result<()> {
     limits
         .validate()
         .context("--max-connections and the timeouts")?;
-    let identity = IdentityHandle::new();
+    let resumption = args.tls_resumption == "on";
+    if !resumption {
+        tracing::info!("TLS session resumption off: every connection is a full handshake");
+    }
+    let identity = IdentityHandle::new().with_resumption(resumption);
     let source_metrics = Arc::new(SourceMetrics::default());
     source::prepare(&source, &identity, &source_metrics)?;
     let admin = tokio::net::TcpListener::bind(args.admin_listen)
@@ -384,7 +392,7 @@ async fn run_sidecar(args: RunArgs) -> Result<()> {
         }
         Counters::Explicit(sets)
     };
-    tracing::info!(identity = %source.describe(), hold = ?args.hold_timeout, "kith sidecar running");
+    tracing::info!(identity = %source.describe(), hold = ?args.hold_timeout, tls_resumption = %args.tls_resumption, "kith sidecar running");
     tasks.spawn(source::run(
         source,
         identity.clone(),
