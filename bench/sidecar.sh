@@ -11,7 +11,8 @@
 #
 # Environment: ROUNDS (3), DURATION (15s), WARMUP (2s), CONNECTIONS (64), THREADS (2),
 # BULK_MIB (256), BULK_COUNT (4 downloads per round), HOLD_CONNS (1000),
-# CANDIDATES ("kith haproxy stunnel ghostunnel plain"), KEEP=1 (keep the temp dir with the
+# CANDIDATES ("kith haproxy stunnel ghostunnel plain"), RESUMPTION (1: also measure new connections
+# with TLS session resumption on, for kith and each TLS peer, in a table of their own), KEEP=1 (keep the temp dir with the
 # configurations and logs), QUICK, SAVE. See bench/README.md.
 set -euo pipefail
 
@@ -34,6 +35,7 @@ HOLD_CONNS=${HOLD_CONNS:-1000}
 CANDIDATES=${CANDIDATES:-kith haproxy stunnel ghostunnel plain}
 SAVE=${SAVE:-0}
 KEEP=${KEEP:-0}
+RESUMPTION=${RESUMPTION:-1}
 TD=example.org
 CLIENT_ID=spiffe://$TD/bench/client
 SERVER_ID=spiffe://$TD/bench/server
@@ -181,33 +183,39 @@ NGINX_PIDS=("$NGINX_PID" $(cat /proc/"$NGINX_PID"/task/*/children))
 
 # ---- the candidates ----------------------------------------------------------------------
 # Each start_<name> starts a client tunnel on CPORT[name] and a server tunnel on SPORT[name]
-# forwarding to nginx, and records their pids. Session resumption is off everywhere: kith
-# has none, so every new connection is a full TLS 1.3 handshake with client certificate.
+# forwarding to nginx, and records their pids. Session resumption is off in the main
+# comparison (kith --tls-resumption off), so every new connection is a full TLS 1.3 handshake
+# with a client certificate. A candidate named <name>_resume is the same pair with resumption
+# on (kith's default), measured for new connections only.
 declare -A CPORT SPORT CPID SPID LABEL SETUP STATUS
 
-start_kith() {
-    local d=$WORK/kith
+start_kith() { # [resume]
+    local c=kith${1:+_resume} resumption=off
+    local d=$WORK/$c
+    [[ -n ${1:-} ]] && resumption=on
     mkdir -p "$d"
-    LABEL[kith]="kith"
-    SETUP[kith]="two kith sidecar run processes, explicit tunnels (--connect --expect-id; --forward --allow), identity from files; TLS 1.3 only (rustls + ring), no resumption; checks the peer's SPIFFE ID"
-    "$KITH" sidecar run --cert "$CRT_S" --key "$KEY_S" --bundle "$BUNDLE" \
-        --listen "127.0.0.1:${SPORT[kith]}" --forward "127.0.0.1:$BACKEND_PORT" --allow "$CLIENT_ID" \
+    LABEL[$c]="kith"
+    SETUP[$c]="two kith sidecar run processes, explicit tunnels (--connect --expect-id; --forward --allow), identity from files; TLS 1.3 only (rustls + ring), --tls-resumption $resumption; checks the peer's SPIFFE ID"
+    "$KITH" sidecar run --cert "$CRT_S" --key "$KEY_S" --bundle "$BUNDLE" --tls-resumption $resumption \
+        --listen "127.0.0.1:${SPORT[$c]}" --forward "127.0.0.1:$BACKEND_PORT" --allow "$CLIENT_ID" \
         --admin-listen "127.0.0.1:$(free_port)" >"$d/server.log" 2>&1 &
-    SPID[kith]=$!
-    PIDS+=("${SPID[kith]}")
-    "$KITH" sidecar run --cert "$CRT_C" --key "$KEY_C" --bundle "$BUNDLE" \
-        --listen "127.0.0.1:${CPORT[kith]}" --connect "127.0.0.1:${SPORT[kith]}" --expect-id "$SERVER_ID" \
+    SPID[$c]=$!
+    PIDS+=("${SPID[$c]}")
+    "$KITH" sidecar run --cert "$CRT_C" --key "$KEY_C" --bundle "$BUNDLE" --tls-resumption $resumption \
+        --listen "127.0.0.1:${CPORT[$c]}" --connect "127.0.0.1:${SPORT[$c]}" --expect-id "$SERVER_ID" \
         --admin-listen "127.0.0.1:$(free_port)" >"$d/client.log" 2>&1 &
-    CPID[kith]=$!
-    PIDS+=("${CPID[kith]}")
+    CPID[$c]=$!
+    PIDS+=("${CPID[$c]}")
 }
 
-haproxy_global() { # config file
+haproxy_global() { # config file [resume]
+    local cache="    # No session cache, no tickets: no resumption.
+    tune.ssl.cachesize 0"
+    [[ -n ${2:-} ]] && cache="    # Session cache and tickets on (the defaults): resumption."
     cat >"$1" <<EOF
 global
     maxconn 8192
-    # No session cache, no tickets: no resumption, like kith.
-    tune.ssl.cachesize 0
+$cache
 defaults
     mode tcp
     timeout connect 5s
@@ -216,33 +224,38 @@ defaults
 EOF
 }
 
-start_haproxy() {
-    local d=$WORK/haproxy
+start_haproxy() { # [resume]
+    local c=haproxy${1:+_resume} d server_opts=" no-tls-tickets" client_opts=" no-ssl-reuse no-tls-tickets"
+    d=$WORK/$c
     mkdir -p "$d"
-    LABEL[haproxy]="HAProxy $(haproxy -v | awk 'NR == 1 { sub(/-.*/, "", $3); print $3 }')"
-    SETUP[haproxy]="two haproxy processes (default 2 threads each), tcp mode; server: bind ssl crt, ca-file, verify required, ssl-min-ver TLSv1.3, no-tls-tickets; client: server ssl crt, ca-file, verify required, no-ssl-reuse; no session cache; verifies the chain only (no SPIFFE ID check)"
-    haproxy_global "$d/server.cfg"
+    LABEL[$c]="HAProxy $(haproxy -v | awk 'NR == 1 { sub(/-.*/, "", $3); print $3 }')"
+    SETUP[$c]="two haproxy processes (default 2 threads each), tcp mode; server: bind ssl crt, ca-file, verify required, ssl-min-ver TLSv1.3, no-tls-tickets; client: server ssl crt, ca-file, verify required, no-ssl-reuse; no session cache; verifies the chain only (no SPIFFE ID check)"
+    if [[ -n ${1:-} ]]; then
+        server_opts="" client_opts=""
+        SETUP[$c]="as above, with HAProxy's defaults for resumption: session cache, TLS tickets, ssl-reuse"
+    fi
+    haproxy_global "$d/server.cfg" "${1:-}"
     cat >>"$d/server.cfg" <<EOF
 frontend mtls_in
-    bind 127.0.0.1:${SPORT[haproxy]} ssl crt $PKI/server.pem ca-file $BUNDLE verify required ssl-min-ver TLSv1.3 no-tls-tickets
+    bind 127.0.0.1:${SPORT[$c]} ssl crt $PKI/server.pem ca-file $BUNDLE verify required ssl-min-ver TLSv1.3$server_opts
     default_backend app
 backend app
     server nginx 127.0.0.1:$BACKEND_PORT
 EOF
-    haproxy_global "$d/client.cfg"
+    haproxy_global "$d/client.cfg" "${1:-}"
     cat >>"$d/client.cfg" <<EOF
 frontend plain_in
-    bind 127.0.0.1:${CPORT[haproxy]}
+    bind 127.0.0.1:${CPORT[$c]}
     default_backend mtls_out
 backend mtls_out
-    server tunnel 127.0.0.1:${SPORT[haproxy]} ssl crt $PKI/client.pem ca-file $BUNDLE verify required ssl-min-ver TLSv1.3 no-ssl-reuse no-tls-tickets
+    server tunnel 127.0.0.1:${SPORT[$c]} ssl crt $PKI/client.pem ca-file $BUNDLE verify required ssl-min-ver TLSv1.3$client_opts
 EOF
     haproxy -db -f "$d/server.cfg" >"$d/server.log" 2>&1 &
-    SPID[haproxy]=$!
-    PIDS+=("${SPID[haproxy]}")
+    SPID[$c]=$!
+    PIDS+=("${SPID[$c]}")
     haproxy -db -f "$d/client.cfg" >"$d/client.log" 2>&1 &
-    CPID[haproxy]=$!
-    PIDS+=("${CPID[haproxy]}")
+    CPID[$c]=$!
+    PIDS+=("${CPID[$c]}")
 }
 
 start_plain() {
@@ -274,11 +287,13 @@ EOF
     PIDS+=("${CPID[plain]}")
 }
 
-start_stunnel() {
-    local d=$WORK/stunnel
+start_stunnel() { # [resume]
+    local c=stunnel${1:+_resume} d resume=no
+    d=$WORK/$c
+    [[ -n ${1:-} ]] && resume=yes
     mkdir -p "$d"
-    LABEL[stunnel]="stunnel $(stunnel4 -version 2>&1 | awk '/^stunnel/ { print $2; exit }')"
-    SETUP[stunnel]="two stunnel4 processes (a thread per connection); sslVersion = TLSv1.3, verifyChain with CAfile (the server requires a client certificate), sessionResume = no, TCP_NODELAY, debug = 3; verifies the chain only (no SPIFFE ID check)"
+    LABEL[$c]="stunnel $(stunnel4 -version 2>&1 | awk '/^stunnel/ { print $2; exit }')"
+    SETUP[$c]="two stunnel4 processes (a thread per connection); sslVersion = TLSv1.3, verifyChain with CAfile (the server requires a client certificate), sessionResume = $resume, TCP_NODELAY, debug = 3; verifies the chain only (no SPIFFE ID check)"
     local side
     for side in server client; do
         {
@@ -288,31 +303,31 @@ start_stunnel() {
             echo "output = $d/$side.log"
             echo "[tunnel]"
             if [[ $side == server ]]; then
-                echo "accept = 127.0.0.1:${SPORT[stunnel]}"
+                echo "accept = 127.0.0.1:${SPORT[$c]}"
                 echo "connect = 127.0.0.1:$BACKEND_PORT"
                 echo "cert = $CRT_S"
                 echo "key = $KEY_S"
             else
                 echo "client = yes"
-                echo "accept = 127.0.0.1:${CPORT[stunnel]}"
-                echo "connect = 127.0.0.1:${SPORT[stunnel]}"
+                echo "accept = 127.0.0.1:${CPORT[$c]}"
+                echo "connect = 127.0.0.1:${SPORT[$c]}"
                 echo "cert = $CRT_C"
                 echo "key = $KEY_C"
             fi
             echo "CAfile = $BUNDLE"
             echo "verifyChain = yes"
             echo "sslVersion = TLSv1.3"
-            echo "sessionResume = no"
+            echo "sessionResume = $resume"
             echo "socket = l:TCP_NODELAY=1"
             echo "socket = r:TCP_NODELAY=1"
         } >"$d/$side.conf"
     done
     stunnel4 "$d/server.conf" >>"$d/server.out" 2>&1 &
-    SPID[stunnel]=$!
-    PIDS+=("${SPID[stunnel]}")
+    SPID[$c]=$!
+    PIDS+=("${SPID[$c]}")
     stunnel4 "$d/client.conf" >>"$d/client.out" 2>&1 &
-    CPID[stunnel]=$!
-    PIDS+=("${CPID[stunnel]}")
+    CPID[$c]=$!
+    PIDS+=("${CPID[$c]}")
 }
 
 # ghostunnel is not packaged in Debian 12 and needs Go to build; it runs when installed.
@@ -373,8 +388,17 @@ posture() { # candidate
     echo "$ok_cert; $no_cert; $tls12"
 }
 
+# The resumption variants of the TLS candidates that have a switch for it.
+ALL=()
+for c in $CANDIDATES; do ALL+=("$c"); done
+if [[ $RESUMPTION == 1 ]]; then
+    for c in $CANDIDATES; do
+        case $c in kith | haproxy | stunnel) ALL+=("${c}_resume") ;; esac
+    done
+fi
+
 RUN=()
-for c in $CANDIDATES; do
+for c in "${ALL[@]}"; do
     if [[ $c == ghostunnel ]] && why=$(ghostunnel_missing); then
         LABEL[ghostunnel]="ghostunnel"
         STATUS[ghostunnel]="not available here ($why)"
@@ -384,7 +408,7 @@ for c in $CANDIDATES; do
     CPORT[$c]=$(free_port)
     SPORT[$c]=$(free_port)
     log "starting $c (client tunnel 127.0.0.1:${CPORT[$c]}, server tunnel 127.0.0.1:${SPORT[$c]})"
-    "start_$c"
+    if [[ $c == *_resume ]]; then "start_${c%_resume}" resume; else "start_$c"; fi
     ready=0
     for _ in $(seq 1 100); do
         if through "${CPORT[$c]}"; then ready=1; break; fi
@@ -399,6 +423,8 @@ for c in $CANDIDATES; do
     fi
     if [[ $c == plain ]]; then
         STATUS[$c]="ran (no TLS)"
+    elif [[ $c == *_resume ]]; then
+        STATUS[$c]="ran"
     else
         STATUS[$c]="ran; server tunnel checked with openssl s_client: $(posture "$c")"
     fi
@@ -460,6 +486,7 @@ wrk_run() { # port duration [header]
 
 log "memory: each pair idle, then with $HOLD_CONNS idle connections held through it"
 for c in "${RUN[@]}"; do
+    [[ $c == *_resume ]] && continue
     sleep 1
     idle=$(mem_kib VmRSS "${CPID[$c]}" "${SPID[$c]}")
     idle_anon=$(mem_kib RssAnon "${CPID[$c]}" "${SPID[$c]}")
@@ -480,6 +507,16 @@ for r in $(seq 1 "$ROUNDS"); do
     order=("${RUN[@]:$(((r - 1) % ${#RUN[@]}))}" "${RUN[@]:0:$(((r - 1) % ${#RUN[@]}))}")
     for c in "${order[@]}"; do
         port=${CPORT[$c]}
+        if [[ $c == *_resume ]]; then
+            log "round $r/$ROUNDS: $c: warm-up, new connections with session resumption"
+            wrk_run "$port" "$WARMUP" "Connection: close" >/dev/null
+            window_start "$c"
+            w=$(wrk_run "$port" "$DURATION" "Connection: close")
+            window_end "$c"
+            jq -c --arg c "$c" --argjson r "$r" --argjson win "$WIN" \
+                '{cand: $c, round: $r, kind: "newconn"} + . + $win' <<<"$w" | tee -a "$RESULTS" >&2
+            continue
+        fi
         log "round $r/$ROUNDS: $c: warm-up, keep-alive, new connections, bulk"
         wrk_run "$port" "$WARMUP" >/dev/null
 
@@ -510,7 +547,7 @@ done
 
 # ---- the table ---------------------------------------------------------------------------
 META=$WORK/candidates.json
-for c in $CANDIDATES; do
+for c in "${ALL[@]}"; do
     jq -nc --arg c "$c" --arg lab "${LABEL[$c]:-$c}" --arg setup "${SETUP[$c]:-}" --arg status "${STATUS[$c]:-}" \
         '{cand: $c, label: $lab, setup: $setup, status: $status}'
 done | jq -s . >"$META"
@@ -524,7 +561,9 @@ import json, statistics, sys
  ncpu, cpu, load_start, load_end, small) = sys.argv[1:]
 rows = [json.loads(l) for l in open(results) if l.strip()]
 cands = json.load(open(meta))
-ran = [c["cand"] for c in cands if c["status"].startswith("ran")]
+ran_all = [c["cand"] for c in cands if c["status"].startswith("ran")]
+ran = [c for c in ran_all if not c.endswith("_resume")]
+resumed = [c for c in ran_all if c.endswith("_resume")]
 label = {c["cand"]: c["label"] for c in cands}
 peers = [c for c in ran if c not in ("kith", "plain")]
 
@@ -536,7 +575,7 @@ def of(cand, kind):
     return [r for r in rows if r["cand"] == cand and r["kind"] == kind]
 
 fig = {}
-for c in ran:
+for c in ran_all:
     ka, nc, bu = of(c, "keepalive"), of(c, "newconn"), of(c, "bulk")
     mem = (of(c, "memory") or [{}])[0]
     f = {
@@ -593,8 +632,9 @@ others = [c for c in ran if c != "kith"]
 print(f"## Sidecar data path: kith vs {', '.join(label[c] for c in others)}\n")
 print("Chain on loopback: load generator → client tunnel (plaintext in, mTLS out) → server tunnel "
       "(mTLS in, plaintext out) → nginx. Same nginx, same certificates (kith dev CA, P-256 ECDSA "
-      "SVIDs) for every candidate; session resumption off everywhere (kith has none), so every new "
-      "connection is a full TLS 1.3 handshake with a client certificate.\n")
+      "SVIDs) for every candidate; session resumption off everywhere (kith: `--tls-resumption off`), "
+      "so every new connection is a full TLS 1.3 handshake with a client certificate. Resumption "
+      "is measured apart, below.\n")
 print(f"{rounds} round(s); in each, every candidate gets a {warmup} warm-up, then keep-alive load "
       f"(`wrk -t {threads} -c {conns} -d {duration}` over keep-alive connections, a {small}-byte "
       f"answer), new "
@@ -645,6 +685,26 @@ print("Ratios are kith ÷ peer: above 1 means kith's number is higher, which is 
       "(kith is one binary for every role; HAProxy and stunnel share libssl/libcrypto), the "
       "anonymous rows are the private heap and stacks.")
 print()
+if resumed and "kith_resume" in resumed:
+    rpeers = [c for c in resumed if c != "kith_resume"]
+    print("### New connections with TLS session resumption (a feature; not the like-for-like figure)\n")
+    print("The same pairs started again with resumption on (kith's default; HAProxy's and "
+          "stunnel's defaults), the same `Connection: close` load: after the first connection "
+          "each new one resumes a TLS 1.3 session (PSK with a fresh X25519 exchange; no "
+          "certificates, no signatures).\n")
+    print("| figure | " + " | ".join(label[c] for c in resumed) + " | "
+          + " | ".join(f"kith ÷ {label[c]}" for c in rpeers) + " |")
+    print("|---|" + "---:|" * (len(resumed) + len(rpeers)))
+    for key, name, d in [("cps", "new connections/s with resumption", 0),
+                         ("cpu_1k_conn", "CPU s per 1,000 new connections, both tunnels", 3)]:
+        k = fig["kith_resume"][key]
+        cells = [name] + [fmt(fig[c][key], d) for c in resumed]
+        cells += [f"{k / fig[c][key]:.2f}" if k and fig[c][key] else "n/a" for c in rpeers]
+        print("| " + " | ".join(cells) + " |")
+    full, res = fig.get("kith", {}).get("cps"), fig["kith_resume"]["cps"]
+    if full and res:
+        print(f"\nkith with resumption ÷ kith without: {res / full:.2f}.")
+    print()
 print("Per round (errors: wrk's connect/read/write/timeout/status errors):\n")
 print("| round | candidate | keep-alive req/s | p50 / p99 ms | errors | new conn/s | errors | bulk MiB/s | other load (cores) | load avg |")
 print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")

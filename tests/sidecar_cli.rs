@@ -550,3 +550,36 @@ fn tls_resumption_is_on_by_default_and_off_on_request() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--tls-resumption"), "{err}");
 }
+
+#[test]
+fn workers_each_run_their_own_thread_and_listener() {
+    let kith = Kith::new();
+    kith.issue("spiffe://example.org/server", "server", &[]);
+    let backend = echo_backend().to_string();
+    let addr = free_port();
+    let server = sidecar(
+        &kith,
+        "server",
+        addr,
+        &["--forward", &backend, "--workers", "3"],
+    );
+    let names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", server.child.id()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_owned())
+        .collect();
+    for w in ["kith-worker-1", "kith-worker-2"] {
+        assert!(names.iter().any(|n| n == w), "{w} in {names:?}");
+    }
+    assert!(!names.iter().any(|n| n == "kith-worker-3"), "{names:?}");
+
+    for bad in ["0", "many"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_kith"))
+            .args(["sidecar", "run", "--workers", bad])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--workers"), "{err}");
+    }
+}

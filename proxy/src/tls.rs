@@ -8,12 +8,13 @@
 //!
 //! Session resumption (on unless [`IdentityHandle::with_resumption`] turns it off) keeps that
 //! promise: tickets and the client's session cache are bound to the identity version, so
-//! every publish ends all sessions and the next handshake is a full one with the new SVID; and
+//! every publish ends all sessions and the next handshake is a full one with the new SVID (all
+//! configurations built from one handle share the ticket keys and the cache); and
 //! a resumed session, which skips the verifiers, has its peer chain checked again against the
 //! current bundle and clock by [`check_resumed`] (PITFALLS.md "Resumption hides rotation").
 
 use std::fmt;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -111,8 +112,27 @@ impl fmt::Debug for Credentials {
 /// empty: before the first publish every handshake fails closed.
 #[derive(Clone)]
 pub struct IdentityHandle {
-    tx: Arc<watch::Sender<Option<Arc<Credentials>>>>,
+    tx: Published,
     resumption: bool,
+    sessions: Arc<Sessions>,
+}
+
+type Published = Arc<watch::Sender<Option<Arc<Credentials>>>>;
+
+/// The version of the identity in `tx` (0 before the first publish).
+fn version_of(tx: &Published) -> u64 {
+    tx.borrow().as_ref().map_or(0, |c| c.version)
+}
+
+/// What every configuration built from one handle shares for resumption: the ticket keys, the
+/// client's session cache, and the client configurations themselves (rustls resumes only a
+/// session made with the same verifier), so that all the listeners and workers of a process
+/// take each other's tickets.
+#[derive(Debug, Default)]
+struct Sessions {
+    tickets: OnceLock<Arc<IdentityTickets>>,
+    cache: OnceLock<Arc<IdentitySessions>>,
+    clients: Mutex<Vec<(ExpectedPeer, Arc<ClientConfig>)>>,
 }
 
 impl IdentityHandle {
@@ -121,6 +141,7 @@ impl IdentityHandle {
         Self {
             tx: Arc::new(watch::Sender::new(None)),
             resumption: true,
+            sessions: Arc::default(),
         }
     }
 
@@ -137,9 +158,25 @@ impl IdentityHandle {
         self.resumption
     }
 
-    /// The version of the current identity (0 before the first publish).
-    fn version(&self) -> u64 {
-        self.tx.borrow().as_ref().map_or(0, |c| c.version)
+    fn tickets(&self) -> Result<Arc<IdentityTickets>, TlsError> {
+        if let Some(t) = self.sessions.tickets.get() {
+            return Ok(t.clone());
+        }
+        let made = Arc::new(IdentityTickets {
+            tx: self.tx.clone(),
+            inner: rustls::crypto::ring::Ticketer::new()?,
+        });
+        Ok(self.sessions.tickets.get_or_init(|| made).clone())
+    }
+
+    fn session_cache(&self) -> Arc<IdentitySessions> {
+        let cache = self.sessions.cache.get_or_init(|| {
+            Arc::new(IdentitySessions {
+                tx: self.tx.clone(),
+                cache: Mutex::new((0, Arc::new(ClientSessionMemoryCache::new(CLIENT_SESSIONS)))),
+            })
+        });
+        cache.clone()
     }
 
     /// Validates `svid` against `bundle` at `now` (chain, X509-SVID rules, trust domain) and
@@ -411,19 +448,34 @@ pub fn server_config(identity: &IdentityHandle) -> Result<Arc<ServerConfig>, Tls
         // SECURITY: a resumed TLS 1.3 session presents no certificate and rustls reports the
         // original one; tickets die with the identity version, and `check_resumed` checks the
         // original client chain again on every resumed connection.
-        config.ticketer = Arc::new(IdentityTickets {
-            identity: identity.clone(),
-            inner: rustls::crypto::ring::Ticketer::new()?,
-        });
-        config.send_tls13_tickets = 1;
+        config.ticketer = identity.tickets()?;
+        config.send_tls13_tickets = 2;
     } else {
         config.send_tls13_tickets = 0;
     }
     Ok(Arc::new(config))
 }
 
-/// The outbound (client) configuration: presents the current SVID, expects `expect`.
+/// The outbound (client) configuration: presents the current SVID, expects `expect`. One per
+/// expectation and handle: asked again, it returns the same.
 pub fn client_config(
+    identity: &IdentityHandle,
+    expect: ExpectedPeer,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let mut clients = identity
+        .sessions
+        .clients
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    if let Some((_, config)) = clients.iter().find(|(e, _)| *e == expect) {
+        return Ok(config.clone());
+    }
+    let config = new_client_config(identity, expect.clone())?;
+    clients.push((expect, config.clone()));
+    Ok(config)
+}
+
+fn new_client_config(
     identity: &IdentityHandle,
     expect: ExpectedPeer,
 ) -> Result<Arc<ClientConfig>, TlsError> {
@@ -442,10 +494,7 @@ pub fn client_config(
     config.resumption = if identity.resumption {
         // SECURITY: see server_config; the cache is emptied when the identity changes, so the
         // next handshake presents the new SVID.
-        Resumption::store(Arc::new(IdentitySessions {
-            identity: identity.clone(),
-            cache: Mutex::new((0, Arc::new(ClientSessionMemoryCache::new(CLIENT_SESSIONS)))),
-        }))
+        Resumption::store(identity.session_cache())
     } else {
         Resumption::disabled()
     };
@@ -455,10 +504,17 @@ pub fn client_config(
 /// Session tickets bound to the identity version: each ticket carries the version it was
 /// issued under, and a ticket from another version (an SVID or bundle ago) does not decrypt,
 /// so the client falls back to a full handshake.
-#[derive(Debug)]
 struct IdentityTickets {
-    identity: IdentityHandle,
+    tx: Published,
     inner: Arc<dyn ProducesTickets>,
+}
+
+impl fmt::Debug for IdentityTickets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdentityTickets")
+            .field("version", &version_of(&self.tx))
+            .finish_non_exhaustive()
+    }
 }
 
 impl ProducesTickets for IdentityTickets {
@@ -472,14 +528,14 @@ impl ProducesTickets for IdentityTickets {
 
     fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
         let mut tagged = Vec::with_capacity(8 + plain.len());
-        tagged.extend_from_slice(&self.identity.version().to_be_bytes());
+        tagged.extend_from_slice(&version_of(&self.tx).to_be_bytes());
         tagged.extend_from_slice(plain);
         self.inner.encrypt(&tagged)
     }
 
     fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
         let mut plain = self.inner.decrypt(cipher)?;
-        if plain.get(..8)? != self.identity.version().to_be_bytes() {
+        if plain.get(..8)? != version_of(&self.tx).to_be_bytes() {
             return None;
         }
         plain.drain(..8);
@@ -488,15 +544,22 @@ impl ProducesTickets for IdentityTickets {
 }
 
 /// The client's session cache, started afresh whenever the identity version changes.
-#[derive(Debug)]
 struct IdentitySessions {
-    identity: IdentityHandle,
+    tx: Published,
     cache: Mutex<(u64, Arc<ClientSessionMemoryCache>)>,
+}
+
+impl fmt::Debug for IdentitySessions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdentitySessions")
+            .field("version", &version_of(&self.tx))
+            .finish_non_exhaustive()
+    }
 }
 
 impl IdentitySessions {
     fn cache(&self) -> Arc<ClientSessionMemoryCache> {
-        let version = self.identity.version();
+        let version = version_of(&self.tx);
         let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
         if cache.0 != version {
             *cache = (

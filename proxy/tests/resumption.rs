@@ -173,3 +173,23 @@ async fn a_client_does_not_resume_with_an_expired_server() {
     assert_eq!(outbound.metrics.outbound.accepted(), 1);
     drop(inbound);
 }
+
+/// Listeners of one process (the sidecar's workers) share their ticket keys and the client's
+/// session cache: a ticket issued by one is taken by another.
+#[tokio::test]
+async fn listeners_of_one_identity_take_each_others_tickets() {
+    let pki = Pki::new("example.test");
+    let server = handle(pki.svid(SERVER), pki.bundle());
+    let client = handle(pki.svid(CLIENT), pki.bundle());
+    let (in1, out1) = chain_of(&pki, server.clone(), client.clone()).await;
+    let (in2, out2) = chain_of(&pki, server, client).await;
+    ok(&out1).await;
+    ok(&out2).await;
+    assert_eq!(in1.metrics.inbound.resumed(), 0);
+    assert_eq!(in2.metrics.inbound.resumed(), 1, "in2 took in1's ticket");
+    assert_eq!(
+        out2.metrics.outbound.resumed(),
+        1,
+        "out2 offered out1's ticket"
+    );
+}

@@ -15,4 +15,5 @@ pub mod source;
 pub mod state;
 pub mod tunnel_cli;
 pub mod tunnel_config;
+pub mod workers;
 pub mod workload_api;

@@ -36,6 +36,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::source::{self, Source, SourceMetrics};
 use crate::tunnel_config::{self, End, Tunnel};
+use crate::workers::Workers;
 
 #[derive(Debug, Args)]
 pub struct SidecarArgs {
@@ -143,7 +144,8 @@ struct RunArgs {
         default_value = "127.0.0.1:15020"
     )]
     admin_listen: SocketAddr,
-    /// Most connections per listener at once; more wait in the kernel's backlog
+    /// Most connections per listener at once (shared out among --workers); more wait in the
+    /// kernel's backlog
     #[arg(long, env = "KITH_SIDECAR_MAX_CONNECTIONS", default_value_t = 1024)]
     max_connections: usize,
     /// How long a connection waits for the first SVID before it is refused (no_identity_yet)
@@ -159,9 +161,11 @@ struct RunArgs {
     /// resumed peer's certificate is checked again); off makes every connection a full handshake
     #[arg(long, env = "KITH_SIDECAR_TLS_RESUMPTION", default_value = "on", value_parser = ["on", "off"])]
     tls_resumption: String,
-    /// Threads that serve connections (1: a single-threaded proxy)
-    #[arg(long, env = "KITH_SIDECAR_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(usize))]
-    workers: usize,
+    /// Threads that serve connections, each with its own listeners (SO_REUSEPORT) and event
+    /// loop; a connection stays on one thread. --max-connections is shared out among them
+    /// [default: 2, or 1 where the process may use only one CPU]
+    #[arg(long, env = "KITH_SIDECAR_WORKERS", value_parser = clap::value_parser!(u16).range(1..=256))]
+    workers: Option<u16>,
     #[arg(long, env = "KITH_SIDECAR_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
 }
@@ -262,19 +266,11 @@ pub fn run(args: SidecarArgs) -> ExitCode {
         SidecarCommand::Run(args) => args,
         SidecarCommand::Init(args) => return crate::capture::run(*args),
     };
-    // One thread by default, as linkerd2-proxy: a sidecar scales with its pod, and on a busy
-    // node fewer threads mean fewer wake-ups per request. --workers for a proxy in front of a
-    // hot service.
-    let rt = if args.workers <= 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(args.workers)
-            .enable_all()
-            .build()
-    };
+    // The sidecar's own runtime is single-threaded; --workers adds single-threaded runtimes
+    // (workers.rs) that serve connections too.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
     let rt = match rt {
         Ok(rt) => rt,
         Err(e) => {
@@ -297,12 +293,6 @@ pub fn run(args: SidecarArgs) -> ExitCode {
     }
 }
 
-async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr}"))
-}
-
 /// What /metrics renders besides the identity: the explicit tunnels' counters (labelled by
 /// tunnel name), or transparent mode's.
 enum Counters {
@@ -315,8 +305,10 @@ async fn run_sidecar(args: RunArgs) -> Result<()> {
     let source = args.source()?;
     let policy = args.policy()?;
     let tunnels = args.tunnels(&policy)?;
+    let workers = args.workers.map_or_else(default_workers, usize::from);
     let limits = Limits {
-        max_connections: args.max_connections,
+        max_connections: args.max_connections.div_ceil(workers),
+        max_pending: Limits::default().max_pending.div_ceil(workers),
         identity_hold: args.hold_timeout,
         drain_timeout: args.drain_timeout,
         idle_timeout: args.idle_timeout,
@@ -341,46 +333,42 @@ async fn run_sidecar(args: RunArgs) -> Result<()> {
         tracing::info!(allow = ?args.allow, policy = ?args.policy, "inbound authorization rules loaded");
     }
 
+    // Every listener is bound before any is served, so a taken port fails the start.
+    let mut pool = Workers::new(workers);
     let counters = if tunnels.is_empty() {
-        Counters::Transparent(
-            transparent(&args, &identity, policy, limits, &tasks, &shutdown).await?,
-        )
+        Counters::Transparent(transparent(
+            &args, &identity, policy, limits, &mut pool, &shutdown,
+        )?)
     } else {
-        // Bind every listener before serving any, so a taken port fails the start.
-        let mut bound = Vec::new();
-        for t in tunnels {
-            let listener = bind(t.listen).await.with_context(|| tunnel_name(&t))?;
-            bound.push((t, listener));
-        }
         let mut sets = Vec::new();
-        for (t, listener) in bound {
+        for t in tunnels {
             let metrics = Arc::new(Metrics::default());
+            let name = tunnel_name(&t);
+            let (identity, m, shutdown) = (identity.clone(), metrics.clone(), shutdown.clone());
             match t.end {
                 End::Client { connect, expect } => {
                     tracing::info!(tunnel = %t.name, listen = %t.listen, %connect, ?expect, "client side (plaintext in, mTLS out)");
-                    let fut = tunnel::serve_outbound(
-                        listener,
-                        identity.clone(),
-                        connect,
-                        expect,
-                        limits,
-                        metrics.clone(),
-                        shutdown.clone(),
-                    );
-                    tasks.spawn(async move { log_exit(fut.await) });
+                    pool.listen(t.listen, move |listener| async move {
+                        log_exit(
+                            tunnel::serve_outbound(
+                                listener, identity, connect, expect, limits, m, shutdown,
+                            )
+                            .await,
+                        );
+                    })
+                    .context(name)?;
                 }
                 End::Server { forward, policy } => {
                     tracing::info!(tunnel = %t.name, listen = %t.listen, %forward, "server side (mTLS in, plaintext out)");
-                    let fut = tunnel::serve_inbound(
-                        listener,
-                        identity.clone(),
-                        policy,
-                        forward,
-                        limits,
-                        metrics.clone(),
-                        shutdown.clone(),
-                    );
-                    tasks.spawn(async move { log_exit(fut.await) });
+                    pool.listen(t.listen, move |listener| async move {
+                        log_exit(
+                            tunnel::serve_inbound(
+                                listener, identity, policy, forward, limits, m, shutdown,
+                            )
+                            .await,
+                        );
+                    })
+                    .context(name)?;
                 }
             }
             let label = if t.name.is_empty() {
@@ -392,7 +380,8 @@ async fn run_sidecar(args: RunArgs) -> Result<()> {
         }
         Counters::Explicit(sets)
     };
-    tracing::info!(identity = %source.describe(), hold = ?args.hold_timeout, tls_resumption = %args.tls_resumption, "kith sidecar running");
+    pool.start(&tasks)?;
+    tracing::info!(identity = %source.describe(), hold = ?args.hold_timeout, tls_resumption = %args.tls_resumption, workers, "kith sidecar running");
     tasks.spawn(source::run(
         source,
         identity.clone(),
@@ -431,6 +420,13 @@ async fn run_sidecar(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
+/// Two threads, as Istio's sidecars run Envoy (`concurrency: 2`): a second thread keeps the
+/// proxy from being the one queue every request waits in, and more than two rarely pays on a
+/// node whose CPUs the pods share. One where the CPU quota or affinity allows only one.
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(2))
+}
+
 fn tunnel_name(t: &Tunnel) -> String {
     if t.name.is_empty() {
         "--listen".to_owned()
@@ -446,12 +442,12 @@ fn log_exit(result: Result<(), tunnel::Error>) {
 }
 
 /// Transparent mode: connections captured by `kith sidecar init`'s rules.
-async fn transparent(
+fn transparent(
     args: &RunArgs,
     identity: &IdentityHandle,
     policy: Policy,
     limits: Limits,
-    tasks: &TaskTracker,
+    pool: &mut Workers,
     shutdown: &CancellationToken,
 ) -> Result<Arc<TransparentMetrics>> {
     let mesh = proxy::transparent::parse_cidrs(args.mesh_cidr.iter().map(String::as_str))
@@ -478,42 +474,52 @@ async fn transparent(
     }
     let expect = ExpectRules::parse(args.expect_id.iter().map(String::as_str))
         .map_err(|e| anyhow::anyhow!("--expect-id: {e}"))?;
-    let mut out_listeners = vec![bind(args.outbound_listen).await?];
+    let tm = Arc::new(TransparentMetrics::default());
+    let outbound = {
+        let (identity, tm, shutdown) = (identity.clone(), tm.clone(), shutdown.clone());
+        move |listener| async move {
+            log_exit(
+                proxy::transparent::serve_transparent_outbound(
+                    listener,
+                    identity,
+                    mesh,
+                    outbound_policy,
+                    expect,
+                    limits,
+                    tm,
+                    shutdown,
+                )
+                .await,
+            );
+        }
+    };
+    pool.listen(args.outbound_listen, outbound.clone())?;
     // ip6tables redirects IPv6 connections to [::1]: listen there too when the host has IPv6.
     if args.outbound_listen.ip().is_loopback() && args.outbound_listen.is_ipv4() {
         let v6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), args.outbound_listen.port());
-        match tokio::net::TcpListener::bind(v6).await {
-            Ok(l) => out_listeners.push(l),
-            Err(e) => tracing::info!(addr = %v6, error = %e, "no IPv6 outbound listener"),
+        if let Err(e) = pool.listen(v6, outbound) {
+            tracing::info!(addr = %v6, error = %format!("{e:#}"), "no IPv6 outbound listener");
         }
     }
-    let in_listener = bind(args.inbound_listen).await?;
-    let tm = Arc::new(TransparentMetrics::default());
+    {
+        let (identity, tm, shutdown) = (identity.clone(), tm.clone(), shutdown.clone());
+        pool.listen(args.inbound_listen, move |listener| async move {
+            log_exit(
+                proxy::transparent::serve_transparent_inbound(
+                    listener,
+                    identity,
+                    policy,
+                    inbound_mode,
+                    limits,
+                    tm,
+                    shutdown,
+                )
+                .await,
+            );
+        })?;
+    }
     tracing::info!(outbound = %args.outbound_listen, inbound = %args.inbound_listen, mesh = ?args.mesh_cidr,
         outbound_policy = %args.outbound_policy, mode = %args.mode, "transparent mode");
-    for listener in out_listeners {
-        let fut = proxy::transparent::serve_transparent_outbound(
-            listener,
-            identity.clone(),
-            mesh.clone(),
-            outbound_policy,
-            expect.clone(),
-            limits,
-            tm.clone(),
-            shutdown.clone(),
-        );
-        tasks.spawn(async move { log_exit(fut.await) });
-    }
-    let fut = proxy::transparent::serve_transparent_inbound(
-        in_listener,
-        identity.clone(),
-        policy,
-        inbound_mode,
-        limits,
-        tm.clone(),
-        shutdown.clone(),
-    );
-    tasks.spawn(async move { log_exit(fut.await) });
     Ok(tm)
 }
 

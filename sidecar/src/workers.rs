@@ -1,0 +1,204 @@
+//! `--workers N`: N single-threaded runtimes, each with its own listener on every address
+//! (SO_REUSEPORT, so the kernel spreads new connections over them) and its own epoll. A
+//! connection lives on one thread from accept to close: no work stealing, no cross-thread
+//! wake-ups, which on a busy node cost more than they bring (the nginx/HAProxy model).
+//!
+//! Worker 0 is the runtime the sidecar already runs on (admin, identity, signals); workers
+//! 1..N get a thread each. Identity, policy and counters are shared.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+
+use anyhow::{Context, Result};
+use tokio::net::{TcpListener, TcpSocket};
+use tokio_util::task::TaskTracker;
+
+type Job = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// What each worker serves, collected before any starts.
+pub struct Workers {
+    jobs: Vec<Vec<Job>>,
+}
+
+impl Workers {
+    pub fn new(count: usize) -> Self {
+        Self {
+            jobs: (0..count.max(1)).map(|_| Vec::new()).collect(),
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.jobs.len()
+    }
+
+    /// Binds `addr` once per worker (SO_REUSEPORT when there are several) and gives each
+    /// worker `serve` of its own listener. Every listener is bound when this returns, so a
+    /// taken port fails here, before anything is served. Returns the address bound (the port
+    /// chosen, for port 0).
+    pub fn listen<F, Fut>(&mut self, addr: SocketAddr, serve: F) -> Result<SocketAddr>
+    where
+        F: FnOnce(TcpListener) -> Fut + Clone + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let shared = self.count() > 1;
+        let mut at = addr;
+        if shared {
+            // SECURITY: SO_REUSEPORT would also let this join a group that another process of
+            // the same user (a second sidecar) holds, and split its traffic: the address must
+            // be free first.
+            let probe = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("cannot listen on {addr}"))?;
+            at = probe.local_addr()?;
+        }
+        let mut bound = Vec::with_capacity(self.count());
+        for _ in 0..self.count() {
+            let listener = bind(at, shared).with_context(|| format!("cannot listen on {addr}"))?;
+            // Port 0: the others join the port the first one got.
+            at = listener.local_addr()?;
+            // Detached from this runtime; registered again on the worker's when it first runs.
+            bound.push(listener.into_std()?);
+        }
+        for (jobs, listener) in self.jobs.iter_mut().zip(bound) {
+            jobs.push(Box::pin(serve_later(listener, addr, serve.clone())));
+        }
+        Ok(at)
+    }
+
+    /// Starts worker 0's jobs on the current runtime and a thread with a runtime of its own
+    /// for each other worker; `tasks` waits for all of them.
+    pub fn start(self, tasks: &TaskTracker) -> Result<()> {
+        let mut jobs = self.jobs.into_iter();
+        for job in jobs.next().into_iter().flatten() {
+            tasks.spawn(job);
+        }
+        for (w, own) in jobs.enumerate() {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start a worker runtime")?;
+            let done = tasks.token();
+            std::thread::Builder::new()
+                .name(format!("kith-worker-{}", w + 1))
+                .spawn(move || {
+                    rt.block_on(async move {
+                        let mut set = tokio::task::JoinSet::new();
+                        for job in own {
+                            set.spawn(job);
+                        }
+                        while set.join_next().await.is_some() {}
+                    });
+                    drop(done);
+                })
+                .context("cannot start a worker thread")?;
+        }
+        Ok(())
+    }
+}
+
+/// `serve` of `listener`, registered with the runtime that first polls this.
+async fn serve_later<F, Fut>(listener: std::net::TcpListener, addr: SocketAddr, serve: F)
+where
+    F: FnOnce(TcpListener) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    match TcpListener::from_std(listener) {
+        Ok(l) => serve(l).await,
+        Err(e) => tracing::error!(%addr, error = %e, "cannot register the listener"),
+    }
+}
+
+/// A listening socket on `addr`; `shared` adds SO_REUSEPORT so that the other workers can
+/// bind the same address (only sockets of the same user can join the group).
+fn bind(addr: SocketAddr, shared: bool) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    if shared {
+        socket.set_reuseport(true)?;
+    }
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// Three workers on one port: all bound up front, each on its own thread, and between them
+    /// they take every connection.
+    #[tokio::test]
+    async fn workers_share_one_port_and_each_serves() {
+        let mut pool = Workers::new(3);
+        let served = Arc::new(AtomicUsize::new(0));
+        let threads = Arc::new(Mutex::new(HashSet::new()));
+        let (port_tx, mut port_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (count, seen) = (served.clone(), threads.clone());
+        let addr = "127.0.0.1:0".parse().expect("addr");
+        pool.listen(addr, move |l: TcpListener| async move {
+            let _ = port_tx.send(l.local_addr().map(|a| a.port()).unwrap_or(0));
+            while let Ok((mut s, _)) = l.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let name = std::thread::current().name().map(str::to_owned);
+                seen.lock().expect("lock").insert(name);
+                let _ = s.write_all(b"x").await;
+            }
+        })
+        .expect("listen");
+        let tasks = TaskTracker::new();
+        pool.start(&tasks).expect("start");
+        let mut ports = Vec::new();
+        for _ in 0..3 {
+            ports.push(port_rx.recv().await.expect("port"));
+        }
+        assert!(
+            ports.iter().all(|p| *p == ports[0] && *p != 0),
+            "one port: {ports:?}"
+        );
+        for _ in 0..200 {
+            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", ports[0]))
+                .await
+                .expect("connect");
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b).await.expect("served");
+        }
+        assert_eq!(served.load(Ordering::SeqCst), 200);
+        // The kernel hashes connections over the group: 200 connections reach more than one.
+        let seen = threads.lock().expect("lock").clone();
+        assert!(seen.len() >= 2, "{seen:?}");
+    }
+
+    #[tokio::test]
+    async fn a_taken_port_fails_before_anything_runs() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mut pool = Workers::new(2);
+        let err = pool
+            .listen(taken.local_addr().expect("addr"), |_l: TcpListener| async {
+            })
+            .expect_err("taken");
+        assert!(format!("{err:#}").contains("cannot listen on"), "{err:#}");
+
+        // Nor does a second group join the port of a first (another sidecar of the same user).
+        let mut first = Workers::new(2);
+        let at = first
+            .listen(
+                "127.0.0.1:0".parse().expect("addr"),
+                |_l: TcpListener| async {},
+            )
+            .expect("first");
+        let mut second = Workers::new(2);
+        let err = second
+            .listen(at, |_l: TcpListener| async {})
+            .expect_err("joined another group");
+        assert!(format!("{err:#}").contains("in use"), "{err:#}");
+    }
+}
