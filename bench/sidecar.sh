@@ -195,7 +195,7 @@ start_kith() { # [resume]
     [[ -n ${1:-} ]] && resumption=on
     mkdir -p "$d"
     LABEL[$c]="kith"
-    SETUP[$c]="two kith sidecar run processes, explicit tunnels (--connect --expect-id; --forward --allow), identity from files; TLS 1.3 only (rustls + ring), --tls-resumption $resumption; checks the peer's SPIFFE ID"
+    SETUP[$c]="two kith sidecar run processes (default --workers: 2 here, single-threaded event loops on SO_REUSEPORT listeners), explicit tunnels (--connect --expect-id; --forward --allow), identity from files; TLS 1.3 only (rustls + ring), --tls-resumption $resumption; checks the peer's SPIFFE ID"
     "$KITH" sidecar run --cert "$CRT_S" --key "$KEY_S" --bundle "$BUNDLE" --tls-resumption $resumption \
         --listen "127.0.0.1:${SPORT[$c]}" --forward "127.0.0.1:$BACKEND_PORT" --allow "$CLIENT_ID" \
         --admin-listen "127.0.0.1:$(free_port)" >"$d/server.log" 2>&1 &

@@ -13,14 +13,15 @@
 //! a resumed session, which skips the verifiers, has its peer chain checked again against the
 //! current bundle and clock by [`check_resumed`] (PITFALLS.md "Resumption hides rotation").
 
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{
-    ClientSessionMemoryCache, ClientSessionStore, ResolvesClientCert, Resumption,
-    Tls12ClientSessionValue, Tls13ClientSessionValue,
+    ClientSessionStore, ResolvesClientCert, Resumption, Tls12ClientSessionValue,
+    Tls13ClientSessionValue,
 };
 use rustls::crypto::CryptoProvider;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
@@ -44,9 +45,12 @@ pub const ALPN: &[u8] = b"kith/1";
 /// ends it sooner.
 pub const TICKET_LIFETIME: Duration = Duration::from_secs(3600);
 
-/// Server names (peer addresses) whose tickets a client configuration remembers; rustls keeps
-/// up to eight tickets for each.
-const CLIENT_SESSIONS: usize = 128;
+/// Servers (peer addresses) whose tickets the client side remembers.
+const CLIENT_SESSIONS: usize = 64;
+
+/// Tickets kept for each server: a burst of new connections to one peer takes one each, and
+/// every connection brings two back (about 1.6 KB each, most of it the peer's chain).
+const TICKETS_PER_PEER: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -170,12 +174,10 @@ impl IdentityHandle {
     }
 
     fn session_cache(&self) -> Arc<IdentitySessions> {
-        let cache = self.sessions.cache.get_or_init(|| {
-            Arc::new(IdentitySessions {
-                tx: self.tx.clone(),
-                cache: Mutex::new((0, Arc::new(ClientSessionMemoryCache::new(CLIENT_SESSIONS)))),
-            })
-        });
+        let cache = self
+            .sessions
+            .cache
+            .get_or_init(|| Arc::new(IdentitySessions::new(self.tx.clone())));
         cache.clone()
     }
 
@@ -546,7 +548,15 @@ impl ProducesTickets for IdentityTickets {
 /// The client's session cache, started afresh whenever the identity version changes.
 struct IdentitySessions {
     tx: Published,
-    cache: Mutex<(u64, Arc<ClientSessionMemoryCache>)>,
+    store: Mutex<TicketStore>,
+}
+
+/// The tickets of one identity version, freshest last.
+#[derive(Default)]
+struct TicketStore {
+    version: u64,
+    tickets: HashMap<ServerName<'static>, VecDeque<Tls13ClientSessionValue>>,
+    kx: HashMap<ServerName<'static>, NamedGroup>,
 }
 
 impl fmt::Debug for IdentitySessions {
@@ -558,26 +568,46 @@ impl fmt::Debug for IdentitySessions {
 }
 
 impl IdentitySessions {
-    fn cache(&self) -> Arc<ClientSessionMemoryCache> {
-        let version = version_of(&self.tx);
-        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
-        if cache.0 != version {
-            *cache = (
-                version,
-                Arc::new(ClientSessionMemoryCache::new(CLIENT_SESSIONS)),
-            );
+    fn new(tx: Published) -> Self {
+        Self {
+            tx,
+            store: Mutex::default(),
         }
-        cache.1.clone()
+    }
+
+    /// The store, emptied first if the identity changed since it was filled.
+    fn store(&self) -> MutexGuard<'_, TicketStore> {
+        let version = version_of(&self.tx);
+        let mut store = self.store.lock().unwrap_or_else(PoisonError::into_inner);
+        if store.version != version {
+            *store = TicketStore {
+                version,
+                ..TicketStore::default()
+            };
+        }
+        store
+    }
+}
+
+/// Makes room for `name` in a map of at most `CLIENT_SESSIONS` servers.
+fn room_for<V>(map: &mut HashMap<ServerName<'static>, V>, name: &ServerName<'static>) {
+    if map.len() >= CLIENT_SESSIONS && !map.contains_key(name) {
+        let evict = map.keys().next().cloned();
+        if let Some(evict) = evict {
+            map.remove(&evict);
+        }
     }
 }
 
 impl ClientSessionStore for IdentitySessions {
     fn set_kx_hint(&self, server_name: ServerName<'static>, group: NamedGroup) {
-        self.cache().set_kx_hint(server_name, group);
+        let mut store = self.store();
+        room_for(&mut store.kx, &server_name);
+        store.kx.insert(server_name, group);
     }
 
     fn kx_hint(&self, server_name: &ServerName<'_>) -> Option<NamedGroup> {
-        self.cache().kx_hint(server_name)
+        self.store().kx.get(server_name).copied()
     }
 
     // TLS 1.2 is compiled out; these only keep the trait whole.
@@ -594,14 +624,21 @@ impl ClientSessionStore for IdentitySessions {
         server_name: ServerName<'static>,
         value: Tls13ClientSessionValue,
     ) {
-        self.cache().insert_tls13_ticket(server_name, value);
+        let mut store = self.store();
+        room_for(&mut store.tickets, &server_name);
+        let tickets = store.tickets.entry(server_name).or_default();
+        if tickets.len() >= TICKETS_PER_PEER {
+            tickets.pop_front();
+        }
+        tickets.push_back(value);
     }
 
+    /// Each ticket once (RFC 8446 C.4), the freshest first.
     fn take_tls13_ticket(
         &self,
         server_name: &ServerName<'static>,
     ) -> Option<Tls13ClientSessionValue> {
-        self.cache().take_tls13_ticket(server_name)
+        self.store().tickets.get_mut(server_name)?.pop_back()
     }
 }
 
