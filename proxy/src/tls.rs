@@ -529,20 +529,38 @@ impl ProducesTickets for IdentityTickets {
     }
 
     fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
-        let mut tagged = Vec::with_capacity(8 + plain.len());
+        let mut tagged = Vec::with_capacity(TAG + plain.len());
         tagged.extend_from_slice(&version_of(&self.tx).to_be_bytes());
+        tagged.extend_from_slice(&unix_secs().to_be_bytes());
         tagged.extend_from_slice(plain);
         self.inner.encrypt(&tagged)
     }
 
+    /// SECURITY: a ticket resumes only under the identity version it was issued under, and
+    /// for at most `TICKET_LIFETIME`, whatever age the client claims.
     fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
         let mut plain = self.inner.decrypt(cipher)?;
-        if plain.get(..8)? != version_of(&self.tx).to_be_bytes() {
+        let (version, rest) = plain.split_first_chunk::<8>()?;
+        let (issued, _) = rest.split_first_chunk::<8>()?;
+        if u64::from_be_bytes(*version) != version_of(&self.tx) {
             return None;
         }
-        plain.drain(..8);
+        let age = unix_secs().checked_sub(u64::from_be_bytes(*issued))?;
+        if age > TICKET_LIFETIME.as_secs() {
+            return None;
+        }
+        plain.drain(..TAG);
         Some(plain)
     }
+}
+
+/// Bytes the ticketer adds in front of rustls's ticket: identity version, issue time.
+const TAG: usize = 16;
+
+fn unix_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// The client's session cache, started afresh whenever the identity version changes.
