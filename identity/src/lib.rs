@@ -13,5 +13,5 @@ pub use bundle::{BundleError, JwtAuthority, TrustBundle};
 pub use refresh::{Jitter, RefreshPolicy, refresh_at};
 pub use spiffe_id::{IdError, SpiffeId, TrustDomain};
 pub use svid::{Svid, SvidError};
-pub use verify::{NotSvid, VerifyError, check_svid_leaf, verify_x509_svid};
+pub use verify::{NotSvid, VerifyError, check_svid_leaf, verdict_window, verify_x509_svid};
 pub use x509::KeyType;

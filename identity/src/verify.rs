@@ -182,6 +182,34 @@ pub fn verify_x509_svid(
     Ok(id)
 }
 
+/// The times between which [`verify_x509_svid`]'s answer for `chain` under `bundle` cannot
+/// change, as far as time goes: from the latest notBefore in the chain to the earliest notAfter
+/// in the chain and among the bundle's roots still valid at `now`. Lets a verifier remember a
+/// chain it accepted (the sidecar, for peers that connect again). `None` when a certificate
+/// does not parse.
+pub fn verdict_window(
+    chain: &[CertificateDer<'_>],
+    bundle: &TrustBundle,
+    now: SystemTime,
+) -> Option<(SystemTime, SystemTime)> {
+    let mut from = SystemTime::UNIX_EPOCH;
+    let mut until = None::<SystemTime>;
+    let mut bound = |t: SystemTime| until = Some(until.map_or(t, |u| u.min(t)));
+    for cert in chain {
+        let (_, cert) = x509_parser::parse_x509_certificate(cert).ok()?;
+        from = from.max(from_offset(cert.validity().not_before.to_datetime()));
+        bound(from_offset(cert.validity().not_after.to_datetime()));
+    }
+    for root in bundle.x509_authorities() {
+        let (_, root) = x509_parser::parse_x509_certificate(root).ok()?;
+        let not_after = from_offset(root.validity().not_after.to_datetime());
+        if not_after >= now {
+            bound(not_after);
+        }
+    }
+    Some((from, until?))
+}
+
 /// Checks the X509-SVID leaf rules alone (no chain validation) and returns the SPIFFE ID.
 /// Used after chain validation, and by `kith certs inspect` to explain a certificate.
 pub fn check_svid_leaf(leaf: &[u8]) -> Result<SpiffeId, VerifyError> {

@@ -237,3 +237,29 @@ fn explicit_no_ca_is_what_kith_issues() {
     let p = svid_params(&id, &[], &[], now(), now() + HOUR).unwrap();
     assert_eq!(p.is_ca, IsCa::ExplicitNoCa);
 }
+
+#[test]
+fn the_verdict_window_bounds_where_the_answer_holds() {
+    use std::time::Duration;
+    let second = Duration::from_secs(1);
+    let pki = Pki::new("example.org");
+    let (chain, _) = pki.leaf(ID);
+    let bundle = pki.bundle();
+    let (from, until) = identity::verdict_window(&chain, &bundle, now()).unwrap();
+    // The leaf's own validity (one hour either side) is the narrowest here.
+    assert!(from > now() - HOUR - 5 * second && from < now() - HOUR + 5 * second);
+    assert!(until > now() + HOUR - 5 * second && until < now() + HOUR + 5 * second);
+    for inside in [from, until] {
+        verify_x509_svid(&chain, &bundle, inside).unwrap();
+    }
+    for outside in [from - second, until + second] {
+        verify_x509_svid(&chain, &bundle, outside).unwrap_err();
+    }
+
+    // A CA that expires sooner than the leaf ends the window.
+    let short = Pki::valid("example.org", now() - DAY, now() + HOUR / 2);
+    let (chain, _) = short.leaf(ID);
+    let (_, until) = identity::verdict_window(&chain, &short.bundle(), now()).unwrap();
+    assert!(until < now() + HOUR / 2 + 5 * second, "{until:?}");
+    assert!(identity::verdict_window(&[b"junk".to_vec().into()], &bundle, now()).is_none());
+}

@@ -128,15 +128,67 @@ fn version_of(tx: &Published) -> u64 {
     tx.borrow().as_ref().map_or(0, |c| c.version)
 }
 
-/// What every configuration built from one handle shares for resumption: the ticket keys, the
-/// client's session cache, and the client configurations themselves (rustls resumes only a
-/// session made with the same verifier), so that all the listeners and workers of a process
-/// take each other's tickets.
+/// What every configuration built from one handle shares: the ticket keys, the client's session
+/// cache, and the client configurations themselves (rustls resumes only a session made with the
+/// same verifier), so that all the listeners and workers of a process take each other's
+/// tickets; and the peer chains already verified.
 #[derive(Debug, Default)]
 struct Sessions {
     tickets: OnceLock<Arc<IdentityTickets>>,
     cache: OnceLock<Arc<IdentitySessions>>,
     clients: Mutex<Vec<(ExpectedPeer, Arc<ClientConfig>)>>,
+    verified: Mutex<VerifiedChains>,
+}
+
+/// Peer chains that verified under the current identity version, so that a peer that connects
+/// again costs no chain verification (two signature checks with kith's chains); its handshake
+/// signature, the proof that it holds the key, is still checked every time.
+#[derive(Default)]
+struct VerifiedChains {
+    version: u64,
+    chains: HashMap<Vec<u8>, Verified>,
+}
+
+struct Verified {
+    id: SpiffeId,
+    /// Outside this window some certificate of the chain or a root is not valid: verify again.
+    from: SystemTime,
+    until: SystemTime,
+}
+
+/// Chains remembered at most (about 1.3 KB each with kith's two-certificate chains).
+const VERIFIED_CHAINS: usize = 1024;
+
+impl fmt::Debug for VerifiedChains {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VerifiedChains")
+            .field("version", &self.version)
+            .field("chains", &self.chains.len())
+            .finish()
+    }
+}
+
+impl VerifiedChains {
+    /// Forgets everything verified under another identity version (another bundle).
+    fn at_version(&mut self, version: u64) -> &mut Self {
+        if self.version != version {
+            self.version = version;
+            self.chains.clear();
+        }
+        self
+    }
+
+    fn get(&self, key: &[u8], at: SystemTime) -> Option<SpiffeId> {
+        let v = self.chains.get(key)?;
+        (v.from <= at && at <= v.until).then(|| v.id.clone())
+    }
+
+    fn insert(&mut self, key: Vec<u8>, verified: Verified) {
+        if self.chains.len() >= VERIFIED_CHAINS {
+            self.chains.clear();
+        }
+        self.chains.insert(key, verified);
+    }
 }
 
 impl IdentityHandle {
@@ -303,13 +355,41 @@ fn verify_peer(
     let Some(current) = identity.current() else {
         return Err(rustls::Error::General("no identity yet".into()));
     };
+    let at = SystemTime::UNIX_EPOCH + Duration::from_secs(now.as_secs());
+    // SECURITY: the key is every certificate's exact DER, length-prefixed: only the very same
+    // chain, under the same bundle, within its validity, is taken as verified.
+    let mut key = Vec::with_capacity(
+        8 + end_entity.len() + intermediates.iter().map(|c| 4 + c.len()).sum::<usize>(),
+    );
+    for cert in std::iter::once(end_entity).chain(intermediates) {
+        key.extend_from_slice(&u32::try_from(cert.len()).unwrap_or(u32::MAX).to_be_bytes());
+        key.extend_from_slice(cert);
+    }
+    let verified = || {
+        identity
+            .sessions
+            .verified
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    };
+    if let Some(id) = verified().at_version(current.version).get(&key, at) {
+        return Ok(id);
+    }
     let mut chain = Vec::with_capacity(1 + intermediates.len());
     chain.push(end_entity.clone());
     chain.extend(intermediates.iter().cloned());
-    let at = SystemTime::UNIX_EPOCH + Duration::from_secs(now.as_secs());
     // SECURITY: rustls-webpki validates the chain inside verify_x509_svid; the error travels
     // as an OtherError so that the listener can count the refusal by its reason.
-    identity::verify_x509_svid(&chain, current.bundle(), at).map_err(other)
+    let id = identity::verify_x509_svid(&chain, current.bundle(), at).map_err(other)?;
+    if let Some((from, until)) = identity::verdict_window(&chain, current.bundle(), at) {
+        let entry = Verified {
+            id: id.clone(),
+            from,
+            until,
+        };
+        verified().at_version(current.version).insert(key, entry);
+    }
+    Ok(id)
 }
 
 fn other(e: impl std::error::Error + Send + Sync + 'static) -> rustls::Error {

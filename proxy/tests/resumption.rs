@@ -193,3 +193,23 @@ async fn listeners_of_one_identity_take_each_others_tickets() {
         "out2 offered out1's ticket"
     );
 }
+
+/// The verifiers remember chains they accepted; a remembered chain is still refused once a
+/// certificate in it has expired, on a full handshake as on a resumed one.
+#[tokio::test]
+async fn a_remembered_chain_is_refused_after_it_expires() {
+    let pki = Pki::new("example.test");
+    let server = handle(pki.svid(SERVER), pki.bundle()).with_resumption(false);
+    let client = handle(short_lived(&pki, CLIENT, 2), pki.bundle()).with_resumption(false);
+    let (inbound, outbound) = chain_of(&pki, server, client).await;
+    ok(&outbound).await;
+    ok(&outbound).await;
+    assert_eq!(inbound.metrics.inbound.accepted(), 2);
+    past_expiry().await;
+    assert!(request(&outbound).await.unwrap_or_default().is_empty());
+    eventually("refused as expired", || {
+        inbound.metrics.inbound.refused(Reason::Expired) == 1
+    })
+    .await;
+    assert_eq!(resumed(&inbound, &outbound), (0, 0));
+}
