@@ -144,8 +144,8 @@ struct RunArgs {
         default_value = "127.0.0.1:15020"
     )]
     admin_listen: SocketAddr,
-    /// Most connections per listener at once (shared out among --workers); more wait in the
-    /// kernel's backlog
+    /// Most connections at once per listener and worker, as nginx's worker_connections; more
+    /// wait in the kernel's backlog
     #[arg(long, env = "KITH_SIDECAR_MAX_CONNECTIONS", default_value_t = 1024)]
     max_connections: usize,
     /// How long a connection waits for the first SVID before it is refused (no_identity_yet)
@@ -162,7 +162,7 @@ struct RunArgs {
     #[arg(long, env = "KITH_SIDECAR_TLS_RESUMPTION", default_value = "on", value_parser = ["on", "off"])]
     tls_resumption: String,
     /// Threads that serve connections, each with its own listeners (SO_REUSEPORT) and event
-    /// loop; a connection stays on one thread. --max-connections is shared out among them
+    /// loop; a connection stays on one thread (the kernel spreads new ones by address hash)
     /// [default: 2, or 1 where the process may use only one CPU]
     #[arg(long, env = "KITH_SIDECAR_WORKERS", value_parser = clap::value_parser!(u16).range(1..=256))]
     workers: Option<u16>,
@@ -307,8 +307,7 @@ async fn run_sidecar(args: RunArgs) -> Result<()> {
     let tunnels = args.tunnels(&policy)?;
     let workers = args.workers.map_or_else(default_workers, usize::from);
     let limits = Limits {
-        max_connections: args.max_connections.div_ceil(workers),
-        max_pending: Limits::default().max_pending.div_ceil(workers),
+        max_connections: args.max_connections,
         identity_hold: args.hold_timeout,
         drain_timeout: args.drain_timeout,
         idle_timeout: args.idle_timeout,
