@@ -12,6 +12,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 QUICK=${QUICK:-0}
 if [[ $QUICK == 1 ]]; then
     ROUNDS=${ROUNDS:-1}
@@ -40,6 +42,7 @@ done
 # ---- build once --------------------------------------------------------------------------
 log "building (cargo build --release -j2 -p kith -p kith-bench)"
 (cd "$ROOT" && cargo build --release -j2 -p kith -p kith-bench)
+BUILT_FROM=$(built_from ca src identity)
 TARGET_DIR=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps | jq -r .target_directory)
 KITH=$TARGET_DIR/release/kith
 LOAD=$TARGET_DIR/release/ca-load
@@ -254,22 +257,8 @@ jq -rs \
 ' "$RESULTS" | tee "$REPORT"
 
 if [[ $SAVE == 1 ]]; then
-    mkdir -p "$ROOT/bench/results"
-    out=$ROOT/bench/results/ca-$(date +%F).md
-    [[ -e $out ]] && out=$ROOT/bench/results/ca-$(date +%F-%H%M%S).md
-    {
-        echo "# CA issuance benchmark, $(date -u '+%F %H:%M UTC')"
-        echo
-        echo "Command: \`$(printf '%s ' QUICK="$QUICK" ROUNDS="$ROUNDS" DURATION="$DURATION" CONNECTIONS="$CONNECTIONS")bench/ca.sh\`"
-        echo "Machine: $(nproc) cores, $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo); kith $(cd "$ROOT" && git rev-parse --short HEAD)$(cd "$ROOT" && git diff --quiet HEAD -- ca src identity || echo ' + uncommitted changes')"
-        echo
-        cat "$REPORT"
-        echo
-        echo "Raw lines (ca-load):"
-        echo
-        echo '```'
-        cat "$RESULTS"
-        echo '```'
-    } >"$out"
-    log "saved $out"
+    save_results ca "CA issuance benchmark" \
+        "$(printf '%s ' QUICK="$QUICK" ROUNDS="$ROUNDS" DURATION="$DURATION" CONNECTIONS="$CONNECTIONS")bench/ca.sh" \
+        "$(nproc) cores, $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo); kith $BUILT_FROM" \
+        "$REPORT" "Raw lines (ca-load)" "$RESULTS"
 fi

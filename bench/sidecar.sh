@@ -17,6 +17,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 QUICK=${QUICK:-0}
 if [[ $QUICK == 1 ]]; then
     ROUNDS=${ROUNDS:-1}
@@ -69,6 +71,7 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 # ---- build once --------------------------------------------------------------------------
 log "building (cargo build --release -j2 -p kith -p kith-bench)"
 (cd "$ROOT" && cargo build --release -j2 -p kith -p kith-bench)
+BUILT_FROM=$(built_from proxy sidecar src identity)
 TARGET_DIR=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps | jq -r .target_directory)
 KITH=$TARGET_DIR/release/kith
 HOLD=$TARGET_DIR/release/conn-hold
@@ -724,22 +727,8 @@ for r in range(1, int(rounds) + 1):
 PY
 
 if [[ $SAVE == 1 ]]; then
-    mkdir -p "$ROOT/bench/results"
-    out=$ROOT/bench/results/sidecar-$(date +%F).md
-    [[ -e $out ]] && out=$ROOT/bench/results/sidecar-$(date +%F-%H%M%S).md
-    {
-        echo "# Sidecar data path benchmark, $(date -u '+%F %H:%M UTC')"
-        echo
-        echo "Command: \`$(printf '%s ' QUICK="$QUICK" ROUNDS="$ROUNDS" DURATION="$DURATION" CONNECTIONS="$CONNECTIONS")bench/sidecar.sh\`"
-        echo "Machine: $(nproc) cores, $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo), $(uname -r); kith $(cd "$ROOT" && git rev-parse --short HEAD)$(cd "$ROOT" && git diff --quiet HEAD -- proxy sidecar src identity || echo ' + uncommitted changes'); nginx $(nginx -v 2>&1 | cut -d/ -f2), wrk $(wrk -v 2>&1 | awk 'NR == 1 { print $2 }')"
-        echo
-        cat "$REPORT"
-        echo
-        echo "Raw lines:"
-        echo
-        echo '```'
-        cat "$RESULTS"
-        echo '```'
-    } >"$out"
-    log "saved $out"
+    save_results sidecar "Sidecar data path benchmark" \
+        "$(printf '%s ' QUICK="$QUICK" ROUNDS="$ROUNDS" DURATION="$DURATION" CONNECTIONS="$CONNECTIONS")bench/sidecar.sh" \
+        "$(nproc) cores, $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo), $(uname -r); kith $BUILT_FROM; nginx $(nginx -v 2>&1 | cut -d/ -f2), wrk $(wrk -v 2>&1 | awk 'NR == 1 { print $2 }')" \
+        "$REPORT" "Raw lines" "$RESULTS"
 fi
