@@ -27,30 +27,36 @@ impl Drop for Sidecar {
     }
 }
 
-fn sidecar(kith: &Kith, name: &str, listen: SocketAddr, extra: &[&str]) -> Sidecar {
+/// `kith sidecar run` with `name`'s identity files (from `kith.issue`), a free admin port and
+/// `args`; it may not be listening yet.
+fn spawn_sidecar(kith: &Kith, name: &str, args: &[&str]) -> Sidecar {
     let dir = kith.path(name);
     let admin = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_kith"))
-        .args([
-            "sidecar",
-            "run",
-            "--listen",
-            &listen.to_string(),
-            "--admin-listen",
-            &admin.to_string(),
-        ])
+        .args(["sidecar", "run", "--admin-listen", &admin.to_string()])
         .arg("--cert")
         .arg(dir.join("svid.crt"))
         .arg("--key")
         .arg(dir.join("svid.key"))
         .arg("--bundle")
         .arg(dir.join("bundle.crt"))
-        .args(extra)
+        .args(args)
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    wait_port(listen);
     Sidecar { child, admin }
+}
+
+/// An explicit tunnel on `listen`, listening.
+fn sidecar(kith: &Kith, name: &str, listen: SocketAddr, extra: &[&str]) -> Sidecar {
+    let listen_arg = listen.to_string();
+    let s = spawn_sidecar(
+        kith,
+        name,
+        &[&["--listen", &listen_arg][..], extra].concat(),
+    );
+    wait_port(listen);
+    s
 }
 
 #[test]
@@ -267,27 +273,21 @@ fn new_certificate_files_apply_without_a_restart_and_quitquitquit_stops_it() {
 fn transparent_mode_starts_its_captured_listeners_and_counts_what_was_not_captured() {
     let kith = Kith::new();
     kith.issue("spiffe://example.org/pod", "pod", &[]);
-    let (out_addr, in_addr, admin) = (free_port(), free_port(), free_port());
-    let dir = kith.path("pod");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kith"))
-        .args(["sidecar", "run", "--mesh-cidr", "10.0.0.0/8"])
-        .args([
+    let (out_addr, in_addr) = (free_port(), free_port());
+    let (out_arg, in_arg) = (out_addr.to_string(), in_addr.to_string());
+    let pod = spawn_sidecar(
+        &kith,
+        "pod",
+        &[
+            "--mesh-cidr",
+            "10.0.0.0/8",
             "--outbound-listen",
-            &out_addr.to_string(),
+            &out_arg,
             "--inbound-listen",
-            &in_addr.to_string(),
-            "--admin-listen",
-            &admin.to_string(),
-        ])
-        .arg("--cert")
-        .arg(dir.join("svid.crt"))
-        .arg("--key")
-        .arg(dir.join("svid.key"))
-        .arg("--bundle")
-        .arg(dir.join("bundle.crt"))
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+            &in_arg,
+        ],
+    );
+    let admin = pod.admin;
     wait_port(out_addr);
     wait_port(in_addr);
     wait_port(admin);
@@ -312,8 +312,7 @@ fn transparent_mode_starts_its_captured_listeners_and_counts_what_was_not_captur
         assert!(Instant::now() < deadline, "{m}");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(pod);
     // Explicit flags without --listen are a usage error.
     let out = Command::new(env!("CARGO_BIN_EXE_kith"))
         .args([
@@ -340,26 +339,12 @@ fn transparent_mode_starts_its_captured_listeners_and_counts_what_was_not_captur
 
 /// A sidecar with its identity files and a config file instead of --listen.
 fn sidecar_with_config(kith: &Kith, name: &str, config: &str, extra: &[&str]) -> Sidecar {
-    let dir = kith.path(name);
     let path = kith.path(&format!("{name}.toml"));
     std::fs::write(&path, config).unwrap();
-    let admin = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_kith"))
-        .args(["sidecar", "run", "--admin-listen", &admin.to_string()])
-        .arg("--config")
-        .arg(&path)
-        .arg("--cert")
-        .arg(dir.join("svid.crt"))
-        .arg("--key")
-        .arg(dir.join("svid.key"))
-        .arg("--bundle")
-        .arg(dir.join("bundle.crt"))
-        .args(extra)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_port(admin);
-    Sidecar { child, admin }
+    let path = path.to_str().unwrap();
+    let s = spawn_sidecar(kith, name, &[&["--config", path][..], extra].concat());
+    wait_port(s.admin);
+    s
 }
 
 #[test]
