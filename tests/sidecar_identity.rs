@@ -72,56 +72,50 @@ fn pod_sidecars_get_their_svids_from_the_ca_with_the_service_account_token() {
 
     let backend = echo_backend();
     let (server_addr, server_admin) = (free_port(), free_port());
-    let identity = |token: &Path| {
-        vec![
-            "--k8s-token-file".to_owned(),
-            token.to_str().unwrap().to_owned(),
-            "--ca".to_owned(),
-            url.clone(),
-            "--bundle".to_owned(),
-            bundle.to_str().unwrap().to_owned(),
-        ]
+    // `kith sidecar run` with `flags`, its identity from `token` by way of the CA.
+    let start = |name: &str, flags: &[&str], token: &Path| {
+        let identity = [
+            "--k8s-token-file",
+            token.to_str().unwrap(),
+            "--ca",
+            &url,
+            "--bundle",
+            bundle.to_str().unwrap(),
+        ];
+        Proc::spawn(
+            d,
+            name,
+            &[&["sidecar", "run"][..], flags, &identity].concat(),
+        )
     };
-    let mut args: Vec<String> = [
-        "sidecar",
-        "run",
-        "--listen",
-        &server_addr.to_string(),
-        "--forward",
-        &backend.to_string(),
-        "--allow",
-        "spiffe://example.org/ns/shop/sa/web",
-        "--admin-listen",
-        &server_admin.to_string(),
-    ]
-    .map(String::from)
-    .to_vec();
-    args.extend(identity(&api_token));
-    let server = Proc::spawn(
-        d,
+    let server = start(
         "server",
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &[
+            "--listen",
+            &server_addr.to_string(),
+            "--forward",
+            &backend.to_string(),
+            "--allow",
+            "spiffe://example.org/ns/shop/sa/web",
+            "--admin-listen",
+            &server_admin.to_string(),
+        ],
+        &api_token,
     );
     let (client_addr, client_admin) = (free_port(), free_port());
-    let mut args: Vec<String> = [
-        "sidecar",
-        "run",
-        "--listen",
-        &client_addr.to_string(),
-        "--connect",
-        &server_addr.to_string(),
-        "--expect-id",
-        "spiffe://example.org/ns/payments/sa/api",
-        "--admin-listen",
-        &client_admin.to_string(),
-    ]
-    .map(String::from)
-    .to_vec();
-    args.extend(identity(&web_token));
-    let client = Proc::spawn(
-        d,
+    let client = start(
         "client",
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &[
+            "--listen",
+            &client_addr.to_string(),
+            "--connect",
+            &server_addr.to_string(),
+            "--expect-id",
+            "spiffe://example.org/ns/payments/sa/api",
+            "--admin-listen",
+            &client_admin.to_string(),
+        ],
+        &web_token,
     );
     wait_ready(server_admin, &server);
     wait_ready(client_admin, &client);
