@@ -279,3 +279,78 @@ fn issue_prints_files_and_one_liners_and_json() {
     assert!((3500..=3600).contains(&secs), "1h ttl: {secs}");
     assert_eq!(info[1]["svid"]["kind"], "signing");
 }
+
+/// The README's "use the files with anything that speaks TLS" block, run as written: the
+/// `kith certs issue` line, `openssl verify`, and the `openssl s_server` + `curl` pair with
+/// client certificates (only the port and the output folder are changed).
+#[test]
+fn readme_certs_commands_run_as_written() {
+    if !have_tool("openssl", "readme_certs_commands_run_as_written")
+        || !have_tool("curl", "readme_certs_commands_run_as_written")
+    {
+        return;
+    }
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let kith = Kith::new();
+    let out = kith.path("first-svid");
+    let port = common::net::free_port().port().to_string();
+    let adapt = |line: &str| -> Vec<String> {
+        line.replace("target/first-svid", out.to_str().unwrap())
+            .replace("8443", &port)
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    let line = |prefix: &str| -> Vec<String> {
+        let found = readme
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("README has no line starting with {prefix:?}"));
+        adapt(found)
+    };
+
+    let issue = line("cargo run --release -- certs issue");
+    let issue_args: Vec<&str> = issue[5..].iter().map(String::as_str).collect();
+    kith.certs(&issue_args).ok();
+
+    let verify = line("openssl verify");
+    let (ok, text) = openssl(&verify[1..].iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "README's openssl verify failed:\n{text}");
+
+    let server = line("openssl s_server");
+    let mut s_server = std::process::Command::new("openssl")
+        .args(&server[1..])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let curl = line("curl --cacert");
+    let mut last = String::new();
+    let mut answered = false;
+    for _ in 0..100 {
+        let run = std::process::Command::new("curl")
+            .args(["-sS", "--max-time", "5"])
+            .args(&curl[1..])
+            .output()
+            .unwrap();
+        if run.status.success() {
+            let body = String::from_utf8_lossy(&run.stdout);
+            assert!(
+                body.contains("s_server"),
+                "s_server -www answers its status page: {body}"
+            );
+            answered = true;
+            break;
+        }
+        last = String::from_utf8_lossy(&run.stderr).into_owned();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = s_server.kill();
+    let _ = s_server.wait();
+    assert!(
+        answered,
+        "README's curl never got an answer from its s_server: {last}"
+    );
+}

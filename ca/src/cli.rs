@@ -462,7 +462,9 @@ pub fn init_logging(format: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colours only on a terminal: a log redirected to a file or a pipe carries no ANSI codes.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let _ = if format == "json" {
         builder.json().try_init()
     } else {
@@ -502,7 +504,14 @@ fn secs(v: &Value) -> String {
     }
 }
 
-/// A plain table of selected columns, or the JSON as is.
+/// Unix seconds as RFC 3339 in UTC (`2026-12-07T02:38:42Z`).
+fn rfc3339(unix: i64) -> Option<String> {
+    let t = time::OffsetDateTime::from_unix_timestamp(unix).ok()?;
+    t.format(&time::format_description::well_known::Rfc3339)
+        .ok()
+}
+
+/// A plain table of selected columns (times as RFC 3339), or the JSON as is.
 fn table(v: &Value, json: bool, columns: &[&str]) {
     if json {
         return print_json(v);
@@ -515,6 +524,11 @@ fn table(v: &Value, json: bool, columns: &[&str]) {
     let cell = |row: &Value, c: &str| match &row[c] {
         Value::Null => "-".to_owned(),
         Value::String(s) => s.clone(),
+        // Time columns (`at`, `*_at`) are Unix seconds on the wire; people read RFC 3339.
+        Value::Number(n) if c == "at" || c.ends_with("_at") => n
+            .as_i64()
+            .and_then(rfc3339)
+            .unwrap_or_else(|| n.to_string()),
         other => other.to_string(),
     };
     let widths: Vec<usize> = columns

@@ -211,7 +211,8 @@ pub fn render(issued: &Issued, req_format: Format, dns_name: Option<&str>) -> St
                 d(crt)
             ));
             s.push_str(&format!(
-                "  openssl s_server -accept 8443 -cert {} -key {} -CAfile {} -Verify 1 -tls1_3\n",
+                "  openssl s_server -accept 8443 -www -tls1_3 -cert {} -cert_chain {} -key {} -CAfile {} -Verify 1\n",
+                d(crt),
                 d(crt),
                 d(&f.key),
                 d(&f.bundle)
