@@ -116,7 +116,6 @@ impl Admission {
             ),
             None => None,
         };
-        self.metrics.connection_opened();
         Ok(Slot {
             _total: total,
             _per_uid: per_uid,
@@ -133,7 +132,8 @@ impl Drop for TotalGuard {
     }
 }
 
-/// A connection's place under the caps, given back when the connection is dropped.
+/// A connection's place under the caps, given back when the connection is dropped (the
+/// open-connection gauge, raised once the connection is set up, goes down with it).
 struct Slot {
     _total: TotalGuard,
     _per_uid: Option<PerUidGuard>,
@@ -303,6 +303,8 @@ pub(crate) fn incoming(
                         // As early as possible: the executable and start time that every call
                         // on this connection is checked against.
                         let cred = ucred.and_then(PeerCred::at_accept);
+                        // Counted open once its credentials are pinned.
+                        admission.metrics.connection_opened();
                         break Ok(Conn {
                             io: AuthorityFix::new(io),
                             info: ConnInfo { cred },
