@@ -349,6 +349,15 @@ impl SelectorPlugin for DockerPlugin {
                 }
                 _ => PluginError::unavailable("docker_engine_unavailable", error_chain(&e)),
             };
+            if caller.pid_ns.is_none() || caller.mnt_ns.is_none() {
+                return Err(PluginError::unavailable(
+                    "docker_caller_namespaces_unreadable",
+                    format!(
+                        "cannot read /proc/{}/ns of a caller claiming container {id}: the agent needs CAP_SYS_PTRACE to bind it to the container",
+                        caller.pid
+                    ),
+                ));
+            }
             let info = self.container_info(id).await.map_err(unavailable)?;
             if self.in_container(caller, &info).await {
                 return Ok(info.selectors.as_ref().clone());

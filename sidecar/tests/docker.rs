@@ -541,6 +541,19 @@ async fn a_stopped_or_restarted_container_is_asked_again_before_refusing() {
     assert_eq!(err.reason, "docker_container_not_running");
 }
 
+#[tokio::test]
+async fn a_caller_whose_namespaces_cannot_be_read_is_not_bound() {
+    let engine = FakeEngine::start(Mode::Normal);
+    let unreadable = Caller {
+        pid_ns: None,
+        ..in_container(ID)
+    };
+    let err = engine.plugin().selectors(&unreadable).await.unwrap_err();
+    assert_eq!(err.reason, "docker_caller_namespaces_unreadable");
+    assert!(err.detail.contains("CAP_SYS_PTRACE"), "{}", err.detail);
+    assert_eq!(engine.hits(), (0, 0), "the engine is not asked");
+}
+
 /// Real namespaces: a process in its own pid and mount namespaces stands for the container.
 /// Only a caller in those namespaces is bound to it.
 #[tokio::test]

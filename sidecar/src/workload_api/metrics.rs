@@ -280,4 +280,37 @@ mod tests {
         m.stream_closed();
         assert_eq!(m.open_streams(), 1);
     }
+
+    #[test]
+    fn refusals_and_connections_are_exported_through_the_agent_registry() {
+        let m = WorkloadApiMetrics::new();
+        let mut registry = Registry::with_prefix("kith_agent");
+        m.register(&mut registry);
+        m.refuse("connections_per_uid_cap", Some(65534), Some(42), "test");
+        m.refuse("connections_per_uid_cap", Some(65534), Some(43), "test");
+        m.refused("unix_path_other_mount_namespace");
+        m.connection_opened();
+        m.connection_opened();
+        m.connection_closed();
+        assert_eq!(m.refusals("connections_per_uid_cap"), 2);
+        assert_eq!(m.connections(), 1);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains(
+                "kith_agent_workload_api_refusals_total{reason=\"connections_per_uid_cap\"} 2"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "kith_agent_workload_api_refusals_total{reason=\"unix_path_other_mount_namespace\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("kith_agent_workload_api_connections 1"),
+            "{text}"
+        );
+    }
 }
