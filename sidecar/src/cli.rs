@@ -166,7 +166,6 @@ async fn run_agent(args: RunArgs) -> Result<()> {
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
     let api_metrics = Arc::new(WorkloadApiMetrics::new());
-    agent.metrics.register(|r| api_metrics.register(r));
     let limits = Limits {
         max_connections: args.max_connections as usize,
         max_connections_per_uid: args.max_connections_per_uid as usize,
