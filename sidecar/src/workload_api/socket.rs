@@ -217,12 +217,14 @@ impl AsyncRead for Conn {
     ) -> Poll<io::Result<()>> {
         self.check_open(cx)?;
         match Pin::new(&mut self.io).poll_read(cx, buf) {
-            Poll::Ready(Err(e)) => {
-                // The shim refused what the client sent (a header list past the limit, a bad
-                // header block): say why, once.
-                let reason = self.io.failure_reason().unwrap_or("http2_read_failed");
-                Poll::Ready(Err(self.cut_for(reason, &e.to_string())))
-            }
+            // The shim refused what the client sent (a header list past the limit, a bad header
+            // block): say why, once. Other read errors (the client went away) are no refusal.
+            Poll::Ready(Err(e)) => match self.io.failure_reason() {
+                Some(reason) if self.cut.is_none() => {
+                    Poll::Ready(Err(self.cut_for(reason, &e.to_string())))
+                }
+                _ => Poll::Ready(Err(e)),
+            },
             other => {
                 if self.first_request.is_some() && self.io.saw_request() {
                     self.first_request = None;
