@@ -117,6 +117,10 @@ async fn a_user_runs_the_ca_from_the_cli() {
     assert_eq!(status["signers"][0]["state"], "active");
     assert!(status["time_to_outage_seconds"].as_i64().unwrap() > 300 * 86_400);
     assert_eq!(status["counts"]["issued"], 1);
+    assert_eq!(status["disk"]["state"], "ok", "{status}");
+    assert!(status["disk"]["free_bytes"].as_u64().unwrap() > 0);
+    let (_, out, _) = kith(&["ca", "status", "--data-dir", d]);
+    assert!(out.contains("disk          ok:"), "{out}");
     let (_, out, _) = kith(&["ca", "bundle", "--data-dir", d]);
     assert_eq!(out, pem);
     let (code, out, _) = kith(&["ca", "audit", "verify", "--data-dir", d]);
@@ -125,12 +129,12 @@ async fn a_user_runs_the_ca_from_the_cli() {
 
     assert_eq!(stop(ca), 0, "SIGTERM is a clean exit");
     assert!(!data.join("admin.sock").exists());
-    // Offline: the audit chain can be proven without the CA running...
-    let (code, out, _) = kith(&["ca", "audit", "verify", "--data-dir", d]);
+    // Offline: the audit chain can be proven without the CA running, with its KEK...
+    let (code, out, _) = kith_with_kek(&["ca", "audit", "verify", "--data-dir", d]);
     assert_eq!(code, 0, "{out}");
     // ...and a tampered row is found by number.
     let db = rusqlite_free_edit(&data.join("kith-ca.db"));
-    let (code, out, _) = kith(&["ca", "audit", "verify", "--data-dir", d]);
+    let (code, out, _) = kith_with_kek(&["ca", "audit", "verify", "--data-dir", d]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains(&format!("BROKEN at row {db}")), "{out}");
 
@@ -138,6 +142,118 @@ async fn a_user_runs_the_ca_from_the_cli() {
     let (code, _, err) = kith(&["ca", "status", "--data-dir", d]);
     assert_eq!(code, 2);
     assert!(err.contains("is `kith ca serve` running"), "{err}");
+}
+
+/// The KEK `common::serve_ca` starts the CA with.
+const KEK: &str = "KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio=";
+
+/// `kith` with the test CA's KEK in `KITH_CA_KEK`, as an operator checking a stopped CA runs it.
+fn kith_with_kek(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kith"))
+        .args(args)
+        .env("KITH_CA_KEK", KEK)
+        .output()
+        .unwrap();
+    let (o, e) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(!e.contains("panicked"), "{e}");
+    (out.status.code().unwrap_or(-1), o, e)
+}
+
+#[test]
+fn the_kek_is_never_taken_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("data");
+    let (code, _, err) = kith(&[
+        "ca",
+        "serve",
+        "--kek",
+        KEK,
+        "--data-dir",
+        d.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("unexpected argument '--kek'"), "{err}");
+    assert!(!d.exists(), "nothing was started");
+    let (_, help, _) = kith(&["ca", "serve", "--help"]);
+    assert!(
+        help.contains("KITH_CA_KEK") && help.contains("--kek-file"),
+        "{help}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_written_down_audit_head_catches_deleted_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let d = data.to_str().unwrap();
+    let ca = serve(&data);
+    for name in ["host-a", "host-b", "host-c"] {
+        let (code, _, err) = kith(&["ca", "token", "create", "--name", name, "--data-dir", d]);
+        assert_eq!(code, 0, "{err}");
+    }
+    let (code, out, err) = kith(&["ca", "audit", "head", "--json", "--data-dir", d]);
+    assert_eq!(code, 0, "{err}");
+    let head: Value = serde_json::from_str(&out).unwrap();
+    let seq = head["seq"].as_i64().unwrap();
+    let hash = head["hash"].as_str().unwrap().to_owned();
+    assert_eq!(hash.len(), 64);
+    let (_, text, _) = kith(&["ca", "audit", "head", "--data-dir", d]);
+    let written_down = format!("{seq}:{hash}");
+    assert_eq!(text.trim(), written_down);
+    let (code, out, _) = kith(&[
+        "ca",
+        "audit",
+        "verify",
+        "--expect-head",
+        &written_down,
+        "--data-dir",
+        d,
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&written_down), "{out}");
+    assert_eq!(stop(ca), 0);
+
+    // Offline, verifying needs the KEK, and says so.
+    let (code, _, err) = kith(&["ca", "audit", "verify", "--data-dir", d]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("KITH_CA_KEK") && err.contains("--kek-file"),
+        "{err}"
+    );
+    let (code, out, _) = kith(&["ca", "audit", "head", "--data-dir", d]);
+    assert_eq!((code, out.trim()), (0, written_down.as_str()));
+
+    // The newest rows deleted behind the CA's back: still a chain, but not the one written down.
+    let c = rusqlite::Connection::open(data.join("kith-ca.db")).unwrap();
+    c.execute("DELETE FROM audit WHERE seq >= ?1", [seq - 1])
+        .unwrap();
+    let (code, out, _) = kith_with_kek(&["ca", "audit", "verify", "--data-dir", d]);
+    assert_eq!(code, 0, "{out}");
+    let (code, out, _) = kith_with_kek(&[
+        "ca",
+        "audit",
+        "verify",
+        "--expect-head",
+        &written_down,
+        "--data-dir",
+        d,
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("rows were deleted"), "{out}");
+    let (code, _, err) = kith_with_kek(&[
+        "ca",
+        "audit",
+        "verify",
+        "--expect-head",
+        "seven",
+        "--data-dir",
+        d,
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("SEQ:HASH"), "{err}");
 }
 
 /// Alters audit row 2 behind the CA's back; returns the row number.

@@ -82,8 +82,9 @@ pub struct ServeArgs {
     /// How long a client may take to send a request [default: 10s]
     #[arg(long, env = "KITH_CA_REQUEST_TIMEOUT", value_parser = humantime::parse_duration)]
     pub request_timeout: Option<Duration>,
-    /// Free space to keep on the data volume (e.g. 5%, 256MiB); below it anonymous requests
-    /// (join and Kubernetes attestation) are refused with 503 disk_low [default: 5%]
+    /// Free space to keep on the data volume (5%, 256MiB, 0, or auto: the smaller of 5% and
+    /// 256MiB); below it anonymous requests (join and Kubernetes attestation) are refused with
+    /// 503 disk_low [default: auto]
     #[arg(long, env = "KITH_CA_MIN_FREE_DISK", value_parser = MinFree::parse)]
     pub min_free_disk: Option<MinFree>,
 }

@@ -21,7 +21,11 @@ pub fn excerpt(text: &str) -> String {
     let mut kept = 0;
     for c in text.chars() {
         let escaped = c.is_control() || c == '\\';
-        let width = if escaped { c.escape_default().count() } else { 1 };
+        let width = if escaped {
+            c.escape_default().count()
+        } else {
+            1
+        };
         if kept + width > EXCERPT_CHARS {
             out.push('…');
             return out;
@@ -208,24 +212,25 @@ impl RefusalLimiter {
 }
 
 /// The free space the CA keeps on its data volume.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MinFree {
     Bytes(u64),
     /// Percent of the volume's size.
     Percent(f64),
-}
-
-impl Default for MinFree {
-    fn default() -> Self {
-        MinFree::Percent(5.0)
-    }
+    /// The smaller of 5 % of the volume and 256 MiB: enough for a burst of renewals on a small
+    /// volume, without holding back gigabytes on a large, shared one.
+    #[default]
+    Auto,
 }
 
 impl MinFree {
-    /// `5%`, `256MiB`, `1GiB`, `500MB`, `1048576` (bytes), `0` (no reserve).
+    /// `auto`, `5%`, `256MiB`, `1GiB`, `500MB`, `1048576` (bytes), `0` (no reserve).
     pub fn parse(text: &str) -> Result<Self, String> {
         let t = text.trim();
+        if t == "auto" {
+            return Ok(MinFree::Auto);
+        }
         if let Some(p) = t.strip_suffix('%') {
             let p: f64 = p
                 .trim()
@@ -267,6 +272,7 @@ impl MinFree {
         match self {
             MinFree::Bytes(b) => *b,
             MinFree::Percent(p) => (total as f64 * p / 100.0) as u64,
+            MinFree::Auto => (total / 20).min(256 << 20),
         }
     }
 }
@@ -446,6 +452,9 @@ mod tests {
                 .contains("unknown unit")
         );
         assert_eq!(MinFree::Percent(5.0).bytes(1000), 50);
+        assert_eq!(MinFree::parse("auto").unwrap(), MinFree::Auto);
+        assert_eq!(MinFree::Auto.bytes(1 << 30), (1 << 30) / 20);
+        assert_eq!(MinFree::Auto.bytes(1 << 40), 256 << 20);
     }
 
     #[test]

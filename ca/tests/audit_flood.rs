@@ -234,3 +234,21 @@ async fn below_the_free_space_reserve_anonymous_work_is_refused_and_readyz_says_
             .any(|t| t.name == "host-b" && t.used_at.is_none())
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_head_is_exported_as_a_metric() {
+    let ca = start_ca(|_| {}).await;
+    ca.node("host-a").await;
+    let head = ca.running.ca.store.audit_head().unwrap().unwrap();
+    assert!(head.seq > 0);
+    // The maintenance loop exports it every few seconds.
+    let mut exported = 0.0;
+    for _ in 0..100 {
+        exported = metric(&ca.metrics().await, "kith_ca_audit_head_seq");
+        if exported == head.seq as f64 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(exported, head.seq as f64);
+}
