@@ -345,6 +345,27 @@ mod tests {
         assert_eq!(c.listen.port(), 7001);
         assert_eq!(c.node_ttl, Duration::from_secs(86_400));
         assert_eq!(c.public_url, "https://localhost:7001");
+        assert_eq!(c.min_free_disk, MinFree::Auto);
+    }
+
+    #[test]
+    fn the_free_space_reserve_comes_from_the_file_and_bad_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ca.toml");
+        std::fs::write(&file, "min-free-disk = \"1GiB\"\n").unwrap();
+        let c = Config::resolve(ServeArgs {
+            config: Some(file.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.min_free_disk, MinFree::Bytes(1 << 30));
+        std::fs::write(&file, "min-free-disk = \"plenty\"\n").unwrap();
+        let err = Config::resolve(ServeArgs {
+            config: Some(file),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("min-free-disk"), "{err:#}");
     }
 
     #[test]
