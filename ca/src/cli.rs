@@ -436,7 +436,13 @@ async fn run_inner(args: CaArgs) -> Result<ExitCode> {
                             )
                         })
                         .unwrap_or_default();
-                    println!("audit chain intact: {} rows{head}", v["rows"]);
+                    let legacy = match v["legacy_rows"].as_i64() {
+                        Some(n) if n > 0 => format!(
+                            " ({n} of them from before the chain was keyed, checked as plain SHA-256)"
+                        ),
+                        _ => String::new(),
+                    };
+                    println!("audit chain intact: {} rows{legacy}{head}", v["rows"]);
                 } else {
                     println!(
                         "audit chain BROKEN at row {}: {}",
