@@ -40,6 +40,10 @@ pub enum AuthorityError {
         "cannot unseal CA key {id} ({kind:?}): the sealed key does not match its database record (its certificate, activation time or, for a JWT key, validity was changed), or this is not the key-encryption key it was sealed with; restore the database from a backup or start with the right KEK"
     )]
     Binding { id: String, kind: KeyKind },
+    #[error(
+        "CA key {id} is sealed in the old format although it was sealed again, bound to its certificate, when this CA was upgraded (audit row key.reseal): an old copy of the key was put back into the database; restore the database from a backup"
+    )]
+    OldSealRestored { id: String },
     #[error("CA key {id} has an unreadable certificate: {detail}")]
     BadCert { id: String, detail: String },
 }
@@ -652,8 +656,8 @@ fn legacy_purpose(kind: KeyKind, id: &str) -> String {
 /// binding, once.
 ///
 /// SECURITY: until that happens, someone who can write the database could pair such a key with
-/// another certificate; after it, only by restoring the old blob, which an operator's backup
-/// of the upgraded database does not contain.
+/// another certificate. After it, putting the old blob back is refused while the `key.reseal`
+/// audit row stands, and deleting that row breaks the audit chain.
 async fn prepare_records<S: Store>(
     store: &S,
     kek: &Kek,
@@ -680,11 +684,14 @@ async fn prepare_records<S: Store>(
             (r.not_before, r.not_after) = (nb, na);
         }
         if Kek::is_legacy(&r.sealed_key) {
+            if store.audit_has(RESEAL, &r.id)? {
+                return Err(AuthorityError::OldSealRestored { id: r.id });
+            }
             let der = open_sealed(kek, &r)?;
             let sealed = kek.seal(&binding(&r), &der)?;
             let audit = AuditEvent {
                 at: unix(now),
-                action: "key.reseal".into(),
+                action: RESEAL.into(),
                 subject: r.id.clone(),
                 outcome: "ok".into(),
                 detail: json!({"kind": r.kind, "binding": "certificate"}),
@@ -703,6 +710,9 @@ async fn prepare_records<S: Store>(
     }
     Ok(out)
 }
+
+/// The audit action of sealing an old-format key again.
+const RESEAL: &str = "key.reseal";
 
 /// NotBefore and NotAfter of a DER certificate, in unix seconds.
 pub fn cert_validity(der: &[u8]) -> Result<(i64, i64), String> {

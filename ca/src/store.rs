@@ -287,6 +287,8 @@ pub trait Store: Send + Sync + 'static {
     /// Walks the whole chain; with `expect`, also requires that row to be in it unchanged.
     fn verify_audit(&self, expect: Option<&AuditHead>) -> Result<AuditVerdict, StoreError>;
     fn audit_head(&self) -> Result<Option<AuditHead>, StoreError>;
+    /// Whether any audit row has this action and subject (a scan: for rare checks only).
+    fn audit_has(&self, action: &str, subject: &str) -> Result<bool, StoreError>;
     fn counts(&self) -> Result<Counts, StoreError>;
 }
 

@@ -176,4 +176,16 @@ async fn a_key_sealed_by_an_older_kith_is_sealed_again_with_its_certificate() {
             .any(|r| r.event.action == "key.reseal" && r.event.subject == int.id)
     );
     assert_eq!(store.verify_audit(None).unwrap().first_broken, None);
+
+    // The old blob put back (it binds no certificate, so it could be paired with any): refused.
+    sql(
+        dir.path(),
+        "UPDATE ca_keys SET sealed_key = ?1 WHERE id = ?2",
+        rusqlite::params![old, int.id],
+    );
+    let err = load(&store, now).await.err().unwrap();
+    assert!(
+        matches!(&err, AuthorityError::OldSealRestored { id } if *id == int.id),
+        "{err}"
+    );
 }

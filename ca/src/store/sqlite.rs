@@ -729,6 +729,17 @@ impl Store for SqliteStore {
         self.read(audit_head)
     }
 
+    fn audit_has(&self, action: &str, subject: &str) -> Result<bool, StoreError> {
+        self.read(|c| {
+            c.query_row(
+                "SELECT EXISTS (SELECT 1 FROM audit WHERE action = ?1 AND subject = ?2)",
+                params![action, subject],
+                |r| r.get::<_, bool>(0),
+            )
+            .map_err(db)
+        })
+    }
+
     fn counts(&self) -> Result<Counts, StoreError> {
         self.read(|c| {
             let one = |sql: &str| c.query_row(sql, [], |r| r.get::<_, i64>(0)).map_err(db);
