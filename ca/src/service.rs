@@ -552,6 +552,12 @@ impl<S: Store> Ca<S> {
     ) -> ApiError {
         self.metrics.refused(err.code);
         if !authenticated && ANONYMOUS_NOISE.contains(&err.code) {
+            tracing::debug!(
+                reason = err.code,
+                endpoint,
+                ?source,
+                "refused anonymous noise"
+            );
             return err;
         }
         let t = now
@@ -560,8 +566,17 @@ impl<S: Store> Ca<S> {
             .unwrap_or(0.0);
         if !self.refusals.admit(source, err.code, t) {
             self.metrics.audit_suppressed.inc();
+            tracing::debug!(
+                reason = err.code,
+                endpoint,
+                ?source,
+                subject,
+                "refused (audit row held back by the rate limit)"
+            );
             return err;
         }
+        // Logged at the rate refusals are audited, so an attack cannot flood the log either.
+        tracing::info!(reason = err.code, endpoint, ?source, subject, message = %excerpt(&err.message), "refused");
         let event = AuditEvent {
             at: unix(now),
             action: "refuse".into(),
