@@ -294,3 +294,129 @@ fn check_with_outside_tools(dir: &Path, bundle_pem: &str, chain_pem: &str) {
         }
     }
 }
+
+/// id, kind, cert_der, sealed_key, not_before, not_after, activate_at.
+type KeyRow = (String, String, Option<Vec<u8>>, Vec<u8>, i64, i64, i64);
+
+/// Turns a CA's database back into what the kith before the keyed chain left: the audit log
+/// as a plain SHA-256 chain, and every CA key sealed in format 1 (bound to kind and id only).
+fn make_it_look_old(db: &Path) {
+    let c = rusqlite::Connection::open(db).unwrap();
+    let kek = ca::seal::Kek::from_base64(KEK).unwrap();
+    let store_keys: Vec<KeyRow> = c
+        .prepare("SELECT id, kind, cert_der, sealed_key, not_before, not_after, activate_at FROM ca_keys")
+        .unwrap()
+        .query_map([], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
+        })
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    for (id, kind, cert_der, sealed, not_before, not_after, activate_at) in store_keys {
+        let kind = match kind.as_str() {
+            "root" => ca::store::KeyKind::Root,
+            "intermediate" => ca::store::KeyKind::Intermediate,
+            _ => ca::store::KeyKind::Jwt,
+        };
+        let rec = ca::store::CaKeyRecord {
+            id: id.clone(),
+            kind,
+            cert_der,
+            sealed_key: sealed.clone(),
+            not_before,
+            not_after,
+            activate_at,
+            created_at: 0,
+        };
+        let der = kek.unseal(&ca::authority::binding(&rec), &sealed).unwrap();
+        let mut old = kek.seal(&format!("kith-ca:{kind:?}:{id}"), &der).unwrap();
+        old[0] = 1;
+        c.execute(
+            "UPDATE ca_keys SET sealed_key = ?1 WHERE id = ?2",
+            rusqlite::params![old, id],
+        )
+        .unwrap();
+    }
+    let rows: Vec<(i64, i64, String, String, String, String)> = c
+        .prepare("SELECT seq, at, action, subject, outcome, detail FROM audit ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        })
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let mut prev = [0u8; 32];
+    for (seq, at, action, subject, outcome, detail) in rows {
+        let e = ca::store::AuditEvent {
+            at,
+            action,
+            subject,
+            outcome,
+            detail: Value::Null,
+        };
+        let h = ca::store::legacy_audit_hash(&prev, seq, &e, &detail);
+        c.execute(
+            "UPDATE audit SET prev_hash = ?1, hash = ?2 WHERE seq = ?3",
+            rusqlite::params![&prev[..], &h[..], seq],
+        )
+        .unwrap();
+        prev = h;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_from_before_the_keyed_chain_upgrades_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let d = data.to_str().unwrap();
+    let ca = serve(&data);
+    let (code, _, err) = kith(&["ca", "token", "create", "--name", "host-a", "--data-dir", d]);
+    assert_eq!(code, 0, "{err}");
+    let bundle_before = kith(&["ca", "bundle", "--data-dir", d]).1;
+    assert_eq!(stop(ca), 0);
+    make_it_look_old(&data.join("kith-ca.db"));
+    let (_, out, _) = kith_with_kek(&["ca", "audit", "verify", "--data-dir", d]);
+    assert!(
+        out.contains("BROKEN") && out.contains("no row is keyed"),
+        "{out}"
+    );
+
+    // The new kith starts on it: same keys, the chain keyed from here on, the keys sealed again.
+    let ca = serve(&data);
+    assert_eq!(kith(&["ca", "bundle", "--data-dir", d]).1, bundle_before);
+    let (code, out, _) = kith(&["ca", "audit", "verify", "--data-dir", d]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("from before the chain was keyed"), "{out}");
+    let (_, rows, _) = kith(&["ca", "audit", "list", "--json", "--data-dir", d]);
+    let rows: Value = serde_json::from_str(&rows).unwrap();
+    let actions: Vec<&str> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["action"].as_str().unwrap())
+        .collect();
+    assert!(actions.contains(&"audit.keyed"), "{actions:?}");
+    assert_eq!(
+        actions.iter().filter(|a| **a == "key.reseal").count(),
+        3,
+        "{actions:?}"
+    );
+    assert_eq!(stop(ca), 0);
+    let c = rusqlite::Connection::open(data.join("kith-ca.db")).unwrap();
+    let old_format: i64 = c
+        .query_row(
+            "SELECT COUNT(*) FROM ca_keys WHERE substr(sealed_key, 1, 1) = x'01'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(old_format, 0);
+}
