@@ -121,6 +121,8 @@ async fn a_user_runs_the_ca_from_the_cli() {
     assert!(status["disk"]["free_bytes"].as_u64().unwrap() > 0);
     let (_, out, _) = kith(&["ca", "status", "--data-dir", d]);
     assert!(out.contains("disk          ok:"), "{out}");
+    assert!(out.contains("audit head    "), "{out}");
+    assert!(status["audit_head"]["seq"].as_i64().unwrap() > 0);
     let (_, out, _) = kith(&["ca", "bundle", "--data-dir", d]);
     assert_eq!(out, pem);
     let (code, out, _) = kith(&["ca", "audit", "verify", "--data-dir", d]);

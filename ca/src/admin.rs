@@ -418,6 +418,9 @@ pub struct Status {
     /// The data volume's free space and reserve.
     #[serde(default)]
     pub disk: Option<serde_json::Value>,
+    /// The newest audit row, to keep somewhere else for `audit verify --expect-head`.
+    #[serde(default)]
+    pub audit_head: Option<AuditHead>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -459,6 +462,7 @@ pub fn status<S: Store>(ca: &Ca<S>, now: SystemTime) -> Result<Status, ApiError>
             .disk
             .as_ref()
             .and_then(|d| serde_json::to_value(d.check()).ok()),
+        audit_head: ca.store.audit_head()?,
     })
 }
 

@@ -364,6 +364,13 @@ async fn run_inner(args: CaArgs) -> Result<ExitCode> {
                     secs(&v["time_to_outage_seconds"])
                 );
                 println!("counts        {}", v["counts"]);
+                if let Some(h) = v["audit_head"].as_object() {
+                    println!(
+                        "audit head    {}:{}",
+                        h["seq"],
+                        h["hash"].as_str().unwrap_or_default()
+                    );
+                }
                 if let Some(d) = v["disk"].as_object() {
                     let mib = |k: &str| d.get(k).and_then(Value::as_u64).unwrap_or(0) >> 20;
                     println!(
