@@ -393,7 +393,7 @@ async fn route<S: Store>(
             &serde_json::json!({"status": "ok"}),
         )),
         ("GET", "/readyz") => Ok(match &ca.disk {
-            Some(disk) => crate::server::readyz(disk),
+            Some(disk) => crate::guard::readyz(disk),
             None => json_response(StatusCode::OK, &serde_json::json!({"status": "ok"})),
         }),
         ("POST", "/v1/attest/join") => {

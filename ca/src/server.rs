@@ -283,7 +283,7 @@ async fn serve_metrics(
                             r
                         }
                         "/healthz" => json_response(StatusCode::OK, &serde_json::json!({"status": "ok"})),
-                        "/readyz" => readyz(&disk),
+                        "/readyz" => crate::guard::readyz(&disk),
                         _ => json_response(StatusCode::NOT_FOUND, &serde_json::json!({"code": "not_found", "message": "try /metrics, /healthz or /readyz"})),
                     };
                     Ok::<_, Infallible>(resp)
@@ -294,20 +294,4 @@ async fn serve_metrics(
     }
     tracker.close();
     tracker.wait().await;
-}
-
-/// `/readyz`, with the data volume's state under `checks.disk`. A low disk makes the CA
-/// `degraded`, not unready: anonymous work is refused, but renewals must go on, so the CA stays
-/// in its Service's endpoints and says why in the body.
-pub fn readyz(disk: &DiskGuard) -> hyper::Response<Full<Bytes>> {
-    let report = disk.report();
-    let status = if report.state == "low" {
-        "degraded"
-    } else {
-        "ok"
-    };
-    json_response(
-        StatusCode::OK,
-        &serde_json::json!({"status": status, "checks": {"disk": report}}),
-    )
 }
