@@ -77,7 +77,7 @@ enum CaCommand {
         #[command(flatten)]
         target: Target,
     },
-    /// The hash-chained audit log
+    /// The audit log, chained by a MAC keyed from the KEK
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
