@@ -26,7 +26,7 @@ use identity::SpiffeId;
 use crate::api::{error_response, json_response};
 use crate::authority::unix;
 use crate::service::{ApiError, Ca, secret_hash};
-use crate::store::{AuditEvent, Entry, JoinToken, Outcome, Store, Write};
+use crate::store::{AuditEvent, AuditHead, Entry, JoinToken, Outcome, Store, Write};
 
 type Body = Full<Bytes>;
 
@@ -236,8 +236,27 @@ async fn handle<S: Store>(
             Ok(json_response(StatusCode::OK, &rows))
         }
         ("GET", ["audit", "verify"]) => {
-            Ok(json_response(StatusCode::OK, &ca.store.verify_audit()?))
+            let expect = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("expect="))
+                .map(|v| {
+                    AuditHead::parse(&v.replace("%3A", ":").replace("%3a", ":"))
+                        .map_err(|e| ApiError::new(400, "bad_expect_head", e))
+                })
+                .transpose()?;
+            Ok(json_response(
+                StatusCode::OK,
+                &ca.store.verify_audit(expect.as_ref())?,
+            ))
         }
+        ("GET", ["audit", "head"]) => match ca.store.audit_head()? {
+            Some(head) => Ok(json_response(StatusCode::OK, &head)),
+            None => Err(ApiError::new(
+                404,
+                "audit_empty",
+                "the audit log has no rows yet",
+            )),
+        },
         _ => Err(ApiError::new(
             404,
             "not_found",
@@ -396,6 +415,12 @@ pub struct Status {
     /// If nothing else changes, the CA stops being able to issue when its root expires.
     pub time_to_outage_seconds: i64,
     pub counts: serde_json::Value,
+    /// The data volume's free space and reserve.
+    #[serde(default)]
+    pub disk: Option<serde_json::Value>,
+    /// The newest audit row, to keep somewhere else for `audit verify --expect-head`.
+    #[serde(default)]
+    pub audit_head: Option<AuditHead>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -433,6 +458,11 @@ pub fn status<S: Store>(ca: &Ca<S>, now: SystemTime) -> Result<Status, ApiError>
         root_expires_in_seconds: secs(keys.root_not_after),
         time_to_outage_seconds: secs(keys.root_not_after),
         counts: serde_json::to_value(ca.store.counts()?).unwrap_or_default(),
+        disk: ca
+            .disk
+            .as_ref()
+            .and_then(|d| serde_json::to_value(d.check()).ok()),
+        audit_head: ca.store.audit_head()?,
     })
 }
 

@@ -241,6 +241,8 @@ async fn serve_connection<S: Store>(
     limits: Limits,
     shutdown: CancellationToken,
 ) {
+    // The address refusals are rate-limited by in the audit log.
+    let source = tcp.peer_addr().ok().map(|a| a.ip());
     let stream = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -269,7 +271,7 @@ async fn serve_connection<S: Store>(
         let ca = ca.clone();
         let peer = peer.clone();
         let timeout = limits.request_timeout;
-        async move { Ok::<_, Infallible>(handle(ca, peer, req, timeout).await) }
+        async move { Ok::<_, Infallible>(handle(ca, peer, source, req, timeout).await) }
     });
     // HTTP/1.1 with keep-alive: what agents and the benchmark speak; hyper's header timeout
     // closes connections whose request never arrives.
@@ -317,6 +319,7 @@ pub struct JwtRequest {
 async fn handle<S: Store>(
     ca: Arc<Ca<S>>,
     peer: Arc<Peer>,
+    source: Option<std::net::IpAddr>,
     req: Request<Incoming>,
     timeout: Duration,
 ) -> Response<Body> {
@@ -328,11 +331,13 @@ async fn handle<S: Store>(
     let resp = match result {
         Ok(resp) => resp,
         Err(err) => {
-            let subject = match peer.as_ref() {
-                Peer::Verified { id, .. } => id.to_string(),
-                _ => "anonymous".into(),
+            let (subject, authenticated) = match peer.as_ref() {
+                Peer::Verified { id, .. } => (id.to_string(), true),
+                _ => ("anonymous".to_owned(), false),
             };
-            let err = ca.refuse(endpoint, &subject, err, now).await;
+            let err = ca
+                .refuse(endpoint, &subject, source, authenticated, err, now)
+                .await;
             error_response(&err)
         }
     };
@@ -383,10 +388,14 @@ async fn route<S: Store>(
                 Ok(json_response(StatusCode::OK, &ca.bundle_value()))
             }
         }
-        ("GET", "/healthz") | ("GET", "/readyz") => Ok(json_response(
+        ("GET", "/healthz") => Ok(json_response(
             StatusCode::OK,
             &serde_json::json!({"status": "ok"}),
         )),
+        ("GET", "/readyz") => Ok(match &ca.disk {
+            Some(disk) => crate::guard::readyz(disk),
+            None => json_response(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+        }),
         ("POST", "/v1/attest/join") => {
             let body: AttestRequest = read_json(req, timeout).await?;
             let resp = ca

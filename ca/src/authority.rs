@@ -36,6 +36,16 @@ pub enum AuthorityError {
     Upstream(String),
     #[error("jwt signing key: {0}")]
     Jwt(#[from] crate::jwt_svid::JwtError),
+    #[error(
+        "cannot unseal CA key {id} ({kind:?}): the sealed key does not match its database record (its certificate, activation time or, for a JWT key, validity was changed), or this is not the key-encryption key it was sealed with; restore the database from a backup or start with the right KEK"
+    )]
+    Binding { id: String, kind: KeyKind },
+    #[error(
+        "CA key {id} is sealed in the old format although it was sealed again, bound to its certificate, when this CA was upgraded (audit row key.reseal): an old copy of the key was put back into the database; restore the database from a backup"
+    )]
+    OldSealRestored { id: String },
+    #[error("CA key {id} has an unreadable certificate: {detail}")]
+    BadCert { id: String, detail: String },
 }
 
 fn cert_err(e: impl std::fmt::Display) -> AuthorityError {
@@ -144,7 +154,7 @@ impl Authority {
         upstream: Option<Upstream>,
         now: SystemTime,
     ) -> Result<Self, AuthorityError> {
-        let records = store.ca_keys()?;
+        let records = prepare_records(store, &kek, store.ca_keys()?, now).await?;
         let (root_issuer, anchors, upstream_chain, root_not_after) = match upstream {
             Some(up) => import_upstream(up)?,
             None => {
@@ -458,8 +468,8 @@ async fn create_root<S: Store>(
     )
     .map_err(cert_err)?;
     let cert = params.self_signed(&key).map_err(cert_err)?;
-    let rec = CaKeyRecord {
-        sealed_key: kek.seal(&purpose(KeyKind::Root, &id), key.serialize_der().as_slice())?,
+    let mut rec = CaKeyRecord {
+        sealed_key: Vec::new(),
         id,
         kind: KeyKind::Root,
         cert_der: Some(cert.der().to_vec()),
@@ -468,6 +478,7 @@ async fn create_root<S: Store>(
         activate_at: unix(now - BACKDATE),
         created_at: unix(now),
     };
+    rec.sealed_key = kek.seal(&binding(&rec), key.serialize_der().as_slice())?;
     store
         .write(Write::PutCaKey(
             rec.clone(),
@@ -550,20 +561,17 @@ fn new_intermediate_record(
     let params = intermediate_params(td, &format!("kith signer {id}"), not_before, not_after)
         .map_err(cert_err)?;
     let cert = params.signed_by(&key, root).map_err(cert_err)?;
-    let sealed = kek.seal(
-        &purpose(KeyKind::Intermediate, &id),
-        key.serialize_der().as_slice(),
-    )?;
-    let rec = CaKeyRecord {
+    let mut rec = CaKeyRecord {
         id: id.clone(),
         kind: KeyKind::Intermediate,
         cert_der: Some(cert.der().to_vec()),
-        sealed_key: sealed,
+        sealed_key: Vec::new(),
         not_before: unix(not_before),
         not_after: unix(not_after),
         activate_at: unix(activate_at),
         created_at: unix(now),
     };
+    rec.sealed_key = kek.seal(&binding(&rec), key.serialize_der().as_slice())?;
     let signer = Signer {
         id,
         chain: vec![cert.der().clone()],
@@ -596,14 +604,121 @@ fn load_signer(
 }
 
 fn unseal_key(kek: &Kek, r: &CaKeyRecord) -> Result<KeyPair, AuthorityError> {
-    let der = kek.unseal(&purpose(r.kind, &r.id), &r.sealed_key)?;
+    let der = open_sealed(kek, r)?;
     KeyPair::try_from(der.as_slice())
         .map_err(|e| AuthorityError::Cert(format!("key {}: {e}", r.id)))
 }
 
-/// The associated data that binds a sealed key to what it is for.
-pub fn purpose(kind: KeyKind, id: &str) -> String {
+/// A record's private key (PKCS#8), unsealed against its binding.
+fn open_sealed(kek: &Kek, r: &CaKeyRecord) -> Result<Vec<u8>, AuthorityError> {
+    let aad = if Kek::is_legacy(&r.sealed_key) {
+        legacy_purpose(r.kind, &r.id)
+    } else {
+        binding(r)
+    };
+    kek.unseal(&aad, &r.sealed_key).map_err(|e| match e {
+        SealError::Unseal(_) => AuthorityError::Binding {
+            id: r.id.clone(),
+            kind: r.kind,
+        },
+        other => other.into(),
+    })
+}
+
+/// The associated data that binds a sealed key to what it is for: its kind and id, the
+/// SHA-256 of its certificate and its activation time. A JWT key has no certificate, so its
+/// validity is bound instead. Whoever can write the database cannot pair a key with another
+/// certificate, move its activation, or stretch a JWT key's life: the key no longer unseals.
+pub fn binding(r: &CaKeyRecord) -> String {
+    match &r.cert_der {
+        Some(cert) => format!(
+            "kith-ca:v2:{:?}:{}:cert-sha256={}:activate_at={}",
+            r.kind,
+            r.id,
+            crate::store::hex(ring::digest::digest(&ring::digest::SHA256, cert).as_ref()),
+            r.activate_at
+        ),
+        None => format!(
+            "kith-ca:v2:{:?}:{}:not_before={}:not_after={}:activate_at={}",
+            r.kind, r.id, r.not_before, r.not_after, r.activate_at
+        ),
+    }
+}
+
+/// What kith bound before the certificate was: the key's kind and id only.
+fn legacy_purpose(kind: KeyKind, id: &str) -> String {
     format!("kith-ca:{kind:?}:{id}")
+}
+
+/// The stored keys as the CA may trust them. A key's validity is read from its certificate,
+/// never from the database's columns (which are kept for listing and for JWT keys). A key
+/// sealed by an older kith, bound to its kind and id only, is sealed again with its full
+/// binding, once.
+///
+/// SECURITY: until that happens, someone who can write the database could pair such a key with
+/// another certificate. After it, putting the old blob back is refused while the `key.reseal`
+/// audit row stands, and deleting that row breaks the audit chain.
+async fn prepare_records<S: Store>(
+    store: &S,
+    kek: &Kek,
+    records: Vec<CaKeyRecord>,
+    now: SystemTime,
+) -> Result<Vec<CaKeyRecord>, AuthorityError> {
+    let mut out = Vec::with_capacity(records.len());
+    for mut r in records {
+        if let Some(der) = &r.cert_der {
+            let (nb, na) = cert_validity(der).map_err(|detail| AuthorityError::BadCert {
+                id: r.id.clone(),
+                detail,
+            })?;
+            if (nb, na) != (r.not_before, r.not_after) {
+                tracing::warn!(
+                    key = %r.id,
+                    db_not_before = r.not_before,
+                    db_not_after = r.not_after,
+                    cert_not_before = nb,
+                    cert_not_after = na,
+                    "the database's validity columns for this CA key disagree with its certificate; using the certificate's"
+                );
+            }
+            (r.not_before, r.not_after) = (nb, na);
+        }
+        if Kek::is_legacy(&r.sealed_key) {
+            if store.audit_has(RESEAL, &r.id)? {
+                return Err(AuthorityError::OldSealRestored { id: r.id });
+            }
+            let der = open_sealed(kek, &r)?;
+            let sealed = kek.seal(&binding(&r), &der)?;
+            let audit = AuditEvent {
+                at: unix(now),
+                action: RESEAL.into(),
+                subject: r.id.clone(),
+                outcome: "ok".into(),
+                detail: json!({"kind": r.kind, "binding": "certificate"}),
+            };
+            store
+                .write(Write::ResealCaKey {
+                    id: r.id.clone(),
+                    sealed_key: sealed.clone(),
+                    audit,
+                })
+                .await?;
+            tracing::info!(key = %r.id, "sealed a CA key again, now bound to its certificate");
+            r.sealed_key = sealed;
+        }
+        out.push(r);
+    }
+    Ok(out)
+}
+
+/// The audit action of sealing an old-format key again.
+const RESEAL: &str = "key.reseal";
+
+/// NotBefore and NotAfter of a DER certificate, in unix seconds.
+pub fn cert_validity(der: &[u8]) -> Result<(i64, i64), String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
+    let v = cert.validity();
+    Ok((v.not_before.timestamp(), v.not_after.timestamp()))
 }
 
 /// The bundle for a key set: the anchors plus every published JWT key, so tokens signed by the
@@ -637,8 +752,8 @@ fn new_jwt_record(
     ));
     let (signer, der) = JwtSigner::generate(not_after)?;
     let id = signer.key_id().to_owned();
-    let rec = CaKeyRecord {
-        sealed_key: kek.seal(&purpose(KeyKind::Jwt, &id), &der)?,
+    let mut rec = CaKeyRecord {
+        sealed_key: Vec::new(),
         id,
         kind: KeyKind::Jwt,
         cert_der: None,
@@ -647,6 +762,7 @@ fn new_jwt_record(
         activate_at: unix(activate_at),
         created_at: unix(now),
     };
+    rec.sealed_key = kek.seal(&binding(&rec), &der)?;
     Ok((
         rec,
         JwtKey {
@@ -658,7 +774,7 @@ fn new_jwt_record(
 }
 
 fn load_jwt(kek: &Kek, r: &CaKeyRecord) -> Result<JwtKey, AuthorityError> {
-    let der = kek.unseal(&purpose(r.kind, &r.id), &r.sealed_key)?;
+    let der = open_sealed(kek, r)?;
     let signer = JwtSigner::from_pkcs8(r.id.clone(), &der, at(r.not_after))?;
     Ok(JwtKey {
         signer,

@@ -10,6 +10,8 @@ use clap::Args;
 use identity::TrustDomain;
 use serde::{Deserialize, Serialize};
 
+use crate::guard::MinFree;
+
 #[derive(Debug, Args, Default)]
 pub struct ServeArgs {
     /// TOML file with any of the settings below (flags and env win over it)
@@ -42,12 +44,11 @@ pub struct ServeArgs {
     /// Root lifetime, for a root the CA creates [default: 365d]
     #[arg(long, env = "KITH_CA_ROOT_TTL", value_parser = humantime::parse_duration)]
     pub root_ttl: Option<Duration>,
-    /// File with the key-encryption key (32 bytes, base64) that seals CA keys at rest
+    /// File with the key-encryption key (32 bytes, base64) that seals CA keys at rest and keys
+    /// the audit chain; or set KITH_CA_KEK to the key itself (there is no flag for it: a flag's
+    /// value shows in `ps` to every user of the host)
     #[arg(long, env = "KITH_CA_KEK_FILE")]
     pub kek_file: Option<PathBuf>,
-    /// The key-encryption key itself, base64 (prefer --kek-file)
-    #[arg(long = "kek", env = "KITH_CA_KEK", hide_env_values = true, hide = true)]
-    pub kek: Option<String>,
     /// Metrics and health address [default: 127.0.0.1:9090]
     #[arg(long, env = "KITH_CA_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -81,6 +82,11 @@ pub struct ServeArgs {
     /// How long a client may take to send a request [default: 10s]
     #[arg(long, env = "KITH_CA_REQUEST_TIMEOUT", value_parser = humantime::parse_duration)]
     pub request_timeout: Option<Duration>,
+    /// Free space to keep on the data volume (5%, 256MiB, 0, or auto: the smaller of 5% and
+    /// 256MiB); below it anonymous requests (join and Kubernetes attestation) are refused with
+    /// 503 disk_low [default: auto]
+    #[arg(long, env = "KITH_CA_MIN_FREE_DISK", value_parser = MinFree::parse)]
+    pub min_free_disk: Option<MinFree>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -107,6 +113,7 @@ struct FileConfig {
     max_connections: Option<usize>,
     log_format: Option<String>,
     request_timeout: Option<String>,
+    min_free_disk: Option<String>,
 }
 
 /// The effective configuration. `Serialize` is what is logged at start: no secret is in it
@@ -142,6 +149,8 @@ pub struct Config {
     /// How long a client may take to send a request (headers, then body).
     #[serde(with = "humantime_serde_secs")]
     pub request_timeout: Duration,
+    /// Free space kept on the data volume; below it anonymous work is refused.
+    pub min_free_disk: MinFree,
 }
 
 mod humantime_serde_secs {
@@ -240,6 +249,14 @@ impl Config {
         if max_connections == 0 {
             bail!("--max-connections must be at least 1");
         }
+        let min_free_disk = match args.min_free_disk {
+            Some(m) => m,
+            None => match file.min_free_disk {
+                Some(text) => MinFree::parse(&text)
+                    .map_err(|e| anyhow::anyhow!("config file: min-free-disk: {e}"))?,
+                None => MinFree::default(),
+            },
+        };
         Ok(Self {
             trust_domain,
             listen,
@@ -251,7 +268,7 @@ impl Config {
             intermediate_ttl,
             root_ttl,
             kek_file: args.kek_file.or(file.kek_file),
-            kek: args.kek,
+            kek: kek_from_env(),
             metrics_listen: args
                 .metrics_listen
                 .or(file.metrics_listen)
@@ -272,6 +289,7 @@ impl Config {
                 .request_timeout
                 .or(dur("request-timeout", file.request_timeout)?)
                 .unwrap_or(Duration::from_secs(10)),
+            min_free_disk,
         })
     }
 
@@ -290,6 +308,11 @@ impl Config {
         ));
         Ok(c)
     }
+}
+
+/// `KITH_CA_KEK`: the key-encryption key itself (base64), read from the environment only.
+pub fn kek_from_env() -> Option<String> {
+    std::env::var("KITH_CA_KEK").ok().filter(|v| !v.is_empty())
 }
 
 fn read_file(path: &Path) -> Result<FileConfig> {
@@ -322,6 +345,27 @@ mod tests {
         assert_eq!(c.listen.port(), 7001);
         assert_eq!(c.node_ttl, Duration::from_secs(86_400));
         assert_eq!(c.public_url, "https://localhost:7001");
+        assert_eq!(c.min_free_disk, MinFree::Auto);
+    }
+
+    #[test]
+    fn the_free_space_reserve_comes_from_the_file_and_bad_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ca.toml");
+        std::fs::write(&file, "min-free-disk = \"1GiB\"\n").unwrap();
+        let c = Config::resolve(ServeArgs {
+            config: Some(file.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.min_free_disk, MinFree::Bytes(1 << 30));
+        std::fs::write(&file, "min-free-disk = \"plenty\"\n").unwrap();
+        let err = Config::resolve(ServeArgs {
+            config: Some(file),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("min-free-disk"), "{err:#}");
     }
 
     #[test]

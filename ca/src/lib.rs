@@ -1,9 +1,10 @@
 //! `kith ca`: the CA service. It issues short-lived X509-SVIDs and JWT-SVIDs only to callers that
 //! proved who they are (join token, Kubernetes service-account token, or a current SVID), keeps
-//! its keys sealed, and records every issuance and refusal in a hash-chained audit log.
+//! its keys sealed, and records every issuance and refusal in an audit log chained by a MAC keyed from its KEK.
 
 pub mod authority;
 pub mod csr;
+pub mod guard;
 pub mod jwt_svid;
 pub mod k8s;
 pub mod metrics;

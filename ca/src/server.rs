@@ -21,6 +21,7 @@ use crate::admin::{self, AdminContext};
 use crate::api::{self, Limits, json_response};
 use crate::authority::{Authority, Lifetimes, Rotation, Upstream, unix};
 use crate::config::Config;
+use crate::guard::DiskGuard;
 use crate::k8s::{K8sConfig, K8sVerifier};
 use crate::metrics::Metrics;
 use crate::seal::{Kek, KekSource};
@@ -69,7 +70,9 @@ pub async fn start(
         KekSource::File(p) => tracing::info!(kek = %p.display(), "key-encryption key from file"),
         KekSource::Env => tracing::info!("key-encryption key from KITH_CA_KEK"),
     }
-    let store = Arc::new(SqliteStore::open(&cfg.data_dir).context("opening the CA database")?);
+    let store = Arc::new(
+        SqliteStore::open(&cfg.data_dir, kek.audit_key()).context("opening the CA database")?,
+    );
     let upstream = match (&cfg.upstream_cert, &cfg.upstream_key) {
         (Some(c), Some(k)) => {
             let chain = identity::pem::certificates(
@@ -109,6 +112,9 @@ pub async fn start(
     };
     let mut ca = Ca::new(store, authority.clone(), policy, metrics.clone())?;
     ca.k8s = k8s_verifier(cfg, &shutdown).await?;
+    let disk = Arc::new(DiskGuard::new(&cfg.data_dir, cfg.min_free_disk));
+    ca.disk = Some(disk.clone());
+    ca.measure_disk();
     let ca = Arc::new(ca);
 
     let serving = Arc::new(ServingCert::issue(&authority, &cfg.dns, SERVING_TTL, now)?);
@@ -138,6 +144,7 @@ pub async fn start(
     ));
     tasks.spawn(serve_metrics(
         metrics.clone(),
+        disk,
         listeners.metrics,
         shutdown.clone(),
     ));
@@ -236,6 +243,7 @@ async fn maintain(
                 }
             }
         }
+        ca.chores(now).await;
         let keys = ca.authority.keys();
         ca.metrics
             .signer_seconds_to_expiry
@@ -246,7 +254,12 @@ async fn maintain(
     }
 }
 
-async fn serve_metrics(metrics: Arc<Metrics>, listener: TcpListener, shutdown: CancellationToken) {
+async fn serve_metrics(
+    metrics: Arc<Metrics>,
+    disk: Arc<DiskGuard>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) {
     let tracker = TaskTracker::new();
     loop {
         let stream = tokio::select! {
@@ -254,9 +267,11 @@ async fn serve_metrics(metrics: Arc<Metrics>, listener: TcpListener, shutdown: C
             r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue; } },
         };
         let metrics = metrics.clone();
+        let disk = disk.clone();
         tracker.spawn(async move {
             let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let metrics = metrics.clone();
+                let disk = disk.clone();
                 async move {
                     let resp = match req.uri().path() {
                         "/metrics" => {
@@ -267,7 +282,8 @@ async fn serve_metrics(metrics: Arc<Metrics>, listener: TcpListener, shutdown: C
                             );
                             r
                         }
-                        "/healthz" | "/readyz" => json_response(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+                        "/healthz" => json_response(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+                        "/readyz" => crate::guard::readyz(&disk),
                         _ => json_response(StatusCode::NOT_FOUND, &serde_json::json!({"code": "not_found", "message": "try /metrics, /healthz or /readyz"})),
                     };
                     Ok::<_, Infallible>(resp)

@@ -2,7 +2,8 @@
 //! issuance and refusal. The HTTP layer (`api`) only parses, calls in here, and encodes.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -15,6 +16,7 @@ use subtle::ConstantTimeEq;
 
 use crate::authority::{Authority, AuthorityError, unix};
 use crate::csr::{CsrError, check_csr};
+use crate::guard::{DiskGuard, RefusalLimiter, excerpt};
 use crate::k8s::{K8sError, K8sVerifier};
 use crate::metrics::Metrics;
 use crate::store::{
@@ -111,9 +113,40 @@ pub struct Ca<S: Store> {
     pub policy: Policy,
     pub metrics: Arc<Metrics>,
     pub k8s: Option<Arc<K8sVerifier>>,
+    /// Which refusals get their own audit row.
+    pub refusals: RefusalLimiter,
+    /// The data volume's free space; anonymous work stops below its reserve.
+    pub disk: Option<Arc<DiskGuard>>,
     cache: ArcSwap<Cache>,
     bundle_json: ArcSwap<(u64, Option<Box<RawValue>>)>,
+    chores: Mutex<Chores>,
 }
+
+/// When the periodic chores last ran (unix seconds).
+#[derive(Default)]
+struct Chores {
+    summary_at: i64,
+    head_logged_at: i64,
+}
+
+/// How often held-back refusals are summarised in one audit row.
+const SUMMARY_EVERY: i64 = 60;
+/// How often the audit head is logged.
+const HEAD_LOG_EVERY: i64 = 600;
+
+/// Refusal codes that, from a caller without a verified SVID, are noise: counted in metrics,
+/// never audited. Anyone can send them in any number, and they say nothing about an identity.
+const ANONYMOUS_NOISE: &[&str] = &[
+    "not_found",
+    "method_not_allowed",
+    "malformed_json",
+    "body_too_large",
+    "bad_request",
+    "request_timeout",
+    "client_certificate_required",
+    "invalid_spiffe_id",
+    "disk_low",
+];
 
 impl<S: Store> Ca<S> {
     pub fn new(
@@ -128,8 +161,11 @@ impl<S: Store> Ca<S> {
             policy,
             metrics,
             k8s: None,
+            refusals: RefusalLimiter::default(),
+            disk: None,
             cache: ArcSwap::from_pointee(Cache::default()),
             bundle_json: ArcSwap::from_pointee((0, None)),
+            chores: Mutex::new(Chores::default()),
         };
         ca.reload()?;
         Ok(ca)
@@ -188,6 +224,7 @@ impl<S: Store> Ca<S> {
         csr: &[u8],
         now: SystemTime,
     ) -> Result<SvidResponse, ApiError> {
+        self.admit_anonymous()?;
         let (token_id, hash) =
             parse_token(token).ok_or_else(|| token_error(TokenRefusal::Unknown))?;
         // Look first, so a bad token is refused before any signing work; the token is spent
@@ -364,6 +401,7 @@ impl<S: Store> Ca<S> {
         csr: &[u8],
         now: SystemTime,
     ) -> Result<SvidResponse, ApiError> {
+        self.admit_anonymous()?;
         let verifier = self.k8s.as_ref().ok_or_else(|| {
             ApiError::new(
                 404,
@@ -432,7 +470,8 @@ impl<S: Store> Ca<S> {
             action: "issue".into(),
             subject: id.to_string(),
             outcome: "ok".into(),
-            detail: json!({"kind": "jwt", "node": node, "audience": audience, "kid": keys.jwt.signer.key_id(), "exp": unix(expires)}),
+            // The audience is the caller's text: the row keeps a short excerpt of the first few.
+            detail: json!({"kind": "jwt", "node": node, "audience": audience.iter().take(4).map(|a| excerpt(a)).collect::<Vec<_>>(), "audiences": audience.len(), "kid": keys.jwt.signer.key_id(), "exp": unix(expires)}),
         };
         self.store.write(Write::Audit(event)).await?;
         self.metrics.issued("jwt");
@@ -479,26 +518,149 @@ impl<S: Store> Ca<S> {
         Ok(())
     }
 
-    /// Counts and audits a refusal; returns the error for the response.
+    /// Refuses anonymous work (join and Kubernetes attestation) while the data volume is below
+    /// its reserve, so the space left goes to the renewals that keep the mesh running.
+    pub fn admit_anonymous(&self) -> Result<(), ApiError> {
+        match &self.disk {
+            Some(disk) if disk.is_low() => Err(ApiError::new(
+                503,
+                "disk_low",
+                disk.report().message.unwrap_or_else(|| {
+                    "the CA's data volume is below its free-space reserve".into()
+                }),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Counts a refusal and, within the audit log's rate limits, audits it; returns the error
+    /// for the response.
+    ///
+    /// SECURITY: a refusal row holds the endpoint, the reason code, the caller's verified ID or
+    /// address, and at most a short escaped excerpt of the message (which may quote what the
+    /// caller sent). Anonymous noise is not audited at all, and the rest is rate-limited per
+    /// source and in total, with what was held back summarised in one row a minute: a caller
+    /// cannot grow the database by more than a small bounded amount.
     pub async fn refuse(
         &self,
         endpoint: &str,
         subject: &str,
+        source: Option<IpAddr>,
+        authenticated: bool,
         err: ApiError,
         now: SystemTime,
     ) -> ApiError {
         self.metrics.refused(err.code);
+        if !authenticated && ANONYMOUS_NOISE.contains(&err.code) {
+            tracing::debug!(
+                reason = err.code,
+                endpoint,
+                ?source,
+                "refused anonymous noise"
+            );
+            return err;
+        }
+        let t = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        if !self.refusals.admit(source, err.code, t) {
+            self.metrics.audit_suppressed.inc();
+            tracing::debug!(
+                reason = err.code,
+                endpoint,
+                ?source,
+                subject,
+                "refused (audit row held back by the rate limit)"
+            );
+            return err;
+        }
+        // Logged at the rate refusals are audited, so an attack cannot flood the log either.
+        tracing::info!(reason = err.code, endpoint, ?source, subject, message = %excerpt(&err.message), "refused");
         let event = AuditEvent {
             at: unix(now),
             action: "refuse".into(),
             subject: subject.into(),
             outcome: err.code.into(),
-            detail: json!({"endpoint": endpoint, "message": err.message}),
+            detail: json!({
+                "endpoint": endpoint,
+                "source": source.map(|s| s.to_string()),
+                "message": excerpt(&err.message),
+            }),
         };
         if let Err(e) = self.store.write(Write::Audit(event)).await {
             tracing::error!(error = %e, "failed to audit a refusal");
         }
         err
+    }
+
+    /// Measures the data volume and exports what it found.
+    pub fn measure_disk(&self) {
+        if let Some(disk) = &self.disk {
+            let r = disk.check();
+            self.metrics
+                .data_free_bytes
+                .set(i64::try_from(r.free_bytes).unwrap_or(i64::MAX));
+            self.metrics
+                .data_reserve_bytes
+                .set(i64::try_from(r.reserve_bytes).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Writes one audit row for the refusals held back since the last one, if any.
+    pub async fn audit_suppressed(&self, now: SystemTime) -> Result<bool, StoreError> {
+        let Some(s) = self.refusals.take_suppressed() else {
+            return Ok(false);
+        };
+        tracing::warn!(
+            suppressed = s.count,
+            sources = s.sources,
+            "refusals held back from the audit log by its rate limits; one summary row written"
+        );
+        let event = AuditEvent {
+            at: unix(now),
+            action: "refuse.suppressed".into(),
+            subject: "refusals".into(),
+            outcome: "suppressed".into(),
+            detail: serde_json::to_value(&s).unwrap_or_default(),
+        };
+        self.store.write(Write::Audit(event)).await?;
+        Ok(true)
+    }
+
+    /// The periodic chores of the maintenance loop: measure the data volume, summarise
+    /// held-back refusals (once a minute), export the audit head (a gauge each call, a log
+    /// line every ten minutes, so the head is on record outside the database).
+    pub async fn chores(&self, now: SystemTime) {
+        self.measure_disk();
+        let at = unix(now);
+        let (summary_due, head_due) = match self.chores.lock() {
+            Ok(mut c) => {
+                let s = at - c.summary_at >= SUMMARY_EVERY;
+                let h = at - c.head_logged_at >= HEAD_LOG_EVERY;
+                if s {
+                    c.summary_at = at;
+                }
+                if h {
+                    c.head_logged_at = at;
+                }
+                (s, h)
+            }
+            Err(_) => (true, true),
+        };
+        if summary_due && let Err(e) = self.audit_suppressed(now).await {
+            tracing::error!(error = %e, "failed to write the refusal summary row");
+        }
+        match self.store.audit_head() {
+            Ok(Some(head)) => {
+                self.metrics.audit_head_seq.set(head.seq);
+                if head_due {
+                    tracing::info!(seq = head.seq, hash = %head.hash, head = %head, "audit head");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "cannot read the audit head"),
+        }
     }
 
     fn response(
