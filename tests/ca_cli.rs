@@ -140,6 +140,61 @@ async fn a_user_runs_the_ca_from_the_cli() {
     assert!(err.contains("is `kith ca serve` running"), "{err}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entry_create_refuses_selectors_that_can_never_match_and_a_path_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let d = data.to_str().unwrap();
+    let ca = serve(&data);
+    let create = |selectors: &[&str]| {
+        let mut args = vec![
+            "ca",
+            "entry",
+            "create",
+            "--id",
+            "spiffe://example.org/web",
+            "--parent",
+            "spiffe://example.org/kith/node/host-a",
+            "--data-dir",
+            d,
+        ];
+        for s in selectors {
+            args.extend(["--selector", s]);
+        }
+        kith(&args)
+    };
+    // A type kith does not implement: refused with the list of the known ones.
+    let (code, _, err) = create(&["k8s:ns:default"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("unknown_selector"), "{err}");
+    for known in [
+        "unix:uid",
+        "unix:gid",
+        "unix:path",
+        "docker:label",
+        "docker:image_id",
+    ] {
+        assert!(err.contains(known), "{known} missing from {err}");
+    }
+    // A known type with a value the agent never produces.
+    let (code, _, err) = create(&["unix:uid:root"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("bad_selector") && err.contains("numeric uid"),
+        "{err}"
+    );
+    // unix:path alone can be imitated from another mount namespace.
+    let (code, _, err) = create(&["unix:path:/usr/bin/app"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("path_selector_needs_uid_or_gid"), "{err}");
+    let (_, out, _) = kith(&["ca", "entry", "list", "--json", "--data-dir", d]);
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap(), json!([]));
+    // With the uid it is accepted.
+    let (code, _, err) = create(&["unix:path:/usr/bin/app", "unix:uid:1000"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(stop(ca), 0);
+}
+
 /// Alters audit row 2 behind the CA's back; returns the row number.
 fn rusqlite_free_edit(db: &Path) -> i64 {
     let c = rusqlite::Connection::open(db).unwrap();

@@ -73,7 +73,11 @@ pub async fn serve<S: Store>(
                 async move {
                     let resp = match handle(&ca, &ctx, req).await {
                         Ok(r) => r,
-                        Err(e) => error_response(&e),
+                        Err(e) => {
+                            ca.metrics.refused(e.code);
+                            tracing::warn!(code = e.code, message = %e.message, "admin request refused");
+                            error_response(&e)
+                        }
                     };
                     Ok::<_, Infallible>(resp)
                 }
@@ -346,17 +350,8 @@ async fn create_entry<S: Store>(
             "an entry needs at least one selector (type:value)",
         ));
     }
-    for s in &body.selectors {
-        if s.split_once(':')
-            .is_none_or(|(t, v)| t.is_empty() || v.is_empty())
-        {
-            return Err(ApiError::new(
-                400,
-                "bad_selector",
-                format!("selector {s:?} is not type:value"),
-            ));
-        }
-    }
+    crate::selector::check_entry(&body.selectors)
+        .map_err(|e| ApiError::new(400, e.code(), e.to_string()))?;
     for d in &body.dns {
         rustls_pki_types::DnsName::try_from(d.as_str())
             .map_err(|_| ApiError::new(400, "bad_dns", format!("{d:?} is not a DNS name")))?;

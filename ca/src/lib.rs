@@ -7,7 +7,9 @@ pub mod csr;
 pub mod jwt_svid;
 pub mod k8s;
 pub mod metrics;
+pub mod ready;
 pub mod seal;
+pub mod selector;
 pub mod service;
 pub mod store;
 
@@ -17,5 +19,6 @@ pub mod api;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod listen;
 pub mod server;
 pub mod tls;

@@ -184,6 +184,9 @@ pub enum Write {
         audit: AuditEvent,
     },
     PutCaKey(CaKeyRecord, AuditEvent),
+    /// A durable write that changes nothing the CA reads: `/readyz` proves the store still
+    /// takes writes with it.
+    Probe,
 }
 
 #[derive(Debug, PartialEq, Eq)]
