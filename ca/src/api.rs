@@ -158,7 +158,10 @@ pub async fn serve<S: Store>(
                                 .serve_connection(TokioIo::new(stream), svc);
                             tokio::select! {
                                 r = conn => note_close(&ca, r, false),
-                                _ = activity.idle(limits.idle_timeout) => ca.metrics.refused("idle_timeout"),
+                                _ = activity.idle(limits.idle_timeout) => {
+                                    IDLE_LOG.warn("closed an api connection on which nothing moved for the idle timeout");
+                                    ca.metrics.refused("idle_timeout");
+                                }
                             }
                         }
                     });
@@ -335,7 +338,7 @@ async fn serve_connection<S: Store>(
     tokio::select! {
         r = conn.as_mut() => note_close(&ca, r, served.load(std::sync::atomic::Ordering::Relaxed)),
         _ = activity.idle(limits.idle_timeout) => {
-            tracing::debug!("closing an idle api connection");
+            IDLE_LOG.warn("closed an api connection on which nothing moved for the idle timeout");
             ca.metrics.refused("idle_timeout");
         }
         _ = shutdown.cancelled() => {
@@ -344,6 +347,10 @@ async fn serve_connection<S: Store>(
         }
     }
 }
+
+/// Slow and silent clients are logged at most once a second per kind, with the count skipped.
+static HEADER_LOG: LogLimit = LogLimit::new();
+static IDLE_LOG: LogLimit = LogLimit::new();
 
 /// Counts a connection that hyper closed because its first request's headers did not arrive in
 /// time. The same deadline closes a kept-alive connection that waits too long for its next
@@ -355,7 +362,8 @@ fn note_close<S: Store>(ca: &Ca<S>, result: Result<(), hyper::Error>, served: bo
         if served {
             tracing::debug!("closing a kept-alive connection that sent no further request");
         } else {
-            tracing::debug!("closing a connection whose request headers did not arrive in time");
+            HEADER_LOG
+                .warn("closed an api connection whose request headers did not arrive in time");
             ca.metrics.refused("header_timeout");
         }
     }

@@ -390,11 +390,19 @@ impl K8sVerifier {
     /// token is authenticated, for the same service account and pod.
     pub async fn attest(&self, token: &str, now: SystemTime) -> Result<PodIdentity, K8sError> {
         let pod = match self.verify(token, now) {
-            Err(K8sError::UnknownKey(kid)) if self.source.is_some() => {
-                if self.refresh_for_unknown_kid(kid.as_deref(), now).await {
+            // Stale keys also try a refresh now, rate-limited the same way, rather than wait
+            // for the next periodic one.
+            Err(e @ (K8sError::UnknownKey(_) | K8sError::StaleKeys { .. }))
+                if self.source.is_some() =>
+            {
+                let kid = match &e {
+                    K8sError::UnknownKey(kid) => kid.clone(),
+                    _ => None,
+                };
+                if self.refresh_on_demand(kid.as_deref(), now).await {
                     self.verify(token, now)?
                 } else {
-                    return Err(K8sError::UnknownKey(kid));
+                    return Err(e);
                 }
             }
             other => other?,
@@ -405,9 +413,9 @@ impl K8sVerifier {
         Ok(pod)
     }
 
-    /// Refreshes the keys unless a refresh for an unknown `kid` happened recently; returns
-    /// whether the keys were refreshed (by this call or by a concurrent one).
-    async fn refresh_for_unknown_kid(&self, kid: Option<&str>, now: SystemTime) -> bool {
+    /// Refreshes the keys unless an on-demand refresh happened recently; returns whether the
+    /// keys were refreshed (by this call or by a concurrent one).
+    async fn refresh_on_demand(&self, kid: Option<&str>, now: SystemTime) -> bool {
         let Some(source) = &self.source else {
             return false;
         };
@@ -420,7 +428,7 @@ impl K8sVerifier {
         if last.is_some_and(|t| {
             now.duration_since(t).unwrap_or_default() < self.config.kid_refresh_interval
         }) {
-            tracing::debug!(kid, "unknown kid; keys were refreshed recently, not again");
+            tracing::debug!(kid, "keys were refreshed on demand recently, not again");
             return false;
         }
         *last = Some(now);
@@ -438,7 +446,7 @@ impl K8sVerifier {
         {
             Ok(()) => true,
             Err(e) => {
-                tracing::warn!(reason = e.reason(), error = %e, "refresh for an unknown kid failed");
+                tracing::warn!(reason = e.reason(), error = %e, "on-demand refresh of the issuer's keys failed");
                 false
             }
         }

@@ -180,6 +180,20 @@ pub struct LogLimit {
 }
 
 impl LogLimit {
+    pub const fn new() -> Self {
+        Self {
+            last_sec: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// Logs `what` (a refused connection) at warn level if this limiter allows it now.
+    pub fn warn(&self, what: &str) {
+        if let Some(skipped) = self.admit() {
+            tracing::warn!(skipped, "{what}");
+        }
+    }
+
     /// `Some(n)` when this refusal should be logged, `n` being how many were skipped since
     /// the last logged one; `None` when it should not.
     pub fn admit(&self) -> Option<u64> {

@@ -348,12 +348,12 @@ async fn serve_metrics(
                         && e.is_timeout()
                         && !served.load(Ordering::Relaxed)
                     {
-                        tracing::debug!("closing a metrics connection whose request headers did not arrive in time");
+                        HEADER_LOG.warn("closed a metrics connection whose request headers did not arrive in time");
                         ca.metrics.refused("metrics_header_timeout");
                     }
                 }
                 _ = activity.idle(limits.idle_timeout) => {
-                    tracing::debug!("closing an idle metrics connection");
+                    IDLE_LOG.warn("closed a metrics connection on which nothing moved for the idle timeout");
                     ca.metrics.refused("metrics_idle_timeout");
                 }
             }
@@ -362,6 +362,10 @@ async fn serve_metrics(
     tracker.close();
     tracker.wait().await;
 }
+
+/// Slow and silent metrics clients are logged at most once a second per kind.
+static HEADER_LOG: LogLimit = LogLimit::new();
+static IDLE_LOG: LogLimit = LogLimit::new();
 
 async fn metrics_route(ca: &Ca<SqliteStore>, path: &str) -> hyper::Response<Full<Bytes>> {
     match path {
