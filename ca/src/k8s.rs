@@ -1659,7 +1659,11 @@ mod tests {
                                 req.headers().get(hyper::header::AUTHORIZATION)
                                     == Some(&format!("Bearer {t}").parse().unwrap())
                             });
-                            let (status, body) = if req.uri().path() != "/openid/v1/jwks" {
+                            let known = [
+                                "/openid/v1/jwks",
+                                "/apis/authentication.k8s.io/v1/tokenreviews",
+                            ];
+                            let (status, body) = if !known.contains(&req.uri().path()) {
                                 (404, Vec::new())
                             } else if !authorized {
                                 (401, Vec::new())
@@ -1786,5 +1790,102 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn token_review_accepts_only_a_clear_yes_for_the_same_pod() {
+        let server = start_issuer(Some("ca-token"), false).await;
+        let dir = tempfile::tempdir().unwrap();
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, "ca-token\n").unwrap();
+        let review = TokenReview {
+            api_url: server.url.clone(),
+            ca_file: Some(server.ca_file()),
+            bearer_token_file: Some(token_file),
+        };
+        let pod = PodIdentity {
+            namespace: "payments".into(),
+            service_account: "api".into(),
+            pod_name: "api-1".into(),
+            pod_uid: "uid-1".into(),
+            expires_at: at(T),
+        };
+        let answer = |status: Value| {
+            serde_json::to_vec(&json!({"kind": "TokenReview", "status": status})).unwrap()
+        };
+        let yes = json!({"authenticated": true,
+            "user": {"username": "system:serviceaccount:payments:api",
+                     "extra": {"authentication.kubernetes.io/pod-uid": ["uid-1"]}},
+            "audiences": ["kith-ca"]});
+        server.set(201, answer(yes.clone()));
+        review.check("t", "kith-ca", &pod).await.unwrap();
+
+        let mut cases: Vec<(u16, Vec<u8>, &str)> = Vec::new();
+        let mut edit = |f: fn(&mut Value), reason| {
+            let mut v = yes.clone();
+            f(&mut v);
+            cases.push((201, answer(v), reason));
+        };
+        edit(|v| v["authenticated"] = json!(false), "review_rejected");
+        edit(
+            |v| v["user"]["username"] = json!("system:serviceaccount:payments:admin"),
+            "review_rejected",
+        );
+        edit(
+            |v| v["user"]["extra"]["authentication.kubernetes.io/pod-uid"] = json!(["uid-2"]),
+            "review_rejected",
+        );
+        edit(|v| v["audiences"] = json!(["other"]), "review_rejected");
+        cases.push((201, b"not json".to_vec(), "review_failed"));
+        cases.push((201, answer(Value::Null), "review_failed"));
+        cases.push((403, Vec::new(), "review_failed"));
+        for (status, body, reason) in cases {
+            server.set(status, body.clone());
+            let err = review.check("t", "kith-ca", &pod).await.unwrap_err();
+            assert_eq!(
+                err.reason(),
+                reason,
+                "{status} {}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+        // Without the CA's credential the API server says 401: no answer, refused.
+        let anonymous = TokenReview {
+            bearer_token_file: None,
+            ..review.clone()
+        };
+        server.set(201, answer(yes.clone()));
+        let err = anonymous.check("t", "kith-ca", &pod).await.unwrap_err();
+        assert_eq!(err.reason(), "review_failed");
+        // Plain http is never used: the pod's token would travel in the clear.
+        let http = TokenReview {
+            api_url: server.url.replace("https", "http"),
+            ..review
+        };
+        let err = http.check("t", "kith-ca", &pod).await.unwrap_err();
+        assert_eq!(err.reason(), "review_failed");
+    }
+
+    #[test]
+    fn fetched_keys_go_stale_after_the_maximum_staleness() {
+        let ec = &ec_keys()[0];
+        let source = JwksSource {
+            issuer_url: ISS.into(),
+            ca_file: None,
+            bearer_token_file: None,
+        };
+        let v = K8sVerifier::from_jwks(K8sConfig::new(ISS), &jwks(&[ec.jwk(Some("ec-1"))]))
+            .unwrap()
+            .with_source(source, at(T - 3600));
+        let t = token(ec, Some("ec-1"), &claims());
+        v.freshness(at(T)).unwrap();
+        v.verify(&t, at(T)).unwrap();
+        let err = v.verify(&t, at(T + 1)).unwrap_err();
+        assert_eq!(err.reason(), "jwks_stale");
+        assert!(v.freshness(at(T + 1)).unwrap_err().contains("3601s"));
+        // Keys from a file are the operator's to replace: they never go stale.
+        let file = verifier();
+        file.verify(&t, at(T + 1)).unwrap();
+        file.freshness(at(T + 86_400)).unwrap();
     }
 }
