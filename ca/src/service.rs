@@ -373,6 +373,21 @@ impl<S: Store> Ca<S> {
             audit: issue_event(caller, "node", &issued, now, json!({"renewal": true})),
         };
         self.store.write(write).await?;
+        // SECURITY: an eviction that committed while this renewal was being signed wins: the
+        // store orders the two writes, and the SVID is not handed out if the eviction came
+        // first (the cache the check above read is only rebuilt after the eviction commits).
+        let evicted = self
+            .store
+            .nodes()?
+            .iter()
+            .any(|n| n.spiffe_id == caller.as_str() && n.evicted_at.is_some());
+        if evicted {
+            return Err(ApiError::new(
+                403,
+                "node_evicted",
+                format!("{caller} has been evicted; attest it again with a new join token"),
+            ));
+        }
         self.metrics.issued("node_renewal");
         Ok(self.response(caller, issued, now))
     }

@@ -188,3 +188,45 @@ async fn the_agents_renewal_of_a_workload_keeps_the_entrys_dns_names() {
     let second = workload(&ca, &node, "spiffe://example.org/web").await;
     assert_eq!(dns_names(&second), ["web.internal", "web"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_eviction_committed_before_the_cache_is_rebuilt_still_stops_a_renewal() {
+    use ca::store::{AuditEvent, Store, Write};
+    let ca = start_ca(|_| {}).await;
+    let node = ca.node("host-a").await;
+    // The window of the race: the eviction is in the store, the CA's cache not rebuilt yet.
+    let now = unix_now() as i64;
+    ca.running
+        .ca
+        .store
+        .write(Write::EvictNode {
+            spiffe_id: node.id.clone(),
+            now,
+            audit: AuditEvent {
+                at: now,
+                action: "node.evict".into(),
+                subject: node.id.clone(),
+                outcome: "ok".into(),
+                detail: json!({}),
+            },
+        })
+        .await
+        .unwrap();
+    assert!(
+        !ca.running
+            .ca
+            .is_evicted(&identity::SpiffeId::new(&node.id).unwrap())
+    );
+    let (s, v) = ca
+        .as_svid(&node)
+        .await
+        .post_json("/v1/renew", &json!({"csr": csr().0}))
+        .await
+        .unwrap();
+    assert_eq!(
+        (s, v["code"].as_str().unwrap()),
+        (403, "node_evicted"),
+        "{v}"
+    );
+    assert!(v.get("svid").is_none(), "no SVID is handed out");
+}
