@@ -151,3 +151,31 @@ async fn past_the_connection_cap_a_half_sent_request_gets_the_header_timeout_too
         .expect("the 429 path closes a request whose headers never end");
     assert_eq!(refused(&ca.metrics().await, "header_timeout"), before + 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_on_which_nothing_moves_is_closed_after_the_idle_timeout() {
+    // The header timeout is long here, so only the idle deadline can close these.
+    let ca = start_ca(|c| {
+        c.request_timeout = Duration::from_secs(3600);
+        c.idle_timeout = Duration::from_secs(1);
+    })
+    .await;
+    // The API: a TLS handshake, then silence.
+    let tcp = connect_from(&ca, "127.0.0.1").await;
+    let tls = tokio_rustls::TlsConnector::from(client_config(ca.bundle(), None).unwrap());
+    let mut s = tls
+        .connect(ServerName::try_from("kith-ca").unwrap(), tcp)
+        .await
+        .unwrap();
+    tokio::time::timeout(BOUND, read_until_closed(&mut s))
+        .await
+        .expect("the api closes an idle connection");
+    // The metrics listener: a connection that never sends a byte.
+    let mut m = TcpStream::connect(&ca.metrics_addr).await.unwrap();
+    tokio::time::timeout(BOUND, read_until_closed(&mut m))
+        .await
+        .expect("the metrics listener closes an idle connection");
+    let metrics = ca.metrics().await;
+    assert_eq!(refused(&metrics, "idle_timeout"), 1);
+    assert_eq!(refused(&metrics, "metrics_idle_timeout"), 1);
+}
