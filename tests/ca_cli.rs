@@ -192,6 +192,18 @@ async fn entry_create_refuses_selectors_that_can_never_match_and_a_path_alone() 
     // With the uid it is accepted.
     let (code, _, err) = create(&["unix:path:/usr/bin/app", "unix:uid:1000"]);
     assert_eq!(code, 0, "{err}");
+    // Each refusal is counted with its reason.
+    let metrics = http_get(&ca.metrics_addr, "/metrics");
+    for reason in [
+        "unknown_selector",
+        "bad_selector",
+        "path_selector_needs_uid_or_gid",
+    ] {
+        assert!(
+            metrics.contains(&format!("kith_ca_refused_total{{reason=\"{reason}\"}} 1")),
+            "{reason}: {metrics}"
+        );
+    }
     assert_eq!(stop(ca), 0);
 }
 
