@@ -258,6 +258,141 @@ async fn a_written_down_audit_head_catches_deleted_rows() {
     assert!(err.contains("SEQ:HASH"), "{err}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entry_create_refuses_selectors_that_can_never_match_and_a_path_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let d = data.to_str().unwrap();
+    let ca = serve(&data);
+    let create = |selectors: &[&str]| {
+        let mut args = vec![
+            "ca",
+            "entry",
+            "create",
+            "--id",
+            "spiffe://example.org/web",
+            "--parent",
+            "spiffe://example.org/kith/node/host-a",
+            "--data-dir",
+            d,
+        ];
+        for s in selectors {
+            args.extend(["--selector", s]);
+        }
+        kith(&args)
+    };
+    // A type kith does not implement: refused with the list of the known ones.
+    let (code, _, err) = create(&["k8s:ns:default"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("unknown_selector"), "{err}");
+    for known in [
+        "unix:uid",
+        "unix:gid",
+        "unix:path",
+        "docker:label",
+        "docker:image_id",
+    ] {
+        assert!(err.contains(known), "{known} missing from {err}");
+    }
+    // A known type with a value the agent never produces.
+    let (code, _, err) = create(&["unix:uid:root"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("bad_selector") && err.contains("numeric uid"),
+        "{err}"
+    );
+    // unix:path alone can be imitated from another mount namespace.
+    let (code, _, err) = create(&["unix:path:/usr/bin/app"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("path_selector_needs_uid_or_gid"), "{err}");
+    let (_, out, _) = kith(&["ca", "entry", "list", "--json", "--data-dir", d]);
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap(), json!([]));
+    // With the uid it is accepted.
+    let (code, _, err) = create(&["unix:path:/usr/bin/app", "unix:uid:1000"]);
+    assert_eq!(code, 0, "{err}");
+    // Each refusal is counted with its reason.
+    let metrics = http_get(&ca.metrics_addr, "/metrics");
+    for reason in [
+        "unknown_selector",
+        "bad_selector",
+        "path_selector_needs_uid_or_gid",
+    ] {
+        assert!(
+            metrics.contains(&format!("kith_ca_refused_total{{reason=\"{reason}\"}} 1")),
+            "{reason}: {metrics}"
+        );
+    }
+    assert_eq!(stop(ca), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_socket_refuses_a_local_user_who_is_neither_root_nor_the_cas_own() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    use std::os::unix::process::CommandExt as _;
+    if std::fs::metadata("/proc/self").unwrap().uid() != 0 {
+        if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+            panic!("this test needs root in CI (it runs a client as another uid)");
+        }
+        eprintln!(
+            "SKIPPED the_admin_socket_refuses_a_local_user_who_is_neither_root_nor_the_cas_own: not root, cannot run a client as another uid"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let d = data.to_str().unwrap();
+    let ca = serve(&data);
+    // The attack needs the fence of file modes to be down: an operator widened the data
+    // directory and the socket by mistake.
+    for (path, mode) in [
+        (dir.path().to_owned(), 0o755),
+        (data.clone(), 0o755),
+        (data.join("admin.sock"), 0o666),
+    ] {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kith"))
+        .args(["ca", "token", "create", "--name", "evil", "--data-dir", d])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("admin_peer_not_allowed") && err.contains("uid 65534"),
+        "{err}"
+    );
+    // Nothing was created, and root is still served.
+    let (code, out, err) = kith(&["ca", "token", "list", "--json", "--data-dir", d]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap(), json!([]));
+    // Counted and logged with the reason.
+    let metrics = http_get(&ca.metrics_addr, "/metrics");
+    assert!(
+        metrics.contains("kith_ca_refused_total{reason=\"admin_peer_not_allowed\"} 1"),
+        "{metrics}"
+    );
+    let logged = ca
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("refused an admin connection") && l.contains("uid 65534"));
+    assert!(logged, "the refusal is logged with the uid");
+    assert_eq!(stop(ca), 0);
+}
+
+/// A plain HTTP/1.0 GET; returns the whole response.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
 /// Alters audit row 2 behind the CA's back; returns the row number.
 fn rusqlite_free_edit(db: &Path) -> i64 {
     let c = rusqlite::Connection::open(db).unwrap();

@@ -283,6 +283,27 @@ impl Authority {
         self.current.load_full()
     }
 
+    /// Unseals the active signer's key as stored, with the key-encryption key this process
+    /// holds, and checks it is the key being signed with: proves the KEK still opens what the
+    /// database holds (a replaced KEK, or a database sealed under another one, fails here).
+    pub fn check_kek(&self, store: &impl Store) -> Result<(), String> {
+        let keys = self.keys();
+        let record = store
+            .ca_keys()
+            .map_err(|e| format!("cannot read the CA keys: {e}"))?
+            .into_iter()
+            .find(|r| r.id == keys.active.id)
+            .ok_or_else(|| format!("the active signer {} is not in the store", keys.active.id))?;
+        let key = unseal_key(&self.kek, &record).map_err(|e| e.to_string())?;
+        if key.public_key_raw() != keys.active.issuer.key().public_key_raw() {
+            return Err(format!(
+                "the stored key of signer {} is not the one in use",
+                keys.active.id
+            ));
+        }
+        Ok(())
+    }
+
     pub fn trust_domain(&self) -> &TrustDomain {
         &self.td
     }

@@ -109,7 +109,9 @@ enum EntryCommand {
         id: String,
         #[arg(long)]
         parent: String,
-        /// type:value, e.g. unix:uid:1000 or docker:label:app=web (repeatable)
+        /// type:value, e.g. unix:uid:1000 or docker:label:app=web (repeatable). Types: unix:uid,
+        /// unix:gid, unix:user, unix:group, unix:path (only together with unix:uid or unix:gid),
+        /// docker:label, docker:image, docker:image_id, docker:name
         #[arg(long = "selector", required = true)]
         selectors: Vec<String>,
         #[arg(long, value_parser = humantime::parse_duration)]

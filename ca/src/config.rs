@@ -76,6 +76,25 @@ pub struct ServeArgs {
     /// Maximum concurrent API connections [default: 4096]
     #[arg(long, env = "KITH_CA_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// Maximum concurrent API connections from one source address [default: max-connections / 8]
+    #[arg(long, env = "KITH_CA_MAX_CONNECTIONS_PER_SOURCE")]
+    pub max_connections_per_source: Option<usize>,
+    /// Close a connection (API or metrics) on which nothing moved for this long [default: 60s]
+    #[arg(long, env = "KITH_CA_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Option<Duration>,
+    /// Kubernetes API server URL: ask its TokenReview API about every pod token, so a deleted
+    /// pod's token stops working at once
+    #[arg(long, env = "KITH_CA_K8S_TOKEN_REVIEW")]
+    pub k8s_token_review: Option<String>,
+    /// CA file for --k8s-token-review [default: --k8s-ca-file]
+    #[arg(long, env = "KITH_CA_K8S_TOKEN_REVIEW_CA_FILE")]
+    pub k8s_token_review_ca_file: Option<PathBuf>,
+    /// Bearer token file for --k8s-token-review, read on every call [default: the pod's service-account token]
+    #[arg(long, env = "KITH_CA_K8S_TOKEN_REVIEW_TOKEN_FILE")]
+    pub k8s_token_review_token_file: Option<PathBuf>,
+    /// Refuse pod tokens when the issuer's keys could not be refreshed for this long [default: 1h]
+    #[arg(long, env = "KITH_CA_K8S_JWKS_MAX_STALENESS", value_parser = humantime::parse_duration)]
+    pub k8s_jwks_max_staleness: Option<Duration>,
     /// Log format: text or json [default: text]
     #[arg(long, env = "KITH_CA_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -111,6 +130,12 @@ struct FileConfig {
     k8s_ca_file: Option<PathBuf>,
     k8s_audience: Option<String>,
     max_connections: Option<usize>,
+    max_connections_per_source: Option<usize>,
+    idle_timeout: Option<String>,
+    k8s_token_review: Option<String>,
+    k8s_token_review_ca_file: Option<PathBuf>,
+    k8s_token_review_token_file: Option<PathBuf>,
+    k8s_jwks_max_staleness: Option<String>,
     log_format: Option<String>,
     request_timeout: Option<String>,
     min_free_disk: Option<String>,
@@ -145,6 +170,15 @@ pub struct Config {
     pub k8s_ca_file: Option<PathBuf>,
     pub k8s_audience: String,
     pub max_connections: usize,
+    pub max_connections_per_source: usize,
+    /// A connection on which nothing moves for this long is closed (API and metrics).
+    #[serde(with = "humantime_serde_secs")]
+    pub idle_timeout: Duration,
+    pub k8s_token_review: Option<String>,
+    pub k8s_token_review_ca_file: Option<PathBuf>,
+    pub k8s_token_review_token_file: Option<PathBuf>,
+    #[serde(with = "humantime_serde_secs")]
+    pub k8s_jwks_max_staleness: Duration,
     pub log_format: String,
     /// How long a client may take to send a request (headers, then body).
     #[serde(with = "humantime_serde_secs")]
@@ -257,6 +291,35 @@ impl Config {
                 None => MinFree::default(),
             },
         };
+        let max_connections_per_source = args
+            .max_connections_per_source
+            .or(file.max_connections_per_source)
+            .unwrap_or((max_connections / 8).max(1));
+        if max_connections_per_source == 0 || max_connections_per_source > max_connections {
+            bail!("--max-connections-per-source must be between 1 and --max-connections");
+        }
+        let idle_timeout = args
+            .idle_timeout
+            .or(dur("idle-timeout", file.idle_timeout)?)
+            .unwrap_or(Duration::from_secs(60));
+        if idle_timeout < Duration::from_secs(1) {
+            bail!("--idle-timeout must be at least 1s");
+        }
+        let k8s_jwks_max_staleness = args
+            .k8s_jwks_max_staleness
+            .or(dur("k8s-jwks-max-staleness", file.k8s_jwks_max_staleness)?)
+            .unwrap_or(Duration::from_secs(3600));
+        if k8s_jwks_max_staleness < Duration::from_secs(1) {
+            bail!("--k8s-jwks-max-staleness must be at least 1s");
+        }
+        let k8s_token_review = args.k8s_token_review.or(file.k8s_token_review);
+        if let Some(url) = &k8s_token_review
+            && !url.starts_with("https://")
+        {
+            bail!(
+                "--k8s-token-review {url:?} must be an https:// URL of the Kubernetes API server"
+            );
+        }
         Ok(Self {
             trust_domain,
             listen,
@@ -284,6 +347,16 @@ impl Config {
                 .or(file.k8s_audience)
                 .unwrap_or_else(|| "kith-ca".into()),
             max_connections,
+            max_connections_per_source,
+            idle_timeout,
+            k8s_token_review,
+            k8s_token_review_ca_file: args
+                .k8s_token_review_ca_file
+                .or(file.k8s_token_review_ca_file),
+            k8s_token_review_token_file: args
+                .k8s_token_review_token_file
+                .or(file.k8s_token_review_token_file),
+            k8s_jwks_max_staleness,
             log_format,
             request_timeout: args
                 .request_timeout

@@ -377,22 +377,6 @@ pub fn verdict(path: &Path, free: u64, total: u64, reserve: u64) -> DiskReport {
     }
 }
 
-/// `/readyz`, with the data volume's state under `checks.disk`. A low disk makes the CA
-/// `degraded`, not unready: anonymous work is refused, but renewals must go on, so the CA stays
-/// in its Service's endpoints and says why in the body.
-pub fn readyz(disk: &DiskGuard) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
-    let report = disk.report();
-    let status = if report.state == "low" {
-        "degraded"
-    } else {
-        "ok"
-    };
-    crate::api::json_response(
-        hyper::StatusCode::OK,
-        &serde_json::json!({"status": status, "checks": {"disk": report}}),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

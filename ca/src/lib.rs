@@ -8,7 +8,9 @@ pub mod guard;
 pub mod jwt_svid;
 pub mod k8s;
 pub mod metrics;
+pub mod ready;
 pub mod seal;
+pub mod selector;
 pub mod service;
 pub mod store;
 
@@ -18,5 +20,6 @@ pub mod api;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod listen;
 pub mod server;
 pub mod tls;

@@ -19,6 +19,7 @@ use crate::csr::{CsrError, check_csr};
 use crate::guard::{DiskGuard, RefusalLimiter, excerpt};
 use crate::k8s::{K8sError, K8sVerifier};
 use crate::metrics::Metrics;
+use crate::ready::Readiness;
 use crate::store::{
     AuditEvent, Entry, IssuedCert, Node, Outcome, Store, StoreError, TokenRefusal, Write,
 };
@@ -104,6 +105,8 @@ pub struct EntryList {
 #[derive(Default)]
 struct Cache {
     evicted: HashSet<String>,
+    /// Each node's latest attestation (unix seconds).
+    attested: HashMap<String, i64>,
     by_parent: HashMap<String, Vec<Entry>>,
 }
 
@@ -120,6 +123,9 @@ pub struct Ca<S: Store> {
     cache: ArcSwap<Cache>,
     bundle_json: ArcSwap<(u64, Option<Box<RawValue>>)>,
     chores: Mutex<Chores>,
+    /// The last readiness verdict, reused for a second: `/readyz` is anonymous, and each check
+    /// costs a durable write.
+    readiness: tokio::sync::Mutex<Option<(std::time::Instant, Readiness)>>,
 }
 
 /// When the periodic chores last ran (unix seconds).
@@ -166,6 +172,7 @@ impl<S: Store> Ca<S> {
             cache: ArcSwap::from_pointee(Cache::default()),
             bundle_json: ArcSwap::from_pointee((0, None)),
             chores: Mutex::new(Chores::default()),
+            readiness: tokio::sync::Mutex::new(None),
         };
         ca.reload()?;
         Ok(ca)
@@ -177,9 +184,12 @@ impl<S: Store> Ca<S> {
 
     /// Rebuilds the hot-path caches from the store.
     pub fn reload(&self) -> Result<(), StoreError> {
-        let evicted = self
-            .store
-            .nodes()?
+        let nodes = self.store.nodes()?;
+        let attested = nodes
+            .iter()
+            .map(|n| (n.spiffe_id.clone(), n.attested_at))
+            .collect();
+        let evicted = nodes
             .into_iter()
             .filter(|n| n.evicted_at.is_some())
             .map(|n| n.spiffe_id)
@@ -188,7 +198,11 @@ impl<S: Store> Ca<S> {
         for e in self.store.entries()? {
             by_parent.entry(e.parent_id.clone()).or_default().push(e);
         }
-        self.cache.store(Arc::new(Cache { evicted, by_parent }));
+        self.cache.store(Arc::new(Cache {
+            evicted,
+            attested,
+            by_parent,
+        }));
         Ok(())
     }
 
@@ -211,6 +225,19 @@ impl<S: Store> Ca<S> {
 
     pub fn bundle_value(&self) -> serde_json::Value {
         serde_json::from_str(self.bundle_raw().get()).unwrap_or_default()
+    }
+
+    /// Whether this CA can issue now (see `ready`), at most a second old.
+    pub async fn readiness(&self, now: SystemTime) -> Readiness {
+        let mut last = self.readiness.lock().await;
+        if let Some((at, r)) = last.as_ref()
+            && at.elapsed() < Duration::from_secs(1)
+        {
+            return r.clone();
+        }
+        let r = crate::ready::check(self, now).await;
+        *last = Some((std::time::Instant::now(), r.clone()));
+        r
     }
 
     pub fn is_evicted(&self, node: &SpiffeId) -> bool {
@@ -311,60 +338,94 @@ impl<S: Store> Ca<S> {
         Ok(self.response(id, issued, now))
     }
 
-    /// A fresh SVID for the caller's own, current identity.
+    /// A fresh node SVID for a node that presents its current one.
+    ///
+    /// SECURITY: only node SVIDs renew here. A workload SVID that could renew itself would let
+    /// a stolen workload key keep the identity forever; workload SVIDs are renewed by the agent
+    /// of their node (`/v1/svid` under the node SVID), which attests the caller again each
+    /// time. A node SVID renews only while its node is not evicted and only if it was issued
+    /// since the node's latest attestation, so an SVID taken before an eviction stays dead
+    /// even after the node joins again with a new token.
     pub async fn renew(
         &self,
         caller: &SpiffeId,
         caller_serial: &[u8],
+        caller_not_before: SystemTime,
         csr: &[u8],
         now: SystemTime,
     ) -> Result<SvidResponse, ApiError> {
-        let (kind, ttl, parent) = if caller.path().starts_with("/kith/node/") {
-            self.check_node(caller)?;
-            ("node", self.policy.node_ttl, None)
-        } else {
-            // A workload SVID renews only while the node it came through is in good standing
-            // and still entitled to it: eviction reaches everything under a node.
-            let record = self.store.certificate(caller_serial)?.ok_or_else(|| {
-                ApiError::new(
-                    403,
-                    "unknown_certificate",
-                    "this CA has no record of the presented certificate",
-                )
-            })?;
-            let Some(node) = record.parent.filter(|_| record.kind == "workload") else {
+        if !caller.path().starts_with("/kith/node/") {
+            return Err(ApiError::new(
+                403,
+                "workload_renewal_refused",
+                "workload SVIDs do not renew themselves: the node's agent renews them through /v1/svid after attesting the workload again; pods attest again at /v1/attest/k8s",
+            ));
+        }
+        self.check_node(caller)?;
+        let record = self.store.certificate(caller_serial)?;
+        if record.as_ref().is_none_or(|r| r.kind != "node") {
+            return Err(ApiError::new(
+                403,
+                "unknown_certificate",
+                "this CA has no record of the presented node certificate",
+            ));
+        }
+        // Issuance time of the presented SVID: the CA backdates NotBefore by a fixed amount.
+        let issued_at = unix(caller_not_before + identity::x509::BACKDATE);
+        let attested_at = self.cache.load().attested.get(caller.as_str()).copied();
+        match attested_at {
+            None => {
                 return Err(ApiError::new(
                     403,
-                    "renew_not_allowed",
-                    "only node and agent-issued workload SVIDs renew here; pods attest again with a fresh service-account token at /v1/attest/k8s",
+                    "unknown_node",
+                    format!("{caller} is not a node this CA attested"),
                 ));
-            };
-            let node_id = SpiffeId::new(&node).map_err(ApiError::internal)?;
-            self.check_node(&node_id)?;
-            let entry = self.entry_for(&node_id, caller)?;
-            ("workload", self.entry_ttl(&entry), Some(node))
-        };
+            }
+            Some(at) if issued_at < at => {
+                return Err(ApiError::new(
+                    403,
+                    "node_svid_superseded",
+                    format!(
+                        "this SVID of {caller} predates the node's latest attestation; use the SVID that attestation issued"
+                    ),
+                ));
+            }
+            Some(_) => {}
+        }
         let key = check_csr(csr, caller)?;
-        let issued = self.authority.sign(caller, &key, &[], ttl, now)?;
+        let issued = self
+            .authority
+            .sign(caller, &key, &[], self.policy.node_ttl, now)?;
         let at = unix(now);
-        let node = (kind == "node").then(|| Node {
+        let node = Node {
             spiffe_id: caller.to_string(),
             name: caller.segments().last().unwrap_or_default().to_owned(),
             attested_at: at,
             last_issued_at: at,
             evicted_at: None,
-        });
+        };
         let write = Write::Issue {
-            cert: issued_cert(&issued, caller, kind, parent, now),
-            node,
-            audit: issue_event(caller, kind, &issued, now, json!({"renewal": true})),
+            cert: issued_cert(&issued, caller, "node", None, now),
+            node: Some(node),
+            audit: issue_event(caller, "node", &issued, now, json!({"renewal": true})),
         };
         self.store.write(write).await?;
-        self.metrics.issued(if kind == "node" {
-            "node_renewal"
-        } else {
-            "workload_renewal"
-        });
+        // SECURITY: an eviction that committed while this renewal was being signed wins: the
+        // store orders the two writes, and the SVID is not handed out if the eviction came
+        // first (the cache the check above read is only rebuilt after the eviction commits).
+        let evicted = self
+            .store
+            .nodes()?
+            .iter()
+            .any(|n| n.spiffe_id == caller.as_str() && n.evicted_at.is_some());
+        if evicted {
+            return Err(ApiError::new(
+                403,
+                "node_evicted",
+                format!("{caller} has been evicted; attest it again with a new join token"),
+            ));
+        }
+        self.metrics.issued("node_renewal");
         Ok(self.response(caller, issued, now))
     }
 
@@ -410,15 +471,20 @@ impl<S: Store> Ca<S> {
             )
         })?;
         let pod = verifier
-            .verify(token, now)
-            .map_err(|e| ApiError::new(401, k8s_code(&e), e.to_string()))?;
+            .attest(token, now)
+            .await
+            .map_err(|e| k8s_error(&e))?;
         let id = pod
             .spiffe_id(self.trust_domain())
-            .map_err(|e| ApiError::new(401, k8s_code(&e), e.to_string()))?;
+            .map_err(|e| k8s_error(&e))?;
         let key = check_csr(csr, &id)?;
-        let issued = self
-            .authority
-            .sign(&id, &key, &[], self.policy.workload_ttl, now)?;
+        // SECURITY: the SVID ends with the token that bought it, plus the margin the sidecar
+        // needs to come back with the kubelet's next token; never the full TTL regardless.
+        let ttl = (pod.expires_at + crate::k8s::SVID_MARGIN)
+            .duration_since(now)
+            .unwrap_or_default()
+            .min(self.policy.workload_ttl);
+        let issued = self.authority.sign(&id, &key, &[], ttl, now)?;
         let detail = json!({"attestation": "k8s_psat", "namespace": pod.namespace, "pod": pod.pod_name, "pod_uid": pod.pod_uid});
         let write = Write::Issue {
             cert: issued_cert(&issued, &id, "pod", None, now),
@@ -698,6 +764,16 @@ pub fn secret_hash(secret: &str) -> [u8; 32] {
     out
 }
 
+/// The refusal for a pod token: 401 for the token itself, 503 when the CA cannot judge it now
+/// (stale issuer keys, TokenReview unreachable).
+fn k8s_error(e: &K8sError) -> ApiError {
+    let status = match e.reason() {
+        "jwks_stale" | "review_failed" => 503,
+        _ => 401,
+    };
+    ApiError::new(status, k8s_code(e), e.to_string())
+}
+
 /// A stable refusal code per kind of bad Kubernetes token.
 fn k8s_code(e: &K8sError) -> &'static str {
     match e.reason() {
@@ -711,6 +787,9 @@ fn k8s_code(e: &K8sError) -> &'static str {
         "no_pod_binding" => "k8s_no_pod_binding",
         "too_large" => "k8s_token_too_large",
         "bad_name" => "k8s_bad_name",
+        "jwks_stale" => "k8s_jwks_stale",
+        "review_rejected" => "k8s_token_review_rejected",
+        "review_failed" => "k8s_token_review_unavailable",
         _ => "k8s_token_malformed",
     }
 }

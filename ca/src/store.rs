@@ -263,6 +263,9 @@ pub enum Write {
         sealed_key: Vec<u8>,
         audit: AuditEvent,
     },
+    /// A durable write that changes nothing the CA reads: `/readyz` proves the store still
+    /// takes writes with it.
+    Probe,
 }
 
 #[derive(Debug, PartialEq, Eq)]

@@ -167,8 +167,8 @@ async fn below_the_free_space_reserve_anonymous_work_is_refused_and_readyz_says_
     let ca = start_ca(|_| {}).await;
     let ready = readyz(&ca.metrics_addr).await;
     assert_eq!(ready["status"], "ok", "{ready}");
-    assert_eq!(ready["checks"]["disk"]["state"], "ok");
-    assert!(ready["checks"]["disk"]["free_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(ready["disk"]["state"], "ok");
+    assert!(ready["disk"]["free_bytes"].as_u64().unwrap() > 0);
     let node = ca.node("host-a").await;
     let token = ca.token("host-b").await;
     let dir = ca.stop().await;
@@ -189,9 +189,9 @@ async fn below_the_free_space_reserve_anonymous_work_is_refused_and_readyz_says_
     );
     let ready = readyz(&ca.metrics_addr).await;
     assert_eq!(ready["status"], "degraded", "{ready}");
-    assert_eq!(ready["checks"]["disk"]["state"], "low");
+    assert_eq!(ready["disk"]["state"], "low");
     assert!(
-        ready["checks"]["disk"]["message"]
+        ready["disk"]["message"]
             .as_str()
             .unwrap()
             .contains("anonymous requests are refused")

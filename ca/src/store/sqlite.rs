@@ -487,6 +487,13 @@ fn apply(
             append_audit(tx, key, e, last)?;
             Ok(Outcome::Done)
         }
+        Write::Probe => {
+            // Rewrites the header's user_version with its own value: a real page write (and
+            // fsync at commit) without a table of its own.
+            let v: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+            tx.execute_batch(&format!("PRAGMA user_version = {v}"))?;
+            Ok(Outcome::Done)
+        }
         Write::CreateToken(t, audit) => {
             tx.prepare_cached(
                 "INSERT INTO join_tokens (hash, id, name, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5)",
