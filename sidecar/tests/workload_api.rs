@@ -638,15 +638,7 @@ async fn child_fetches_as_another_uid() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_uid_gets_only_its_own_svid() {
-    if !nix::unistd::geteuid().is_root() {
-        println!("skipped: running a client as another uid needs root");
-        return;
-    }
-    let Some(setpriv) = ["/usr/bin/setpriv", "/bin/setpriv"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-    else {
-        println!("skipped: setpriv (util-linux) is not installed");
+    let Some(setpriv) = setpriv_as_root("another_uid_gets_only_its_own_svid") else {
         return;
     };
     let mut h = Harness::start();
