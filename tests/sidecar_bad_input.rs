@@ -128,6 +128,8 @@ impl Rig {
                 client_addr.to_string(),
                 "--connect".into(),
                 server_addr.to_string(),
+                "--expect-id".into(),
+                "spiffe://example.org/server".into(),
                 "--admin-listen".into(),
                 client_admin.to_string(),
             ],

@@ -176,6 +176,8 @@ fn docker_host_workloads() {
             "127.0.0.1:9001",
             "--connect",
             "10.77.0.1:9443",
+            "--expect-id",
+            "spiffe://example.org/api",
             "--admin-listen",
             "127.0.0.1:15032",
         ],
