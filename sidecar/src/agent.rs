@@ -444,7 +444,7 @@ impl Agent {
             spiffe_id: id,
             selectors: entry.selectors.clone(),
             chain: svid.chain().to_vec(),
-            key: svid.key().clone_key(),
+            key: zeroize::Zeroizing::new(svid.key().clone_key()),
             not_after: svid.not_after(),
         };
         let renew_after = renew_point(answer.renew_after, workload.not_after, now);

@@ -67,8 +67,9 @@ pub fn load(dir: &Path) -> Result<StoredNode, NodeError> {
     let meta: NodeMeta =
         serde_json::from_slice(&read(META)?).map_err(|e| corrupt(format!("{META}: {e}")))?;
     let td = TrustDomain::new(&meta.trust_domain).map_err(|e| corrupt(format!("{META}: {e}")))?;
-    let svid = Svid::from_pem(&read(CHAIN)?, &read(KEY)?)
-        .map_err(|e| corrupt(format!("{CHAIN}/{KEY}: {e}")))?;
+    let key = zeroize::Zeroizing::new(read(KEY)?);
+    let svid =
+        Svid::from_pem(&read(CHAIN)?, &key).map_err(|e| corrupt(format!("{CHAIN}/{KEY}: {e}")))?;
     let bundle = TrustBundle::from_spiffe_json(td, &read(BUNDLE)?)
         .map_err(|e| corrupt(format!("{BUNDLE}: {e}")))?;
     Ok(StoredNode { svid, bundle, meta })
