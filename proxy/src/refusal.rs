@@ -4,6 +4,7 @@
 //! [`RefusalLog::lines`] lines per reason per [`RefusalLog::window`], then one line saying how
 //! many were left out, so a flood of refusals cannot fill the log (or the disk under it).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
@@ -79,41 +80,48 @@ impl DirectionMetrics {
     pub fn refuse(&self, refusal: impl Into<Refusal>) {
         let refusal = refusal.into();
         self.count_refusal(refusal.reason);
-        log(self.direction(), &refusal);
+        log(
+            self.direction(),
+            refusal.reason.as_str(),
+            refusal.peer,
+            refusal.id.as_ref(),
+        );
     }
 }
 
-fn log(direction: &'static str, refusal: &Refusal) {
+/// Logs a refusal that is counted elsewhere (such as transparent mode's capture outcomes),
+/// under the same per-reason limit.
+pub fn log(
+    direction: &'static str,
+    reason: &'static str,
+    peer: Option<SocketAddr>,
+    id: Option<&SpiffeId>,
+) {
     let now = Instant::now();
     let decision = limiter()
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
-        .admit(refusal.reason, now);
+        .admit(reason, now);
     if let Some(suppressed) = decision.flushed {
-        log_suppressed(refusal.reason, suppressed.0, suppressed.1);
+        log_suppressed(reason, suppressed.0, suppressed.1);
     }
     if decision.log {
-        let peer = refusal
-            .peer
-            .map_or_else(|| "unknown".to_owned(), |p| p.to_string());
-        let id = refusal
-            .id
-            .as_ref()
-            .map_or_else(|| "none".to_owned(), ToString::to_string);
+        let peer = peer.map_or_else(|| "unknown".to_owned(), |p| p.to_string());
+        let id = id.map_or_else(|| "none".to_owned(), ToString::to_string);
         tracing::info!(
             direction,
             peer = %peer,
-            reason = %refusal.reason,
+            reason = %reason,
             peer_id = %id,
             "connection refused"
         );
     }
     if decision.schedule_flush {
-        schedule_flush(refusal.reason, now);
+        schedule_flush(reason, now);
     }
 }
 
-fn log_suppressed(reason: Reason, count: u64, window: Duration) {
+fn log_suppressed(reason: &str, count: u64, window: Duration) {
     tracing::info!(
         reason = %reason,
         suppressed = count,
@@ -124,7 +132,7 @@ fn log_suppressed(reason: Reason, count: u64, window: Duration) {
 
 /// The first refusal left out of a window arranges for the summary line at the window's end,
 /// so the count is reported even if no refusal of that reason follows.
-fn schedule_flush(reason: Reason, now: Instant) {
+fn schedule_flush(reason: &'static str, now: Instant) {
     let Ok(rt) = tokio::runtime::Handle::try_current() else {
         return;
     };
@@ -149,11 +157,12 @@ fn limiter() -> &'static Mutex<Limiter> {
     LIMITER.get_or_init(|| Mutex::new(Limiter::new(RefusalLog::default())))
 }
 
-/// Per-reason windows; a pure function of `now` (unit-tested without sleeping).
+/// Per-reason windows; a pure function of `now` (unit-tested without sleeping). Reasons are
+/// a fixed set of static labels, so the map stays small.
 #[derive(Debug)]
 struct Limiter {
     config: RefusalLog,
-    windows: [Window; Reason::ALL.len()],
+    windows: HashMap<&'static str, Window>,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -177,13 +186,13 @@ impl Limiter {
     fn new(config: RefusalLog) -> Self {
         Self {
             config,
-            windows: [Window::default(); Reason::ALL.len()],
+            windows: HashMap::new(),
         }
     }
 
-    fn admit(&mut self, reason: Reason, now: Instant) -> Decision {
+    fn admit(&mut self, reason: &'static str, now: Instant) -> Decision {
         let config = self.config;
-        let w = &mut self.windows[reason.index()];
+        let w = self.windows.entry(reason).or_default();
         let mut decision = Decision::default();
         let expired = w
             .start
@@ -210,15 +219,15 @@ impl Limiter {
         decision
     }
 
-    fn window_end(&self, reason: Reason) -> Option<Instant> {
-        let w = &self.windows[reason.index()];
+    fn window_end(&self, reason: &str) -> Option<Instant> {
+        let w = self.windows.get(reason)?;
         w.start.map(|s| s + self.config.window)
     }
 
     /// At a window's end: the count left out, once; the next refusal starts a new window.
-    fn flush(&mut self, reason: Reason, now: Instant) -> Option<(u64, Duration)> {
+    fn flush(&mut self, reason: &str, now: Instant) -> Option<(u64, Duration)> {
         let window = self.config.window;
-        let w = &mut self.windows[reason.index()];
+        let w = self.windows.get_mut(reason)?;
         let start = w.start?;
         if now.saturating_duration_since(start) < window || w.suppressed == 0 {
             return None;
@@ -244,24 +253,24 @@ mod tests {
     fn logs_the_first_lines_of_a_window_then_counts() {
         let mut l = limiter(3);
         let t = Instant::now();
-        let logged = (0..3).filter(|_| l.admit(Reason::UnknownCa, t).log).count();
+        let logged = (0..3).filter(|_| l.admit("unknown_ca", t).log).count();
         assert_eq!(logged, 3);
-        let fourth = l.admit(Reason::UnknownCa, t);
+        let fourth = l.admit("unknown_ca", t);
         assert!(!fourth.log && fourth.schedule_flush);
-        let fifth = l.admit(Reason::UnknownCa, t);
+        let fifth = l.admit("unknown_ca", t);
         assert!(!fifth.log && !fifth.schedule_flush);
         // Another reason has its own budget.
-        assert!(l.admit(Reason::Expired, t).log);
+        assert!(l.admit("expired", t).log);
     }
 
     #[test]
     fn the_next_window_reports_what_was_left_out() {
         let mut l = limiter(1);
         let t = Instant::now();
-        l.admit(Reason::NotAuthorized, t);
-        l.admit(Reason::NotAuthorized, t);
-        l.admit(Reason::NotAuthorized, t);
-        let later = l.admit(Reason::NotAuthorized, t + Duration::from_secs(10));
+        l.admit("not_authorized", t);
+        l.admit("not_authorized", t);
+        l.admit("not_authorized", t);
+        let later = l.admit("not_authorized", t + Duration::from_secs(10));
         assert!(later.log);
         assert_eq!(later.flushed, Some((2, Duration::from_secs(10))));
     }
@@ -270,20 +279,20 @@ mod tests {
     fn a_flush_reports_once_and_only_after_the_window() {
         let mut l = limiter(1);
         let t = Instant::now();
-        l.admit(Reason::PlaintextRefused, t);
-        l.admit(Reason::PlaintextRefused, t);
+        l.admit("plaintext_refused", t);
+        l.admit("plaintext_refused", t);
         assert_eq!(
-            l.flush(Reason::PlaintextRefused, t + Duration::from_secs(5)),
+            l.flush("plaintext_refused", t + Duration::from_secs(5)),
             None
         );
         let end = t + Duration::from_secs(10);
         assert_eq!(
-            l.flush(Reason::PlaintextRefused, end),
+            l.flush("plaintext_refused", end),
             Some((1, Duration::from_secs(10)))
         );
-        assert_eq!(l.flush(Reason::PlaintextRefused, end), None);
+        assert_eq!(l.flush("plaintext_refused", end), None);
         // A fresh window after the flush logs again, with nothing left to report.
-        let next = l.admit(Reason::PlaintextRefused, end);
+        let next = l.admit("plaintext_refused", end);
         assert!(next.log && next.flushed.is_none());
     }
 }

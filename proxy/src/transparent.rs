@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use crate::authz::Policy;
 use crate::copy::copy_bidirectional;
 use crate::metrics::{Metrics, Reason};
-use crate::refusal::Refusal;
+use crate::refusal::{self, Refusal};
 use crate::socket::{OriginalDst, SoOriginalDst};
 use crate::tls::{self, ExpectedPeer, IdentityHandle};
 use crate::tunnel::{self, Configs, Error, Limits, Opening};
@@ -422,7 +422,8 @@ pub async fn serve_transparent_outbound(
             let to = match source.original_dst(&stream) {
                 Ok(to) => to,
                 Err(e) => {
-                    tracing::info!(error = %e, "outbound connection without original destination");
+                    tracing::debug!(error = %e, "outbound connection without original destination");
+                    refusal::log("outbound", "no_original_dst", stream.peer_addr().ok(), None);
                     bump(&metrics.outbound_no_original_dst);
                     return;
                 }
@@ -452,7 +453,7 @@ pub async fn serve_transparent_outbound(
             }
             match outbound_policy {
                 OutboundPolicy::Deny => {
-                    tracing::info!(%to, "outbound connection outside the mesh denied");
+                    refusal::log("outbound", "outbound_denied", Some(to), None);
                     bump(&metrics.outbound_denied);
                 }
                 OutboundPolicy::Passthrough => {
@@ -496,7 +497,8 @@ pub async fn serve_transparent_inbound(
             let to = match source.original_dst(&stream) {
                 Ok(to) => to,
                 Err(e) => {
-                    tracing::info!(error = %e, "inbound connection without original destination");
+                    tracing::debug!(error = %e, "inbound connection without original destination");
+                    refusal::log("inbound", "no_original_dst", stream.peer_addr().ok(), None);
                     bump(&metrics.inbound_no_original_dst);
                     return;
                 }

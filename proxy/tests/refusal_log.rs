@@ -53,6 +53,10 @@ impl Captured {
     }
 }
 
+fn captured_lines(log: &Captured, needle: &str) -> Vec<String> {
+    log.lines_with(&["connection refused", needle])
+}
+
 async fn attempt(addr: SocketAddr, client: Option<(&Pki, &str, bool)>) {
     let config = match client {
         None => raw_client(None),
@@ -72,6 +76,7 @@ async fn attempt(addr: SocketAddr, client: Option<(&Pki, &str, bool)>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_refusals_logs_bounded_lines_per_reason_then_the_suppressed_count() {
     let captured = Captured::default();
+    let captured_log = captured.clone();
     let writer = captured.clone();
     tracing_subscriber::fmt()
         .with_max_level(tracing::Level::INFO)
@@ -156,4 +161,28 @@ async fn a_flood_of_refusals_logs_bounded_lines_per_reason_then_the_suppressed_c
     assert!(id_of("unknown_ca")[0].contains(&format!("peer_id={CLIENT}")));
     assert!(id_of("plaintext_refused")[0].contains("peer_id=none"));
     drop(stalled);
+
+    // Refusals counted elsewhere (transparent mode's capture outcomes) are logged alike.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let t_addr = listener.local_addr().unwrap();
+    let outside: SocketAddr = "192.0.2.1:80".parse().unwrap();
+    let captured = proxy::Captured::with_source(listener, move |_: &TcpStream| Ok(outside));
+    let metrics = Arc::new(proxy::TransparentMetrics::default());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(proxy::serve_transparent_outbound(
+        captured,
+        handle(pki.svid(CLIENT), pki.bundle()),
+        vec!["10.0.0.0/8".parse().unwrap()],
+        proxy::OutboundPolicy::Deny,
+        proxy::ExpectRules::from(proxy::ExpectedPeer::TrustDomain),
+        limits,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    let _ = within(round_trip(t_addr, b"out")).await;
+    eventually("denied", || metrics.outbound_denied() == 1).await;
+    let denied = captured_lines(&captured_log, "reason=outbound_denied");
+    assert_eq!(denied.len(), 1, "{}", captured_log.text());
+    assert!(denied[0].contains("peer=192.0.2.1:80"), "{}", denied[0]);
+    shutdown.cancel();
 }
