@@ -55,7 +55,7 @@ pub enum InboundMode {
     #[default]
     Strict,
     /// mTLS, or plaintext forwarded unauthenticated (migration). A client that sends nothing
-    /// within the handshake timeout (a server-speaks-first protocol) is plaintext.
+    /// within the first-flight timeout (a server-speaks-first protocol) is plaintext.
     Permissive,
 }
 
