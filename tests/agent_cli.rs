@@ -170,6 +170,8 @@ fn the_join_token_is_read_from_the_environment_or_a_file() {
     // which fails here: no CA listens.
     let (_, none) = agent_once(dir.path(), &[], &[]);
     assert!(none.contains("no join token"), "{none}");
+    let (_, empty) = agent_once(dir.path(), &[], &[("KITH_JOIN_TOKEN", " ")]);
+    assert!(empty.contains("no join token"), "{empty}");
     for var in ["KITH_JOIN_TOKEN", "KITH_AGENT_JOIN_TOKEN"] {
         let (code, err) = agent_once(dir.path(), &[], &[(var, "s3cret")]);
         assert_eq!(code, 1, "{err}");

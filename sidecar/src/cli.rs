@@ -130,9 +130,11 @@ fn join_token(args: &RunArgs) -> Result<Option<JoinToken>> {
             let value = value
                 .into_string()
                 .map_err(|_| anyhow::anyhow!("{var} is not UTF-8"))?;
-            return JoinToken::new(value)
-                .map(Some)
-                .with_context(|| format!("{var} is empty"));
+            // Empty counts as unset: compose passes the variable through on every start,
+            // though the token is needed (and valid) on the first only.
+            if let Some(token) = JoinToken::new(value) {
+                return Ok(Some(token));
+            }
         }
     }
     Ok(None)
