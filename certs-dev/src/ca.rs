@@ -161,11 +161,12 @@ fn new_intermediate(
     let now = SystemTime::now();
     // A CA certificate never outlives the one that signed it.
     let not_after = (now + INTERMEDIATE_TTL).min(root_not_after);
-    let key = key_type.generate()?;
+    // Wiped from memory when dropped, once written.
+    let key = Zeroizing::new(key_type.generate()?);
     let cn = format!("kith dev signer {}", tag()?);
     let params = intermediate_params(td, &cn, now - BACKDATE, not_after)?;
     let cert = params
-        .signed_by(&key, root)
+        .signed_by(&*key, root)
         .context("failed to sign the intermediate")?;
     write_atomic(
         &home.join(INTERMEDIATE_KEY),
