@@ -259,10 +259,10 @@ impl IdentityHandle {
                 chain: id,
             });
         }
-        let signing = provider()
-            .key_provider
-            .load_private_key(PrivateKeyDer::Pkcs8(svid.key().clone_key()))
-            .map_err(TlsError::Key)?;
+        // Borrowed, not cloned: no copy of the key is left unwiped (the Svid wipes its own).
+        let der = PrivateKeyDer::Pkcs8(svid.key().secret_pkcs8_der().into());
+        let signing =
+            rustls::crypto::ring::sign::any_supported_type(&der).map_err(TlsError::Key)?;
         let key = Arc::new(CertifiedKey::new(svid.chain().to_vec(), signing));
         self.tx.send_modify(|current| {
             let version = current.as_ref().map_or(1, |c| c.version + 1);
