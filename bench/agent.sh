@@ -30,9 +30,11 @@ TOKEN_JSON=$("$KITH" ca token create --name bench-host --data-dir "$WORK/ca" --j
 "$KITH" ca entry create --id spiffe://example.org/bench/w --parent spiffe://example.org/kith/node/bench-host \
     --selector "unix:uid:$(id -u)" --data-dir "$WORK/ca" >/dev/null
 SOCK=$WORK/run/agent.sock
-"$KITH" agent run --ca "https://127.0.0.1:$CPORT" --data-dir "$WORK/agent" --socket "$SOCK" \
+# The join token in the environment, never in argv (kith agent refuses --join-token).
+KITH_JOIN_TOKEN="$(jq -r .token <<<"$TOKEN_JSON")" \
+    "$KITH" agent run --ca "https://127.0.0.1:$CPORT" --data-dir "$WORK/agent" --socket "$SOCK" \
     --admin-listen "127.0.0.1:$(free_port)" \
-    --bundle-sha256 "$(jq -r .bundle_sha256 <<<"$TOKEN_JSON")" --join-token "$(jq -r .token <<<"$TOKEN_JSON")" \
+    --bundle-sha256 "$(jq -r .bundle_sha256 <<<"$TOKEN_JSON")" \
     >"$WORK/agent.log" 2>&1 &
 APID=$!
 PIDS+=("$APID")

@@ -77,6 +77,9 @@ async fn an_operator_runs_the_agent_and_a_workload_gets_its_svid() {
 
     let data = dir.path().join("agent");
     let socket = dir.path().join("run/agent.sock");
+    // The token from a file: never in argv, where every local user could read it.
+    let token_file = dir.path().join("join-token");
+    std::fs::write(&token_file, format!("{}\n", v["token"].as_str().unwrap())).unwrap();
     let mut agent = start_agent(
         &url,
         &data,
@@ -84,8 +87,8 @@ async fn an_operator_runs_the_agent_and_a_workload_gets_its_svid() {
         &[
             "--bundle-sha256",
             v["bundle_sha256"].as_str().unwrap(),
-            "--join-token",
-            v["token"].as_str().unwrap(),
+            "--join-token-file",
+            token_file.to_str().unwrap(),
         ],
     );
     let id = fetch_id(&socket, Duration::from_secs(20)).await;
@@ -114,6 +117,89 @@ async fn an_operator_runs_the_agent_and_a_workload_gets_its_svid() {
     let _ = agent.kill();
     let _ = agent.wait();
     assert_eq!(stop(ca), 0);
+}
+
+/// `kith agent run` against a CA that is not there, with `args` and `env`: (exit code, stderr).
+fn agent_once(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_kith"))
+        .args([
+            "agent",
+            "run",
+            "--ca",
+            "https://127.0.0.1:9",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--bundle-sha256",
+            &"0".repeat(64),
+        ])
+        .arg("--data-dir")
+        .arg(dir.join("agent"))
+        .arg("--socket")
+        .arg(dir.join("agent.sock"))
+        .args(args)
+        .env_remove("KITH_JOIN_TOKEN")
+        .env_remove("KITH_AGENT_JOIN_TOKEN")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_join_token_in_argv_is_refused_with_what_to_use_instead() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, err) = agent_once(dir.path(), &["--join-token", "s3cret"], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("visible to every local user")
+            && err.contains("--join-token-file")
+            && err.contains("KITH_JOIN_TOKEN"),
+        "{err}"
+    );
+    assert!(!err.contains("s3cret"), "{err}");
+    assert!(!dir.path().join("agent").exists(), "nothing was written");
+}
+
+#[test]
+fn the_join_token_is_read_from_the_environment_or_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    // Without a token the agent says so; with one (env or file) it goes on to first contact,
+    // which fails here: no CA listens.
+    let (_, none) = agent_once(dir.path(), &[], &[]);
+    assert!(none.contains("no join token"), "{none}");
+    let (_, empty) = agent_once(dir.path(), &[], &[("KITH_JOIN_TOKEN", " ")]);
+    assert!(empty.contains("no join token"), "{empty}");
+    for var in ["KITH_JOIN_TOKEN", "KITH_AGENT_JOIN_TOKEN"] {
+        let (code, err) = agent_once(dir.path(), &[], &[(var, "s3cret")]);
+        assert_eq!(code, 1, "{err}");
+        assert!(
+            !err.contains("no join token") && !err.contains("s3cret"),
+            "{var}: {err}"
+        );
+    }
+    let file = dir.path().join("token");
+    std::fs::write(&file, "  s3cret\n").unwrap();
+    let (code, err) = agent_once(
+        dir.path(),
+        &["--join-token-file", file.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        !err.contains("no join token") && !err.contains("s3cret"),
+        "{err}"
+    );
+    std::fs::write(&file, "\n").unwrap();
+    let (code, err) = agent_once(
+        dir.path(),
+        &["--join-token-file", file.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("is empty"), "{err}");
 }
 
 #[test]

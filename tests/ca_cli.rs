@@ -23,13 +23,19 @@ async fn a_user_runs_the_ca_from_the_cli() {
     assert_eq!(code, 0, "{err}");
     let line = out
         .lines()
-        .find(|l| l.trim_start().starts_with("kith agent run"))
+        .find(|l| l.contains("kith agent run"))
         .unwrap()
         .trim()
         .to_owned();
     let parts: Vec<&str> = line.split_whitespace().collect();
     let arg = |flag: &str| parts[parts.iter().position(|p| *p == flag).unwrap() + 1].to_owned();
-    let (token, pin) = (arg("--join-token"), arg("--bundle-sha256"));
+    // The token in the environment, not in argv.
+    assert!(!parts.contains(&"--join-token"), "{line}");
+    let token = parts[0]
+        .strip_prefix("KITH_JOIN_TOKEN=")
+        .unwrap()
+        .to_owned();
+    let pin = arg("--bundle-sha256");
     assert!(arg("--ca").starts_with("https://localhost:"));
 
     // First contact: fetch the bundle over TLS without trusting it yet, check the pin, then

@@ -189,3 +189,33 @@ fn other_bad_flags_are_refused() {
         run.stderr
     );
 }
+
+#[test]
+fn keys_are_never_written_where_others_could_swap_them() {
+    use std::os::unix::fs::PermissionsExt;
+    let kith = Kith::new();
+    // A group- or world-writable --out: refused, and no key is left there.
+    let shared = kith.path("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let run = kith.certs(&["issue", ID, "--out", shared.to_str().unwrap()]);
+    assert_ne!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("writable by group or others") && run.stderr.contains("chmod go-w"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(std::fs::read_dir(&shared).unwrap().count(), 0);
+
+    // A symlink planted where the key goes is replaced, never followed.
+    let out = kith.path("out");
+    std::fs::create_dir(&out).unwrap();
+    let victim = kith.path("victim");
+    std::fs::write(&victim, "precious").unwrap();
+    std::os::unix::fs::symlink(&victim, out.join("svid.key")).unwrap();
+    kith.issue(ID, "out", &[]);
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    let key = std::fs::symlink_metadata(out.join("svid.key")).unwrap();
+    assert!(!key.file_type().is_symlink());
+    assert_eq!(key.permissions().mode() & 0o777, 0o600);
+}

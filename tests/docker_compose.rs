@@ -240,9 +240,24 @@ fn refusals(stack: &Stack) {
     eventually("api's sidecar counts other as not authorized", 10, || {
         check_eq(stack.connections("api-app", "inbound", "not_authorized"), 1)
     });
-    eventually("api's sidecar logs whom it refused", 10, || {
-        let denied = stack.api_log("inbound connection not authorized", "denied");
-        if denied.len() == 1 && denied[0].starts_with(&format!("{OTHER} is not allowed")) {
+    eventually("api's sidecar logs whom it refused, at info", 10, || {
+        let denied: Vec<String> = stack
+            .logs("api-sidecar")
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| {
+                v["level"] == "INFO"
+                    && v["fields"]["message"] == "connection refused"
+                    && v["fields"]["reason"] == "not_authorized"
+            })
+            .map(|v| {
+                v["fields"]["peer_id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .collect();
+        if denied == [OTHER] {
             Ok(())
         } else {
             Err(format!("denials logged: {denied:?}"))

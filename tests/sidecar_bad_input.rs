@@ -54,6 +54,31 @@ fn truncated_client_hello() -> Vec<u8> {
     b
 }
 
+/// Connects to `to` from `source` (any 127.0.0.0/8 address works on Linux loopback).
+fn connect_from(source: &str, to: SocketAddr) -> TcpStream {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+        let stream = socket.connect(to).await.unwrap();
+        let std = stream.into_std().unwrap();
+        std.set_nonblocking(false).unwrap();
+        std
+    })
+}
+
+/// True while the other side has neither closed nor reset `s` (nothing to read, no EOF).
+fn still_open(s: &TcpStream) -> bool {
+    s.set_nonblocking(true).unwrap();
+    let mut b = [0u8; 1];
+    let open = matches!((&*s).read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+    s.set_nonblocking(false).unwrap();
+    open
+}
+
 /// Sends `bytes`, half-closes, and waits (bounded) for the other side to close.
 fn send_and_wait_close(addr: SocketAddr, bytes: &[u8]) {
     let Ok(mut s) = TcpStream::connect(addr) else {
@@ -81,6 +106,11 @@ struct Rig {
 
 impl Rig {
     fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// With `server_extra` flags for the server side (mTLS in).
+    fn start_with(server_extra: &[&str]) -> Self {
         let kith = Kith::new();
         kith.issue("spiffe://example.org/client", "client", &[]);
         kith.issue("spiffe://example.org/server", "server", &[]);
@@ -111,13 +141,20 @@ impl Rig {
             "server",
             "server",
             &[
-                "--listen".into(),
-                server_addr.to_string(),
-                "--forward".into(),
-                backend.to_string(),
-                "--admin-listen".into(),
-                server_admin.to_string(),
-            ],
+                &[
+                    "--listen".into(),
+                    server_addr.to_string(),
+                    "--forward".into(),
+                    backend.to_string(),
+                    "--admin-listen".into(),
+                    server_admin.to_string(),
+                ][..],
+                &server_extra
+                    .iter()
+                    .map(|a| (*a).to_owned())
+                    .collect::<Vec<_>>(),
+            ]
+            .concat(),
         );
         let (client_addr, client_admin) = (free_port(), free_port());
         let client = spawn(
@@ -128,6 +165,8 @@ impl Rig {
                 client_addr.to_string(),
                 "--connect".into(),
                 server_addr.to_string(),
+                "--expect-id".into(),
+                "spiffe://example.org/server".into(),
                 "--admin-listen".into(),
                 client_admin.to_string(),
             ],
@@ -263,13 +302,18 @@ fn ten_thousand_silent_connections_do_not_starve_a_good_client() {
         }
         return;
     }
-    let mut rig = Rig::start();
+    // Silent connections stay pending for the whole test (not cut at the first-flight
+    // deadline), from 50 source addresses (200 each, under the per-source cap).
+    let mut rig = Rig::start_with(&["--first-flight-timeout", "10m"]);
     let pid = rig.server.child.id();
     rig.served(Duration::from_secs(5));
     let before = rss_kib(pid);
     let mut silent = Vec::with_capacity(10_000);
-    for _ in 0..10_000 {
-        silent.push(TcpStream::connect(rig.server_addr).unwrap());
+    for i in 0..10_000 {
+        silent.push(connect_from(
+            &format!("127.0.1.{}", 1 + i % 50),
+            rig.server_addr,
+        ));
     }
     // All accepted (pending), none holding a connection slot: a good client gets through.
     rig.served(Duration::from_secs(5));
@@ -344,4 +388,52 @@ fn a_peer_that_stops_reading_costs_bounded_memory() {
     );
     rig.alive();
     drop(stalled);
+}
+
+#[test]
+fn stalled_handshakes_do_not_starve_a_real_client_and_are_cut_counted_and_logged() {
+    let mut rig = Rig::start_with(&["--max-connections", "8", "--first-flight-timeout", "5s"]);
+    rig.served(Duration::from_secs(5));
+    // The attack: five times --max-connections send the first byte of a handshake and stall.
+    let mut stalled: Vec<TcpStream> = (0..40)
+        .map(|_| {
+            let mut s = connect_from("127.0.0.2", rig.server_addr);
+            s.write_all(&[0x16]).unwrap();
+            s
+        })
+        .collect();
+    // A real client is served while every stalled one still holds on.
+    let answer = roundtrip(rig.client_addr, b"served meanwhile");
+    assert_eq!(answer, b"served meanwhile", "{}", rig.server.log());
+    let open = stalled.iter().filter(|s| still_open(s)).count();
+    assert_eq!(
+        open, 40,
+        "the real client was served only after stalled handshakes were cut"
+    );
+    // Then they are cut at the first-flight deadline, counted and logged with their reason.
+    for s in &mut stalled {
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        assert!(rest.is_empty());
+    }
+    let key = "kith_sidecar_connections_total{direction=\"inbound\",result=\"handshake_timeout\"}";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut m = http(rig.server_admin, "GET", "/metrics");
+    while metric(&m, key) != Some(40.0) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        m = http(rig.server_admin, "GET", "/metrics");
+    }
+    assert_eq!(metric(&m, key), Some(40.0), "{m}");
+    let log = rig.server.log();
+    let refused: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("connection refused") && l.contains("handshake_timeout"))
+        .collect();
+    assert!(
+        !refused.is_empty() && refused.len() <= 10,
+        "at most 10 lines a reason in 10 s: {log}"
+    );
+    assert!(refused[0].contains("127.0.0.2:"), "{log}");
+    rig.alive();
 }

@@ -107,7 +107,12 @@ fn explicit_tunnels_carry_bytes_and_refuse_what_they_should() {
         &kith,
         "stranger",
         stranger_addr,
-        &["--connect", &server_addr.to_string()],
+        &[
+            "--connect",
+            &server_addr.to_string(),
+            "--expect-id",
+            "spiffe://example.org/server",
+        ],
     );
     assert_eq!(roundtrip(stranger_addr, b"hello"), b"", "refused");
     let want = "kith_sidecar_connections_total{direction=\"inbound\",result=\"not_authorized\"} ";
@@ -224,7 +229,12 @@ fn new_certificate_files_apply_without_a_restart_and_quitquitquit_stops_it() {
         &kith,
         "client",
         client_addr,
-        &["--connect", &server_addr.to_string()],
+        &[
+            "--connect",
+            &server_addr.to_string(),
+            "--expect-id",
+            "spiffe://example.org/server",
+        ],
     );
     assert_eq!(roundtrip(client_addr, b"one"), b"one");
 
@@ -379,7 +389,7 @@ fn several_tunnels_from_a_config_file_with_a_per_port_policy_file() {
         "client",
         &format!(
             "[[tunnel]]\nname = \"orders\"\nlisten = \"{to_orders}\"\nconnect = \"localhost:{}\"\nexpect_id = \"spiffe://example.org/server\"\n\n\
-             [[tunnel]]\nname = \"billing\"\nlisten = \"{to_billing}\"\nconnect = \"{billing_in}\"\n",
+             [[tunnel]]\nname = \"billing\"\nlisten = \"{to_billing}\"\nconnect = \"{billing_in}\"\nexpect_trust_domain = true\n",
             // A name, resolved for each connection (both ::1 and 127.0.0.1 are tried).
             orders_in.port()
         ),
@@ -446,7 +456,12 @@ fn sigterm_lets_open_connections_finish_then_cuts_them_at_the_drain_timeout() {
         &kith,
         "client",
         client_addr,
-        &["--connect", &server_addr.to_string()],
+        &[
+            "--connect",
+            &server_addr.to_string(),
+            "--expect-id",
+            "spiffe://example.org/server",
+        ],
     );
     let mut open = TcpStream::connect(client_addr).unwrap();
     open.set_read_timeout(Some(Duration::from_secs(5))).unwrap();

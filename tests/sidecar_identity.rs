@@ -276,6 +276,8 @@ fn workload_api_sidecars_hold_an_early_app_until_the_agent_serves_the_svid() {
     );
 
     let agent_data = d.join("agent");
+    let token_file = d.join("join-token");
+    std::fs::write(&token_file, join["token"].as_str().unwrap()).unwrap();
     let agent = Proc::spawn(
         d,
         "agent",
@@ -292,8 +294,8 @@ fn workload_api_sidecars_hold_an_early_app_until_the_agent_serves_the_svid() {
             socket.to_str().unwrap(),
             "--bundle-sha256",
             join["bundle_sha256"].as_str().unwrap(),
-            "--join-token",
-            join["token"].as_str().unwrap(),
+            "--join-token-file",
+            token_file.to_str().unwrap(),
         ],
     );
     let answer = early.join().unwrap();

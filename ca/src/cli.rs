@@ -222,11 +222,13 @@ async fn run_inner(args: CaArgs) -> Result<ExitCode> {
                             humantime::format_duration(ttl)
                         );
                         println!();
+                        // The token goes in the environment: in argv every local user
+                        // could read it (`kith agent run` refuses --join-token).
                         println!(
-                            "  kith agent run --ca {} --bundle-sha256 {} --join-token {}",
+                            "  KITH_JOIN_TOKEN={} kith agent run --ca {} --bundle-sha256 {}",
+                            v["token"].as_str().unwrap_or_default(),
                             v["ca_url"].as_str().unwrap_or_default(),
-                            v["bundle_sha256"].as_str().unwrap_or_default(),
-                            v["token"].as_str().unwrap_or_default()
+                            v["bundle_sha256"].as_str().unwrap_or_default()
                         );
                         println!();
                         println!("it works once; run that line on the host");

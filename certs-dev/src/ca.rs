@@ -9,6 +9,7 @@ use identity::x509::{BACKDATE, from_offset, intermediate_params, root_params};
 use identity::{KeyType, TrustBundle, TrustDomain, bundle::root_trust_domain};
 use rcgen::{Issuer, KeyPair};
 use rustls_pki_types::CertificateDer;
+use zeroize::Zeroizing;
 
 use crate::files::{KEY_MODE, PUBLIC_MODE, ensure_dir, read, write_atomic};
 
@@ -160,11 +161,12 @@ fn new_intermediate(
     let now = SystemTime::now();
     // A CA certificate never outlives the one that signed it.
     let not_after = (now + INTERMEDIATE_TTL).min(root_not_after);
-    let key = key_type.generate()?;
+    // Wiped from memory when dropped, once written.
+    let key = Zeroizing::new(key_type.generate()?);
     let cn = format!("kith dev signer {}", tag()?);
     let params = intermediate_params(td, &cn, now - BACKDATE, not_after)?;
     let cert = params
-        .signed_by(&key, root)
+        .signed_by(&*key, root)
         .context("failed to sign the intermediate")?;
     write_atomic(
         &home.join(INTERMEDIATE_KEY),
@@ -179,11 +181,9 @@ fn new_intermediate(
     Ok(())
 }
 
-fn key_pem(key: &KeyPair) -> String {
-    identity::pem::encode(
-        "PRIVATE KEY",
-        identity::x509::portable_pkcs8(key).secret_pkcs8_der(),
-    )
+fn key_pem(key: &KeyPair) -> Zeroizing<String> {
+    let der = Zeroizing::new(identity::x509::portable_pkcs8(key));
+    identity::pem::encode_secret("PRIVATE KEY", der.secret_pkcs8_der())
 }
 
 fn one_cert(path: &Path) -> Result<CertificateDer<'static>> {
@@ -196,8 +196,9 @@ fn one_cert(path: &Path) -> Result<CertificateDer<'static>> {
 }
 
 fn load_key(path: &Path) -> Result<KeyPair> {
-    let pem =
-        String::from_utf8(read(path)?).with_context(|| format!("{} is not PEM", path.display()))?;
+    let pem = Zeroizing::new(
+        String::from_utf8(read(path)?).with_context(|| format!("{} is not PEM", path.display()))?,
+    );
     KeyPair::from_pem(&pem)
         .with_context(|| format!("{} is not a PKCS#8 private key", path.display()))
 }

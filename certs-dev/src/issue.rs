@@ -110,7 +110,8 @@ pub fn issue(home: &Path, req: Request) -> Result<Issued> {
         }
     }
 
-    let key = req.key_type.generate()?;
+    // Wiped from memory when dropped; the Svid keeps its own (wiped) copy.
+    let key = zeroize::Zeroizing::new(req.key_type.generate()?);
     let params = svid_params(&req.id, &req.dns, &req.ips, now - BACKDATE, not_after)?;
     let serial = params
         .serial_number
@@ -118,7 +119,7 @@ pub fn issue(home: &Path, req: Request) -> Result<Issued> {
         .map(|s| hex_colon(&s.to_bytes()))
         .unwrap_or_default();
     let leaf = params
-        .signed_by(&key, &ca.issuer)
+        .signed_by(&*key, &ca.issuer)
         .context("failed to sign the leaf")?;
     let chain = vec![leaf.der().clone(), ca.intermediate.clone()];
     let svid = Svid::new(chain, portable_pkcs8(&key))

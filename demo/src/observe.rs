@@ -60,8 +60,9 @@ pub fn parse_line(line: &str) -> Option<LogEvent> {
             };
             LogEvent::NotAuthorized { id, port }
         }
-        m @ ("inbound connection refused" | "outbound connection refused") => LogEvent::Refused {
-            direction: m.split(' ').next().unwrap_or_default().to_owned(),
+        // proxy::refusal: every refusal, rate-limited per reason.
+        "connection refused" => LogEvent::Refused {
+            direction: text("direction")?,
             reason: text("reason")?,
         },
         "identity published" => LogEvent::Published {
@@ -217,7 +218,7 @@ mod tests {
 
     #[test]
     fn refusals_give_the_denied_id_and_the_reason() {
-        let denied = r#"{"level":"INFO","fields":{"message":"inbound connection not authorized","denied":"spiffe://demo.kith/intruder is not allowed to port 40411"}}"#;
+        let denied = r#"{"level":"DEBUG","fields":{"message":"inbound connection not authorized","denied":"spiffe://demo.kith/intruder is not allowed to port 40411"}}"#;
         assert_eq!(
             parse_line(denied),
             Some(LogEvent::NotAuthorized {
@@ -225,7 +226,7 @@ mod tests {
                 port: Some(40411),
             })
         );
-        let refused = r#"{"level":"DEBUG","fields":{"message":"inbound connection refused","reason":"not_authorized"}}"#;
+        let refused = r#"{"level":"INFO","fields":{"message":"connection refused","direction":"inbound","peer":"127.0.0.1:40000","reason":"not_authorized","peer_id":"spiffe://demo.kith/intruder"}}"#;
         assert_eq!(
             parse_line(refused),
             Some(LogEvent::Refused {

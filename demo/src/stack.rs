@@ -284,7 +284,8 @@ pub async fn start(stack: &mut Stack, term: &mut Term, w: Wiring<'_>) -> Result<
         let role_args: Vec<&str> = match wl {
             Workload::Api => vec!["--forward", &backend, "--allow", &web_id],
             Workload::Web => vec!["--connect", &api_at, "--expect-id", &api_id],
-            Workload::Intruder => vec!["--connect", &api_at],
+            // The intruder knows whom it wants to reach; api refuses it (not_authorized).
+            Workload::Intruder => vec!["--connect", &api_at, "--expect-id", &api_id],
         };
         args.extend(os_args(&role_args));
         let child = Child::spawn(

@@ -2,6 +2,7 @@
 //! verification and the renewal schedule. Every other kith crate stands on this one.
 
 pub mod bundle;
+pub mod files;
 pub mod pem;
 pub mod refresh;
 pub mod spiffe_id;

@@ -2,6 +2,7 @@
 
 use rustls_pki_types::pem::{self, PemObject, SectionKind};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use zeroize::Zeroizing;
 
 /// Why bytes could not be read as certificates or a key.
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +100,29 @@ pub fn encode(label: &str, der: &[u8]) -> String {
         out.push('\n');
     }
     out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+/// [`encode`] for a private key: the text and every intermediate buffer are wiped when
+/// dropped.
+pub fn encode_secret(label: &str, der: &[u8]) -> Zeroizing<String> {
+    use base64::Engine as _;
+    let mut b64 = Zeroizing::new(String::with_capacity(der.len().div_ceil(3) * 4));
+    base64::engine::general_purpose::STANDARD.encode_string(der, &mut b64);
+    let lines = b64.len().div_ceil(64);
+    let mut out = Zeroizing::new(String::with_capacity(
+        b64.len() + lines + 2 * (label.len() + 17),
+    ));
+    out.push_str("-----BEGIN ");
+    out.push_str(label);
+    out.push_str("-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str("-----END ");
+    out.push_str(label);
+    out.push_str("-----\n");
     out
 }
 

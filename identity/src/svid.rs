@@ -4,6 +4,7 @@ use std::time::SystemTime;
 
 use rcgen::{KeyPair, PublicKeyData};
 use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
+use zeroize::Zeroizing;
 
 use crate::pem::{self, PemError};
 use crate::spiffe_id::SpiffeId;
@@ -11,10 +12,12 @@ use crate::verify::{NotSvid, check_parsed_leaf};
 use crate::x509::from_offset;
 
 /// A leaf X509-SVID, the intermediates up to (not including) a root, and the leaf's PKCS#8 key.
+/// The key's bytes are wiped from memory when the SVID is dropped, and so are the PEM texts
+/// made from it.
 pub struct Svid {
     id: SpiffeId,
     chain: Vec<CertificateDer<'static>>,
-    key: PrivatePkcs8KeyDer<'static>,
+    key: Zeroizing<PrivatePkcs8KeyDer<'static>>,
     not_after: SystemTime,
 }
 
@@ -41,11 +44,13 @@ impl Svid {
         chain: Vec<CertificateDer<'static>>,
         key: PrivatePkcs8KeyDer<'static>,
     ) -> Result<Self, SvidError> {
+        let key = Zeroizing::new(key);
         let leaf = chain.first().ok_or(SvidError::EmptyChain)?;
         let (_, cert) = x509_parser::parse_x509_certificate(leaf)
             .map_err(|e| SvidError::Malformed(e.to_string()))?;
         let id = check_parsed_leaf(&cert)?;
-        let pair = KeyPair::try_from(&key).map_err(|e| SvidError::BadKey(e.to_string()))?;
+        let pair =
+            Zeroizing::new(KeyPair::try_from(&*key).map_err(|e| SvidError::BadKey(e.to_string()))?);
         if pair.subject_public_key_info() != cert.public_key().raw {
             return Err(SvidError::KeyMismatch);
         }
@@ -71,9 +76,13 @@ impl Svid {
     }
 
     /// The SPIFFE filesystem-delivery credential bundle: the key, then the chain.
-    pub fn to_credential_bundle(&self) -> String {
-        let mut out = self.key_pem();
-        out.push_str(&self.chain_pem());
+    pub fn to_credential_bundle(&self) -> Zeroizing<String> {
+        let key = self.key_pem();
+        let chain = self.chain_pem();
+        // One allocation of the final size: no partial copy of the key is left behind.
+        let mut out = Zeroizing::new(String::with_capacity(key.len() + chain.len()));
+        out.push_str(&key);
+        out.push_str(&chain);
         out
     }
 
@@ -81,8 +90,8 @@ impl Svid {
         pem::encode_certificates(&self.chain)
     }
 
-    pub fn key_pem(&self) -> String {
-        pem::encode("PRIVATE KEY", self.key.secret_pkcs8_der())
+    pub fn key_pem(&self) -> Zeroizing<String> {
+        pem::encode_secret("PRIVATE KEY", self.key.secret_pkcs8_der())
     }
 
     pub fn id(&self) -> &SpiffeId {

@@ -94,13 +94,14 @@ pub fn portable_pkcs8(key: &KeyPair) -> PrivatePkcs8KeyDer<'static> {
         0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
         0x20,
     ];
-    let der = key.serialize_der();
+    let der = zeroize::Zeroizing::new(key.serialize_der());
     if der.len() >= 48 && der[0] == 0x30 && der[2..16] == V2_PREFIX {
-        let mut v1 = V1_PREFIX.to_vec();
+        let mut v1 = Vec::with_capacity(48);
+        v1.extend_from_slice(&V1_PREFIX);
         v1.extend_from_slice(&der[16..48]);
         return PrivatePkcs8KeyDer::from(v1);
     }
-    PrivatePkcs8KeyDer::from(der)
+    PrivatePkcs8KeyDer::from(der.to_vec())
 }
 
 /// A serial for a CA that stores what it issues: 64 bits of time (microseconds, with a fixed

@@ -128,6 +128,39 @@ fn svid_round_trips_as_pem_and_credential_bundle() {
     assert_eq!(back.key_pem(), svid.key_pem());
 }
 
+/// Compiles only for types that wipe their memory when dropped.
+fn wiped_on_drop<T: zeroize::ZeroizeOnDrop>(_: &T) {}
+
+#[test]
+fn an_svids_key_and_the_pem_texts_made_from_it_are_wiped_on_drop() {
+    let pki = Pki::new("example.org");
+    let (chain, key) = pki.leaf("spiffe://example.org/web");
+    let svid = Svid::from_pem(
+        identity::pem::encode_certificates(&chain).as_bytes(),
+        key.serialize_pem().as_bytes(),
+    )
+    .unwrap();
+    let key_pem = svid.key_pem();
+    let bundle = svid.to_credential_bundle();
+    wiped_on_drop(&key_pem);
+    wiped_on_drop(&bundle);
+    // The wiping encoder writes exactly the usual PEM.
+    assert_eq!(
+        *key_pem,
+        identity::pem::encode("PRIVATE KEY", svid.key().secret_pkcs8_der())
+    );
+    assert_eq!(*bundle, format!("{}{}", *key_pem, svid.chain_pem()));
+    // A key that is a multiple of 48 bytes long ends its base64 on a line boundary.
+    for len in [0usize, 1, 47, 48, 49, 96, 500] {
+        let der: Vec<u8> = (0..len).map(|i| i as u8).collect();
+        assert_eq!(
+            *identity::pem::encode_secret("PRIVATE KEY", &der),
+            identity::pem::encode("PRIVATE KEY", &der),
+            "{len}"
+        );
+    }
+}
+
 #[test]
 fn an_svid_refuses_a_key_that_is_not_its_own() {
     let pki = Pki::new("example.org");

@@ -55,10 +55,8 @@ fn docker_host_workloads() {
             "127.0.0.1:15021",
             "--bundle-sha256",
             join["bundle_sha256"].as_str().unwrap(),
-            "--join-token",
-            join["token"].as_str().unwrap(),
         ],
-        &[],
+        &[("KITH_JOIN_TOKEN", join["token"].as_str().unwrap())],
     );
     lab.wait_until("the agent serves", Duration::from_secs(30), || {
         socket.exists()
@@ -176,6 +174,8 @@ fn docker_host_workloads() {
             "127.0.0.1:9001",
             "--connect",
             "10.77.0.1:9443",
+            "--expect-id",
+            "spiffe://example.org/api",
             "--admin-listen",
             "127.0.0.1:15032",
         ],

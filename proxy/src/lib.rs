@@ -7,12 +7,14 @@
 //! - [`transparent`]: `serve_transparent_outbound`/`serve_transparent_inbound` for
 //!   iptables-captured connections;
 //! - [`socket`]: the original destination of a captured connection (`SO_ORIGINAL_DST`);
-//! - [`metrics`]: connection and byte counters.
+//! - [`metrics`]: connection and byte counters;
+//! - [`refusal`]: every refused connection counted and logged (rate-limited per reason).
 #![forbid(unsafe_code)]
 
 pub mod authz;
 pub mod copy;
 pub mod metrics;
+pub mod refusal;
 pub mod socket;
 pub mod tls;
 pub mod transparent;
@@ -20,6 +22,7 @@ pub mod tunnel;
 
 pub use authz::{Denied, Policy};
 pub use metrics::{DirectionMetrics, Metrics, Reason};
+pub use refusal::{Refusal, RefusalLog};
 pub use socket::{OriginalDst, SoOriginalDst};
 pub use tls::{ExpectedPeer, IdentityHandle};
 pub use transparent::{

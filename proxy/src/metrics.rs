@@ -25,12 +25,17 @@ pub enum Reason {
     /// The TLS peer closed or sent an alert before its first byte (TLS 1.3 reports a refused
     /// client certificate only then).
     PeerRefused,
-    /// Any other handshake failure (timeout, protocol error, no ALPN `kith/1`).
+    /// Any other handshake failure (protocol error, no ALPN `kith/1`).
     HandshakeFailed,
+    /// The ClientHello did not arrive within the first-flight deadline, or the handshake did
+    /// not finish within the handshake timeout.
+    HandshakeTimeout,
+    /// The peer's address already had as many handshakes pending as one source may.
+    TooManyPending,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 11] = [
+    pub const ALL: [Reason; 13] = [
         Reason::Expired,
         Reason::NotYetValid,
         Reason::UnknownCa,
@@ -42,6 +47,8 @@ impl Reason {
         Reason::BadCertificate,
         Reason::PeerRefused,
         Reason::HandshakeFailed,
+        Reason::HandshakeTimeout,
+        Reason::TooManyPending,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -57,6 +64,8 @@ impl Reason {
             Reason::BadCertificate => "bad_certificate",
             Reason::PeerRefused => "peer_refused",
             Reason::HandshakeFailed => "handshake_failed",
+            Reason::HandshakeTimeout => "handshake_timeout",
+            Reason::TooManyPending => "too_many_pending",
         }
     }
 
@@ -70,7 +79,7 @@ impl Reason {
         }
     }
 
-    fn index(self) -> usize {
+    pub(crate) fn index(self) -> usize {
         self as usize
     }
 }
@@ -84,6 +93,8 @@ impl fmt::Display for Reason {
 /// Counters of one direction (inbound: mTLS in; outbound: mTLS out).
 #[derive(Debug, Default)]
 pub struct DirectionMetrics {
+    /// `inbound` or `outbound`, for the refusal log.
+    direction: &'static str,
     accepted: AtomicU64,
     active: AtomicU64,
     refused: [AtomicU64; Reason::ALL.len()],
@@ -142,8 +153,13 @@ impl DirectionMetrics {
         }
     }
 
-    pub(crate) fn refuse(&self, reason: Reason) {
+    /// Counts a refusal without logging it; [`Self::refuse`] does both.
+    pub(crate) fn count_refusal(&self, reason: Reason) {
         self.refused[reason.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn direction(&self) -> &'static str {
+        self.direction
     }
 
     pub(crate) fn open(&self) {
@@ -162,10 +178,25 @@ impl DirectionMetrics {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     pub inbound: DirectionMetrics,
     pub outbound: DirectionMetrics,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            inbound: DirectionMetrics {
+                direction: "inbound",
+                ..DirectionMetrics::default()
+            },
+            outbound: DirectionMetrics {
+                direction: "outbound",
+                ..DirectionMetrics::default()
+            },
+        }
+    }
 }
 
 impl Metrics {
@@ -320,7 +351,7 @@ mod tests {
             assert_eq!(r.index(), i, "{r}");
         }
         let m = DirectionMetrics::default();
-        m.refuse(Reason::UnknownCa);
+        m.count_refusal(Reason::UnknownCa);
         assert_eq!(m.refused(Reason::UnknownCa), 1);
         assert_eq!(m.refused_total(), 1);
     }

@@ -37,6 +37,7 @@ use tokio::sync::watch;
 use identity::{SpiffeId, Svid, TrustBundle, VerifyError};
 
 use crate::metrics::Reason;
+use crate::refusal::Refusal;
 
 /// The one ALPN protocol both ends speak.
 pub const ALPN: &[u8] = b"kith/1";
@@ -62,6 +63,16 @@ pub enum TlsError {
     Key(rustls::Error),
     #[error("tls configuration: {0}")]
     Config(#[from] rustls::Error),
+}
+
+/// A peer chain the verifier refused, with the SPIFFE ID its leaf names where it can be read
+/// (for the refusal log: an expired or foreign SVID still says whose it is).
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct RejectedChain {
+    pub id: Option<SpiffeId>,
+    #[source]
+    pub error: VerifyError,
 }
 
 /// The peer presented a valid SVID, but not the identity this side expects.
@@ -248,10 +259,10 @@ impl IdentityHandle {
                 chain: id,
             });
         }
-        let signing = provider()
-            .key_provider
-            .load_private_key(PrivateKeyDer::Pkcs8(svid.key().clone_key()))
-            .map_err(TlsError::Key)?;
+        // Borrowed, not cloned: no copy of the key is left unwiped (the Svid wipes its own).
+        let der = PrivateKeyDer::Pkcs8(svid.key().secret_pkcs8_der().into());
+        let signing =
+            rustls::crypto::ring::sign::any_supported_type(&der).map_err(TlsError::Key)?;
         let key = Arc::new(CertifiedKey::new(svid.chain().to_vec(), signing));
         self.tx.send_modify(|current| {
             let version = current.as_ref().map_or(1, |c| c.version + 1);
@@ -380,7 +391,12 @@ fn verify_peer(
     chain.extend(intermediates.iter().cloned());
     // SECURITY: rustls-webpki validates the chain inside verify_x509_svid; the error travels
     // as an OtherError so that the listener can count the refusal by its reason.
-    let id = identity::verify_x509_svid(&chain, current.bundle(), at).map_err(other)?;
+    let id = identity::verify_x509_svid(&chain, current.bundle(), at).map_err(|error| {
+        other(RejectedChain {
+            id: identity::check_svid_leaf(end_entity).ok(),
+            error,
+        })
+    })?;
     if let Some((from, until)) = identity::verdict_window(&chain, current.bundle(), at) {
         let entry = Verified {
             id: id.clone(),
@@ -747,17 +763,21 @@ pub fn check_resumed(
     identity: &IdentityHandle,
     conn: &CommonState,
     expect: Option<&ExpectedPeer>,
-) -> Result<(), Reason> {
+) -> Result<(), Refusal> {
     if conn.handshake_kind() != Some(HandshakeKind::Resumed) {
         return Ok(());
     }
     let Some((leaf, intermediates)) = conn.peer_certificates().and_then(<[_]>::split_first) else {
-        return Err(Reason::BadCertificate);
+        return Err(Reason::BadCertificate.into());
     };
-    let id = verify_peer(identity, leaf, intermediates, UnixTime::now())
-        .map_err(|e| reason(&e).unwrap_or(Reason::HandshakeFailed))?;
+    let id = verify_peer(identity, leaf, intermediates, UnixTime::now()).map_err(|e| {
+        let (reason, id) = refusal_of(&e).unwrap_or((Reason::HandshakeFailed, None));
+        Refusal::new(reason, None).with_id(id)
+    })?;
     if let Some(expect) = expect {
-        expect.check(&id).map_err(|_| Reason::NotAuthorized)?;
+        expect
+            .check(&id)
+            .map_err(|_| Refusal::new(Reason::NotAuthorized, None).with_id(Some(id.clone())))?;
     }
     Ok(())
 }
@@ -768,30 +788,34 @@ pub fn peer_id(certs: Option<&[CertificateDer<'static>]>) -> Option<SpiffeId> {
     identity::check_svid_leaf(leaf).ok()
 }
 
-/// Why a handshake failed, as a refusal reason, when the error says.
-pub fn refusal_reason(error: &std::io::Error) -> Option<Reason> {
-    reason(error.get_ref()?.downcast_ref::<rustls::Error>()?)
+/// Why a handshake failed, as a refusal reason and the ID the peer presented, when the error
+/// says.
+pub fn refusal(error: &std::io::Error) -> Option<(Reason, Option<SpiffeId>)> {
+    refusal_of(error.get_ref()?.downcast_ref::<rustls::Error>()?)
 }
 
-fn reason(tls: &rustls::Error) -> Option<Reason> {
+fn refusal_of(tls: &rustls::Error) -> Option<(Reason, Option<SpiffeId>)> {
     match tls {
         // SECURITY: STRICT mode; a client that presents no identity is refused like plaintext.
-        rustls::Error::NoCertificatesPresented => Some(Reason::PlaintextRefused),
+        rustls::Error::NoCertificatesPresented => Some((Reason::PlaintextRefused, None)),
         rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(e))) => {
-            if let Some(v) = e.downcast_ref::<VerifyError>() {
-                Some(Reason::from_verify(v))
-            } else if e.downcast_ref::<UnexpectedPeer>().is_some() {
-                Some(Reason::NotAuthorized)
+            if let Some(r) = e.downcast_ref::<RejectedChain>() {
+                Some((Reason::from_verify(&r.error), r.id.clone()))
+            } else if let Some(v) = e.downcast_ref::<VerifyError>() {
+                Some((Reason::from_verify(v), None))
             } else {
-                None
+                e.downcast_ref::<UnexpectedPeer>()
+                    .map(|u| (Reason::NotAuthorized, Some(u.got.clone())))
             }
         }
-        rustls::Error::InvalidCertificate(CertificateError::Expired) => Some(Reason::Expired),
+        rustls::Error::InvalidCertificate(CertificateError::Expired) => {
+            Some((Reason::Expired, None))
+        }
         rustls::Error::InvalidCertificate(CertificateError::NotValidYet) => {
-            Some(Reason::NotYetValid)
+            Some((Reason::NotYetValid, None))
         }
         rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
-            Some(Reason::UnknownCa)
+            Some((Reason::UnknownCa, None))
         }
         _ => None,
     }

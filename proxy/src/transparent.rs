@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use crate::authz::Policy;
 use crate::copy::copy_bidirectional;
 use crate::metrics::{Metrics, Reason};
+use crate::refusal::{self, Refusal};
 use crate::socket::{OriginalDst, SoOriginalDst};
 use crate::tls::{self, ExpectedPeer, IdentityHandle};
 use crate::tunnel::{self, Configs, Error, Limits, Opening};
@@ -54,7 +55,7 @@ pub enum InboundMode {
     #[default]
     Strict,
     /// mTLS, or plaintext forwarded unauthenticated (migration). A client that sends nothing
-    /// within the handshake timeout (a server-speaks-first protocol) is plaintext.
+    /// within the first-flight timeout (a server-speaks-first protocol) is plaintext.
     Permissive,
 }
 
@@ -421,7 +422,8 @@ pub async fn serve_transparent_outbound(
             let to = match source.original_dst(&stream) {
                 Ok(to) => to,
                 Err(e) => {
-                    tracing::info!(error = %e, "outbound connection without original destination");
+                    tracing::debug!(error = %e, "outbound connection without original destination");
+                    refusal::log("outbound", "no_original_dst", stream.peer_addr().ok(), None);
                     bump(&metrics.outbound_no_original_dst);
                     return;
                 }
@@ -451,7 +453,7 @@ pub async fn serve_transparent_outbound(
             }
             match outbound_policy {
                 OutboundPolicy::Deny => {
-                    tracing::info!(%to, "outbound connection outside the mesh denied");
+                    refusal::log("outbound", "outbound_denied", Some(to), None);
                     bump(&metrics.outbound_denied);
                 }
                 OutboundPolicy::Passthrough => {
@@ -482,7 +484,7 @@ pub async fn serve_transparent_inbound(
         edge: tls::edge_server_config(&identity)?,
     });
     let policy = Arc::new(policy);
-    tunnel::accept_loop(listener, limits, shutdown, move |stream, slot| {
+    tunnel::accept_loop(listener, limits, shutdown, move |stream, mut slot| {
         let (configs, identity, policy, metrics, source) = (
             configs.clone(),
             identity.clone(),
@@ -495,41 +497,43 @@ pub async fn serve_transparent_inbound(
             let to = match source.original_dst(&stream) {
                 Ok(to) => to,
                 Err(e) => {
-                    tracing::info!(error = %e, "inbound connection without original destination");
+                    tracing::debug!(error = %e, "inbound connection without original destination");
+                    refusal::log("inbound", "no_original_dst", stream.peer_addr().ok(), None);
                     bump(&metrics.inbound_no_original_dst);
                     return;
                 }
             };
             let forward = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), to.port());
             // The first byte decides, before the connection takes a slot: silent clients
-            // wait in the pending pool and leave after the handshake timeout.
-            let plaintext = match tunnel::opening(&stream, &limits).await {
+            // wait in the pending pool and leave at the first-flight deadline.
+            let peer = slot.peer();
+            let plaintext = match tunnel::opening(&stream, &mut slot, &limits).await {
                 Ok(Opening::Tls) => false,
                 Ok(Opening::Other) => true,
                 // Nothing within the timeout: a server-speaks-first protocol, plaintext.
                 Ok(Opening::Silent) if mode == InboundMode::Permissive => true,
-                Ok(Opening::Silent) => return m.refuse(Reason::HandshakeFailed),
-                Err(reason) => return m.refuse(reason),
-            };
-            let Some(_permit) = slot.claim().await else {
-                return;
+                Ok(Opening::Silent) => return m.refuse(Refusal::new(Reason::HandshakeTimeout, peer)),
+                Err(refusal) => return m.refuse(refusal),
             };
             if plaintext {
                 match mode {
                     InboundMode::Strict => {
-                        tracing::debug!(port = to.port(), "plaintext refused");
-                        m.refuse(Reason::PlaintextRefused);
+                        m.refuse(Refusal::new(Reason::PlaintextRefused, peer));
                     }
                     InboundMode::Permissive => {
+                        let Some(_permit) = slot.claim().await else {
+                            return;
+                        };
                         plain(stream, forward, &limits, &metrics.inbound_plaintext).await;
                     }
                 }
                 return;
             }
             bump(&metrics.inbound_tls);
+            // The connection slot is claimed in there, once the peer is authorized.
             let result =
                 // Boxed: a connection still waiting for its first byte stays a small task.
-                Box::pin(tunnel::inbound(stream, &configs, &identity, &policy, forward, &limits, m)).await;
+                Box::pin(tunnel::inbound(stream, slot, &configs, &identity, &policy, forward, &limits, m)).await;
             if let Err(reason) = result {
                 tracing::debug!(port = to.port(), %reason, "inbound connection refused");
                 m.refuse(reason);

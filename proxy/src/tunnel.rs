@@ -2,12 +2,13 @@
 //! address. Outbound: plaintext in, mTLS to the remote inbound. Both take a bound listener and
 //! a shutdown token, cap connections with a semaphore, and count every refusal by reason.
 
+use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustls::HandshakeKind;
 use rustls_pki_types::ServerName;
@@ -21,6 +22,7 @@ use tokio_util::task::TaskTracker;
 use crate::authz::Policy;
 use crate::copy::{self, copy_bidirectional};
 use crate::metrics::{DirectionMetrics, Metrics, Reason};
+use crate::refusal::Refusal;
 use crate::tls::{self, ALPN, ExpectedPeer, IdentityHandle, TlsError};
 
 /// The first byte of every TLS record carrying a handshake message.
@@ -34,17 +36,25 @@ pub enum Error {
     Limits(&'static str),
 }
 
-/// Per-listener limits. All durations must be non-zero and `max_connections` at least one.
+/// Per-listener limits. All durations must be non-zero and the counts at least one.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
-    /// Connections being served at once (handshake done, or plaintext). More wait.
+    /// Connections being served at once: on mTLS listeners, peers that completed the handshake
+    /// and were authorized; on plaintext listeners, every accepted connection. More wait.
     pub max_connections: usize,
-    /// Accepted connections still waiting for their first byte (the start of a handshake).
-    /// They hold no connection slot, so clients that connect and stay silent cannot starve the
-    /// others; each leaves after `handshake_timeout`.
+    /// Accepted mTLS connections still in their handshake (waiting for the ClientHello, or
+    /// for the handshake to finish). They hold no connection slot, so clients that send a byte
+    /// and stall cannot starve authenticated peers; each is cut at `first_flight_timeout`
+    /// (no ClientHello yet) or `handshake_timeout`.
     pub max_pending: usize,
+    /// Pending handshakes from one source address (IPv6: one /64) on one listener of one
+    /// worker; a connection beyond it is refused (`too_many_pending`).
+    pub max_pending_per_source: usize,
     /// A connection with no byte either way for this long is closed.
     pub idle_timeout: Duration,
+    /// The whole ClientHello must arrive this soon after the connection was accepted.
+    pub first_flight_timeout: Duration,
+    /// The rest of the handshake, after the ClientHello, must finish within this.
     pub handshake_timeout: Duration,
     pub connect_timeout: Duration,
     /// How long a connection waits for the first identity before `no_identity_yet`.
@@ -58,7 +68,9 @@ impl Default for Limits {
         Self {
             max_connections: 1024,
             max_pending: 16 * 1024,
+            max_pending_per_source: 256,
             idle_timeout: Duration::from_secs(3600),
+            first_flight_timeout: Duration::from_secs(3),
             handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
             identity_hold: Duration::from_secs(10),
@@ -69,13 +81,14 @@ impl Default for Limits {
 
 impl Limits {
     pub fn validate(&self) -> Result<(), Error> {
-        if self.max_connections == 0 || self.max_pending == 0 {
+        if self.max_connections == 0 || self.max_pending == 0 || self.max_pending_per_source == 0 {
             return Err(Error::Limits(
-                "max_connections and max_pending must be at least 1",
+                "max_connections, max_pending and max_pending_per_source must be at least 1",
             ));
         }
         let durations = [
             self.idle_timeout,
+            self.first_flight_timeout,
             self.handshake_timeout,
             self.connect_timeout,
             self.identity_hold,
@@ -105,7 +118,7 @@ pub async fn serve_inbound(
         edge: tls::edge_server_config(&identity)?,
     });
     let policy = Arc::new(policy);
-    accept_loop(listener, limits, shutdown, move |stream, slot| {
+    accept_loop(listener, limits, shutdown, move |stream, mut slot| {
         let (acceptor, identity, policy, metrics) = (
             acceptor.clone(),
             identity.clone(),
@@ -114,29 +127,28 @@ pub async fn serve_inbound(
         );
         async move {
             let m = &metrics.inbound;
-            let tls = match opening(&stream, &limits).await {
+            let peer = slot.peer();
+            let tls = match opening(&stream, &mut slot, &limits).await {
                 Ok(Opening::Tls) => true,
                 Ok(Opening::Other) => false,
-                Ok(Opening::Silent) => return m.refuse(Reason::HandshakeFailed),
-                Err(reason) => return m.refuse(reason),
+                Ok(Opening::Silent) => {
+                    return m.refuse(Refusal::new(Reason::HandshakeTimeout, peer));
+                }
+                Err(refusal) => return m.refuse(refusal),
             };
             if !tls {
                 // SECURITY: STRICT. What does not start like a TLS handshake is refused before
                 // rustls sees it.
-                return m.refuse(Reason::PlaintextRefused);
+                return m.refuse(Refusal::new(Reason::PlaintextRefused, peer));
             }
-            let Some(_permit) = slot.claim().await else {
-                return;
-            };
-            if let Err(reason) =
+            if let Err(refusal) =
                 // Boxed: a connection still waiting for its first byte stays a small task.
                 Box::pin(inbound(
-                    stream, &acceptor, &identity, &policy, forward, &limits, m,
+                    stream, slot, &acceptor, &identity, &policy, forward, &limits, m,
                 ))
                 .await
             {
-                tracing::debug!(%reason, "inbound connection refused");
-                m.refuse(reason);
+                m.refuse(refusal);
             }
         }
     })
@@ -205,9 +217,15 @@ impl From<SocketAddr> for Upstream {
 async fn connect_upstream(
     upstream: &Upstream,
     timeout: Duration,
-) -> Result<(TcpStream, SocketAddr), Reason> {
+) -> Result<(TcpStream, SocketAddr), Refusal> {
+    let unreachable = |peer| Refusal::new(Reason::UpstreamUnreachable, peer);
     let (host, port) = match upstream {
-        Upstream::Addr(a) => return Ok((connect(*a, timeout).await?, *a)),
+        Upstream::Addr(a) => {
+            return match connect(*a, timeout).await {
+                Ok(s) => Ok((s, *a)),
+                Err(reason) => Err(Refusal::new(reason, Some(*a))),
+            };
+        }
         Upstream::Host(h, p) => (h.as_str(), *p),
     };
     let addrs: Vec<SocketAddr> =
@@ -215,16 +233,16 @@ async fn connect_upstream(
             Ok(Ok(addrs)) => addrs.collect(),
             Ok(Err(e)) => {
                 tracing::info!(%upstream, error = %e, "cannot resolve the upstream");
-                return Err(Reason::UpstreamUnreachable);
+                return Err(unreachable(None));
             }
-            Err(_) => return Err(Reason::UpstreamUnreachable),
+            Err(_) => return Err(unreachable(None)),
         };
     for addr in &addrs {
         if let Ok(stream) = connect(*addr, timeout).await {
             return Ok((stream, *addr));
         }
     }
-    Err(Reason::UpstreamUnreachable)
+    Err(unreachable(addrs.first().copied()))
 }
 
 /// Plaintext in → mTLS to `connect`, whose server must match `expect`.
@@ -254,11 +272,10 @@ pub async fn serve_outbound(
                 return;
             };
             let m = metrics.clone();
-            if let Err(reason) =
+            if let Err(refusal) =
                 outbound(stream, &connector, &expect, &identity, &connect, &limits, m).await
             {
-                tracing::debug!(%reason, "outbound connection refused");
-                metrics.outbound.refuse(reason);
+                metrics.outbound.refuse(refusal);
             }
         }
     })
@@ -267,20 +284,94 @@ pub async fn serve_outbound(
 }
 
 /// A connection's claim on a connection slot. Until [`Slot::claim`], the connection only
-/// holds a pending slot (bounded by `max_pending`); handlers claim once the peer has spoken
-/// (TLS listeners) or at once (plaintext listeners, which may serve server-speaks-first
-/// protocols).
+/// holds a pending slot (bounded by `max_pending`, and per source once
+/// [`Slot::hold_source`] counted it); mTLS listeners claim once the peer is authenticated,
+/// plaintext listeners at once (they may serve server-speaks-first protocols).
 pub(crate) struct Slot {
     pending: OwnedSemaphorePermit,
     active: Arc<Semaphore>,
+    accepted: Instant,
+    peer: Option<SocketAddr>,
+    sources: Arc<Sources>,
+    source: Option<SourceGuard>,
 }
 
 impl Slot {
-    /// Waits for a connection slot, then gives the pending one back.
+    /// Waits for a connection slot, then gives the pending one (and the source's count) back.
     pub(crate) async fn claim(self) -> Option<OwnedSemaphorePermit> {
         let permit = self.active.acquire_owned().await.ok();
         drop(self.pending);
+        drop(self.source);
         permit
+    }
+
+    /// The peer's address, as accepted.
+    pub(crate) fn peer(&self) -> Option<SocketAddr> {
+        self.peer
+    }
+
+    /// When the ClientHello must have arrived.
+    fn first_flight_deadline(&self, limits: &Limits) -> tokio::time::Instant {
+        (self.accepted + limits.first_flight_timeout).into()
+    }
+
+    /// Counts this connection among its source's pending handshakes until it claims a slot
+    /// or ends; false (and not counted) when the source already has `cap`.
+    fn hold_source(&mut self, cap: usize) -> bool {
+        let Some(peer) = self.peer else {
+            return true;
+        };
+        if self.source.is_some() {
+            return true;
+        }
+        let key = source_key(peer.ip());
+        let mut counts = self.sources.lock();
+        let n = counts.entry(key).or_insert(0);
+        if *n >= cap {
+            return false;
+        }
+        *n += 1;
+        drop(counts);
+        self.source = Some(SourceGuard {
+            sources: self.sources.clone(),
+            key,
+        });
+        true
+    }
+}
+
+/// Pending handshakes per source of one accept loop.
+#[derive(Default)]
+pub(crate) struct Sources(Mutex<HashMap<IpAddr, usize>>);
+
+impl Sources {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+struct SourceGuard {
+    sources: Arc<Sources>,
+    key: IpAddr,
+}
+
+impl Drop for SourceGuard {
+    fn drop(&mut self) {
+        let mut counts = self.sources.lock();
+        if let Some(n) = counts.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// IPv4 by address; IPv6 by its /64, the block one host (or attacker) usually holds.
+fn source_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        v4 => v4,
     }
 }
 
@@ -297,6 +388,7 @@ pub(crate) async fn accept_loop<F, Fut>(
 {
     let pending = Arc::new(Semaphore::new(limits.max_pending));
     let active = Arc::new(Semaphore::new(limits.max_connections));
+    let sources = Arc::new(Sources::default());
     let tracker = TaskTracker::new();
     let cut = CancellationToken::new();
     loop {
@@ -309,10 +401,10 @@ pub(crate) async fn accept_loop<F, Fut>(
                 Err(_) => break,
             },
         };
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
             r = listener.accept() => match r {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // EMFILE and friends pass; back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
@@ -327,6 +419,10 @@ pub(crate) async fn accept_loop<F, Fut>(
             Slot {
                 pending: permit,
                 active: active.clone(),
+                accepted: Instant::now(),
+                peer: Some(peer),
+                sources: sources.clone(),
+                source: None,
             },
         );
         let cut = cut.clone();
@@ -363,83 +459,115 @@ pub(crate) struct Configs {
     pub(crate) edge: Arc<rustls::ServerConfig>,
 }
 
-/// What a connection's first byte says, within the handshake timeout.
+/// What a connection's first byte says, within the first-flight deadline.
 pub(crate) enum Opening {
     Tls,
     Other,
-    /// Nothing within the handshake timeout.
+    /// Nothing within the first-flight deadline.
     Silent,
 }
 
-/// Waits (up to the handshake timeout) for the first byte without consuming it. A peer that
-/// connects and closes without a byte (a port probe) is a failed handshake.
-pub(crate) async fn opening(stream: &TcpStream, limits: &Limits) -> Result<Opening, Reason> {
+/// Counts the connection against its source's pending handshakes (refused beyond
+/// `max_pending_per_source`), then waits (until the first-flight deadline) for the first byte
+/// without consuming it. A peer that connects and closes without a byte (a port probe) is a
+/// failed handshake.
+pub(crate) async fn opening(
+    stream: &TcpStream,
+    slot: &mut Slot,
+    limits: &Limits,
+) -> Result<Opening, Refusal> {
+    let peer = slot.peer();
+    if !slot.hold_source(limits.max_pending_per_source) {
+        return Err(Refusal::new(Reason::TooManyPending, peer));
+    }
     let mut first = [0u8; 1];
-    match tokio::time::timeout(limits.handshake_timeout, stream.peek(&mut first)).await {
+    let deadline = slot.first_flight_deadline(limits);
+    match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
         Ok(Ok(1)) if first[0] == TLS_HANDSHAKE => Ok(Opening::Tls),
-        Ok(Ok(0)) | Ok(Err(_)) => Err(Reason::HandshakeFailed),
+        Ok(Ok(0)) | Ok(Err(_)) => Err(Refusal::new(Reason::HandshakeFailed, peer)),
         Err(_) => Ok(Opening::Silent),
         Ok(Ok(_)) => Ok(Opening::Other),
     }
 }
 
-/// An mTLS connection whose first byte was a TLS handshake record: handshake, authorize, and
-/// forward to `forward`.
+/// An mTLS connection whose first byte was a TLS handshake record: the ClientHello within
+/// the first-flight deadline, the rest of the handshake, authorization, and only then a
+/// connection slot (`slot`) and the forward to `forward`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn inbound(
     stream: TcpStream,
+    slot: Slot,
     acceptor: &Configs,
     identity: &IdentityHandle,
     policy: &Policy,
     forward: SocketAddr,
     limits: &Limits,
     metrics: &DirectionMetrics,
-) -> Result<(), Reason> {
-    let Some(own) = identity.ready(limits.identity_hold).await else {
-        return Err(Reason::NoIdentityYet);
-    };
-    // Read the ClientHello first: a kith peer offers `kith/1` and must get it; any other mTLS
-    // client is served without ALPN.
+) -> Result<(), Refusal> {
+    let peer = slot.peer();
+    let refused = |reason| Refusal::new(reason, peer);
+    // SECURITY: the ClientHello must arrive by the first-flight deadline; a peer that sends a
+    // byte and stalls holds only a pending slot, and not for long.
     let began = std::time::Instant::now();
-    let handshake = async {
-        let start =
-            tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream)
-                .await?;
-        let mesh = start
-            .client_hello()
-            .alpn()
-            .is_some_and(|mut offered| offered.any(|p| p == ALPN));
-        let config = if mesh {
-            acceptor.mesh.clone()
-        } else {
-            acceptor.edge.clone()
-        };
-        Ok::<_, std::io::Error>((start.into_stream(config).await?, mesh))
+    let hello = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
+    let start = match tokio::time::timeout_at(slot.first_flight_deadline(limits), hello).await {
+        Ok(Ok(start)) => start,
+        Ok(Err(e)) => return Err(handshake_refusal(&e, peer)),
+        Err(_) => return Err(refused(Reason::HandshakeTimeout)),
     };
-    let (tls, mesh) = match tokio::time::timeout(limits.handshake_timeout, handshake).await {
-        Ok(Ok(done)) => done,
-        Ok(Err(e)) => return Err(tls::refusal_reason(&e).unwrap_or(Reason::HandshakeFailed)),
-        Err(_) => return Err(Reason::HandshakeFailed),
+    let Some(own) = identity.ready(limits.identity_hold).await else {
+        return Err(refused(Reason::NoIdentityYet));
+    };
+    // A kith peer offers `kith/1` and must get it; any other mTLS client is served without
+    // ALPN.
+    let mesh = start
+        .client_hello()
+        .alpn()
+        .is_some_and(|mut offered| offered.any(|p| p == ALPN));
+    let config = if mesh {
+        acceptor.mesh.clone()
+    } else {
+        acceptor.edge.clone()
+    };
+    let tls = match tokio::time::timeout(limits.handshake_timeout, start.into_stream(config)).await
+    {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => return Err(handshake_refusal(&e, peer)),
+        Err(_) => return Err(refused(Reason::HandshakeTimeout)),
     };
     let conn = tls.get_ref().1;
     let resumed = conn.handshake_kind() == Some(HandshakeKind::Resumed);
     metrics.handshake_done(began.elapsed(), resumed);
     if mesh && conn.alpn_protocol() != Some(ALPN) {
-        return Err(Reason::HandshakeFailed);
+        return Err(refused(Reason::HandshakeFailed));
     }
-    tls::check_resumed(identity, conn, None)?;
-    let peer = tls::peer_id(conn.peer_certificates()).ok_or(Reason::BadCertificate)?;
+    tls::check_resumed(identity, conn, None).map_err(|r| Refusal { peer, ..r })?;
+    let peer_id = tls::peer_id(conn.peer_certificates()).ok_or(refused(Reason::BadCertificate))?;
     let own_td = own.svid().id().trust_domain();
-    if let Err(denied) = policy.check_in(&peer, forward.port(), Some(&own_td)) {
-        tracing::info!(%denied, "inbound connection not authorized");
-        return Err(Reason::NotAuthorized);
+    if let Err(denied) = policy.check_in(&peer_id, forward.port(), Some(&own_td)) {
+        tracing::debug!(%denied, "inbound connection not authorized");
+        return Err(refused(Reason::NotAuthorized).with_id(Some(peer_id)));
     }
-    let upstream = connect(forward, limits.connect_timeout).await?;
-    log_established("inbound", &peer, conn);
+    // Authenticated and authorized: now, and only now, a connection slot.
+    let Some(_permit) = slot.claim().await else {
+        return Ok(());
+    };
+    let upstream = connect(forward, limits.connect_timeout)
+        .await
+        .map_err(|reason| refused(reason).with_id(Some(peer_id.clone())))?;
+    log_established("inbound", &peer_id, conn);
     metrics.open();
     let outcome = copy_bidirectional(tls, upstream, limits.idle_timeout).await;
-    log_end(&peer.to_string(), &outcome);
+    log_end(&peer_id.to_string(), &outcome);
     metrics.close(outcome.transferred.a_to_b, outcome.transferred.b_to_a);
     Ok(())
+}
+
+/// A failed handshake as a refusal: the reason and the ID the peer presented, when the error
+/// says; otherwise `handshake_failed`.
+fn handshake_refusal(e: &io::Error, peer: Option<SocketAddr>) -> Refusal {
+    let (reason, id) = tls::refusal(e).unwrap_or((Reason::HandshakeFailed, None));
+    Refusal::new(reason, peer).with_id(id)
 }
 
 pub(crate) async fn outbound(
@@ -450,12 +578,17 @@ pub(crate) async fn outbound(
     to: &Upstream,
     limits: &Limits,
     metrics: Arc<Metrics>,
-) -> Result<(), Reason> {
+) -> Result<(), Refusal> {
     if identity.ready(limits.identity_hold).await.is_none() {
-        return Err(Reason::NoIdentityYet);
+        let peer = match to {
+            Upstream::Addr(a) => Some(*a),
+            Upstream::Host(..) => None,
+        };
+        return Err(Refusal::new(Reason::NoIdentityYet, peer));
     }
     let began = std::time::Instant::now();
     let (upstream, to) = connect_upstream(to, limits.connect_timeout).await?;
+    let refused = |reason| Refusal::new(reason, Some(to));
     // The name is not checked (SPIFFE verifier) and an IP address sends no SNI.
     let name = ServerName::IpAddress(to.ip().into());
     let tls =
@@ -463,18 +596,22 @@ pub(crate) async fn outbound(
             .await
         {
             Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => return Err(tls::refusal_reason(&e).unwrap_or(Reason::HandshakeFailed)),
-            Err(_) => return Err(Reason::HandshakeFailed),
+            Ok(Err(e)) => return Err(handshake_refusal(&e, Some(to))),
+            Err(_) => return Err(refused(Reason::HandshakeTimeout)),
         };
     let conn = tls.get_ref().1;
     let resumed = conn.handshake_kind() == Some(HandshakeKind::Resumed);
     metrics.outbound.handshake_done(began.elapsed(), resumed);
     if conn.alpn_protocol() != Some(ALPN) {
-        return Err(Reason::HandshakeFailed);
+        return Err(refused(Reason::HandshakeFailed));
     }
-    tls::check_resumed(identity, conn, Some(expect))?;
-    if let Some(peer) = tls::peer_id(conn.peer_certificates()) {
-        log_established("outbound", &peer, conn);
+    tls::check_resumed(identity, conn, Some(expect)).map_err(|r| Refusal {
+        peer: Some(to),
+        ..r
+    })?;
+    let server_id = tls::peer_id(conn.peer_certificates());
+    if let Some(peer) = &server_id {
+        log_established("outbound", peer, conn);
     }
     // TLS 1.3: the server judges our certificate after our handshake "succeeded"; a refusal
     // arrives as an alert on the first read. So the connection counts as established only
@@ -496,7 +633,7 @@ pub(crate) async fn outbound(
         m.close(0, t.a_to_b);
     } else {
         m.add_bytes(0, t.a_to_b);
-        return Err(Reason::PeerRefused);
+        return Err(refused(Reason::PeerRefused).with_id(server_id));
     }
     Ok(())
 }

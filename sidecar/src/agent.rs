@@ -35,11 +35,11 @@ pub enum AgentError {
     #[error(transparent)]
     Link(#[from] LinkError),
     #[error(
-        "no node identity in {dir} and no --join-token: create one on the CA with `kith ca token create` and pass it with --join-token"
+        "no node identity in {dir} and no join token: create one on the CA with `kith ca token create` and give it in KITH_JOIN_TOKEN or a file named by --join-token-file"
     )]
     NoIdentity { dir: PathBuf },
     #[error(
-        "the node SVID in {dir} expired at {expired}; the agent cannot renew it. Create a new join token on the CA (`kith ca token create --name {name}`) and start the agent with --join-token"
+        "the node SVID in {dir} expired at {expired}; the agent cannot renew it. Create a new join token on the CA (`kith ca token create --name {name}`) and start the agent with it in KITH_JOIN_TOKEN or --join-token-file"
     )]
     Expired {
         dir: PathBuf,
@@ -59,8 +59,48 @@ pub struct AgentConfig {
     pub ca_url: String,
     pub bundle_file: Option<PathBuf>,
     pub bundle_sha256: Option<String>,
-    pub join_token: Option<String>,
+    pub join_token: Option<JoinToken>,
     pub data_dir: PathBuf,
+}
+
+/// A one-time join token: never printed, wiped from memory when dropped.
+#[derive(Clone)]
+pub struct JoinToken(zeroize::Zeroizing<String>);
+
+impl JoinToken {
+    /// The token, without surrounding whitespace; `None` when nothing is left.
+    pub fn new(token: String) -> Option<Self> {
+        let token = zeroize::Zeroizing::new(token);
+        let trimmed = token.trim();
+        (!trimmed.is_empty()).then(|| Self(zeroize::Zeroizing::new(trimmed.to_owned())))
+    }
+
+    /// Reads the token from a file (surrounding whitespace ignored).
+    pub fn from_file(path: &std::path::Path) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let meta = std::fs::metadata(path)
+            .with_context(|| format!("--join-token-file {}", path.display()))?;
+        if meta.len() > 4096 {
+            anyhow::bail!(
+                "--join-token-file {}: {} bytes is not a join token",
+                path.display(),
+                meta.len()
+            );
+        }
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("--join-token-file {}", path.display()))?;
+        Self::new(text).with_context(|| format!("--join-token-file {} is empty", path.display()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for JoinToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JoinToken(<redacted>)")
+    }
 }
 
 /// The node's current SVID and when to renew it.
@@ -163,7 +203,7 @@ impl Agent {
             let bundle = initial_bundle(&cfg, &addr).await?;
             let (key, csr) = ca_link::new_key_and_csr()?;
             let answer =
-                ca_link::attest_join(&addr, Arc::new(bundle.clone()), &token, &csr).await?;
+                ca_link::attest_join(&addr, Arc::new(bundle.clone()), token.as_str(), &csr).await?;
             let bundle = ca_link::bundle_of(&answer.bundle, bundle.trust_domain())?;
             let expected = SpiffeId::new(&answer.spiffe_id)
                 .map_err(|e| LinkError::BadAnswer(e.to_string()))?;
@@ -444,7 +484,7 @@ impl Agent {
             spiffe_id: id,
             selectors: entry.selectors.clone(),
             chain: svid.chain().to_vec(),
-            key: svid.key().clone_key(),
+            key: zeroize::Zeroizing::new(svid.key().clone_key()),
             not_after: svid.not_after(),
         };
         let renew_after = renew_point(answer.renew_after, workload.not_after, now);

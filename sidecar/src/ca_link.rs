@@ -13,6 +13,7 @@ use rcgen::{CertificateParams, DistinguishedName, KeyPair};
 use rustls_pki_types::PrivateKeyDer;
 use serde::Deserialize;
 use serde_json::json;
+use zeroize::Zeroizing;
 
 /// How long one call to the CA may take before it counts as a failure.
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
@@ -60,13 +61,15 @@ pub struct SvidAnswer {
 }
 
 /// A fresh key and its CSR (empty subject: the CA decides every field).
-pub fn new_key_and_csr() -> Result<(KeyPair, String), LinkError> {
-    let key =
-        KeyPair::generate().map_err(|e| LinkError::BadAnswer(format!("key generation: {e}")))?;
+/// A new key (wiped from memory when dropped) and a CSR for it.
+pub fn new_key_and_csr() -> Result<(Zeroizing<KeyPair>, String), LinkError> {
+    let key = Zeroizing::new(
+        KeyPair::generate().map_err(|e| LinkError::BadAnswer(format!("key generation: {e}")))?,
+    );
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
     let csr = params
-        .serialize_request(&key)
+        .serialize_request(&*key)
         .and_then(|c| c.pem())
         .map_err(|e| LinkError::BadAnswer(format!("csr: {e}")))?;
     Ok((key, csr))

@@ -11,7 +11,7 @@ use clap::{Args, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::agent::{Agent, AgentConfig};
+use crate::agent::{Agent, AgentConfig, JoinToken};
 use crate::attest::Attestor;
 use crate::docker::DockerPlugin;
 use crate::metrics::AgentMetrics;
@@ -42,9 +42,13 @@ struct RunArgs {
     /// SHA-256 of the CA's PEM bundle (printed by `kith ca token create`), for first contact
     #[arg(long, env = "KITH_AGENT_BUNDLE_SHA256")]
     bundle_sha256: Option<String>,
-    /// One-time join token (first start only; later starts renew the stored identity)
-    #[arg(long, env = "KITH_AGENT_JOIN_TOKEN", hide_env_values = true)]
+    /// Refused: a token in argv is visible to every local user (`ps`, /proc/<pid>/cmdline)
+    #[arg(long, hide = true)]
     join_token: Option<String>,
+    /// A file holding the one-time join token (first start only; later starts renew the stored
+    /// identity). Or give the token in the environment: KITH_JOIN_TOKEN
+    #[arg(long, env = "KITH_AGENT_JOIN_TOKEN_FILE")]
+    join_token_file: Option<PathBuf>,
     #[arg(
         long,
         env = "KITH_AGENT_DATA_DIR",
@@ -120,13 +124,42 @@ pub fn run(args: AgentArgs) -> ExitCode {
     }
 }
 
+/// Where the join token may come from, in the order they are looked at.
+pub const JOIN_TOKEN_ENV: [&str; 2] = ["KITH_JOIN_TOKEN", "KITH_AGENT_JOIN_TOKEN"];
+
+/// The join token from `--join-token-file` or the environment; never from argv.
+fn join_token(args: &RunArgs) -> Result<Option<JoinToken>> {
+    if args.join_token.is_some() {
+        anyhow::bail!(
+            "--join-token on the command line is visible to every local user (ps); put the token in a file and pass --join-token-file <path>, or set KITH_JOIN_TOKEN in the environment"
+        );
+    }
+    if let Some(path) = &args.join_token_file {
+        return JoinToken::from_file(path).map(Some);
+    }
+    for var in JOIN_TOKEN_ENV {
+        if let Some(value) = std::env::var_os(var) {
+            let value = value
+                .into_string()
+                .map_err(|_| anyhow::anyhow!("{var} is not UTF-8"))?;
+            // Empty counts as unset: compose passes the variable through on every start,
+            // though the token is needed (and valid) on the first only.
+            if let Some(token) = JoinToken::new(value) {
+                return Ok(Some(token));
+            }
+        }
+    }
+    Ok(None)
+}
+
 async fn run_agent(args: RunArgs) -> Result<()> {
     ca::cli::init_logging(&args.log_format);
+    let token = join_token(&args)?;
     let cfg = AgentConfig {
         ca_url: args.ca.clone(),
         bundle_file: args.bundle.clone(),
         bundle_sha256: args.bundle_sha256.clone(),
-        join_token: args.join_token.clone(),
+        join_token: token,
         data_dir: args.data_dir.clone(),
     };
     tracing::info!(
@@ -135,7 +168,7 @@ async fn run_agent(args: RunArgs) -> Result<()> {
         socket = %args.socket.display(),
         admin = %args.admin_listen,
         first_contact = if args.bundle.is_some() { "bundle file" } else if args.bundle_sha256.is_some() { "pinned sha256" } else { "stored" },
-        join_token = if args.join_token.is_some() { "<redacted>" } else { "none" },
+        join_token = if cfg.join_token.is_some() { "<redacted>" } else { "none" },
         "kith agent starting"
     );
     let metrics = Arc::new(AgentMetrics::new());

@@ -2,9 +2,8 @@
 //! agent's data directory. Written atomically, so a crash never leaves a key without its
 //! certificate.
 
-use std::fs::{self, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -67,8 +66,9 @@ pub fn load(dir: &Path) -> Result<StoredNode, NodeError> {
     let meta: NodeMeta =
         serde_json::from_slice(&read(META)?).map_err(|e| corrupt(format!("{META}: {e}")))?;
     let td = TrustDomain::new(&meta.trust_domain).map_err(|e| corrupt(format!("{META}: {e}")))?;
-    let svid = Svid::from_pem(&read(CHAIN)?, &read(KEY)?)
-        .map_err(|e| corrupt(format!("{CHAIN}/{KEY}: {e}")))?;
+    let key = zeroize::Zeroizing::new(read(KEY)?);
+    let svid =
+        Svid::from_pem(&read(CHAIN)?, &key).map_err(|e| corrupt(format!("{CHAIN}/{KEY}: {e}")))?;
     let bundle = TrustBundle::from_spiffe_json(td, &read(BUNDLE)?)
         .map_err(|e| corrupt(format!("{BUNDLE}: {e}")))?;
     Ok(StoredNode { svid, bundle, meta })
@@ -108,25 +108,11 @@ fn ensure_dir(dir: &Path) -> Result<(), NodeError> {
     })
 }
 
-/// Temp file in the same directory, fsync, rename: readers see the old or the new file.
+/// A new temporary file in the same directory (O_EXCL|O_NOFOLLOW), fsync, rename: readers see
+/// the old or the new file; refused in a directory others could write to
+/// ([`identity::files`]).
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), NodeError> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let result = (|| -> std::io::Result<()> {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        f.set_permissions(fs::Permissions::from_mode(mode))?;
-        f.write_all(contents)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.map_err(|error| NodeError::Write {
+    identity::files::write_atomic(path, contents, mode).map_err(|error| NodeError::Write {
         path: path.to_owned(),
         error,
     })

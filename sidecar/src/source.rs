@@ -162,7 +162,8 @@ impl Files {
     }
 
     fn load(&self) -> Result<(Svid, TrustBundle)> {
-        let svid = Svid::from_pem(&read(&self.cert)?, &read(&self.key)?).with_context(|| {
+        let key = zeroize::Zeroizing::new(read(&self.key)?);
+        let svid = Svid::from_pem(&read(&self.cert)?, &key).with_context(|| {
             format!(
                 "{} / {} are not an X509-SVID and its key",
                 self.cert.display(),

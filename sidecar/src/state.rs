@@ -10,6 +10,7 @@ use std::time::SystemTime;
 use identity::{SpiffeId, TrustBundle};
 use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use tokio::sync::watch;
+use zeroize::Zeroizing;
 
 /// A workload X509-SVID the agent obtained for one registration entry.
 #[derive(Debug)]
@@ -20,7 +21,8 @@ pub struct WorkloadSvid {
     pub selectors: Vec<String>,
     /// Leaf first, then intermediates (no root).
     pub chain: Vec<CertificateDer<'static>>,
-    pub key: PrivatePkcs8KeyDer<'static>,
+    /// Wiped from memory when the SVID is dropped.
+    pub key: Zeroizing<PrivatePkcs8KeyDer<'static>>,
     pub not_after: SystemTime,
 }
 

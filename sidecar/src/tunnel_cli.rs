@@ -28,7 +28,7 @@ use hyper::{Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use proxy::authz::Policy;
 use proxy::metrics::{Metrics, family};
-use proxy::tls::IdentityHandle;
+use proxy::tls::{ExpectedPeer, IdentityHandle};
 use proxy::transparent::{ExpectRules, InboundMode, OutboundPolicy, TransparentMetrics};
 use proxy::tunnel::{self, Limits, Upstream};
 use tokio_util::sync::CancellationToken;
@@ -88,14 +88,24 @@ struct RunArgs {
         requires = "listen"
     )]
     connect: Option<Upstream>,
-    /// The SPIFFE ID servers must present [default: any ID of the own trust domain];
-    /// transparent mode also takes rules per destination, `CIDR[:PORT]=ID` (repeatable)
+    /// The SPIFFE ID servers must present (required for explicit client tunnels unless
+    /// --expect-trust-domain); transparent mode also takes rules per destination,
+    /// `CIDR[:PORT]=ID` (repeatable)
     #[arg(
         long = "expect-id",
         env = "KITH_SIDECAR_EXPECT_ID",
         value_delimiter = ','
     )]
     expect_id: Vec<String>,
+    /// Explicit client side without --expect-id: accept ANY server of the own trust domain
+    /// (an opt-in, logged: whoever intercepts the traffic with any SVID of the domain is
+    /// believed)
+    #[arg(
+        long,
+        env = "KITH_SIDECAR_EXPECT_TRUST_DOMAIN",
+        conflicts_with = "expect_id"
+    )]
+    expect_trust_domain: bool,
     /// Explicit server side: the plaintext backend to forward to
     #[arg(long, env = "KITH_SIDECAR_FORWARD", requires = "listen")]
     forward: Option<SocketAddr>,
@@ -145,9 +155,22 @@ struct RunArgs {
     )]
     admin_listen: SocketAddr,
     /// Most connections at once per listener and worker, as nginx's worker_connections; more
-    /// wait in the kernel's backlog
+    /// wait in the kernel's backlog. On mTLS listeners a slot is taken only once the peer is
+    /// authenticated and authorized; handshakes run in their own pool
     #[arg(long, env = "KITH_SIDECAR_MAX_CONNECTIONS", default_value_t = 1024)]
     max_connections: usize,
+    /// mTLS listeners: the whole ClientHello must arrive this soon after the connection is
+    /// accepted, or it is cut (handshake_timeout)
+    #[arg(long, env = "KITH_SIDECAR_FIRST_FLIGHT_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
+    first_flight_timeout: Duration,
+    /// mTLS listeners: most handshakes in progress from one source address (IPv6: one /64)
+    /// per listener and worker; more are refused (too_many_pending)
+    #[arg(
+        long,
+        env = "KITH_SIDECAR_MAX_PENDING_PER_SOURCE",
+        default_value_t = 256
+    )]
+    max_pending_per_source: usize,
     /// How long a connection waits for the first SVID before it is refused (no_identity_yet)
     #[arg(long, env = "KITH_SIDECAR_HOLD_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     hold_timeout: Duration,
@@ -228,8 +251,14 @@ impl RunArgs {
     /// The explicit tunnels: from --config, or the one of --listen; none in transparent mode.
     fn tunnels(&self, policy: &Policy) -> Result<Vec<Tunnel>> {
         if let Some(path) = &self.config {
-            if self.connect.is_some() || self.forward.is_some() || !self.expect_id.is_empty() {
-                bail!("--config defines the tunnels; drop --connect/--forward/--expect-id");
+            if self.connect.is_some()
+                || self.forward.is_some()
+                || !self.expect_id.is_empty()
+                || self.expect_trust_domain
+            {
+                bail!(
+                    "--config defines the tunnels; drop --connect/--forward/--expect-id/--expect-trust-domain"
+                );
             }
             return tunnel_config::load_tunnels(path, policy);
         }
@@ -242,7 +271,12 @@ impl RunArgs {
         let end = match (self.connect.clone(), self.forward) {
             (Some(connect), None) => End::Client {
                 connect,
-                expect: tunnel_config::expected_peer(self.single_expect_id()?)?,
+                expect: tunnel_config::expected_peer(
+                    self.single_expect_id()?,
+                    self.expect_trust_domain,
+                    "--expect-id SPIFFE_ID",
+                    "--expect-trust-domain",
+                )?,
             },
             (None, Some(forward)) => End::Server {
                 forward,
@@ -308,6 +342,8 @@ async fn run_sidecar(args: RunArgs) -> Result<()> {
     let workers = args.workers.map_or_else(default_workers, usize::from);
     let limits = Limits {
         max_connections: args.max_connections,
+        max_pending_per_source: args.max_pending_per_source,
+        first_flight_timeout: args.first_flight_timeout,
         identity_hold: args.hold_timeout,
         drain_timeout: args.drain_timeout,
         idle_timeout: args.idle_timeout,
@@ -315,7 +351,7 @@ async fn run_sidecar(args: RunArgs) -> Result<()> {
     };
     limits
         .validate()
-        .context("--max-connections and the timeouts")?;
+        .context("--max-connections, --max-pending-per-source and the timeouts")?;
     let resumption = args.tls_resumption == "on";
     if !resumption {
         tracing::info!("TLS session resumption off: every connection is a full handshake");
@@ -347,6 +383,10 @@ async fn run_sidecar(args: RunArgs) -> Result<()> {
             match t.end {
                 End::Client { connect, expect } => {
                     tracing::info!(tunnel = %t.name, listen = %t.listen, %connect, ?expect, "client side (plaintext in, mTLS out)");
+                    if expect == ExpectedPeer::TrustDomain {
+                        tracing::warn!(tunnel = %t.name, %connect,
+                            "expect-trust-domain: ANY server with an SVID of the trust domain is accepted, not one named ID; whoever can intercept this traffic with any SVID of the domain is believed");
+                    }
                     pool.listen(t.listen, move |listener| async move {
                         log_exit(
                             tunnel::serve_outbound(
@@ -473,6 +513,7 @@ fn transparent(
     }
     let expect = ExpectRules::parse(args.expect_id.iter().map(String::as_str))
         .map_err(|e| anyhow::anyhow!("--expect-id: {e}"))?;
+    log_unexpected_destinations(&mesh, &expect);
     let tm = Arc::new(TransparentMetrics::default());
     let outbound = {
         let (identity, tm, shutdown) = (identity.clone(), tm.clone(), shutdown.clone());
@@ -520,6 +561,35 @@ fn transparent(
     tracing::info!(outbound = %args.outbound_listen, inbound = %args.inbound_listen, mesh = ?args.mesh_cidr,
         outbound_policy = %args.outbound_policy, mode = %args.mode, "transparent mode");
     Ok(tm)
+}
+
+/// Transparent mode: says at start which mesh destinations have no expected server ID, so
+/// that accepting any ID of the trust domain there is a visible choice.
+fn log_unexpected_destinations(mesh: &[proxy::Cidr], expect: &ExpectRules) {
+    if expect.default != ExpectedPeer::TrustDomain {
+        return;
+    }
+    let ruled: Vec<String> = expect
+        .rules
+        .iter()
+        .map(|r| match r.port {
+            Some(p) => format!("{}:{p}", r.cidr),
+            None => r.cidr.to_string(),
+        })
+        .collect();
+    for cidr in mesh {
+        // Fully covered: a rule for every port of a range that contains this one.
+        let covered = expect.rules.iter().any(|r| {
+            r.port.is_none() && r.cidr.prefix() <= cidr.prefix() && r.cidr.contains(cidr.addr())
+        });
+        if !covered {
+            tracing::warn!(
+                destinations = %cidr,
+                with_expected_id = ?ruled,
+                "no expected ID for these mesh destinations (outside the listed rules): ANY server of the trust domain is accepted; give --expect-id ID or CIDR[:PORT]=ID rules"
+            );
+        }
+    }
 }
 
 /// The admin endpoints. `shutdown` is what POST /quitquitquit triggers; the server itself

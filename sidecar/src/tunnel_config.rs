@@ -7,7 +7,7 @@
 //! name = "db"                     # label in logs and metrics (default: the listen address)
 //! listen = "127.0.0.1:5432"
 //! connect = "10.0.0.2:8443"
-//! expect_id = "spiffe://example.org/db"
+//! expect_id = "spiffe://example.org/db"   # required, or expect_trust_domain = true
 //!
 //! [[tunnel]]                      # server side: mTLS in, plaintext out
 //! listen = "0.0.0.0:8443"
@@ -72,6 +72,8 @@ struct TunnelEntry {
     listen: SocketAddr,
     connect: Option<String>,
     expect_id: Option<String>,
+    #[serde(default)]
+    expect_trust_domain: bool,
     forward: Option<SocketAddr>,
     allow: Option<Vec<String>>,
 }
@@ -177,12 +179,21 @@ pub fn load_tunnels(path: &Path, global: &Policy) -> Result<Vec<Tunnel>> {
                 }
                 End::Client {
                     connect: connect.parse().with_context(at)?,
-                    expect: expected_peer(t.expect_id.as_deref()).with_context(at)?,
+                    expect: expected_peer(
+                        t.expect_id.as_deref(),
+                        t.expect_trust_domain,
+                        "expect_id = \"SPIFFE_ID\"",
+                        "expect_trust_domain = true",
+                    )
+                    .with_context(at)?,
                 }
             }
             (None, Some(forward)) => {
-                if t.expect_id.is_some() {
-                    bail!("{}: expect_id is for client tunnels (connect)", at());
+                if t.expect_id.is_some() || t.expect_trust_domain {
+                    bail!(
+                        "{}: expect_id and expect_trust_domain are for client tunnels (connect)",
+                        at()
+                    );
                 }
                 let policy = match &t.allow {
                     None => global.clone(),
@@ -207,14 +218,27 @@ pub fn load_tunnels(path: &Path, global: &Policy) -> Result<Vec<Tunnel>> {
     Ok(out)
 }
 
-/// `--expect-id`: an exact SPIFFE ID, or any ID of the own trust domain.
-pub fn expected_peer(expect_id: Option<&str>) -> Result<ExpectedPeer> {
-    Ok(match expect_id {
-        Some(s) => {
-            ExpectedPeer::Id(SpiffeId::new(s).with_context(|| format!("--expect-id {s:?}"))?)
-        }
-        None => ExpectedPeer::TrustDomain,
-    })
+/// A client tunnel's server: an exact SPIFFE ID, or, only when asked for explicitly, any ID
+/// of the own trust domain. `id_hint` and `td_hint` name the two settings in the error.
+///
+/// SECURITY: no silent default. A tunnel that accepted any SVID of the domain would let a
+/// workload that can intercept the traffic (DNS, ARP, a reused address) pose as the server.
+pub fn expected_peer(
+    expect_id: Option<&str>,
+    any_of_trust_domain: bool,
+    id_hint: &str,
+    td_hint: &str,
+) -> Result<ExpectedPeer> {
+    match (expect_id, any_of_trust_domain) {
+        (Some(s), false) => Ok(ExpectedPeer::Id(
+            SpiffeId::new(s).with_context(|| format!("--expect-id {s:?}"))?,
+        )),
+        (None, true) => Ok(ExpectedPeer::TrustDomain),
+        (Some(_), true) => bail!("give either {id_hint} or {td_hint}, not both"),
+        (None, false) => bail!(
+            "a client tunnel must name the server it expects: give {id_hint} (the server's SPIFFE ID), or {td_hint} to accept any server of the own trust domain (anyone who can intercept the traffic with such an SVID is then believed)"
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -287,6 +311,7 @@ expect_id = "spiffe://td/db"
 [[tunnel]]
 listen = "127.0.0.1:5433"
 connect = "db.internal:8443"
+expect_trust_domain = true
 
 [[tunnel]]
 listen = "0.0.0.0:8443"
@@ -308,6 +333,13 @@ forward = "127.0.0.1:9090"
         assert!(
             matches!(&t[0].end, End::Client { expect: ExpectedPeer::Id(i), .. } if i.as_str() == "spiffe://td/db")
         );
+        assert!(matches!(
+            &t[1].end,
+            End::Client {
+                expect: ExpectedPeer::TrustDomain,
+                ..
+            }
+        ));
         let t = &t[1..];
         assert_eq!(t[1].name, "0.0.0.0:8443");
         let End::Server { policy, .. } = &t[1].end else {
@@ -331,11 +363,19 @@ forward = "127.0.0.1:9090"
                 "either connect",
             ),
             (
-                "[[tunnel]]\nlisten = \"127.0.0.1:1\"\nconnect = \"127.0.0.1:2\"\nallow = []\n",
+                "[[tunnel]]\nlisten = \"127.0.0.1:1\"\nconnect = \"127.0.0.1:2\"\nexpect_trust_domain = true\nallow = []\n",
                 "allow is for server tunnels",
             ),
             (
-                "[[tunnel]]\nlisten = \"127.0.0.1:1\"\nconnect = \"127.0.0.1:2\"\n[[tunnel]]\nlisten = \"127.0.0.1:1\"\nconnect = \"127.0.0.1:3\"\n",
+                "[[tunnel]]\nlisten = \"127.0.0.1:1\"\nconnect = \"127.0.0.1:2\"\n",
+                "must name the server it expects",
+            ),
+            (
+                "[[tunnel]]\nlisten = \"127.0.0.1:1\"\nconnect = \"127.0.0.1:2\"\nexpect_id = \"spiffe://td/a\"\nexpect_trust_domain = true\n",
+                "not both",
+            ),
+            (
+                "[[tunnel]]\nlisten = \"127.0.0.1:1\"\nconnect = \"127.0.0.1:2\"\nexpect_trust_domain = true\n[[tunnel]]\nlisten = \"127.0.0.1:1\"\nconnect = \"127.0.0.1:3\"\nexpect_trust_domain = true\n",
                 "another tunnel",
             ),
             (
@@ -348,7 +388,7 @@ forward = "127.0.0.1:9090"
             ),
             ("[[tunel]]\n", "unknown field `tunel`"),
             (
-                "[[tunnel]]\nlisten = \"127.0.0.1:1\"\nconnect = \"bad host:80\"\n",
+                "[[tunnel]]\nlisten = \"127.0.0.1:1\"\nconnect = \"bad host:80\"\nexpect_trust_domain = true\n",
                 "invalid upstream",
             ),
         ] {

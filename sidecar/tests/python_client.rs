@@ -60,7 +60,7 @@ fn snapshot() -> Snapshot {
         spiffe_id: id,
         selectors: vec![format!("unix:uid:{}", nix::unistd::getuid())],
         chain: vec![cert, intermediate],
-        key: PrivatePkcs8KeyDer::from(key.serialize_der()),
+        key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
         not_after: now + HOUR,
     };
     Snapshot {

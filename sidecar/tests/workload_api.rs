@@ -77,7 +77,7 @@ impl Pki {
             spiffe_id: id,
             selectors: selectors.to_vec(),
             chain: vec![cert, self.intermediate.clone()],
-            key: PrivatePkcs8KeyDer::from(key.serialize_der()),
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
             not_after: now + HOUR,
         })
     }

@@ -9,6 +9,7 @@ use identity::{Svid, TrustBundle, TrustDomain, verify_x509_svid};
 use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use serde::Serialize;
 use spiffe::X509Context;
+use zeroize::Zeroizing;
 
 use super::FetchError;
 use crate::node::write_atomic;
@@ -40,11 +41,12 @@ pub struct WrittenBundle {
     pub path: PathBuf,
 }
 
-/// The rendered files, checked before anything touches the disk. No Debug: it holds the key.
+/// The rendered files, checked before anything touches the disk. No Debug: it holds the key
+/// (wiped from memory when dropped).
 pub(super) struct Layout {
     spiffe_id: String,
     not_after: SystemTime,
-    credential_bundle: String,
+    credential_bundle: Zeroizing<String>,
     /// (trust domain, PEM), sorted by trust domain.
     bundles: Vec<(String, String)>,
 }
@@ -197,7 +199,7 @@ fn write_if_changed(path: &Path, contents: &[u8], mode: u32) -> Result<bool, Fet
     use std::os::unix::fs::PermissionsExt;
     if let Ok(meta) = std::fs::metadata(path)
         && meta.permissions().mode() & 0o777 == mode
-        && std::fs::read(path).is_ok_and(|old| old == contents)
+        && std::fs::read(path).is_ok_and(|old| *Zeroizing::new(old) == contents)
     {
         return Ok(false);
     }

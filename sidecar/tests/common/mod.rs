@@ -105,7 +105,7 @@ pub fn agent_config(
         ca_url: ca.url(),
         bundle_file: None,
         bundle_sha256: pin,
-        join_token: token,
+        join_token: token.and_then(sidecar::agent::JoinToken::new),
         data_dir: data.to_owned(),
     }
 }
