@@ -342,7 +342,11 @@ spec:
         let reviewed = review(&pod_request(pod.clone()), &Settings::default()).unwrap();
         let patched = apply(&pod, &reviewed);
         assert_eq!(patched["spec"]["initContainers"][1]["name"], "kith-proxy");
-        assert_eq!(patched["spec"]["containers"], pod["spec"]["containers"]);
+        assert_eq!(
+            patched["spec"]["containers"],
+            json!([{"name": "a", "image": "a",
+                    "securityContext": {"capabilities": {"drop": ["SETUID", "SETGID"]}}}])
+        );
     }
 
     #[test]
