@@ -112,6 +112,7 @@ fn init_fails_when_ipv6_cannot_be_captured_and_ipv6_off_blocks_it() {
     assert!(
         err.contains("IPv6 is enabled in this network namespace (v")
             && err.contains("ip6tables cannot use the nat table")
+            && err.contains("ip6tables: no nat table")
             && err.contains("--ipv6 off"),
         "{err}"
     );

@@ -975,21 +975,32 @@ pub fn execute(runner: &Runner, args: &InitArgs) -> Result<String> {
         refuse_exempt_canary(args)?;
     }
     // SECURITY: decide about IPv6 before touching anything: IPv6 left open bypasses capture.
+    // What ip6tables itself said, for the message.
+    let said = |table: &str| match runner.output(&bin6, &["-w", "-t", table, "-S", "OUTPUT"]) {
+        Ok(o) => format!(
+            "{}: {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => format!("{e:#}"),
+    };
     match args.ipv6 {
         Ipv6Mode::On if backend.v6.is_none() && v6_enabled => bail!(
             "IPv6 is enabled in this network namespace ({} has {}) but {bin6} cannot use the \
-             nat table here, so IPv6 traffic would bypass capture; make {bin6} work (the same \
-             backend as {}), or pass --ipv6 off to block IPv6 instead",
+             nat table here ({}), so IPv6 traffic would bypass capture; make {bin6} work (the \
+             same backend as {}), or pass --ipv6 off to block IPv6 instead",
             v6_addrs[0].interface,
             v6_addrs[0].addr,
+            said("nat"),
             backend.v4
         ),
         Ipv6Mode::Off if filter6.is_none() && v6_enabled => bail!(
             "--ipv6 off: IPv6 is enabled in this network namespace ({} has {}) but {bin6} \
-             cannot use the filter table here to block it; disable IPv6 in the pod \
+             cannot use the filter table here ({}) to block it; disable IPv6 in the pod \
              (sysctl net.ipv6.conf.all.disable_ipv6=1) or make {bin6} work",
             v6_addrs[0].interface,
-            v6_addrs[0].addr
+            v6_addrs[0].addr,
+            said("filter")
         ),
         _ => {}
     }

@@ -117,7 +117,8 @@ struct RunArgs {
         default_value = "127.0.0.1:15001"
     )]
     outbound_listen: SocketAddr,
-    /// Transparent mode: the captured inbound listener
+    /// Transparent mode: the captured inbound listener (0.0.0.0 also listens on [::]);
+    /// connections are forwarded to their original destination, never to 127.0.0.1
     #[arg(
         long,
         env = "KITH_SIDECAR_INBOUND_LISTEN",

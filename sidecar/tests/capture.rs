@@ -610,6 +610,7 @@ fn init_fails_when_ipv6_is_enabled_and_ip6tables_cannot_capture_it() {
         msg.contains("IPv6 is enabled in this network namespace")
             && msg.contains("a0")
             && msg.contains("ip6tables cannot use the nat table")
+            && msg.contains("can't initialize ip6tables table `nat'")
             && msg.contains("--ipv6 off"),
         "{msg}"
     );
