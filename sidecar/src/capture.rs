@@ -962,11 +962,18 @@ pub fn execute(runner: &Runner, args: &InitArgs) -> Result<String> {
         );
         if let Some(bin) = &backend.v6 {
             uninstall(runner, bin).with_context(|| format!("uninstalling with {bin}"))?;
-            uninstall_ipv6_block(runner, bin)
-                .with_context(|| format!("uninstalling with {bin}"))?;
             let _ = writeln!(
                 report,
-                "{bin}: removed {INBOUND_CHAIN}, {OUTBOUND_CHAIN}, {IPV6_IN_CHAIN}, {IPV6_OUT_CHAIN} and their jumps"
+                "{bin}: removed {INBOUND_CHAIN}, {OUTBOUND_CHAIN} and their jumps"
+            );
+        }
+        // --ipv6 off's chains, also where ip6tables has no nat table.
+        if runner.ok(&bin6, &["-w", "-t", "filter", "-S", "OUTPUT"]) {
+            uninstall_ipv6_block(runner, &bin6)
+                .with_context(|| format!("uninstalling with {bin6}"))?;
+            let _ = writeln!(
+                report,
+                "{bin6}: removed {IPV6_IN_CHAIN}, {IPV6_OUT_CHAIN} and their jumps"
             );
         }
         return Ok(report);
