@@ -440,7 +440,7 @@ fn injected_containers_take_the_sidecars_own_flags() {
         "-A KITH_OUTBOUND -p tcp --dport 5432 -j RETURN",
         "-A KITH_OUTBOUND -p tcp --dport 6379 -j RETURN",
         "-A KITH_OUTBOUND -d 169.254.169.254/32 -j RETURN",
-        "-A KITH_OUTBOUND -m owner --uid-owner 1337 -j RETURN",
+        "-A KITH_OUTBOUND -m owner --uid-owner 1337 --gid-owner 1337 -j RETURN",
     ] {
         assert!(rules.contains(rule), "{rule} missing:\n{rules}");
     }

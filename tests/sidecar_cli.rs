@@ -30,8 +30,12 @@ impl Drop for Sidecar {
 /// `kith sidecar run` with `name`'s identity files (from `kith.issue`), a free admin port and
 /// `args`; it may not be listening yet.
 fn spawn_sidecar(kith: &Kith, name: &str, args: &[&str]) -> Sidecar {
+    spawn_sidecar_at(kith, name, free_port(), args)
+}
+
+/// [`spawn_sidecar`] with its admin endpoints on `admin`.
+fn spawn_sidecar_at(kith: &Kith, name: &str, admin: SocketAddr, args: &[&str]) -> Sidecar {
     let dir = kith.path(name);
-    let admin = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_kith"))
         .args(["sidecar", "run", "--admin-listen", &admin.to_string()])
         .arg("--cert")
@@ -582,4 +586,53 @@ fn workers_each_run_their_own_thread_and_listener() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("--workers"), "{err}");
     }
+}
+
+/// SECURITY (the attack): a server-side tunnel forwards to its own admin port on 127.0.0.1 (a
+/// misconfiguration, or what transparent mode used to do). A peer that posts /quitquitquit
+/// through the tunnel arrives from loopback, but from the proxy's own socket: refused (403),
+/// counted with its reason; a local process may still stop it.
+#[test]
+fn quitquitquit_through_the_proxy_is_refused() {
+    let kith = Kith::new();
+    kith.issue("spiffe://example.org/client", "client", &[]);
+    kith.issue("spiffe://example.org/server", "server", &[]);
+    let admin = free_port();
+    let server_addr = free_port();
+    let mut server = spawn_sidecar_at(
+        &kith,
+        "server",
+        admin,
+        &[
+            "--listen",
+            &server_addr.to_string(),
+            "--forward",
+            &admin.to_string(),
+        ],
+    );
+    wait_port(server_addr);
+    let client_addr = free_port();
+    let _client = sidecar(
+        &kith,
+        "client",
+        client_addr,
+        &["--connect", &server_addr.to_string()],
+    );
+    let answer = http(client_addr, "POST", "/quitquitquit");
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(answer.contains("forwarded by the proxy"), "{answer}");
+    // Reading through the tunnel still works: only the stop is refused.
+    assert!(http(client_addr, "GET", "/live").starts_with("HTTP/1.1 200"));
+    let m = http(admin, "GET", "/metrics");
+    assert_eq!(
+        metric(&m, "kith_sidecar_admin_refused_total{reason=\"proxied\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    assert!(
+        server.child.try_wait().unwrap().is_none(),
+        "the peer stopped it"
+    );
+    assert!(http(admin, "POST", "/quitquitquit").starts_with("HTTP/1.1 200"));
+    assert_eq!(server.child.wait().unwrap().code(), Some(0));
 }

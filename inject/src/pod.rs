@@ -43,6 +43,21 @@ pub enum InjectError {
          network namespace (15001, 15006, 15020); move the app, or opt the pod out"
     )]
     PortTaken { container: String, port: u64 },
+    #[error(
+        "container {container} runs as {what} {PROXY_UID}, the proxy's: capture exempts the \
+         proxy's UID and GID, so this container could bypass mTLS and egress policy; run it as \
+         another {what}, or opt the pod out"
+    )]
+    ProxyIdentity {
+        container: String,
+        what: &'static str,
+    },
+    #[error(
+        "container {container} {why}: with SETUID and SETGID it could switch to the proxy's UID \
+         and GID ({PROXY_UID}) and bypass capture; kith drops both from every app container, so \
+         remove that, or opt the pod out"
+    )]
+    SetIdCapability { container: String, why: String },
 }
 
 impl InjectError {
@@ -55,6 +70,8 @@ impl InjectError {
             }
             InjectError::NameTaken { .. } => "name_taken",
             InjectError::PortTaken { .. } => "port_taken",
+            InjectError::ProxyIdentity { .. } => "proxy_identity",
+            InjectError::SetIdCapability { .. } => "setid_capability",
         }
     }
 }
@@ -127,8 +144,9 @@ pub fn inject(
     }
     check_names_free(spec)?;
     check_ports_free(spec)?;
-    let (probe_ports, mut warnings) = probe_ports(spec);
-    warnings.extend(proxy_uid_warnings(spec));
+    check_not_proxy_identity(spec)?;
+    drop_setid_capabilities(spec)?;
+    let (probe_ports, warnings) = probe_ports(spec);
     let mut not_captured = vec![ADMIN_PORT];
     not_captured.extend(&exclusions.inbound);
     not_captured.extend(&probe_ports);
@@ -403,18 +421,12 @@ fn resolve_port(container: &Value, port: &Value) -> Result<u16, String> {
         })
 }
 
-/// Containers that run as the proxy's UID are exempt from capture: their traffic bypasses mTLS.
-fn proxy_uid_warnings(spec: &Mapping) -> Vec<String> {
-    let uid_of = |v: Option<&Value>| {
-        v.and_then(|v| v.get("securityContext"))
-            .and_then(|s| s.get("runAsUser"))
-            .and_then(Value::as_u64)
-    };
-    let pod_uid = spec
-        .get("securityContext")
-        .and_then(|s| s.get("runAsUser"))
-        .and_then(Value::as_u64);
-    let mut warnings = Vec::new();
+/// SECURITY: capture exempts what runs as the proxy's UID and GID; an app container (or one
+/// of the pod's own init containers, which run after capture is installed) must run as
+/// neither. The container's own securityContext wins over the pod's.
+fn check_not_proxy_identity(spec: &Mapping) -> Result<(), InjectError> {
+    let proxy = u64::from(PROXY_UID);
+    let pod = spec.get("securityContext");
     for list in ["containers", "initContainers"] {
         for c in spec
             .get(list)
@@ -422,15 +434,81 @@ fn proxy_uid_warnings(spec: &Mapping) -> Vec<String> {
             .into_iter()
             .flatten()
         {
-            if uid_of(Some(c)).or(pod_uid) == Some(u64::from(PROXY_UID)) {
-                let name = c.get("name").and_then(Value::as_str).unwrap_or("?");
-                warnings.push(format!(
-                    "container {name} runs as UID {PROXY_UID}, the proxy's: its outbound traffic is not captured and bypasses mTLS"
-                ));
+            for (key, what) in [("runAsUser", "UID"), ("runAsGroup", "GID")] {
+                let id = c
+                    .get("securityContext")
+                    .and_then(|sc| sc.get(key))
+                    .or_else(|| pod.and_then(|sc| sc.get(key)))
+                    .and_then(Value::as_u64);
+                if id == Some(proxy) {
+                    return Err(InjectError::ProxyIdentity {
+                        container: container_name(c),
+                        what,
+                    });
+                }
             }
         }
     }
-    warnings
+    Ok(())
+}
+
+fn container_name(c: &Value) -> String {
+    c.get("name")
+        .and_then(Value::as_str)
+        .unwrap_or("?")
+        .to_owned()
+}
+
+/// SECURITY: an app that keeps CAP_SETUID and CAP_SETGID (root's default) can become the
+/// proxy's UID and GID and leave capture. Adds SETUID and SETGID to every app container's
+/// `capabilities.drop` (unless it drops ALL); refuses a container that is privileged or adds
+/// either back.
+fn drop_setid_capabilities(spec: &mut Mapping) -> Result<(), InjectError> {
+    for list in ["containers", "initContainers"] {
+        let Some(seq) = spec.get_mut(list).and_then(Value::as_sequence_mut) else {
+            continue;
+        };
+        for c in seq.iter_mut() {
+            let name = container_name(c);
+            let Some(c) = c.as_mapping_mut() else {
+                continue;
+            };
+            let refuse = |why: String| InjectError::SetIdCapability {
+                container: name.clone(),
+                why,
+            };
+            let sc = child_mapping(c, "securityContext", "a container's securityContext")?;
+            if sc.get("privileged").and_then(Value::as_bool) == Some(true) {
+                return Err(refuse("is privileged (all capabilities)".into()));
+            }
+            let caps = child_mapping(sc, "capabilities", "a container's capabilities")?;
+            let names = |v: Option<&Value>| -> Vec<String> {
+                v.and_then(Value::as_sequence)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .map(|n| n.trim_start_matches("CAP_").to_ascii_uppercase())
+                    .collect()
+            };
+            if let Some(bad) = names(caps.get("add"))
+                .into_iter()
+                .find(|n| matches!(n.as_str(), "SETUID" | "SETGID" | "ALL"))
+            {
+                return Err(refuse(format!("adds the capability {bad}")));
+            }
+            let dropped = names(caps.get("drop"));
+            if dropped.iter().any(|n| n == "ALL") {
+                continue;
+            }
+            let drop = child_sequence(caps, "drop", "a container's capabilities.drop")?;
+            for cap in ["SETUID", "SETGID"] {
+                if !dropped.iter().any(|n| n == cap) {
+                    drop.push(s(cap));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The mapping under `key`, created when absent or null.
@@ -548,8 +626,13 @@ spec:
                 "--log-format=json",
             ]
         );
-        // The app's containers are untouched.
-        assert_eq!(v["spec"]["containers"], yaml(APP)["spec"]["containers"]);
+        // The app's containers are untouched but for the drop of SETUID and SETGID.
+        let mut app = yaml(APP)["spec"]["containers"].clone();
+        app[0].as_mapping_mut().unwrap().insert(
+            s("securityContext"),
+            yaml("capabilities: {drop: [SETUID, SETGID]}"),
+        );
+        assert_eq!(v["spec"]["containers"], app);
     }
 
     #[test]
@@ -587,6 +670,7 @@ spec:
                 "sidecar",
                 "init",
                 "--proxy-uid=1337",
+                "--proxy-gid=1337",
                 "--outbound-port=15001",
                 "--inbound-port=15006",
                 "--exclude-inbound-ports=15020",
@@ -769,15 +853,105 @@ spec:
         assert!(warnings[0].contains("\"nosuchport\""), "{warnings:?}");
     }
 
+    /// SECURITY: an app running as the proxy's UID or GID would be exempt from capture.
     #[test]
-    fn containers_running_as_the_proxy_uid_are_warned_about() {
+    fn containers_running_as_the_proxy_uid_or_gid_are_refused() {
+        for (spec, container, what) in [
+            (
+                "{securityContext: {runAsUser: 1337}, containers: [{name: a, image: a}]}",
+                "a",
+                "UID",
+            ),
+            (
+                "{containers: [{name: a, image: a}, {name: b, securityContext: {runAsGroup: 1337}}]}",
+                "b",
+                "GID",
+            ),
+            (
+                "{containers: [{name: a}], initContainers: [{name: i, securityContext: {runAsUser: 1337}}]}",
+                "i",
+                "UID",
+            ),
+        ] {
+            let mut v = yaml(&format!(
+                "metadata: {{labels: {{kith.dev/inject: enabled}}}}\nspec: {spec}"
+            ));
+            let err = inject(&mut v, &Settings::default(), false).unwrap_err();
+            assert_eq!(
+                err,
+                InjectError::ProxyIdentity {
+                    container: container.into(),
+                    what
+                },
+                "{spec}"
+            );
+            assert_eq!(err.label(), "proxy_identity");
+            assert!(err.to_string().contains(&format!("runs as {what} 1337")));
+        }
+        // The container's own UID wins over the pod's.
         let (_, warnings) = injected(
             "metadata: {labels: {kith.dev/inject: enabled}}\n\
-             spec: {securityContext: {runAsUser: 1337}, containers: [{name: a, image: a}, \
-             {name: b, image: b, securityContext: {runAsUser: 1000}}]}",
+             spec: {securityContext: {runAsUser: 1337}, containers: [{name: a, image: a, \
+             securityContext: {runAsUser: 1000}}]}",
         );
-        assert_eq!(warnings.len(), 1, "{warnings:?}");
-        assert!(warnings[0].contains("container a runs as UID 1337"));
+        assert!(warnings.is_empty(), "{warnings:?}");
+    }
+
+    /// SECURITY: app containers lose SETUID and SETGID (so they cannot become 1337:1337).
+    #[test]
+    fn app_containers_drop_setuid_and_setgid() {
+        let (v, _) = injected(
+            "metadata: {labels: {kith.dev/inject: enabled}}\n\
+             spec: {containers: [{name: a, image: a}, \
+             {name: b, securityContext: {runAsUser: 0, capabilities: {add: [NET_BIND_SERVICE], drop: [SETUID]}}}, \
+             {name: c, securityContext: {capabilities: {drop: [ALL]}}}], \
+             initContainers: [{name: i, image: i}]}",
+        );
+        let caps =
+            |list: &str, i: usize| v["spec"][list][i]["securityContext"]["capabilities"].clone();
+        assert_eq!(caps("containers", 0), yaml("drop: [SETUID, SETGID]"));
+        assert_eq!(
+            caps("containers", 1),
+            yaml("{add: [NET_BIND_SERVICE], drop: [SETUID, SETGID]}")
+        );
+        assert_eq!(
+            v["spec"]["containers"][1]["securityContext"]["runAsUser"],
+            0
+        );
+        assert_eq!(caps("containers", 2), yaml("drop: [ALL]"));
+        // The pod's own init container (index 2, after kith's two).
+        assert_eq!(v["spec"]["initContainers"][2]["name"], "i");
+        assert_eq!(caps("initContainers", 2), yaml("drop: [SETUID, SETGID]"));
+        // kith's own containers keep their settings.
+        assert_eq!(
+            caps("initContainers", 0),
+            yaml("{add: [NET_ADMIN, NET_RAW], drop: [ALL]}")
+        );
+    }
+
+    #[test]
+    fn containers_that_add_setuid_or_setgid_back_are_refused() {
+        for (sc, why) in [
+            (
+                "{capabilities: {add: [SETUID]}}",
+                "adds the capability SETUID",
+            ),
+            (
+                "{capabilities: {add: [CAP_SETGID]}}",
+                "adds the capability SETGID",
+            ),
+            ("{capabilities: {add: [ALL]}}", "adds the capability ALL"),
+            ("{privileged: true}", "is privileged"),
+        ] {
+            let mut v = yaml(&format!(
+                "metadata: {{labels: {{kith.dev/inject: enabled}}}}\n\
+                 spec: {{containers: [{{name: a, securityContext: {sc}}}]}}"
+            ));
+            let err = inject(&mut v, &Settings::default(), false).unwrap_err();
+            assert_eq!(err.label(), "setid_capability", "{sc}");
+            let msg = err.to_string();
+            assert!(msg.contains("container a") && msg.contains(why), "{msg}");
+        }
     }
 
     #[test]

@@ -230,6 +230,8 @@ fn denied_label(why: &str) -> &'static str {
         "bad_annotation" => "denied_bad_annotation",
         "name_taken" => "denied_name_taken",
         "port_taken" => "denied_port_taken",
+        "proxy_identity" => "denied_proxy_identity",
+        "setid_capability" => "denied_setid_capability",
         "patch_failed" => "denied_patch_failed",
         _ => "denied_other",
     }
@@ -342,7 +344,38 @@ spec:
         let reviewed = review(&pod_request(pod.clone()), &Settings::default()).unwrap();
         let patched = apply(&pod, &reviewed);
         assert_eq!(patched["spec"]["initContainers"][1]["name"], "kith-proxy");
-        assert_eq!(patched["spec"]["containers"], pod["spec"]["containers"]);
+        assert_eq!(
+            patched["spec"]["containers"],
+            json!([{"name": "a", "image": "a",
+                    "securityContext": {"capabilities": {"drop": ["SETUID", "SETGID"]}}}])
+        );
+    }
+
+    /// SECURITY: a pod whose app could be exempt from capture is refused with its reason.
+    #[test]
+    fn pods_that_could_escape_capture_are_denied_with_the_reason() {
+        for (pod, label, says) in [
+            (
+                json!({"metadata": {"name": "p"}, "spec": {"containers": [
+                    {"name": "a", "securityContext": {"runAsGroup": 1337}}]}}),
+                "denied_proxy_identity",
+                "runs as GID 1337",
+            ),
+            (
+                json!({"metadata": {"name": "p"}, "spec": {"containers": [
+                    {"name": "a", "securityContext": {"capabilities": {"add": ["SETUID"]}}}]}}),
+                "denied_setid_capability",
+                "adds the capability SETUID",
+            ),
+        ] {
+            let reviewed = review(&pod_request(pod), &Settings::default()).unwrap();
+            assert_eq!(reviewed.result, label);
+            assert_eq!(reviewed.body["response"]["allowed"], false);
+            let message = reviewed.body["response"]["status"]["message"]
+                .as_str()
+                .unwrap();
+            assert!(message.contains(says), "{message}");
+        }
     }
 
     #[test]

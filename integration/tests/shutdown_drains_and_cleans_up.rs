@@ -40,9 +40,11 @@ fn shutdown_drains_and_cleans_up() {
     let app = lab.start_app(&b);
     lab.keep(app);
     lab.wait_ready(&b, &b_sidecar);
-    // Another pod may read it, but not stop the sidecar (from A's proxy UID: not captured).
+    // Another pod may read it, but not stop the sidecar (from A's proxy UID and GID: not
+    // captured).
     let admin = format!("{}:15020", b.ip);
     let uid = format!("--reuid={PROXY_UID}");
+    let gid = format!("--regid={PROXY_UID}");
     let stop = integration::run(&[
         "ip",
         "netns",
@@ -50,6 +52,8 @@ fn shutdown_drains_and_cleans_up() {
         &a.ns,
         "setpriv",
         &uid,
+        &gid,
+        "--clear-groups",
         "--",
         integration::podapp(),
         "get",

@@ -34,8 +34,11 @@ pub struct SoOriginalDst;
 impl OriginalDst for SoOriginalDst {
     fn original_dst(&self, stream: &TcpStream) -> io::Result<SocketAddr> {
         let local = stream.local_addr()?;
+        // A dual-stack socket ([::] without IPV6_V6ONLY) shows IPv4 connections as
+        // IPv4-mapped: their conntrack entry, and so their original destination, is IPv4.
+        let local = SocketAddr::new(local.ip().to_canonical(), local.port());
         let original = original_dst(stream, local.is_ipv6())?;
-        if original == local {
+        if SocketAddr::new(original.ip().to_canonical(), original.port()) == local {
             return Err(not_redirected());
         }
         Ok(original)

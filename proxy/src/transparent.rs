@@ -6,14 +6,18 @@
 //!   under [`OutboundPolicy::Deny`].
 //! - Inbound (default `0.0.0.0:15006`): connections to the pod, redirected. TLS 1.3 with a
 //!   verified client SVID, authorized by [`Policy`] for the ORIGINAL destination port, then
-//!   forwarded to `127.0.0.1:<original port>`. [`InboundMode::Strict`] refuses plaintext;
-//!   [`InboundMode::Permissive`] forwards it too (first byte `0x16` means TLS).
+//!   forwarded to the original destination itself (the pod's own address), never to
+//!   127.0.0.1: a service bound to loopback only stays private to the pod, and the app never
+//!   sees a peer as local. [`InboundMode::Strict`] refuses plaintext;
+//!   [`InboundMode::Permissive`] forwards it too (first byte `0x16` means TLS). Connections to
+//!   the sidecar's own ports ([`Captured::refusing_ports`], e.g. its admin port) are refused.
 //!
 //! The original destination comes from an [`OriginalDst`] source: `SO_ORIGINAL_DST` in
 //! production ([`SoOriginalDst`]), anything injected in tests ([`Captured::with_source`]).
 //!
 //! The redirect rules must exclude the proxy's own outbound connections (for example
-//! `-m owner --uid-owner <proxy uid> -j RETURN`), or they loop back into it.
+//! `-m owner --uid-owner <proxy uid> --gid-owner <proxy gid> -j RETURN`), or they loop back
+//! into it; the forwarded inbound connections (to the pod's own address) are among them.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -212,6 +216,7 @@ impl ExpectRules {
 pub struct Captured {
     listener: TcpListener,
     source: Arc<dyn OriginalDst>,
+    refused_ports: Arc<[u16]>,
 }
 
 impl Captured {
@@ -225,7 +230,17 @@ impl Captured {
         Self {
             listener,
             source: Arc::new(source),
+            refused_ports: Arc::new([]),
         }
+    }
+
+    /// Inbound: original destination ports that are the sidecar's own (its admin port,
+    /// whatever address it listens on): such a connection is refused, never forwarded, and
+    /// counted as `inbound_sidecar_port`.
+    #[must_use]
+    pub fn refusing_ports(mut self, ports: impl IntoIterator<Item = u16>) -> Self {
+        self.refused_ports = ports.into_iter().collect();
+        self
     }
 }
 
@@ -280,6 +295,7 @@ pub struct TransparentMetrics {
     outbound_no_original_dst: AtomicU64,
     inbound_tls: AtomicU64,
     inbound_no_original_dst: AtomicU64,
+    inbound_sidecar_port: AtomicU64,
     /// Outbound connections to non-mesh destinations under `Passthrough`.
     pub outbound_passthrough: PlainMetrics,
     /// Inbound plaintext connections forwarded under `Permissive`.
@@ -319,6 +335,11 @@ impl TransparentMetrics {
         self.inbound_no_original_dst.load(Ordering::Relaxed)
     }
 
+    /// Inbound connections refused because they were for one of the sidecar's own ports.
+    pub fn inbound_sidecar_port(&self) -> u64 {
+        self.inbound_sidecar_port.load(Ordering::Relaxed)
+    }
+
     /// The mTLS series of [`Metrics::render_prometheus`], then the capture outcomes and the
     /// plaintext connections.
     pub fn render_prometheus(&self, out: &mut String) {
@@ -346,6 +367,7 @@ impl TransparentMetrics {
                 self.inbound_plaintext.unreachable(),
             ),
             ("inbound_no_original_dst", self.inbound_no_original_dst()),
+            ("inbound_sidecar_port_refused", self.inbound_sidecar_port()),
         ] {
             let _ = writeln!(
                 out,
@@ -394,7 +416,9 @@ pub async fn serve_transparent_outbound(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     limits.validate()?;
-    let Captured { listener, source } = listener.into();
+    let Captured {
+        listener, source, ..
+    } = listener.into();
     // One client configuration per distinct expectation, built once.
     let mut connectors: Vec<(ExpectedPeer, TlsConnector)> = Vec::new();
     for e in std::iter::once(&expect.default).chain(expect.rules.iter().map(|r| &r.expect)) {
@@ -467,7 +491,7 @@ pub async fn serve_transparent_outbound(
 }
 
 /// Serves captured inbound connections until `shutdown`: mTLS, peer authorized by `policy` for
-/// the original destination port, forwarded to `127.0.0.1:<original port>`.
+/// the original destination port, forwarded to the original destination (never loopback).
 pub async fn serve_transparent_inbound(
     listener: impl Into<Captured>,
     identity: IdentityHandle,
@@ -478,19 +502,24 @@ pub async fn serve_transparent_inbound(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     limits.validate()?;
-    let Captured { listener, source } = listener.into();
+    let Captured {
+        listener,
+        source,
+        refused_ports,
+    } = listener.into();
     let configs = Arc::new(Configs {
         mesh: tls::server_config(&identity)?,
         edge: tls::edge_server_config(&identity)?,
     });
     let policy = Arc::new(policy);
     tunnel::accept_loop(listener, limits, shutdown, move |stream, mut slot| {
-        let (configs, identity, policy, metrics, source) = (
+        let (configs, identity, policy, metrics, source, refused_ports) = (
             configs.clone(),
             identity.clone(),
             policy.clone(),
             metrics.clone(),
             source.clone(),
+            refused_ports.clone(),
         );
         async move {
             let m = &metrics.tunnels.inbound;
@@ -503,7 +532,15 @@ pub async fn serve_transparent_inbound(
                     return;
                 }
             };
-            let forward = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), to.port());
+            // SECURITY: never a loopback address: the peer reaches exactly what it could reach
+            // without the proxy, the pod's own address, and not the app's loopback services.
+            let forward = forward_address(&stream, to);
+            if refused_ports.contains(&to.port()) {
+                tracing::debug!(port = to.port(), "inbound connection refused: the port is the sidecar's own");
+                refusal::log("inbound", "sidecar_port", stream.peer_addr().ok(), None);
+                bump(&metrics.inbound_sidecar_port);
+                return;
+            }
             // The first byte decides, before the connection takes a slot: silent clients
             // wait in the pending pool and leave at the first-flight deadline.
             let peer = slot.peer();
@@ -542,6 +579,24 @@ pub async fn serve_transparent_inbound(
     })
     .await;
     Ok(())
+}
+
+/// Where an inbound connection is forwarded: its original destination, with the scope of the
+/// interface it arrived on for an IPv6 link-local address.
+fn forward_address(stream: &TcpStream, to: SocketAddr) -> SocketAddr {
+    match (to, stream.local_addr().ok()) {
+        (SocketAddr::V6(mut v6), Some(SocketAddr::V6(local)))
+            if v6.ip().is_unicast_link_local() && v6.scope_id() == 0 =>
+        {
+            v6.set_scope_id(local.scope_id());
+            SocketAddr::V6(v6)
+        }
+        (SocketAddr::V6(v6), _) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => to,
+        },
+        _ => to,
+    }
 }
 
 /// Plain TCP from `stream` to `to`, counted in `m`.

@@ -139,9 +139,9 @@ fn client_cert(pki: &Pki) -> Arc<rustls::ClientConfig> {
 async fn mesh_destination_gets_mtls_and_reaches_the_original_port() {
     let pki = Pki::new("example.test");
     let backend = echo_backend().await;
-    // The inbound's original destination is the pod address at the backend's port: it must
-    // forward to 127.0.0.1:<that port>.
-    let pod = SocketAddr::new("10.1.2.3".parse().unwrap(), backend.port());
+    // The inbound's original destination is "the pod's address": here the backend's own, to
+    // which it must forward (see inbound_forwards_to_the_original_address_not_to_loopback).
+    let pod = backend;
     let inbound = t_inbound(
         handle(pki.svid(SERVER), pki.bundle()),
         Policy::new(pki.td.clone()),
@@ -383,7 +383,7 @@ async fn permissive_inbound_accepts_plaintext_and_mtls_and_counts_each() {
         handle(pki.svid(SERVER), pki.bundle()),
         Policy::new(pki.td.clone()),
         InboundMode::Permissive,
-        SocketAddr::new("10.9.9.9".parse().unwrap(), backend.port()),
+        backend,
     )
     .await;
     let m = &inbound.metrics;
@@ -434,4 +434,92 @@ async fn inbound_policy_applies_to_the_original_port() {
     })
     .await;
     assert_eq!(m.tunnels().inbound.accepted(), 1);
+}
+
+/// SECURITY: inbound traffic goes to the address it was sent to, never to 127.0.0.1: a
+/// service bound to 127.0.0.1 only is not reachable through the proxy when the connection was
+/// for another address (127.0.0.2 here stands for the pod's own address), in STRICT (mTLS) and
+/// PERMISSIVE (plaintext) alike.
+#[tokio::test]
+async fn inbound_forwards_to_the_original_address_not_to_loopback() {
+    let pki = Pki::new("example.test");
+    let loopback_only = echo_backend().await;
+    let pod = SocketAddr::new("127.0.0.2".parse().unwrap(), loopback_only.port());
+    for mode in [InboundMode::Strict, InboundMode::Permissive] {
+        let inbound = t_inbound(
+            handle(pki.svid(SERVER), pki.bundle()),
+            Policy::new(pki.td.clone()),
+            mode,
+            pod,
+        )
+        .await;
+        let m = &inbound.metrics;
+        let _ = within(tls_attempt(inbound.addr, client_cert(&pki))).await;
+        eventually("the mTLS connection refused as unreachable", || {
+            m.tunnels().inbound.refused(Reason::UpstreamUnreachable) == 1
+        })
+        .await;
+        assert_eq!(m.tunnels().inbound.accepted(), 0, "{mode:?}");
+        if mode == InboundMode::Permissive {
+            let _ = within(round_trip(inbound.addr, b"plain")).await;
+            eventually("the plaintext connection unreachable", || {
+                m.inbound_plaintext.unreachable() == 1
+            })
+            .await;
+            assert_eq!(m.inbound_plaintext.accepted(), 0);
+        }
+        // The same proxy reaches a service on the original address.
+        inbound.dst.set(echo_at(pod.ip()).await);
+        let got = within(tls_attempt(inbound.addr, client_cert(&pki)))
+            .await
+            .unwrap();
+        assert_eq!(got, b"x");
+    }
+}
+
+/// The sidecar's own ports (its admin port) are refused, never forwarded, and counted.
+#[tokio::test]
+async fn inbound_to_a_sidecar_port_is_refused_and_counted() {
+    let pki = Pki::new("example.test");
+    let admin = echo_backend().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let metrics = Arc::new(TransparentMetrics::default());
+    let shutdown = CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    tokio::spawn(proxy::serve_transparent_inbound(
+        Captured::with_source(listener, Dst::new(admin)).refusing_ports([admin.port()]),
+        handle(pki.svid(SERVER), pki.bundle()),
+        Policy::new(pki.td.clone()),
+        InboundMode::Permissive,
+        limits(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    let _ = within(round_trip(addr, b"POST /quitquitquit")).await;
+    let _ = within(tls_attempt(addr, client_cert(&pki))).await;
+    eventually("both refused", || metrics.inbound_sidecar_port() == 2).await;
+    assert_eq!(metrics.inbound_plaintext.accepted(), 0);
+    assert_eq!(metrics.tunnels().inbound.accepted(), 0);
+    let mut text = String::new();
+    metrics.render_prometheus(&mut text);
+    assert!(
+        text.contains("kith_sidecar_captured_total{outcome=\"inbound_sidecar_port_refused\"} 2"),
+        "{text}"
+    );
+}
+
+/// An echo server on `ip` (any port).
+async fn echo_at(ip: std::net::IpAddr) -> SocketAddr {
+    let listener = TcpListener::bind(SocketAddr::new(ip, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
 }

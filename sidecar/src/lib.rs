@@ -11,6 +11,7 @@ pub mod docker;
 pub mod fetch;
 pub mod metrics;
 pub mod node;
+pub mod own_socket;
 pub mod source;
 pub mod state;
 pub mod tunnel_cli;

@@ -29,7 +29,7 @@ use hyper_util::rt::TokioIo;
 use proxy::authz::Policy;
 use proxy::metrics::{Metrics, family};
 use proxy::tls::{ExpectedPeer, IdentityHandle};
-use proxy::transparent::{ExpectRules, InboundMode, OutboundPolicy, TransparentMetrics};
+use proxy::transparent::{Captured, ExpectRules, InboundMode, OutboundPolicy, TransparentMetrics};
 use proxy::tunnel::{self, Limits, Upstream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -127,7 +127,8 @@ struct RunArgs {
         default_value = "127.0.0.1:15001"
     )]
     outbound_listen: SocketAddr,
-    /// Transparent mode: the captured inbound listener
+    /// Transparent mode: the captured inbound listener (0.0.0.0 also listens on [::]);
+    /// connections are forwarded to their original destination, never to 127.0.0.1
     #[arg(
         long,
         env = "KITH_SIDECAR_INBOUND_LISTEN",
@@ -427,15 +428,21 @@ async fn run_sidecar(args: RunArgs) -> Result<()> {
         source_metrics.clone(),
         shutdown.clone(),
     ));
+    let refused = Arc::new(AdminRefusals::default());
     let render = {
-        let identity = identity.clone();
-        Arc::new(move || metrics_text(&counters, &identity, &source_metrics))
+        let (identity, refused) = (identity.clone(), refused.clone());
+        Arc::new(move || {
+            let mut out = metrics_text(&counters, &identity, &source_metrics);
+            refused.render(&mut out);
+            out
+        })
     };
     let admin_shutdown = CancellationToken::new();
     let admin_task = tokio::spawn(admin_serve(
         admin,
         identity.clone(),
         render,
+        refused,
         shutdown.clone(),
         admin_shutdown.clone(),
     ));
@@ -534,19 +541,23 @@ fn transparent(
         }
     };
     pool.listen(args.outbound_listen, outbound.clone())?;
-    // ip6tables redirects IPv6 connections to [::1]: listen there too when the host has IPv6.
-    if args.outbound_listen.ip().is_loopback() && args.outbound_listen.is_ipv4() {
-        let v6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), args.outbound_listen.port());
-        if let Err(e) = pool.listen(v6, outbound) {
-            tracing::info!(addr = %v6, error = %format!("{e:#}"), "no IPv6 outbound listener");
-        }
+    // ip6tables redirects IPv6 connections to [::1] (outbound) and to the address they arrived
+    // at (inbound): listen on the IPv6 twin of each address too.
+    if let Some(v6) = ipv6_twin(args.outbound_listen) {
+        listen_ipv6(pool, v6, "outbound", outbound)?;
     }
-    {
+    // SECURITY: the sidecar's own ports are never forwarded, whatever --admin-listen says.
+    let own_ports = [
+        args.admin_listen.port(),
+        args.inbound_listen.port(),
+        args.outbound_listen.port(),
+    ];
+    let inbound = {
         let (identity, tm, shutdown) = (identity.clone(), tm.clone(), shutdown.clone());
-        pool.listen(args.inbound_listen, move |listener| async move {
+        move |listener| async move {
             log_exit(
                 proxy::transparent::serve_transparent_inbound(
-                    listener,
+                    Captured::new(listener).refusing_ports(own_ports),
                     identity,
                     policy,
                     inbound_mode,
@@ -556,7 +567,11 @@ fn transparent(
                 )
                 .await,
             );
-        })?;
+        }
+    };
+    pool.listen(args.inbound_listen, inbound.clone())?;
+    if let Some(v6) = ipv6_twin(args.inbound_listen) {
+        listen_ipv6(pool, v6, "inbound", inbound)?;
     }
     tracing::info!(outbound = %args.outbound_listen, inbound = %args.inbound_listen, mesh = ?args.mesh_cidr,
         outbound_policy = %args.outbound_policy, mode = %args.mode, "transparent mode");
@@ -592,12 +607,53 @@ fn log_unexpected_destinations(mesh: &[proxy::Cidr], expect: &ExpectRules) {
     }
 }
 
+/// The IPv6 address that goes with an IPv4 listen address: `[::1]` for `127.0.0.1`, `[::]`
+/// for `0.0.0.0`; `None` for an IPv6 address or another IPv4 one.
+fn ipv6_twin(addr: SocketAddr) -> Option<SocketAddr> {
+    let ip = match addr.ip() {
+        IpAddr::V4(v4) if v4.is_loopback() => Ipv6Addr::LOCALHOST,
+        IpAddr::V4(v4) if v4.is_unspecified() => Ipv6Addr::UNSPECIFIED,
+        _ => return None,
+    };
+    Some(SocketAddr::new(IpAddr::V6(ip), addr.port()))
+}
+
+/// Listens on an IPv6 twin address (IPV6_V6ONLY). Without IPv6 in the namespace (no `::1`, or
+/// no IPv6 in the kernel) there is nothing to capture and this is logged; any other failure
+/// (the port taken) fails the start, since ip6tables would redirect to a listener that is not
+/// ours.
+fn listen_ipv6<F, Fut>(pool: &mut Workers, addr: SocketAddr, what: &str, serve: F) -> Result<()>
+where
+    F: FnOnce(tokio::net::TcpListener) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let Err(e) = pool.listen_v6_only(addr, serve) else {
+        return Ok(());
+    };
+    let no_ipv6 = e
+        .chain()
+        .filter_map(|c| c.downcast_ref::<std::io::Error>())
+        .any(|io| {
+            matches!(
+                io.raw_os_error(),
+                Some(code) if code == nix::errno::Errno::EADDRNOTAVAIL as i32
+                    || code == nix::errno::Errno::EAFNOSUPPORT as i32
+            )
+        });
+    if no_ipv6 {
+        tracing::info!(%addr, error = %format!("{e:#}"), "no IPv6 here: no IPv6 {what} listener");
+        return Ok(());
+    }
+    Err(e.context(format!("the IPv6 {what} listener")))
+}
+
 /// The admin endpoints. `shutdown` is what POST /quitquitquit triggers; the server itself
 /// stops on `stop`, after the drain, so /metrics stays readable while connections drain.
 async fn admin_serve(
     listener: tokio::net::TcpListener,
     identity: IdentityHandle,
     render: Arc<dyn Fn() -> String + Send + Sync>,
+    refused: Arc<AdminRefusals>,
     shutdown: CancellationToken,
     stop: CancellationToken,
 ) {
@@ -607,16 +663,19 @@ async fn admin_serve(
             _ = stop.cancelled() => break,
             r = listener.accept() => match r { Ok(s) => s, Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue; } },
         };
-        // SECURITY: the admin port may listen beyond loopback (kubelet probes); only local
-        // processes may stop the sidecar.
-        let local = peer.ip().to_canonical().is_loopback();
+        let at = stream.local_addr().ok();
         let (identity, render, shutdown) = (identity.clone(), render.clone(), shutdown.clone());
+        let refused = refused.clone();
         let stop = stop.clone();
         tracker.spawn(async move {
             let svc =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let (identity, render, shutdown) =
-                        (identity.clone(), render.clone(), shutdown.clone());
+                    let (identity, render, shutdown, refused) = (
+                        identity.clone(),
+                        render.clone(),
+                        shutdown.clone(),
+                        refused.clone(),
+                    );
                     async move {
                         let (status, body) = match (req.method().as_str(), req.uri().path()) {
                             (_, "/live") => (StatusCode::OK, "ok\n".to_owned()),
@@ -631,14 +690,17 @@ async fn admin_serve(
                                 "no identity yet\n".to_owned(),
                             ),
                             (_, "/metrics") => (StatusCode::OK, render()),
-                            ("POST", "/quitquitquit") if local => {
-                                shutdown.cancel();
-                                (StatusCode::OK, "shutting down\n".to_owned())
-                            }
-                            ("POST", "/quitquitquit") => (
-                                StatusCode::FORBIDDEN,
-                                "only local processes may stop the sidecar\n".to_owned(),
-                            ),
+                            ("POST", "/quitquitquit") => match quit_refusal(peer, at) {
+                                None => {
+                                    shutdown.cancel();
+                                    (StatusCode::OK, "shutting down\n".to_owned())
+                                }
+                                Some(reason) => {
+                                    tracing::info!(%peer, reason = reason.label(), "POST /quitquitquit refused");
+                                    refused.count(reason);
+                                    (StatusCode::FORBIDDEN, reason.message().to_owned())
+                                }
+                            },
                             _ => (
                                 StatusCode::NOT_FOUND,
                                 "try /live, /ready, /metrics or POST /quitquitquit\n".to_owned(),
@@ -659,6 +721,80 @@ async fn admin_serve(
     }
     tracker.close();
     tracker.wait().await;
+}
+
+/// Why a `POST /quitquitquit` was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum QuitRefusal {
+    /// The caller is not on loopback.
+    NotLocal,
+    /// The caller is one of the proxy's own sockets: a connection it forwarded for a peer.
+    Proxied,
+}
+
+impl QuitRefusal {
+    fn label(self) -> &'static str {
+        match self {
+            QuitRefusal::NotLocal => "not_local",
+            QuitRefusal::Proxied => "proxied",
+        }
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            QuitRefusal::NotLocal => "only local processes may stop the sidecar\n",
+            QuitRefusal::Proxied => {
+                "a connection forwarded by the proxy may not stop the sidecar\n"
+            }
+        }
+    }
+}
+
+/// SECURITY: the admin port may listen beyond loopback (kubelet probes); only local processes
+/// may stop the sidecar, and never through the proxy itself (a peer's connection forwarded to
+/// a loopback address is local in appearance only).
+fn quit_refusal(peer: SocketAddr, at: Option<SocketAddr>) -> Option<QuitRefusal> {
+    if !peer.ip().to_canonical().is_loopback() {
+        return Some(QuitRefusal::NotLocal);
+    }
+    // Unknown local address: cannot tell, so refuse.
+    let Some(at) = at else {
+        return Some(QuitRefusal::Proxied);
+    };
+    crate::own_socket::is_own(peer, at).then_some(QuitRefusal::Proxied)
+}
+
+/// Refused `POST /quitquitquit`s, by reason.
+#[derive(Debug, Default)]
+struct AdminRefusals {
+    not_local: std::sync::atomic::AtomicU64,
+    proxied: std::sync::atomic::AtomicU64,
+}
+
+impl AdminRefusals {
+    fn count(&self, reason: QuitRefusal) {
+        let c = match reason {
+            QuitRefusal::NotLocal => &self.not_local,
+            QuitRefusal::Proxied => &self.proxied,
+        };
+        c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String) {
+        family(
+            out,
+            "kith_sidecar_admin_refused_total",
+            "counter",
+            "POST /quitquitquit requests refused, by reason",
+        );
+        for (reason, c) in [("not_local", &self.not_local), ("proxied", &self.proxied)] {
+            let _ = writeln!(
+                out,
+                "kith_sidecar_admin_refused_total{{reason=\"{reason}\"}} {}",
+                c.load(std::sync::atomic::Ordering::Relaxed)
+            );
+        }
+    }
 }
 
 /// Prometheus text (format 0.0.4): connections by direction and result, handshake latency,

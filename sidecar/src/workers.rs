@@ -41,19 +41,43 @@ impl Workers {
         F: FnOnce(TcpListener) -> Fut + Clone + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
+        self.listen_with(addr, false, serve)
+    }
+
+    /// [`Self::listen`] on an IPv6 address with IPV6_V6ONLY, beside a listener on the IPv4
+    /// address of the same port (`[::]:15006` beside `0.0.0.0:15006`).
+    pub fn listen_v6_only<F, Fut>(&mut self, addr: SocketAddr, serve: F) -> Result<SocketAddr>
+    where
+        F: FnOnce(TcpListener) -> Fut + Clone + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.listen_with(addr, true, serve)
+    }
+
+    fn listen_with<F, Fut>(
+        &mut self,
+        addr: SocketAddr,
+        v6_only: bool,
+        serve: F,
+    ) -> Result<SocketAddr>
+    where
+        F: FnOnce(TcpListener) -> Fut + Clone + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
         let shared = self.count() > 1;
         let mut at = addr;
         if shared {
             // SECURITY: SO_REUSEPORT would also let this join a group that another process of
             // the same user (a second sidecar) holds, and split its traffic: the address must
             // be free first.
-            let probe = std::net::TcpListener::bind(addr)
-                .with_context(|| format!("cannot listen on {addr}"))?;
+            let probe =
+                bind(addr, false, v6_only).with_context(|| format!("cannot listen on {addr}"))?;
             at = probe.local_addr()?;
         }
         let mut bound = Vec::with_capacity(self.count());
         for _ in 0..self.count() {
-            let listener = bind(at, shared).with_context(|| format!("cannot listen on {addr}"))?;
+            let listener =
+                bind(at, shared, v6_only).with_context(|| format!("cannot listen on {addr}"))?;
             // Port 0: the others join the port the first one got.
             at = listener.local_addr()?;
             // Detached from this runtime; registered again on the worker's when it first runs.
@@ -110,12 +134,15 @@ where
 
 /// A listening socket on `addr`; `shared` adds SO_REUSEPORT so that the other workers can
 /// bind the same address (only sockets of the same user can join the group).
-fn bind(addr: SocketAddr, shared: bool) -> std::io::Result<TcpListener> {
+fn bind(addr: SocketAddr, shared: bool, v6_only: bool) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
     };
+    if v6_only && addr.is_ipv6() {
+        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Ipv6V6Only, &true)?;
+    }
     socket.set_reuseaddr(true)?;
     if shared {
         socket.set_reuseport(true)?;

@@ -199,7 +199,7 @@ fn lifecycle(bin: &str) {
         "-A OUTPUT -d 192.0.2.1/32 -j RETURN",
         "-A OUTPUT -p tcp -j KITH_OUTBOUND",
         "-A PREROUTING -p tcp -j KITH_INBOUND",
-        "-A KITH_OUTBOUND -m owner --uid-owner 1337 -j RETURN",
+        "-A KITH_OUTBOUND -m owner --uid-owner 1337 --gid-owner 1337 -j RETURN",
         "-A KITH_OUTBOUND -d 10.96.0.0/12 -j RETURN",
         "--dport 5432 -j RETURN",
         "-A KITH_OUTBOUND -p tcp -j REDIRECT --to-ports 15001",
@@ -435,10 +435,49 @@ fn canary_fails_without_rules_and_passes_with_them() {
     assert_eq!(dst, args.canary_addr);
 
     // The whole command as the init container runs it: in the namespace, verification on.
+    // IPv6 is link-local only here: its rules are checked, not exercised.
     let report = ns
         .within(|| capture::execute(&Runner::default(), &args))
         .expect("init with verification");
-    assert!(report.contains("verified"), "{report}");
+    for want in [
+        "verified: a connection from uid 0 gid 0 to 10.255.255.1:80 arrived at 127.0.0.1:15001",
+        "which took a connection to 10.255.255.1:81 to 127.0.0.1:15006",
+        "ip6tables OUTPUT jumps to KITH_OUTBOUND",
+        "ip6tables PREROUTING jumps to KITH_INBOUND",
+    ] {
+        assert!(report.contains(want), "missing {want:?} in\n{report}");
+    }
+    // The temporary rule of the inbound canary is gone again.
+    assert!(
+        !ns.nat("iptables").contains("--dport 81"),
+        "{}",
+        ns.nat("iptables")
+    );
+    // With a unique-local address, IPv6 capture is proven by connections, both ways.
+    ns.exec(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        "fd00:200::2/64",
+        "dev",
+        "v0",
+        "nodad",
+    ]);
+    let report = ns
+        .within(|| capture::execute(&Runner::default(), &args))
+        .expect("init with verification, IPv6");
+    for want in [
+        "to [fd00:200::6b69:7468:0:1]:80 arrived at [::1]:15001",
+        "which took a connection to [fd00:200::6b69:7468:0:2]:81 to [::1]:15006",
+    ] {
+        assert!(report.contains(want), "missing {want:?} in\n{report}");
+    }
+    assert!(
+        !ns.nat("ip6tables").contains("--dport 81"),
+        "{}",
+        ns.nat("ip6tables")
+    );
 
     // Traffic from the proxy's UID is not captured: canary from 1337 is refused up front,
     // and with the jump removed the check fails again.
@@ -482,4 +521,254 @@ fn cidrs_names_and_rules_without_root() {
     assert_eq!(v4.matches("--dport 15020 -j RETURN").count(), 1, "{v4}");
     assert_eq!(v4.matches("--dport 8081 -j RETURN").count(), 1, "{v4}");
     assert!(v4.contains("-d 127.0.0.0/8 -j RETURN"));
+}
+
+/// Two namespaces joined by a veth pair (`a0` in `a`, `b0` in `b`), each end with a static
+/// link-local and a unique-local address (no duplicate address detection to wait for).
+fn pair() -> (Netns, Netns) {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let (a, b) = (Netns::new(), Netns::new());
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let (ka, kb) = (
+        format!("ka{}x{n}", std::process::id()),
+        format!("kb{}x{n}", std::process::id()),
+    );
+    sh(&[
+        "ip", "link", "add", &ka, "type", "veth", "peer", "name", &kb,
+    ]);
+    sh(&["ip", "link", "set", &ka, "netns", &a.name, "name", "a0"]);
+    sh(&["ip", "link", "set", &kb, "netns", &b.name, "name", "b0"]);
+    for (ns, dev, n) in [(&a, "a0", "1"), (&b, "b0", "2")] {
+        ns.exec(&["ip", "addr", "add", &format!("10.201.0.{n}/24"), "dev", dev]);
+        ns.exec(&["ip", "link", "set", dev, "up"]);
+        for addr in [format!("fe80::{n}/64"), format!("fd00:201::{n}/64")] {
+            ns.exec(&["ip", "-6", "addr", "add", &addr, "dev", dev, "nodad"]);
+        }
+    }
+    // For the IPv4 canary.
+    a.exec(&["ip", "route", "add", "default", "via", "10.201.0.2"]);
+    (a, b)
+}
+
+/// A listener bound inside `ns`.
+fn listen_in(ns: &Netns, addr: &str) -> std::net::TcpListener {
+    let addr: std::net::SocketAddr = addr.parse().expect("addr");
+    ns.within(|| std::net::TcpListener::bind(addr).expect("bind in the namespace"))
+}
+
+/// A connection from inside `ns` (as this process, root).
+fn connect_from(ns: &Netns, to: std::net::SocketAddr) -> std::io::Result<std::net::TcpStream> {
+    ns.within(|| std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2)))
+}
+
+fn ifindex(ns: &Netns, dev: &str) -> u32 {
+    ns.exec(&["cat", &format!("/sys/class/net/{dev}/ifindex")])
+        .trim()
+        .parse()
+        .expect("ifindex")
+}
+
+/// A directory with `iptables` (the real one) and an `ip6tables` that always fails, as in a
+/// namespace or image where ip6tables cannot work.
+fn broken_ip6tables() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let real = String::from_utf8(
+        Command::new("sh")
+            .args(["-c", "command -v iptables"])
+            .output()
+            .expect("which")
+            .stdout,
+    )
+    .expect("utf8");
+    std::os::unix::fs::symlink(real.trim(), dir.path().join("iptables")).expect("symlink");
+    let fake = dir.path().join("ip6tables");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'ip6tables: can'\\''t initialize ip6tables table `nat'\\''' >&2\nexit 3\n",
+    )
+    .expect("write");
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    dir
+}
+
+#[test]
+fn init_fails_when_ipv6_is_enabled_and_ip6tables_cannot_capture_it() {
+    if !can_run() {
+        return;
+    }
+    let (a, _b) = pair();
+    let dir = broken_ip6tables();
+    let args = InitArgs {
+        iptables: Some(dir.path().join("iptables").to_string_lossy().into_owned()),
+        no_verify: true,
+        ..InitArgs::default()
+    };
+    let err = capture::execute(&a.runner(), &args).expect_err("IPv6 uncapturable: must fail");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("IPv6 is enabled in this network namespace")
+            && msg.contains("a0")
+            && msg.contains("ip6tables cannot use the nat table")
+            && msg.contains("can't initialize ip6tables table `nat'")
+            && msg.contains("--ipv6 off"),
+        "{msg}"
+    );
+    // Nothing was installed: the decision comes before any rule.
+    assert!(
+        !a.nat("iptables").contains("KITH_"),
+        "{}",
+        a.nat("iptables")
+    );
+    // --ipv6 off cannot block it with that ip6tables either: also a failure.
+    let off = InitArgs {
+        ipv6: capture::Ipv6Mode::Off,
+        ..args.clone()
+    };
+    let msg = format!(
+        "{:#}",
+        capture::execute(&a.runner(), &off).expect_err("cannot block: must fail")
+    );
+    assert!(
+        msg.contains("--ipv6 off") && msg.contains("cannot use the filter table"),
+        "{msg}"
+    );
+    // A namespace with IPv6 only on loopback has nothing to capture: that is not an error.
+    let lo_only = Netns::new();
+    let report = capture::execute(&lo_only.runner(), &args).expect("no IPv6 outside lo");
+    assert!(
+        report.contains("IPv6: not enabled in this namespace"),
+        "{report}"
+    );
+}
+
+#[test]
+fn ipv6_off_blocks_ipv6_both_ways_but_not_loopback() {
+    if !can_run() {
+        return;
+    }
+    let (a, b) = pair();
+    let idx_a = ifindex(&a, "a0");
+    let idx_b = ifindex(&b, "b0");
+    let to_b: Vec<std::net::SocketAddr> = vec![
+        std::net::SocketAddrV6::new("fe80::2".parse().expect("ip"), 8080, 0, idx_a).into(),
+        "[fd00:201::2]:8080".parse().expect("addr"),
+    ];
+    let to_a: Vec<std::net::SocketAddr> = vec![
+        std::net::SocketAddrV6::new("fe80::1".parse().expect("ip"), 8080, 0, idx_b).into(),
+        "[fd00:201::1]:8080".parse().expect("addr"),
+    ];
+    let _lb = listen_in(&b, "[::]:8080");
+    let _la = listen_in(&a, "[::]:8080");
+    let _la_lo = listen_in(&a, "[::1]:9000");
+    // Open before: the test can tell blocked from open.
+    for to in &to_b {
+        connect_from(&a, *to).unwrap_or_else(|e| panic!("before: a -> {to}: {e}"));
+    }
+    for to in &to_a {
+        connect_from(&b, *to).unwrap_or_else(|e| panic!("before: b -> {to}: {e}"));
+    }
+    let args = InitArgs {
+        iptables: Some("iptables".into()),
+        ipv6: capture::Ipv6Mode::Off,
+        ..InitArgs::default()
+    };
+    // As the init container runs it: in the namespace, canaries on (the blocked one included).
+    let report = a
+        .within(|| capture::execute(&Runner::default(), &args))
+        .expect("init --ipv6 off");
+    assert!(report.contains("IPv6 blocked (--ipv6 off)"), "{report}");
+    assert!(report.contains("was rejected"), "{report}");
+    let filter = a.exec(&["ip6tables-save", "-t", "filter"]);
+    for want in [
+        "-A INPUT -j KITH_IPV6_IN",
+        "-A OUTPUT -j KITH_IPV6_OUT",
+        "-A KITH_IPV6_IN -i lo -j RETURN",
+        "-A KITH_IPV6_IN -j DROP",
+        "-A KITH_IPV6_OUT -o lo -j RETURN",
+        "-A KITH_IPV6_OUT -p tcp -j REJECT --reject-with tcp-reset",
+    ] {
+        assert!(filter.contains(want), "missing {want:?} in\n{filter}");
+    }
+    for to in &to_b {
+        let err = connect_from(&a, *to).expect_err("outbound IPv6 must be rejected");
+        assert_eq!(
+            err.kind(),
+            std::io::ErrorKind::ConnectionRefused,
+            "a -> {to}: {err}"
+        );
+    }
+    for to in &to_a {
+        connect_from(&b, *to).expect_err("inbound IPv6 must be dropped");
+    }
+    // IPv4 and IPv6 loopback still work.
+    connect_from(&a, "[::1]:9000".parse().expect("addr")).expect("IPv6 loopback stays open");
+    // Uninstall removes the block too.
+    let un = InitArgs {
+        uninstall: true,
+        ..args.clone()
+    };
+    capture::execute(&a.runner(), &un).expect("uninstall");
+    assert!(
+        !a.exec(&["ip6tables-save", "-t", "filter"])
+            .contains("KITH_")
+    );
+    connect_from(&a, to_b[1]).expect("open again after uninstall");
+}
+
+/// SECURITY (exemption is UID and GID): a process that switched to UID 1337 but kept another
+/// GID is captured; only 1337:1337 (the proxy) is not.
+#[test]
+fn uid_1337_with_another_gid_is_captured() {
+    if !can_run() {
+        return;
+    }
+    let (a, b) = pair();
+    let args = InitArgs {
+        iptables: Some("iptables".into()),
+        no_verify: true,
+        ..InitArgs::default()
+    };
+    capture::execute(&a.runner(), &args).expect("init");
+    let outbound = listen_in(&a, "127.0.0.1:15001");
+    let peer = listen_in(&b, "10.201.0.2:80");
+    outbound.set_nonblocking(true).expect("nonblocking");
+    peer.set_nonblocking(true).expect("nonblocking");
+    let send = |gid: u32| {
+        a.exec(&[
+            "setpriv",
+            "--reuid=1337",
+            &format!("--regid={gid}"),
+            "--clear-groups",
+            "bash",
+            "-c",
+            "exec 3<>/dev/tcp/10.201.0.2/80",
+        ]);
+    };
+    // Where a connection arrived: the proxy's listener (captured) or the peer (exempt).
+    let arrival = |what: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok((s, _)) = outbound.accept() {
+                let dst = nix::sys::socket::getsockopt(&s, nix::sys::socket::sockopt::OriginalDst)
+                    .expect("original dst");
+                assert_eq!(u16::from_be(dst.sin_port), 80);
+                return "captured";
+            }
+            if peer.accept().is_ok() {
+                return "exempt";
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: arrived nowhere"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    send(0);
+    assert_eq!(arrival("uid 1337 gid 0"), "captured");
+    send(1000);
+    assert_eq!(arrival("uid 1337 gid 1000"), "captured");
+    send(1337);
+    assert_eq!(arrival("uid 1337 gid 1337"), "exempt");
 }

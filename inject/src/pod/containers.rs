@@ -20,6 +20,7 @@ pub(super) fn init_container(
         s("sidecar"),
         s("init"),
         s(format!("--proxy-uid={PROXY_UID}")),
+        s(format!("--proxy-gid={PROXY_UID}")),
         s(format!("--outbound-port={OUTBOUND_PORT}")),
         s(format!("--inbound-port={INBOUND_PORT}")),
         s(format!("--exclude-inbound-ports={}", join(not_captured))),
