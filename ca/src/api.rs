@@ -292,6 +292,9 @@ async fn serve_connection<S: Store>(
 struct AttestRequest {
     token: String,
     csr: String,
+    /// Hex SHA-256 of each root the caller holds (root rollover waits for these).
+    #[serde(default)]
+    held_roots: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -299,12 +302,41 @@ struct AttestRequest {
 struct SvidRequest {
     spiffe_id: String,
     csr: String,
+    #[serde(default)]
+    held_roots: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RenewRequest {
     csr: String,
+    #[serde(default)]
+    held_roots: Option<Vec<String>>,
+}
+
+/// Checks a request's `held_roots` before any work is done.
+fn check_held(held: &Option<Vec<String>>) -> Result<(), ApiError> {
+    if let Some(h) = held {
+        crate::rollover::parse_held(h).map_err(|e| ApiError::new(400, "bad_held_roots", e))?;
+    }
+    Ok(())
+}
+
+/// Remembers what a caller holds, for the root rollover.
+fn note_held<S: Store>(
+    ca: &Ca<S>,
+    caller: &str,
+    held: &Option<Vec<String>>,
+    expires_at: i64,
+    now: SystemTime,
+) {
+    let expires = crate::authority::at(expires_at);
+    if let Err(e) = ca
+        .authority
+        .note_held_roots(caller, held.as_deref(), expires, now)
+    {
+        tracing::warn!(caller, error = %e, "ignored a bad held_roots report");
+    }
 }
 
 #[derive(Deserialize)]
@@ -396,16 +428,22 @@ async fn route<S: Store>(
         }
         ("POST", "/v1/attest/k8s") => {
             let body: AttestRequest = read_json(req, timeout).await?;
+            check_held(&body.held_roots)?;
             let resp = ca.attest_k8s(&body.token, body.csr.as_bytes(), now).await?;
+            note_held(ca, &resp.spiffe_id, &body.held_roots, resp.expires_at, now);
             Ok(json_response(StatusCode::OK, &resp))
         }
         ("POST", "/v1/svid") => {
             let caller = caller(peer, now)?;
             let body: SvidRequest = read_json(req, timeout).await?;
+            check_held(&body.held_roots)?;
             let id = parse_id(&body.spiffe_id)?;
             let resp = ca
                 .issue_for_node(&caller, &id, body.csr.as_bytes(), now)
                 .await?;
+            // The agent asked: what it holds is what its workloads get. The report lives as
+            // long as the node's own SVID would be renewed, so it counts per node.
+            note_held(ca, caller.as_str(), &body.held_roots, resp.expires_at, now);
             Ok(json_response(StatusCode::OK, &resp))
         }
         ("POST", "/v1/jwt") => {
@@ -418,11 +456,13 @@ async fn route<S: Store>(
         ("POST", "/v1/renew") => {
             let caller = caller(peer, now)?;
             let body: RenewRequest = read_json(req, timeout).await?;
+            check_held(&body.held_roots)?;
             let serial = match peer {
                 Peer::Verified { serial, .. } => serial.as_slice(),
                 _ => &[],
             };
             let resp = ca.renew(&caller, serial, body.csr.as_bytes(), now).await?;
+            note_held(ca, caller.as_str(), &body.held_roots, resp.expires_at, now);
             Ok(json_response(StatusCode::OK, &resp))
         }
         ("GET", "/v1/entries") => {

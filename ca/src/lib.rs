@@ -7,6 +7,7 @@ pub mod csr;
 pub mod jwt_svid;
 pub mod k8s;
 pub mod metrics;
+pub mod rollover;
 pub mod seal;
 pub mod service;
 pub mod store;

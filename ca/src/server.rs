@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminContext};
 use crate::api::{self, Limits, json_response};
-use crate::authority::{Authority, Lifetimes, Rotation, Upstream, unix};
+use crate::authority::{Authority, Lifetimes, Push, RolloverOutcome, Rotation, Upstream, unix};
 use crate::config::Config;
 use crate::k8s::{K8sConfig, K8sVerifier};
 use crate::metrics::Metrics;
@@ -88,6 +88,11 @@ pub async fn start(
     let lifetimes = Lifetimes {
         root: cfg.root_ttl,
         intermediate: cfg.intermediate_ttl,
+        rollover: crate::rollover::Policy {
+            rollover_at: cfg.root_rollover_at,
+            propagation: cfg.workload_ttl.max(cfg.node_ttl),
+            max_leaf_ttl: cfg.workload_ttl.max(cfg.node_ttl),
+        },
     };
     let authority = Arc::new(
         Authority::load_or_init(
@@ -101,6 +106,11 @@ pub async fn start(
         .await
         .context("loading the CA keys")?,
     );
+    // The bundle is right from the first answer: a successor published, retired roots gone.
+    authority
+        .rollover(store.as_ref(), now, Push::None)
+        .await
+        .context("root rollover at start")?;
     let metrics = Arc::new(Metrics::new());
     let policy = Policy {
         workload_ttl: cfg.workload_ttl,
@@ -228,6 +238,20 @@ async fn maintain(
             }
             Err(e) => tracing::error!(error = %e, "signer rotation failed; will retry"),
         }
+        match ca
+            .authority
+            .rollover(ca.store.as_ref(), now, Push::None)
+            .await
+        {
+            Ok(RolloverOutcome::Switched { .. }) => {
+                // The CA's own certificate moves to the new root too.
+                if let Err(e) = serving.renew(&ca.authority, &dns, SERVING_TTL, now) {
+                    tracing::error!(error = %e, "failed to renew the CA's serving certificate");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "root rollover step failed; will retry"),
+        }
         if now >= serving.refresh_at() {
             match serving.renew(&ca.authority, &dns, SERVING_TTL, now) {
                 Ok(()) => tracing::info!("renewed the CA's serving certificate"),
@@ -243,6 +267,8 @@ async fn maintain(
         ca.metrics
             .root_seconds_to_expiry
             .set(unix(keys.root_not_after) - unix(now));
+        ca.metrics
+            .observe_rollover(&ca.authority.rollover_view(), unix(now));
     }
 }
 

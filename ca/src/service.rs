@@ -57,7 +57,11 @@ impl From<StoreError> for ApiError {
 
 impl From<AuthorityError> for ApiError {
     fn from(e: AuthorityError) -> Self {
-        Self::internal(e)
+        match e.expired_code() {
+            // The CA cannot sign right now; a caller should keep its current SVID and retry.
+            Some(code) => Self::new(503, code, e.to_string()),
+            None => Self::internal(e),
+        }
     }
 }
 
@@ -488,6 +492,9 @@ impl<S: Store> Ca<S> {
         now: SystemTime,
     ) -> ApiError {
         self.metrics.refused(err.code);
+        if err.status >= 500 {
+            tracing::error!(endpoint, subject, code = err.code, error = %err.message, "the CA could not serve a request");
+        }
         let event = AuditEvent {
             at: unix(now),
             action: "refuse".into(),

@@ -184,6 +184,13 @@ pub enum Write {
         audit: AuditEvent,
     },
     PutCaKey(CaKeyRecord, AuditEvent),
+    /// Moves a CA key's activation time (a successor root starts signing when the rollover
+    /// decides, not at a time fixed when it was made).
+    ActivateCaKey {
+        id: String,
+        activate_at: i64,
+        audit: AuditEvent,
+    },
 }
 
 #[derive(Debug, PartialEq, Eq)]

@@ -475,6 +475,20 @@ fn apply(tx: &Connection, op: &Write, last: &mut (i64, [u8; 32])) -> rusqlite::R
             append_audit(tx, audit, last)?;
             Ok(Outcome::Done)
         }
+        Write::ActivateCaKey {
+            id,
+            activate_at,
+            audit,
+        } => {
+            let n = tx
+                .prepare_cached("UPDATE ca_keys SET activate_at = ?1 WHERE id = ?2")?
+                .execute(params![activate_at, id])?;
+            if n == 0 {
+                return Ok(Outcome::NotFound);
+            }
+            append_audit(tx, audit, last)?;
+            Ok(Outcome::Done)
+        }
     }
 }
 
