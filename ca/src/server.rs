@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminContext};
 use crate::api::{self, Limits, json_response};
-use crate::authority::{Authority, Lifetimes, Push, RolloverOutcome, Rotation, Upstream, unix};
+use crate::authority::{Authority, Lifetimes, Push, Rotation, Upstream, unix};
 use crate::config::Config;
 use crate::k8s::{K8sConfig, K8sVerifier};
 use crate::metrics::Metrics;
@@ -219,6 +219,7 @@ async fn maintain(
     shutdown: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
+    let mut serving_signer = ca.authority.keys().active.id.clone();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -227,30 +228,26 @@ async fn maintain(
         let now = SystemTime::now();
         match ca.authority.rotate(ca.store.as_ref(), now).await {
             Ok(Rotation::Nothing) => {}
-            Ok(r) => {
-                tracing::info!(step = ?r, "signer rotation");
-                // A freshly activated signer should also sign the CA's own certificate.
-                if r == Rotation::ActivateNext
-                    && let Err(e) = serving.renew(&ca.authority, &dns, SERVING_TTL, now)
-                {
-                    tracing::error!(error = %e, "failed to renew the CA's serving certificate");
-                }
-            }
+            Ok(r) => tracing::info!(step = ?r, "signer rotation"),
             Err(e) => tracing::error!(error = %e, "signer rotation failed; will retry"),
         }
-        match ca
+        if let Err(e) = ca
             .authority
             .rollover(ca.store.as_ref(), now, Push::None)
             .await
         {
-            Ok(RolloverOutcome::Switched { .. }) => {
-                // The CA's own certificate moves to the new root too.
-                if let Err(e) = serving.renew(&ca.authority, &dns, SERVING_TTL, now) {
-                    tracing::error!(error = %e, "failed to renew the CA's serving certificate");
+            tracing::error!(error = %e, "root rollover step failed; will retry");
+        }
+        // A new signer (a rotation, a root switch here or by `kith ca root rotate --now`) signs
+        // the CA's own certificate too, before the old root can leave the bundle.
+        let active = ca.authority.keys().active.id.clone();
+        if active != serving_signer {
+            match serving.renew(&ca.authority, &dns, SERVING_TTL, now) {
+                Ok(()) => serving_signer = active,
+                Err(e) => {
+                    tracing::error!(error = %e, "failed to renew the CA's serving certificate")
                 }
             }
-            Ok(_) => {}
-            Err(e) => tracing::error!(error = %e, "root rollover step failed; will retry"),
         }
         if now >= serving.refresh_at() {
             match serving.renew(&ca.authority, &dns, SERVING_TTL, now) {

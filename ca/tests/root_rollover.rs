@@ -429,3 +429,85 @@ fn unverified() -> Arc<rustls::ClientConfig> {
     c.alpn_protocols = vec![b"http/1.1".to_vec()];
     Arc::new(c)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_status_and_rotate_through_the_admin_socket() {
+    use hyper::Method;
+    use serde_json::json;
+    let ca = common::start_ca(|_| {}).await;
+    let v = ca.admin.call(Method::GET, "/roots", None).await.unwrap();
+    assert_eq!(v["mode"], "self", "{v}");
+    assert_eq!(v["roots"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v["roots"][0]["phase"], "active", "{v}");
+    assert!(v["time_to_outage_seconds"].as_i64().unwrap() > 0, "{v}");
+    assert!(v["waiting"].is_null(), "{v}");
+
+    let v = ca
+        .admin
+        .call(Method::POST, "/roots/rotate", Some(json!({})))
+        .await
+        .unwrap();
+    assert_eq!(v["outcome"], "published", "{v}");
+    let phases: Vec<&str> = v["roots"]["roots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["phase"].as_str().unwrap())
+        .collect();
+    let mut phases = phases;
+    phases.sort();
+    assert_eq!(phases, vec!["active", "published"], "{v}");
+    assert_eq!(
+        v["roots"]["waiting"]["waiting_for"], "propagation",
+        "the switch waits: {v}"
+    );
+    assert_eq!(ca.bundle().x509_authorities().len(), 2);
+
+    let v = ca
+        .admin
+        .call(Method::POST, "/roots/rotate", Some(json!({"now": true})))
+        .await
+        .unwrap();
+    assert_eq!(
+        (&v["outcome"], &v["forced"]),
+        (&json!("switched"), &json!(true)),
+        "{v}"
+    );
+    let phases: Vec<&str> = v["roots"]["roots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["phase"].as_str().unwrap())
+        .collect();
+    let mut phases = phases;
+    phases.sort();
+    assert_eq!(phases, vec!["active", "retiring"], "{v}");
+    // A node attested now chains to the new root, and the CA answers with the new serving
+    // certificate once the maintenance loop has run.
+    let new_root = ca
+        .running
+        .ca
+        .authority
+        .rollover_view()
+        .roots
+        .iter()
+        .find(|r| r.phase == ca::rollover::Phase::Active)
+        .unwrap()
+        .sha256
+        .clone();
+    let node = ca.node("after-switch").await;
+    let root_of = |chain: &[CertificateDer<'static>]| {
+        ca.bundle()
+            .x509_authorities()
+            .iter()
+            .find(|r| {
+                let only = TrustBundle::from_roots(td(), vec![(*r).clone()]).unwrap();
+                verify_x509_svid(chain, &only, SystemTime::now()).is_ok()
+            })
+            .map(hex_sha)
+    };
+    assert_eq!(root_of(&node.chain), Some(new_root));
+    let status = ca.admin.call(Method::GET, "/status", None).await.unwrap();
+    assert!(status["rollover"]["roots"].is_array(), "{status}");
+    ca.stop().await;
+}
