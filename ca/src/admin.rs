@@ -135,6 +135,13 @@ async fn handle<S: Store>(
     match (method.as_str(), segments.as_slice()) {
         ("GET", ["status"]) => Ok(json_response(StatusCode::OK, &status(ca, now)?)),
         ("GET", ["roots"]) => Ok(json_response(StatusCode::OK, &roots(ca, now))),
+        ("POST", ["upstream", "replace"]) => {
+            let body: UpstreamReplace = read_json(req).await?;
+            Ok(json_response(
+                StatusCode::OK,
+                &replace_upstream(ca, &body, now).await?,
+            ))
+        }
         ("POST", ["roots", "rotate"]) => {
             let body: RootRotate = read_json(req).await?;
             Ok(json_response(
@@ -397,6 +404,53 @@ async fn create_entry<S: Store>(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct UpstreamReplace {
+    /// PEM: the new upstream certificate, then its issuers up to the root.
+    pub cert_pem: String,
+    /// PEM: its private key (PKCS#8).
+    pub key_pem: String,
+}
+
+/// `kith ca upstream replace`: the replacement is published now and signs once the rollover's
+/// rules allow.
+async fn replace_upstream<S: Store>(
+    ca: &Ca<S>,
+    body: &UpstreamReplace,
+    now: SystemTime,
+) -> Result<serde_json::Value, ApiError> {
+    let bad = |e: String| ApiError::new(400, "bad_upstream", e);
+    let chain = identity::pem::certificates(body.cert_pem.as_bytes())
+        .map_err(|e| bad(format!("cert: {e}")))?;
+    let key = identity::pem::private_key(body.key_pem.as_bytes())
+        .map_err(|e| bad(format!("key: {e}")))?;
+    if !ca.authority.is_upstream() {
+        return Err(ApiError::new(
+            409,
+            "not_upstream_mode",
+            "this CA signs under its own root: use `kith ca root rotate`",
+        ));
+    }
+    let id = ca
+        .authority
+        .replace_upstream(
+            ca.store.as_ref(),
+            crate::authority::Upstream { chain, key },
+            now,
+        )
+        .await
+        .map_err(|e| match e {
+            crate::authority::AuthorityError::Upstream(m) => bad(m),
+            e => ApiError::from(e),
+        })?;
+    ca.authority
+        .rollover(ca.store.as_ref(), now, crate::authority::Push::None)
+        .await
+        .map_err(ApiError::from)?;
+    Ok(json!({"outcome": "published", "root": id, "roots": roots(ca, now)}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RootRotate {
     /// Switch now instead of waiting for the bundle to reach every caller.
     #[serde(default)]
@@ -428,11 +482,12 @@ async fn rotate_root<S: Store>(
     now: SystemTime,
 ) -> Result<serde_json::Value, ApiError> {
     use crate::authority::{Push, RolloverOutcome};
-    if ca.authority.is_upstream() {
+    // Upstream mode: only `--now`, to switch to a replacement already imported.
+    if ca.authority.is_upstream() && !switch_now {
         return Err(ApiError::new(
             409,
             "upstream_mode",
-            "this CA signs under an upstream certificate that kith cannot roll; import its replacement with `kith ca upstream replace --cert --key`",
+            "this CA signs under an upstream certificate that kith cannot roll; import its replacement with `kith ca upstream replace --cert --key` (then `--now` switches to it at once)",
         ));
     }
     let push = if switch_now { Push::Now } else { Push::Start };

@@ -23,6 +23,8 @@ use crate::rollover::{self, Phase, Policy, Reports, RootFacts, Step, Wait};
 use crate::seal::{Kek, SealError};
 use crate::store::{AuditEvent, CaKeyRecord, KeyKind, Store, StoreError, Write};
 
+mod upstream;
+
 #[derive(Debug, thiserror::Error)]
 pub enum AuthorityError {
     #[error(transparent)]
@@ -126,10 +128,10 @@ pub struct Authority {
     lifetimes: Lifetimes,
     /// The root that signs intermediates and the anchors published; replaced on a rollover.
     roots: ArcSwap<Roots>,
-    /// Upstream intermediates between our intermediate and the anchor (empty when self-rooted).
-    upstream_chain: Vec<CertificateDer<'static>>,
-    /// An operator's upstream CA: kith cannot roll it over.
+    /// An operator's upstream CA: kith cannot roll it over, only take a replacement.
     upstream: bool,
+    /// A replacement upstream waiting to take over, and the replaced one until it retires.
+    up: upstream::State,
     current: ArcSwap<KeySet>,
     /// What callers said about their bundles, for the rollover's switch.
     pub reports: Reports,
@@ -147,6 +149,8 @@ pub struct Authority {
 pub struct Roots {
     pub issuer: Arc<Issuer<'static, KeyPair>>,
     pub anchors: Vec<CertificateDer<'static>>,
+    /// Upstream intermediates between our intermediate and the anchor (empty when self-rooted).
+    pub chain: Vec<CertificateDer<'static>>,
 }
 
 /// Each root with its phase, and what the rollover waits for.
@@ -242,10 +246,14 @@ impl Authority {
         now: SystemTime,
     ) -> Result<Self, AuthorityError> {
         let is_upstream = upstream.is_some();
+        // A replacement imported by `kith ca upstream replace` wins over older flag files.
+        let (upstream, staged, retiring) =
+            upstream::at_start(store, &kek, upstream, lifetimes.rollover.max_leaf_ttl, now)?;
         let (root_issuer, anchors, upstream_chain, root_not_after, root_subject) = match upstream {
             Some(up) => {
+                let subject = up.chain.first().and_then(|c| subject_of(c));
                 let (i, a, c, na) = import_upstream(up)?;
-                (i, a, c, na, None)
+                (i, a, c, na, subject)
             }
             None => {
                 let signing_root = signing_root_at_start(store, &kek, &td, &lifetimes, now).await?;
@@ -359,6 +367,21 @@ impl Authority {
             bundle: Arc::new(TrustBundle::new(td.clone())),
             root_not_after,
         };
+        // Upstream mode: a replaced anchor still retiring, and a replacement waiting, are
+        // published beside the current anchor.
+        let mut anchors = anchors;
+        let current_anchor = anchors.first().cloned();
+        for extra in [
+            retiring.as_ref().map(|(a, _)| a.clone()),
+            staged.as_ref().map(|s| s.anchor.clone()),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if !anchors.contains(&extra) {
+                anchors.push(extra);
+            }
+        }
         let keys = with_bundle(keys, &td, &anchors)?;
         if now >= root_not_after {
             // Upstream mode only (a kith root is replaced above): nothing can be signed until
@@ -372,11 +395,12 @@ impl Authority {
             td,
             kek,
             lifetimes,
+            up: upstream::State::new(staged, current_anchor, retiring),
             roots: ArcSwap::from_pointee(Roots {
                 issuer: Arc::new(root_issuer),
                 anchors,
+                chain: upstream_chain,
             }),
-            upstream_chain,
             upstream: is_upstream,
             current: ArcSwap::from_pointee(keys),
             reports: Reports::default(),
@@ -462,7 +486,7 @@ impl Authority {
                         key_event(&rec, now, "prepared"),
                     ))
                     .await?;
-                next = Some(Arc::new(signer.with_chain(&self.upstream_chain)));
+                next = Some(Arc::new(signer.with_chain(&roots.chain)));
             }
             Rotation::ActivateNext => {
                 if let Some(n) = next.take().filter(|n| n.not_after > now) {
@@ -571,7 +595,9 @@ impl Authority {
         let _step = self.steps.lock().await;
         let mut outcome = RolloverOutcome::Nothing;
         let mut waiting = None;
-        if !self.upstream {
+        if self.upstream {
+            (outcome, waiting) = self.upstream_step(store, now, push).await?;
+        } else {
             let policy = &self.lifetimes.rollover;
             let lag = |since: SystemTime, h: &[u8; 32]| self.reports.laggards(since, now, h);
             let records = root_records(&store.ca_keys()?);
@@ -676,6 +702,7 @@ impl Authority {
         self.roots.store(Arc::new(Roots {
             issuer: roots.issuer.clone(),
             anchors,
+            chain: roots.chain.clone(),
         }));
         self.current.store(Arc::new(updated));
         Ok(())
@@ -737,7 +764,7 @@ impl Authority {
         let keys = self.current.load_full();
         let roots = self.roots.load_full();
         let updated = KeySet {
-            active: Arc::new(signer.with_chain(&self.upstream_chain)),
+            active: Arc::new(signer.with_chain(&roots.chain)),
             next: None,
             jwt: keys.jwt.clone(),
             jwt_next: keys.jwt_next.clone(),
@@ -750,6 +777,7 @@ impl Authority {
         self.roots.store(Arc::new(Roots {
             issuer: Arc::new(issuer),
             anchors: roots.anchors.clone(),
+            chain: roots.chain.clone(),
         }));
         self.current.store(Arc::new(updated));
         Ok(())
@@ -764,7 +792,9 @@ impl Authority {
         let keys = self.current.load_full();
         let policy = &self.lifetimes.rollover;
         let view = if self.upstream {
-            let soon = now + UPSTREAM_WARNING >= keys.root_not_after;
+            let staged_end = self.up.staged_not_after();
+            // A replacement already imported answers the warning.
+            let soon = now + UPSTREAM_WARNING >= keys.root_not_after && staged_end.is_none();
             let warning = soon.then(|| {
                 format!(
                     "the upstream CA certificate ends in {}s: import its replacement with `kith ca upstream replace --cert --key` (kith cannot roll an operator's root)",
@@ -785,12 +815,12 @@ impl Authority {
                 upstream_expires_soon: soon,
                 warning,
                 mode: "upstream",
-                roots: Vec::new(),
-                waiting: None,
+                roots: self.up.views(now, keys.root_not_after),
+                waiting,
                 successor_due_at: None,
                 outage_at: unix(rollover::outage_at(
                     keys.root_not_after,
-                    None,
+                    staged_end,
                     keys.active.not_after,
                     keys.next.as_ref().map(|n| n.not_after),
                 )),

@@ -84,6 +84,13 @@ enum CaCommand {
         #[command(flatten)]
         target: Target,
     },
+    /// The operator's upstream CA (with --upstream-cert/--upstream-key)
+    Upstream {
+        #[command(subcommand)]
+        command: UpstreamCommand,
+        #[command(flatten)]
+        target: Target,
+    },
     /// The hash-chained audit log
     Audit {
         #[command(subcommand)]
@@ -139,6 +146,20 @@ enum NodeCommand {
     /// Refuse this node and everything under it from now on
     Evict {
         spiffe_id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum UpstreamCommand {
+    /// Take a new upstream certificate and key: its root is published now, and signing
+    /// switches to it once every caller holds it (as in a root rollover)
+    Replace {
+        /// The new upstream certificate, then its issuers up to the root (PEM)
+        #[arg(long)]
+        cert: PathBuf,
+        /// Its private key (PEM, PKCS#8)
+        #[arg(long)]
+        key: PathBuf,
     },
 }
 
@@ -373,6 +394,30 @@ async fn run_inner(args: CaArgs) -> Result<ExitCode> {
                     println!("WARNING       {w}");
                 }
                 println!("counts        {}", v["counts"]);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        CaCommand::Upstream { command, target } => {
+            let UpstreamCommand::Replace { cert, key } = command;
+            let cert_pem = std::fs::read_to_string(&cert)
+                .with_context(|| format!("cannot read {}", cert.display()))?;
+            let key_pem = std::fs::read_to_string(&key)
+                .with_context(|| format!("cannot read {}", key.display()))?;
+            let v = client(&target)
+                .call(
+                    Method::POST,
+                    "/upstream/replace",
+                    Some(json!({"cert_pem": cert_pem, "key_pem": key_pem})),
+                )
+                .await?;
+            if target.json {
+                print_json(&v);
+            } else {
+                println!(
+                    "published the new upstream {} in the bundle; signing switches to it once every caller holds it. Point --upstream-cert/--upstream-key at the new files before the next restart.",
+                    v["root"].as_str().unwrap_or_default()
+                );
+                print_roots(&v["roots"]);
             }
             Ok(ExitCode::SUCCESS)
         }

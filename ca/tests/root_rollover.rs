@@ -511,3 +511,167 @@ async fn root_status_and_rotate_through_the_admin_socket() {
     assert!(status["rollover"]["roots"].is_array(), "{status}");
     ca.stop().await;
 }
+
+#[tokio::test]
+async fn an_upstream_replacement_overlaps_then_signs_and_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
+    let t0 = SystemTime::now();
+    let old = upstream(t0, s(600));
+    let old_root = old.chain[0].clone();
+    let flags = || Upstream {
+        chain: old.chain.clone(),
+        key: old.key.clone_key(),
+    };
+    let auth = load(&store, t0, Some(flags())).await;
+    assert_eq!(roots(&auth), vec![old_root.clone()]);
+
+    // A replacement that ends no later is refused with a reason.
+    let short = upstream(t0, s(500));
+    let err = auth
+        .replace_upstream(&store, short, t0 + s(1))
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string().contains("no later than the current one"),
+        "{err}"
+    );
+
+    let new = upstream(t0, s(5000));
+    let new_root = new.chain[0].clone();
+    auth.replace_upstream(&store, new, t0 + s(10))
+        .await
+        .unwrap();
+    assert_eq!(roots(&auth), vec![old_root.clone(), new_root.clone()]);
+    assert_eq!(
+        tick(&auth, &store, t0 + s(20), Push::None).await,
+        RolloverOutcome::Waiting
+    );
+    let phases: Vec<_> = auth
+        .rollover_view()
+        .roots
+        .iter()
+        .map(|r| r.phase.clone())
+        .collect();
+    assert_eq!(
+        phases,
+        vec![ca::rollover::Phase::Active, ca::rollover::Phase::Published]
+    );
+    assert_eq!(
+        leaf_chains_to(&auth, t0 + s(21), &[old_root.clone(), new_root.clone()]),
+        vec![true, false]
+    );
+
+    // A restart keeps the waiting replacement.
+    drop(auth);
+    let auth = load(&store, t0 + s(30), Some(flags())).await;
+    assert_eq!(roots(&auth), vec![old_root.clone(), new_root.clone()]);
+
+    // After the window (from the restart) and with the caller holding it: the switch.
+    let node = "spiffe://example.org/kith/node/n1";
+    auth.note_held_roots(node, Some(&[hex_sha(&new_root)]), t0 + s(300), t0 + s(100))
+        .unwrap();
+    assert!(matches!(
+        tick(&auth, &store, t0 + s(131), Push::None).await,
+        RolloverOutcome::Switched { forced: false, .. }
+    ));
+    assert_eq!(
+        leaf_chains_to(&auth, t0 + s(132), &[old_root.clone(), new_root.clone()]),
+        vec![false, true]
+    );
+    assert_eq!(
+        roots(&auth).len(),
+        2,
+        "the old anchor stays while its leaves live"
+    );
+
+    // Restart with the old flag files: the stored replacement signs, the old anchor retires.
+    drop(auth);
+    let auth = load(&store, t0 + s(140), Some(flags())).await;
+    assert_eq!(
+        leaf_chains_to(&auth, t0 + s(141), &[old_root.clone(), new_root.clone()]),
+        vec![false, true]
+    );
+    assert_eq!(roots(&auth).len(), 2);
+    assert_eq!(
+        tick(&auth, &store, t0 + s(240), Push::None).await,
+        RolloverOutcome::BundleChanged
+    );
+    assert_eq!(roots(&auth), vec![new_root.clone()]);
+    let actions = audit_actions(&store);
+    for phase in [
+        "upstream.published",
+        "upstream.activated",
+        "upstream.retired",
+    ] {
+        assert!(actions.iter().any(|a| a == phase), "{phase}: {actions:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_replace_through_the_admin_socket() {
+    use hyper::Method;
+    use serde_json::json;
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = SystemTime::now();
+    let up = upstream(t0, s(86_400));
+    let cert = dir.path().join("up.pem");
+    let keyf = dir.path().join("up.key");
+    std::fs::write(&cert, identity::pem::encode_certificates(&up.chain)).unwrap();
+    std::fs::write(&keyf, KeyPair::try_from(&up.key).unwrap().serialize_pem()).unwrap();
+    let ca = common::start_ca(|c| {
+        c.upstream_cert = Some(cert.clone());
+        c.upstream_key = Some(keyf.clone());
+    })
+    .await;
+    let v = ca.admin.call(Method::GET, "/roots", None).await.unwrap();
+    assert_eq!(v["mode"], "upstream", "{v}");
+    let err = ca
+        .admin
+        .call(Method::POST, "/roots/rotate", Some(json!({})))
+        .await
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("upstream replace"), "{err}");
+    let bad = ca
+        .admin
+        .call(
+            Method::POST,
+            "/upstream/replace",
+            Some(json!({"cert_pem": "not pem", "key_pem": "x"})),
+        )
+        .await
+        .err()
+        .unwrap();
+    assert!(bad.to_string().contains("bad_upstream"), "{bad}");
+
+    let new = upstream(t0, s(10 * 86_400));
+    let key_pem = KeyPair::try_from(&new.key).unwrap().serialize_pem();
+    let v = ca
+        .admin
+        .call(
+            Method::POST,
+            "/upstream/replace",
+            Some(json!({"cert_pem": identity::pem::encode_certificates(&new.chain), "key_pem": key_pem})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(v["outcome"], "published", "{v}");
+    assert_eq!(v["roots"]["roots"][1]["phase"], "published", "{v}");
+    assert_eq!(ca.bundle().x509_authorities().len(), 2);
+    let v = ca
+        .admin
+        .call(Method::POST, "/roots/rotate", Some(json!({"now": true})))
+        .await
+        .unwrap();
+    assert_eq!(
+        (&v["outcome"], &v["forced"]),
+        (&json!("switched"), &json!(true)),
+        "{v}"
+    );
+    let node = ca.node("after-replace").await;
+    let only_new = TrustBundle::from_roots(td(), vec![new.chain[0].clone()]).unwrap();
+    verify_x509_svid(&node.chain, &only_new, SystemTime::now()).unwrap();
+    ca.stop().await;
+}
