@@ -391,6 +391,16 @@ impl Authority {
                 "the upstream CA certificate has expired: the CA refuses to sign until it is replaced"
             );
         }
+        let collecting = match &staged {
+            Some(_) => true,
+            None => {
+                !is_upstream
+                    && rollover::pending_successor(&facts_of(&root_records(&store.ca_keys()?)), now)
+                        .is_some()
+            }
+        };
+        let reports = Reports::default();
+        reports.collect(collecting);
         Ok(Self {
             td,
             kek,
@@ -403,7 +413,7 @@ impl Authority {
             }),
             upstream: is_upstream,
             current: ArcSwap::from_pointee(keys),
-            reports: Reports::default(),
+            reports,
             observed_since: now,
             rollover_view: ArcSwap::from_pointee(RolloverView::default()),
             steps: tokio::sync::Mutex::new(()),
@@ -595,6 +605,13 @@ impl Authority {
         let _step = self.steps.lock().await;
         let mut outcome = RolloverOutcome::Nothing;
         let mut waiting = None;
+        // Reports only matter once a successor is published (they are counted from then on).
+        let pending = if self.upstream {
+            self.up.staged_not_after().is_some()
+        } else {
+            rollover::pending_successor(&facts_of(&root_records(&store.ca_keys()?)), now).is_some()
+        };
+        self.reports.collect(pending);
         if self.upstream {
             (outcome, waiting) = self.upstream_step(store, now, push).await?;
         } else {
@@ -610,6 +627,7 @@ impl Authority {
                 let rec =
                     create_root_as(store, &self.kek, &self.td, &self.lifetimes, now, true).await?;
                 tracing::info!(root = %rec.id, not_after = rec.not_after, "root rollover: published a successor root in the bundle");
+                self.reports.collect(true);
                 outcome = RolloverOutcome::Published(rec.id);
                 let records = root_records(&store.ca_keys()?);
                 let facts = facts_of(&records);

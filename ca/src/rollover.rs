@@ -272,14 +272,32 @@ pub fn laggards(
     v
 }
 
-/// Reports from renewals, by caller.
+/// Reports from renewals, by caller. Only reports made after a successor was published count,
+/// so the hot path records nothing while no rollover is under way.
 #[derive(Default)]
 pub struct Reports {
     inner: Mutex<HashMap<String, Report>>,
+    collecting: std::sync::atomic::AtomicBool,
 }
 
 impl Reports {
+    /// Starts (a successor is published) or stops (none is) recording reports.
+    pub fn collect(&self, on: bool) {
+        let was = self
+            .collecting
+            .swap(on, std::sync::atomic::Ordering::Relaxed);
+        if was
+            && !on
+            && let Ok(mut m) = self.inner.lock()
+        {
+            m.clear();
+        }
+    }
+
     pub fn note(&self, caller: &str, report: Report) {
+        if !self.collecting.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         if let Ok(mut m) = self.inner.lock() {
             m.insert(caller.to_owned(), report);
         }

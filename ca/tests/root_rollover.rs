@@ -570,7 +570,17 @@ async fn an_upstream_replacement_overlaps_then_signs_and_survives_a_restart() {
 
     // After the window (from the restart) and with the caller holding it: the switch.
     let node = "spiffe://example.org/kith/node/n1";
-    auth.note_held_roots(node, Some(&[hex_sha(&new_root)]), t0 + s(300), t0 + s(100))
+    auth.note_held_roots(node, Some(&[hex_sha(&old_root)]), t0 + s(300), t0 + s(100))
+        .unwrap();
+    assert_eq!(
+        tick(&auth, &store, t0 + s(131), Push::None).await,
+        RolloverOutcome::Waiting
+    );
+    assert!(matches!(
+        &auth.rollover_view().waiting,
+        Some(Wait::Callers { callers, .. }) if callers == &vec![node.to_string()]
+    ));
+    auth.note_held_roots(node, Some(&[hex_sha(&new_root)]), t0 + s(300), t0 + s(131))
         .unwrap();
     assert!(matches!(
         tick(&auth, &store, t0 + s(131), Push::None).await,

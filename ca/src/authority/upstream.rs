@@ -257,6 +257,7 @@ impl Authority {
             anchors.push(anchor.clone());
             self.set_anchors(anchors)?;
         }
+        self.reports.collect(true);
         if let Ok(mut s) = self.up.staged.lock() {
             *s = Some(Arc::new(Staged {
                 id: id.clone(),
