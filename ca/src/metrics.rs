@@ -135,10 +135,8 @@ impl Metrics {
             Some(Wait::Callers { callers, .. }) => callers.len() as i64,
             _ => 0,
         });
-        if view.mode == "self" {
-            self.bundle_roots
-                .set(view.roots.iter().filter(|r| r.phase.in_bundle()).count() as i64);
-        }
+        self.bundle_roots
+            .set(view.roots.iter().filter(|r| r.phase.in_bundle()).count() as i64);
         self.upstream_expiring
             .set(i64::from(view.upstream_expires_soon));
     }

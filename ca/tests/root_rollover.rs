@@ -462,6 +462,17 @@ async fn root_status_and_rotate_through_the_admin_socket() {
         "the switch waits: {v}"
     );
     assert_eq!(ca.bundle().x509_authorities().len(), 2);
+    // The maintenance loop (every 5 s) shows the wait in the metrics.
+    let deadline = std::time::Instant::now() + s(20);
+    loop {
+        let m = ca.metrics().await;
+        if m.contains("kith_ca_root_rollover_waiting 1") && m.contains("kith_ca_bundle_roots 2") {
+            assert!(m.contains("kith_ca_time_to_outage_seconds "), "{m}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{m}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     let v = ca
         .admin
