@@ -30,6 +30,8 @@ fn lists_show_rfc3339_times_and_a_redirected_log_has_no_colour_codes() {
     let ca = common::Ca {
         child,
         addr: String::new(),
+        metrics_addr: String::new(),
+        log: Default::default(),
     };
     let started = Instant::now();
     let log = loop {

@@ -233,3 +233,39 @@ fn skip_annotations() -> Vec<String> {
 fn display(p: &Path) -> String {
     p.display().to_string()
 }
+
+#[test]
+fn the_cas_metrics_port_is_open_only_to_the_monitoring_namespace() {
+    let text = std::fs::read_to_string(Path::new(DEPLOY).join("11-ca.yaml")).unwrap();
+    let policy = text
+        .split("\n---")
+        .map(|doc| serde_norway::from_str::<Value>(doc).unwrap())
+        .find(|d| d["kind"] == "NetworkPolicy" && d["metadata"]["name"] == "kith-ca")
+        .expect("11-ca.yaml has the CA's NetworkPolicy");
+    let rules = policy["spec"]["ingress"].as_array().unwrap();
+    let opens = |port: u64| {
+        rules
+            .iter()
+            .filter(|r| {
+                r["ports"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|p| p["port"] == port)
+            })
+            .map(|r| r["from"].clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        opens(9090),
+        [
+            serde_json::json!([{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}])
+        ],
+        "metrics: only from the monitoring namespace"
+    );
+    assert_eq!(
+        opens(8443),
+        [serde_json::json!([{"namespaceSelector": {}}])],
+        "the API: from every namespace"
+    );
+}

@@ -1,6 +1,8 @@
 //! The local admin API: HTTP/1.1 over a Unix socket in the data directory, mode 0600, so only
-//! the CA's own user (or root) can create tokens, manage entries and evict nodes. The
-//! `kith ca token|entry|node|bundle|status|audit` commands are its client (`admin_client`).
+//! the CA's own user (or root) can create tokens, manage entries and evict nodes; each
+//! connection's uid is also checked with SO_PEERCRED, so a socket or directory made wider by
+//! mistake still serves no one else. The `kith ca token|entry|node|bundle|status|audit`
+//! commands are its client (`admin_client`).
 
 use std::convert::Infallible;
 use std::os::unix::fs::PermissionsExt;
@@ -13,11 +15,11 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tokio::net::UnixListener;
+use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -26,7 +28,7 @@ use identity::SpiffeId;
 use crate::api::{error_response, json_response};
 use crate::authority::unix;
 use crate::service::{ApiError, Ca, secret_hash};
-use crate::store::{AuditEvent, Entry, JoinToken, Outcome, Store, Write};
+use crate::store::{AuditEvent, AuditHead, Entry, JoinToken, Outcome, Store, Write};
 
 type Body = Full<Bytes>;
 
@@ -52,6 +54,7 @@ pub async fn serve<S: Store>(
     shutdown: CancellationToken,
 ) {
     let tracker = TaskTracker::new();
+    let own_uid = nix::unistd::geteuid().as_raw();
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -66,6 +69,15 @@ pub async fn serve<S: Store>(
         };
         let ca = ca.clone();
         let ctx = ctx.clone();
+        // SECURITY: the socket's mode is a first fence, not the only one: a data directory or
+        // socket made wider by mistake must not hand the CA to every local user. The kernel
+        // says who connected; only root and the CA's own user are served.
+        if let Err(why) = peer_allowed(&stream, own_uid) {
+            ca.metrics.refused("admin_peer_not_allowed");
+            tracing::warn!(reason = %why, "refused an admin connection");
+            tracker.spawn(refuse_peer(stream, why));
+            continue;
+        }
         tracker.spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let ca = ca.clone();
@@ -73,18 +85,62 @@ pub async fn serve<S: Store>(
                 async move {
                     let resp = match handle(&ca, &ctx, req).await {
                         Ok(r) => r,
-                        Err(e) => error_response(&e),
+                        Err(e) => {
+                            ca.metrics.refused(e.code);
+                            tracing::warn!(code = e.code, message = %e.message, "admin request refused");
+                            error_response(&e)
+                        }
                     };
                     Ok::<_, Infallible>(resp)
                 }
             });
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(ADMIN_HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });
     }
     tracker.close();
     tracker.wait().await;
+}
+
+/// How long an admin client may take to send a request's headers.
+const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whether the connected process may use the admin API: root or the CA's own user, as the
+/// kernel reports it (SO_PEERCRED).
+fn peer_allowed(stream: &UnixStream, own_uid: u32) -> Result<(), String> {
+    let cred = stream
+        .peer_cred()
+        .map_err(|e| format!("cannot read the peer's credentials: {e}"))?;
+    if cred.uid() == 0 || cred.uid() == own_uid {
+        Ok(())
+    } else {
+        Err(format!(
+            "uid {} (pid {}) is neither root nor the CA's user (uid {own_uid})",
+            cred.uid(),
+            cred.pid().map_or_else(|| "?".into(), |p| p.to_string())
+        ))
+    }
+}
+
+/// Answers every request on a refused connection with 403 and why, then closes it.
+async fn refuse_peer(stream: UnixStream, why: String) {
+    let svc = hyper::service::service_fn(move |_req| {
+        let err = ApiError::new(
+            403,
+            "admin_peer_not_allowed",
+            format!("the admin socket serves only root and the CA's own user: {why}"),
+        );
+        async move { Ok::<_, Infallible>(error_response(&err)) }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(ADMIN_HEADER_TIMEOUT)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), svc)
+        .await;
 }
 
 #[derive(Deserialize)]
@@ -251,8 +307,27 @@ async fn handle<S: Store>(
             Ok(json_response(StatusCode::OK, &rows))
         }
         ("GET", ["audit", "verify"]) => {
-            Ok(json_response(StatusCode::OK, &ca.store.verify_audit()?))
+            let expect = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("expect="))
+                .map(|v| {
+                    AuditHead::parse(&v.replace("%3A", ":").replace("%3a", ":"))
+                        .map_err(|e| ApiError::new(400, "bad_expect_head", e))
+                })
+                .transpose()?;
+            Ok(json_response(
+                StatusCode::OK,
+                &ca.store.verify_audit(expect.as_ref())?,
+            ))
         }
+        ("GET", ["audit", "head"]) => match ca.store.audit_head()? {
+            Some(head) => Ok(json_response(StatusCode::OK, &head)),
+            None => Err(ApiError::new(
+                404,
+                "audit_empty",
+                "the audit log has no rows yet",
+            )),
+        },
         _ => Err(ApiError::new(
             404,
             "not_found",
@@ -361,17 +436,8 @@ async fn create_entry<S: Store>(
             "an entry needs at least one selector (type:value)",
         ));
     }
-    for s in &body.selectors {
-        if s.split_once(':')
-            .is_none_or(|(t, v)| t.is_empty() || v.is_empty())
-        {
-            return Err(ApiError::new(
-                400,
-                "bad_selector",
-                format!("selector {s:?} is not type:value"),
-            ));
-        }
-    }
+    crate::selector::check_entry(&body.selectors)
+        .map_err(|e| ApiError::new(400, e.code(), e.to_string()))?;
     for d in &body.dns {
         rustls_pki_types::DnsName::try_from(d.as_str())
             .map_err(|_| ApiError::new(400, "bad_dns", format!("{d:?} is not a DNS name")))?;
@@ -517,6 +583,12 @@ pub struct Status {
     #[serde(default)]
     pub rollover: serde_json::Value,
     pub counts: serde_json::Value,
+    /// The data volume's free space and reserve.
+    #[serde(default)]
+    pub disk: Option<serde_json::Value>,
+    /// The newest audit row, to keep somewhere else for `audit verify --expect-head`.
+    #[serde(default)]
+    pub audit_head: Option<AuditHead>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -556,6 +628,11 @@ pub fn status<S: Store>(ca: &Ca<S>, now: SystemTime) -> Result<Status, ApiError>
         time_to_outage_seconds: view.outage_at - unix(now),
         rollover: serde_json::to_value(view.as_ref()).unwrap_or_default(),
         counts: serde_json::to_value(ca.store.counts()?).unwrap_or_default(),
+        disk: ca
+            .disk
+            .as_ref()
+            .and_then(|d| serde_json::to_value(d.check()).ok()),
+        audit_head: ca.store.audit_head()?,
     })
 }
 

@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use identity::SpiffeId;
 
+use crate::listen::{Activity, LogLimit, PerSource, SourceSlot, Watched};
 use crate::service::{ApiError, Ca};
 use crate::store::Store;
 use crate::tls::Peer;
@@ -31,9 +32,14 @@ pub const MAX_BODY: usize = 64 * 1024;
 #[derive(Clone, Debug)]
 pub struct Limits {
     pub max_connections: usize,
+    /// Connections one source address may hold, so that no client takes every slot.
+    pub max_per_source: usize,
     pub handshake_timeout: Duration,
-    /// How long a client may take to send a request's headers, and its body.
+    /// How long a client may take to send a request's headers, and its body. It also bounds
+    /// the wait for the next request on a kept-alive connection.
     pub request_timeout: Duration,
+    /// A connection on which no byte moves either way for this long is closed.
+    pub idle_timeout: Duration,
     /// Threads (each with its own runtime) that serve connections.
     pub workers: usize,
 }
@@ -42,8 +48,10 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_connections: 4096,
+            max_per_source: 512,
             handshake_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
             workers: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(2),
@@ -62,6 +70,9 @@ pub async fn serve<S: Store>(
     shutdown: CancellationToken,
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let per_source = PerSource::new(limits.max_per_source);
+    let source_log = LogLimit::default();
+    let total_log = LogLimit::default();
     // Connections past the limit get a short 429 answer from a small separate budget, so an
     // overloaded CA still says why; past that budget they are closed at once.
     let overflow = Arc::new(Semaphore::new(64));
@@ -80,7 +91,7 @@ pub async fn serve<S: Store>(
             _ = shutdown.cancelled() => break,
             r = listener.accept() => r,
         };
-        let (tcp, _) = match accepted {
+        let (tcp, from) = match accepted {
             Ok(conn) => {
                 backoff = Duration::from_millis(5);
                 conn
@@ -94,6 +105,15 @@ pub async fn serve<S: Store>(
             }
         };
         let _ = tcp.set_nodelay(true);
+        // SECURITY: the per-source cap comes first, so one client can take neither the
+        // connection slots nor the small budget of 429 answers.
+        let Some(slot) = per_source.admit(from.ip()) else {
+            ca.metrics.refused("too_many_connections_from_source");
+            if let Some(skipped) = source_log.admit() {
+                tracing::warn!(source = %from.ip(), limit = limits.max_per_source, skipped, "refused a connection: too many connections from this source");
+            }
+            continue;
+        };
         let permit = match permits.clone().try_acquire_owned() {
             Ok(p) => Some(p),
             Err(_) => match overflow.clone().try_acquire_owned() {
@@ -101,9 +121,19 @@ pub async fn serve<S: Store>(
                     let acceptor = TlsAcceptor::from(tls.load_full());
                     let ca = ca.clone();
                     let limits = limits.clone();
+                    if let Some(skipped) = total_log.admit() {
+                        tracing::warn!(
+                            limit = limits.max_connections,
+                            skipped,
+                            "refused a connection: the CA is at its connection limit"
+                        );
+                    }
                     tracker.spawn(async move {
                         let _p = p;
+                        let _slot = slot;
                         ca.metrics.refused("too_many_connections");
+                        let activity = Activity::new();
+                        let tcp = Watched::new(tcp, activity.clone());
                         if let Ok(Ok(stream)) =
                             tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp))
                                 .await
@@ -120,16 +150,32 @@ pub async fn serve<S: Store>(
                                 );
                                 Ok::<_, Infallible>(resp)
                             });
-                            let _ = hyper::server::conn::http1::Builder::new()
+                            // The 429 path has the same header and idle deadlines as the rest.
+                            let conn = hyper::server::conn::http1::Builder::new()
+                                .timer(TokioTimer::new())
+                                .header_read_timeout(limits.request_timeout)
                                 .keep_alive(false)
-                                .serve_connection(TokioIo::new(stream), svc)
-                                .await;
+                                .serve_connection(TokioIo::new(stream), svc);
+                            tokio::select! {
+                                r = conn => note_close(&ca, r, false),
+                                _ = activity.idle(limits.idle_timeout) => {
+                                    IDLE_LOG.warn("closed an api connection on which nothing moved for the idle timeout");
+                                    ca.metrics.refused("idle_timeout");
+                                }
+                            }
                         }
                     });
                     continue;
                 }
                 Err(_) => {
                     ca.metrics.refused("too_many_connections");
+                    if let Some(skipped) = total_log.admit() {
+                        tracing::warn!(
+                            limit = limits.max_connections,
+                            skipped,
+                            "refused a connection: the CA is at its connection limit"
+                        );
+                    }
                     continue;
                 }
             },
@@ -147,6 +193,7 @@ pub async fn serve<S: Store>(
         let job = Job {
             tcp,
             permit,
+            slot,
             tls: tls.load_full(),
         };
         let worker = &workers[next % workers.len()];
@@ -175,6 +222,7 @@ type Workers = (
 struct Job {
     tcp: std::net::TcpStream,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    slot: SourceSlot,
     tls: Arc<ServerConfig>,
 }
 
@@ -212,6 +260,7 @@ fn start_workers<S: Store>(
                         let shutdown = shutdown.clone();
                         tracker.spawn(async move {
                             let _permit = job.permit;
+                            let _slot = job.slot;
                             ca.metrics.connections.inc();
                             serve_connection(
                                 ca.clone(),
@@ -241,6 +290,10 @@ async fn serve_connection<S: Store>(
     limits: Limits,
     shutdown: CancellationToken,
 ) {
+    // The address refusals are rate-limited by in the audit log.
+    let source = tcp.peer_addr().ok().map(|a| a.ip());
+    let activity = Activity::new();
+    let tcp = Watched::new(tcp, activity.clone());
     let stream = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -265,12 +318,18 @@ async fn serve_connection<S: Store>(
             SystemTime::now(),
         ))
     };
-    let svc = hyper::service::service_fn(move |req| {
+    let served = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let svc = {
         let ca = ca.clone();
-        let peer = peer.clone();
-        let timeout = limits.request_timeout;
-        async move { Ok::<_, Infallible>(handle(ca, peer, req, timeout).await) }
-    });
+        let served = served.clone();
+        hyper::service::service_fn(move |req| {
+            let ca = ca.clone();
+            let peer = peer.clone();
+            let timeout = limits.request_timeout;
+            served.store(true, std::sync::atomic::Ordering::Relaxed);
+            async move { Ok::<_, Infallible>(handle(ca, peer, source, req, timeout).await) }
+        })
+    };
     // HTTP/1.1 with keep-alive: what agents and the benchmark speak; hyper's header timeout
     // closes connections whose request never arrives.
     let conn = hyper::server::conn::http1::Builder::new()
@@ -279,10 +338,35 @@ async fn serve_connection<S: Store>(
         .serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);
     tokio::select! {
-        _ = conn.as_mut() => {}
+        r = conn.as_mut() => note_close(&ca, r, served.load(std::sync::atomic::Ordering::Relaxed)),
+        _ = activity.idle(limits.idle_timeout) => {
+            IDLE_LOG.warn("closed an api connection on which nothing moved for the idle timeout");
+            ca.metrics.refused("idle_timeout");
+        }
         _ = shutdown.cancelled() => {
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
+        }
+    }
+}
+
+/// Slow and silent clients are logged at most once a second per kind, with the count skipped.
+static HEADER_LOG: LogLimit = LogLimit::new();
+static IDLE_LOG: LogLimit = LogLimit::new();
+
+/// Counts a connection that hyper closed because its first request's headers did not arrive in
+/// time. The same deadline closes a kept-alive connection that waits too long for its next
+/// request; that is ordinary and not counted.
+fn note_close<S: Store>(ca: &Ca<S>, result: Result<(), hyper::Error>, served: bool) {
+    if let Err(e) = result
+        && e.is_timeout()
+    {
+        if served {
+            tracing::debug!("closing a kept-alive connection that sent no further request");
+        } else {
+            HEADER_LOG
+                .warn("closed an api connection whose request headers did not arrive in time");
+            ca.metrics.refused("header_timeout");
         }
     }
 }
@@ -349,6 +433,7 @@ pub struct JwtRequest {
 async fn handle<S: Store>(
     ca: Arc<Ca<S>>,
     peer: Arc<Peer>,
+    source: Option<std::net::IpAddr>,
     req: Request<Incoming>,
     timeout: Duration,
 ) -> Response<Body> {
@@ -360,11 +445,13 @@ async fn handle<S: Store>(
     let resp = match result {
         Ok(resp) => resp,
         Err(err) => {
-            let subject = match peer.as_ref() {
-                Peer::Verified { id, .. } => id.to_string(),
-                _ => "anonymous".into(),
+            let (subject, authenticated) = match peer.as_ref() {
+                Peer::Verified { id, .. } => (id.to_string(), true),
+                _ => ("anonymous".to_owned(), false),
             };
-            let err = ca.refuse(endpoint, &subject, err, now).await;
+            let err = ca
+                .refuse(endpoint, &subject, source, authenticated, err, now)
+                .await;
             error_response(&err)
         }
     };
@@ -415,10 +502,11 @@ async fn route<S: Store>(
                 Ok(json_response(StatusCode::OK, &ca.bundle_value()))
             }
         }
-        ("GET", "/healthz") | ("GET", "/readyz") => Ok(json_response(
+        ("GET", "/healthz") => Ok(json_response(
             StatusCode::OK,
             &serde_json::json!({"status": "ok"}),
         )),
+        ("GET", "/readyz") => Ok(readyz_response(&ca.readiness(now).await)),
         ("POST", "/v1/attest/join") => {
             let body: AttestRequest = read_json(req, timeout).await?;
             let resp = ca
@@ -457,11 +545,15 @@ async fn route<S: Store>(
             let caller = caller(peer, now)?;
             let body: RenewRequest = read_json(req, timeout).await?;
             check_held(&body.held_roots)?;
-            let serial = match peer {
-                Peer::Verified { serial, .. } => serial.as_slice(),
-                _ => &[],
+            let (serial, not_before) = match peer {
+                Peer::Verified {
+                    serial, not_before, ..
+                } => (serial.as_slice(), *not_before),
+                _ => (&[][..], SystemTime::UNIX_EPOCH),
             };
-            let resp = ca.renew(&caller, serial, body.csr.as_bytes(), now).await?;
+            let resp = ca
+                .renew(&caller, serial, not_before, body.csr.as_bytes(), now)
+                .await?;
             note_held(ca, caller.as_str(), &body.held_roots, resp.expires_at, now);
             Ok(json_response(StatusCode::OK, &resp))
         }
@@ -582,6 +674,16 @@ async fn read_json<T: DeserializeOwned>(
             format!("request body is not the expected JSON: {e}"),
         )
     })
+}
+
+/// `/readyz`: 200 when every check passes, else 503 naming the failing ones.
+pub fn readyz_response(r: &crate::ready::Readiness) -> Response<Body> {
+    let status = if r.ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json_response(status, r)
 }
 
 pub fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {

@@ -39,6 +39,16 @@ pub enum AuthorityError {
     Upstream(String),
     #[error("jwt signing key: {0}")]
     Jwt(#[from] crate::jwt_svid::JwtError),
+    #[error(
+        "cannot unseal CA key {id} ({kind:?}): the sealed key does not match its database record (its certificate, activation time or, for a JWT key, validity was changed), or this is not the key-encryption key it was sealed with; restore the database from a backup or start with the right KEK"
+    )]
+    Binding { id: String, kind: KeyKind },
+    #[error(
+        "CA key {id} is sealed in the old format although it was sealed again, bound to its certificate, when this CA was upgraded (audit row key.reseal): an old copy of the key was put back into the database; restore the database from a backup"
+    )]
+    OldSealRestored { id: String },
+    #[error("CA key {id} has an unreadable certificate: {detail}")]
+    BadCert { id: String, detail: String },
     /// SECURITY: the CA refuses to sign rather than hand out a certificate that is expired or
     /// chains to an expired CA certificate.
     #[error("the CA's {what} expired at {not_after}; it signs nothing until {remedy}")]
@@ -245,6 +255,8 @@ impl Authority {
         upstream: Option<Upstream>,
         now: SystemTime,
     ) -> Result<Self, AuthorityError> {
+        // Old-format sealed keys are sealed again, bound to their certificates, first.
+        prepare_records(store, &kek, store.ca_keys()?, now).await?;
         let is_upstream = upstream.is_some();
         // A replacement imported by `kith ca upstream replace` wins over older flag files.
         let (upstream, staged, retiring) =
@@ -274,7 +286,7 @@ impl Authority {
                 )
             }
         };
-        let records = store.ca_keys()?;
+        let records = prepare_records(store, &kek, store.ca_keys()?, now).await?;
 
         let live = |kind: KeyKind| -> Vec<CaKeyRecord> {
             let mut v: Vec<CaKeyRecord> = records
@@ -423,6 +435,27 @@ impl Authority {
 
     pub fn keys(&self) -> Arc<KeySet> {
         self.current.load_full()
+    }
+
+    /// Unseals the active signer's key as stored, with the key-encryption key this process
+    /// holds, and checks it is the key being signed with: proves the KEK still opens what the
+    /// database holds (a replaced KEK, or a database sealed under another one, fails here).
+    pub fn check_kek(&self, store: &impl Store) -> Result<(), String> {
+        let keys = self.keys();
+        let record = store
+            .ca_keys()
+            .map_err(|e| format!("cannot read the CA keys: {e}"))?
+            .into_iter()
+            .find(|r| r.id == keys.active.id)
+            .ok_or_else(|| format!("the active signer {} is not in the store", keys.active.id))?;
+        let key = unseal_key(&self.kek, &record).map_err(|e| e.to_string())?;
+        if key.public_key_raw() != keys.active.issuer.key().public_key_raw() {
+            return Err(format!(
+                "the stored key of signer {} is not the one in use",
+                keys.active.id
+            ));
+        }
+        Ok(())
     }
 
     pub fn trust_domain(&self) -> &TrustDomain {
@@ -761,18 +794,13 @@ impl Authority {
                 key_event(&irec, now, "created"),
             ))
             .await?;
-        store
-            .write(Write::ActivateCaKey {
-                id: rec.id.clone(),
-                activate_at: unix(now),
-                audit: AuditEvent {
+        activate_record(store, &self.kek, rec, now, AuditEvent {
                     at: unix(now),
                     action: "root.activated".into(),
                     subject: rec.id.clone(),
                     outcome: "ok".into(),
                     detail: json!({"phase": "active", "previous": previous, "signer": irec.id, "forced": forced, "unconfirmed_callers": unconfirmed}),
-                },
-            })
+                })
             .await?;
         if forced {
             tracing::warn!(root = %rec.id, unconfirmed = ?unconfirmed, "root rollover: switched signing to the new root without every caller confirming it holds it; callers that do not hold it fail to verify new certificates until they fetch the bundle");
@@ -980,8 +1008,8 @@ async fn create_root_as<S: Store>(
     )
     .map_err(cert_err)?;
     let cert = params.self_signed(&key).map_err(cert_err)?;
-    let rec = CaKeyRecord {
-        sealed_key: kek.seal(&purpose(KeyKind::Root, &id), key.serialize_der().as_slice())?,
+    let mut rec = CaKeyRecord {
+        sealed_key: Vec::new(),
         id,
         kind: KeyKind::Root,
         cert_der: Some(cert.der().to_vec()),
@@ -994,6 +1022,7 @@ async fn create_root_as<S: Store>(
         },
         created_at: unix(now),
     };
+    rec.sealed_key = kek.seal(&binding(&rec), key.serialize_der().as_slice())?;
     let event = if successor {
         AuditEvent {
             at: unix(now),
@@ -1090,20 +1119,17 @@ fn new_intermediate_record(
     let params = intermediate_params(td, &format!("kith signer {id}"), not_before, not_after)
         .map_err(cert_err)?;
     let cert = params.signed_by(&key, root).map_err(cert_err)?;
-    let sealed = kek.seal(
-        &purpose(KeyKind::Intermediate, &id),
-        key.serialize_der().as_slice(),
-    )?;
-    let rec = CaKeyRecord {
+    let mut rec = CaKeyRecord {
         id: id.clone(),
         kind: KeyKind::Intermediate,
         cert_der: Some(cert.der().to_vec()),
-        sealed_key: sealed,
+        sealed_key: Vec::new(),
         not_before: unix(not_before),
         not_after: unix(not_after),
         activate_at: unix(activate_at),
         created_at: unix(now),
     };
+    rec.sealed_key = kek.seal(&binding(&rec), key.serialize_der().as_slice())?;
     let signer = Signer {
         id,
         chain: vec![cert.der().clone()],
@@ -1154,21 +1180,15 @@ async fn signing_root_at_start<S: Store>(
     }
     if let Some(s) = rollover::pending_successor(&facts, now) {
         tracing::error!(root = %s.id, "the signing root expired while the CA was down; the published successor takes over now");
-        store
-            .write(Write::ActivateCaKey {
-                id: s.id.clone(),
-                activate_at: unix(now),
-                audit: AuditEvent {
+        let rec = by_id(&s.id).ok_or_else(|| AuthorityError::NoRoot(s.id.clone()))?;
+        let rec = activate_record(store, kek, &rec, now, AuditEvent {
                     at: unix(now),
                     action: "root.activated".into(),
                     subject: s.id.clone(),
                     outcome: "ok".into(),
                     detail: json!({"phase": "active", "previous": signing.map(|r| r.id.clone()), "forced": true, "reason": "the signing root expired while the CA was down"}),
-                },
-            })
+                })
             .await?;
-        let mut rec = by_id(&s.id).ok_or_else(|| AuthorityError::NoRoot(s.id.clone()))?;
-        rec.activate_at = unix(now);
         return Ok(rec);
     }
     if let Some(old) = signing {
@@ -1186,12 +1206,43 @@ async fn signing_root_at_start<S: Store>(
     create_root(store, kek, td, lifetimes, now).await
 }
 
+/// The root records, their validity read from their certificates (never the columns).
 fn root_records(records: &[CaKeyRecord]) -> Vec<CaKeyRecord> {
     records
         .iter()
         .filter(|r| r.kind == KeyKind::Root)
         .cloned()
+        .map(|mut r| {
+            if let Some((nb, na)) = r.cert_der.as_deref().and_then(|c| cert_validity(c).ok()) {
+                (r.not_before, r.not_after) = (nb, na);
+            }
+            r
+        })
         .collect()
+}
+
+/// Moves a CA key's activation to `now`; its seal binds the activation time, so the key is
+/// sealed again with the new binding in the same write.
+async fn activate_record<S: Store>(
+    store: &S,
+    kek: &Kek,
+    rec: &CaKeyRecord,
+    now: SystemTime,
+    audit: AuditEvent,
+) -> Result<CaKeyRecord, AuthorityError> {
+    let der = open_sealed(kek, rec)?;
+    let mut moved = rec.clone();
+    moved.activate_at = unix(now);
+    moved.sealed_key = kek.seal(&binding(&moved), &der)?;
+    store
+        .write(Write::ActivateCaKey {
+            id: moved.id.clone(),
+            activate_at: moved.activate_at,
+            sealed_key: moved.sealed_key.clone(),
+            audit,
+        })
+        .await?;
+    Ok(moved)
 }
 
 fn facts_of(roots: &[CaKeyRecord]) -> Vec<RootFacts> {
@@ -1243,14 +1294,121 @@ fn issuer_of(der: &[u8]) -> Option<Vec<u8>> {
 }
 
 fn unseal_key(kek: &Kek, r: &CaKeyRecord) -> Result<KeyPair, AuthorityError> {
-    let der = kek.unseal(&purpose(r.kind, &r.id), &r.sealed_key)?;
+    let der = open_sealed(kek, r)?;
     KeyPair::try_from(der.as_slice())
         .map_err(|e| AuthorityError::Cert(format!("key {}: {e}", r.id)))
 }
 
-/// The associated data that binds a sealed key to what it is for.
-pub fn purpose(kind: KeyKind, id: &str) -> String {
+/// A record's private key (PKCS#8), unsealed against its binding.
+fn open_sealed(kek: &Kek, r: &CaKeyRecord) -> Result<Vec<u8>, AuthorityError> {
+    let aad = if Kek::is_legacy(&r.sealed_key) {
+        legacy_purpose(r.kind, &r.id)
+    } else {
+        binding(r)
+    };
+    kek.unseal(&aad, &r.sealed_key).map_err(|e| match e {
+        SealError::Unseal(_) => AuthorityError::Binding {
+            id: r.id.clone(),
+            kind: r.kind,
+        },
+        other => other.into(),
+    })
+}
+
+/// The associated data that binds a sealed key to what it is for: its kind and id, the
+/// SHA-256 of its certificate and its activation time. A JWT key has no certificate, so its
+/// validity is bound instead. Whoever can write the database cannot pair a key with another
+/// certificate, move its activation, or stretch a JWT key's life: the key no longer unseals.
+pub fn binding(r: &CaKeyRecord) -> String {
+    match &r.cert_der {
+        Some(cert) => format!(
+            "kith-ca:v2:{:?}:{}:cert-sha256={}:activate_at={}",
+            r.kind,
+            r.id,
+            crate::store::hex(ring::digest::digest(&ring::digest::SHA256, cert).as_ref()),
+            r.activate_at
+        ),
+        None => format!(
+            "kith-ca:v2:{:?}:{}:not_before={}:not_after={}:activate_at={}",
+            r.kind, r.id, r.not_before, r.not_after, r.activate_at
+        ),
+    }
+}
+
+/// What kith bound before the certificate was: the key's kind and id only.
+fn legacy_purpose(kind: KeyKind, id: &str) -> String {
     format!("kith-ca:{kind:?}:{id}")
+}
+
+/// The stored keys as the CA may trust them. A key's validity is read from its certificate,
+/// never from the database's columns (which are kept for listing and for JWT keys). A key
+/// sealed by an older kith, bound to its kind and id only, is sealed again with its full
+/// binding, once.
+///
+/// SECURITY: until that happens, someone who can write the database could pair such a key with
+/// another certificate. After it, putting the old blob back is refused while the `key.reseal`
+/// audit row stands, and deleting that row breaks the audit chain.
+async fn prepare_records<S: Store>(
+    store: &S,
+    kek: &Kek,
+    records: Vec<CaKeyRecord>,
+    now: SystemTime,
+) -> Result<Vec<CaKeyRecord>, AuthorityError> {
+    let mut out = Vec::with_capacity(records.len());
+    for mut r in records {
+        if let Some(der) = &r.cert_der {
+            let (nb, na) = cert_validity(der).map_err(|detail| AuthorityError::BadCert {
+                id: r.id.clone(),
+                detail,
+            })?;
+            if (nb, na) != (r.not_before, r.not_after) {
+                tracing::warn!(
+                    key = %r.id,
+                    db_not_before = r.not_before,
+                    db_not_after = r.not_after,
+                    cert_not_before = nb,
+                    cert_not_after = na,
+                    "the database's validity columns for this CA key disagree with its certificate; using the certificate's"
+                );
+            }
+            (r.not_before, r.not_after) = (nb, na);
+        }
+        if Kek::is_legacy(&r.sealed_key) {
+            if store.audit_has(RESEAL, &r.id)? {
+                return Err(AuthorityError::OldSealRestored { id: r.id });
+            }
+            let der = open_sealed(kek, &r)?;
+            let sealed = kek.seal(&binding(&r), &der)?;
+            let audit = AuditEvent {
+                at: unix(now),
+                action: RESEAL.into(),
+                subject: r.id.clone(),
+                outcome: "ok".into(),
+                detail: json!({"kind": r.kind, "binding": "certificate"}),
+            };
+            store
+                .write(Write::ResealCaKey {
+                    id: r.id.clone(),
+                    sealed_key: sealed.clone(),
+                    audit,
+                })
+                .await?;
+            tracing::info!(key = %r.id, "sealed a CA key again, now bound to its certificate");
+            r.sealed_key = sealed;
+        }
+        out.push(r);
+    }
+    Ok(out)
+}
+
+/// The audit action of sealing an old-format key again.
+const RESEAL: &str = "key.reseal";
+
+/// NotBefore and NotAfter of a DER certificate, in unix seconds.
+pub fn cert_validity(der: &[u8]) -> Result<(i64, i64), String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
+    let v = cert.validity();
+    Ok((v.not_before.timestamp(), v.not_after.timestamp()))
 }
 
 /// The bundle for a key set: the anchors plus every published JWT key, so tokens signed by the
@@ -1284,8 +1442,8 @@ fn new_jwt_record(
     ));
     let (signer, der) = JwtSigner::generate(not_after)?;
     let id = signer.key_id().to_owned();
-    let rec = CaKeyRecord {
-        sealed_key: kek.seal(&purpose(KeyKind::Jwt, &id), &der)?,
+    let mut rec = CaKeyRecord {
+        sealed_key: Vec::new(),
         id,
         kind: KeyKind::Jwt,
         cert_der: None,
@@ -1294,6 +1452,7 @@ fn new_jwt_record(
         activate_at: unix(activate_at),
         created_at: unix(now),
     };
+    rec.sealed_key = kek.seal(&binding(&rec), &der)?;
     Ok((
         rec,
         JwtKey {
@@ -1305,7 +1464,7 @@ fn new_jwt_record(
 }
 
 fn load_jwt(kek: &Kek, r: &CaKeyRecord) -> Result<JwtKey, AuthorityError> {
-    let der = kek.unseal(&purpose(r.kind, &r.id), &r.sealed_key)?;
+    let der = open_sealed(kek, r)?;
     let signer = JwtSigner::from_pkcs8(r.id.clone(), &der, at(r.not_after))?;
     Ok(JwtKey {
         signer,

@@ -91,7 +91,7 @@ enum CaCommand {
         #[command(flatten)]
         target: Target,
     },
-    /// The hash-chained audit log
+    /// The audit log, chained by a MAC keyed from the KEK
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
@@ -123,7 +123,9 @@ enum EntryCommand {
         id: String,
         #[arg(long)]
         parent: String,
-        /// type:value, e.g. unix:uid:1000 or docker:label:app=web (repeatable)
+        /// type:value, e.g. unix:uid:1000 or docker:label:app=web (repeatable). Types: unix:uid,
+        /// unix:gid, unix:user, unix:group, unix:path (only together with unix:uid or unix:gid),
+        /// docker:label, docker:image, docker:image_id, docker:name
         #[arg(long = "selector", required = true)]
         selectors: Vec<String>,
         #[arg(long, value_parser = humantime::parse_duration)]
@@ -184,8 +186,25 @@ enum AuditCommand {
         #[arg(long, default_value_t = 50)]
         limit: i64,
     },
-    /// Prove the chain is intact, or point at the first broken row (exit 1)
-    Verify,
+    /// Prove the chain is intact, or point at the first broken row (exit 1). On a stopped CA
+    /// this reads the database directly and needs the CA's key-encryption key (the chain is a
+    /// MAC keyed by it): --kek-file or KITH_CA_KEK, else <data-dir>.kek if it exists
+    Verify {
+        /// A head written down earlier (`kith ca audit head`): fail unless the chain still
+        /// contains that row unchanged, which catches deleted newest rows
+        #[arg(long, value_name = "SEQ:HASH", value_parser = parse_head)]
+        expect_head: Option<crate::store::AuditHead>,
+        /// The CA's key-encryption key file, for checking a stopped CA's database
+        #[arg(long, env = "KITH_CA_KEK_FILE")]
+        kek_file: Option<PathBuf>,
+    },
+    /// Print the newest row's sequence number and MAC as SEQ:HASH (`--json`: {"seq","hash"});
+    /// keep it somewhere else and pass it to `verify --expect-head` later
+    Head,
+}
+
+fn parse_head(s: &str) -> Result<crate::store::AuditHead, String> {
+    crate::store::AuditHead::parse(s)
 }
 
 pub fn run(args: CaArgs) -> ExitCode {
@@ -394,6 +413,27 @@ async fn run_inner(args: CaArgs) -> Result<ExitCode> {
                     println!("WARNING       {w}");
                 }
                 println!("counts        {}", v["counts"]);
+                if let Some(h) = v["audit_head"].as_object() {
+                    println!(
+                        "audit head    {}:{}",
+                        h["seq"],
+                        h["hash"].as_str().unwrap_or_default()
+                    );
+                }
+                if let Some(d) = v["disk"].as_object() {
+                    let mib = |k: &str| d.get(k).and_then(Value::as_u64).unwrap_or(0) >> 20;
+                    println!(
+                        "disk          {}: {} MiB free of {} MiB, reserve {} MiB{}",
+                        d.get("state").and_then(Value::as_str).unwrap_or("unknown"),
+                        mib("free_bytes"),
+                        mib("total_bytes"),
+                        mib("reserve_bytes"),
+                        d.get("message")
+                            .and_then(Value::as_str)
+                            .map(|m| format!(" ({m})"))
+                            .unwrap_or_default()
+                    );
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -473,17 +513,28 @@ async fn run_inner(args: CaArgs) -> Result<ExitCode> {
                 );
                 Ok(ExitCode::SUCCESS)
             }
-            AuditCommand::Verify => {
+            AuditCommand::Verify {
+                expect_head,
+                kek_file,
+            } => {
+                let path = match &expect_head {
+                    Some(h) => format!("/audit/verify?expect={h}"),
+                    None => "/audit/verify".to_owned(),
+                };
                 // Works on a stopped CA too: read the database directly when the socket is absent.
-                let v = match client(&target)
-                    .call(Method::GET, "/audit/verify", None)
-                    .await
-                {
+                let v = match client(&target).call(Method::GET, &path, None).await {
                     Ok(v) => v,
                     Err(crate::admin_client::AdminError::Connect { .. }) => {
+                        let (kek, _) = crate::seal::Kek::find(
+                            kek_file.as_deref(),
+                            crate::config::kek_from_env().as_deref(),
+                            &target.data_dir,
+                        )?;
                         let ro =
                             crate::store::sqlite::SqliteStore::open_read_only(&target.data_dir)?;
-                        serde_json::to_value(ro.verify_audit()?)?
+                        serde_json::to_value(
+                            ro.verify_audit(&kek.audit_key(), expect_head.as_ref())?,
+                        )?
                     }
                     Err(e) => return Err(e.into()),
                 };
@@ -491,7 +542,23 @@ async fn run_inner(args: CaArgs) -> Result<ExitCode> {
                 if target.json {
                     print_json(&v);
                 } else if intact {
-                    println!("audit chain intact: {} rows", v["rows"]);
+                    let head = v["head"]
+                        .as_object()
+                        .map(|h| {
+                            format!(
+                                ", head {}:{}",
+                                h["seq"],
+                                h["hash"].as_str().unwrap_or_default()
+                            )
+                        })
+                        .unwrap_or_default();
+                    let legacy = match v["legacy_rows"].as_i64() {
+                        Some(n) if n > 0 => format!(
+                            " ({n} of them from before the chain was keyed, checked as plain SHA-256)"
+                        ),
+                        _ => String::new(),
+                    };
+                    println!("audit chain intact: {} rows{legacy}{head}", v["rows"]);
                 } else {
                     println!(
                         "audit chain BROKEN at row {}: {}",
@@ -504,6 +571,23 @@ async fn run_inner(args: CaArgs) -> Result<ExitCode> {
                 } else {
                     ExitCode::from(1)
                 })
+            }
+            AuditCommand::Head => {
+                let head = match client(&target).call(Method::GET, "/audit/head", None).await {
+                    Ok(v) => Some(serde_json::from_value::<crate::store::AuditHead>(v)?),
+                    Err(crate::admin_client::AdminError::Connect { .. }) => {
+                        crate::store::sqlite::SqliteStore::open_read_only(&target.data_dir)?
+                            .audit_head()?
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                let head = head.context("the audit log has no rows yet")?;
+                if target.json {
+                    print_json(&serde_json::to_value(&head)?);
+                } else {
+                    println!("{head}");
+                }
+                Ok(ExitCode::SUCCESS)
             }
         },
     }

@@ -237,6 +237,11 @@ impl Connection {
                 addr: addr.into(),
                 error,
             })?;
+        Self::over(tcp, config).await
+    }
+
+    /// A connection over an already connected socket (e.g. one bound to a chosen source).
+    pub async fn over(tcp: TcpStream, config: Arc<ClientConfig>) -> Result<Self, ClientError> {
         let _ = tcp.set_nodelay(true);
         let name = ServerName::try_from("kith-ca").map_err(|e| ClientError::Http(e.to_string()))?;
         let tls = TlsConnector::from(config)

@@ -10,6 +10,8 @@ use clap::Args;
 use identity::TrustDomain;
 use serde::{Deserialize, Serialize};
 
+use crate::guard::MinFree;
+
 #[derive(Debug, Args, Default)]
 pub struct ServeArgs {
     /// TOML file with any of the settings below (flags and env win over it)
@@ -45,12 +47,11 @@ pub struct ServeArgs {
     /// When in its life a root gets its successor, as a fraction (0 < f < 1) [default: 0.5]
     #[arg(long, env = "KITH_CA_ROOT_ROLLOVER_AT")]
     pub root_rollover_at: Option<f64>,
-    /// File with the key-encryption key (32 bytes, base64) that seals CA keys at rest
+    /// File with the key-encryption key (32 bytes, base64) that seals CA keys at rest and keys
+    /// the audit chain; or set KITH_CA_KEK to the key itself (there is no flag for it: a flag's
+    /// value shows in `ps` to every user of the host)
     #[arg(long, env = "KITH_CA_KEK_FILE")]
     pub kek_file: Option<PathBuf>,
-    /// The key-encryption key itself, base64 (prefer --kek-file)
-    #[arg(long = "kek", env = "KITH_CA_KEK", hide_env_values = true, hide = true)]
-    pub kek: Option<String>,
     /// Metrics and health address [default: 127.0.0.1:9090]
     #[arg(long, env = "KITH_CA_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -78,12 +79,36 @@ pub struct ServeArgs {
     /// Maximum concurrent API connections [default: 4096]
     #[arg(long, env = "KITH_CA_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// Maximum concurrent API connections from one source address [default: max-connections / 8]
+    #[arg(long, env = "KITH_CA_MAX_CONNECTIONS_PER_SOURCE")]
+    pub max_connections_per_source: Option<usize>,
+    /// Close a connection (API or metrics) on which nothing moved for this long [default: 60s]
+    #[arg(long, env = "KITH_CA_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Option<Duration>,
+    /// Kubernetes API server URL: ask its TokenReview API about every pod token, so a deleted
+    /// pod's token stops working at once
+    #[arg(long, env = "KITH_CA_K8S_TOKEN_REVIEW")]
+    pub k8s_token_review: Option<String>,
+    /// CA file for --k8s-token-review [default: --k8s-ca-file]
+    #[arg(long, env = "KITH_CA_K8S_TOKEN_REVIEW_CA_FILE")]
+    pub k8s_token_review_ca_file: Option<PathBuf>,
+    /// Bearer token file for --k8s-token-review, read on every call [default: the pod's service-account token]
+    #[arg(long, env = "KITH_CA_K8S_TOKEN_REVIEW_TOKEN_FILE")]
+    pub k8s_token_review_token_file: Option<PathBuf>,
+    /// Refuse pod tokens when the issuer's keys could not be refreshed for this long [default: 1h]
+    #[arg(long, env = "KITH_CA_K8S_JWKS_MAX_STALENESS", value_parser = humantime::parse_duration)]
+    pub k8s_jwks_max_staleness: Option<Duration>,
     /// Log format: text or json [default: text]
     #[arg(long, env = "KITH_CA_LOG_FORMAT")]
     pub log_format: Option<String>,
     /// How long a client may take to send a request [default: 10s]
     #[arg(long, env = "KITH_CA_REQUEST_TIMEOUT", value_parser = humantime::parse_duration)]
     pub request_timeout: Option<Duration>,
+    /// Free space to keep on the data volume (5%, 256MiB, 0, or auto: the smaller of 5% and
+    /// 256MiB); below it anonymous requests (join and Kubernetes attestation) are refused with
+    /// 503 disk_low [default: auto]
+    #[arg(long, env = "KITH_CA_MIN_FREE_DISK", value_parser = MinFree::parse)]
+    pub min_free_disk: Option<MinFree>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -109,8 +134,15 @@ struct FileConfig {
     k8s_ca_file: Option<PathBuf>,
     k8s_audience: Option<String>,
     max_connections: Option<usize>,
+    max_connections_per_source: Option<usize>,
+    idle_timeout: Option<String>,
+    k8s_token_review: Option<String>,
+    k8s_token_review_ca_file: Option<PathBuf>,
+    k8s_token_review_token_file: Option<PathBuf>,
+    k8s_jwks_max_staleness: Option<String>,
     log_format: Option<String>,
     request_timeout: Option<String>,
+    min_free_disk: Option<String>,
 }
 
 /// The effective configuration. `Serialize` is what is logged at start: no secret is in it
@@ -143,10 +175,21 @@ pub struct Config {
     pub k8s_ca_file: Option<PathBuf>,
     pub k8s_audience: String,
     pub max_connections: usize,
+    pub max_connections_per_source: usize,
+    /// A connection on which nothing moves for this long is closed (API and metrics).
+    #[serde(with = "humantime_serde_secs")]
+    pub idle_timeout: Duration,
+    pub k8s_token_review: Option<String>,
+    pub k8s_token_review_ca_file: Option<PathBuf>,
+    pub k8s_token_review_token_file: Option<PathBuf>,
+    #[serde(with = "humantime_serde_secs")]
+    pub k8s_jwks_max_staleness: Duration,
     pub log_format: String,
     /// How long a client may take to send a request (headers, then body).
     #[serde(with = "humantime_serde_secs")]
     pub request_timeout: Duration,
+    /// Free space kept on the data volume; below it anonymous work is refused.
+    pub min_free_disk: MinFree,
 }
 
 mod humantime_serde_secs {
@@ -254,6 +297,43 @@ impl Config {
         if max_connections == 0 {
             bail!("--max-connections must be at least 1");
         }
+        let min_free_disk = match args.min_free_disk {
+            Some(m) => m,
+            None => match file.min_free_disk {
+                Some(text) => MinFree::parse(&text)
+                    .map_err(|e| anyhow::anyhow!("config file: min-free-disk: {e}"))?,
+                None => MinFree::default(),
+            },
+        };
+        let max_connections_per_source = args
+            .max_connections_per_source
+            .or(file.max_connections_per_source)
+            .unwrap_or((max_connections / 8).max(1));
+        if max_connections_per_source == 0 || max_connections_per_source > max_connections {
+            bail!("--max-connections-per-source must be between 1 and --max-connections");
+        }
+        let idle_timeout = args
+            .idle_timeout
+            .or(dur("idle-timeout", file.idle_timeout)?)
+            .unwrap_or(Duration::from_secs(60));
+        if idle_timeout < Duration::from_secs(1) {
+            bail!("--idle-timeout must be at least 1s");
+        }
+        let k8s_jwks_max_staleness = args
+            .k8s_jwks_max_staleness
+            .or(dur("k8s-jwks-max-staleness", file.k8s_jwks_max_staleness)?)
+            .unwrap_or(Duration::from_secs(3600));
+        if k8s_jwks_max_staleness < Duration::from_secs(1) {
+            bail!("--k8s-jwks-max-staleness must be at least 1s");
+        }
+        let k8s_token_review = args.k8s_token_review.or(file.k8s_token_review);
+        if let Some(url) = &k8s_token_review
+            && !url.starts_with("https://")
+        {
+            bail!(
+                "--k8s-token-review {url:?} must be an https:// URL of the Kubernetes API server"
+            );
+        }
         Ok(Self {
             trust_domain,
             listen,
@@ -266,7 +346,7 @@ impl Config {
             root_ttl,
             root_rollover_at,
             kek_file: args.kek_file.or(file.kek_file),
-            kek: args.kek,
+            kek: kek_from_env(),
             metrics_listen: args
                 .metrics_listen
                 .or(file.metrics_listen)
@@ -282,11 +362,22 @@ impl Config {
                 .or(file.k8s_audience)
                 .unwrap_or_else(|| "kith-ca".into()),
             max_connections,
+            max_connections_per_source,
+            idle_timeout,
+            k8s_token_review,
+            k8s_token_review_ca_file: args
+                .k8s_token_review_ca_file
+                .or(file.k8s_token_review_ca_file),
+            k8s_token_review_token_file: args
+                .k8s_token_review_token_file
+                .or(file.k8s_token_review_token_file),
+            k8s_jwks_max_staleness,
             log_format,
             request_timeout: args
                 .request_timeout
                 .or(dur("request-timeout", file.request_timeout)?)
                 .unwrap_or(Duration::from_secs(10)),
+            min_free_disk,
         })
     }
 
@@ -305,6 +396,11 @@ impl Config {
         ));
         Ok(c)
     }
+}
+
+/// `KITH_CA_KEK`: the key-encryption key itself (base64), read from the environment only.
+pub fn kek_from_env() -> Option<String> {
+    std::env::var("KITH_CA_KEK").ok().filter(|v| !v.is_empty())
 }
 
 fn read_file(path: &Path) -> Result<FileConfig> {
@@ -337,6 +433,27 @@ mod tests {
         assert_eq!(c.listen.port(), 7001);
         assert_eq!(c.node_ttl, Duration::from_secs(86_400));
         assert_eq!(c.public_url, "https://localhost:7001");
+        assert_eq!(c.min_free_disk, MinFree::Auto);
+    }
+
+    #[test]
+    fn the_free_space_reserve_comes_from_the_file_and_bad_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ca.toml");
+        std::fs::write(&file, "min-free-disk = \"1GiB\"\n").unwrap();
+        let c = Config::resolve(ServeArgs {
+            config: Some(file.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.min_free_disk, MinFree::Bytes(1 << 30));
+        std::fs::write(&file, "min-free-disk = \"plenty\"\n").unwrap();
+        let err = Config::resolve(ServeArgs {
+            config: Some(file),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("min-free-disk"), "{err:#}");
     }
 
     #[test]

@@ -12,13 +12,14 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Empty, Limited};
+use http_body_util::{BodyExt as _, Full, Limited};
 use hyper_util::rt::TokioIo;
 use identity::{SpiffeId, TrustDomain};
 use jsonwebtoken::{Algorithm, DecodingKey};
@@ -28,8 +29,22 @@ use tokio_util::sync::CancellationToken;
 
 /// The audience kith asks pods to request for their projected token.
 pub const DEFAULT_AUDIENCE: &str = "kith-ca";
-/// Clock skew allowed between the cluster's API server and the CA.
+/// Clock skew allowed between the cluster's API server and the CA. It only absorbs skew: a
+/// token is refused once `now > exp + leeway`, and the SVID it buys is capped by `exp` (plus
+/// [`SVID_MARGIN`]), never by `exp + leeway`.
 pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
+/// How long an SVID bought with a pod token may outlive that token's `exp`: the time the
+/// sidecar needs to re-attest with the token the kubelet has rotated in meanwhile (the kubelet
+/// refreshes a projected token at 80 % of its life, so the new one is there long before the
+/// old one's `exp`; this margin covers the sidecar's retries with backoff across a short CA
+/// outage). No SVID lives past `exp + SVID_MARGIN`.
+pub const SVID_MARGIN: Duration = Duration::from_secs(300);
+/// Without a successful refresh for this long, the issuer's keys are no longer trusted.
+pub const DEFAULT_MAX_STALENESS: Duration = Duration::from_secs(3600);
+/// An unknown `kid` triggers a refresh of the issuer's keys at most this often.
+pub const KID_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
+/// The largest TokenReview answer accepted.
+const MAX_REVIEW_LEN: usize = 64 * 1024;
 /// Tokens larger than this are refused before any parsing (real ones are 1–2 KiB).
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
 /// The largest JWKS accepted, from a file or from the issuer.
@@ -73,6 +88,14 @@ pub enum K8sError {
     Io(#[from] std::io::Error),
     #[error("fetching jwks: {0}")]
     Fetch(String),
+    #[error(
+        "the issuer's keys were last refreshed {age}s ago, longer than the {max}s allowed; pod tokens are refused until a refresh succeeds"
+    )]
+    StaleKeys { age: u64, max: u64 },
+    #[error("the api server's TokenReview did not authenticate the token: {0}")]
+    ReviewRejected(String),
+    #[error("cannot ask the api server's TokenReview: {0}")]
+    ReviewFailed(String),
 }
 
 impl K8sError {
@@ -94,6 +117,9 @@ impl K8sError {
             Self::BadConfig(_) => "bad_config",
             Self::Io(_) => "io",
             Self::Fetch(_) => "fetch_failed",
+            Self::StaleKeys { .. } => "jwks_stale",
+            Self::ReviewRejected(_) => "review_rejected",
+            Self::ReviewFailed(_) => "review_failed",
         }
     }
 }
@@ -105,6 +131,10 @@ pub struct K8sConfig {
     /// The audience pods request for their projected token; `aud` must contain it.
     pub audience: String,
     pub leeway: Duration,
+    /// Keys fetched from the issuer are refused once no refresh succeeded for this long.
+    pub max_staleness: Duration,
+    /// The least time between two refreshes caused by an unknown `kid`.
+    pub kid_refresh_interval: Duration,
 }
 
 impl K8sConfig {
@@ -114,6 +144,8 @@ impl K8sConfig {
             issuer: issuer.into(),
             audience: DEFAULT_AUDIENCE.to_owned(),
             leeway: DEFAULT_LEEWAY,
+            max_staleness: DEFAULT_MAX_STALENESS,
+            kid_refresh_interval: KID_REFRESH_INTERVAL,
         }
     }
 }
@@ -269,10 +301,37 @@ fn parse_jwk(jwk: &Map<String, Value>) -> Result<Option<VerifyKey>, &'static str
 }
 
 /// Verifies projected service-account tokens against the issuer's current keys.
+/// Where the issuer's keys are fetched from, for periodic and unknown-`kid` refreshes.
+#[derive(Clone, Debug)]
+pub struct JwksSource {
+    pub issuer_url: String,
+    pub ca_file: Option<PathBuf>,
+    /// Read on every fetch: projected tokens rotate.
+    pub bearer_token_file: Option<PathBuf>,
+}
+
+/// The API server's TokenReview (authentication.k8s.io/v1), asked about every token that
+/// verified locally, so that a token whose pod was deleted stops working at once.
+#[derive(Clone, Debug)]
+pub struct TokenReview {
+    /// `https://<api server>`.
+    pub api_url: String,
+    pub ca_file: Option<PathBuf>,
+    /// The CA's own credential for the API server, read on every call.
+    pub bearer_token_file: Option<PathBuf>,
+}
+
 #[derive(Debug)]
 pub struct K8sVerifier {
     config: K8sConfig,
     keys: ArcSwap<KeySet>,
+    source: Option<JwksSource>,
+    review: Option<TokenReview>,
+    /// When the keys were last loaded from the issuer (unix seconds); unused without a source.
+    refreshed_at: AtomicU64,
+    /// When an unknown `kid` last caused a refresh; the lock also makes concurrent callers
+    /// wait for the one refresh in flight.
+    kid_refresh: tokio::sync::Mutex<Option<SystemTime>>,
 }
 
 impl K8sVerifier {
@@ -287,7 +346,110 @@ impl K8sVerifier {
         Ok(Self {
             config,
             keys: ArcSwap::from_pointee(keys),
+            source: None,
+            review: None,
+            refreshed_at: AtomicU64::new(0),
+            kid_refresh: tokio::sync::Mutex::new(None),
         })
+    }
+
+    /// Keys fetched from `source` at `fetched_at`: they are refreshed from it, and refused
+    /// once no refresh succeeded for the configured maximum staleness.
+    pub fn with_source(mut self, source: JwksSource, fetched_at: SystemTime) -> Self {
+        self.source = Some(source);
+        self.refreshed_at.store(secs(fetched_at), Ordering::Relaxed);
+        self
+    }
+
+    /// Asks `review` about every token that verified locally.
+    pub fn with_review(mut self, review: TokenReview) -> Self {
+        self.review = Some(review);
+        self
+    }
+
+    /// `Err` with why when the keys are older than the maximum staleness.
+    pub fn freshness(&self, now: SystemTime) -> Result<(), String> {
+        self.check_fresh(now).map_err(|e| e.to_string())
+    }
+
+    fn check_fresh(&self, now: SystemTime) -> Result<(), K8sError> {
+        if self.source.is_none() {
+            return Ok(());
+        }
+        let age = secs(now).saturating_sub(self.refreshed_at.load(Ordering::Relaxed));
+        let max = self.config.max_staleness.as_secs();
+        if age > max {
+            return Err(K8sError::StaleKeys { age, max });
+        }
+        Ok(())
+    }
+
+    /// Verifies a token as [`Self::verify`] does, then: an unknown `kid` refreshes the keys
+    /// from the issuer (at most once per `kid_refresh_interval`, shared by concurrent callers)
+    /// and verifies again; with a TokenReview configured, the API server must also say the
+    /// token is authenticated, for the same service account and pod.
+    pub async fn attest(&self, token: &str, now: SystemTime) -> Result<PodIdentity, K8sError> {
+        let pod = match self.verify(token, now) {
+            // Stale keys also try a refresh now, rate-limited the same way, rather than wait
+            // for the next periodic one.
+            Err(e @ (K8sError::UnknownKey(_) | K8sError::StaleKeys { .. }))
+                if self.source.is_some() =>
+            {
+                let kid = match &e {
+                    K8sError::UnknownKey(kid) => kid.clone(),
+                    _ => None,
+                };
+                if self.refresh_on_demand(kid.as_deref(), now).await {
+                    self.verify(token, now)?
+                } else {
+                    return Err(e);
+                }
+            }
+            other => other?,
+        };
+        if let Some(review) = &self.review {
+            review.check(token, &self.config.audience, &pod).await?;
+        }
+        Ok(pod)
+    }
+
+    /// Refreshes the keys unless an on-demand refresh happened recently; returns whether the
+    /// keys were refreshed (by this call or by a concurrent one).
+    async fn refresh_on_demand(&self, kid: Option<&str>, now: SystemTime) -> bool {
+        let Some(source) = &self.source else {
+            return false;
+        };
+        let before = self.refreshed_at.load(Ordering::Relaxed);
+        let mut last = self.kid_refresh.lock().await;
+        if self.refreshed_at.load(Ordering::Relaxed) != before {
+            // A concurrent caller refreshed while this one waited.
+            return true;
+        }
+        if last.is_some_and(|t| {
+            now.duration_since(t).unwrap_or_default() < self.config.kid_refresh_interval
+        }) {
+            tracing::debug!(kid, "keys were refreshed on demand recently, not again");
+            return false;
+        }
+        *last = Some(now);
+        tracing::info!(
+            kid,
+            "unknown kid in a pod token; refreshing the issuer's keys"
+        );
+        match self
+            .refresh(
+                &source.issuer_url,
+                source.ca_file.as_deref(),
+                source.bearer_token_file.as_deref(),
+            )
+            .await
+        {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(reason = e.reason(), error = %e, "on-demand refresh of the issuer's keys failed");
+                false
+            }
+        }
     }
 
     pub fn from_jwks_file(config: K8sConfig, path: &Path) -> Result<Self, K8sError> {
@@ -302,6 +464,8 @@ impl K8sVerifier {
     pub fn replace_jwks(&self, jwks_json: &[u8]) -> Result<(), K8sError> {
         let keys = KeySet::parse(jwks_json)?;
         self.keys.store(Arc::new(keys));
+        self.refreshed_at
+            .store(secs(SystemTime::now()), Ordering::Relaxed);
         Ok(())
     }
 
@@ -340,6 +504,9 @@ impl K8sVerifier {
             return Err(K8sError::Malformed("bad base64url"));
         }
 
+        // SECURITY: keys that could not be refreshed for too long may include one the
+        // cluster has since withdrawn; fail closed.
+        self.check_fresh(now)?;
         let keys = self.keys.load();
         let key = keys.select(kid)?;
         if key.alg != alg {
@@ -498,6 +665,99 @@ impl K8sVerifier {
     }
 }
 
+fn secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl TokenReview {
+    /// POSTs a TokenReview for `token` and checks the answer: authenticated, for the service
+    /// account and pod the token names. Any failure to get a clear answer refuses the token.
+    pub async fn check(
+        &self,
+        token: &str,
+        audience: &str,
+        pod: &PodIdentity,
+    ) -> Result<(), K8sError> {
+        let failed = K8sError::ReviewFailed;
+        let bearer = match &self.bearer_token_file {
+            Some(path) => Some(
+                tokio::fs::read_to_string(path)
+                    .await
+                    .map_err(|e| failed(format!("reading {}: {e}", path.display())))?
+                    .trim()
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        let body = serde_json::json!({
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenReview",
+            "spec": {"token": token, "audiences": [audience]},
+        });
+        let url = format!(
+            "{}/apis/authentication.k8s.io/v1/tokenreviews",
+            self.api_url.trim_end_matches('/')
+        );
+        let (status, answer) = tokio::time::timeout(
+            FETCH_TIMEOUT,
+            https_request(
+                &url,
+                self.ca_file.as_deref(),
+                bearer.as_deref(),
+                Some(body.to_string().into_bytes()),
+                MAX_REVIEW_LEN,
+            ),
+        )
+        .await
+        .map_err(|_| failed("timed out".into()))?
+        .map_err(|e| failed(e.to_string()))?;
+        if !status.is_success() {
+            return Err(failed(format!("status {status}")));
+        }
+        let answer: Value =
+            serde_json::from_slice(&answer).map_err(|_| failed("the answer is not json".into()))?;
+        let review_status = answer
+            .get("status")
+            .and_then(Value::as_object)
+            .ok_or_else(|| failed("the answer has no status".into()))?;
+        if review_status.get("authenticated").and_then(Value::as_bool) != Some(true) {
+            let why = review_status
+                .get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("not authenticated");
+            return Err(K8sError::ReviewRejected(why.chars().take(200).collect()));
+        }
+        let user = review_status.get("user");
+        let username = user.and_then(|u| u.get("username")).and_then(Value::as_str);
+        let expected = format!(
+            "system:serviceaccount:{}:{}",
+            pod.namespace, pod.service_account
+        );
+        if username != Some(expected.as_str()) {
+            return Err(K8sError::ReviewRejected(format!(
+                "the api server says the token is {username:?}, not {expected}"
+            )));
+        }
+        if let Some(uids) = user
+            .and_then(|u| u.get("extra"))
+            .and_then(|e| e.get("authentication.kubernetes.io/pod-uid"))
+            && *uids != serde_json::json!([pod.pod_uid])
+        {
+            return Err(K8sError::ReviewRejected(
+                "the api server names another pod for this token".into(),
+            ));
+        }
+        if let Some(auds) = review_status.get("audiences").and_then(Value::as_array)
+            && !auds.iter().any(|a| a == audience)
+        {
+            return Err(K8sError::ReviewRejected(
+                "the api server did not confirm the audience".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 fn decode_object(segment: &str) -> Result<Map<String, Value>, K8sError> {
     let bytes = URL_SAFE_NO_PAD
         .decode(segment)
@@ -559,11 +819,27 @@ async fn fetch(
     ca_file: Option<&Path>,
     bearer_token: Option<&str>,
 ) -> Result<Vec<u8>, K8sError> {
-    let fail = |what: &str, e: &dyn std::fmt::Display| K8sError::Fetch(format!("{what}: {e}"));
     let url = format!("{}/openid/v1/jwks", issuer_url.trim_end_matches('/'));
-    let uri: hyper::Uri = url.parse().map_err(|e| fail("bad issuer url", &e))?;
+    let (status, body) = https_request(&url, ca_file, bearer_token, None, MAX_JWKS_LEN).await?;
+    if status != hyper::StatusCode::OK {
+        return Err(K8sError::Fetch(format!("status {status}")));
+    }
+    Ok(body)
+}
+
+/// One HTTPS request (GET, or POST of a JSON `body`) to the cluster: TLS 1.3/1.2 with the ring
+/// provider, trusting only the roots in `ca_file`, an optional bearer token, and a body cap.
+async fn https_request(
+    url: &str,
+    ca_file: Option<&Path>,
+    bearer_token: Option<&str>,
+    body: Option<Vec<u8>>,
+    max_len: usize,
+) -> Result<(hyper::StatusCode, Vec<u8>), K8sError> {
+    let fail = |what: &str, e: &dyn std::fmt::Display| K8sError::Fetch(format!("{what}: {e}"));
+    let uri: hyper::Uri = url.parse().map_err(|e| fail("bad url", &e))?;
     // SECURITY: https only; the keys that decide every pod's identity must not travel in the
-    // clear, and neither may the bearer token.
+    // clear, and neither may the bearer token or the pod's token under review.
     if uri.scheme_str() != Some("https") {
         return Err(K8sError::Fetch("issuer url must be https".into()));
     }
@@ -575,10 +851,7 @@ async fn fetch(
         .trim_end_matches(']')
         .to_owned();
     let port = uri.port_u16().unwrap_or(443);
-    let path = uri
-        .path_and_query()
-        .map_or("/openid/v1/jwks", |p| p.as_str())
-        .to_owned();
+    let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
 
     // SECURITY: only the given roots are trusted: no system store, no process default.
     let ca_file = ca_file.ok_or_else(|| K8sError::Fetch("a ca file is required".into()))?;
@@ -610,14 +883,24 @@ async fn fetch(
         .await
         .map_err(|e| fail("http", &e))?;
 
-    let mut request = hyper::Request::get(path)
+    let method = if body.is_some() {
+        hyper::Method::POST
+    } else {
+        hyper::Method::GET
+    };
+    let mut request = hyper::Request::builder()
+        .method(method)
+        .uri(path)
         .header(hyper::header::HOST, authority.as_str())
         .header(hyper::header::ACCEPT, "application/json");
+    if body.is_some() {
+        request = request.header(hyper::header::CONTENT_TYPE, "application/json");
+    }
     if let Some(token) = bearer_token {
         request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
     }
     let request = request
-        .body(Empty::<Bytes>::new())
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
         .map_err(|e| fail("request", &e))?;
     // The request owns the sender, so the connection future ends once the response is read;
     // running both in one future leaves no task behind when the timeout drops it.
@@ -626,14 +909,12 @@ async fn fetch(
             .send_request(request)
             .await
             .map_err(|e| fail("http", &e))?;
-        if response.status() != hyper::StatusCode::OK {
-            return Err(K8sError::Fetch(format!("status {}", response.status())));
-        }
-        let body = Limited::new(response.into_body(), MAX_JWKS_LEN)
+        let status = response.status();
+        let body = Limited::new(response.into_body(), max_len)
             .collect()
             .await
             .map_err(|e| fail("body", &e))?;
-        Ok(body.to_bytes().to_vec())
+        Ok((status, body.to_bytes().to_vec()))
     };
     let (result, _) = tokio::join!(exchange, conn);
     result
@@ -1182,6 +1463,7 @@ mod tests {
             issuer: ISS.into(),
             audience: "https://kubernetes.default.svc".into(),
             leeway: Duration::ZERO,
+            ..K8sConfig::new(ISS)
         };
         let v = K8sVerifier::from_jwks(config, &jwks(&[ec.jwk(Some("ec-1"))])).unwrap();
         let t = token(ec, Some("ec-1"), &claims());
@@ -1377,7 +1659,11 @@ mod tests {
                                 req.headers().get(hyper::header::AUTHORIZATION)
                                     == Some(&format!("Bearer {t}").parse().unwrap())
                             });
-                            let (status, body) = if req.uri().path() != "/openid/v1/jwks" {
+                            let known = [
+                                "/openid/v1/jwks",
+                                "/apis/authentication.k8s.io/v1/tokenreviews",
+                            ];
+                            let (status, body) = if !known.contains(&req.uri().path()) {
                                 (404, Vec::new())
                             } else if !authorized {
                                 (401, Vec::new())
@@ -1504,5 +1790,102 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn token_review_accepts_only_a_clear_yes_for_the_same_pod() {
+        let server = start_issuer(Some("ca-token"), false).await;
+        let dir = tempfile::tempdir().unwrap();
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, "ca-token\n").unwrap();
+        let review = TokenReview {
+            api_url: server.url.clone(),
+            ca_file: Some(server.ca_file()),
+            bearer_token_file: Some(token_file),
+        };
+        let pod = PodIdentity {
+            namespace: "payments".into(),
+            service_account: "api".into(),
+            pod_name: "api-1".into(),
+            pod_uid: "uid-1".into(),
+            expires_at: at(T),
+        };
+        let answer = |status: Value| {
+            serde_json::to_vec(&json!({"kind": "TokenReview", "status": status})).unwrap()
+        };
+        let yes = json!({"authenticated": true,
+            "user": {"username": "system:serviceaccount:payments:api",
+                     "extra": {"authentication.kubernetes.io/pod-uid": ["uid-1"]}},
+            "audiences": ["kith-ca"]});
+        server.set(201, answer(yes.clone()));
+        review.check("t", "kith-ca", &pod).await.unwrap();
+
+        let mut cases: Vec<(u16, Vec<u8>, &str)> = Vec::new();
+        let mut edit = |f: fn(&mut Value), reason| {
+            let mut v = yes.clone();
+            f(&mut v);
+            cases.push((201, answer(v), reason));
+        };
+        edit(|v| v["authenticated"] = json!(false), "review_rejected");
+        edit(
+            |v| v["user"]["username"] = json!("system:serviceaccount:payments:admin"),
+            "review_rejected",
+        );
+        edit(
+            |v| v["user"]["extra"]["authentication.kubernetes.io/pod-uid"] = json!(["uid-2"]),
+            "review_rejected",
+        );
+        edit(|v| v["audiences"] = json!(["other"]), "review_rejected");
+        cases.push((201, b"not json".to_vec(), "review_failed"));
+        cases.push((201, answer(Value::Null), "review_failed"));
+        cases.push((403, Vec::new(), "review_failed"));
+        for (status, body, reason) in cases {
+            server.set(status, body.clone());
+            let err = review.check("t", "kith-ca", &pod).await.unwrap_err();
+            assert_eq!(
+                err.reason(),
+                reason,
+                "{status} {}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+        // Without the CA's credential the API server says 401: no answer, refused.
+        let anonymous = TokenReview {
+            bearer_token_file: None,
+            ..review.clone()
+        };
+        server.set(201, answer(yes.clone()));
+        let err = anonymous.check("t", "kith-ca", &pod).await.unwrap_err();
+        assert_eq!(err.reason(), "review_failed");
+        // Plain http is never used: the pod's token would travel in the clear.
+        let http = TokenReview {
+            api_url: server.url.replace("https", "http"),
+            ..review
+        };
+        let err = http.check("t", "kith-ca", &pod).await.unwrap_err();
+        assert_eq!(err.reason(), "review_failed");
+    }
+
+    #[test]
+    fn fetched_keys_go_stale_after_the_maximum_staleness() {
+        let ec = &ec_keys()[0];
+        let source = JwksSource {
+            issuer_url: ISS.into(),
+            ca_file: None,
+            bearer_token_file: None,
+        };
+        let v = K8sVerifier::from_jwks(K8sConfig::new(ISS), &jwks(&[ec.jwk(Some("ec-1"))]))
+            .unwrap()
+            .with_source(source, at(T - 3600));
+        let t = token(ec, Some("ec-1"), &claims());
+        v.freshness(at(T)).unwrap();
+        v.verify(&t, at(T)).unwrap();
+        let err = v.verify(&t, at(T + 1)).unwrap_err();
+        assert_eq!(err.reason(), "jwks_stale");
+        assert!(v.freshness(at(T + 1)).unwrap_err().contains("3601s"));
+        // Keys from a file are the operator's to replace: they never go stale.
+        let file = verifier();
+        file.verify(&t, at(T + 1)).unwrap();
+        file.freshness(at(T + 86_400)).unwrap();
     }
 }

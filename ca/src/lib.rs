@@ -1,14 +1,17 @@
 //! `kith ca`: the CA service. It issues short-lived X509-SVIDs and JWT-SVIDs only to callers that
 //! proved who they are (join token, Kubernetes service-account token, or a current SVID), keeps
-//! its keys sealed, and records every issuance and refusal in a hash-chained audit log.
+//! its keys sealed, and records every issuance and refusal in an audit log chained by a MAC keyed from its KEK.
 
 pub mod authority;
 pub mod csr;
+pub mod guard;
 pub mod jwt_svid;
 pub mod k8s;
 pub mod metrics;
+pub mod ready;
 pub mod rollover;
 pub mod seal;
+pub mod selector;
 pub mod service;
 pub mod store;
 
@@ -18,5 +21,6 @@ pub mod api;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod listen;
 pub mod server;
 pub mod tls;

@@ -38,6 +38,13 @@ pub struct Metrics {
     pub rollover_unconfirmed: Gauge<i64, AtomicI64>,
     pub bundle_roots: Gauge<i64, AtomicI64>,
     pub upstream_expiring: Gauge<i64, AtomicI64>,
+    /// The newest audit row's sequence number; the CA also logs its MAC periodically.
+    pub audit_head_seq: Gauge<i64, AtomicI64>,
+    /// Refusals counted but held back from the audit log by its rate limits.
+    pub audit_suppressed: Counter,
+    /// Free bytes on the data volume, and the reserve below which anonymous work is refused.
+    pub data_free_bytes: Gauge<i64, AtomicI64>,
+    pub data_reserve_bytes: Gauge<i64, AtomicI64>,
 }
 
 impl Default for Metrics {
@@ -110,6 +117,30 @@ impl Metrics {
             "upstream_expiring",
             "1 from 30 days before the upstream CA certificate's end",
         );
+        let audit_head_seq = Gauge::<i64, AtomicI64>::default();
+        let audit_suppressed = Counter::default();
+        let data_free_bytes = Gauge::<i64, AtomicI64>::default();
+        let data_reserve_bytes = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "audit_head_seq",
+            "Sequence number of the newest audit row",
+            audit_head_seq.clone(),
+        );
+        registry.register(
+            "audit_suppressed",
+            "Refusals held back from the audit log by its rate limits (summarised in one row)",
+            audit_suppressed.clone(),
+        );
+        registry.register(
+            "data_free_bytes",
+            "Free bytes on the CA's data volume",
+            data_free_bytes.clone(),
+        );
+        registry.register(
+            "data_reserve_bytes",
+            "Free bytes below which the CA refuses anonymous requests (--min-free-disk)",
+            data_reserve_bytes.clone(),
+        );
         Self {
             registry,
             time_to_outage,
@@ -123,6 +154,10 @@ impl Metrics {
             signer_seconds_to_expiry: signer,
             root_seconds_to_expiry: root,
             connections,
+            audit_head_seq,
+            audit_suppressed,
+            data_free_bytes,
+            data_reserve_bytes,
         }
     }
 

@@ -1,7 +1,10 @@
 //! Keys at rest: CA private keys are sealed with AES-256-GCM under a key-encryption key (KEK)
 //! that lives outside the data directory. Each sealed blob carries its own random 96-bit nonce,
-//! and the key's purpose is bound in as associated data, so a sealed intermediate key cannot
-//! be swapped in where the root key is expected.
+//! and what the key is for is bound in as associated data (the caller's `purpose`: for CA keys,
+//! its kind, id and the hash of its certificate), so a sealed intermediate key cannot be swapped
+//! in where the root key is expected, nor paired with another certificate.
+//!
+//! The KEK also keys the audit chain, through a key derived from it (`AuditKey`).
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -13,8 +16,13 @@ use base64::engine::general_purpose::STANDARD;
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};
 
-/// Format version of a sealed blob: `[VERSION] [nonce; 12] [ciphertext + tag]`.
-const VERSION: u8 = 1;
+use crate::store::AuditKey;
+
+/// Format version of a sealed blob: `[VERSION] [nonce; 12] [ciphertext + tag]`. Version 2 is
+/// the layout of version 1; what changed is the associated data its writers bind (see
+/// `authority::binding`), so a reader can tell which to expect.
+const VERSION: u8 = 2;
+const LEGACY_VERSION: u8 = 1;
 pub const KEK_LEN: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +49,10 @@ pub enum SealError {
     Format,
     #[error("cannot unseal the {0} key: wrong key-encryption key, or the sealed data was altered")]
     Unseal(String),
+    #[error(
+        "no key-encryption key: pass --kek-file or set KITH_CA_KEK (none at {0} either); the audit chain is a MAC keyed by the CA's KEK, so checking it needs the same KEK the CA runs with"
+    )]
+    NoKek(PathBuf),
 }
 
 /// Where the KEK came from, for the start-up log.
@@ -56,6 +68,7 @@ pub enum KekSource {
 
 pub struct Kek {
     key: LessSafeKey,
+    audit: AuditKey,
     rng: SystemRandom,
 }
 
@@ -68,8 +81,33 @@ impl Kek {
             .map_err(|_| SealError::BadKekLength(bytes.len()))?;
         Ok(Self {
             key: LessSafeKey::new(unbound),
+            audit: AuditKey::derive(bytes),
             rng: SystemRandom::new(),
         })
+    }
+
+    /// The key of the audit chain's MAC, derived from this KEK.
+    pub fn audit_key(&self) -> AuditKey {
+        self.audit.clone()
+    }
+
+    /// Whether `sealed` was sealed by a kith that bound only the key's kind and id.
+    pub fn is_legacy(sealed: &[u8]) -> bool {
+        sealed.first() == Some(&LEGACY_VERSION)
+    }
+
+    /// The KEK as `load` would find it, but never created: for offline checks of a CA's data
+    /// (`kith ca audit verify`), where a missing KEK is an error that says where to put it.
+    pub fn find(
+        file: Option<&Path>,
+        env: Option<&str>,
+        data_dir: &Path,
+    ) -> Result<(Self, KekSource), SealError> {
+        let default = default_kek_path(data_dir);
+        if file.is_none() && env.is_none() && !default.exists() {
+            return Err(SealError::NoKek(default));
+        }
+        Self::load(file, env, data_dir)
     }
 
     pub fn from_base64(text: &str) -> Result<Self, SealError> {
@@ -138,8 +176,11 @@ impl Kek {
         Ok(out)
     }
 
+    /// Opens a blob of either version; `purpose` must be what its sealer bound.
     pub fn unseal(&self, purpose: &str, sealed: &[u8]) -> Result<Vec<u8>, SealError> {
-        if sealed.len() < 1 + NONCE_LEN + AES_256_GCM.tag_len() || sealed[0] != VERSION {
+        if sealed.len() < 1 + NONCE_LEN + AES_256_GCM.tag_len()
+            || (sealed[0] != VERSION && sealed[0] != LEGACY_VERSION)
+        {
             return Err(SealError::Format);
         }
         let nonce: [u8; NONCE_LEN] = sealed[1..1 + NONCE_LEN]

@@ -5,6 +5,7 @@ use std::convert::Infallible;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
@@ -12,21 +13,27 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::StatusCode;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminContext};
-use crate::api::{self, Limits, json_response};
+use crate::api::{self, Limits, json_response, readyz_response};
 use crate::authority::{Authority, Lifetimes, Push, Rotation, Upstream, unix};
 use crate::config::Config;
-use crate::k8s::{K8sConfig, K8sVerifier};
+use crate::guard::DiskGuard;
+use crate::k8s::{JwksSource, K8sConfig, K8sVerifier, TokenReview};
+use crate::listen::{Activity, LogLimit, Watched};
 use crate::metrics::Metrics;
 use crate::seal::{Kek, KekSource};
 use crate::service::{Ca, Policy};
 use crate::store::sqlite::SqliteStore;
 use crate::tls::{ServingCert, server_config};
+
+/// Connections the metrics listener serves at once (scrapers and probes need a handful).
+const METRICS_MAX_CONNECTIONS: usize = 64;
 
 /// The serving certificate's lifetime; it renews at half of it.
 const SERVING_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -69,7 +76,9 @@ pub async fn start(
         KekSource::File(p) => tracing::info!(kek = %p.display(), "key-encryption key from file"),
         KekSource::Env => tracing::info!("key-encryption key from KITH_CA_KEK"),
     }
-    let store = Arc::new(SqliteStore::open(&cfg.data_dir).context("opening the CA database")?);
+    let store = Arc::new(
+        SqliteStore::open(&cfg.data_dir, kek.audit_key()).context("opening the CA database")?,
+    );
     let upstream = match (&cfg.upstream_cert, &cfg.upstream_key) {
         (Some(c), Some(k)) => {
             let chain = identity::pem::certificates(
@@ -119,6 +128,9 @@ pub async fn start(
     };
     let mut ca = Ca::new(store, authority.clone(), policy, metrics.clone())?;
     ca.k8s = k8s_verifier(cfg, &shutdown).await?;
+    let disk = Arc::new(DiskGuard::new(&cfg.data_dir, cfg.min_free_disk));
+    ca.disk = Some(disk.clone());
+    ca.measure_disk();
     let ca = Arc::new(ca);
 
     let serving = Arc::new(ServingCert::issue(&authority, &cfg.dns, SERVING_TTL, now)?);
@@ -136,8 +148,15 @@ pub async fn start(
     let tasks = TaskTracker::new();
     let limits = Limits {
         max_connections: cfg.max_connections,
+        max_per_source: cfg.max_connections_per_source,
         request_timeout: cfg.request_timeout,
+        idle_timeout: cfg.idle_timeout,
         ..Limits::default()
+    };
+    let metrics_limits = Limits {
+        max_connections: METRICS_MAX_CONNECTIONS,
+        max_per_source: METRICS_MAX_CONNECTIONS,
+        ..limits.clone()
     };
     tasks.spawn(api::serve(
         ca.clone(),
@@ -147,8 +166,9 @@ pub async fn start(
         shutdown.clone(),
     ));
     tasks.spawn(serve_metrics(
-        metrics.clone(),
+        ca.clone(),
         listeners.metrics,
+        metrics_limits,
         shutdown.clone(),
     ));
     let ctx = AdminContext {
@@ -171,7 +191,9 @@ pub async fn start(
 }
 
 /// The Kubernetes token verifier, when an issuer is configured: keys from `--k8s-jwks`, or
-/// fetched from the issuer and refreshed every 10 minutes.
+/// fetched from the issuer and refreshed every 10 minutes (and on an unknown `kid`, at most
+/// every 30 s), refused once older than `--k8s-jwks-max-staleness`; with
+/// `--k8s-token-review`, every token is also put to the API server's TokenReview.
 async fn k8s_verifier(
     cfg: &Config,
     shutdown: &CancellationToken,
@@ -181,14 +203,34 @@ async fn k8s_verifier(
     };
     let mut k8s_cfg = K8sConfig::new(issuer.clone());
     k8s_cfg.audience = cfg.k8s_audience.clone();
+    k8s_cfg.max_staleness = cfg.k8s_jwks_max_staleness;
+    // In a pod, the CA's own service-account token lets it read the issuer's keys and ask
+    // for token reviews.
+    let token_file = PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/token");
+    let token_file = token_file.exists().then_some(token_file);
+    let review = cfg.k8s_token_review.as_ref().map(|url| TokenReview {
+        api_url: url.clone(),
+        ca_file: cfg
+            .k8s_token_review_ca_file
+            .clone()
+            .or_else(|| cfg.k8s_ca_file.clone()),
+        bearer_token_file: cfg
+            .k8s_token_review_token_file
+            .clone()
+            .or_else(|| token_file.clone()),
+    });
+    if let Some(r) = &review {
+        tracing::info!(api = %r.api_url, "pod tokens are checked with the api server's TokenReview");
+    }
+    let with_review = |v: K8sVerifier| match &review {
+        Some(r) => v.with_review(r.clone()),
+        None => v,
+    };
     if let Some(path) = &cfg.k8s_jwks {
         let v = K8sVerifier::from_jwks_file(k8s_cfg, path)
             .with_context(|| format!("--k8s-jwks {}", path.display()))?;
-        return Ok(Some(Arc::new(v)));
+        return Ok(Some(Arc::new(with_review(v))));
     }
-    // In a pod, the CA's own service-account token lets it read the issuer's keys.
-    let token_file = PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/token");
-    let token_file = token_file.exists().then_some(token_file);
     let token = token_file
         .as_ref()
         .and_then(|p| std::fs::read_to_string(p).ok());
@@ -199,7 +241,13 @@ async fn k8s_verifier(
     )
     .await
     .with_context(|| format!("fetching the service-account keys from {issuer}"))?;
-    let v = Arc::new(K8sVerifier::from_jwks(k8s_cfg, &jwks)?);
+    let source = JwksSource {
+        issuer_url: issuer.clone(),
+        ca_file: cfg.k8s_ca_file.clone(),
+        bearer_token_file: token_file.clone(),
+    };
+    let v = K8sVerifier::from_jwks(k8s_cfg, &jwks)?.with_source(source, SystemTime::now());
+    let v = Arc::new(with_review(v));
     v.spawn_refresh(
         issuer.clone(),
         cfg.k8s_ca_file.clone(),
@@ -257,6 +305,7 @@ async fn maintain(
                 }
             }
         }
+        ca.chores(now).await;
         let keys = ca.authority.keys();
         ca.metrics
             .signer_seconds_to_expiry
@@ -269,36 +318,102 @@ async fn maintain(
     }
 }
 
-async fn serve_metrics(metrics: Arc<Metrics>, listener: TcpListener, shutdown: CancellationToken) {
+/// Serves `/metrics`, `/healthz` and `/readyz` in plain HTTP/1.1, with a connection cap and the
+/// same header and idle deadlines as the API: the port is often reachable from a whole cluster.
+async fn serve_metrics(
+    ca: Arc<Ca<SqliteStore>>,
+    listener: TcpListener,
+    limits: Limits,
+    shutdown: CancellationToken,
+) {
     let tracker = TaskTracker::new();
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let refusals = LogLimit::default();
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue; } },
-        };
-        let metrics = metrics.clone();
-        tracker.spawn(async move {
-            let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let metrics = metrics.clone();
-                async move {
-                    let resp = match req.uri().path() {
-                        "/metrics" => {
-                            let mut r = hyper::Response::new(Full::new(Bytes::from(metrics.encode())));
-                            r.headers_mut().insert(
-                                hyper::header::CONTENT_TYPE,
-                                hyper::header::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-                            );
-                            r
-                        }
-                        "/healthz" | "/readyz" => json_response(StatusCode::OK, &serde_json::json!({"status": "ok"})),
-                        _ => json_response(StatusCode::NOT_FOUND, &serde_json::json!({"code": "not_found", "message": "try /metrics, /healthz or /readyz"})),
-                    };
-                    Ok::<_, Infallible>(resp)
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
                 }
-            });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            },
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            ca.metrics.refused("metrics_too_many_connections");
+            if let Some(skipped) = refusals.admit() {
+                tracing::warn!(
+                    limit = limits.max_connections,
+                    skipped,
+                    "refused a metrics connection: at the connection limit"
+                );
+            }
+            continue;
+        };
+        let ca = ca.clone();
+        let limits = limits.clone();
+        tracker.spawn(async move {
+            let _permit = permit;
+            let activity = Activity::new();
+            let stream = Watched::new(stream, activity.clone());
+            let served = Arc::new(AtomicBool::new(false));
+            let svc = {
+                let ca = ca.clone();
+                let served = served.clone();
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let ca = ca.clone();
+                    served.store(true, Ordering::Relaxed);
+                    async move { Ok::<_, Infallible>(metrics_route(&ca, req.uri().path()).await) }
+                })
+            };
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.request_timeout)
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::select! {
+                r = conn => {
+                    if let Err(e) = r
+                        && e.is_timeout()
+                        && !served.load(Ordering::Relaxed)
+                    {
+                        HEADER_LOG.warn("closed a metrics connection whose request headers did not arrive in time");
+                        ca.metrics.refused("metrics_header_timeout");
+                    }
+                }
+                _ = activity.idle(limits.idle_timeout) => {
+                    IDLE_LOG.warn("closed a metrics connection on which nothing moved for the idle timeout");
+                    ca.metrics.refused("metrics_idle_timeout");
+                }
+            }
         });
     }
     tracker.close();
     tracker.wait().await;
+}
+
+/// Slow and silent metrics clients are logged at most once a second per kind.
+static HEADER_LOG: LogLimit = LogLimit::new();
+static IDLE_LOG: LogLimit = LogLimit::new();
+
+async fn metrics_route(ca: &Ca<SqliteStore>, path: &str) -> hyper::Response<Full<Bytes>> {
+    match path {
+        "/metrics" => {
+            let mut r = hyper::Response::new(Full::new(Bytes::from(ca.metrics.encode())));
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            r
+        }
+        "/healthz" => json_response(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+        "/readyz" => readyz_response(&ca.readiness(SystemTime::now()).await),
+        _ => json_response(
+            StatusCode::NOT_FOUND,
+            &serde_json::json!({"code": "not_found", "message": "try /metrics, /healthz or /readyz"}),
+        ),
+    }
 }

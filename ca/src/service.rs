@@ -2,7 +2,8 @@
 //! issuance and refusal. The HTTP layer (`api`) only parses, calls in here, and encodes.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -15,8 +16,10 @@ use subtle::ConstantTimeEq;
 
 use crate::authority::{Authority, AuthorityError, unix};
 use crate::csr::{CsrError, check_csr};
+use crate::guard::{DiskGuard, RefusalLimiter, excerpt};
 use crate::k8s::{K8sError, K8sVerifier};
 use crate::metrics::Metrics;
+use crate::ready::Readiness;
 use crate::store::{
     AuditEvent, Entry, IssuedCert, Node, Outcome, Store, StoreError, TokenRefusal, Write,
 };
@@ -106,6 +109,8 @@ pub struct EntryList {
 #[derive(Default)]
 struct Cache {
     evicted: HashSet<String>,
+    /// Each node's latest attestation (unix seconds).
+    attested: HashMap<String, i64>,
     by_parent: HashMap<String, Vec<Entry>>,
 }
 
@@ -115,9 +120,43 @@ pub struct Ca<S: Store> {
     pub policy: Policy,
     pub metrics: Arc<Metrics>,
     pub k8s: Option<Arc<K8sVerifier>>,
+    /// Which refusals get their own audit row.
+    pub refusals: RefusalLimiter,
+    /// The data volume's free space; anonymous work stops below its reserve.
+    pub disk: Option<Arc<DiskGuard>>,
     cache: ArcSwap<Cache>,
     bundle_json: ArcSwap<(u64, Option<Box<RawValue>>)>,
+    chores: Mutex<Chores>,
+    /// The last readiness verdict, reused for a second: `/readyz` is anonymous, and each check
+    /// costs a durable write.
+    readiness: tokio::sync::Mutex<Option<(std::time::Instant, Readiness)>>,
 }
+
+/// When the periodic chores last ran (unix seconds).
+#[derive(Default)]
+struct Chores {
+    summary_at: i64,
+    head_logged_at: i64,
+}
+
+/// How often held-back refusals are summarised in one audit row.
+const SUMMARY_EVERY: i64 = 60;
+/// How often the audit head is logged.
+const HEAD_LOG_EVERY: i64 = 600;
+
+/// Refusal codes that, from a caller without a verified SVID, are noise: counted in metrics,
+/// never audited. Anyone can send them in any number, and they say nothing about an identity.
+const ANONYMOUS_NOISE: &[&str] = &[
+    "not_found",
+    "method_not_allowed",
+    "malformed_json",
+    "body_too_large",
+    "bad_request",
+    "request_timeout",
+    "client_certificate_required",
+    "invalid_spiffe_id",
+    "disk_low",
+];
 
 impl<S: Store> Ca<S> {
     pub fn new(
@@ -132,8 +171,12 @@ impl<S: Store> Ca<S> {
             policy,
             metrics,
             k8s: None,
+            refusals: RefusalLimiter::default(),
+            disk: None,
             cache: ArcSwap::from_pointee(Cache::default()),
             bundle_json: ArcSwap::from_pointee((0, None)),
+            chores: Mutex::new(Chores::default()),
+            readiness: tokio::sync::Mutex::new(None),
         };
         ca.reload()?;
         Ok(ca)
@@ -145,9 +188,12 @@ impl<S: Store> Ca<S> {
 
     /// Rebuilds the hot-path caches from the store.
     pub fn reload(&self) -> Result<(), StoreError> {
-        let evicted = self
-            .store
-            .nodes()?
+        let nodes = self.store.nodes()?;
+        let attested = nodes
+            .iter()
+            .map(|n| (n.spiffe_id.clone(), n.attested_at))
+            .collect();
+        let evicted = nodes
             .into_iter()
             .filter(|n| n.evicted_at.is_some())
             .map(|n| n.spiffe_id)
@@ -156,7 +202,11 @@ impl<S: Store> Ca<S> {
         for e in self.store.entries()? {
             by_parent.entry(e.parent_id.clone()).or_default().push(e);
         }
-        self.cache.store(Arc::new(Cache { evicted, by_parent }));
+        self.cache.store(Arc::new(Cache {
+            evicted,
+            attested,
+            by_parent,
+        }));
         Ok(())
     }
 
@@ -181,6 +231,19 @@ impl<S: Store> Ca<S> {
         serde_json::from_str(self.bundle_raw().get()).unwrap_or_default()
     }
 
+    /// Whether this CA can issue now (see `ready`), at most a second old.
+    pub async fn readiness(&self, now: SystemTime) -> Readiness {
+        let mut last = self.readiness.lock().await;
+        if let Some((at, r)) = last.as_ref()
+            && at.elapsed() < Duration::from_secs(1)
+        {
+            return r.clone();
+        }
+        let r = crate::ready::check(self, now).await;
+        *last = Some((std::time::Instant::now(), r.clone()));
+        r
+    }
+
     pub fn is_evicted(&self, node: &SpiffeId) -> bool {
         self.cache.load().evicted.contains(node.as_str())
     }
@@ -192,6 +255,7 @@ impl<S: Store> Ca<S> {
         csr: &[u8],
         now: SystemTime,
     ) -> Result<SvidResponse, ApiError> {
+        self.admit_anonymous()?;
         let (token_id, hash) =
             parse_token(token).ok_or_else(|| token_error(TokenRefusal::Unknown))?;
         // Look first, so a bad token is refused before any signing work; the token is spent
@@ -278,60 +342,94 @@ impl<S: Store> Ca<S> {
         Ok(self.response(id, issued, now))
     }
 
-    /// A fresh SVID for the caller's own, current identity.
+    /// A fresh node SVID for a node that presents its current one.
+    ///
+    /// SECURITY: only node SVIDs renew here. A workload SVID that could renew itself would let
+    /// a stolen workload key keep the identity forever; workload SVIDs are renewed by the agent
+    /// of their node (`/v1/svid` under the node SVID), which attests the caller again each
+    /// time. A node SVID renews only while its node is not evicted and only if it was issued
+    /// since the node's latest attestation, so an SVID taken before an eviction stays dead
+    /// even after the node joins again with a new token.
     pub async fn renew(
         &self,
         caller: &SpiffeId,
         caller_serial: &[u8],
+        caller_not_before: SystemTime,
         csr: &[u8],
         now: SystemTime,
     ) -> Result<SvidResponse, ApiError> {
-        let (kind, ttl, parent) = if caller.path().starts_with("/kith/node/") {
-            self.check_node(caller)?;
-            ("node", self.policy.node_ttl, None)
-        } else {
-            // A workload SVID renews only while the node it came through is in good standing
-            // and still entitled to it: eviction reaches everything under a node.
-            let record = self.store.certificate(caller_serial)?.ok_or_else(|| {
-                ApiError::new(
-                    403,
-                    "unknown_certificate",
-                    "this CA has no record of the presented certificate",
-                )
-            })?;
-            let Some(node) = record.parent.filter(|_| record.kind == "workload") else {
+        if !caller.path().starts_with("/kith/node/") {
+            return Err(ApiError::new(
+                403,
+                "workload_renewal_refused",
+                "workload SVIDs do not renew themselves: the node's agent renews them through /v1/svid after attesting the workload again; pods attest again at /v1/attest/k8s",
+            ));
+        }
+        self.check_node(caller)?;
+        let record = self.store.certificate(caller_serial)?;
+        if record.as_ref().is_none_or(|r| r.kind != "node") {
+            return Err(ApiError::new(
+                403,
+                "unknown_certificate",
+                "this CA has no record of the presented node certificate",
+            ));
+        }
+        // Issuance time of the presented SVID: the CA backdates NotBefore by a fixed amount.
+        let issued_at = unix(caller_not_before + identity::x509::BACKDATE);
+        let attested_at = self.cache.load().attested.get(caller.as_str()).copied();
+        match attested_at {
+            None => {
                 return Err(ApiError::new(
                     403,
-                    "renew_not_allowed",
-                    "only node and agent-issued workload SVIDs renew here; pods attest again with a fresh service-account token at /v1/attest/k8s",
+                    "unknown_node",
+                    format!("{caller} is not a node this CA attested"),
                 ));
-            };
-            let node_id = SpiffeId::new(&node).map_err(ApiError::internal)?;
-            self.check_node(&node_id)?;
-            let entry = self.entry_for(&node_id, caller)?;
-            ("workload", self.entry_ttl(&entry), Some(node))
-        };
+            }
+            Some(at) if issued_at < at => {
+                return Err(ApiError::new(
+                    403,
+                    "node_svid_superseded",
+                    format!(
+                        "this SVID of {caller} predates the node's latest attestation; use the SVID that attestation issued"
+                    ),
+                ));
+            }
+            Some(_) => {}
+        }
         let key = check_csr(csr, caller)?;
-        let issued = self.authority.sign(caller, &key, &[], ttl, now)?;
+        let issued = self
+            .authority
+            .sign(caller, &key, &[], self.policy.node_ttl, now)?;
         let at = unix(now);
-        let node = (kind == "node").then(|| Node {
+        let node = Node {
             spiffe_id: caller.to_string(),
             name: caller.segments().last().unwrap_or_default().to_owned(),
             attested_at: at,
             last_issued_at: at,
             evicted_at: None,
-        });
+        };
         let write = Write::Issue {
-            cert: issued_cert(&issued, caller, kind, parent, now),
-            node,
-            audit: issue_event(caller, kind, &issued, now, json!({"renewal": true})),
+            cert: issued_cert(&issued, caller, "node", None, now),
+            node: Some(node),
+            audit: issue_event(caller, "node", &issued, now, json!({"renewal": true})),
         };
         self.store.write(write).await?;
-        self.metrics.issued(if kind == "node" {
-            "node_renewal"
-        } else {
-            "workload_renewal"
-        });
+        // SECURITY: an eviction that committed while this renewal was being signed wins: the
+        // store orders the two writes, and the SVID is not handed out if the eviction came
+        // first (the cache the check above read is only rebuilt after the eviction commits).
+        let evicted = self
+            .store
+            .nodes()?
+            .iter()
+            .any(|n| n.spiffe_id == caller.as_str() && n.evicted_at.is_some());
+        if evicted {
+            return Err(ApiError::new(
+                403,
+                "node_evicted",
+                format!("{caller} has been evicted; attest it again with a new join token"),
+            ));
+        }
+        self.metrics.issued("node_renewal");
         Ok(self.response(caller, issued, now))
     }
 
@@ -368,6 +466,7 @@ impl<S: Store> Ca<S> {
         csr: &[u8],
         now: SystemTime,
     ) -> Result<SvidResponse, ApiError> {
+        self.admit_anonymous()?;
         let verifier = self.k8s.as_ref().ok_or_else(|| {
             ApiError::new(
                 404,
@@ -376,15 +475,20 @@ impl<S: Store> Ca<S> {
             )
         })?;
         let pod = verifier
-            .verify(token, now)
-            .map_err(|e| ApiError::new(401, k8s_code(&e), e.to_string()))?;
+            .attest(token, now)
+            .await
+            .map_err(|e| k8s_error(&e))?;
         let id = pod
             .spiffe_id(self.trust_domain())
-            .map_err(|e| ApiError::new(401, k8s_code(&e), e.to_string()))?;
+            .map_err(|e| k8s_error(&e))?;
         let key = check_csr(csr, &id)?;
-        let issued = self
-            .authority
-            .sign(&id, &key, &[], self.policy.workload_ttl, now)?;
+        // SECURITY: the SVID ends with the token that bought it, plus the margin the sidecar
+        // needs to come back with the kubelet's next token; never the full TTL regardless.
+        let ttl = (pod.expires_at + crate::k8s::SVID_MARGIN)
+            .duration_since(now)
+            .unwrap_or_default()
+            .min(self.policy.workload_ttl);
+        let issued = self.authority.sign(&id, &key, &[], ttl, now)?;
         let detail = json!({"attestation": "k8s_psat", "namespace": pod.namespace, "pod": pod.pod_name, "pod_uid": pod.pod_uid});
         let write = Write::Issue {
             cert: issued_cert(&issued, &id, "pod", None, now),
@@ -436,7 +540,8 @@ impl<S: Store> Ca<S> {
             action: "issue".into(),
             subject: id.to_string(),
             outcome: "ok".into(),
-            detail: json!({"kind": "jwt", "node": node, "audience": audience, "kid": keys.jwt.signer.key_id(), "exp": unix(expires)}),
+            // The audience is the caller's text: the row keeps a short excerpt of the first few.
+            detail: json!({"kind": "jwt", "node": node, "audience": audience.iter().take(4).map(|a| excerpt(a)).collect::<Vec<_>>(), "audiences": audience.len(), "kid": keys.jwt.signer.key_id(), "exp": unix(expires)}),
         };
         self.store.write(Write::Audit(event)).await?;
         self.metrics.issued("jwt");
@@ -483,11 +588,35 @@ impl<S: Store> Ca<S> {
         Ok(())
     }
 
-    /// Counts and audits a refusal; returns the error for the response.
+    /// Refuses anonymous work (join and Kubernetes attestation) while the data volume is below
+    /// its reserve, so the space left goes to the renewals that keep the mesh running.
+    pub fn admit_anonymous(&self) -> Result<(), ApiError> {
+        match &self.disk {
+            Some(disk) if disk.is_low() => Err(ApiError::new(
+                503,
+                "disk_low",
+                disk.report().message.unwrap_or_else(|| {
+                    "the CA's data volume is below its free-space reserve".into()
+                }),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Counts a refusal and, within the audit log's rate limits, audits it; returns the error
+    /// for the response.
+    ///
+    /// SECURITY: a refusal row holds the endpoint, the reason code, the caller's verified ID or
+    /// address, and at most a short escaped excerpt of the message (which may quote what the
+    /// caller sent). Anonymous noise is not audited at all, and the rest is rate-limited per
+    /// source and in total, with what was held back summarised in one row a minute: a caller
+    /// cannot grow the database by more than a small bounded amount.
     pub async fn refuse(
         &self,
         endpoint: &str,
         subject: &str,
+        source: Option<IpAddr>,
+        authenticated: bool,
         err: ApiError,
         now: SystemTime,
     ) -> ApiError {
@@ -495,17 +624,116 @@ impl<S: Store> Ca<S> {
         if err.status >= 500 {
             tracing::error!(endpoint, subject, code = err.code, error = %err.message, "the CA could not serve a request");
         }
+        if !authenticated && ANONYMOUS_NOISE.contains(&err.code) {
+            tracing::debug!(
+                reason = err.code,
+                endpoint,
+                ?source,
+                "refused anonymous noise"
+            );
+            return err;
+        }
+        let t = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        if !self.refusals.admit(source, err.code, t) {
+            self.metrics.audit_suppressed.inc();
+            tracing::debug!(
+                reason = err.code,
+                endpoint,
+                ?source,
+                subject,
+                "refused (audit row held back by the rate limit)"
+            );
+            return err;
+        }
+        // Logged at the rate refusals are audited, so an attack cannot flood the log either.
+        tracing::info!(reason = err.code, endpoint, ?source, subject, message = %excerpt(&err.message), "refused");
         let event = AuditEvent {
             at: unix(now),
             action: "refuse".into(),
             subject: subject.into(),
             outcome: err.code.into(),
-            detail: json!({"endpoint": endpoint, "message": err.message}),
+            detail: json!({
+                "endpoint": endpoint,
+                "source": source.map(|s| s.to_string()),
+                "message": excerpt(&err.message),
+            }),
         };
         if let Err(e) = self.store.write(Write::Audit(event)).await {
             tracing::error!(error = %e, "failed to audit a refusal");
         }
         err
+    }
+
+    /// Measures the data volume and exports what it found.
+    pub fn measure_disk(&self) {
+        if let Some(disk) = &self.disk {
+            let r = disk.check();
+            self.metrics
+                .data_free_bytes
+                .set(i64::try_from(r.free_bytes).unwrap_or(i64::MAX));
+            self.metrics
+                .data_reserve_bytes
+                .set(i64::try_from(r.reserve_bytes).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Writes one audit row for the refusals held back since the last one, if any.
+    pub async fn audit_suppressed(&self, now: SystemTime) -> Result<bool, StoreError> {
+        let Some(s) = self.refusals.take_suppressed() else {
+            return Ok(false);
+        };
+        tracing::warn!(
+            suppressed = s.count,
+            sources = s.sources,
+            "refusals held back from the audit log by its rate limits; one summary row written"
+        );
+        let event = AuditEvent {
+            at: unix(now),
+            action: "refuse.suppressed".into(),
+            subject: "refusals".into(),
+            outcome: "suppressed".into(),
+            detail: serde_json::to_value(&s).unwrap_or_default(),
+        };
+        self.store.write(Write::Audit(event)).await?;
+        Ok(true)
+    }
+
+    /// The periodic chores of the maintenance loop: measure the data volume, summarise
+    /// held-back refusals (once a minute), export the audit head (a gauge each call, a log
+    /// line every ten minutes, so the head is on record outside the database).
+    pub async fn chores(&self, now: SystemTime) {
+        self.measure_disk();
+        let at = unix(now);
+        let (summary_due, head_due) = match self.chores.lock() {
+            Ok(mut c) => {
+                let s = at - c.summary_at >= SUMMARY_EVERY;
+                let h = at - c.head_logged_at >= HEAD_LOG_EVERY;
+                if s {
+                    c.summary_at = at;
+                }
+                if h {
+                    c.head_logged_at = at;
+                }
+                (s, h)
+            }
+            Err(_) => (true, true),
+        };
+        if summary_due && let Err(e) = self.audit_suppressed(now).await {
+            tracing::error!(error = %e, "failed to write the refusal summary row");
+        }
+        match self.store.audit_head() {
+            Ok(Some(head)) => {
+                self.metrics.audit_head_seq.set(head.seq);
+                if head_due {
+                    tracing::info!(seq = head.seq, hash = %head.hash, head = %head, "audit head");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "cannot read the audit head"),
+        }
     }
 
     fn response(
@@ -543,6 +771,16 @@ pub fn secret_hash(secret: &str) -> [u8; 32] {
     out
 }
 
+/// The refusal for a pod token: 401 for the token itself, 503 when the CA cannot judge it now
+/// (stale issuer keys, TokenReview unreachable).
+fn k8s_error(e: &K8sError) -> ApiError {
+    let status = match e.reason() {
+        "jwks_stale" | "review_failed" => 503,
+        _ => 401,
+    };
+    ApiError::new(status, k8s_code(e), e.to_string())
+}
+
 /// A stable refusal code per kind of bad Kubernetes token.
 fn k8s_code(e: &K8sError) -> &'static str {
     match e.reason() {
@@ -556,6 +794,9 @@ fn k8s_code(e: &K8sError) -> &'static str {
         "no_pod_binding" => "k8s_no_pod_binding",
         "too_large" => "k8s_token_too_large",
         "bad_name" => "k8s_bad_name",
+        "jwks_stale" => "k8s_jwks_stale",
+        "review_rejected" => "k8s_token_review_rejected",
+        "review_failed" => "k8s_token_review_unavailable",
         _ => "k8s_token_malformed",
     }
 }

@@ -1,5 +1,5 @@
 //! What the CA keeps: its sealed keys, join tokens, registration entries, nodes, issued
-//! certificates and the hash-chained audit log. The issuance code talks to the `Store` trait
+//! certificates and the MAC-chained audit log. The issuance code talks to the `Store` trait
 //! only, so a PostgreSQL store for several replicas can follow without touching it.
 //!
 //! Writes are commands (`Write`) that a store applies in groups: many concurrent issuances
@@ -10,6 +10,7 @@ pub mod sqlite;
 use std::future::Future;
 
 use ring::digest::{SHA256, digest};
+use ring::{hkdf, hmac};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +112,70 @@ pub struct AuditEvent {
     pub detail: serde_json::Value,
 }
 
+/// The newest row of the audit chain: what an operator writes down to detect later truncation
+/// (`kith ca audit verify --expect-head SEQ:HASH`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditHead {
+    pub seq: i64,
+    /// Hex of the row's MAC.
+    pub hash: String,
+}
+
+impl AuditHead {
+    /// Parses `SEQ:HASH` (HASH: 64 hex characters).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (seq, hash) = text
+            .trim()
+            .split_once(':')
+            .ok_or_else(|| format!("{text:?} is not SEQ:HASH"))?;
+        let seq = seq
+            .parse::<i64>()
+            .ok()
+            .filter(|s| *s > 0)
+            .ok_or_else(|| format!("{seq:?} is not a row number"))?;
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("{hash:?} is not a 64-character hex hash"));
+        }
+        Ok(Self {
+            seq,
+            hash: hash.to_ascii_lowercase(),
+        })
+    }
+}
+
+impl std::fmt::Display for AuditHead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.seq, self.hash)
+    }
+}
+
+/// The key of the audit chain's MAC: HKDF-SHA256 of the key-encryption key under its own label,
+/// so the KEK itself never keys anything but the seal. Whoever can write the database but does
+/// not hold the KEK cannot recompute the chain after editing or deleting rows.
+#[derive(Clone)]
+pub struct AuditKey(hmac::Key);
+
+/// The HKDF label (info) of the audit key; a new label makes a new, unrelated key.
+const AUDIT_KEY_LABEL: &[u8] = b"kith audit chain v1";
+
+impl AuditKey {
+    pub fn derive(kek: &[u8]) -> Self {
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, &[]).extract(kek);
+        let info = [AUDIT_KEY_LABEL];
+        // `expand` fails only when the output is longer than 255 hashes; 32 bytes never is.
+        match prk.expand(&info, hmac::HMAC_SHA256) {
+            Ok(okm) => Self(hmac::Key::from(okm)),
+            Err(_) => unreachable!("a 32-byte HKDF output is always in range"),
+        }
+    }
+}
+
+impl std::fmt::Debug for AuditKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AuditKey(..)")
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct AuditRow {
     pub seq: i64,
@@ -121,12 +186,19 @@ pub struct AuditRow {
 }
 
 /// The result of checking the audit chain.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct AuditVerdict {
     pub rows: i64,
-    /// The first row whose hash does not follow from the rows before it.
+    /// The first row whose MAC does not follow from the rows before it (or, with an expected
+    /// head, the row that should have been there).
     pub first_broken: Option<i64>,
     pub detail: Option<String>,
+    /// Rows written by a kith before the chain was keyed, checked as a plain SHA-256 chain.
+    #[serde(default)]
+    pub legacy_rows: i64,
+    /// The newest row.
+    #[serde(default)]
+    pub head: Option<AuditHead>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -186,11 +258,23 @@ pub enum Write {
     PutCaKey(CaKeyRecord, AuditEvent),
     /// Moves a CA key's activation time (a successor root starts signing when the rollover
     /// decides, not at a time fixed when it was made).
+    /// The key's seal binds its activation time, so it comes sealed again with the new one.
     ActivateCaKey {
         id: String,
         activate_at: i64,
+        sealed_key: Vec<u8>,
         audit: AuditEvent,
     },
+    /// Replace a CA key's sealed blob (a key sealed by an older kith, sealed again with the
+    /// current binding).
+    ResealCaKey {
+        id: String,
+        sealed_key: Vec<u8>,
+        audit: AuditEvent,
+    },
+    /// A durable write that changes nothing the CA reads: `/readyz` proves the store still
+    /// takes writes with it.
+    Probe,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -212,14 +296,52 @@ pub trait Store: Send + Sync + 'static {
     fn entries(&self) -> Result<Vec<Entry>, StoreError>;
     fn nodes(&self) -> Result<Vec<Node>, StoreError>;
     fn audit(&self, after_seq: i64, limit: i64) -> Result<Vec<AuditRow>, StoreError>;
-    fn verify_audit(&self) -> Result<AuditVerdict, StoreError>;
+    /// Walks the whole chain; with `expect`, also requires that row to be in it unchanged.
+    fn verify_audit(&self, expect: Option<&AuditHead>) -> Result<AuditVerdict, StoreError>;
+    fn audit_head(&self) -> Result<Option<AuditHead>, StoreError>;
+    /// Whether any audit row has this action and subject (a scan: for rare checks only).
+    fn audit_has(&self, action: &str, subject: &str) -> Result<bool, StoreError>;
     fn counts(&self) -> Result<Counts, StoreError>;
 }
 
-/// The hash of an audit row: SHA-256 over the previous row's hash and every field of this
-/// row as stored (`detail` is the JSON text in the row), each length-prefixed so no two rows
-/// encode alike.
-pub fn audit_hash(prev: &[u8; 32], seq: i64, e: &AuditEvent, detail: &str) -> [u8; 32] {
+/// The MAC of an audit row: HMAC-SHA256 under the audit key over the previous row's MAC and
+/// every field of this row as stored (`detail` is the JSON text in the row), each
+/// length-prefixed so no two rows encode alike.
+pub fn audit_mac(
+    key: &AuditKey,
+    prev: &[u8; 32],
+    seq: i64,
+    e: &AuditEvent,
+    detail: &str,
+) -> [u8; 32] {
+    let buf = audit_encoding(prev, seq, e, detail);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(hmac::sign(&key.0, &buf).as_ref());
+    out
+}
+
+/// Checks a row's MAC in constant time.
+pub fn audit_mac_ok(
+    key: &AuditKey,
+    prev: &[u8; 32],
+    seq: i64,
+    e: &AuditEvent,
+    detail: &str,
+    stored: &[u8],
+) -> bool {
+    hmac::verify(&key.0, &audit_encoding(prev, seq, e, detail), stored).is_ok()
+}
+
+/// The plain SHA-256 chain of kith versions before the chain was keyed: still checked for the
+/// rows such a version wrote, up to the `audit.keyed` row that starts the MAC chain.
+pub fn legacy_audit_hash(prev: &[u8; 32], seq: i64, e: &AuditEvent, detail: &str) -> [u8; 32] {
+    let buf = audit_encoding(prev, seq, e, detail);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest(&SHA256, &buf).as_ref());
+    out
+}
+
+fn audit_encoding(prev: &[u8; 32], seq: i64, e: &AuditEvent, detail: &str) -> Vec<u8> {
     let mut buf = Vec::with_capacity(96 + e.action.len() + e.subject.len() + detail.len());
     buf.extend_from_slice(prev);
     buf.extend_from_slice(&seq.to_be_bytes());
@@ -233,9 +355,7 @@ pub fn audit_hash(prev: &[u8; 32], seq: i64, e: &AuditEvent, detail: &str) -> [u
         buf.extend_from_slice(&(field.len() as u64).to_be_bytes());
         buf.extend_from_slice(field.as_bytes());
     }
-    let mut out = [0u8; 32];
-    out.copy_from_slice(digest(&SHA256, &buf).as_ref());
-    out
+    buf
 }
 
 pub fn hex(bytes: &[u8]) -> String {

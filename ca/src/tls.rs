@@ -191,6 +191,7 @@ pub enum Peer {
     None,
     Verified {
         id: SpiffeId,
+        not_before: SystemTime,
         not_after: SystemTime,
         serial: Vec<u8>,
     },
@@ -210,6 +211,7 @@ impl Peer {
             Ok(id) => match x509_parser::parse_x509_certificate(&chain[0]) {
                 Ok((_, c)) => Peer::Verified {
                     id,
+                    not_before: identity::x509::from_offset(c.validity().not_before.to_datetime()),
                     not_after: identity::x509::from_offset(c.validity().not_after.to_datetime()),
                     serial: c.raw_serial().to_vec(),
                 },

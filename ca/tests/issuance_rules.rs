@@ -1,12 +1,12 @@
 //! The CA decides every field of a certificate: a CSR's subject, extensions and wishes are
-//! ignored or refused; TTLs are capped; renewals follow the lineage of what was issued.
+//! ignored or refused; TTLs are capped; renewals are covered in `renewal.rs`.
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
 use std::time::{Duration, SystemTime};
 
-use common::{Svid, csr, csr_with, start_ca};
+use common::{csr, csr_with, start_ca};
 use rcgen::{DnType, KeyUsagePurpose};
 use serde_json::json;
 use x509_parser::prelude::*;
@@ -86,77 +86,4 @@ async fn only_the_csrs_key_is_used() {
         serials.push(cert.raw_serial().to_vec());
     }
     assert_ne!(serials[0], serials[1]);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_workload_renews_only_while_its_node_and_entry_stand() {
-    let ca = start_ca(|_| {}).await;
-    let node = ca.node("host-a").await;
-    let entry = ca.entry("spiffe://example.org/web", &node.id).await;
-    let (c, key) = csr();
-    let (_, v) = ca
-        .as_svid(&node)
-        .await
-        .post_json(
-            "/v1/svid",
-            &json!({"spiffe_id": "spiffe://example.org/web", "csr": c}),
-        )
-        .await
-        .unwrap();
-    let web = Svid::from_response(&v, key);
-
-    let (c, key) = csr();
-    let (s, v) = ca
-        .as_svid(&web)
-        .await
-        .post_json("/v1/renew", &json!({"csr": c}))
-        .await
-        .unwrap();
-    assert_eq!(s, 200, "{v}");
-    let renewed = Svid::from_response(&v, key);
-    // The renewed SVID keeps the lineage: it can renew again.
-    let (s, _) = ca
-        .as_svid(&renewed)
-        .await
-        .post_json("/v1/renew", &json!({"csr": csr().0}))
-        .await
-        .unwrap();
-    assert_eq!(s, 200);
-
-    ca.admin
-        .call(
-            hyper::Method::DELETE,
-            &format!("/entries/{}", entry["id"].as_str().unwrap()),
-            None,
-        )
-        .await
-        .unwrap();
-    let (s, v) = ca
-        .as_svid(&renewed)
-        .await
-        .post_json("/v1/renew", &json!({"csr": csr().0}))
-        .await
-        .unwrap();
-    assert_eq!((s, v["code"].as_str().unwrap()), (403, "not_entitled"));
-
-    ca.entry("spiffe://example.org/web", &node.id).await;
-    ca.admin
-        .call(
-            hyper::Method::POST,
-            "/nodes/evict",
-            Some(json!({"spiffe_id": node.id})),
-        )
-        .await
-        .unwrap();
-    let (s, v) = ca
-        .as_svid(&renewed)
-        .await
-        .post_json("/v1/renew", &json!({"csr": csr().0}))
-        .await
-        .unwrap();
-    assert_eq!(
-        (s, v["code"].as_str().unwrap()),
-        (403, "node_evicted"),
-        "eviction reaches everything under the node"
-    );
 }

@@ -99,7 +99,8 @@ fn audit_actions(store: &SqliteStore) -> Vec<String> {
 #[tokio::test]
 async fn a_root_rolls_over_with_overlap_and_the_old_root_leaves_after_its_last_leaf() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(dir.path()).unwrap();
+    let store =
+        SqliteStore::open(dir.path(), Kek::from_bytes(&[9u8; 32]).unwrap().audit_key()).unwrap();
     let t0 = SystemTime::now();
     let auth = load(&store, t0, None).await;
     assert_eq!(
@@ -205,13 +206,14 @@ async fn a_root_rolls_over_with_overlap_and_the_old_root_leaves_after_its_last_l
             "{phase} audited: {actions:?}"
         );
     }
-    assert_eq!(store.verify_audit().unwrap().first_broken, None);
+    assert_eq!(store.verify_audit(None).unwrap().first_broken, None);
 }
 
 #[tokio::test]
 async fn an_operator_can_start_a_rollover_early_and_force_the_switch() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(dir.path()).unwrap();
+    let store =
+        SqliteStore::open(dir.path(), Kek::from_bytes(&[9u8; 32]).unwrap().audit_key()).unwrap();
     let t0 = SystemTime::now();
     let auth = load(&store, t0, None).await;
     assert!(matches!(
@@ -240,7 +242,8 @@ async fn an_operator_can_start_a_rollover_early_and_force_the_switch() {
 #[tokio::test]
 async fn a_ca_down_past_its_root_makes_a_new_root_at_start_and_says_so() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(dir.path()).unwrap();
+    let store =
+        SqliteStore::open(dir.path(), Kek::from_bytes(&[9u8; 32]).unwrap().audit_key()).unwrap();
     let t0 = SystemTime::now();
     let old = roots(&load(&store, t0, None).await);
     let later = t0 + s(1100);
@@ -272,7 +275,8 @@ fn upstream(t0: SystemTime, life: Duration) -> Upstream {
 #[tokio::test]
 async fn an_expired_root_signs_nothing_and_makes_no_expired_signer() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(dir.path()).unwrap();
+    let store =
+        SqliteStore::open(dir.path(), Kek::from_bytes(&[9u8; 32]).unwrap().audit_key()).unwrap();
     let t0 = SystemTime::now();
     let auth = load(&store, t0, Some(upstream(t0, s(600)))).await;
     let key = KeyPair::generate().unwrap();
@@ -316,7 +320,8 @@ async fn an_expired_root_signs_nothing_and_makes_no_expired_signer() {
 #[tokio::test]
 async fn an_expired_signer_signs_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(dir.path()).unwrap();
+    let store =
+        SqliteStore::open(dir.path(), Kek::from_bytes(&[9u8; 32]).unwrap().audit_key()).unwrap();
     let t0 = SystemTime::now();
     let auth = load(&store, t0, None).await;
     let key = KeyPair::generate().unwrap();
@@ -526,7 +531,8 @@ async fn root_status_and_rotate_through_the_admin_socket() {
 #[tokio::test]
 async fn an_upstream_replacement_overlaps_then_signs_and_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(dir.path()).unwrap();
+    let store =
+        SqliteStore::open(dir.path(), Kek::from_bytes(&[9u8; 32]).unwrap().audit_key()).unwrap();
     let t0 = SystemTime::now();
     let old = upstream(t0, s(600));
     let old_root = old.chain[0].clone();

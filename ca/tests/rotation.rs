@@ -13,8 +13,12 @@ use rcgen::KeyPair;
 
 const LIFE: Duration = Duration::from_secs(600);
 
+fn kek() -> Kek {
+    Kek::from_bytes(&[9u8; 32]).unwrap()
+}
+
 async fn load(store: &SqliteStore, now: SystemTime) -> Authority {
-    let kek = Kek::from_bytes(&[9u8; 32]).unwrap();
+    let kek = kek();
     let lifetimes = Lifetimes {
         root: Duration::from_secs(86_400),
         intermediate: LIFE,
@@ -35,7 +39,7 @@ async fn load(store: &SqliteStore, now: SystemTime) -> Authority {
 #[tokio::test]
 async fn the_signer_rotates_on_schedule_and_across_restarts() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(dir.path()).unwrap();
+    let store = SqliteStore::open(dir.path(), kek().audit_key()).unwrap();
     let t0 = SystemTime::now();
     let auth = load(&store, t0).await;
     let first = auth.keys().active.id.clone();
@@ -98,14 +102,14 @@ async fn the_signer_rotates_on_schedule_and_across_restarts() {
     drop(auth);
     let auth = load(&store, t0 + Duration::from_secs(520)).await;
     assert_eq!(auth.keys().active.id, next, "activation survives a restart");
-    let v = ca::store::Store::verify_audit(&store).unwrap();
+    let v = ca::store::Store::verify_audit(&store, None).unwrap();
     assert_eq!(v.first_broken, None);
 }
 
 #[tokio::test]
 async fn a_ca_down_past_its_signer_makes_a_fresh_one() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(dir.path()).unwrap();
+    let store = SqliteStore::open(dir.path(), kek().audit_key()).unwrap();
     let t0 = SystemTime::now();
     let first = load(&store, t0).await.keys().active.id.clone();
     let later = t0 + LIFE + Duration::from_secs(60);

@@ -5,8 +5,15 @@
 use std::sync::Arc;
 
 use ca::store::sqlite::SqliteStore;
-use ca::store::{AuditEvent, IssuedCert, JoinToken, Node, Outcome, Store, TokenRefusal, Write};
+use ca::store::{
+    AuditEvent, AuditHead, AuditKey, IssuedCert, JoinToken, Node, Outcome, Store, TokenRefusal,
+    Write,
+};
 use serde_json::json;
+
+fn key() -> AuditKey {
+    AuditKey::derive(&[3u8; 32])
+}
 
 fn event(action: &str, subject: &str) -> AuditEvent {
     AuditEvent {
@@ -67,7 +74,7 @@ fn join(hash: u8, now: i64, i: u64) -> Write {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_issuances_are_all_committed_and_chained() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
+    let store = Arc::new(SqliteStore::open(dir.path(), key()).unwrap());
     let tasks: Vec<_> = (0..500u64)
         .map(|i| {
             let store = store.clone();
@@ -87,14 +94,14 @@ async fn concurrent_issuances_are_all_committed_and_chained() {
     }
     let counts = store.counts().unwrap();
     assert_eq!((counts.issued, counts.audit_rows), (500, 500));
-    let verdict = store.verify_audit().unwrap();
+    let verdict = store.verify_audit(None).unwrap();
     assert_eq!((verdict.rows, verdict.first_broken), (500, None));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_join_token_is_spent_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
+    let store = Arc::new(SqliteStore::open(dir.path(), key()).unwrap());
     store
         .write(Write::CreateToken(
             token(1, 2000),
@@ -128,7 +135,7 @@ async fn a_join_token_is_spent_exactly_once() {
 #[tokio::test]
 async fn expired_revoked_and_unknown_tokens_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(dir.path()).unwrap();
+    let store = SqliteStore::open(dir.path(), key()).unwrap();
     store
         .write(Write::CreateToken(
             token(2, 1200),
@@ -172,7 +179,7 @@ async fn expired_revoked_and_unknown_tokens_are_refused() {
 #[tokio::test]
 async fn a_failed_write_does_not_sink_its_group_or_break_the_chain() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
+    let store = Arc::new(SqliteStore::open(dir.path(), key()).unwrap());
     store
         .write(Write::Issue {
             cert: cert(1),
@@ -195,7 +202,7 @@ async fn a_failed_write_does_not_sink_its_group_or_break_the_chain() {
     let (dup, ok) = tokio::join!(dup, ok);
     assert!(dup.is_err());
     assert_eq!(ok.unwrap(), Outcome::Done);
-    let v = store.verify_audit().unwrap();
+    let v = store.verify_audit(None).unwrap();
     assert_eq!((v.rows, v.first_broken), (2, None));
 }
 
@@ -203,7 +210,7 @@ async fn a_failed_write_does_not_sink_its_group_or_break_the_chain() {
 async fn tampering_with_the_audit_log_is_found_at_the_first_broken_row() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let store = SqliteStore::open(dir.path()).unwrap();
+        let store = SqliteStore::open(dir.path(), key()).unwrap();
         for i in 0..10 {
             store
                 .write(Write::Audit(event("refuse", &format!("r{i}"))))
@@ -218,15 +225,15 @@ async fn tampering_with_the_audit_log_is_found_at_the_first_broken_row() {
     )
     .unwrap();
     let ro = SqliteStore::open_read_only(dir.path()).unwrap();
-    let v = ro.verify_audit().unwrap();
+    let v = ro.verify_audit(&key(), None).unwrap();
     assert_eq!(v.first_broken, Some(4), "{v:?}");
     assert!(v.detail.unwrap().contains("altered"));
 
     raw.execute("UPDATE audit SET outcome = 'ok' WHERE seq = 4", [])
         .unwrap();
-    assert_eq!(ro.verify_audit().unwrap().first_broken, None);
+    assert_eq!(ro.verify_audit(&key(), None).unwrap().first_broken, None);
     raw.execute("DELETE FROM audit WHERE seq = 7", []).unwrap();
-    let v = ro.verify_audit().unwrap();
+    let v = ro.verify_audit(&key(), None).unwrap();
     assert_eq!(v.first_broken, Some(8));
     assert!(v.detail.unwrap().contains("row 7 is missing"));
 }
@@ -235,7 +242,7 @@ async fn tampering_with_the_audit_log_is_found_at_the_first_broken_row() {
 async fn a_reopened_store_keeps_everything_and_continues_the_chain() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let store = SqliteStore::open(dir.path()).unwrap();
+        let store = SqliteStore::open(dir.path(), key()).unwrap();
         store
             .write(Write::CreateToken(
                 token(5, 9000),
@@ -264,7 +271,7 @@ async fn a_reopened_store_keeps_everything_and_continues_the_chain() {
         };
         store.write(evict).await.unwrap();
     }
-    let store = SqliteStore::open(dir.path()).unwrap();
+    let store = SqliteStore::open(dir.path(), key()).unwrap();
     assert_eq!(store.tokens().unwrap()[0].used_at, Some(1100));
     assert_eq!(
         store.entries().unwrap()[0].selectors,
@@ -275,17 +282,169 @@ async fn a_reopened_store_keeps_everything_and_continues_the_chain() {
         .write(Write::Audit(event("refuse", "later")))
         .await
         .unwrap();
-    let v = store.verify_audit().unwrap();
+    let v = store.verify_audit(None).unwrap();
     assert_eq!((v.rows, v.first_broken), (5, None));
 }
 
 #[tokio::test]
 async fn a_database_from_a_newer_kith_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    drop(SqliteStore::open(dir.path()).unwrap());
+    drop(SqliteStore::open(dir.path(), key()).unwrap());
     let raw = rusqlite::Connection::open(dir.path().join("kith-ca.db")).unwrap();
     raw.pragma_update(None, "user_version", 99).unwrap();
     drop(raw);
-    let err = SqliteStore::open(dir.path()).err().unwrap();
+    let err = SqliteStore::open(dir.path(), key()).err().unwrap();
     assert!(err.to_string().contains("newer than this kith"), "{err}");
+}
+
+/// seq, at, action, subject, outcome, detail, hash.
+type StoredRow = (i64, i64, String, String, String, String, Vec<u8>);
+
+/// Rewrites every audit row from `from` on as the plain SHA-256 chain (what someone without the
+/// KEK can compute), as the older, unkeyed kith wrote it.
+fn recompute_plain_chain(db: &std::path::Path, from: i64) {
+    let raw = rusqlite::Connection::open(db).unwrap();
+    let mut prev = [0u8; 32];
+    let rows: Vec<StoredRow> = raw
+        .prepare("SELECT seq, at, action, subject, outcome, detail, hash FROM audit ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+            ))
+        })
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    for (seq, at, action, subject, outcome, detail, hash) in rows {
+        if seq < from {
+            prev.copy_from_slice(&hash);
+            continue;
+        }
+        let e = AuditEvent {
+            at,
+            action,
+            subject,
+            outcome,
+            detail: serde_json::Value::Null,
+        };
+        let h = ca::store::legacy_audit_hash(&prev, seq, &e, &detail);
+        raw.execute(
+            "UPDATE audit SET prev_hash = ?1, hash = ?2 WHERE seq = ?3",
+            rusqlite::params![&prev[..], &h[..], seq],
+        )
+        .unwrap();
+        prev = h;
+    }
+}
+
+async fn ten_rows(dir: &std::path::Path) {
+    let store = SqliteStore::open(dir, key()).unwrap();
+    for i in 0..10 {
+        store
+            .write(Write::Audit(event("refuse", &format!("r{i}"))))
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn editing_a_row_and_recomputing_the_plain_hashes_fails_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    ten_rows(dir.path()).await;
+    let db = dir.path().join("kith-ca.db");
+    let raw = rusqlite::Connection::open(&db).unwrap();
+    raw.execute("UPDATE audit SET subject = 'innocent' WHERE seq = 4", [])
+        .unwrap();
+    recompute_plain_chain(&db, 4);
+    let ro = SqliteStore::open_read_only(dir.path()).unwrap();
+    let v = ro.verify_audit(&key(), None).unwrap();
+    assert_eq!(v.first_broken, Some(4), "{v:?}");
+    assert!(v.detail.unwrap().contains("does not match its MAC"));
+    // The whole log rewritten as a plain chain: nothing in it is keyed.
+    recompute_plain_chain(&db, 1);
+    let v = ro.verify_audit(&key(), None).unwrap();
+    assert!(v.first_broken.is_some(), "{v:?}");
+    assert!(v.detail.unwrap().contains("no row is keyed"));
+    // Another KEK's audit key does not verify this CA's chain.
+    let v = ro
+        .verify_audit(&AuditKey::derive(&[4u8; 32]), None)
+        .unwrap();
+    assert!(v.first_broken.is_some());
+}
+
+#[tokio::test]
+async fn deleting_the_newest_rows_fails_verify_with_the_expected_head() {
+    let dir = tempfile::tempdir().unwrap();
+    ten_rows(dir.path()).await;
+    let ro = SqliteStore::open_read_only(dir.path()).unwrap();
+    let head = ro.audit_head().unwrap().unwrap();
+    assert_eq!(head.seq, 10);
+    let v = ro.verify_audit(&key(), Some(&head)).unwrap();
+    assert_eq!((v.first_broken, v.head.as_ref()), (None, Some(&head)));
+
+    let raw = rusqlite::Connection::open(dir.path().join("kith-ca.db")).unwrap();
+    raw.execute("DELETE FROM audit WHERE seq >= 8", []).unwrap();
+    // A cut chain is still a chain...
+    assert_eq!(ro.verify_audit(&key(), None).unwrap().first_broken, None);
+    // ...but it no longer reaches the head written down before.
+    let v = ro.verify_audit(&key(), Some(&head)).unwrap();
+    assert_eq!(v.first_broken, Some(8), "{v:?}");
+    assert!(v.detail.unwrap().contains("rows were deleted"));
+    // A head that names a row with another MAC: the chain was rewritten from there.
+    let forged = AuditHead {
+        seq: 5,
+        hash: "00".repeat(32),
+    };
+    let v = ro.verify_audit(&key(), Some(&forged)).unwrap();
+    assert_eq!(v.first_broken, Some(5));
+    assert!(v.detail.unwrap().contains("rewritten"));
+    assert!(AuditHead::parse("5:zz").is_err());
+    assert_eq!(AuditHead::parse(&head.to_string()).unwrap(), head);
+}
+
+#[tokio::test]
+async fn a_database_from_before_the_keyed_chain_is_keyed_on_open_and_still_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    ten_rows(dir.path()).await;
+    let db = dir.path().join("kith-ca.db");
+    // What an older kith left: a plain chain.
+    recompute_plain_chain(&db, 1);
+    {
+        let store = SqliteStore::open(dir.path(), key()).unwrap();
+        let rows = store.audit(10, 10).unwrap();
+        assert_eq!(rows[0].event.action, "audit.keyed");
+        assert_eq!(rows[0].event.detail["legacy_rows"], 10);
+        store
+            .write(Write::Audit(event("refuse", "after")))
+            .await
+            .unwrap();
+        let v = store.verify_audit(None).unwrap();
+        assert_eq!((v.rows, v.legacy_rows, v.first_broken), (12, 10, None));
+    }
+    // Reopening does not key it twice.
+    drop(SqliteStore::open(dir.path(), key()).unwrap());
+    let ro = SqliteStore::open_read_only(dir.path()).unwrap();
+    assert_eq!(ro.verify_audit(&key(), None).unwrap().rows, 12);
+    // Cutting the log back to its legacy part leaves nothing keyed.
+    let raw = rusqlite::Connection::open(&db).unwrap();
+    raw.execute("DELETE FROM audit WHERE seq > 10", []).unwrap();
+    let v = ro.verify_audit(&key(), None).unwrap();
+    assert!(v.detail.unwrap().contains("no row is keyed"));
+}
+
+#[tokio::test]
+async fn the_store_refuses_to_open_under_another_kek() {
+    let dir = tempfile::tempdir().unwrap();
+    ten_rows(dir.path()).await;
+    let err = SqliteStore::open(dir.path(), AuditKey::derive(&[4u8; 32]))
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("key-encryption key"), "{err}");
 }

@@ -16,12 +16,15 @@ use tokio_util::task::TaskTracker;
 use crate::agent::Agent;
 use crate::workload_api::WorkloadApiMetrics;
 
+/// Serves the admin endpoints until `shutdown`. The Workload API's refusal and connection
+/// metrics are added to the agent's registry here, once.
 pub async fn serve(
     agent: Arc<Agent>,
     api: Arc<WorkloadApiMetrics>,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) {
+    agent.metrics.register(|r| api.register(r));
     let tracker = TaskTracker::new();
     loop {
         let stream = tokio::select! {

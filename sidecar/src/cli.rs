@@ -72,6 +72,18 @@ struct RunArgs {
         default_value = crate::docker::DEFAULT_SOCKET
     )]
     docker_socket: PathBuf,
+    /// Workload API connections open at once, over all callers
+    #[arg(long, env = "KITH_AGENT_MAX_CONNECTIONS", default_value_t = Limits::default().max_connections as u32, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+    /// Workload API connections one caller uid may hold open
+    #[arg(long, env = "KITH_AGENT_MAX_CONNECTIONS_PER_UID", default_value_t = Limits::default().max_connections_per_uid as u32, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections_per_uid: u32,
+    /// Workload API streams one caller uid may hold open
+    #[arg(long, env = "KITH_AGENT_MAX_STREAMS_PER_UID", default_value_t = Limits::default().max_streams_per_uid as u32, value_parser = clap::value_parser!(u32).range(1..))]
+    max_streams_per_uid: u32,
+    /// Seconds a new Workload API connection has to send its first request, else it is cut
+    #[arg(long, env = "KITH_AGENT_FIRST_REQUEST_TIMEOUT", default_value_t = Limits::default().first_request_timeout.as_secs(), value_parser = clap::value_parser!(u64).range(1..=3600))]
+    first_request_timeout: u64,
     /// text or json
     #[arg(long, env = "KITH_AGENT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -154,6 +166,13 @@ async fn run_agent(args: RunArgs) -> Result<()> {
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
     let api_metrics = Arc::new(WorkloadApiMetrics::new());
+    let limits = Limits {
+        max_connections: args.max_connections as usize,
+        max_connections_per_uid: args.max_connections_per_uid as usize,
+        max_streams_per_uid: args.max_streams_per_uid as usize,
+        first_request_timeout: Duration::from_secs(args.first_request_timeout),
+        ..Limits::default()
+    };
     tasks.spawn(agent.clone().run(shutdown.clone()));
     tasks.spawn(crate::admin::serve(
         agent.clone(),
@@ -165,8 +184,12 @@ async fn run_agent(args: RunArgs) -> Result<()> {
         socket,
         snapshots,
         agent.clone(),
-        Arc::new(Attestor::new().with_plugin(docker)),
-        Limits::default(),
+        Arc::new(
+            Attestor::new()
+                .with_plugin(docker)
+                .with_metrics(api_metrics.clone()),
+        ),
+        limits,
         api_metrics,
         shutdown.clone(),
     );

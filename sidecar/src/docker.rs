@@ -11,6 +11,13 @@
 //! The fields read here (`Id`, `Name`, `Image`, `Config.Image`, `Config.Labels`) are the same in
 //! every API version since 1.12, so whatever the engine speaks is fine.
 //!
+//! Binding the caller to the container: `/proc/<pid>/cgroup` only says which container the
+//! caller *claims* to be in (a process can move into any cgroup it can write, and users with a
+//! delegated cgroup can name one after any container). The engine's answer settles it: the
+//! caller's pid namespace and mount namespace must be those of the container's main process
+//! (`State.Pid`), which only a process started in the container (or `docker exec`'d into it)
+//! shares. Reading another uid's `/proc/<pid>/ns/*` needs CAP_SYS_PTRACE (or root with it).
+//!
 //! Missing socket: the agent still starts (the CLI logs a warning once), host processes keep
 //! their Unix selectors, and callers *in a Docker container* are refused (Unavailable) until the
 //! engine answers. Serving them with Unix selectors only would never widen what is granted (an
@@ -33,7 +40,7 @@ use serde::Deserialize;
 use tokio::net::UnixStream;
 use tokio::sync::Semaphore;
 
-use crate::attest::{BoxFuture, Caller, SelectorPlugin};
+use crate::attest::{BoxFuture, Caller, FileId, PluginError, SelectorPlugin};
 
 /// Where the engine listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/var/run/docker.sock";
@@ -78,6 +85,8 @@ pub enum DockerError {
     BadContainerId(String),
     #[error("invalid request path {0:?}")]
     BadPath(String),
+    #[error("container {0} is not running")]
+    NotRunning(String),
 }
 
 /// The [`SelectorPlugin`] for Docker. Cheap to keep for the agent's lifetime; lookups share a
@@ -95,11 +104,22 @@ pub struct DockerPlugin {
     /// A burst of new callers must not open hundreds of engine connections at once; a waiter
     /// usually finds the answer cached when its turn comes.
     in_flight: Semaphore,
+    /// Where the namespaces of `State.Pid` are read (`/proc`; a fake one in tests).
+    proc_root: PathBuf,
+}
+
+/// What the engine said about one container.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContainerInfo {
+    pub selectors: Arc<Vec<String>>,
+    /// `State.Pid`: the container's main process, on the host's pid namespace; 0 when the
+    /// container is not running.
+    pub pid: i64,
 }
 
 struct Cached {
     at: Instant,
-    selectors: Arc<Vec<String>>,
+    info: ContainerInfo,
 }
 
 /// Parallel engine requests at most.
@@ -123,7 +143,14 @@ impl DockerPlugin {
             pinned: false,
             cache: Mutex::new(HashMap::new()),
             in_flight: Semaphore::new(MAX_IN_FLIGHT),
+            proc_root: PathBuf::from("/proc"),
         }
+    }
+
+    /// Reads the container's namespaces under `proc_root` instead of `/proc` (tests).
+    pub fn with_proc_root(mut self, proc_root: impl Into<PathBuf>) -> Self {
+        self.proc_root = proc_root.into();
+        self
     }
 
     /// Bound on one lookup, waiting for a free engine slot and the version probe included.
@@ -172,6 +199,11 @@ impl DockerPlugin {
 
     /// The selectors of container `id` (a full 64-hex id), from the cache when fresh.
     pub async fn container_selectors(&self, id: &str) -> Result<Arc<Vec<String>>, DockerError> {
+        Ok(self.container_info(id).await?.selectors)
+    }
+
+    /// What the engine says about container `id` (a full 64-hex id), from the cache when fresh.
+    pub async fn container_info(&self, id: &str) -> Result<ContainerInfo, DockerError> {
         if !is_full_id(id) {
             // The id goes into a URL, and the engine also resolves names and id prefixes:
             // only a full id names exactly one container.
@@ -185,7 +217,13 @@ impl DockerPlugin {
             .map_err(|_| DockerError::Timeout(self.timeout))?
     }
 
-    async fn lookup(&self, id: &str) -> Result<Arc<Vec<String>>, DockerError> {
+    /// As [`DockerPlugin::container_info`], always asking the engine.
+    async fn container_info_fresh(&self, id: &str) -> Result<ContainerInfo, DockerError> {
+        lock(&self.cache).remove(id);
+        self.container_info(id).await
+    }
+
+    async fn lookup(&self, id: &str) -> Result<ContainerInfo, DockerError> {
         // The semaphore is never closed; an error could only mean it was.
         let _permit = self.in_flight.acquire().await;
         if let Some(hit) = self.cached(id) {
@@ -203,9 +241,9 @@ impl DockerPlugin {
             *lock(&self.api_version) = None;
         }
         check_status(status, &path, &body)?;
-        let selectors = Arc::new(selectors_from_inspect(id, &path, &body)?);
-        self.store(id, selectors.clone());
-        Ok(selectors)
+        let info = info_from_inspect(id, &path, &body)?;
+        self.store(id, info.clone());
+        Ok(info)
     }
 
     async fn api_version_inner(&self) -> Result<String, DockerError> {
@@ -256,13 +294,13 @@ impl DockerPlugin {
         Ok((status, body))
     }
 
-    fn cached(&self, id: &str) -> Option<Arc<Vec<String>>> {
+    fn cached(&self, id: &str) -> Option<ContainerInfo> {
         let cache = lock(&self.cache);
         let hit = cache.get(id)?;
-        (hit.at.elapsed() < self.cache_ttl).then(|| hit.selectors.clone())
+        (hit.at.elapsed() < self.cache_ttl).then(|| hit.info.clone())
     }
 
-    fn store(&self, id: &str, selectors: Arc<Vec<String>>) {
+    fn store(&self, id: &str, info: ContainerInfo) {
         if self.cache_ttl.is_zero() || self.cache_capacity == 0 {
             return;
         }
@@ -285,7 +323,7 @@ impl DockerPlugin {
             id.to_owned(),
             Cached {
                 at: Instant::now(),
-                selectors,
+                info,
             },
         );
     }
@@ -296,17 +334,70 @@ impl SelectorPlugin for DockerPlugin {
         "docker"
     }
 
-    fn selectors<'a>(&'a self, caller: &'a Caller) -> BoxFuture<'a, Result<Vec<String>, String>> {
+    fn selectors<'a>(
+        &'a self,
+        caller: &'a Caller,
+    ) -> BoxFuture<'a, Result<Vec<String>, PluginError>> {
         Box::pin(async move {
             // Not in a container: nothing to add, and no reason to bother the engine.
             let Some(id) = &caller.container_id else {
                 return Ok(Vec::new());
             };
-            self.container_selectors(id)
-                .await
-                .map(|s| s.as_ref().clone())
-                .map_err(|e| error_chain(&e))
+            let unavailable = |e: DockerError| match e {
+                DockerError::NotFound(_) | DockerError::NotRunning(_) => {
+                    PluginError::denied("docker_container_not_running", error_chain(&e))
+                }
+                _ => PluginError::unavailable("docker_engine_unavailable", error_chain(&e)),
+            };
+            if caller.pid_ns.is_none() || caller.mnt_ns.is_none() {
+                return Err(PluginError::unavailable(
+                    "docker_caller_namespaces_unreadable",
+                    format!(
+                        "cannot read /proc/{}/ns of a caller claiming container {id}: the agent needs CAP_SYS_PTRACE to bind it to the container",
+                        caller.pid
+                    ),
+                ));
+            }
+            let info = self.container_info(id).await.map_err(unavailable)?;
+            if self.in_container(caller, &info).await {
+                return Ok(info.selectors.as_ref().clone());
+            }
+            // A cached answer may be about the container's previous run (restarted since, new
+            // main process): ask the engine once more before refusing.
+            let info = self.container_info_fresh(id).await.map_err(unavailable)?;
+            if self.in_container(caller, &info).await {
+                return Ok(info.selectors.as_ref().clone());
+            }
+            Err(PluginError::denied(
+                "docker_namespace_mismatch",
+                format!(
+                    "pid {} claims container {id} by its cgroup but is not in the pid and mount namespaces of the container's process {}",
+                    caller.pid, info.pid
+                ),
+            ))
         })
+    }
+}
+
+impl DockerPlugin {
+    /// Whether `caller` is in the pid and mount namespaces of the container's main process.
+    /// Unreadable namespaces (on either side) are not a match.
+    async fn in_container(&self, caller: &Caller, info: &ContainerInfo) -> bool {
+        let (Some(pid_ns), Some(mnt_ns)) = (caller.pid_ns, caller.mnt_ns) else {
+            return false;
+        };
+        if info.pid <= 0 {
+            return false;
+        }
+        let dir = self.proc_root.join(info.pid.to_string()).join("ns");
+        let ns = tokio::task::spawn_blocking(move || {
+            (
+                FileId::of(&dir.join("pid")).ok(),
+                FileId::of(&dir.join("mnt")).ok(),
+            )
+        })
+        .await;
+        matches!(ns, Ok((Some(p), Some(m))) if p == pid_ns && m == mnt_ns)
     }
 }
 
@@ -317,6 +408,15 @@ pub fn selectors_from_inspect(
     path: &str,
     body: &[u8],
 ) -> Result<Vec<String>, DockerError> {
+    Ok(info_from_inspect(id, path, body)?
+        .selectors
+        .as_ref()
+        .clone())
+}
+
+/// The selectors and main process of a `/containers/<id>/json` answer; a container that is not
+/// running (`State.Pid` 0) is an error.
+pub fn info_from_inspect(id: &str, path: &str, body: &[u8]) -> Result<ContainerInfo, DockerError> {
     let c: InspectAnswer = serde_json::from_slice(body).map_err(|source| DockerError::Json {
         path: path.to_owned(),
         source,
@@ -341,7 +441,13 @@ pub fn selectors_from_inspect(
         "docker:name:{}",
         c.name.strip_prefix('/').unwrap_or(&c.name)
     ));
-    Ok(selectors)
+    if c.state.pid <= 0 {
+        return Err(DockerError::NotRunning(id.to_owned()));
+    }
+    Ok(ContainerInfo {
+        selectors: Arc::new(selectors),
+        pid: c.state.pid,
+    })
 }
 
 /// The part of `GET /containers/<id>/json` that selectors come from. Everything else in the
@@ -356,6 +462,14 @@ struct InspectAnswer {
     image: String,
     #[serde(rename = "Config")]
     config: InspectConfig,
+    #[serde(rename = "State")]
+    state: InspectState,
+}
+
+#[derive(Deserialize)]
+struct InspectState {
+    #[serde(rename = "Pid")]
+    pid: i64,
 }
 
 #[derive(Deserialize)]
@@ -520,10 +634,15 @@ mod tests {
         );
         // No labels at all is fine.
         let body = format!(
-            r#"{{"Id":"{ID}","Name":"/n","Image":"","Config":{{"Image":"i","Labels":null}}}}"#
+            r#"{{"Id":"{ID}","Name":"/n","Image":"","State":{{"Pid":7}},"Config":{{"Image":"i","Labels":null}}}}"#
         );
         let s = selectors_from_inspect(ID, "/p", body.as_bytes()).unwrap();
         assert_eq!(s, ["docker:image:i", "docker:name:n"]);
+        assert_eq!(info_from_inspect(ID, "/p", body.as_bytes()).unwrap().pid, 7);
+        // Not running: no process to bind a caller to.
+        let stopped = body.replace(r#""Pid":7"#, r#""Pid":0"#);
+        let e = info_from_inspect(ID, "/p", stopped.as_bytes()).unwrap_err();
+        assert!(matches!(e, DockerError::NotRunning(_)), "{e}");
     }
 
     #[test]
@@ -540,7 +659,7 @@ mod tests {
             assert!(matches!(e, DockerError::Json { .. }), "{body}: {e}");
         }
         let other = format!(
-            r#"{{"Id":"{}","Name":"/n","Config":{{"Image":"i"}}}}"#,
+            r#"{{"Id":"{}","Name":"/n","State":{{"Pid":1}},"Config":{{"Image":"i"}}}}"#,
             "0".repeat(64)
         );
         let e = selectors_from_inspect(ID, "/p", other.as_bytes()).unwrap_err();
@@ -552,7 +671,13 @@ mod tests {
         let p = DockerPlugin::new("/nonexistent").with_cache_capacity(2);
         let ids: Vec<String> = (0..3).map(|i| format!("{i:064x}")).collect();
         for id in &ids {
-            p.store(id, Arc::new(vec![id.clone()]));
+            p.store(
+                id,
+                ContainerInfo {
+                    selectors: Arc::new(vec![id.clone()]),
+                    pid: 1,
+                },
+            );
             std::thread::sleep(Duration::from_millis(2));
         }
         assert!(p.cached(&ids[0]).is_none());

@@ -16,7 +16,8 @@ pub mod proto {
     tonic::include_proto!("_");
 }
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use identity::SpiffeId;
@@ -59,6 +60,16 @@ pub struct Limits {
     /// After shutdown, how long connections may take to close before they are cut. A client
     /// that never completes the HTTP/2 handshake would otherwise hold the server open forever.
     pub shutdown_grace: Duration,
+    /// Connections open at once, over all callers and per caller uid. Past either, a new
+    /// connection is closed as soon as it is accepted: the socket is open to every local user,
+    /// and without a bound one of them could take every file descriptor the agent has.
+    pub max_connections: usize,
+    pub max_connections_per_uid: usize,
+    /// How long a new connection has to send the HTTP/2 preface and its first request's
+    /// headers; a connection that has not by then is cut.
+    pub first_request_timeout: Duration,
+    /// Server streams one caller uid may hold open at once (over all its connections).
+    pub max_streams_per_uid: usize,
 }
 
 impl Default for Limits {
@@ -69,6 +80,12 @@ impl Default for Limits {
             keepalive_interval: Duration::from_secs(60),
             keepalive_timeout: Duration::from_secs(20),
             shutdown_grace: Duration::from_secs(5),
+            // Containers without a user namespace all connect as uid 0: the per-uid caps leave
+            // room for many of them on one node.
+            max_connections: 4096,
+            max_connections_per_uid: 1024,
+            first_request_timeout: Duration::from_secs(10),
+            max_streams_per_uid: 2048,
         }
     }
 }
@@ -96,23 +113,29 @@ pub async fn serve<J: JwtSource>(
         snapshots,
         jwt,
         attestor,
-        metrics,
+        metrics: metrics.clone(),
         // Semaphore::new panics past MAX_PERMITS; a configured limit must not.
         streams: Arc::new(Semaphore::new(
             limits.max_streams.min(Semaphore::MAX_PERMITS),
         )),
+        streams_per_uid: Arc::new(PerUid::new(limits.max_streams_per_uid)),
+        jwt_cache: Mutex::new(HashMap::new()),
         tasks: tasks.clone(),
         shutdown: shutdown.clone(),
     };
     let service = SpiffeWorkloadApiServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES);
     let force_close = CancellationToken::new();
+    let admission = socket::Admission::new(&limits, metrics.clone());
     let serving = tonic::transport::Server::builder()
         .max_concurrent_streams(limits.max_streams_per_connection)
+        // The limit h2 advertises and applies; the `:authority` shim enforces the same one
+        // before h2 sees a header block.
+        .http2_max_header_list_size(authority::MAX_HEADER_LIST as u32)
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
         .add_service(service)
         .serve_with_incoming_shutdown(
-            socket::incoming(listener, force_close.clone()),
+            socket::incoming(listener, force_close.clone(), admission),
             shutdown.cancelled(),
         );
     tokio::pin!(serving);
@@ -139,14 +162,85 @@ struct WorkloadApi<J> {
     attestor: Arc<Attestor>,
     metrics: Arc<WorkloadApiMetrics>,
     streams: Arc<Semaphore>,
+    streams_per_uid: Arc<PerUid>,
+    jwt_cache: Mutex<HashMap<JwtKey, CachedJwt>>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
 
 type Feed<T> = ReceiverStream<Result<T, Status>>;
 
+/// JWT-SVIDs are reused per (ID, audience as asked) until half their life is gone (as SPIRE's
+/// agent does), rather than asked from the CA at every call.
+type JwtKey = (SpiffeId, Vec<String>);
+
+struct CachedJwt {
+    token: String,
+    fetched: SystemTime,
+    expires: SystemTime,
+}
+
+impl CachedJwt {
+    fn fresh(&self, now: SystemTime) -> bool {
+        let Ok(life) = self.expires.duration_since(self.fetched) else {
+            return false;
+        };
+        now >= self.fetched && now < self.fetched + life / 2
+    }
+}
+
+/// Distinct (ID, audience) tokens kept at most; the audience is the caller's choice.
+const JWT_CACHE_CAPACITY: usize = 4096;
+
+/// Counts held per uid against one limit; a [`PerUidGuard`] gives its unit back when dropped.
+pub(crate) struct PerUid {
+    limit: usize,
+    held: Mutex<HashMap<u32, usize>>,
+}
+
+impl PerUid {
+    pub(crate) fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            held: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// One more for `uid`, unless it already holds the limit.
+    pub(crate) fn try_take(self: &Arc<Self>, uid: u32) -> Option<PerUidGuard> {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let n = held.entry(uid).or_insert(0);
+        if *n >= self.limit {
+            return None;
+        }
+        *n += 1;
+        Some(PerUidGuard {
+            owner: self.clone(),
+            uid,
+        })
+    }
+}
+
+pub(crate) struct PerUidGuard {
+    owner: Arc<PerUid>,
+    uid: u32,
+}
+
+impl Drop for PerUidGuard {
+    fn drop(&mut self) {
+        let mut held = self.owner.held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = held.get_mut(&self.uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                held.remove(&self.uid);
+            }
+        }
+    }
+}
+
 impl<J: JwtSource> WorkloadApi<J> {
-    /// The caller's selectors, once the request proved it is a Workload API call.
+    /// The caller's selectors, once the request proved it is a Workload API call. Every
+    /// refusal is counted and logged with its reason.
     async fn attest<T>(&self, req: &Request<T>) -> Result<Vec<String>, Status> {
         let header = req.metadata().get(SECURITY_HEADER);
         if header.is_none_or(|v| v.as_bytes() != b"true") {
@@ -154,32 +248,69 @@ impl<J: JwtSource> WorkloadApi<J> {
                 "security header missing from request",
             ));
         }
-        let cred = req
+        let Some(cred) = req
             .extensions()
             .get::<ConnInfo>()
             .and_then(|info| info.cred)
-            .ok_or_else(|| Status::permission_denied("no peer credentials on this connection"))?;
+        else {
+            self.metrics.refuse(
+                "no_peer_credentials",
+                None,
+                None,
+                "no peer credentials on the connection",
+            );
+            return Err(Status::permission_denied(
+                "no peer credentials on this connection",
+            ));
+        };
+        // The attestor counts and logs its refusals (it has the agent's metrics).
         self.attestor.attest(cred).await.map_err(|e| match e {
-            AttestError::Gone => Status::permission_denied(e.to_string()),
-            AttestError::Proc(_) | AttestError::Plugin { .. } => Status::unavailable(e.to_string()),
             AttestError::Task(_) => Status::internal(e.to_string()),
+            _ if e.is_denial() => Status::permission_denied(e.to_string()),
+            _ => Status::unavailable(e.to_string()),
         })
+    }
+
+    /// The uid of the caller of `req` (attested before this is asked).
+    fn uid_of<T>(req: &Request<T>) -> Option<u32> {
+        req.extensions()
+            .get::<ConnInfo>()
+            .and_then(|info| info.cred)
+            .map(|c| c.uid)
     }
 
     /// Opens a server stream for an attested caller: `build` makes the message this caller
     /// gets from a snapshot; the first goes out at once, later ones whenever the message would
     /// differ from the last one sent. An error from `build` (the caller lost its entitlement)
     /// ends the stream with that status.
-    fn open_stream<T, F>(&self, build: F) -> Result<Feed<T>, Status>
+    fn open_stream<T, F>(&self, uid: Option<u32>, build: F) -> Result<Feed<T>, Status>
     where
         T: PartialEq + Clone + Send + Sync + 'static,
         F: Fn(&Snapshot) -> Result<T, Status> + Send + 'static,
     {
-        let permit = self
-            .streams
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Status::resource_exhausted("too many workload api streams open"))?;
+        let uid = uid.ok_or_else(|| Status::permission_denied("no peer credentials"))?;
+        let Some(per_uid) = self.streams_per_uid.try_take(uid) else {
+            self.metrics.refuse(
+                "streams_per_uid_cap",
+                Some(uid),
+                None,
+                "this uid holds as many workload api streams as it may",
+            );
+            return Err(Status::resource_exhausted(
+                "too many workload api streams open for this uid",
+            ));
+        };
+        let Ok(permit) = self.streams.clone().try_acquire_owned() else {
+            self.metrics.refuse(
+                "streams_total_cap",
+                Some(uid),
+                None,
+                "as many workload api streams are open as the agent allows",
+            );
+            return Err(Status::resource_exhausted(
+                "too many workload api streams open",
+            ));
+        };
         let mut snapshots = self.snapshots.clone();
         // Clone the Arc out so the watch's lock is not held while the message is built.
         let current = snapshots.borrow_and_update().clone();
@@ -191,7 +322,7 @@ impl<J: JwtSource> WorkloadApi<J> {
         let shutdown = self.shutdown.clone();
         metrics.stream_opened();
         self.tasks.spawn(async move {
-            push_changes(snapshots, tx, first, build, shutdown, permit).await;
+            push_changes(snapshots, tx, first, build, shutdown, (permit, per_uid)).await;
             metrics.stream_closed();
         });
         Ok(ReceiverStream::new(rx))
@@ -202,7 +333,7 @@ impl<J: JwtSource> WorkloadApi<J> {
         req: Request<X509svidRequest>,
     ) -> Result<Feed<X509svidResponse>, Status> {
         let selectors = self.attest(&req).await?;
-        self.open_stream(move |snap| {
+        self.open_stream(Self::uid_of(&req), move |snap| {
             let svids = entitled(snap, &selectors)?;
             Ok(convert::x509_svid_response(&svids, &snap.bundle))
         })
@@ -213,7 +344,7 @@ impl<J: JwtSource> WorkloadApi<J> {
         req: Request<X509BundlesRequest>,
     ) -> Result<Feed<X509BundlesResponse>, Status> {
         let selectors = self.attest(&req).await?;
-        self.open_stream(move |snap| {
+        self.open_stream(Self::uid_of(&req), move |snap| {
             // As SPIRE does by default: bundles go to registered workloads only.
             entitled(snap, &selectors)?;
             Ok(convert::x509_bundles_response(&snap.bundle))
@@ -225,7 +356,7 @@ impl<J: JwtSource> WorkloadApi<J> {
         req: Request<JwtBundlesRequest>,
     ) -> Result<Feed<JwtBundlesResponse>, Status> {
         let selectors = self.attest(&req).await?;
-        self.open_stream(move |snap| {
+        self.open_stream(Self::uid_of(&req), move |snap| {
             entitled(snap, &selectors)?;
             Ok(JwtBundlesResponse {
                 bundles: [(
@@ -272,9 +403,7 @@ impl<J: JwtSource> WorkloadApi<J> {
         }
         let mut svids = Vec::with_capacity(ids.len());
         for id in ids {
-            let (token, _exp) = self.jwt.fetch_jwt(&id, &req.audience).await.map_err(|e| {
-                Status::unavailable(format!("could not fetch jwt-svid for {id}: {e}"))
-            })?;
+            let token = self.jwt_svid_for(&id, &req.audience).await?;
             svids.push(Jwtsvid {
                 spiffe_id: id.to_string(),
                 svid: token,
@@ -282,6 +411,42 @@ impl<J: JwtSource> WorkloadApi<J> {
             });
         }
         Ok(Response::new(JwtsvidResponse { svids }))
+    }
+
+    /// A JWT-SVID for `id` and `audience`: the cached one while it is fresh, else a new one
+    /// from the CA.
+    async fn jwt_svid_for(&self, id: &SpiffeId, audience: &[String]) -> Result<String, Status> {
+        let key: JwtKey = (id.clone(), audience.to_vec());
+        let now = SystemTime::now();
+        if let Some(hit) = self.jwt_cache().get(&key).filter(|c| c.fresh(now)) {
+            return Ok(hit.token.clone());
+        }
+        let (token, expires) =
+            self.jwt.fetch_jwt(id, audience).await.map_err(|e| {
+                Status::unavailable(format!("could not fetch jwt-svid for {id}: {e}"))
+            })?;
+        let entry = CachedJwt {
+            token: token.clone(),
+            fetched: now,
+            expires,
+        };
+        if entry.fresh(now) {
+            let mut cache = self.jwt_cache();
+            if cache.len() >= JWT_CACHE_CAPACITY && !cache.contains_key(&key) {
+                cache.retain(|_, c| c.fresh(now));
+                if cache.len() >= JWT_CACHE_CAPACITY {
+                    // Still full of fresh tokens (many audiences): start over rather than scan
+                    // for the oldest at every call.
+                    cache.clear();
+                }
+            }
+            cache.insert(key, entry);
+        }
+        Ok(token)
+    }
+
+    fn jwt_cache(&self) -> std::sync::MutexGuard<'_, HashMap<JwtKey, CachedJwt>> {
+        self.jwt_cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     async fn validate_jwt(
@@ -346,7 +511,7 @@ async fn push_changes<T, F>(
     mut last: T,
     build: F,
     shutdown: CancellationToken,
-    _permit: OwnedSemaphorePermit,
+    _permits: (OwnedSemaphorePermit, PerUidGuard),
 ) where
     T: PartialEq + Clone + Send,
     F: Fn(&Snapshot) -> Result<T, Status>,

@@ -286,6 +286,7 @@ async fn admin_reports_readiness_and_metrics() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let api = std::sync::Arc::new(sidecar::workload_api::WorkloadApiMetrics::new());
+    api.refused("connections_per_uid_cap");
     tokio::spawn(sidecar::admin::serve(
         agent.clone(),
         api,
@@ -329,6 +330,8 @@ async fn admin_reports_readiness_and_metrics() {
         "kith_agent_svid_seconds_to_expiry{spiffe_id=\"spiffe://example.org/web\"}",
         "kith_agent_svids_held 1",
         "kith_agent_workload_api_open_streams 0",
+        "kith_agent_workload_api_refusals_total{reason=\"connections_per_uid_cap\"} 1",
+        "kith_agent_workload_api_connections 0",
     ] {
         assert!(metrics.contains(want), "{want} in\n{metrics}");
     }

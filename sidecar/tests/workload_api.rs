@@ -89,8 +89,8 @@ impl Pki {
     }
 }
 
-/// Mints JWT-SVIDs locally, as the CA would.
-struct FakeJwt(JwtSigner);
+/// Mints JWT-SVIDs locally, as the CA would, and counts the round trips.
+struct FakeJwt(JwtSigner, AtomicUsize);
 
 impl JwtSource for FakeJwt {
     fn fetch_jwt(
@@ -98,6 +98,7 @@ impl JwtSource for FakeJwt {
         id: &SpiffeId,
         audience: &[String],
     ) -> impl Future<Output = Result<(String, SystemTime), String>> + Send {
+        self.1.fetch_add(1, Ordering::SeqCst);
         let minted = self
             .0
             .mint(id, audience, HOUR, SystemTime::now())
@@ -127,6 +128,7 @@ struct Harness {
     tx: SnapshotTx,
     version: u64,
     metrics: Arc<WorkloadApiMetrics>,
+    jwt: Arc<FakeJwt>,
     shutdown: CancellationToken,
     server: JoinHandle<Result<(), workload_api::Error>>,
 }
@@ -145,6 +147,7 @@ impl Harness {
         // The fake CA mints with the same key the bundle publishes.
         let jwt = Arc::new(FakeJwt(
             JwtSigner::from_pkcs8(signer.key_id().to_owned(), &der, signer.not_after()).unwrap(),
+            AtomicUsize::new(0),
         ));
         let signer = Arc::new(signer);
         let first = Arc::new(Snapshot {
@@ -159,8 +162,8 @@ impl Harness {
         let server = tokio::spawn(workload_api::serve(
             listener,
             rx,
-            jwt,
-            Arc::new(Attestor::new()),
+            jwt.clone(),
+            Arc::new(Attestor::new().with_metrics(metrics.clone())),
             limits,
             metrics.clone(),
             shutdown.clone(),
@@ -173,6 +176,7 @@ impl Harness {
             tx,
             version: 1,
             metrics,
+            jwt,
             shutdown,
             server,
         }
@@ -634,15 +638,7 @@ async fn child_fetches_as_another_uid() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_uid_gets_only_its_own_svid() {
-    if !nix::unistd::geteuid().is_root() {
-        println!("skipped: running a client as another uid needs root");
-        return;
-    }
-    let Some(setpriv) = ["/usr/bin/setpriv", "/bin/setpriv"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-    else {
-        println!("skipped: setpriv (util-linux) is not installed");
+    let Some(setpriv) = setpriv_as_root("another_uid_gets_only_its_own_svid") else {
         return;
     };
     let mut h = Harness::start();
@@ -686,5 +682,541 @@ async fn another_uid_gets_only_its_own_svid() {
         out.contains("CHILD-RESULT err Some(PermissionDenied)"),
         "{out}"
     );
+    h.stop().await;
+}
+
+// ---- Attacks (issue: close the attack paths in the node agent) ------------------------------
+
+/// `setpriv`, when this process is root and it is installed; else why not. Under CI=true a
+/// missing prerequisite fails the test instead.
+fn setpriv_as_root(test: &str) -> Option<&'static str> {
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    let why = if !nix::unistd::geteuid().is_root() {
+        "running a client as another uid needs root"
+    } else if let Some(p) = ["/usr/bin/setpriv", "/bin/setpriv"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+    {
+        return Some(p);
+    } else {
+        "setpriv (util-linux) is not installed"
+    };
+    assert!(!ci, "{test}: {why}");
+    eprintln!("SKIPPED {test}: {why}");
+    None
+}
+
+/// Two copies of this test binary in a directory uid 65534 can read: `trusted` (the one an
+/// entry names) and `evil` (another file, the same program).
+fn trusted_and_evil() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let trusted = dir.path().join("trusted");
+    let evil = dir.path().join("evil");
+    std::fs::copy(&exe, &trusted).unwrap();
+    std::fs::copy(&exe, &evil).unwrap();
+    (dir, trusted, evil)
+}
+
+/// The harness with one SVID, `/trusted`, for uid 65534 running `trusted`.
+fn harness_for_trusted(trusted: &Path) -> Harness {
+    let mut h = Harness::start();
+    std::fs::set_permissions(h.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let entry = h.pki.svid(
+        "/trusted",
+        &[
+            "unix:uid:65534".to_owned(),
+            format!("unix:path:{}", trusted.display()),
+        ],
+    );
+    h.publish(vec![entry]);
+    h
+}
+
+async fn output_of(mut cmd: tokio::process::Command) -> String {
+    let out = within(cmd.output()).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// As `nobody`: a user namespace and a mount namespace of its own, where another binary is
+/// bind-mounted over the trusted path, then run from that path. `/proc/<pid>/exe` reads the
+/// trusted path, but the caller is not in the agent's mount namespace: no `unix:path`, no SVID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bind_mount_over_the_trusted_path_in_a_user_namespace_gets_no_svid() {
+    let test = "bind_mount_over_the_trusted_path_in_a_user_namespace_gets_no_svid";
+    let Some(setpriv) = setpriv_as_root(test) else {
+        return;
+    };
+    let (_bins, trusted, evil) = trusted_and_evil();
+    let h = harness_for_trusted(&trusted);
+    let nobody = |script: &str| {
+        let mut cmd = tokio::process::Command::new(setpriv);
+        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .args(["sh", "-c", script, "sh"])
+            .arg(&evil)
+            .arg(&trusted)
+            .args([
+                "--ignored",
+                "--exact",
+                "child_fetches_as_another_uid",
+                "--nocapture",
+            ])
+            .env(CHILD_SOCKET, &h.socket);
+        cmd
+    };
+
+    // The control: the trusted binary, run by nobody as it is, gets the SVID.
+    let out = output_of(nobody(r#"shift; exec "$@""#)).await;
+    assert!(
+        out.contains("CHILD-RESULT ok spiffe://example.org/trusted"),
+        "{out}"
+    );
+
+    // The attack.
+    let attack = r#"unshare -Urm sh -c 'mount --bind "$1" "$2" && shift && exec "$@"' sh "$@""#;
+    let out = output_of(nobody(attack)).await;
+    assert!(
+        out.contains("CHILD-RESULT err Some(PermissionDenied)"),
+        "{out}"
+    );
+    assert_eq!(h.metrics.refusals("unix_path_other_mount_namespace"), 1);
+    h.stop().await;
+}
+
+/// Where the children of `exec_after_connect_gets_no_svid` find the trusted binary.
+const CHILD_TRUSTED: &str = "KITH_WAPI_TEST_CHILD_TRUSTED";
+/// The pid whose executable the socket's user waits on.
+const CHILD_PARENT: &str = "KITH_WAPI_TEST_CHILD_PARENT";
+
+/// The connecting process of the exec-after-connect attack (runs as `evil`): connects, waits
+/// for the word, hands the socket to a child, and becomes the trusted binary (same pid, same
+/// start time).
+#[test]
+#[ignore = "a child of exec_after_connect_gets_no_svid"]
+fn child_connects_then_execs() {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let (Ok(socket), Ok(trusted)) = (std::env::var(CHILD_SOCKET), std::env::var(CHILD_TRUSTED))
+    else {
+        return;
+    };
+    let conn = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    println!("CHILD-CONNECTED");
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line).unwrap();
+    let exe = std::env::current_exe().unwrap();
+    // This process execs right after: the child outlives what spawned it, by design.
+    #[allow(clippy::zombie_processes)]
+    std::process::Command::new(exe)
+        .args([
+            "--ignored",
+            "--exact",
+            "child_uses_the_inherited_socket",
+            "--nocapture",
+        ])
+        .env(CHILD_PARENT, std::process::id().to_string())
+        .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(conn)))
+        .spawn()
+        .unwrap();
+    let err = std::process::Command::new(trusted)
+        .args(["--ignored", "--exact", "child_sleeps", "--nocapture"])
+        .exec();
+    panic!("exec: {err}");
+}
+
+#[test]
+#[ignore = "a child of exec_after_connect_gets_no_svid: the trusted binary, idle"]
+fn child_sleeps() {
+    if std::env::var(CHILD_TRUSTED).is_ok() {
+        std::thread::sleep(Duration::from_secs(60));
+    }
+}
+
+/// The socket's user: once its parent runs the trusted binary, calls FetchX509SVID over the
+/// connection its parent opened.
+#[tokio::test]
+#[ignore = "a child of exec_after_connect_gets_no_svid"]
+async fn child_uses_the_inherited_socket() {
+    use std::os::fd::AsFd;
+    let (Ok(parent), Ok(trusted)) = (std::env::var(CHILD_PARENT), std::env::var(CHILD_TRUSTED))
+    else {
+        return;
+    };
+    let trusted = std::fs::metadata(trusted).unwrap();
+    let parent_exe = format!("/proc/{parent}/exe");
+    within(async {
+        loop {
+            if let Ok(m) = std::fs::metadata(&parent_exe) {
+                use std::os::unix::fs::MetadataExt;
+                if (m.dev(), m.ino()) == (trusted.dev(), trusted.ino()) {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let fd = std::io::stdin().as_fd().try_clone_to_owned().unwrap();
+    let conn = std::os::unix::net::UnixStream::from(fd);
+    conn.set_nonblocking(true).unwrap();
+    let io = UnixStream::from_std(conn).unwrap();
+    let (mut client, h2conn) = within(h2::client::handshake(io)).await.unwrap();
+    tokio::spawn(async move {
+        let _ = h2conn.await;
+    });
+    let resp = within(raw_call(&mut client, "FetchX509SVID", true))
+        .await
+        .unwrap();
+    println!("CHILD-RESULT status {:?}", immediate_status(&resp));
+}
+
+/// As `nobody`: connect, then exec the trusted binary while a child keeps the socket and asks
+/// for the SVID. The executable the agent pinned at accept is not the one the process runs at
+/// the call: refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_after_connect_gets_no_svid() {
+    use tokio::io::AsyncBufReadExt;
+    let test = "exec_after_connect_gets_no_svid";
+    let Some(setpriv) = setpriv_as_root(test) else {
+        return;
+    };
+    let (_bins, trusted, evil) = trusted_and_evil();
+    let h = harness_for_trusted(&trusted);
+    let mut parent = tokio::process::Command::new(setpriv)
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&evil)
+        .args([
+            "--ignored",
+            "--exact",
+            "child_connects_then_execs",
+            "--nocapture",
+        ])
+        .env(CHILD_SOCKET, &h.socket)
+        .env(CHILD_TRUSTED, &trusted)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(parent.stdout.take().unwrap()).lines();
+    let mut seen = String::new();
+    let mut next_line = async || {
+        let line = within(lines.next_line()).await.unwrap();
+        let line = line.unwrap_or_else(|| panic!("child output ended: {seen}"));
+        seen.push_str(&line);
+        seen.push('\n');
+        line
+    };
+    while next_line().await != "CHILD-CONNECTED" {}
+    // The agent accepted the connection (and pinned the caller's executable, `evil`).
+    within(async {
+        while h.metrics.connections() < 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let mut stdin = parent.stdin.take().unwrap();
+    stdin.write_all(b"go\n").await.unwrap();
+    let result = loop {
+        let line = next_line().await;
+        if line.starts_with("CHILD-RESULT") {
+            break line;
+        }
+    };
+    // 7: PermissionDenied.
+    assert_eq!(result, "CHILD-RESULT status Some(7)");
+    assert_eq!(h.metrics.refusals("exe_changed_since_accept"), 1);
+    let _ = parent.kill().await;
+    h.stop().await;
+}
+
+/// A process that exited before the agent got to it has no start time to pin; it is refused
+/// (a later process reusing its pid could not be told apart).
+#[tokio::test]
+async fn a_caller_gone_at_accept_is_refused() {
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let pid = child.id() as i32;
+    child.wait().unwrap();
+    let cred = sidecar::attest::PeerCred::of_process(0, 0, pid);
+    assert_eq!(cred.start_time, None);
+    let metrics = Arc::new(WorkloadApiMetrics::new());
+    let err = Attestor::new()
+        .with_metrics(metrics.clone())
+        .attest(cred)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, sidecar::attest::AttestError::ExitedAtAccept),
+        "{err}"
+    );
+    assert_eq!(metrics.refusals("caller_exited_at_accept"), 1);
+}
+
+/// A process whose executable was replaced on disk after it started: the path now names
+/// another file, so it proves nothing about the process.
+#[tokio::test]
+async fn unix_path_is_withheld_when_the_path_names_another_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("app");
+    std::fs::copy("/bin/sleep", &bin).unwrap();
+    let mut child = std::process::Command::new(&bin).arg("30").spawn().unwrap();
+    let pid = child.id() as i32;
+    within(async {
+        while std::fs::read_link(format!("/proc/{pid}/exe"))
+            .ok()
+            .as_deref()
+            != Some(&bin)
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let uid = nix::unistd::getuid().as_raw();
+    let metrics = Arc::new(WorkloadApiMetrics::new());
+    let attestor = Attestor::new().with_metrics(metrics.clone());
+    let selectors = attestor
+        .attest(sidecar::attest::PeerCred::of_process(uid, uid, pid))
+        .await
+        .unwrap();
+    assert!(
+        selectors.contains(&format!("unix:path:{}", bin.display())),
+        "{selectors:?}"
+    );
+    // Replaced: same path, another file.
+    std::fs::remove_file(&bin).unwrap();
+    std::fs::copy("/bin/true", &bin).unwrap();
+    let selectors = attestor
+        .attest(sidecar::attest::PeerCred::of_process(uid, uid, pid))
+        .await
+        .unwrap();
+    assert!(
+        !selectors.iter().any(|s| s.starts_with("unix:path:")),
+        "{selectors:?}"
+    );
+    assert_eq!(metrics.refusals("unix_path_exe_mismatch"), 1);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// How many connections `child_holds_silent_connections` opens.
+const CHILD_SILENT: &str = "KITH_WAPI_TEST_CHILD_SILENT";
+
+/// Opens N connections, sends nothing, and reports how many the agent closed.
+#[tokio::test]
+#[ignore = "a child of silent_connections_from_one_uid_are_capped_and_cut, run as another uid"]
+async fn child_holds_silent_connections() {
+    let (Ok(socket), Ok(n)) = (std::env::var(CHILD_SOCKET), std::env::var(CHILD_SILENT)) else {
+        return;
+    };
+    let mut conns = Vec::new();
+    for _ in 0..n.parse::<usize>().unwrap() {
+        conns.push(UnixStream::connect(&socket).await.unwrap());
+    }
+    println!("CHILD-OPENED {}", conns.len());
+    let mut closed = 0;
+    for mut c in conns {
+        let mut sink = Vec::new();
+        // The server hangs up: EOF or a reset, either ends the read.
+        if tokio::time::timeout(Duration::from_secs(60), c.read_to_end(&mut sink))
+            .await
+            .is_ok()
+        {
+            closed += 1;
+        }
+    }
+    println!("CHILD-RESULT closed {closed}");
+}
+
+fn silent_child(setpriv: &str, socket: &Path, n: usize) -> tokio::process::Child {
+    tokio::process::Command::new(setpriv)
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "child_holds_silent_connections",
+            "--nocapture",
+        ])
+        .env(CHILD_SOCKET, socket)
+        .env(CHILD_SILENT, n.to_string())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    tokio::time::timeout(WAIT, async {
+        while !done() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+}
+
+/// The attack: one local user opens many connections and sends nothing. Past its per-uid cap
+/// they are closed at accept, and those it holds are cut at the first-request deadline; another
+/// uid is served meanwhile, and the total cap holds for everyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_from_one_uid_are_capped_and_cut() {
+    let test = "silent_connections_from_one_uid_are_capped_and_cut";
+    let Some(setpriv) = setpriv_as_root(test) else {
+        return;
+    };
+    // The caps, with a deadline far enough away not to interfere.
+    let h = Harness::with_limits(Limits {
+        max_connections: 7,
+        max_connections_per_uid: 4,
+        first_request_timeout: Duration::from_secs(600),
+        shutdown_grace: Duration::from_millis(200),
+        ..Limits::default()
+    });
+    std::fs::set_permissions(h.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let child = silent_child(setpriv, &h.socket, 20);
+    eventually("16 connections refused, 4 held", || {
+        h.metrics.refusals("connections_per_uid_cap") == 16 && h.metrics.connections() == 4
+    })
+    .await;
+    // Another uid is served while nobody holds all it may.
+    let client = h.client().await;
+    within(client.fetch_x509_svid()).await.unwrap();
+    assert_eq!(h.metrics.connections(), 5);
+    // The total cap: two more are let in, the third is closed at once.
+    let _a = UnixStream::connect(&h.socket).await.unwrap();
+    let _b = UnixStream::connect(&h.socket).await.unwrap();
+    eventually("7 connections", || h.metrics.connections() == 7).await;
+    let mut c = UnixStream::connect(&h.socket).await.unwrap();
+    let mut sink = Vec::new();
+    within(c.read_to_end(&mut sink)).await.unwrap();
+    assert_eq!(h.metrics.refusals("connections_total_cap"), 1);
+    assert_eq!(h.metrics.refusals("first_request_deadline"), 0);
+    h.stop().await;
+    let out = String::from_utf8_lossy(&within(child.wait_with_output()).await.unwrap().stdout)
+        .into_owned();
+    assert!(out.contains("CHILD-RESULT closed 20"), "{out}");
+
+    // The deadline: connections that send nothing are cut, and their slots come back.
+    let h = Harness::with_limits(Limits {
+        max_connections_per_uid: 4,
+        first_request_timeout: Duration::from_secs(1),
+        ..Limits::default()
+    });
+    std::fs::set_permissions(h.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let child = silent_child(setpriv, &h.socket, 4);
+    let out = String::from_utf8_lossy(&within(child.wait_with_output()).await.unwrap().stdout)
+        .into_owned();
+    assert!(out.contains("CHILD-RESULT closed 4"), "{out}");
+    assert_eq!(h.metrics.refusals("first_request_deadline"), 4);
+    eventually("no connection left", || h.metrics.connections() == 0).await;
+    // A client that asks in time is served as usual.
+    let client = h.client().await;
+    within(client.fetch_x509_svid()).await.unwrap();
+    assert_eq!(h.metrics.refusals("first_request_deadline"), 4);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_per_uid_are_capped() {
+    let h = Harness::with_limits(Limits {
+        max_streams_per_uid: 3,
+        ..Limits::default()
+    });
+    let client = h.client().await;
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let mut s = within(client.stream_x509_contexts()).await.unwrap();
+        within(s.next()).await.unwrap().unwrap();
+        streams.push(s);
+    }
+    // Over another connection, the same uid: still capped.
+    let other = h.client().await;
+    let err = within(other.stream_x509_contexts())
+        .await
+        .err()
+        .expect("a fourth stream for this uid must be refused");
+    assert_eq!(code_of(&err), Some(Code::ResourceExhausted), "{err:?}");
+    assert_eq!(h.metrics.refusals("streams_per_uid_cap"), 1);
+    streams.pop();
+    eventually("a stream slot back", || h.metrics.open_streams() == 2).await;
+    let mut s = within(other.stream_x509_contexts()).await.unwrap();
+    within(s.next()).await.unwrap().unwrap();
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_svids_are_cached_per_id_and_audience() {
+    let h = Harness::start();
+    let client = h.client().await;
+    let first = within(client.fetch_jwt_svid(["db"], None)).await.unwrap();
+    for _ in 0..5 {
+        let again = within(client.fetch_jwt_svid(["db"], None)).await.unwrap();
+        assert_eq!(again.token(), first.token());
+    }
+    assert_eq!(h.jwt.1.load(Ordering::SeqCst), 1, "one CA round trip");
+    let other = within(client.fetch_jwt_svid(["cache"], None))
+        .await
+        .unwrap();
+    assert_ne!(other.token(), first.token());
+    assert_eq!(h.jwt.1.load(Ordering::SeqCst), 2);
+    h.stop().await;
+}
+
+/// A header block past the 16 KiB the server advertises: the shim refuses the connection
+/// before h2 sees it, counts and logs why; other callers are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_header_block_is_refused_by_the_shim() {
+    let h = Harness::start();
+    let mut raw = UnixStream::connect(&h.socket).await.unwrap();
+    let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    bytes.extend([0, 0, 0, 0x4, 0, 0, 0, 0, 0]); // SETTINGS, empty
+    // One literal header field of 20,000 bytes (literal without indexing, new name), in a
+    // HEADERS frame and CONTINUATIONs of 8 KiB.
+    let mut block = vec![0x00, 0x05];
+    block.extend(b"x-big");
+    // The length as an HPACK integer with a 7-bit prefix (RFC 7541 §5.1).
+    block.push(0x7f);
+    let mut rest = 20_000 - 127;
+    while rest >= 128 {
+        block.push(0x80 | (rest % 128) as u8);
+        rest /= 128;
+    }
+    block.push(rest as u8);
+    block.extend(std::iter::repeat_n(b'a', 20_000));
+    let chunks: Vec<_> = block.chunks(8192).collect();
+    for (i, chunk) in chunks.iter().enumerate() {
+        let kind = if i == 0 { 0x1 } else { 0x9 };
+        let flags = if i + 1 == chunks.len() { 0x4 } else { 0 };
+        let len = chunk.len();
+        bytes.extend([
+            (len >> 16) as u8,
+            (len >> 8) as u8,
+            len as u8,
+            kind,
+            flags,
+            0,
+            0,
+            0,
+            1,
+        ]);
+        bytes.extend(*chunk);
+    }
+    // The server may hang up before it has read everything.
+    let _ = raw.write_all(&bytes).await;
+    let mut sink = Vec::new();
+    let _ = within(raw.read_to_end(&mut sink)).await;
+    eventually("the refusal counted", || {
+        h.metrics.refusals("http2_header_list_too_large") == 1
+    })
+    .await;
+    let client = h.client().await;
+    within(client.fetch_x509_svid()).await.unwrap();
     h.stop().await;
 }

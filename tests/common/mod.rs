@@ -5,6 +5,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -176,6 +177,9 @@ pub fn split_pem(path: &Path, dir: &Path) -> Vec<PathBuf> {
 pub struct Ca {
     pub child: Child,
     pub addr: String,
+    pub metrics_addr: String,
+    /// Every log line the CA wrote to stderr so far (JSON).
+    pub log: Arc<Mutex<Vec<String>>>,
 }
 
 pub fn kith(args: &[&str]) -> (i32, String, String) {
@@ -220,19 +224,33 @@ pub fn serve_ca_with(data: &Path, extra: &[&str]) -> Ca {
         .unwrap();
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let lines = Arc::clone(&log);
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if let Ok(v) = serde_json::from_str::<Value>(&line)
                 && v["fields"]["message"] == "kith ca serving"
             {
-                let _ = tx.send(v["fields"]["api"].as_str().unwrap_or_default().to_owned());
+                let _ = tx.send((
+                    v["fields"]["api"].as_str().unwrap_or_default().to_owned(),
+                    v["fields"]["metrics"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                ));
             }
+            lines.lock().unwrap().push(line);
         }
     });
-    let addr = rx
+    let (addr, metrics_addr) = rx
         .recv_timeout(Duration::from_secs(20))
         .expect("the CA logs its address when serving");
-    Ca { child, addr }
+    Ca {
+        child,
+        addr,
+        metrics_addr,
+        log,
+    }
 }
 
 /// A CA left running by a failed test would keep the test's output pipe open.

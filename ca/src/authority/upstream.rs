@@ -116,7 +116,7 @@ fn split(mut der: &[u8]) -> Result<Vec<CertificateDer<'static>>, AuthorityError>
 
 fn staged_from(kek: &Kek, r: &CaKeyRecord) -> Result<Staged, AuthorityError> {
     let chain = split(r.cert_der.as_deref().unwrap_or_default())?;
-    let key = kek.unseal(&purpose(r.kind, &r.id), &r.sealed_key)?;
+    let key = open_sealed(kek, r)?;
     let anchor = chain
         .last()
         .cloned()
@@ -232,8 +232,8 @@ impl Authority {
             ));
         }
         let id = format!("upstream-{}", short_id()?);
-        let rec = CaKeyRecord {
-            sealed_key: self.kek.seal(&purpose(KeyKind::Root, &id), &key_der)?,
+        let mut rec = CaKeyRecord {
+            sealed_key: Vec::new(),
             id: id.clone(),
             kind: KeyKind::Root,
             cert_der: Some(concat(&chain)),
@@ -243,6 +243,7 @@ impl Authority {
             activate_at: unix(not_after),
             created_at: unix(now),
         };
+        rec.sealed_key = self.kek.seal(&binding(&rec), &key_der)?;
         let event = AuditEvent {
             at: unix(now),
             action: "upstream.published".into(),
@@ -398,18 +399,18 @@ impl Authority {
                 key_event(&irec, now, "created"),
             ))
             .await?;
-        store
-            .write(Write::ActivateCaKey {
-                id: st.id.clone(),
-                activate_at: unix(now),
-                audit: AuditEvent {
+        let rec = store
+            .ca_keys()?
+            .into_iter()
+            .find(|r| r.id == st.id)
+            .ok_or_else(|| AuthorityError::Upstream(format!("{} is gone from the store", st.id)))?;
+        activate_record(store, &self.kek, &rec, now, AuditEvent {
                     at: unix(now),
                     action: "upstream.activated".into(),
                     subject: st.id.clone(),
                     outcome: "ok".into(),
                     detail: json!({"phase": "active", "signer": irec.id, "forced": forced, "unconfirmed_callers": unconfirmed}),
-                },
-            })
+                })
             .await?;
         tracing::info!(upstream = %st.id, forced, "signing switched to the replacement upstream; replace the --upstream-cert/--upstream-key files too");
         let keys = self.current.load_full();

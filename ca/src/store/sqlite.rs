@@ -12,8 +12,9 @@ use subtle::ConstantTimeEq;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    AuditEvent, AuditRow, AuditVerdict, CaKeyRecord, CertRecord, Counts, Entry, IssuedCert,
-    JoinToken, KeyKind, Node, Outcome, Store, StoreError, TokenRefusal, Write, audit_hash, hex,
+    AuditEvent, AuditHead, AuditKey, AuditRow, AuditVerdict, CaKeyRecord, CertRecord, Counts,
+    Entry, IssuedCert, JoinToken, KeyKind, Node, Outcome, Store, StoreError, TokenRefusal, Write,
+    audit_mac, audit_mac_ok, hex, legacy_audit_hash,
 };
 
 /// The most writes folded into one transaction.
@@ -79,8 +80,12 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE certificates ADD COLUMN parent TEXT;",
 ];
 
+/// The action of the row that starts the keyed chain in a database an older kith began.
+pub const AUDIT_KEYED: &str = "audit.keyed";
+
 pub struct SqliteStore {
     path: PathBuf,
+    key: AuditKey,
     reader: Mutex<Connection>,
     tx: mpsc::UnboundedSender<Job>,
 }
@@ -95,27 +100,49 @@ fn db(e: rusqlite::Error) -> StoreError {
 }
 
 impl SqliteStore {
-    /// Opens (creating and migrating if needed) `<dir>/kith-ca.db` and starts the writer.
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+    /// Opens (creating and migrating if needed) `<dir>/kith-ca.db` and starts the writer. Audit
+    /// rows are chained with `key`'s MAC.
+    ///
+    /// A database whose newest audit row is a plain SHA-256 chain (an older kith wrote it) gets
+    /// an `audit.keyed` row that starts the MAC chain; the rows before it stay checkable as the
+    /// plain chain they are. A newest row that verifies neither way means a wrong
+    /// key-encryption key (or an altered row): the store refuses to open rather than append
+    /// rows nobody could verify.
+    pub fn open(dir: &Path, key: AuditKey) -> Result<Self, StoreError> {
         let path = dir.join("kith-ca.db");
         let mut conn = open_conn(&path, false)?;
         migrate(&mut conn)?;
+        let mut last = last_hash(&conn)?;
+        if let Some(legacy_rows) = newest_row_state(&conn, &key)? {
+            let event = AuditEvent {
+                at: unix_now(),
+                action: AUDIT_KEYED.into(),
+                subject: "audit".into(),
+                outcome: "ok".into(),
+                detail: serde_json::json!({ "legacy_rows": legacy_rows }),
+            };
+            let tx = conn.transaction().map_err(db)?;
+            append_audit(&tx, &key, &event, &mut last).map_err(db)?;
+            tx.commit().map_err(db)?;
+        }
         let reader = open_conn(&path, true)?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let last = last_hash(&conn)?;
+        let writer_key = key.clone();
         thread::Builder::new()
             .name("kith-ca-store".into())
-            .spawn(move || writer(conn, rx, last))
+            .spawn(move || writer(conn, writer_key, rx, last))
             .map_err(|e| StoreError::Db(format!("cannot start the writer thread: {e}")))?;
         Ok(Self {
             path,
+            key,
             reader: Mutex::new(reader),
             tx,
         })
     }
 
     /// Opens an existing database read-only, e.g. for `kith ca audit verify` while the CA is
-    /// stopped. No writer is started.
+    /// stopped. No writer is started. Verifying needs the audit key (from the KEK); reading
+    /// rows and the head does not.
     pub fn open_read_only(dir: &Path) -> Result<ReadOnly, StoreError> {
         let path = dir.join("kith-ca.db");
         if !path.exists() {
@@ -151,8 +178,16 @@ pub struct ReadOnly {
 }
 
 impl ReadOnly {
-    pub fn verify_audit(&self) -> Result<AuditVerdict, StoreError> {
-        verify_audit(&self.conn)
+    pub fn verify_audit(
+        &self,
+        key: &AuditKey,
+        expect: Option<&AuditHead>,
+    ) -> Result<AuditVerdict, StoreError> {
+        verify_audit(&self.conn, key, expect)
+    }
+
+    pub fn audit_head(&self) -> Result<Option<AuditHead>, StoreError> {
+        audit_head(&self.conn)
     }
 
     pub fn audit(&self, after_seq: i64, limit: i64) -> Result<Vec<AuditRow>, StoreError> {
@@ -225,10 +260,62 @@ fn last_hash(conn: &Connection) -> Result<(i64, [u8; 32]), StoreError> {
     }
 }
 
+/// Whether the chain needs an `audit.keyed` row before this key's rows: `Some(rows)` when the
+/// newest row is a legacy plain hash; `None` when the chain is empty or already keyed.
+fn newest_row_state(conn: &Connection, key: &AuditKey) -> Result<Option<i64>, StoreError> {
+    let row = conn
+        .query_row(
+            "SELECT seq, at, action, subject, outcome, detail, prev_hash, hash FROM audit
+             ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    AuditEvent {
+                        at: r.get(1)?,
+                        action: r.get(2)?,
+                        subject: r.get(3)?,
+                        outcome: r.get(4)?,
+                        detail: serde_json::Value::Null,
+                    },
+                    r.get::<_, String>(5)?,
+                    r.get::<_, Vec<u8>>(6)?,
+                    r.get::<_, Vec<u8>>(7)?,
+                ))
+            },
+        )
+        .optional()
+        .map_err(db)?;
+    let Some((seq, event, detail, prev, stored)) = row else {
+        return Ok(None);
+    };
+    let prev: [u8; 32] = prev.try_into().map_err(|_| StoreError::Corrupt {
+        table: "audit",
+        detail: format!("row {seq} has a previous hash that is not 32 bytes"),
+    })?;
+    if audit_mac_ok(key, &prev, seq, &event, &detail, &stored) {
+        return Ok(None);
+    }
+    if legacy_audit_hash(&prev, seq, &event, &detail).as_slice() == stored.as_slice() {
+        return Ok(Some(seq));
+    }
+    Err(StoreError::Corrupt {
+        table: "audit",
+        detail: format!(
+            "the newest row ({seq}) does not verify under this key-encryption key: the KEK is not the one this CA was started with, or the row was altered (`kith ca audit verify` with the right KEK says which)"
+        ),
+    })
+}
+
 /// The writer loop: take one job, drain whatever else is waiting, apply them all in one
 /// transaction (each in its own savepoint, so one failing op does not sink the others), commit
 /// once, then answer everyone.
-fn writer(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Job>, mut last: (i64, [u8; 32])) {
+fn writer(
+    mut conn: Connection,
+    key: AuditKey,
+    mut rx: mpsc::UnboundedReceiver<Job>,
+    mut last: (i64, [u8; 32]),
+) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_GROUP);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
@@ -244,7 +331,7 @@ fn writer(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Job>, mut last: 
         let grouped = (|| -> Result<(), rusqlite::Error> {
             let tx = conn.transaction()?;
             for job in &batch {
-                results.push(apply(&tx, &job.op, &mut last)?);
+                results.push(apply(&tx, &key, &job.op, &mut last)?);
             }
             tx.commit()
         })();
@@ -260,7 +347,7 @@ fn writer(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Job>, mut last: 
                         let before = last;
                         let alone = (|| -> Result<Outcome, rusqlite::Error> {
                             let tx = conn.transaction()?;
-                            let outcome = apply(&tx, &job.op, &mut last)?;
+                            let outcome = apply(&tx, &key, &job.op, &mut last)?;
                             tx.commit()?;
                             Ok(outcome)
                         })();
@@ -280,12 +367,13 @@ fn writer(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Job>, mut last: 
 
 fn append_audit(
     tx: &Connection,
+    key: &AuditKey,
     e: &AuditEvent,
     last: &mut (i64, [u8; 32]),
 ) -> rusqlite::Result<()> {
     let seq = last.0 + 1;
     let detail = e.detail.to_string();
-    let hash = audit_hash(&last.1, seq, e, &detail);
+    let hash = audit_mac(key, &last.1, seq, e, &detail);
     tx.prepare_cached(
         "INSERT INTO audit (seq, at, action, subject, outcome, detail, prev_hash, hash)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -331,14 +419,19 @@ fn upsert_node(tx: &Connection, n: &Node) -> rusqlite::Result<()> {
 type TokenState = (Vec<u8>, i64, Option<i64>, Option<i64>);
 
 /// Applies one write inside its savepoint (which derefs to the connection).
-fn apply(tx: &Connection, op: &Write, last: &mut (i64, [u8; 32])) -> rusqlite::Result<Outcome> {
+fn apply(
+    tx: &Connection,
+    key: &AuditKey,
+    op: &Write,
+    last: &mut (i64, [u8; 32]),
+) -> rusqlite::Result<Outcome> {
     match op {
         Write::Issue { cert, node, audit } => {
             insert_cert(tx, cert)?;
             if let Some(node) = node {
                 upsert_node(tx, node)?;
             }
-            append_audit(tx, audit, last)?;
+            append_audit(tx, key, audit, last)?;
             Ok(Outcome::Done)
         }
         Write::JoinIssue {
@@ -387,11 +480,18 @@ fn apply(tx: &Connection, op: &Write, last: &mut (i64, [u8; 32])) -> rusqlite::R
                 node.attested_at,
                 node.last_issued_at
             ])?;
-            append_audit(tx, audit, last)?;
+            append_audit(tx, key, audit, last)?;
             Ok(Outcome::Done)
         }
         Write::Audit(e) => {
-            append_audit(tx, e, last)?;
+            append_audit(tx, key, e, last)?;
+            Ok(Outcome::Done)
+        }
+        Write::Probe => {
+            // Rewrites the header's user_version with its own value: a real page write (and
+            // fsync at commit) without a table of its own.
+            let v: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+            tx.execute_batch(&format!("PRAGMA user_version = {v}"))?;
             Ok(Outcome::Done)
         }
         Write::CreateToken(t, audit) => {
@@ -399,7 +499,7 @@ fn apply(tx: &Connection, op: &Write, last: &mut (i64, [u8; 32])) -> rusqlite::R
                 "INSERT INTO join_tokens (hash, id, name, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?
             .execute(params![&t.hash[..], t.id, t.name, t.created_at, t.expires_at])?;
-            append_audit(tx, audit, last)?;
+            append_audit(tx, key, audit, last)?;
             Ok(Outcome::Done)
         }
         Write::RevokeToken { id, now, audit } => {
@@ -411,7 +511,7 @@ fn apply(tx: &Connection, op: &Write, last: &mut (i64, [u8; 32])) -> rusqlite::R
             if n == 0 {
                 return Ok(Outcome::NotFound);
             }
-            append_audit(tx, audit, last)?;
+            append_audit(tx, key, audit, last)?;
             Ok(Outcome::Done)
         }
         Write::PutEntry(e, audit) => {
@@ -428,7 +528,7 @@ fn apply(tx: &Connection, op: &Write, last: &mut (i64, [u8; 32])) -> rusqlite::R
                 serde_json::to_string(&e.dns).unwrap_or_default(),
                 e.created_at
             ])?;
-            append_audit(tx, audit, last)?;
+            append_audit(tx, key, audit, last)?;
             Ok(Outcome::Done)
         }
         Write::DeleteEntry { id, audit } => {
@@ -438,7 +538,7 @@ fn apply(tx: &Connection, op: &Write, last: &mut (i64, [u8; 32])) -> rusqlite::R
             if n == 0 {
                 return Ok(Outcome::NotFound);
             }
-            append_audit(tx, audit, last)?;
+            append_audit(tx, key, audit, last)?;
             Ok(Outcome::Done)
         }
         Write::EvictNode {
@@ -454,7 +554,7 @@ fn apply(tx: &Connection, op: &Write, last: &mut (i64, [u8; 32])) -> rusqlite::R
             if n == 0 {
                 return Ok(Outcome::NotFound);
             }
-            append_audit(tx, audit, last)?;
+            append_audit(tx, key, audit, last)?;
             Ok(Outcome::Done)
         }
         Write::PutCaKey(k, audit) => {
@@ -472,21 +572,38 @@ fn apply(tx: &Connection, op: &Write, last: &mut (i64, [u8; 32])) -> rusqlite::R
                 k.activate_at,
                 k.created_at
             ])?;
-            append_audit(tx, audit, last)?;
+            append_audit(tx, key, audit, last)?;
+            Ok(Outcome::Done)
+        }
+        Write::ResealCaKey {
+            id,
+            sealed_key,
+            audit,
+        } => {
+            let n = tx
+                .prepare_cached("UPDATE ca_keys SET sealed_key = ?1 WHERE id = ?2")?
+                .execute(params![sealed_key, id])?;
+            if n == 0 {
+                return Ok(Outcome::NotFound);
+            }
+            append_audit(tx, key, audit, last)?;
             Ok(Outcome::Done)
         }
         Write::ActivateCaKey {
             id,
             activate_at,
+            sealed_key,
             audit,
         } => {
             let n = tx
-                .prepare_cached("UPDATE ca_keys SET activate_at = ?1 WHERE id = ?2")?
-                .execute(params![activate_at, id])?;
+                .prepare_cached(
+                    "UPDATE ca_keys SET activate_at = ?1, sealed_key = ?2 WHERE id = ?3",
+                )?
+                .execute(params![activate_at, sealed_key, id])?;
             if n == 0 {
                 return Ok(Outcome::NotFound);
             }
-            append_audit(tx, audit, last)?;
+            append_audit(tx, key, audit, last)?;
             Ok(Outcome::Done)
         }
     }
@@ -628,8 +745,23 @@ impl Store for SqliteStore {
         self.read(|c| audit_rows(c, after_seq, limit))
     }
 
-    fn verify_audit(&self) -> Result<AuditVerdict, StoreError> {
-        self.read(verify_audit)
+    fn verify_audit(&self, expect: Option<&AuditHead>) -> Result<AuditVerdict, StoreError> {
+        self.read(|c| verify_audit(c, &self.key, expect))
+    }
+
+    fn audit_head(&self) -> Result<Option<AuditHead>, StoreError> {
+        self.read(audit_head)
+    }
+
+    fn audit_has(&self, action: &str, subject: &str) -> Result<bool, StoreError> {
+        self.read(|c| {
+            c.query_row(
+                "SELECT EXISTS (SELECT 1 FROM audit WHERE action = ?1 AND subject = ?2)",
+                params![action, subject],
+                |r| r.get::<_, bool>(0),
+            )
+            .map_err(db)
+        })
     }
 
     fn counts(&self) -> Result<Counts, StoreError> {
@@ -695,10 +827,35 @@ fn audit_rows(c: &Connection, after_seq: i64, limit: i64) -> Result<Vec<AuditRow
     rows.collect::<Result<Vec<_>, _>>().map_err(db)
 }
 
+fn audit_head(c: &Connection) -> Result<Option<AuditHead>, StoreError> {
+    c.query_row(
+        "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
+        [],
+        |r| {
+            Ok(AuditHead {
+                seq: r.get(0)?,
+                hash: hex(&r.get::<_, Vec<u8>>(1)?),
+            })
+        },
+    )
+    .optional()
+    .map_err(db)
+}
+
 /// Walks the whole chain in order. A row is broken when its sequence number skips (a row was
-/// deleted), its stored previous hash is not the hash of the row before, or its own hash does
-/// not match its content (it was edited).
-fn verify_audit(c: &Connection) -> Result<AuditVerdict, StoreError> {
+/// deleted), its stored previous MAC is not the MAC of the row before, or its own MAC does not
+/// match its content under the audit key (it was edited, or the chain recomputed without the
+/// key).
+///
+/// Rows an older kith wrote (a plain SHA-256 chain) are accepted only before the first keyed
+/// row, and the newest row must be keyed: rewriting the whole log as a plain chain, or cutting
+/// it back to its legacy part, does not verify. Deleting the newest keyed rows leaves a valid
+/// shorter chain; `expect` (a head written down earlier) catches that.
+fn verify_audit(
+    c: &Connection,
+    key: &AuditKey,
+    expect: Option<&AuditHead>,
+) -> Result<AuditVerdict, StoreError> {
     let mut stmt = c
         .prepare("SELECT seq, at, action, subject, outcome, detail, prev_hash, hash FROM audit ORDER BY seq")
         .map_err(db)?;
@@ -706,6 +863,10 @@ fn verify_audit(c: &Connection) -> Result<AuditVerdict, StoreError> {
     let mut prev = [0u8; 32];
     let mut expected_seq = 1i64;
     let mut count = 0i64;
+    let mut legacy_rows = 0i64;
+    let mut keyed = false;
+    let mut head = None;
+    let mut expect_seen = false;
     while let Some(r) = rows.next().map_err(db)? {
         let seq: i64 = r.get(0).map_err(db)?;
         let detail: String = r.get(5).map_err(db)?;
@@ -719,11 +880,14 @@ fn verify_audit(c: &Connection) -> Result<AuditVerdict, StoreError> {
         let stored_prev: Vec<u8> = r.get(6).map_err(db)?;
         let stored: Vec<u8> = r.get(7).map_err(db)?;
         count += 1;
+        let legacy_so_far = legacy_rows;
         let broken = |why: String| {
             Ok(AuditVerdict {
                 rows: count,
                 first_broken: Some(seq),
                 detail: Some(why),
+                legacy_rows: legacy_so_far,
+                head: None,
             })
         };
         if seq != expected_seq {
@@ -732,17 +896,56 @@ fn verify_audit(c: &Connection) -> Result<AuditVerdict, StoreError> {
         if stored_prev != prev {
             return broken("previous-hash does not match the row before".into());
         }
-        if stored != audit_hash(&prev, seq, &event, &detail) {
-            return broken("content does not match its hash (the row was altered)".into());
+        if audit_mac_ok(key, &prev, seq, &event, &detail, &stored) {
+            keyed = true;
+        } else if !keyed
+            && event.action != AUDIT_KEYED
+            && legacy_audit_hash(&prev, seq, &event, &detail).as_slice() == stored.as_slice()
+        {
+            legacy_rows += 1;
+        } else {
+            return broken(
+                "content does not match its MAC (the row was altered, or the key-encryption key is not this CA's)"
+                    .into(),
+            );
+        }
+        let hash = hex(&stored);
+        if let Some(e) = expect
+            && e.seq == seq
+        {
+            if e.hash != hash {
+                return broken(format!(
+                    "row {seq} is not the expected head {e}: the chain was rewritten from there"
+                ));
+            }
+            expect_seen = true;
         }
         prev.copy_from_slice(&stored);
+        head = Some(AuditHead { seq, hash });
         expected_seq += 1;
     }
-    Ok(AuditVerdict {
+    let mut verdict = AuditVerdict {
         rows: count,
         first_broken: None,
         detail: None,
-    })
+        legacy_rows,
+        head: head.clone(),
+    };
+    if count > 0 && !keyed {
+        verdict.first_broken = Some(count);
+        verdict.detail = Some(
+            "no row is keyed: the whole chain is plain SHA-256, which anyone can recompute; start the CA once to key it, or the log was rewritten"
+                .into(),
+        );
+    } else if let Some(e) = expect
+        && !expect_seen
+    {
+        verdict.first_broken = Some(count + 1);
+        verdict.detail = Some(format!(
+            "the chain ends at row {count}, before the expected head {e}: rows were deleted"
+        ));
+    }
+    Ok(verdict)
 }
 
 fn kind_str(k: KeyKind) -> &'static str {

@@ -18,12 +18,18 @@
 //! inserts, so the shim decodes *every* block with one decoder per connection (honouring the
 //! client's table size updates, bounded by the 4096 bytes h2 advertises by not sending
 //! SETTINGS_HEADER_TABLE_SIZE). Toward h2 it re-encodes every field as a literal without
-//! indexing, so h2's decoder table stays empty and no state has to match. The decoded header
-//! list is what h2 would have decoded, so h2's own header list limits apply unchanged.
+//! indexing, so h2's decoder table stays empty and no state has to match.
+//!
+//! Memory: the shim applies h2's header list limit itself ([`MAX_HEADER_LIST`], the 16 KiB the
+//! server advertises as SETTINGS_MAX_HEADER_LIST_SIZE), before h2 sees anything. It stops
+//! reading a header block once its compressed bytes pass the limit (a frame announcing more is
+//! refused from its 9-byte header), and stops keeping decoded fields once the list passes it; the
+//! connection then fails with "header list too large". So what one connection can make the agent
+//! hold is a few times 16 KiB, however the client packs its headers.
 //!
 //! Anything the shim cannot make sense of (a bad HPACK block, a CONTINUATION out of place, a
-//! header block past [`MAX_HEADER_BLOCK`]) fails the connection with an I/O error; nothing here
-//! panics on input.
+//! header block past the limit) fails the connection with an I/O error, whose reason
+//! [`AuthorityFix::failure_reason`] gives for metrics and logs; nothing here panics on input.
 
 use std::borrow::Cow;
 use std::io;
@@ -44,11 +50,16 @@ const FLAG_END_HEADERS: u8 = 0x4;
 const FLAG_PADDED: u8 = 0x8;
 const FLAG_PRIORITY: u8 = 0x20;
 
-/// Largest header block (the compressed bytes over HEADERS + CONTINUATION) and largest decoded
-/// header list the shim accepts. Workload API requests carry a handful of short headers; h2
-/// refuses much less than this anyway (hyper's default header list limit is 16 KiB).
-pub(crate) const MAX_HEADER_BLOCK: usize = 64 * 1024;
-const MAX_HEADER_LIST: usize = 256 * 1024;
+/// Largest decoded header list (RFC 7541 §4.1 sizes: name + value + 32 per field) the server
+/// accepts: what it advertises as SETTINGS_MAX_HEADER_LIST_SIZE (hyper's default, set
+/// explicitly on the server) and what h2 would apply after the shim. Workload API requests carry
+/// a handful of short headers.
+pub(crate) const MAX_HEADER_LIST: usize = 16 * 1024;
+/// Largest header block, in compressed bytes over HEADERS + CONTINUATION: an encoder never needs
+/// more bytes than the list's size (every field costs 32 in the list and at least 1 on the
+/// wire), so a block past the list limit cannot decode to a list within it, bar a perverse
+/// Huffman coding, and is refused unread.
+pub(crate) const MAX_HEADER_BLOCK: usize = MAX_HEADER_LIST;
 
 /// SETTINGS_HEADER_TABLE_SIZE as the server advertises it: h2 does not send the setting, so the
 /// protocol default holds and the client may grow its table to this much, no more.
@@ -63,6 +74,26 @@ const REPLACEMENT_AUTHORITY: &[u8] = b"localhost";
 fn invalid(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
+
+/// Reasons (metric labels) for a failed connection.
+const TOO_LARGE: &str = "http2_header_list_too_large";
+const MALFORMED: &str = "http2_header_block_malformed";
+
+fn too_large(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, ShimError(TOO_LARGE, msg.into()))
+}
+
+/// An error with its reason, so that [`Rewriter::failure_reason`] can tell them apart.
+#[derive(Debug)]
+struct ShimError(&'static str, String);
+
+impl std::fmt::Display for ShimError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.1)
+    }
+}
+
+impl std::error::Error for ShimError {}
 
 #[derive(Debug)]
 enum State {
@@ -90,8 +121,10 @@ pub(crate) struct Rewriter {
     decoder: loona_hpack::Decoder<'static>,
     pending: Option<Pending>,
     block: Vec<u8>,
-    /// Set once a call failed: the connection is dead.
-    failed: bool,
+    /// Set once a call failed, with why: the connection is dead.
+    failed: Option<&'static str>,
+    /// Whether a complete header block (a request) went through.
+    saw_request: bool,
 }
 
 impl Default for Rewriter {
@@ -104,7 +137,8 @@ impl Default for Rewriter {
             decoder,
             pending: None,
             block: Vec::new(),
-            failed: false,
+            failed: None,
+            saw_request: false,
         }
     }
 }
@@ -114,15 +148,32 @@ impl Rewriter {
     /// forwarded to h2 so far. Bytes of an incomplete header block stay here until the rest
     /// arrives.
     pub(crate) fn feed(&mut self, bytes: &[u8], out: &mut BytesMut) -> io::Result<()> {
-        if self.failed {
+        if self.failed.is_some() {
             return Err(invalid("http/2 shim already failed"));
         }
         self.input.extend_from_slice(bytes);
         let result = self.process(out);
-        if result.is_err() {
-            self.failed = true;
+        if let Err(e) = &result {
+            let reason = e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<ShimError>())
+                .map_or(MALFORMED, |s| s.0);
+            self.failed = Some(reason);
+            // Nothing more is kept for a dead connection.
+            self.input = BytesMut::new();
+            self.block = Vec::new();
         }
         result
+    }
+
+    /// Why the connection failed, once it did.
+    pub(crate) fn failure_reason(&self) -> Option<&'static str> {
+        self.failed
+    }
+
+    /// Whether a complete request header block has been seen.
+    pub(crate) fn saw_request(&self) -> bool {
+        self.saw_request
     }
 
     fn process(&mut self, out: &mut BytesMut) -> io::Result<()> {
@@ -171,9 +222,15 @@ impl Rewriter {
                         self.state = State::Frames { skip: len };
                         continue;
                     }
-                    // A header frame is rewritten whole: its payload must fit the cap.
-                    if len > MAX_HEADER_BLOCK + 256 {
-                        return Err(invalid("http/2 header frame too large"));
+                    // A header frame is rewritten whole: its payload must fit the cap (plus
+                    // padding and priority), and the block gathered so far with it. Refused from
+                    // the frame header, before its payload is read.
+                    if len > MAX_HEADER_BLOCK + 256
+                        || self.block.len() + len > MAX_HEADER_BLOCK + 256
+                    {
+                        return Err(too_large(format!(
+                            "http/2 header block larger than the {MAX_HEADER_LIST}-byte header list limit"
+                        )));
                     }
                     if self.input.len() < FRAME_HEADER_LEN + len {
                         self.input
@@ -242,7 +299,9 @@ impl Rewriter {
 
     fn append(&mut self, fragment: &[u8]) -> io::Result<()> {
         if self.block.len() + fragment.len() > MAX_HEADER_BLOCK {
-            return Err(invalid("http/2 header block too large"));
+            return Err(too_large(format!(
+                "http/2 header block larger than the {MAX_HEADER_LIST}-byte header list limit"
+            )));
         }
         self.block.extend_from_slice(fragment);
         Ok(())
@@ -268,8 +327,11 @@ impl Rewriter {
             })
             .map_err(|e| invalid(format!("http/2 header block: hpack: {e}")))?;
         if list_size > MAX_HEADER_LIST {
-            return Err(invalid("http/2 header list too large"));
+            return Err(too_large(format!(
+                "http/2 header list too large: {list_size} bytes decoded, limit {MAX_HEADER_LIST}"
+            )));
         }
+        self.saw_request = true;
 
         let mut encoded = Vec::with_capacity(block.len() + 64);
         for (name, value) in &fields {
@@ -372,6 +434,16 @@ impl<T> AuthorityFix<T> {
             out: BytesMut::new(),
             eof: false,
         }
+    }
+
+    /// Why the client's bytes were refused, once they were.
+    pub(crate) fn failure_reason(&self) -> Option<&'static str> {
+        self.rewriter.failure_reason()
+    }
+
+    /// Whether the client sent a complete request header block.
+    pub(crate) fn saw_request(&self) -> bool {
+        self.rewriter.saw_request()
     }
 }
 
@@ -612,39 +684,115 @@ mod tests {
         assert_eq!(f[1].0, 0x8);
     }
 
-    #[test]
-    fn large_blocks_are_split_into_continuations() {
-        let mut block = request_block(b"%2Fx");
-        encode_literal(b"x-big", &[b'a'; 40_000], &mut block);
+    /// `block` as HEADERS + CONTINUATIONs of `chunk` bytes each, after the preface.
+    fn in_chunks(block: &[u8], chunk: usize) -> Vec<u8> {
         let mut input = PREFACE.to_vec();
-        // Sent as HEADERS + CONTINUATION of at most 16 KiB each.
-        let mut chunks = block.chunks(MAX_FRAME);
-        input.extend(frame(TYPE_HEADERS, 0, 1, chunks.next().unwrap()));
-        let rest: Vec<_> = chunks.collect();
-        for (i, c) in rest.iter().enumerate() {
-            let flags = if i + 1 == rest.len() {
+        let chunks: Vec<_> = block.chunks(chunk).collect();
+        for (i, c) in chunks.iter().enumerate() {
+            let kind = if i == 0 {
+                TYPE_HEADERS
+            } else {
+                TYPE_CONTINUATION
+            };
+            let flags = if i + 1 == chunks.len() {
                 FLAG_END_HEADERS
             } else {
                 0
             };
-            input.extend(frame(TYPE_CONTINUATION, flags, 1, c));
+            input.extend(frame(kind, flags, 1, c));
         }
-        let f = frames(&run(&input).unwrap()[24..]);
-        assert!(f.len() >= 3);
-        assert_eq!(f[0].0, TYPE_HEADERS);
-        let mut joined = Vec::new();
+        input
+    }
+
+    #[test]
+    fn continuations_up_to_the_limit_are_joined() {
+        let mut block = request_block(b"%2Fx");
+        encode_literal(b"x-big", &[b'a'; 15_000], &mut block);
+        let mut r = Rewriter::default();
+        let mut out = BytesMut::new();
+        r.feed(&in_chunks(&block, 4096), &mut out).unwrap();
+        assert!(r.saw_request());
+        let f = frames(&out[24..]);
+        assert_eq!(f.len(), 1);
+        assert_eq!((f[0].0, f[0].1), (TYPE_HEADERS, FLAG_END_HEADERS));
+        let fields = decode_fresh(&f[0].3);
+        assert_eq!(authority_of(&fields), b"localhost");
+        assert_eq!(fields.last().unwrap().1.len(), 15_000);
+    }
+
+    #[test]
+    fn re_encoded_blocks_are_split_at_the_frame_size() {
+        let mut block = Vec::new();
+        encode_literal(b"x-big", &[b'a'; 40_000], &mut block);
+        let pending = Pending {
+            stream: 1,
+            flags: FLAG_END_STREAM,
+            priority: None,
+        };
+        let mut out = BytesMut::new();
+        write_header_frames(&pending, &block, &mut out);
+        let f = frames(&out);
+        assert_eq!(f.len(), 3);
+        let mut joined: Vec<u8> = Vec::new();
         for (i, (kind, flags, stream, payload)) in f.iter().enumerate() {
             assert!(payload.len() <= MAX_FRAME);
             assert_eq!(*stream, 1);
-            if i > 0 {
-                assert_eq!(*kind, TYPE_CONTINUATION);
-            }
+            assert_eq!(*kind == TYPE_HEADERS, i == 0);
             assert_eq!(flags & FLAG_END_HEADERS != 0, i + 1 == f.len());
             joined.extend(payload);
         }
-        let fields = decode_fresh(&joined);
-        assert_eq!(authority_of(&fields), b"localhost");
-        assert_eq!(fields.last().unwrap().1.len(), 40_000);
+        assert_eq!(joined, block);
+    }
+
+    fn refused_as_too_large(input: &[u8]) -> Rewriter {
+        let mut r = Rewriter::default();
+        let mut out = BytesMut::new();
+        let err = r.feed(input, &mut out).unwrap_err();
+        assert!(
+            err.to_string().contains("16384"),
+            "the error names the limit: {err}"
+        );
+        assert_eq!(r.failure_reason(), Some(TOO_LARGE));
+        assert!(!r.saw_request());
+        r
+    }
+
+    #[test]
+    fn header_lists_past_the_advertised_limit_are_refused() {
+        // One literal past 16 KiB, over CONTINUATIONs: refused once the gathered bytes pass the
+        // limit, before the rest is read.
+        let mut block = request_block(b"%2Fx");
+        encode_literal(b"x-big", &[b'a'; 17_000], &mut block);
+        let r = refused_as_too_large(&in_chunks(&block, 4096));
+        assert!(r.block.is_empty() && r.input.is_empty(), "nothing kept");
+
+        // A frame announcing more than the limit: refused from its 9-byte header alone.
+        let mut header = BytesMut::new();
+        frame_header(MAX_HEADER_LIST + 1024, TYPE_HEADERS, 0, 1, &mut header);
+        refused_as_too_large(&[PREFACE.as_slice(), &header].concat());
+
+        // A small block that decodes past the limit: one 4 KB field in the dynamic table, then
+        // five references to it (5 bytes on the wire, 20 KB decoded).
+        let mut first = vec![0x40];
+        encode_int(3, 7, 0, &mut first);
+        first.extend_from_slice(b"x-a");
+        encode_int(3900, 7, 0, &mut first);
+        first.extend_from_slice(&[b'v'; 3900]);
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &first));
+        input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 3, &[0xbe; 5]));
+        let mut r = Rewriter::default();
+        let mut out = BytesMut::new();
+        let err = r.feed(&input, &mut out).unwrap_err();
+        assert!(err.to_string().contains("header list too large"), "{err}");
+        assert_eq!(r.failure_reason(), Some(TOO_LARGE));
+        assert!(r.saw_request(), "the first block was a request");
+
+        // Malformed input has its own reason.
+        let mut r = Rewriter::default();
+        let input = [PREFACE.as_slice(), &frame(TYPE_CONTINUATION, 4, 1, &[0x83])].concat();
+        r.feed(&input, &mut BytesMut::new()).unwrap_err();
+        assert_eq!(r.failure_reason(), Some(MALFORMED));
     }
 
     #[test]

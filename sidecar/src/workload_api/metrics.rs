@@ -1,8 +1,17 @@
-//! Call counters for the Workload API, kept as plain atomics so the agent can export them in
-//! whatever format it serves (no metrics crate here).
+//! Counters for the Workload API: calls (plain atomics, exported by the admin listener), and
+//! refusals by reason and open connections, which the agent registers in its own Prometheus
+//! registry (see [`WorkloadApiMetrics::register`]).
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use tonic::Code;
 
 /// The Workload API methods, in the order of the service definition.
@@ -54,11 +63,24 @@ pub struct CallCount {
     pub count: u64,
 }
 
-/// Calls by method and result, and the streams open now.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+/// A flood of refusals (hundreds of connections a second) must not fill the log: at most one
+/// line per reason per this long, the next one saying how many were left out.
+const LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// Calls by method and result, the streams and connections open now, and refusals by reason.
 #[derive(Debug)]
 pub struct WorkloadApiMetrics {
     calls: [[AtomicU64; CODES]; METHODS.len()],
     open_streams: AtomicI64,
+    refusals: Family<ReasonLabel, Counter>,
+    connections: Gauge<i64, AtomicI64>,
+    /// Per reason: when a line was last logged, and how many were suppressed since.
+    logged: Mutex<HashMap<&'static str, (Instant, u64)>>,
 }
 
 impl Default for WorkloadApiMetrics {
@@ -72,7 +94,79 @@ impl WorkloadApiMetrics {
         Self {
             calls: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
             open_streams: AtomicI64::new(0),
+            refusals: Family::default(),
+            connections: Gauge::default(),
+            logged: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Adds the refusal counter (`kith_agent_workload_api_refusals_total{reason}`) and the
+    /// open-connection gauge to the agent's registry.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "workload_api_refusals",
+            "Workload API callers, connections and selectors refused, by reason",
+            self.refusals.clone(),
+        );
+        registry.register(
+            "workload_api_connections",
+            "Workload API connections open now",
+            self.connections.clone(),
+        );
+    }
+
+    /// Counts one refusal.
+    pub fn refused(&self, reason: &'static str) {
+        self.refusals.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// How many refusals with `reason` were counted.
+    pub fn refusals(&self, reason: &'static str) -> u64 {
+        self.refusals.get_or_create(&ReasonLabel { reason }).get()
+    }
+
+    /// Counts one refusal and logs it at warn with its reason and `detail`, at most once a
+    /// second per reason (the line says how many were left out before it).
+    pub fn refuse(&self, reason: &'static str, uid: Option<u32>, pid: Option<i32>, detail: &str) {
+        self.refused(reason);
+        let suppressed = {
+            let mut logged = self.logged.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            match logged.get_mut(reason) {
+                Some((at, skipped)) if now.duration_since(*at) < LOG_EVERY => {
+                    *skipped += 1;
+                    return;
+                }
+                Some((at, skipped)) => {
+                    *at = now;
+                    std::mem::take(skipped)
+                }
+                None => {
+                    logged.insert(reason, (now, 0));
+                    0
+                }
+            }
+        };
+        tracing::warn!(
+            reason,
+            uid,
+            pid,
+            suppressed,
+            "workload api refused: {detail}"
+        );
+    }
+
+    /// Workload API connections open now.
+    pub fn connections(&self) -> u64 {
+        self.connections.get().max(0).unsigned_abs()
+    }
+
+    pub(crate) fn connection_opened(&self) {
+        self.connections.inc();
+    }
+
+    pub(crate) fn connection_closed(&self) {
+        self.connections.dec();
     }
 
     /// Every counter that is not zero.
@@ -185,5 +279,38 @@ mod tests {
         m.stream_opened();
         m.stream_closed();
         assert_eq!(m.open_streams(), 1);
+    }
+
+    #[test]
+    fn refusals_and_connections_are_exported_through_the_agent_registry() {
+        let m = WorkloadApiMetrics::new();
+        let mut registry = Registry::with_prefix("kith_agent");
+        m.register(&mut registry);
+        m.refuse("connections_per_uid_cap", Some(65534), Some(42), "test");
+        m.refuse("connections_per_uid_cap", Some(65534), Some(43), "test");
+        m.refused("unix_path_other_mount_namespace");
+        m.connection_opened();
+        m.connection_opened();
+        m.connection_closed();
+        assert_eq!(m.refusals("connections_per_uid_cap"), 2);
+        assert_eq!(m.connections(), 1);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains(
+                "kith_agent_workload_api_refusals_total{reason=\"connections_per_uid_cap\"} 2"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "kith_agent_workload_api_refusals_total{reason=\"unix_path_other_mount_namespace\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("kith_agent_workload_api_connections 1"),
+            "{text}"
+        );
     }
 }
