@@ -121,7 +121,15 @@ async fn a_user_runs_the_ca_from_the_cli() {
     assert_eq!(code, 0);
     let status: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(status["signers"][0]["state"], "active");
-    assert!(status["time_to_outage_seconds"].as_i64().unwrap() > 300 * 86_400);
+    // Time to outage: the first signer's end, since no next signer is prepared yet (the root,
+    // a year, has longer).
+    let outage = status["time_to_outage_seconds"].as_i64().unwrap();
+    let signer = status["signers"][0]["expires_in_seconds"].as_i64().unwrap();
+    assert!(
+        outage > 6 * 86_400 && (outage - signer).abs() <= 10,
+        "{status}"
+    );
+
     assert_eq!(status["counts"]["issued"], 1);
     assert_eq!(status["disk"]["state"], "ok", "{status}");
     assert!(status["disk"]["free_bytes"].as_u64().unwrap() > 0);
@@ -134,6 +142,31 @@ async fn a_user_runs_the_ca_from_the_cli() {
     let (code, out, _) = kith(&["ca", "audit", "verify", "--data-dir", d]);
     assert_eq!(code, 0);
     assert!(out.starts_with("audit chain intact"), "{out}");
+
+    // The root verbs: status, an early rollover, and a forced switch that says what it risks.
+    let (code, out, err) = kith(&["ca", "root", "status", "--data-dir", d]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(" active ") && out.contains("time to outage"),
+        "{out}"
+    );
+    let (code, out, err) = kith(&["ca", "root", "rotate", "--data-dir", d]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("published successor root"), "{out}");
+    assert!(
+        out.contains("waits for the new bundle to reach every caller"),
+        "{out}"
+    );
+    let (code, out, err) = kith(&["ca", "root", "rotate", "--now", "--data-dir", d]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("WITHOUT waiting. Risk:"), "{out}");
+    assert!(out.contains("retiring"), "{out}");
+    let (_, out, _) = kith(&["ca", "bundle", "--data-dir", d]);
+    assert_eq!(
+        out.matches("BEGIN CERTIFICATE").count(),
+        2,
+        "both roots during the overlap"
+    );
 
     assert_eq!(stop(ca), 0, "SIGTERM is a clean exit");
     assert!(!data.join("admin.sock").exists());

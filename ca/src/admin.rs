@@ -190,6 +190,21 @@ async fn handle<S: Store>(
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     match (method.as_str(), segments.as_slice()) {
         ("GET", ["status"]) => Ok(json_response(StatusCode::OK, &status(ca, now)?)),
+        ("GET", ["roots"]) => Ok(json_response(StatusCode::OK, &roots(ca, now))),
+        ("POST", ["upstream", "replace"]) => {
+            let body: UpstreamReplace = read_json(req).await?;
+            Ok(json_response(
+                StatusCode::OK,
+                &replace_upstream(ca, &body, now).await?,
+            ))
+        }
+        ("POST", ["roots", "rotate"]) => {
+            let body: RootRotate = read_json(req).await?;
+            Ok(json_response(
+                StatusCode::OK,
+                &rotate_root(ca, body.now, now).await?,
+            ))
+        }
         ("GET", ["bundle"]) => {
             if query.contains("format=pem") {
                 Ok(Response::new(Full::new(Bytes::from(
@@ -453,14 +468,120 @@ async fn create_entry<S: Store>(
     Ok(entry)
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamReplace {
+    /// PEM: the new upstream certificate, then its issuers up to the root.
+    pub cert_pem: String,
+    /// PEM: its private key (PKCS#8).
+    pub key_pem: String,
+}
+
+/// `kith ca upstream replace`: the replacement is published now and signs once the rollover's
+/// rules allow.
+async fn replace_upstream<S: Store>(
+    ca: &Ca<S>,
+    body: &UpstreamReplace,
+    now: SystemTime,
+) -> Result<serde_json::Value, ApiError> {
+    let bad = |e: String| ApiError::new(400, "bad_upstream", e);
+    let chain = identity::pem::certificates(body.cert_pem.as_bytes())
+        .map_err(|e| bad(format!("cert: {e}")))?;
+    let key = identity::pem::private_key(body.key_pem.as_bytes())
+        .map_err(|e| bad(format!("key: {e}")))?;
+    if !ca.authority.is_upstream() {
+        return Err(ApiError::new(
+            409,
+            "not_upstream_mode",
+            "this CA signs under its own root: use `kith ca root rotate`",
+        ));
+    }
+    let id = ca
+        .authority
+        .replace_upstream(
+            ca.store.as_ref(),
+            crate::authority::Upstream { chain, key },
+            now,
+        )
+        .await
+        .map_err(|e| match e {
+            crate::authority::AuthorityError::Upstream(m) => bad(m),
+            e => ApiError::from(e),
+        })?;
+    ca.authority
+        .rollover(ca.store.as_ref(), now, crate::authority::Push::None)
+        .await
+        .map_err(ApiError::from)?;
+    Ok(json!({"outcome": "published", "root": id, "roots": roots(ca, now)}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RootRotate {
+    /// Switch now instead of waiting for the bundle to reach every caller.
+    #[serde(default)]
+    pub now: bool,
+}
+
+/// The roots, their phases, what the rollover waits for, and the time to outage.
+pub fn roots<S: Store>(ca: &Ca<S>, now: SystemTime) -> serde_json::Value {
+    let view = ca.authority.rollover_view();
+    let mut v = serde_json::to_value(view.as_ref()).unwrap_or_default();
+    if let Some(map) = v.as_object_mut() {
+        map.insert(
+            "time_to_outage_seconds".into(),
+            (view.outage_at - unix(now)).into(),
+        );
+        map.insert(
+            "bundle_sequence".into(),
+            ca.authority.bundle().sequence().into(),
+        );
+    }
+    v
+}
+
+/// `kith ca root rotate [--now]`: publish a successor now (the switch still waits for callers),
+/// or with `now` also switch at once.
+async fn rotate_root<S: Store>(
+    ca: &Ca<S>,
+    switch_now: bool,
+    now: SystemTime,
+) -> Result<serde_json::Value, ApiError> {
+    use crate::authority::{Push, RolloverOutcome};
+    // Upstream mode: only `--now`, to switch to a replacement already imported.
+    if ca.authority.is_upstream() && !switch_now {
+        return Err(ApiError::new(
+            409,
+            "upstream_mode",
+            "this CA signs under an upstream certificate that kith cannot roll; import its replacement with `kith ca upstream replace --cert --key` (then `--now` switches to it at once)",
+        ));
+    }
+    let push = if switch_now { Push::Now } else { Push::Start };
+    let outcome = ca
+        .authority
+        .rollover(ca.store.as_ref(), now, push)
+        .await
+        .map_err(ApiError::from)?;
+    let (what, root, forced) = match &outcome {
+        RolloverOutcome::Published(id) => ("published", Some(id.clone()), false),
+        RolloverOutcome::Switched { root, forced } => ("switched", Some(root.clone()), *forced),
+        RolloverOutcome::Waiting => ("waiting", None, false),
+        _ => ("nothing", None, false),
+    };
+    Ok(json!({"outcome": what, "root": root, "forced": forced, "roots": roots(ca, now)}))
+}
+
 #[derive(Serialize, Deserialize)]
 pub struct Status {
     pub trust_domain: String,
     pub signers: Vec<SignerStatus>,
     pub root_not_after: i64,
     pub root_expires_in_seconds: i64,
-    /// If nothing else changes, the CA stops being able to issue when its root expires.
+    /// The earliest end of a root or signer that has no successor yet.
     pub time_to_outage_seconds: i64,
+    /// The roots, their phases and what a rollover waits for (`kith ca root status`).
+    #[serde(default)]
+    pub rollover: serde_json::Value,
     pub counts: serde_json::Value,
     /// The data volume's free space and reserve.
     #[serde(default)]
@@ -498,12 +619,14 @@ pub fn status<S: Store>(ca: &Ca<S>, now: SystemTime) -> Result<Status, ApiError>
             activate_at: unix(next.activate_at),
         });
     }
+    let view = ca.authority.rollover_view();
     Ok(Status {
         trust_domain: ca.trust_domain().to_string(),
         signers,
         root_not_after: unix(keys.root_not_after),
         root_expires_in_seconds: secs(keys.root_not_after),
-        time_to_outage_seconds: secs(keys.root_not_after),
+        time_to_outage_seconds: view.outage_at - unix(now),
+        rollover: serde_json::to_value(view.as_ref()).unwrap_or_default(),
         counts: serde_json::to_value(ca.store.counts()?).unwrap_or_default(),
         disk: ca
             .disk

@@ -376,6 +376,9 @@ fn note_close<S: Store>(ca: &Ca<S>, result: Result<(), hyper::Error>, served: bo
 struct AttestRequest {
     token: String,
     csr: String,
+    /// Hex SHA-256 of each root the caller holds (root rollover waits for these).
+    #[serde(default)]
+    held_roots: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -383,12 +386,41 @@ struct AttestRequest {
 struct SvidRequest {
     spiffe_id: String,
     csr: String,
+    #[serde(default)]
+    held_roots: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RenewRequest {
     csr: String,
+    #[serde(default)]
+    held_roots: Option<Vec<String>>,
+}
+
+/// Checks a request's `held_roots` before any work is done.
+fn check_held(held: &Option<Vec<String>>) -> Result<(), ApiError> {
+    if let Some(h) = held {
+        crate::rollover::parse_held(h).map_err(|e| ApiError::new(400, "bad_held_roots", e))?;
+    }
+    Ok(())
+}
+
+/// Remembers what a caller holds, for the root rollover.
+fn note_held<S: Store>(
+    ca: &Ca<S>,
+    caller: &str,
+    held: &Option<Vec<String>>,
+    expires_at: i64,
+    now: SystemTime,
+) {
+    let expires = crate::authority::at(expires_at);
+    if let Err(e) = ca
+        .authority
+        .note_held_roots(caller, held.as_deref(), expires, now)
+    {
+        tracing::warn!(caller, error = %e, "ignored a bad held_roots report");
+    }
 }
 
 #[derive(Deserialize)]
@@ -484,16 +516,22 @@ async fn route<S: Store>(
         }
         ("POST", "/v1/attest/k8s") => {
             let body: AttestRequest = read_json(req, timeout).await?;
+            check_held(&body.held_roots)?;
             let resp = ca.attest_k8s(&body.token, body.csr.as_bytes(), now).await?;
+            note_held(ca, &resp.spiffe_id, &body.held_roots, resp.expires_at, now);
             Ok(json_response(StatusCode::OK, &resp))
         }
         ("POST", "/v1/svid") => {
             let caller = caller(peer, now)?;
             let body: SvidRequest = read_json(req, timeout).await?;
+            check_held(&body.held_roots)?;
             let id = parse_id(&body.spiffe_id)?;
             let resp = ca
                 .issue_for_node(&caller, &id, body.csr.as_bytes(), now)
                 .await?;
+            // The agent asked: what it holds is what its workloads get. The report lives as
+            // long as the node's own SVID would be renewed, so it counts per node.
+            note_held(ca, caller.as_str(), &body.held_roots, resp.expires_at, now);
             Ok(json_response(StatusCode::OK, &resp))
         }
         ("POST", "/v1/jwt") => {
@@ -506,6 +544,7 @@ async fn route<S: Store>(
         ("POST", "/v1/renew") => {
             let caller = caller(peer, now)?;
             let body: RenewRequest = read_json(req, timeout).await?;
+            check_held(&body.held_roots)?;
             let (serial, not_before) = match peer {
                 Peer::Verified {
                     serial, not_before, ..
@@ -515,6 +554,7 @@ async fn route<S: Store>(
             let resp = ca
                 .renew(&caller, serial, not_before, body.csr.as_bytes(), now)
                 .await?;
+            note_held(ca, caller.as_str(), &body.held_roots, resp.expires_at, now);
             Ok(json_response(StatusCode::OK, &resp))
         }
         ("GET", "/v1/entries") => {

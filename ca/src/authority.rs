@@ -19,8 +19,11 @@ use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use serde_json::json;
 
 use crate::jwt_svid::JwtSigner;
+use crate::rollover::{self, Phase, Policy, Reports, RootFacts, Step, Wait};
 use crate::seal::{Kek, SealError};
 use crate::store::{AuditEvent, CaKeyRecord, KeyKind, Store, StoreError, Write};
+
+mod upstream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthorityError {
@@ -46,6 +49,25 @@ pub enum AuthorityError {
     OldSealRestored { id: String },
     #[error("CA key {id} has an unreadable certificate: {detail}")]
     BadCert { id: String, detail: String },
+    /// SECURITY: the CA refuses to sign rather than hand out a certificate that is expired or
+    /// chains to an expired CA certificate.
+    #[error("the CA's {what} expired at {not_after}; it signs nothing until {remedy}")]
+    Expired {
+        what: &'static str,
+        not_after: i64,
+        remedy: &'static str,
+    },
+}
+
+impl AuthorityError {
+    /// A stable code for refusals caused by CA certificates that expired.
+    pub fn expired_code(&self) -> Option<&'static str> {
+        match self {
+            AuthorityError::Expired { what: "root", .. } => Some("ca_root_expired"),
+            AuthorityError::Expired { .. } => Some("ca_signer_expired"),
+            _ => None,
+        }
+    }
 }
 
 fn cert_err(e: impl std::fmt::Display) -> AuthorityError {
@@ -56,6 +78,8 @@ fn cert_err(e: impl std::fmt::Display) -> AuthorityError {
 pub struct Lifetimes {
     pub root: Duration,
     pub intermediate: Duration,
+    /// When and how roots roll over (see `rollover`).
+    pub rollover: Policy,
 }
 
 impl Default for Lifetimes {
@@ -63,6 +87,7 @@ impl Default for Lifetimes {
         Self {
             root: Duration::from_secs(365 * 86_400),
             intermediate: Duration::from_secs(7 * 86_400),
+            rollover: Policy::default(),
         }
     }
 }
@@ -111,12 +136,88 @@ pub struct Authority {
     td: TrustDomain,
     kek: Kek,
     lifetimes: Lifetimes,
-    root_issuer: Issuer<'static, KeyPair>,
-    /// Upstream intermediates between our intermediate and the anchor (empty when self-rooted).
-    upstream_chain: Vec<CertificateDer<'static>>,
-    /// The trust anchors published in the bundle.
-    anchors: Vec<CertificateDer<'static>>,
+    /// The root that signs intermediates and the anchors published; replaced on a rollover.
+    roots: ArcSwap<Roots>,
+    /// An operator's upstream CA: kith cannot roll it over, only take a replacement.
+    upstream: bool,
+    /// A replacement upstream waiting to take over, and the replaced one until it retires.
+    up: upstream::State,
     current: ArcSwap<KeySet>,
+    /// What callers said about their bundles, for the rollover's switch.
+    pub reports: Reports,
+    /// Reports are in memory: the rollover only trusts windows that began after this.
+    observed_since: SystemTime,
+    /// The rollover's latest view, for status and metrics.
+    rollover_view: ArcSwap<RolloverView>,
+    /// Serialises the maintenance steps (the timer and the admin verbs).
+    steps: tokio::sync::Mutex<()>,
+    /// The hour (unix / 3600) of the last upstream-expiry warning in the log.
+    warned_hour: std::sync::atomic::AtomicI64,
+}
+
+/// The signing root and the anchors in the bundle.
+pub struct Roots {
+    pub issuer: Arc<Issuer<'static, KeyPair>>,
+    pub anchors: Vec<CertificateDer<'static>>,
+    /// Upstream intermediates between our intermediate and the anchor (empty when self-rooted).
+    pub chain: Vec<CertificateDer<'static>>,
+}
+
+/// Each root with its phase, and what the rollover waits for.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct RolloverView {
+    pub mode: &'static str,
+    pub roots: Vec<RootView>,
+    /// What the switch to the published successor waits for, if it waits.
+    pub waiting: Option<Wait>,
+    /// When the successor of the signing root is (or was) due.
+    pub successor_due_at: Option<i64>,
+    /// The earliest end of a root or signer with no successor (unix seconds).
+    pub outage_at: i64,
+    pub rollover_at: f64,
+    /// Upstream mode: the upstream certificate ends within 30 days.
+    pub upstream_expires_soon: bool,
+    /// What an operator should do, if anything.
+    pub warning: Option<String>,
+}
+
+/// How long before the upstream certificate's end the CA warns.
+pub const UPSTREAM_WARNING: Duration = Duration::from_secs(30 * 86_400);
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RootView {
+    pub id: String,
+    pub sha256: String,
+    pub not_before: i64,
+    pub not_after: i64,
+    pub created_at: i64,
+    #[serde(flatten)]
+    pub phase: Phase,
+}
+
+/// What `rollover` did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RolloverOutcome {
+    Nothing,
+    Published(String),
+    Waiting,
+    Switched {
+        root: String,
+        forced: bool,
+    },
+    /// Only the bundle changed (a root left it).
+    BundleChanged,
+}
+
+/// How an operator pushes the rollover.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Push {
+    /// Only what is due.
+    None,
+    /// Publish a successor now if there is none (the switch still waits).
+    Start,
+    /// Publish if needed and switch now, without waiting for callers.
+    Now,
 }
 
 /// What rotation should do now: a pure function of time, unit-tested.
@@ -154,39 +255,50 @@ impl Authority {
         upstream: Option<Upstream>,
         now: SystemTime,
     ) -> Result<Self, AuthorityError> {
-        let records = prepare_records(store, &kek, store.ca_keys()?, now).await?;
-        let (root_issuer, anchors, upstream_chain, root_not_after) = match upstream {
-            Some(up) => import_upstream(up)?,
+        // Old-format sealed keys are sealed again, bound to their certificates, first.
+        prepare_records(store, &kek, store.ca_keys()?, now).await?;
+        let is_upstream = upstream.is_some();
+        // A replacement imported by `kith ca upstream replace` wins over older flag files.
+        let (upstream, staged, retiring) =
+            upstream::at_start(store, &kek, upstream, lifetimes.rollover.max_leaf_ttl, now)?;
+        let (root_issuer, anchors, upstream_chain, root_not_after, root_subject) = match upstream {
+            Some(up) => {
+                let subject = up.chain.first().and_then(|c| subject_of(c));
+                let (i, a, c, na) = import_upstream(up)?;
+                (i, a, c, na, subject)
+            }
             None => {
-                let roots: Vec<&CaKeyRecord> =
-                    records.iter().filter(|r| r.kind == KeyKind::Root).collect();
-                let signing_root = match roots.iter().rev().find(|r| at(r.activate_at) <= now) {
-                    Some(r) => (*r).clone(),
-                    None => create_root(store, &kek, &td, &lifetimes, now).await?,
-                };
-                // Every unexpired root is in the bundle: that is how a successor root is
-                // published before it signs anything.
-                let mut anchors: Vec<CertificateDer<'static>> = roots
-                    .iter()
-                    .filter(|r| at(r.not_after) > now)
-                    .filter_map(|r| r.cert_der.clone().map(CertificateDer::from))
-                    .collect();
-                if let Some(cert) = &signing_root.cert_der
-                    && !anchors.iter().any(|a| a.as_ref() == cert.as_slice())
-                {
-                    anchors.push(CertificateDer::from(cert.clone()));
-                }
+                let signing_root = signing_root_at_start(store, &kek, &td, &lifetimes, now).await?;
+                let records = store.ca_keys()?;
+                // The bundle: the successor published before it signs, the signing root, and
+                // replaced roots until their last leaf expired.
+                let anchors = bundle_anchors(&records, now, &lifetimes.rollover);
                 let key = unseal_key(&kek, &signing_root)?;
                 let cert = CertificateDer::from(signing_root.cert_der.clone().unwrap_or_default());
                 let issuer = Issuer::from_ca_cert_der(&cert, key).map_err(cert_err)?;
-                (issuer, anchors, Vec::new(), at(signing_root.not_after))
+                let subject = subject_of(&cert);
+                (
+                    issuer,
+                    anchors,
+                    Vec::new(),
+                    at(signing_root.not_after),
+                    subject,
+                )
             }
         };
+        let records = prepare_records(store, &kek, store.ca_keys()?, now).await?;
 
         let live = |kind: KeyKind| -> Vec<CaKeyRecord> {
             let mut v: Vec<CaKeyRecord> = records
                 .iter()
                 .filter(|r| r.kind == kind && at(r.not_after) > now)
+                // Only intermediates of the signing root: one prepared under a root that was
+                // replaced since never signs.
+                .filter(|r| {
+                    kind != KeyKind::Intermediate
+                        || root_subject.is_none()
+                        || issuer_of(r.cert_der.as_deref().unwrap_or_default()) == root_subject
+                })
                 .cloned()
                 .collect();
             v.sort_by_key(|r| r.activate_at);
@@ -267,15 +379,57 @@ impl Authority {
             bundle: Arc::new(TrustBundle::new(td.clone())),
             root_not_after,
         };
+        // Upstream mode: a replaced anchor still retiring, and a replacement waiting, are
+        // published beside the current anchor.
+        let mut anchors = anchors;
+        let current_anchor = anchors.first().cloned();
+        for extra in [
+            retiring.as_ref().map(|(a, _)| a.clone()),
+            staged.as_ref().map(|s| s.anchor.clone()),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if !anchors.contains(&extra) {
+                anchors.push(extra);
+            }
+        }
         let keys = with_bundle(keys, &td, &anchors)?;
+        if now >= root_not_after {
+            // Upstream mode only (a kith root is replaced above): nothing can be signed until
+            // the operator imports a new upstream certificate.
+            tracing::error!(
+                not_after = unix(root_not_after),
+                "the upstream CA certificate has expired: the CA refuses to sign until it is replaced"
+            );
+        }
+        let collecting = match &staged {
+            Some(_) => true,
+            None => {
+                !is_upstream
+                    && rollover::pending_successor(&facts_of(&root_records(&store.ca_keys()?)), now)
+                        .is_some()
+            }
+        };
+        let reports = Reports::default();
+        reports.collect(collecting);
         Ok(Self {
             td,
             kek,
             lifetimes,
-            root_issuer,
-            upstream_chain,
-            anchors,
+            up: upstream::State::new(staged, current_anchor, retiring),
+            roots: ArcSwap::from_pointee(Roots {
+                issuer: Arc::new(root_issuer),
+                anchors,
+                chain: upstream_chain,
+            }),
+            upstream: is_upstream,
             current: ArcSwap::from_pointee(keys),
+            reports,
+            observed_since: now,
+            rollover_view: ArcSwap::from_pointee(RolloverView::default()),
+            steps: tokio::sync::Mutex::new(()),
+            warned_hour: std::sync::atomic::AtomicI64::new(-1),
         })
     }
 
@@ -319,7 +473,25 @@ impl Authority {
         store: &S,
         now: SystemTime,
     ) -> Result<Rotation, AuthorityError> {
+        let _step = self.steps.lock().await;
+        self.rotate_locked(store, now).await
+    }
+
+    async fn rotate_locked<S: Store>(
+        &self,
+        store: &S,
+        now: SystemTime,
+    ) -> Result<Rotation, AuthorityError> {
         let keys = self.current.load_full();
+        let roots = self.roots.load_full();
+        // SECURITY: past the root's end every new key would be born expired: make none.
+        if now >= keys.root_not_after {
+            return Err(AuthorityError::Expired {
+                what: "root",
+                not_after: unix(keys.root_not_after),
+                remedy: "a new root takes over",
+            });
+        }
         let due = rotation_due(
             now,
             keys.active.not_before,
@@ -346,7 +518,7 @@ impl Authority {
                     &self.kek,
                     &self.td,
                     &self.lifetimes,
-                    &self.root_issuer,
+                    &roots.issuer,
                     keys.root_not_after,
                     now,
                     when,
@@ -357,10 +529,10 @@ impl Authority {
                         key_event(&rec, now, "prepared"),
                     ))
                     .await?;
-                next = Some(Arc::new(signer.with_chain(&self.upstream_chain)));
+                next = Some(Arc::new(signer.with_chain(&roots.chain)));
             }
             Rotation::ActivateNext => {
-                if let Some(n) = next.take() {
+                if let Some(n) = next.take().filter(|n| n.not_after > now) {
                     store
                         .write(Write::Audit(activate_event(&n.id, &active.id, now)))
                         .await?;
@@ -420,8 +592,323 @@ impl Authority {
             root_not_after: keys.root_not_after,
         };
         self.current
-            .store(Arc::new(with_bundle(updated, &self.td, &self.anchors)?));
+            .store(Arc::new(with_bundle(updated, &self.td, &roots.anchors)?));
         Ok(due)
+    }
+
+    /// Records what a caller reported about its bundle on a renewal: the hex SHA-256 of each
+    /// root it holds (None when it did not say). Bad hex is refused.
+    pub fn note_held_roots(
+        &self,
+        caller: &str,
+        held: Option<&[String]>,
+        expires: SystemTime,
+        now: SystemTime,
+    ) -> Result<(), String> {
+        let held = held.map(rollover::parse_held).transpose()?;
+        self.reports.note(
+            caller,
+            rollover::Report {
+                at: now,
+                expires,
+                held,
+            },
+        );
+        Ok(())
+    }
+
+    /// The roots, their phases and what the rollover waits for, as of the last step.
+    pub fn rollover_view(&self) -> Arc<RolloverView> {
+        self.rollover_view.load_full()
+    }
+
+    pub fn is_upstream(&self) -> bool {
+        self.upstream
+    }
+
+    /// Runs the root rollover steps that are due (or that an operator pushes): publish a
+    /// successor, switch signing to it, drop retired roots from the bundle. Every phase is
+    /// audited.
+    pub async fn rollover<S: Store>(
+        &self,
+        store: &S,
+        now: SystemTime,
+        push: Push,
+    ) -> Result<RolloverOutcome, AuthorityError> {
+        let _step = self.steps.lock().await;
+        let mut outcome = RolloverOutcome::Nothing;
+        let mut waiting = None;
+        // Reports only matter once a successor is published (they are counted from then on).
+        let pending = if self.upstream {
+            self.up.staged_not_after().is_some()
+        } else {
+            rollover::pending_successor(&facts_of(&root_records(&store.ca_keys()?)), now).is_some()
+        };
+        self.reports.collect(pending);
+        if self.upstream {
+            (outcome, waiting) = self.upstream_step(store, now, push).await?;
+        } else {
+            let policy = &self.lifetimes.rollover;
+            let lag = |since: SystemTime, h: &[u8; 32]| self.reports.laggards(since, now, h);
+            let records = root_records(&store.ca_keys()?);
+            let facts = facts_of(&records);
+            let mut step = rollover::next_step(&facts, now, policy, self.observed_since, lag);
+            if push != Push::None && step == Step::Nothing {
+                step = Step::MakeSuccessor;
+            }
+            if step == Step::MakeSuccessor {
+                let rec =
+                    create_root_as(store, &self.kek, &self.td, &self.lifetimes, now, true).await?;
+                tracing::info!(root = %rec.id, not_after = rec.not_after, "root rollover: published a successor root in the bundle");
+                self.reports.collect(true);
+                outcome = RolloverOutcome::Published(rec.id);
+                let records = root_records(&store.ca_keys()?);
+                let facts = facts_of(&records);
+                step = rollover::next_step(&facts, now, policy, self.observed_since, lag);
+            }
+            if push == Push::Now
+                && let Some(s) =
+                    rollover::pending_successor(&facts_of(&root_records(&store.ca_keys()?)), now)
+            {
+                let unconfirmed = self.reports.laggards(self.observed_since, now, &s.sha256);
+                step = Step::Switch {
+                    successor: s.id.clone(),
+                    forced: true,
+                    unconfirmed,
+                };
+            }
+            match step {
+                Step::Switch {
+                    successor,
+                    forced,
+                    unconfirmed,
+                } => {
+                    self.switch_root(store, &successor, forced, &unconfirmed, now)
+                        .await?;
+                    outcome = RolloverOutcome::Switched {
+                        root: successor,
+                        forced,
+                    };
+                }
+                Step::Wait(w) => {
+                    waiting = Some(w);
+                    if outcome == RolloverOutcome::Nothing {
+                        outcome = RolloverOutcome::Waiting;
+                    }
+                }
+                Step::Nothing | Step::MakeSuccessor => {}
+            }
+            // The bundle follows the phases: a published successor joins, a retired root
+            // leaves.
+            let records = store.ca_keys()?;
+            let anchors = bundle_anchors(&records, now, policy);
+            let current = self.roots.load_full();
+            if anchors != current.anchors {
+                let leaving: Vec<String> = root_records(&records)
+                    .iter()
+                    .filter(|r| {
+                        let cert = r.cert_der.as_deref().unwrap_or_default();
+                        current.anchors.iter().any(|a| a.as_ref() == cert)
+                            && !anchors.iter().any(|a| a.as_ref() == cert)
+                    })
+                    .map(|r| r.id.clone())
+                    .collect();
+                for id in &leaving {
+                    store
+                        .write(Write::Audit(AuditEvent {
+                            at: unix(now),
+                            action: "root.retired".into(),
+                            subject: id.clone(),
+                            outcome: "ok".into(),
+                            detail: json!({"phase": "retired", "note": "left the bundle: every certificate under it has expired"}),
+                        }))
+                        .await?;
+                    tracing::info!(root = %id, "root rollover: the replaced root left the bundle");
+                }
+                self.set_anchors(anchors)?;
+                if outcome == RolloverOutcome::Nothing || outcome == RolloverOutcome::Waiting {
+                    outcome = RolloverOutcome::BundleChanged;
+                }
+            }
+        }
+        self.update_view(store, now, waiting)?;
+        Ok(outcome)
+    }
+
+    /// Publishes a new set of anchors (the bundle's sequence grows).
+    fn set_anchors(&self, anchors: Vec<CertificateDer<'static>>) -> Result<(), AuthorityError> {
+        let roots = self.roots.load_full();
+        let keys = self.current.load_full();
+        let updated = KeySet {
+            active: keys.active.clone(),
+            next: keys.next.clone(),
+            jwt: keys.jwt.clone(),
+            jwt_next: keys.jwt_next.clone(),
+            jwt_published: keys.jwt_published.clone(),
+            sequence: keys.sequence + 1,
+            bundle: keys.bundle.clone(),
+            root_not_after: keys.root_not_after,
+        };
+        let updated = with_bundle(updated, &self.td, &anchors)?;
+        self.roots.store(Arc::new(Roots {
+            issuer: roots.issuer.clone(),
+            anchors,
+            chain: roots.chain.clone(),
+        }));
+        self.current.store(Arc::new(updated));
+        Ok(())
+    }
+
+    /// Makes `successor` the signing root, with a fresh intermediate under it that signs from
+    /// now on.
+    async fn switch_root<S: Store>(
+        &self,
+        store: &S,
+        successor: &str,
+        forced: bool,
+        unconfirmed: &[String],
+        now: SystemTime,
+    ) -> Result<(), AuthorityError> {
+        let records = root_records(&store.ca_keys()?);
+        let rec = records
+            .iter()
+            .find(|r| r.id == successor)
+            .ok_or_else(|| AuthorityError::NoRoot(format!("successor {successor} is gone")))?;
+        let previous = rollover::signing_root(&facts_of(&records), now).map(|r| r.id.clone());
+        let key = unseal_key(&self.kek, rec)?;
+        let cert = CertificateDer::from(rec.cert_der.clone().unwrap_or_default());
+        let issuer = Issuer::from_ca_cert_der(&cert, key).map_err(cert_err)?;
+        let root_not_after = at(rec.not_after);
+        let (irec, signer) = new_intermediate_record(
+            &self.kek,
+            &self.td,
+            &self.lifetimes,
+            &issuer,
+            root_not_after,
+            now,
+            now,
+        )?;
+        store
+            .write(Write::PutCaKey(
+                irec.clone(),
+                key_event(&irec, now, "created"),
+            ))
+            .await?;
+        activate_record(store, &self.kek, rec, now, AuditEvent {
+                    at: unix(now),
+                    action: "root.activated".into(),
+                    subject: rec.id.clone(),
+                    outcome: "ok".into(),
+                    detail: json!({"phase": "active", "previous": previous, "signer": irec.id, "forced": forced, "unconfirmed_callers": unconfirmed}),
+                })
+            .await?;
+        if forced {
+            tracing::warn!(root = %rec.id, unconfirmed = ?unconfirmed, "root rollover: switched signing to the new root without every caller confirming it holds it; callers that do not hold it fail to verify new certificates until they fetch the bundle");
+        } else {
+            tracing::info!(root = %rec.id, "root rollover: every caller holds the new root; signing switched to it");
+        }
+        let keys = self.current.load_full();
+        let roots = self.roots.load_full();
+        let updated = KeySet {
+            active: Arc::new(signer.with_chain(&roots.chain)),
+            next: None,
+            jwt: keys.jwt.clone(),
+            jwt_next: keys.jwt_next.clone(),
+            jwt_published: keys.jwt_published.clone(),
+            sequence: keys.sequence,
+            bundle: keys.bundle.clone(),
+            root_not_after,
+        };
+        let updated = with_bundle(updated, &self.td, &roots.anchors)?;
+        self.roots.store(Arc::new(Roots {
+            issuer: Arc::new(issuer),
+            anchors: roots.anchors.clone(),
+            chain: roots.chain.clone(),
+        }));
+        self.current.store(Arc::new(updated));
+        Ok(())
+    }
+
+    fn update_view<S: Store>(
+        &self,
+        store: &S,
+        now: SystemTime,
+        waiting: Option<Wait>,
+    ) -> Result<(), AuthorityError> {
+        let keys = self.current.load_full();
+        let policy = &self.lifetimes.rollover;
+        let view = if self.upstream {
+            let staged_end = self.up.staged_not_after();
+            // A replacement already imported answers the warning.
+            let soon = now + UPSTREAM_WARNING >= keys.root_not_after && staged_end.is_none();
+            let warning = soon.then(|| {
+                format!(
+                    "the upstream CA certificate ends in {}s: import its replacement with `kith ca upstream replace --cert --key` (kith cannot roll an operator's root)",
+                    unix(keys.root_not_after) - unix(now)
+                )
+            });
+            if let Some(w) = &warning {
+                let hour = unix(now) / 3600;
+                if self
+                    .warned_hour
+                    .swap(hour, std::sync::atomic::Ordering::Relaxed)
+                    != hour
+                {
+                    tracing::warn!("{w}");
+                }
+            }
+            RolloverView {
+                upstream_expires_soon: soon,
+                warning,
+                mode: "upstream",
+                roots: self.up.views(now, keys.root_not_after),
+                waiting,
+                successor_due_at: None,
+                outage_at: unix(rollover::outage_at(
+                    keys.root_not_after,
+                    staged_end,
+                    keys.active.not_after,
+                    keys.next.as_ref().map(|n| n.not_after),
+                )),
+                rollover_at: policy.rollover_at,
+            }
+        } else {
+            let records = root_records(&store.ca_keys()?);
+            let facts = facts_of(&records);
+            let phases = rollover::phases(&facts, now, policy.max_leaf_ttl);
+            let successor = rollover::pending_successor(&facts, now);
+            let roots = facts
+                .iter()
+                .zip(phases)
+                .filter(|(f, p)| *p != Phase::Retired || f.not_after > now)
+                .map(|(f, phase)| RootView {
+                    id: f.id.clone(),
+                    sha256: crate::store::hex(&f.sha256),
+                    not_before: unix(f.not_before),
+                    not_after: unix(f.not_after),
+                    created_at: unix(f.created_at),
+                    phase,
+                })
+                .collect();
+            RolloverView {
+                mode: "self",
+                roots,
+                waiting,
+                successor_due_at: rollover::signing_root(&facts, now)
+                    .map(|r| unix(rollover::successor_due_at(r, policy.rollover_at))),
+                outage_at: unix(rollover::outage_at(
+                    keys.root_not_after,
+                    successor.map(|s| s.not_after),
+                    keys.active.not_after,
+                    keys.next.as_ref().map(|n| n.not_after),
+                )),
+                rollover_at: policy.rollover_at,
+                upstream_expires_soon: false,
+                warning: None,
+            }
+        };
+        self.rollover_view.store(Arc::new(view));
+        Ok(())
     }
 
     /// Signs an X509-SVID for `id` over `public_key` (from a checked CSR). The TTL is capped by
@@ -436,6 +923,26 @@ impl Authority {
     ) -> Result<Issued, AuthorityError> {
         let keys = self.current.load();
         let signer = &keys.active;
+        // SECURITY: never sign under an expired root or signer, and never make a certificate
+        // that is expired when it is made (its NotAfter would not be after its NotBefore).
+        if now >= keys.root_not_after {
+            return Err(AuthorityError::Expired {
+                what: "root",
+                not_after: unix(keys.root_not_after),
+                remedy: if self.upstream {
+                    "a new upstream certificate is imported (`kith ca upstream replace`)"
+                } else {
+                    "a new root takes over (`kith ca root rotate --now`, see the break-glass runbook)"
+                },
+            });
+        }
+        if now >= signer.not_after {
+            return Err(AuthorityError::Expired {
+                what: "signing intermediate",
+                not_after: unix(signer.not_after),
+                remedy: "the next signer is made (the maintenance loop retries every 5 s)",
+            });
+        }
         let not_after = (now + ttl).min(signer.not_after);
         let serial = ordered_serial(now).map_err(cert_err)?;
         let params = svid_params_with_serial(id, dns, &[], now - BACKDATE, not_after, serial)
@@ -479,6 +986,18 @@ async fn create_root<S: Store>(
     lifetimes: &Lifetimes,
     now: SystemTime,
 ) -> Result<CaKeyRecord, AuthorityError> {
+    create_root_as(store, kek, td, lifetimes, now, false).await
+}
+
+/// Makes a root; a `successor` is published but pending: its activation is its own end.
+async fn create_root_as<S: Store>(
+    store: &S,
+    kek: &Kek,
+    td: &TrustDomain,
+    lifetimes: &Lifetimes,
+    now: SystemTime,
+    successor: bool,
+) -> Result<CaKeyRecord, AuthorityError> {
     let key = KeyType::P256.generate().map_err(cert_err)?;
     let id = format!("root-{}", short_id()?);
     let params = root_params(
@@ -496,16 +1015,26 @@ async fn create_root<S: Store>(
         cert_der: Some(cert.der().to_vec()),
         not_before: unix(now - BACKDATE),
         not_after: unix(now + lifetimes.root),
-        activate_at: unix(now - BACKDATE),
+        activate_at: if successor {
+            unix(now + lifetimes.root)
+        } else {
+            unix(now - BACKDATE)
+        },
         created_at: unix(now),
     };
     rec.sealed_key = kek.seal(&binding(&rec), key.serialize_der().as_slice())?;
-    store
-        .write(Write::PutCaKey(
-            rec.clone(),
-            key_event(&rec, now, "created"),
-        ))
-        .await?;
+    let event = if successor {
+        AuditEvent {
+            at: unix(now),
+            action: "root.published".into(),
+            subject: rec.id.clone(),
+            outcome: "ok".into(),
+            detail: json!({"phase": "published", "sha256": crate::store::hex(&sha256(rec.cert_der.as_deref().unwrap_or_default())), "not_after": rec.not_after, "note": "in the bundle beside the signing root; signs once every caller holds it"}),
+        }
+    } else {
+        key_event(&rec, now, "created")
+    };
+    store.write(Write::PutCaKey(rec.clone(), event)).await?;
     Ok(rec)
 }
 
@@ -572,6 +1101,14 @@ fn new_intermediate_record(
     now: SystemTime,
     activate_at: SystemTime,
 ) -> Result<(CaKeyRecord, Signer), AuthorityError> {
+    // SECURITY: an expired root makes no intermediate (it would be born expired).
+    if now + Duration::from_secs(1) >= root_not_after {
+        return Err(AuthorityError::Expired {
+            what: "root",
+            not_after: unix(root_not_after),
+            remedy: "a new root takes over",
+        });
+    }
     let key = KeyType::P256.generate().map_err(cert_err)?;
     let id = format!("int-{}", short_id()?);
     // SECURITY: a CA certificate never outlives the one that signed it.
@@ -622,6 +1159,138 @@ fn load_signer(
         not_after: at(r.not_after),
         activate_at: at(r.activate_at),
     })
+}
+
+/// The root at start: the signing one if it is still valid; else a published successor takes
+/// over at once; else (break-glass: the CA was down past its root's end) a new root is made, and
+/// every agent must be bootstrapped again with the new bundle.
+async fn signing_root_at_start<S: Store>(
+    store: &S,
+    kek: &Kek,
+    td: &TrustDomain,
+    lifetimes: &Lifetimes,
+    now: SystemTime,
+) -> Result<CaKeyRecord, AuthorityError> {
+    let records = root_records(&store.ca_keys()?);
+    let facts = facts_of(&records);
+    let by_id = |id: &str| records.iter().find(|r| r.id == id).cloned();
+    let signing = rollover::signing_root(&facts, now);
+    if let Some(f) = signing.filter(|f| f.not_after > now) {
+        return by_id(&f.id).ok_or_else(|| AuthorityError::NoRoot(f.id.clone()));
+    }
+    if let Some(s) = rollover::pending_successor(&facts, now) {
+        tracing::error!(root = %s.id, "the signing root expired while the CA was down; the published successor takes over now");
+        let rec = by_id(&s.id).ok_or_else(|| AuthorityError::NoRoot(s.id.clone()))?;
+        let rec = activate_record(store, kek, &rec, now, AuditEvent {
+                    at: unix(now),
+                    action: "root.activated".into(),
+                    subject: s.id.clone(),
+                    outcome: "ok".into(),
+                    detail: json!({"phase": "active", "previous": signing.map(|r| r.id.clone()), "forced": true, "reason": "the signing root expired while the CA was down"}),
+                })
+            .await?;
+        return Ok(rec);
+    }
+    if let Some(old) = signing {
+        tracing::error!(root = %old.id, not_after = unix(old.not_after), "BREAK-GLASS: the root expired while the CA was down and no successor was published; making a new root. Every agent must be bootstrapped again with the new bundle (see README, break-glass runbook)");
+        store
+            .write(Write::Audit(AuditEvent {
+                at: unix(now),
+                action: "root.break_glass".into(),
+                subject: old.id.clone(),
+                outcome: "expired".into(),
+                detail: json!({"not_after": unix(old.not_after), "note": "a new root replaces it; agents need the new bundle"}),
+            }))
+            .await?;
+    }
+    create_root(store, kek, td, lifetimes, now).await
+}
+
+/// The root records, their validity read from their certificates (never the columns).
+fn root_records(records: &[CaKeyRecord]) -> Vec<CaKeyRecord> {
+    records
+        .iter()
+        .filter(|r| r.kind == KeyKind::Root)
+        .cloned()
+        .map(|mut r| {
+            if let Some((nb, na)) = r.cert_der.as_deref().and_then(|c| cert_validity(c).ok()) {
+                (r.not_before, r.not_after) = (nb, na);
+            }
+            r
+        })
+        .collect()
+}
+
+/// Moves a CA key's activation to `now`; its seal binds the activation time, so the key is
+/// sealed again with the new binding in the same write.
+async fn activate_record<S: Store>(
+    store: &S,
+    kek: &Kek,
+    rec: &CaKeyRecord,
+    now: SystemTime,
+    audit: AuditEvent,
+) -> Result<CaKeyRecord, AuthorityError> {
+    let der = open_sealed(kek, rec)?;
+    let mut moved = rec.clone();
+    moved.activate_at = unix(now);
+    moved.sealed_key = kek.seal(&binding(&moved), &der)?;
+    store
+        .write(Write::ActivateCaKey {
+            id: moved.id.clone(),
+            activate_at: moved.activate_at,
+            sealed_key: moved.sealed_key.clone(),
+            audit,
+        })
+        .await?;
+    Ok(moved)
+}
+
+fn facts_of(roots: &[CaKeyRecord]) -> Vec<RootFacts> {
+    roots
+        .iter()
+        .map(|r| RootFacts {
+            id: r.id.clone(),
+            not_before: at(r.not_before),
+            not_after: at(r.not_after),
+            created_at: at(r.created_at),
+            activate_at: at(r.activate_at),
+            sha256: sha256(r.cert_der.as_deref().unwrap_or_default()),
+        })
+        .collect()
+}
+
+/// The anchors of the bundle: every root whose phase keeps it there.
+fn bundle_anchors(
+    records: &[CaKeyRecord],
+    now: SystemTime,
+    policy: &Policy,
+) -> Vec<CertificateDer<'static>> {
+    let roots = root_records(records);
+    let phases = rollover::phases(&facts_of(&roots), now, policy.max_leaf_ttl);
+    roots
+        .iter()
+        .zip(phases)
+        .filter(|(_, p)| p.in_bundle())
+        .filter_map(|(r, _)| r.cert_der.clone().map(CertificateDer::from))
+        .collect()
+}
+
+pub fn sha256(der: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, der).as_ref());
+    out
+}
+
+fn subject_of(der: &[u8]) -> Option<Vec<u8>> {
+    x509_parser::parse_x509_certificate(der)
+        .ok()
+        .map(|(_, c)| c.subject().as_raw().to_vec())
+}
+
+fn issuer_of(der: &[u8]) -> Option<Vec<u8>> {
+    x509_parser::parse_x509_certificate(der)
+        .ok()
+        .map(|(_, c)| c.issuer().as_raw().to_vec())
 }
 
 fn unseal_key(kek: &Kek, r: &CaKeyRecord) -> Result<KeyPair, AuthorityError> {

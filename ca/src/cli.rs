@@ -77,6 +77,20 @@ enum CaCommand {
         #[command(flatten)]
         target: Target,
     },
+    /// Roots: their phases, the rollover and what it waits for
+    Root {
+        #[command(subcommand)]
+        command: RootCommand,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// The operator's upstream CA (with --upstream-cert/--upstream-key)
+    Upstream {
+        #[command(subcommand)]
+        command: UpstreamCommand,
+        #[command(flatten)]
+        target: Target,
+    },
     /// The audit log, chained by a MAC keyed from the KEK
     Audit {
         #[command(subcommand)]
@@ -134,6 +148,33 @@ enum NodeCommand {
     /// Refuse this node and everything under it from now on
     Evict {
         spiffe_id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum UpstreamCommand {
+    /// Take a new upstream certificate and key: its root is published now, and signing
+    /// switches to it once every caller holds it (as in a root rollover)
+    Replace {
+        /// The new upstream certificate, then its issuers up to the root (PEM)
+        #[arg(long)]
+        cert: PathBuf,
+        /// Its private key (PEM, PKCS#8)
+        #[arg(long)]
+        key: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RootCommand {
+    /// Each root with its phase (published, active, retiring), what the switch waits for
+    Status,
+    /// Start a rollover now: publish a successor root (the switch still waits until every
+    /// caller holds it)
+    Rotate {
+        /// Also switch signing to the new root at once, without waiting for callers
+        #[arg(long)]
+        now: bool,
     },
 }
 
@@ -364,9 +405,15 @@ async fn run_inner(args: CaArgs) -> Result<ExitCode> {
                     secs(&v["root_expires_in_seconds"])
                 );
                 println!(
-                    "time to outage {} (when the root expires, unless rolled over)",
+                    "time to outage {} (the earliest end of a root or signer with no successor)",
                     secs(&v["time_to_outage_seconds"])
                 );
+                if let Some(line) = waiting_line(&v["rollover"]["waiting"]) {
+                    println!("root rollover {line}");
+                }
+                if let Some(w) = v["rollover"]["warning"].as_str() {
+                    println!("WARNING       {w}");
+                }
                 println!("counts        {}", v["counts"]);
                 if let Some(h) = v["audit_head"].as_object() {
                     println!(
@@ -390,6 +437,66 @@ async fn run_inner(args: CaArgs) -> Result<ExitCode> {
                     );
                 }
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        CaCommand::Upstream { command, target } => {
+            let UpstreamCommand::Replace { cert, key } = command;
+            let cert_pem = std::fs::read_to_string(&cert)
+                .with_context(|| format!("cannot read {}", cert.display()))?;
+            let key_pem = std::fs::read_to_string(&key)
+                .with_context(|| format!("cannot read {}", key.display()))?;
+            let v = client(&target)
+                .call(
+                    Method::POST,
+                    "/upstream/replace",
+                    Some(json!({"cert_pem": cert_pem, "key_pem": key_pem})),
+                )
+                .await?;
+            if target.json {
+                print_json(&v);
+            } else {
+                println!(
+                    "published the new upstream {} in the bundle; signing switches to it once every caller holds it. Point --upstream-cert/--upstream-key at the new files before the next restart.",
+                    v["root"].as_str().unwrap_or_default()
+                );
+                print_roots(&v["roots"]);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        CaCommand::Root { command, target } => {
+            let admin = client(&target);
+            let v = match command {
+                RootCommand::Status => admin.call(Method::GET, "/roots", None).await?,
+                RootCommand::Rotate { now } => {
+                    admin
+                        .call(Method::POST, "/roots/rotate", Some(json!({"now": now})))
+                        .await?
+                }
+            };
+            if target.json {
+                print_json(&v);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let view = if v["outcome"].is_string() {
+                let root = v["root"].as_str().unwrap_or("-");
+                match v["outcome"].as_str().unwrap_or_default() {
+                    "published" => println!(
+                        "published successor root {root} in the bundle; signing switches to it once every caller holds it (see below)"
+                    ),
+                    "switched" if v["forced"] == true => println!(
+                        "switched signing to root {root} WITHOUT waiting. Risk: a caller that has not yet fetched the new bundle cannot verify certificates issued from now on (nor the CA's own) until it renews or fetches the bundle again; the old root stays in the bundle, so certificates already issued keep working."
+                    ),
+                    "switched" => println!("switched signing to root {root}"),
+                    "waiting" => println!(
+                        "a successor root is already published and waiting; use --now to switch at once"
+                    ),
+                    _ => println!("nothing to do"),
+                }
+                &v["roots"]
+            } else {
+                &v
+            };
+            print_roots(view);
             Ok(ExitCode::SUCCESS)
         }
         CaCommand::Audit { command, target } => match command {
@@ -573,6 +680,85 @@ fn random_bytes() -> Result<[u8; 8]> {
         .fill(&mut b)
         .map_err(|_| anyhow::anyhow!("random number generator failed"))?;
     Ok(b)
+}
+
+/// `kith ca root status` as text.
+fn print_roots(v: &Value) {
+    let mode = if v["mode"] == "upstream" {
+        "upstream (an operator's CA signs kith's intermediates; kith cannot roll it)".to_owned()
+    } else {
+        format!(
+            "self-rooted; a successor is made at {}% of a root's life",
+            (v["rollover_at"].as_f64().unwrap_or(0.5) * 100.0).round()
+        )
+    };
+    println!("mode           {mode}");
+    let now =
+        v["outage_at"].as_i64().unwrap_or(0) - v["time_to_outage_seconds"].as_i64().unwrap_or(0);
+    for r in v["roots"].as_array().cloned().unwrap_or_default() {
+        let phase = r["phase"].as_str().unwrap_or_default();
+        let extra = match phase {
+            "retiring" => format!(
+                ", leaves the bundle at {} (its last leaf's end)",
+                r["until"].as_i64().and_then(rfc3339).unwrap_or_default()
+            ),
+            "published" => ", in the bundle, not signing yet".to_owned(),
+            _ => String::new(),
+        };
+        println!(
+            "root           {} {:<9} ends {} (in {}){}\n               sha256 {}",
+            r["id"].as_str().unwrap_or_default(),
+            phase,
+            r["not_after"]
+                .as_i64()
+                .and_then(rfc3339)
+                .unwrap_or_default(),
+            secs(&json!(r["not_after"].as_i64().unwrap_or(0) - now)),
+            extra,
+            r["sha256"].as_str().unwrap_or_default(),
+        );
+    }
+    match waiting_line(&v["waiting"]) {
+        Some(line) => println!("switch         {line}"),
+        None => {
+            if let Some(due) = v["successor_due_at"].as_i64() {
+                println!("next rollover  {}", rfc3339(due).unwrap_or_default());
+            }
+        }
+    }
+    if let Some(w) = v["warning"].as_str() {
+        println!("WARNING        {w}");
+    }
+    println!(
+        "time to outage {} (the earliest end of a root or signer with no successor)",
+        secs(&v["time_to_outage_seconds"])
+    );
+}
+
+/// What a waiting switch waits for, in words.
+fn waiting_line(w: &Value) -> Option<String> {
+    let deadline = w["deadline"].as_i64().and_then(rfc3339).unwrap_or_default();
+    match w["waiting_for"].as_str()? {
+        "propagation" => Some(format!(
+            "waits for the new bundle to reach every caller (the longest SVID TTL) until {}; switches at the latest at {deadline}",
+            w["until"].as_i64().and_then(rfc3339).unwrap_or_default()
+        )),
+        "callers" => {
+            let callers: Vec<String> = w["callers"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|c| c.as_str().map(str::to_owned))
+                .collect();
+            Some(format!(
+                "waits for {} caller(s) that renewed without reporting the new root: {}; switches at the latest at {deadline}",
+                callers.len(),
+                callers.join(", ")
+            ))
+        }
+        _ => None,
+    }
 }
 
 fn print_json(v: &Value) {

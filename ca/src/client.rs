@@ -107,6 +107,16 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     }
 }
 
+/// What a caller reports on a renewal about the bundle it holds: the hex SHA-256 of each X.509
+/// root. The CA switches to a new root only once its callers hold it.
+pub fn held_roots(bundle: &TrustBundle) -> Vec<String> {
+    bundle
+        .x509_authorities()
+        .iter()
+        .map(|c| crate::store::hex(ring::digest::digest(&ring::digest::SHA256, c).as_ref()))
+        .collect()
+}
+
 /// Client TLS settings for talking to the CA of `bundle`'s trust domain.
 pub fn client_config(
     bundle: Arc<TrustBundle>,

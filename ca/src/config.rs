@@ -44,6 +44,9 @@ pub struct ServeArgs {
     /// Root lifetime, for a root the CA creates [default: 365d]
     #[arg(long, env = "KITH_CA_ROOT_TTL", value_parser = humantime::parse_duration)]
     pub root_ttl: Option<Duration>,
+    /// When in its life a root gets its successor, as a fraction (0 < f < 1) [default: 0.5]
+    #[arg(long, env = "KITH_CA_ROOT_ROLLOVER_AT")]
+    pub root_rollover_at: Option<f64>,
     /// File with the key-encryption key (32 bytes, base64) that seals CA keys at rest and keys
     /// the audit chain; or set KITH_CA_KEK to the key itself (there is no flag for it: a flag's
     /// value shows in `ps` to every user of the host)
@@ -120,6 +123,7 @@ struct FileConfig {
     node_ttl: Option<String>,
     intermediate_ttl: Option<String>,
     root_ttl: Option<String>,
+    root_rollover_at: Option<f64>,
     kek_file: Option<PathBuf>,
     metrics_listen: Option<SocketAddr>,
     admin_socket: Option<PathBuf>,
@@ -158,6 +162,7 @@ pub struct Config {
     pub intermediate_ttl: Duration,
     #[serde(with = "humantime_serde_secs")]
     pub root_ttl: Duration,
+    pub root_rollover_at: f64,
     pub kek_file: Option<PathBuf>,
     #[serde(skip)]
     pub kek: Option<String>,
@@ -262,6 +267,15 @@ impl Config {
                 bail!("--{name} must be at least 10s");
             }
         }
+        let root_rollover_at = args
+            .root_rollover_at
+            .or(file.root_rollover_at)
+            .unwrap_or(0.5);
+        if !(root_rollover_at > 0.0 && root_rollover_at < 1.0) {
+            bail!(
+                "--root-rollover-at must be a fraction of the root's life between 0 and 1 (exclusive), not {root_rollover_at}"
+            );
+        }
         if intermediate_ttl < Duration::from_secs(60) || intermediate_ttl > root_ttl {
             bail!("--intermediate-ttl must be at least 1m and no longer than --root-ttl");
         }
@@ -330,6 +344,7 @@ impl Config {
             node_ttl,
             intermediate_ttl,
             root_ttl,
+            root_rollover_at,
             kek_file: args.kek_file.or(file.kek_file),
             kek: kek_from_env(),
             metrics_listen: args

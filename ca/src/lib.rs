@@ -9,6 +9,7 @@ pub mod jwt_svid;
 pub mod k8s;
 pub mod metrics;
 pub mod ready;
+pub mod rollover;
 pub mod seal;
 pub mod selector;
 pub mod service;

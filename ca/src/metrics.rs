@@ -33,6 +33,11 @@ pub struct Metrics {
     pub signer_seconds_to_expiry: Gauge<i64, AtomicI64>,
     pub root_seconds_to_expiry: Gauge<i64, AtomicI64>,
     pub connections: Gauge<i64, AtomicI64>,
+    pub time_to_outage: Gauge<i64, AtomicI64>,
+    pub rollover_waiting: Gauge<i64, AtomicI64>,
+    pub rollover_unconfirmed: Gauge<i64, AtomicI64>,
+    pub bundle_roots: Gauge<i64, AtomicI64>,
+    pub upstream_expiring: Gauge<i64, AtomicI64>,
     /// The newest audit row's sequence number; the CA also logs its MAC periodically.
     pub audit_head_seq: Gauge<i64, AtomicI64>,
     /// Refusals counted but held back from the audit log by its rate limits.
@@ -82,6 +87,36 @@ impl Metrics {
             "Open API connections",
             connections.clone(),
         );
+        let gauge = |registry: &mut Registry, name: &str, help: &str| {
+            let g = Gauge::<i64, AtomicI64>::default();
+            registry.register(name, help, g.clone());
+            g
+        };
+        let time_to_outage = gauge(
+            &mut registry,
+            "time_to_outage_seconds",
+            "Seconds until the earliest end of a root or signer that has no successor",
+        );
+        let rollover_waiting = gauge(
+            &mut registry,
+            "root_rollover_waiting",
+            "1 while a published successor root waits to take over (propagation window or callers)",
+        );
+        let rollover_unconfirmed = gauge(
+            &mut registry,
+            "root_rollover_unconfirmed_callers",
+            "Callers that renewed in the rollover window without reporting the successor root",
+        );
+        let bundle_roots = gauge(
+            &mut registry,
+            "bundle_roots",
+            "X.509 roots in the published trust bundle",
+        );
+        let upstream_expiring = gauge(
+            &mut registry,
+            "upstream_expiring",
+            "1 from 30 days before the upstream CA certificate's end",
+        );
         let audit_head_seq = Gauge::<i64, AtomicI64>::default();
         let audit_suppressed = Counter::default();
         let data_free_bytes = Gauge::<i64, AtomicI64>::default();
@@ -108,6 +143,11 @@ impl Metrics {
         );
         Self {
             registry,
+            time_to_outage,
+            rollover_waiting,
+            rollover_unconfirmed,
+            bundle_roots,
+            upstream_expiring,
             issued,
             refused,
             latency,
@@ -119,6 +159,21 @@ impl Metrics {
             data_free_bytes,
             data_reserve_bytes,
         }
+    }
+
+    /// Updates the rollover gauges from the authority's view.
+    pub fn observe_rollover(&self, view: &crate::authority::RolloverView, now: i64) {
+        use crate::rollover::Wait;
+        self.time_to_outage.set(view.outage_at - now);
+        self.rollover_waiting.set(i64::from(view.waiting.is_some()));
+        self.rollover_unconfirmed.set(match &view.waiting {
+            Some(Wait::Callers { callers, .. }) => callers.len() as i64,
+            _ => 0,
+        });
+        self.bundle_roots
+            .set(view.roots.iter().filter(|r| r.phase.in_bundle()).count() as i64);
+        self.upstream_expiring
+            .set(i64::from(view.upstream_expires_soon));
     }
 
     pub fn issued(&self, kind: &'static str) {

@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminContext};
 use crate::api::{self, Limits, json_response, readyz_response};
-use crate::authority::{Authority, Lifetimes, Rotation, Upstream, unix};
+use crate::authority::{Authority, Lifetimes, Push, Rotation, Upstream, unix};
 use crate::config::Config;
 use crate::guard::DiskGuard;
 use crate::k8s::{JwksSource, K8sConfig, K8sVerifier, TokenReview};
@@ -97,6 +97,11 @@ pub async fn start(
     let lifetimes = Lifetimes {
         root: cfg.root_ttl,
         intermediate: cfg.intermediate_ttl,
+        rollover: crate::rollover::Policy {
+            rollover_at: cfg.root_rollover_at,
+            propagation: cfg.workload_ttl.max(cfg.node_ttl),
+            max_leaf_ttl: cfg.workload_ttl.max(cfg.node_ttl),
+        },
     };
     let authority = Arc::new(
         Authority::load_or_init(
@@ -110,6 +115,11 @@ pub async fn start(
         .await
         .context("loading the CA keys")?,
     );
+    // The bundle is right from the first answer: a successor published, retired roots gone.
+    authority
+        .rollover(store.as_ref(), now, Push::None)
+        .await
+        .context("root rollover at start")?;
     let metrics = Arc::new(Metrics::new());
     let policy = Policy {
         workload_ttl: cfg.workload_ttl,
@@ -257,6 +267,7 @@ async fn maintain(
     shutdown: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
+    let mut serving_signer = ca.authority.keys().active.id.clone();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -265,16 +276,26 @@ async fn maintain(
         let now = SystemTime::now();
         match ca.authority.rotate(ca.store.as_ref(), now).await {
             Ok(Rotation::Nothing) => {}
-            Ok(r) => {
-                tracing::info!(step = ?r, "signer rotation");
-                // A freshly activated signer should also sign the CA's own certificate.
-                if r == Rotation::ActivateNext
-                    && let Err(e) = serving.renew(&ca.authority, &dns, SERVING_TTL, now)
-                {
-                    tracing::error!(error = %e, "failed to renew the CA's serving certificate");
+            Ok(r) => tracing::info!(step = ?r, "signer rotation"),
+            Err(e) => tracing::error!(error = %e, "signer rotation failed; will retry"),
+        }
+        if let Err(e) = ca
+            .authority
+            .rollover(ca.store.as_ref(), now, Push::None)
+            .await
+        {
+            tracing::error!(error = %e, "root rollover step failed; will retry");
+        }
+        // A new signer (a rotation, a root switch here or by `kith ca root rotate --now`) signs
+        // the CA's own certificate too, before the old root can leave the bundle.
+        let active = ca.authority.keys().active.id.clone();
+        if active != serving_signer {
+            match serving.renew(&ca.authority, &dns, SERVING_TTL, now) {
+                Ok(()) => serving_signer = active,
+                Err(e) => {
+                    tracing::error!(error = %e, "failed to renew the CA's serving certificate")
                 }
             }
-            Err(e) => tracing::error!(error = %e, "signer rotation failed; will retry"),
         }
         if now >= serving.refresh_at() {
             match serving.renew(&ca.authority, &dns, SERVING_TTL, now) {
@@ -292,6 +313,8 @@ async fn maintain(
         ca.metrics
             .root_seconds_to_expiry
             .set(unix(keys.root_not_after) - unix(now));
+        ca.metrics
+            .observe_rollover(&ca.authority.rollover_view(), unix(now));
     }
 }
 

@@ -60,7 +60,11 @@ impl From<StoreError> for ApiError {
 
 impl From<AuthorityError> for ApiError {
     fn from(e: AuthorityError) -> Self {
-        Self::internal(e)
+        match e.expired_code() {
+            // The CA cannot sign right now; a caller should keep its current SVID and retry.
+            Some(code) => Self::new(503, code, e.to_string()),
+            None => Self::internal(e),
+        }
     }
 }
 
@@ -617,6 +621,9 @@ impl<S: Store> Ca<S> {
         now: SystemTime,
     ) -> ApiError {
         self.metrics.refused(err.code);
+        if err.status >= 500 {
+            tracing::error!(endpoint, subject, code = err.code, error = %err.message, "the CA could not serve a request");
+        }
         if !authenticated && ANONYMOUS_NOISE.contains(&err.code) {
             tracing::debug!(
                 reason = err.code,

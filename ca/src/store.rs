@@ -256,6 +256,15 @@ pub enum Write {
         audit: AuditEvent,
     },
     PutCaKey(CaKeyRecord, AuditEvent),
+    /// Moves a CA key's activation time (a successor root starts signing when the rollover
+    /// decides, not at a time fixed when it was made).
+    /// The key's seal binds its activation time, so it comes sealed again with the new one.
+    ActivateCaKey {
+        id: String,
+        activate_at: i64,
+        sealed_key: Vec<u8>,
+        audit: AuditEvent,
+    },
     /// Replace a CA key's sealed blob (a key sealed by an older kith, sealed again with the
     /// current binding).
     ResealCaKey {

@@ -22,6 +22,7 @@ async fn load(store: &SqliteStore, now: SystemTime) -> Authority {
     let lifetimes = Lifetimes {
         root: Duration::from_secs(86_400),
         intermediate: LIFE,
+        ..Lifetimes::default()
     };
     Authority::load_or_init(
         store,

@@ -25,6 +25,7 @@ async fn load(store: &SqliteStore, now: SystemTime) -> Result<Authority, Authori
         Lifetimes {
             root: Duration::from_secs(86_400),
             intermediate: Duration::from_secs(3600),
+            ..Lifetimes::default()
         },
         None,
         now,

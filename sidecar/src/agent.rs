@@ -411,7 +411,7 @@ impl Agent {
                 &node.svid,
                 Method::POST,
                 "/v1/renew",
-                Some(serde_json::json!({"csr": csr})),
+                Some(serde_json::json!({"csr": csr, "held_roots": self.held_roots()})),
                 &[],
             )
             .await?;
@@ -470,7 +470,8 @@ impl Agent {
             SpiffeId::new(&entry.spiffe_id).map_err(|e| LinkError::BadAnswer(e.to_string()))?;
         let (key, csr) = ca_link::new_key_and_csr()?;
         let node = self.node.load_full();
-        let body = serde_json::json!({"spiffe_id": id, "csr": csr});
+        let body =
+            serde_json::json!({"spiffe_id": id, "csr": csr, "held_roots": self.held_roots()});
         let (status, _, bytes) = self
             .call(&node.svid, Method::POST, "/v1/svid", Some(body), &[])
             .await?;
@@ -510,6 +511,12 @@ impl Agent {
             return Err(ca_link::refused(status, &v));
         }
         ca_link::bundle_of(&v, &self.td)
+    }
+
+    /// The roots this agent holds (and serves to its workloads), reported on every request
+    /// for a certificate so the CA knows when a new root has reached this node.
+    fn held_roots(&self) -> Vec<String> {
+        ca::client::held_roots(&self.bundle.load())
     }
 
     /// Adopts a bundle from a CA answer if it differs; persists it.

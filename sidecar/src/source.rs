@@ -344,11 +344,15 @@ async fn attest_k8s(
     };
     let td = bundle.trust_domain().clone();
     let (key, csr) = ca_link::new_key_and_csr()?;
+    let held = ca::client::held_roots(&bundle);
     let config = client_config(Arc::new(bundle), None).map_err(LinkError::from)?;
     let call = async {
         let mut conn = Connection::open(&addr, config).await?;
-        conn.post_json("/v1/attest/k8s", &json!({"token": token, "csr": csr}))
-            .await
+        conn.post_json(
+            "/v1/attest/k8s",
+            &json!({"token": token, "csr": csr, "held_roots": held}),
+        )
+        .await
     };
     let (status, v) = tokio::time::timeout(Duration::from_secs(15), call)
         .await

@@ -589,6 +589,23 @@ fn apply(
             append_audit(tx, key, audit, last)?;
             Ok(Outcome::Done)
         }
+        Write::ActivateCaKey {
+            id,
+            activate_at,
+            sealed_key,
+            audit,
+        } => {
+            let n = tx
+                .prepare_cached(
+                    "UPDATE ca_keys SET activate_at = ?1, sealed_key = ?2 WHERE id = ?3",
+                )?
+                .execute(params![activate_at, sealed_key, id])?;
+            if n == 0 {
+                return Ok(Outcome::NotFound);
+            }
+            append_audit(tx, key, audit, last)?;
+            Ok(Outcome::Done)
+        }
     }
 }
 
