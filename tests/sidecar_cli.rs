@@ -616,7 +616,12 @@ fn quitquitquit_through_the_proxy_is_refused() {
         &kith,
         "client",
         client_addr,
-        &["--connect", &server_addr.to_string()],
+        &[
+            "--connect",
+            &server_addr.to_string(),
+            "--expect-id",
+            "spiffe://example.org/server",
+        ],
     );
     let answer = http(client_addr, "POST", "/quitquitquit");
     assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
