@@ -50,7 +50,8 @@ struct SettingsArgs {
     /// The sidecar's image [default: ghcr.io/kith-dev/kith:<this version>]
     #[arg(long, env = "KITH_INJECT_IMAGE", global = true)]
     image: Option<String>,
-    /// The capture init container's image; it must contain iptables [default: --image]
+    /// The capture init container's image; it must contain iptables, ip6tables and kith
+    /// [default: ghcr.io/kith-dev/kith-init:<this version>]
     #[arg(long, env = "KITH_INJECT_INIT_IMAGE", global = true)]
     init_image: Option<String>,
     /// The CA the sidecars get their SVIDs from
@@ -94,7 +95,10 @@ impl SettingsArgs {
     fn resolve(&self) -> Settings {
         let image = self.image.clone().unwrap_or_else(settings::default_image);
         Settings {
-            init_image: self.init_image.clone().unwrap_or_else(|| image.clone()),
+            init_image: self
+                .init_image
+                .clone()
+                .unwrap_or_else(settings::default_init_image),
             image,
             ca_url: self.ca_url.clone(),
             mesh_cidrs: self.mesh_cidr.clone(),

@@ -46,6 +46,13 @@ pub fn default_image() -> String {
     format!("ghcr.io/kith-dev/kith:{VERSION}")
 }
 
+/// The capture init image of this kith release: `kith` beside `iptables` and `ip6tables`
+/// (deploy/docker/Dockerfile.init, or deploy/docker/build-init-image.sh without a registry).
+/// The `FROM scratch` kith image has no iptables, so `kith sidecar init` cannot run in it.
+pub fn default_init_image() -> String {
+    format!("ghcr.io/kith-dev/kith-init:{VERSION}")
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
     /// The sidecar's image (`kith sidecar run`).
@@ -66,7 +73,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             image: default_image(),
-            init_image: default_image(),
+            init_image: default_init_image(),
             ca_url: DEFAULT_CA_URL.to_owned(),
             mesh_cidrs: vec![Cidr::V4_PRIVATE_10],
             bundle_configmap: DEFAULT_BUNDLE_CONFIGMAP.to_owned(),
