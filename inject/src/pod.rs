@@ -13,7 +13,10 @@ use crate::settings::{
     STATUS_KEY, Settings, TOKEN_VOLUME, VERSION, XTABLES_VOLUME,
 };
 
+mod annotations;
 mod containers;
+
+pub use annotations::{ALLOW_KEY, EXPECT_IDS_KEY, MODE_KEY, OUTBOUND_POLICY_KEY, WORKERS_KEY};
 
 use containers::{init_container, proxy_container, s, volumes};
 
@@ -116,6 +119,7 @@ pub fn inject(
     }
     let annotations = annotations(template);
     let exclusions = Exclusions::from_annotations(annotations.as_ref())?;
+    let sidecar_args = annotations::sidecar_args(annotations.as_ref())?;
 
     let spec = child_mapping(template, "spec", "spec")?;
     if spec
@@ -136,7 +140,7 @@ pub fn inject(
     not_captured.dedup();
 
     let init = child_sequence(spec, "initContainers", "spec.initContainers")?;
-    init.insert(0, proxy_container(settings));
+    init.insert(0, proxy_container(settings, &sidecar_args));
     init.insert(0, init_container(settings, &not_captured, &exclusions));
     child_sequence(spec, "volumes", "spec.volumes")?.extend(volumes(settings));
 
@@ -714,6 +718,39 @@ spec:
             a.contains(&"--exclude-cidrs=169.254.169.254/32,fd00::/8"),
             "{a:?}"
         );
+    }
+
+    #[test]
+    fn per_pod_annotations_reach_the_sidecar_and_bad_ones_refuse_the_pod() {
+        let (v, _) = injected(
+            r#"
+metadata:
+  annotations:
+    kith.dev/inject: enabled
+    kith.dev/allow: "spiffe://cluster.local/ns/shop/sa/web@8080"
+    kith.dev/mode: permissive
+    kith.dev/workers: "1"
+spec:
+  containers: [{name: a, image: a}]
+"#,
+        );
+        let a = args(&v["spec"]["initContainers"][1]);
+        assert!(
+            a.ends_with(&[
+                "--allow=spiffe://cluster.local/ns/shop/sa/web@8080",
+                "--mode=permissive",
+                "--workers=1"
+            ]),
+            "{a:?}"
+        );
+        let mut v = yaml(
+            "metadata: {annotations: {kith.dev/inject: enabled, kith.dev/mode: open}}\n\
+             spec: {containers: [{name: a, image: a}]}",
+        );
+        let before = v.clone();
+        let err = inject(&mut v, &Settings::default(), false).unwrap_err();
+        assert!(err.to_string().contains("kith.dev/mode"), "{err}");
+        assert_eq!(v, before, "a refused pod is left as it was");
     }
 
     #[test]

@@ -52,12 +52,13 @@ pub(super) fn init_container(
 
 /// `kith sidecar run` in transparent mode, as a native sidecar (an init container that keeps
 /// running), identified by the pod's projected service-account token.
-pub(super) fn proxy_container(settings: &Settings) -> Value {
+/// `extra`: the flags from the pod's own annotations (annotations.rs), already validated.
+pub(super) fn proxy_container(settings: &Settings, extra: &[String]) -> Value {
     let cidrs = join(&settings.mesh_cidrs);
     // SECURITY: the admin port listens on the pod's address because the kubelet probes /ready
     // there; `kith sidecar init` never captures it. It serves /live, /ready, /metrics and
     // POST /quitquitquit to anyone who can reach the pod (see deploy/kubernetes/README.md).
-    let args = [
+    let mut args = vec![
         "sidecar".to_owned(),
         "run".to_owned(),
         format!("--k8s-token-file={TOKEN_DIR}/{TOKEN_FILE}"),
@@ -67,6 +68,7 @@ pub(super) fn proxy_container(settings: &Settings) -> Value {
         format!("--admin-listen=0.0.0.0:{ADMIN_PORT}"),
         "--log-format=json".to_owned(),
     ];
+    args.extend(extra.iter().cloned());
     let probe = |path: &str, period: u64, failures: u64| {
         map([
             (
