@@ -34,6 +34,7 @@ use proxy::tunnel::{self, Limits, Upstream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::app_probe::AppProbes;
 use crate::source::{self, Source, SourceMetrics};
 use crate::tunnel_config::{self, End, Tunnel};
 use crate::workers::Workers;
@@ -166,6 +167,11 @@ struct RunArgs {
     /// [default: 2, or 1 where the process may use only one CPU]
     #[arg(long, env = "KITH_SIDECAR_WORKERS", value_parser = clap::value_parser!(u16).range(1..=256))]
     workers: Option<u16>,
+    /// An app probe the sidecar runs for the kubelet at GET /app-health/<container>/<kind>
+    /// on the admin port: `<container>/<livez|readyz|startupz>=http:<port><path>` or
+    /// `…=tcp:<port>` (repeatable; `kith inject` writes these)
+    #[arg(long = "app-probe")]
+    app_probe: Vec<String>,
     #[arg(long, env = "KITH_SIDECAR_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
 }
@@ -306,6 +312,7 @@ async fn run_sidecar(args: RunArgs) -> Result<()> {
     let policy = args.policy()?;
     let tunnels = args.tunnels(&policy)?;
     let workers = args.workers.map_or_else(default_workers, usize::from);
+    let app_probes = Arc::new(AppProbes::parse(args.app_probe.iter().map(String::as_str))?);
     let limits = Limits {
         max_connections: args.max_connections,
         identity_hold: args.hold_timeout,
@@ -396,6 +403,7 @@ async fn run_sidecar(args: RunArgs) -> Result<()> {
         admin,
         identity.clone(),
         render,
+        app_probes,
         shutdown.clone(),
         admin_shutdown.clone(),
     ));
@@ -528,6 +536,7 @@ async fn admin_serve(
     listener: tokio::net::TcpListener,
     identity: IdentityHandle,
     render: Arc<dyn Fn() -> String + Send + Sync>,
+    probes: Arc<AppProbes>,
     shutdown: CancellationToken,
     stop: CancellationToken,
 ) {
@@ -541,13 +550,21 @@ async fn admin_serve(
         // processes may stop the sidecar.
         let local = peer.ip().to_canonical().is_loopback();
         let (identity, render, shutdown) = (identity.clone(), render.clone(), shutdown.clone());
+        let probes = probes.clone();
         let stop = stop.clone();
         tracker.spawn(async move {
             let svc =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let (identity, render, shutdown) =
                         (identity.clone(), render.clone(), shutdown.clone());
+                    let probes = probes.clone();
                     async move {
+                        if let Some(name) = req.uri().path().strip_prefix("/app-health/") {
+                            let (status, body) = probes.check(name).await;
+                            let mut resp = Response::new(Full::new(Bytes::from(body)));
+                            *resp.status_mut() = status;
+                            return Ok::<_, Infallible>(resp);
+                        }
                         let (status, body) = match (req.method().as_str(), req.uri().path()) {
                             (_, "/live") => (StatusCode::OK, "ok\n".to_owned()),
                             (_, "/ready") if shutdown.is_cancelled() => {
