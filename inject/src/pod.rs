@@ -15,6 +15,7 @@ use crate::settings::{
 
 mod annotations;
 mod containers;
+mod probes;
 
 pub use annotations::{ALLOW_KEY, EXPECT_IDS_KEY, MODE_KEY, OUTBOUND_POLICY_KEY, WORKERS_KEY};
 
@@ -119,7 +120,7 @@ pub fn inject(
     }
     let annotations = annotations(template);
     let exclusions = Exclusions::from_annotations(annotations.as_ref())?;
-    let sidecar_args = annotations::sidecar_args(annotations.as_ref())?;
+    let mut sidecar_args = annotations::sidecar_args(annotations.as_ref())?;
 
     let spec = child_mapping(template, "spec", "spec")?;
     if spec
@@ -131,7 +132,10 @@ pub fn inject(
     }
     check_names_free(spec)?;
     check_ports_free(spec)?;
-    let (probe_ports, mut warnings) = probe_ports(spec);
+    sidecar_args.extend(probes::rewrite(spec));
+    let (mut probe_ports, mut warnings) = probe_ports(spec);
+    // The rewritten probes go to the sidecar's admin port, which is never captured.
+    probe_ports.retain(|p| *p != ADMIN_PORT);
     warnings.extend(proxy_uid_warnings(spec));
     let mut not_captured = vec![ADMIN_PORT];
     not_captured.extend(&exclusions.inbound);
@@ -772,7 +776,7 @@ spec:
     }
 
     #[test]
-    fn probed_ports_are_left_out_of_inbound_capture() {
+    fn probes_are_rewritten_to_the_sidecar_and_only_the_rest_left_out_of_capture() {
         let (v, warnings) = injected(
             r#"
 metadata: {labels: {kith.dev/inject: enabled}}
@@ -781,26 +785,49 @@ spec:
   - name: web
     image: web
     ports: [{name: http, containerPort: 8080}, {name: admin, containerPort: 9901}]
-    livenessProbe: {httpGet: {path: /healthz, port: admin}}
+    livenessProbe: {httpGet: {path: /healthz, port: admin}, periodSeconds: 7}
     readinessProbe: {tcpSocket: {port: 8080}}
     startupProbe: {exec: {command: [true]}}
   - name: grpc
     image: grpc
     readinessProbe: {grpc: {port: 9090}}
     livenessProbe: {httpGet: {host: example.com, port: 443}}
+    startupProbe: {httpGet: {scheme: HTTPS, port: 8443, path: /}}
   - name: broken
     image: broken
     livenessProbe: {httpGet: {port: nosuchport}}
 "#,
         );
-        let a = args(&v["spec"]["initContainers"][0]);
-        assert!(
-            a.contains(&"--exclude-inbound-ports=8080,9090,9901,15020"),
-            "{a:?}"
+        // httpGet and tcpSocket probes go to the sidecar, which runs the original ones.
+        let web = &v["spec"]["containers"][0];
+        assert_eq!(
+            web["livenessProbe"],
+            yaml("{httpGet: {path: /app-health/web/livez, port: 15020}, periodSeconds: 7}")
         );
         assert_eq!(
-            status(&v)["probePorts"],
-            serde_json::json!([8080, 9090, 9901])
+            web["readinessProbe"],
+            yaml("{httpGet: {path: /app-health/web/readyz, port: 15020}}")
+        );
+        assert_eq!(web["startupProbe"], yaml("{exec: {command: [true]}}"));
+        let proxy = args(&v["spec"]["initContainers"][1]);
+        assert!(
+            proxy.ends_with(&[
+                "--app-probe=web/livez=http:9901/healthz",
+                "--app-probe=web/readyz=tcp:8080"
+            ]),
+            "{proxy:?}"
+        );
+        // gRPC and HTTPS probes cannot be run by the sidecar: their ports stay open to the
+        // kubelet's plaintext, as before; another host's probe does not come to the pod.
+        let a = args(&v["spec"]["initContainers"][0]);
+        assert!(
+            a.contains(&"--exclude-inbound-ports=8443,9090,15020"),
+            "{a:?}"
+        );
+        assert_eq!(status(&v)["probePorts"], serde_json::json!([8443, 9090]));
+        assert_eq!(
+            v["spec"]["containers"][1]["readinessProbe"],
+            yaml("{grpc: {port: 9090}}")
         );
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert!(warnings[0].contains("\"nosuchport\""), "{warnings:?}");
