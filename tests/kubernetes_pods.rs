@@ -8,6 +8,10 @@
 //! - pod A's app reaches pod B's app by B's IP, over mTLS: each sidecar logs the other's
 //!   SPIFFE ID, and B's app answers;
 //! - plaintext straight into B's app port is refused (STRICT) and counted;
+//! - the app's probes were rewritten to the sidecar's `/app-health/…`, pass when the runner
+//!   calls them as the kubelet does, and the probe port refuses plaintext like the app port;
+//! - pod C (`kith.dev/mode: permissive`) lets plaintext in and counts it; pod D
+//!   (`kith.dev/allow` naming another ID) refuses A as not_authorized;
 //! - every container ran with the user, group, capabilities, read-only root and no privilege
 //!   escalation its spec says (the engine's record, and /proc of the running processes);
 //! - the init image fails closed: without NET_ADMIN, `kith sidecar init` exits non-zero.
@@ -29,6 +33,7 @@ const NAMESPACE: &str = "shop";
 const APP_IMAGE_IN_SPEC: &str = "registry.example/shop/web:1.0";
 const CA_ALIAS: &str = "kith-ca.kith-system.svc";
 const WEB_ID: &str = "spiffe://cluster.local/ns/shop/sa/web";
+const OTHER_ID: &str = "spiffe://cluster.local/ns/shop/sa/other";
 
 #[test]
 fn kubernetes_pods() {
@@ -58,17 +63,13 @@ fn kubernetes_pods() {
 
     init_image_fails_closed(&init_image);
 
-    let mut template = injected_template(&kith, repo, &kith_image, &init_image);
-    // The sidecar logs each connection's peer at debug level; as compose.test.yaml does, the
-    // test turns that on (an env var the runner passes like any other), nothing else.
-    let proxy = template["spec"]["initContainers"]
-        .as_array_mut()
-        .unwrap()
-        .iter_mut()
-        .find(|c| c["name"] == "kith-proxy")
-        .unwrap();
-    assert!(proxy.get("env").is_none(), "{proxy}");
-    proxy["env"] = serde_json::json!([{"name": "RUST_LOG", "value": "info,proxy=debug"}]);
+    let inject = |annotations: &[(&str, &str)]| {
+        injected_template(&kith, repo, &kith_image, &init_image, annotations)
+    };
+    let template = inject(&[]);
+    // Pod C takes plaintext (a migration), pod D lets in only an ID that A does not have.
+    let permissive = inject(&[("kith.dev/mode", "permissive")]);
+    let allow_other = inject(&[("kith.dev/allow", OTHER_ID)]);
     let mut node = new_node(&unique, &app_image);
     node.images.insert(kith_image.clone(), kith_image.clone());
     node.images.insert(init_image.clone(), init_image.clone());
@@ -82,11 +83,16 @@ fn kubernetes_pods() {
 
     let a = run_pod(&mut node, "web-a", &template);
     let b = run_pod(&mut node, "web-b", &template);
-    eprintln!("pods {} and {} running ({:?})", a.ip, b.ip, began.elapsed());
+    let c = run_pod(&mut node, "web-c", &permissive);
+    let d = run_pod(&mut node, "web-d", &allow_other);
+    eprintln!("pods running ({:?})", began.elapsed());
 
     a_reaches_b_over_mtls(&a, &b);
     plaintext_into_b_is_refused(&b);
-    for pod in [&a, &b] {
+    probes_go_through_the_sidecar(&b);
+    permissive_pod_accepts_plaintext_and_counts_it(&c);
+    allow_annotation_refuses_a(&a, &d);
+    for pod in [&a, &b, &c, &d] {
         containers_ran_as_their_spec_says(pod);
     }
     eprintln!("kubernetes_pods passed in {:?}", began.elapsed());
@@ -143,16 +149,23 @@ fn a_reaches_b_over_mtls(a: &RunningPod, b: &RunningPod) {
     });
 }
 
-/// From the node (outside every pod, so no sidecar wraps it), plain HTTP to B's app port never
-/// reaches the app: B's nat table hands it to the sidecar, which wants TLS.
-fn plaintext_into_b_is_refused(b: &RunningPod) {
-    let addr: SocketAddr = format!("{}:8080", b.ip).parse().unwrap();
+/// One plain HTTP request from the node (outside every pod, so no sidecar wraps it): what came
+/// back.
+fn plaintext(pod: &RunningPod, port: u16, path: &str) -> String {
+    let addr: SocketAddr = format!("{}:{port}", pod.ip).parse().unwrap();
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let _ = s.write_all(b"GET /plain HTTP/1.1\r\nhost: b\r\nconnection: close\r\n\r\n");
+    let req = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
+    let _ = s.write_all(req.as_bytes());
     let mut answer = Vec::new();
     let _ = s.read_to_end(&mut answer);
-    let answer = String::from_utf8_lossy(&answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// Plain HTTP to B's app port never reaches the app: B's nat table hands it to the sidecar,
+/// which wants TLS.
+fn plaintext_into_b_is_refused(b: &RunningPod) {
+    let answer = plaintext(b, 8080, "/plain");
     assert!(!answer.contains("HTTP/1.1 200"), "plaintext got: {answer}");
     eventually("B counts the plaintext refusal", 10, || {
         let n = integration::connections(&metrics(b), "inbound", "plaintext_refused");
@@ -167,6 +180,101 @@ fn plaintext_into_b_is_refused(b: &RunningPod) {
         !app_log.contains("/plain"),
         "B's app saw the plaintext request:\n{app_log}"
     );
+}
+
+/// The app's probes were rewritten to the sidecar (the runner waited for the rewritten
+/// readiness probe before calling the pod started), they pass when called as the kubelet
+/// calls them, and the port the app serves them on is captured like any other: no plaintext.
+fn probes_go_through_the_sidecar(b: &RunningPod) {
+    let web = b.container_spec("web").unwrap();
+    for (probe, kind) in [("readinessProbe", "readyz"), ("livenessProbe", "livez")] {
+        assert_eq!(
+            web[probe]["httpGet"],
+            serde_json::json!({"path": format!("/app-health/web/{kind}"), "port": 15020}),
+            "{probe}"
+        );
+        kubelet::probe_once(b, web, &web[probe]).unwrap();
+    }
+    let proxy = b.container_spec("kith-proxy").unwrap();
+    let args: Vec<&str> = proxy["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(
+        args.contains(&"--app-probe=web/readyz=http:8081/healthz"),
+        "{args:?}"
+    );
+    let status: Value =
+        serde_json::from_str(b.annotations["kith.dev/status"].as_str().unwrap()).unwrap();
+    assert_eq!(status["probePorts"], serde_json::json!([]), "{status}");
+    assert_eq!(
+        status["inboundPortsNotCaptured"],
+        serde_json::json!([15020])
+    );
+
+    let before = integration::connections(&metrics(b), "inbound", "plaintext_refused");
+    let answer = plaintext(b, 8081, "/healthz");
+    assert!(
+        !answer.contains("HTTP/1.1 200"),
+        "plaintext probe port: {answer}"
+    );
+    eventually("B counts the plaintext on the probe port", 10, || {
+        let n = integration::connections(&metrics(b), "inbound", "plaintext_refused");
+        if n == before + 1.0 {
+            Ok(())
+        } else {
+            Err(format!("plaintext_refused = {n}, was {before}"))
+        }
+    });
+}
+
+/// `kith.dev/mode: permissive`: plaintext reaches C's app, and C's sidecar counts it.
+fn permissive_pod_accepts_plaintext_and_counts_it(c: &RunningPod) {
+    let answer = plaintext(c, 8080, "/migrating");
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    assert!(answer.ends_with("web got GET /migrating: "), "{answer}");
+    eventually("C counts the plaintext it let in", 10, || {
+        let n = integration::metric(
+            &metrics(c),
+            "kith_sidecar_captured_total{outcome=\"inbound_plaintext\"}",
+        );
+        if n == Some(1.0) {
+            Ok(())
+        } else {
+            Err(format!("inbound_plaintext = {n:?}"))
+        }
+    });
+}
+
+/// `kith.dev/allow` with another ID: D refuses A (not_authorized) and logs whom.
+fn allow_annotation_refuses_a(a: &RunningPod, d: &RunningPod) {
+    let out = a.exec(
+        "web",
+        &[
+            "kith-testapp",
+            "call",
+            &format!("{}:8080", d.ip),
+            "GET",
+            "/",
+        ],
+    );
+    assert_ne!(out.code, Some(0), "A got into D: {}", out.stdout);
+    eventually("D counts A as not authorized", 10, || {
+        let n = integration::connections(&metrics(d), "inbound", "not_authorized");
+        if n == 1.0 {
+            Ok(())
+        } else {
+            Err(format!("not_authorized = {n}"))
+        }
+    });
+    let log = d.logs("kith-proxy");
+    assert!(
+        log.contains("inbound connection not authorized") && log.contains(WEB_ID),
+        "D's sidecar log:\n{log}"
+    );
+    assert!(!d.logs("web").contains("GET / "), "D's app saw A's request");
 }
 
 /// The engine's record of each container against its spec, and for the running ones, the
@@ -357,26 +465,76 @@ fn start_ca(node: &mut Node, kith_image: &str) -> String {
     pem
 }
 
-/// `kith inject -f deploy/kubernetes/examples/app.yaml` with the local images: the web
-/// Deployment's pod template.
-fn injected_template(kith: &Path, repo: &Path, image: &str, init_image: &str) -> Value {
-    let out = Command::new(kith)
-        .args(["inject", "-f"])
-        .arg(repo.join("deploy/kubernetes/examples/app.yaml"))
-        .args(["--image", image, "--init-image", init_image])
-        .output()
+/// `kith inject -f -` of deploy/kubernetes/examples/app.yaml's web Deployment, with the local
+/// images and `annotations` added to its pod template: the injected pod template.
+fn injected_template(
+    kith: &Path,
+    repo: &Path,
+    image: &str,
+    init_image: &str,
+    annotations: &[(&str, &str)],
+) -> Value {
+    let example =
+        std::fs::read_to_string(repo.join("deploy/kubernetes/examples/app.yaml")).unwrap();
+    let mut deployment = yaml_docs(&example)
+        .into_iter()
+        .find(|d| d["kind"] == "Deployment")
+        .expect("the example has a Deployment");
+    for (k, v) in annotations {
+        deployment["spec"]["template"]["metadata"]["annotations"][*k] = Value::from(*v);
+    }
+    let mut child = Command::new(kith)
+        .args([
+            "inject",
+            "-f",
+            "-",
+            "--image",
+            image,
+            "--init-image",
+            init_image,
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(serde_norway::to_string(&deployment).unwrap().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8(out.stdout).unwrap();
+    let injected = yaml_docs(&text).into_iter().next().unwrap();
+    let mut template = injected["spec"]["template"].clone();
+    // The sidecar logs each connection's peer at debug level; as compose.test.yaml does, the
+    // test turns that on (an env var the runner passes like any other), nothing else.
+    let proxy = template["spec"]["initContainers"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|c| c["name"] == "kith-proxy")
+        .unwrap();
+    assert!(proxy.get("env").is_none(), "{proxy}");
+    proxy["env"] = serde_json::json!([{"name": "RUST_LOG", "value": "info,proxy=debug"}]);
+    template
+}
+
+/// The documents of a multi-document YAML text.
+fn yaml_docs(text: &str) -> Vec<Value> {
     let mut docs: Vec<Value> = Vec::new();
     let mut doc = String::new();
     for line in text.lines().chain(["---"]) {
         if line == "---" {
-            if let Ok(v) = serde_norway::from_str::<Value>(&doc) {
+            if let Ok(v) = serde_norway::from_str::<Value>(&doc)
+                && !v.is_null()
+            {
                 docs.push(v);
             }
             doc.clear();
@@ -385,11 +543,7 @@ fn injected_template(kith: &Path, repo: &Path, image: &str, init_image: &str) ->
             doc.push('\n');
         }
     }
-    let deployment = docs
-        .into_iter()
-        .find(|d| d["kind"] == "Deployment")
-        .expect("the example has a Deployment");
-    deployment["spec"]["template"].clone()
+    docs
 }
 
 /// A node on the first free /24 of 10.249.0.0/16.

@@ -114,6 +114,8 @@ pub struct RunningPod {
     pub containers: Vec<Started>,
     /// The spec as it was run.
     pub spec: Value,
+    /// The template's `metadata.annotations` (null when none).
+    pub annotations: Value,
 }
 
 impl RunningPod {
@@ -265,6 +267,7 @@ impl Node {
             pause,
             containers: Vec::new(),
             spec: spec.clone(),
+            annotations: template["metadata"]["annotations"].clone(),
         };
 
         for c in spec["initContainers"].as_array().into_iter().flatten() {
