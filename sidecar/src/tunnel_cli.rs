@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::app_probe::AppProbes;
+use crate::source::FirstContact;
 use crate::source::{self, Source, SourceMetrics};
 use crate::tunnel_config::{self, End, Tunnel};
 use crate::workers::Workers;
@@ -65,8 +66,22 @@ struct RunArgs {
     /// --ca, what authenticates the CA at first contact
     #[arg(long, env = "KITH_SIDECAR_BUNDLE")]
     bundle: Option<PathBuf>,
+    /// With --ca instead of --bundle: the SHA-256 of the CA's PEM bundle; the sidecar fetches
+    /// the bundle from the CA at first contact and accepts it only if it matches
+    #[arg(
+        long,
+        env = "KITH_SIDECAR_BUNDLE_SHA256",
+        conflicts_with = "bundle",
+        requires = "ca"
+    )]
+    bundle_sha256: Option<String>,
     /// Identity from the CA: the pod's projected service-account token, read for every request
-    #[arg(long, env = "KITH_SIDECAR_K8S_TOKEN_FILE", requires_all = ["ca", "bundle"], conflicts_with = "workload_api")]
+    #[arg(
+        long,
+        env = "KITH_SIDECAR_K8S_TOKEN_FILE",
+        requires = "ca",
+        conflicts_with = "workload_api"
+    )]
     k8s_token_file: Option<PathBuf>,
     /// The CA's URL (with --k8s-token-file), e.g. https://kith-ca.kith-system.svc:8443
     #[arg(long, env = "KITH_SIDECAR_CA", requires = "k8s_token_file")]
@@ -193,10 +208,11 @@ impl RunArgs {
             (None, None, Some(token_file), Some(url), None) => Ok(Source::Ca {
                 url: url.clone(),
                 token_file: token_file.clone(),
-                bundle: self
-                    .bundle
-                    .clone()
-                    .context("--k8s-token-file needs --bundle")?,
+                bundle: match (&self.bundle, &self.bundle_sha256) {
+                    (Some(path), None) => FirstContact::File(path.clone()),
+                    (None, Some(pin)) => FirstContact::Pin(pin.clone()),
+                    _ => bail!("--k8s-token-file needs --bundle or --bundle-sha256"),
+                },
             }),
             (None, None, None, None, Some(endpoint)) => Ok(Source::WorkloadApi {
                 endpoint: endpoint.clone(),
