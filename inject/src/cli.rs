@@ -64,6 +64,10 @@ struct SettingsArgs {
     /// The ConfigMap, in each pod's namespace, whose bundle.pem authenticates the CA
     #[arg(long, env = "KITH_INJECT_BUNDLE_CONFIGMAP", default_value = settings::DEFAULT_BUNDLE_CONFIGMAP, global = true)]
     bundle_configmap: String,
+    /// The SHA-256 of the CA's PEM bundle (kith ca bundle | sha256sum): sidecars fetch the
+    /// bundle from the CA and check it against this, and no namespace needs the ConfigMap
+    #[arg(long, env = "KITH_INJECT_BUNDLE_SHA256", value_parser = settings::parse_pin, global = true)]
+    bundle_sha256: Option<String>,
     /// The audience of the projected token (the CA's --k8s-audience)
     #[arg(long, env = "KITH_INJECT_AUDIENCE", default_value = settings::DEFAULT_AUDIENCE, global = true)]
     audience: String,
@@ -103,6 +107,7 @@ impl SettingsArgs {
             ca_url: self.ca_url.clone(),
             mesh_cidrs: self.mesh_cidr.clone(),
             bundle_configmap: self.bundle_configmap.clone(),
+            bundle_sha256: self.bundle_sha256.clone(),
             audience: self.audience.clone(),
         }
     }

@@ -146,14 +146,23 @@ pub fn inject(
     let init = child_sequence(spec, "initContainers", "spec.initContainers")?;
     init.insert(0, proxy_container(settings, &sidecar_args));
     init.insert(0, init_container(settings, &not_captured, &exclusions));
-    child_sequence(spec, "volumes", "spec.volumes")?.extend(volumes(settings));
+    let added = volumes(settings);
+    let volume_names: Vec<&str> = VOLUME_NAMES
+        .into_iter()
+        .filter(|n| {
+            added
+                .iter()
+                .any(|v| v.get("name").and_then(Value::as_str) == Some(n))
+        })
+        .collect();
+    child_sequence(spec, "volumes", "spec.volumes")?.extend(added);
 
     let status = Status {
         version: VERSION,
         image: &settings.image,
         init_image: &settings.init_image,
         init_containers: [INIT_CONTAINER, PROXY_CONTAINER],
-        volumes: VOLUME_NAMES,
+        volumes: &volume_names,
         inbound_ports_not_captured: &not_captured,
         probe_ports: &probe_ports,
     };
@@ -173,7 +182,7 @@ struct Status<'a> {
     image: &'a str,
     init_image: &'a str,
     init_containers: [&'a str; 2],
-    volumes: [&'a str; 3],
+    volumes: &'a [&'a str],
     inbound_ports_not_captured: &'a [u16],
     probe_ports: &'a [u16],
 }
@@ -618,6 +627,39 @@ spec:
             yaml("{name: kith-bundle, configMap: {name: kith-bundle}}")
         );
         assert_eq!(vols[2]["name"], "kith-xtables");
+    }
+
+    #[test]
+    fn with_a_bundle_pin_the_sidecar_fetches_the_bundle_and_no_configmap_is_mounted() {
+        let pin = "ab".repeat(32);
+        let settings = Settings {
+            bundle_sha256: Some(pin.clone()),
+            ..Settings::default()
+        };
+        let mut v = yaml(APP);
+        inject(&mut v, &settings, false).unwrap();
+        let proxy = &v["spec"]["initContainers"][1];
+        let a = args(proxy);
+        assert!(
+            a.contains(&format!("--bundle-sha256={pin}").as_str()),
+            "{a:?}"
+        );
+        assert!(!a.iter().any(|x| x.starts_with("--bundle=")), "{a:?}");
+        let names = |list: &Value| -> Vec<String> {
+            list.as_sequence()
+                .unwrap()
+                .iter()
+                .map(|x| x["name"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        assert_eq!(names(&proxy["volumeMounts"]), ["kith-token"]);
+        assert_eq!(names(&v["spec"]["volumes"]), ["kith-token", "kith-xtables"]);
+        assert_eq!(
+            status(&v)["volumes"],
+            serde_json::json!(["kith-token", "kith-xtables"])
+        );
+        assert!(crate::settings::parse_pin("abc").is_err());
+        assert_eq!(crate::settings::parse_pin(&"AB".repeat(32)).unwrap(), pin);
     }
 
     #[test]
