@@ -12,6 +12,7 @@
 //!   calls them as the kubelet does, and the probe port refuses plaintext like the app port;
 //! - pod C (`kith.dev/mode: permissive`) lets plaintext in and counts it; pod D
 //!   (`kith.dev/allow` naming another ID) refuses A as not_authorized;
+//! - no namespace holds a bundle: each sidecar fetched it from the CA by the injector's pin;
 //! - every container ran with the user, group, capabilities, read-only root and no privilege
 //!   escalation its spec says (the engine's record, and /proc of the running processes);
 //! - the init image fails closed: without NET_ADMIN, `kith sidecar init` exits non-zero.
@@ -63,23 +64,23 @@ fn kubernetes_pods() {
 
     init_image_fails_closed(&init_image);
 
-    let inject = |annotations: &[(&str, &str)]| {
-        injected_template(&kith, repo, &kith_image, &init_image, annotations)
-    };
-    let template = inject(&[]);
-    // Pod C takes plaintext (a migration), pod D lets in only an ID that A does not have.
-    let permissive = inject(&[("kith.dev/mode", "permissive")]);
-    let allow_other = inject(&[("kith.dev/allow", OTHER_ID)]);
     let mut node = new_node(&unique, &app_image);
     node.images.insert(kith_image.clone(), kith_image.clone());
     node.images.insert(init_image.clone(), init_image.clone());
     node.images
         .insert(APP_IMAGE_IN_SPEC.to_owned(), app_image.clone());
+    // No bundle ConfigMap anywhere (the runner fails a pod that mounts a missing one): the
+    // injector hands each sidecar the pin of the CA's bundle, and the sidecar fetches it.
     let bundle = start_ca(&mut node, &kith_image);
-    node.config_maps.insert(
-        "kith-bundle".into(),
-        [("bundle.pem".to_owned(), bundle)].into(),
-    );
+    let pin = ca::admin::bundle_sha256(&bundle);
+
+    let inject = |annotations: &[(&str, &str)]| {
+        injected_template(&kith, repo, &kith_image, &init_image, &pin, annotations)
+    };
+    let template = inject(&[]);
+    // Pod C takes plaintext (a migration), pod D lets in only an ID that A does not have.
+    let permissive = inject(&[("kith.dev/mode", "permissive")]);
+    let allow_other = inject(&[("kith.dev/allow", OTHER_ID)]);
 
     let a = run_pod(&mut node, "web-a", &template);
     let b = run_pod(&mut node, "web-b", &template);
@@ -460,18 +461,22 @@ fn start_ca(node: &mut Node, kith_image: &str) -> String {
         "bundle",
         "--data-dir=/var/lib/kith-ca/data",
     ]);
-    let pem = out.ok().unwrap().to_owned();
+    out.ok().unwrap();
+    // Untrimmed: the pin is the SHA-256 of exactly what the CA serves.
+    let pem = out.stdout;
     assert!(pem.contains("BEGIN CERTIFICATE"), "{pem}");
     pem
 }
 
 /// `kith inject -f -` of deploy/kubernetes/examples/app.yaml's web Deployment, with the local
-/// images and `annotations` added to its pod template: the injected pod template.
+/// images, the CA bundle's pin and `annotations` added to its pod template: the injected pod
+/// template.
 fn injected_template(
     kith: &Path,
     repo: &Path,
     image: &str,
     init_image: &str,
+    pin: &str,
     annotations: &[(&str, &str)],
 ) -> Value {
     let example =
@@ -492,6 +497,8 @@ fn injected_template(
             image,
             "--init-image",
             init_image,
+            "--bundle-sha256",
+            pin,
         ])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
