@@ -7,6 +7,8 @@
 //!
 //! - pod A's app reaches pod B's app by B's IP, over mTLS: each sidecar logs the other's
 //!   SPIFFE ID, and B's app answers;
+//! - a capture on the node's Docker bridge shows only TLS 1.3 records between A and B, and
+//!   never the request's bytes in clear;
 //! - plaintext straight into B's app port is refused (STRICT) and counted;
 //! - the app's probes were rewritten to the sidecar's `/app-health/…`, pass when the runner
 //!   calls them as the kubelet does, and the probe port refuses plaintext like the app port;
@@ -33,6 +35,8 @@ use serde_json::Value;
 const NAMESPACE: &str = "shop";
 const APP_IMAGE_IN_SPEC: &str = "registry.example/shop/web:1.0";
 const CA_ALIAS: &str = "kith-ca.kith-system.svc";
+/// The body of A's request to B: it must never be on the wire in clear.
+const MARKER: &str = "order 42 \u{2713} kith-k8s-marker";
 const WEB_ID: &str = "spiffe://cluster.local/ns/shop/sa/web";
 const OTHER_ID: &str = "spiffe://cluster.local/ns/shop/sa/other";
 
@@ -88,7 +92,9 @@ fn kubernetes_pods() {
     let d = run_pod(&mut node, "web-d", &allow_other);
     eprintln!("pods running ({:?})", began.elapsed());
 
+    let capture = Capture::start(&node, dir.path());
     a_reaches_b_over_mtls(&a, &b);
+    capture.only_tls_between(&a, &b);
     plaintext_into_b_is_refused(&b);
     probes_go_through_the_sidecar(&b);
     permissive_pod_accepts_plaintext_and_counts_it(&c);
@@ -102,7 +108,7 @@ fn kubernetes_pods() {
 /// A's app (UID 10001, captured) calls B's IP on the app port; A's sidecar proves B's identity
 /// and B's sidecar A's, and B's app answers.
 fn a_reaches_b_over_mtls(a: &RunningPod, b: &RunningPod) {
-    let body = "order 42 \u{2713}";
+    let body = MARKER;
     let out = a.exec(
         "web",
         &[
@@ -567,6 +573,88 @@ fn new_node(unique: &str, pause_image: &str) -> Node {
     panic!("no free /24 for the node's network: {last}");
 }
 
+// ---- the wire ----
+
+/// tcpdump on the bridge of the node's Docker network, where the pods' packets cross.
+struct Capture {
+    child: std::process::Child,
+    file: PathBuf,
+    log: PathBuf,
+}
+
+impl Capture {
+    fn start(node: &Node, dir: &Path) -> Capture {
+        let id = docker(&["network", "inspect", "-f", "{{.Id}}", &node.network])
+            .ok()
+            .unwrap()
+            .to_owned();
+        let bridge = format!("br-{}", &id[..12]);
+        let (file, log) = (dir.join("bridge.pcap"), dir.join("tcpdump.log"));
+        let child = Command::new("tcpdump")
+            .args(["-i", &bridge, "--immediate-mode", "-U", "-s", "0", "-w"])
+            .arg(&file)
+            .arg("tcp")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let c = Capture { child, file, log };
+        eventually("tcpdump listens on the bridge", 10, || {
+            let text = std::fs::read_to_string(&c.log).unwrap_or_default();
+            if text.contains("listening on") {
+                Ok(())
+            } else {
+                Err(text)
+            }
+        });
+        c
+    }
+
+    /// Stops the capture; every flow between A and B (both ways) is whole TLS records, the
+    /// server chose TLS 1.3, and the marker never crossed in clear.
+    fn only_tls_between(mut self, a: &RunningPod, b: &RunningPod) {
+        std::thread::sleep(Duration::from_millis(500));
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        let bytes = std::fs::read(&self.file).unwrap();
+        assert!(
+            !bytes.windows(MARKER.len()).any(|w| w == MARKER.as_bytes()),
+            "the request is on the wire in clear"
+        );
+        let ips: [std::net::Ipv4Addr; 2] = [a.ip.parse().unwrap(), b.ip.parse().unwrap()];
+        let flows = integration::pcap::flows(&bytes).unwrap();
+        let between: Vec<_> = flows
+            .iter()
+            .filter(|((src, _, dst, _), _)| ips.contains(src) && ips.contains(dst))
+            .collect();
+        assert_eq!(
+            between.len(),
+            2,
+            "one connection, payload both ways: {:?}; tcpdump: {}",
+            flows.keys(),
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+        let mut tls13 = 0;
+        for (flow, stream) in between {
+            let records = integration::pcap::tls_records(stream)
+                .unwrap_or_else(|e| panic!("{flow:?} is not TLS: {e}"));
+            assert!(records.handshake >= 1, "{flow:?}: {records:?}");
+            assert!(records.application_data >= 1, "{flow:?}: {records:?}");
+            tls13 += usize::from(records.server_hello_tls13);
+        }
+        assert_eq!(tls13, 1, "the server chose TLS 1.3");
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 // ---- images ----
 
 /// Removed on drop.
@@ -709,7 +797,7 @@ fn prerequisites() -> Option<()> {
     if let Err(e) = kubelet::engine_available() {
         missing.push(format!("a Docker engine ({e})"));
     }
-    for tool in ["apt-get", "apt-cache", "dpkg-deb"] {
+    for tool in ["apt-get", "apt-cache", "dpkg-deb", "tcpdump"] {
         if Command::new(tool).arg("--version").output().is_err() {
             missing.push(tool.to_owned());
         }
