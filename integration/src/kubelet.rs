@@ -21,6 +21,10 @@
 //! - probes (`httpGet`, `tcpSocket`) from the node (this host) to the pod's IP, as the kubelet
 //!   probes.
 //!
+//! - read but with nothing to do on one node: `imagePullPolicy` (images are local: the spec's
+//!   image names map to local images in [`Node::images`]), `resources.requests` (scheduling),
+//!   `ports` (informational in Kubernetes too; TCP only), labels and annotations.
+//!
 //! Anything in a spec the runner does not understand is an error naming its path, never
 //! silently skipped: a test that passes proves what the spec says.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
