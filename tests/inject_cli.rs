@@ -434,7 +434,6 @@ fn injected_containers_take_the_sidecars_own_flags() {
         String::from_utf8_lossy(&out.stderr)
     );
     for rule in [
-        "-A KITH_INBOUND -p tcp --dport 8081 -j RETURN", // the probes' port
         "-A KITH_INBOUND -p tcp --dport 9100 -j RETURN", // kith.dev/exclude-inbound-ports
         "-A KITH_INBOUND -p tcp --dport 15020 -j RETURN", // the sidecar's admin port
         "-A KITH_OUTBOUND -p tcp --dport 5432 -j RETURN",
@@ -448,6 +447,20 @@ fn injected_containers_take_the_sidecars_own_flags() {
         !rules.contains("--dport 8080 -j RETURN"),
         "8080 is the app's, captured:\n{rules}"
     );
+    // The probes go to the sidecar, which probes the app itself: their port stays captured.
+    assert!(
+        !rules.contains("--dport 8081 -j RETURN"),
+        "8081 (probed) is captured too:\n{rules}"
+    );
+    for probe in [
+        "--app-probe=app/readyz=http:8081/ready",
+        "--app-probe=app/livez=tcp:8081",
+    ] {
+        assert!(
+            proxy.iter().any(|a| a == probe),
+            "{probe} missing: {proxy:?}"
+        );
+    }
 
     // clap stops at --help only after every argument before it parsed: unknown flags or bad
     // values would fail here.

@@ -361,3 +361,87 @@ fn a_sidecar_without_an_identity_source_says_which_flags_to_give() {
     assert_ne!(code, 0);
     assert!(err.contains("service-account token"), "{err}");
 }
+
+#[test]
+fn a_pod_sidecar_fetches_the_bundle_by_its_pin_and_refuses_a_wrong_pin() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let key = ClusterKey::new();
+    let jwks = d.join("jwks.json");
+    std::fs::write(&jwks, key.jwks()).unwrap();
+    let ca_data = d.join("ca");
+    let ca = serve_ca_with(
+        &ca_data,
+        &["--k8s-issuer", ISSUER, "--k8s-jwks", jwks.to_str().unwrap()],
+    );
+    let url = format!("https://{}", ca.addr);
+    let bundle = d.join("bundle.pem");
+    write_bundle(&ca_data, &bundle);
+    let pin = ca::admin::bundle_sha256(&std::fs::read_to_string(&bundle).unwrap());
+    let token = d.join("web.token");
+    std::fs::write(&token, key.token("shop", "web", "web-1", Duration::ZERO)).unwrap();
+    // No bundle file anywhere: only the pin, as the injector hands it to each pod.
+    std::fs::remove_file(&bundle).unwrap();
+    let start = |name: &str, pin: &str, admin: std::net::SocketAddr| {
+        Proc::spawn(
+            d,
+            name,
+            &[
+                "sidecar",
+                "run",
+                "--k8s-token-file",
+                token.to_str().unwrap(),
+                "--ca",
+                &url,
+                "--bundle-sha256",
+                pin,
+                "--listen",
+                &free_port().to_string(),
+                "--forward",
+                &echo_backend().to_string(),
+                "--admin-listen",
+                &admin.to_string(),
+            ],
+        )
+    };
+    let admin = free_port();
+    let good = start("pinned", &pin, admin);
+    wait_ready(admin, &good);
+    let m = http(admin, "GET", "/metrics");
+    assert!(
+        m.contains("spiffe_id=\"spiffe://example.org/ns/shop/sa/web\""),
+        "{m}"
+    );
+
+    // A pin of another bundle: the CA's answer is refused, no SVID, counted and logged.
+    let wrong = format!("{:064x}", 7);
+    let bad_admin = free_port();
+    let bad = start("wrong-pin", &wrong, bad_admin);
+    let failed = "kith_sidecar_identity_updates_total{result=\"failed\"}";
+    wait_port(bad_admin);
+    wait_metric(bad_admin, failed, 1.0, Duration::from_secs(20));
+    assert!(
+        try_http(bad_admin, "GET", "/ready").is_ok_and(|r| r.starts_with("HTTP/1.1 503")),
+        "not ready without a trusted bundle"
+    );
+    assert!(
+        bad.log().contains(&wrong),
+        "the log names the pin:\n{}",
+        bad.log()
+    );
+
+    let (code, _, err) = kith(&[
+        "sidecar",
+        "run",
+        "--k8s-token-file",
+        token.to_str().unwrap(),
+        "--ca",
+        &url,
+        "--bundle-sha256",
+        "abc",
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("64 hex digits"), "{err}");
+    drop((good, bad));
+    assert_eq!(stop(ca), 0);
+}

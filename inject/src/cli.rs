@@ -50,7 +50,8 @@ struct SettingsArgs {
     /// The sidecar's image [default: ghcr.io/kith-dev/kith:<this version>]
     #[arg(long, env = "KITH_INJECT_IMAGE", global = true)]
     image: Option<String>,
-    /// The capture init container's image; it must contain iptables [default: --image]
+    /// The capture init container's image; it must contain iptables, ip6tables and kith
+    /// [default: ghcr.io/kith-dev/kith-init:<this version>]
     #[arg(long, env = "KITH_INJECT_INIT_IMAGE", global = true)]
     init_image: Option<String>,
     /// The CA the sidecars get their SVIDs from
@@ -63,6 +64,10 @@ struct SettingsArgs {
     /// The ConfigMap, in each pod's namespace, whose bundle.pem authenticates the CA
     #[arg(long, env = "KITH_INJECT_BUNDLE_CONFIGMAP", default_value = settings::DEFAULT_BUNDLE_CONFIGMAP, global = true)]
     bundle_configmap: String,
+    /// The SHA-256 of the CA's PEM bundle (kith ca bundle | sha256sum): sidecars fetch the
+    /// bundle from the CA and check it against this, and no namespace needs the ConfigMap
+    #[arg(long, env = "KITH_INJECT_BUNDLE_SHA256", value_parser = settings::parse_pin, global = true)]
+    bundle_sha256: Option<String>,
     /// The audience of the projected token (the CA's --k8s-audience)
     #[arg(long, env = "KITH_INJECT_AUDIENCE", default_value = settings::DEFAULT_AUDIENCE, global = true)]
     audience: String,
@@ -94,11 +99,15 @@ impl SettingsArgs {
     fn resolve(&self) -> Settings {
         let image = self.image.clone().unwrap_or_else(settings::default_image);
         Settings {
-            init_image: self.init_image.clone().unwrap_or_else(|| image.clone()),
+            init_image: self
+                .init_image
+                .clone()
+                .unwrap_or_else(settings::default_init_image),
             image,
             ca_url: self.ca_url.clone(),
             mesh_cidrs: self.mesh_cidr.clone(),
             bundle_configmap: self.bundle_configmap.clone(),
+            bundle_sha256: self.bundle_sha256.clone(),
             audience: self.audience.clone(),
         }
     }

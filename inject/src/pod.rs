@@ -13,7 +13,11 @@ use crate::settings::{
     STATUS_KEY, Settings, TOKEN_VOLUME, VERSION, XTABLES_VOLUME,
 };
 
+mod annotations;
 mod containers;
+mod probes;
+
+pub use annotations::{ALLOW_KEY, EXPECT_IDS_KEY, MODE_KEY, OUTBOUND_POLICY_KEY, WORKERS_KEY};
 
 use containers::{init_container, proxy_container, s, volumes};
 
@@ -133,6 +137,7 @@ pub fn inject(
     }
     let annotations = annotations(template);
     let exclusions = Exclusions::from_annotations(annotations.as_ref())?;
+    let mut sidecar_args = annotations::sidecar_args(annotations.as_ref())?;
 
     let spec = child_mapping(template, "spec", "spec")?;
     if spec
@@ -146,7 +151,10 @@ pub fn inject(
     check_ports_free(spec)?;
     check_not_proxy_identity(spec)?;
     drop_setid_capabilities(spec)?;
-    let (probe_ports, warnings) = probe_ports(spec);
+    sidecar_args.extend(probes::rewrite(spec));
+    let (mut probe_ports, warnings) = probe_ports(spec);
+    // The rewritten probes go to the sidecar's admin port, which is never captured.
+    probe_ports.retain(|p| *p != ADMIN_PORT);
     let mut not_captured = vec![ADMIN_PORT];
     not_captured.extend(&exclusions.inbound);
     not_captured.extend(&probe_ports);
@@ -154,16 +162,25 @@ pub fn inject(
     not_captured.dedup();
 
     let init = child_sequence(spec, "initContainers", "spec.initContainers")?;
-    init.insert(0, proxy_container(settings));
+    init.insert(0, proxy_container(settings, &sidecar_args));
     init.insert(0, init_container(settings, &not_captured, &exclusions));
-    child_sequence(spec, "volumes", "spec.volumes")?.extend(volumes(settings));
+    let added = volumes(settings);
+    let volume_names: Vec<&str> = VOLUME_NAMES
+        .into_iter()
+        .filter(|n| {
+            added
+                .iter()
+                .any(|v| v.get("name").and_then(Value::as_str) == Some(n))
+        })
+        .collect();
+    child_sequence(spec, "volumes", "spec.volumes")?.extend(added);
 
     let status = Status {
         version: VERSION,
         image: &settings.image,
         init_image: &settings.init_image,
         init_containers: [INIT_CONTAINER, PROXY_CONTAINER],
-        volumes: VOLUME_NAMES,
+        volumes: &volume_names,
         inbound_ports_not_captured: &not_captured,
         probe_ports: &probe_ports,
     };
@@ -183,7 +200,7 @@ struct Status<'a> {
     image: &'a str,
     init_image: &'a str,
     init_containers: [&'a str; 2],
-    volumes: [&'a str; 3],
+    volumes: &'a [&'a str],
     inbound_ports_not_captured: &'a [u16],
     probe_ports: &'a [u16],
 }
@@ -697,6 +714,39 @@ spec:
     }
 
     #[test]
+    fn with_a_bundle_pin_the_sidecar_fetches_the_bundle_and_no_configmap_is_mounted() {
+        let pin = "ab".repeat(32);
+        let settings = Settings {
+            bundle_sha256: Some(pin.clone()),
+            ..Settings::default()
+        };
+        let mut v = yaml(APP);
+        inject(&mut v, &settings, false).unwrap();
+        let proxy = &v["spec"]["initContainers"][1];
+        let a = args(proxy);
+        assert!(
+            a.contains(&format!("--bundle-sha256={pin}").as_str()),
+            "{a:?}"
+        );
+        assert!(!a.iter().any(|x| x.starts_with("--bundle=")), "{a:?}");
+        let names = |list: &Value| -> Vec<String> {
+            list.as_sequence()
+                .unwrap()
+                .iter()
+                .map(|x| x["name"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        assert_eq!(names(&proxy["volumeMounts"]), ["kith-token"]);
+        assert_eq!(names(&v["spec"]["volumes"]), ["kith-token", "kith-xtables"]);
+        assert_eq!(
+            status(&v)["volumes"],
+            serde_json::json!(["kith-token", "kith-xtables"])
+        );
+        assert!(crate::settings::parse_pin("abc").is_err());
+        assert_eq!(crate::settings::parse_pin(&"AB".repeat(32)).unwrap(), pin);
+    }
+
+    #[test]
     fn the_status_annotation_records_what_was_injected() {
         let (v, _) = injected(APP);
         let st = status(&v);
@@ -801,6 +851,39 @@ spec:
     }
 
     #[test]
+    fn per_pod_annotations_reach_the_sidecar_and_bad_ones_refuse_the_pod() {
+        let (v, _) = injected(
+            r#"
+metadata:
+  annotations:
+    kith.dev/inject: enabled
+    kith.dev/allow: "spiffe://cluster.local/ns/shop/sa/web@8080"
+    kith.dev/mode: permissive
+    kith.dev/workers: "1"
+spec:
+  containers: [{name: a, image: a}]
+"#,
+        );
+        let a = args(&v["spec"]["initContainers"][1]);
+        assert!(
+            a.ends_with(&[
+                "--allow=spiffe://cluster.local/ns/shop/sa/web@8080",
+                "--mode=permissive",
+                "--workers=1"
+            ]),
+            "{a:?}"
+        );
+        let mut v = yaml(
+            "metadata: {annotations: {kith.dev/inject: enabled, kith.dev/mode: open}}\n\
+             spec: {containers: [{name: a, image: a}]}",
+        );
+        let before = v.clone();
+        let err = inject(&mut v, &Settings::default(), false).unwrap_err();
+        assert!(err.to_string().contains("kith.dev/mode"), "{err}");
+        assert_eq!(v, before, "a refused pod is left as it was");
+    }
+
+    #[test]
     fn bad_exclusion_annotations_are_refused_with_the_reason() {
         for (key, value, expect) in [
             (EXCLUDE_INBOUND_KEY, "80,http", "\"http\" is not a port"),
@@ -819,7 +902,7 @@ spec:
     }
 
     #[test]
-    fn probed_ports_are_left_out_of_inbound_capture() {
+    fn probes_are_rewritten_to_the_sidecar_and_only_the_rest_left_out_of_capture() {
         let (v, warnings) = injected(
             r#"
 metadata: {labels: {kith.dev/inject: enabled}}
@@ -828,26 +911,49 @@ spec:
   - name: web
     image: web
     ports: [{name: http, containerPort: 8080}, {name: admin, containerPort: 9901}]
-    livenessProbe: {httpGet: {path: /healthz, port: admin}}
+    livenessProbe: {httpGet: {path: /healthz, port: admin}, periodSeconds: 7}
     readinessProbe: {tcpSocket: {port: 8080}}
     startupProbe: {exec: {command: [true]}}
   - name: grpc
     image: grpc
     readinessProbe: {grpc: {port: 9090}}
     livenessProbe: {httpGet: {host: example.com, port: 443}}
+    startupProbe: {httpGet: {scheme: HTTPS, port: 8443, path: /}}
   - name: broken
     image: broken
     livenessProbe: {httpGet: {port: nosuchport}}
 "#,
         );
-        let a = args(&v["spec"]["initContainers"][0]);
-        assert!(
-            a.contains(&"--exclude-inbound-ports=8080,9090,9901,15020"),
-            "{a:?}"
+        // httpGet and tcpSocket probes go to the sidecar, which runs the original ones.
+        let web = &v["spec"]["containers"][0];
+        assert_eq!(
+            web["livenessProbe"],
+            yaml("{httpGet: {path: /app-health/web/livez, port: 15020}, periodSeconds: 7}")
         );
         assert_eq!(
-            status(&v)["probePorts"],
-            serde_json::json!([8080, 9090, 9901])
+            web["readinessProbe"],
+            yaml("{httpGet: {path: /app-health/web/readyz, port: 15020}}")
+        );
+        assert_eq!(web["startupProbe"], yaml("{exec: {command: [true]}}"));
+        let proxy = args(&v["spec"]["initContainers"][1]);
+        assert!(
+            proxy.ends_with(&[
+                "--app-probe=web/livez=http:9901/healthz",
+                "--app-probe=web/readyz=tcp:8080"
+            ]),
+            "{proxy:?}"
+        );
+        // gRPC and HTTPS probes cannot be run by the sidecar: their ports stay open to the
+        // kubelet's plaintext, as before; another host's probe does not come to the pod.
+        let a = args(&v["spec"]["initContainers"][0]);
+        assert!(
+            a.contains(&"--exclude-inbound-ports=8443,9090,15020"),
+            "{a:?}"
+        );
+        assert_eq!(status(&v)["probePorts"], serde_json::json!([8443, 9090]));
+        assert_eq!(
+            v["spec"]["containers"][1]["readinessProbe"],
+            yaml("{grpc: {port: 9090}}")
         );
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert!(warnings[0].contains("\"nosuchport\""), "{warnings:?}");

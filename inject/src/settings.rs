@@ -46,6 +46,13 @@ pub fn default_image() -> String {
     format!("ghcr.io/kith-dev/kith:{VERSION}")
 }
 
+/// The capture init image of this kith release: `kith` beside `iptables` and `ip6tables`
+/// (deploy/docker/Dockerfile.init, or deploy/docker/build-init-image.sh without a registry).
+/// The `FROM scratch` kith image has no iptables, so `kith sidecar init` cannot run in it.
+pub fn default_init_image() -> String {
+    format!("ghcr.io/kith-dev/kith-init:{VERSION}")
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
     /// The sidecar's image (`kith sidecar run`).
@@ -56,8 +63,13 @@ pub struct Settings {
     pub ca_url: String,
     /// Destinations that get mTLS; others pass through.
     pub mesh_cidrs: Vec<Cidr>,
-    /// The ConfigMap (in the pod's namespace) with `bundle.pem`.
+    /// The ConfigMap (in the pod's namespace) with `bundle.pem`; used only without
+    /// `bundle_sha256`.
     pub bundle_configmap: String,
+    /// The SHA-256 of the CA's PEM bundle: each sidecar fetches the bundle from the CA at first
+    /// contact and checks it against this pin (`kith sidecar run --bundle-sha256`), so no
+    /// namespace needs a bundle ConfigMap. 64 lowercase hex digits.
+    pub bundle_sha256: Option<String>,
     /// The audience of the projected token; the CA's `--k8s-audience`.
     pub audience: String,
 }
@@ -66,12 +78,25 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             image: default_image(),
-            init_image: default_image(),
+            init_image: default_init_image(),
             ca_url: DEFAULT_CA_URL.to_owned(),
             mesh_cidrs: vec![Cidr::V4_PRIVATE_10],
             bundle_configmap: DEFAULT_BUNDLE_CONFIGMAP.to_owned(),
+            bundle_sha256: None,
             audience: DEFAULT_AUDIENCE.to_owned(),
         }
+    }
+}
+
+/// A SHA-256 pin as `kith ca bundle | sha256sum` prints it: 64 hex digits, kept lowercase.
+pub fn parse_pin(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(s.to_ascii_lowercase())
+    } else {
+        Err(format!(
+            "{s:?} is not a SHA-256 (64 hex digits: kith ca bundle | sha256sum)"
+        ))
     }
 }
 

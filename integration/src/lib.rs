@@ -13,6 +13,7 @@
 //! piece fails instead, so the lab never passes silently.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod kubelet;
 pub mod pcap;
 
 use std::net::Ipv4Addr;
@@ -661,13 +662,23 @@ impl ClusterKey {
     /// A projected token (audience `kith-ca`, 1 h) for pod `pod` of service account `ns/sa`,
     /// issued `age` ago.
     pub fn token(&self, ns: &str, sa: &str, pod: &str, age: Duration) -> String {
+        self.mint(ns, sa, pod, "kith-ca", 3600, age)
+    }
+
+    /// A projected token as the kubelet writes it for a `serviceAccountToken` volume source:
+    /// `audience`, valid `seconds` from now.
+    pub fn token_for(&self, ns: &str, sa: &str, pod: &str, audience: &str, seconds: u64) -> String {
+        self.mint(ns, sa, pod, audience, seconds, Duration::ZERO)
+    }
+
+    fn mint(&self, ns: &str, sa: &str, pod: &str, aud: &str, secs: u64, age: Duration) -> String {
         let iat = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap()
             .as_secs()
             - age.as_secs();
         let claims = json!({
-            "aud": ["kith-ca"], "exp": iat + 3600, "iat": iat, "nbf": iat, "iss": ISSUER,
+            "aud": [aud], "exp": iat + secs, "iat": iat, "nbf": iat, "iss": ISSUER,
             "sub": format!("system:serviceaccount:{ns}:{sa}"),
             "kubernetes.io": {"namespace": ns, "pod": {"name": pod, "uid": format!("uid-{pod}")},
                               "serviceaccount": {"name": sa, "uid": format!("uid-{sa}")}},

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod app_probe;
 pub mod attest;
 pub mod ca_link;
 pub mod capture;

@@ -37,14 +37,24 @@ pub enum Source {
         /// `https://host:port`.
         url: String,
         token_file: PathBuf,
-        /// The trust bundle that authenticates the CA at first contact.
-        bundle: PathBuf,
+        /// What authenticates the CA at first contact.
+        bundle: FirstContact,
     },
     /// `unix:///path` (or `tcp://ip:port`), as in SPIFFE_ENDPOINT_SOCKET.
     WorkloadApi {
         endpoint: String,
         id: Option<String>,
     },
+}
+
+/// How the sidecar authenticates the CA before it holds a bundle the CA sent it.
+#[derive(Debug, Clone)]
+pub enum FirstContact {
+    /// A trust bundle file (`--bundle`).
+    File(PathBuf),
+    /// The SHA-256 of the CA's PEM bundle (`--bundle-sha256`, as `kith agent` takes it): the
+    /// bundle is fetched from the CA and accepted only if it hashes to this pin.
+    Pin(String),
 }
 
 impl Source {
@@ -104,7 +114,10 @@ pub fn prepare(source: &Source, identity: &IdentityHandle, metrics: &SourceMetri
         } => {
             ca_link::ca_addr(url).context("--ca")?;
             read_token(token_file)?;
-            read_bundle(bundle)?;
+            match bundle {
+                FirstContact::File(path) => drop(read_bundle(path)?),
+                FirstContact::Pin(pin) => check_pin(pin)?,
+            }
         }
         Source::WorkloadApi { endpoint, .. } => {
             spiffe::transport::Endpoint::parse(endpoint).map_err(|e| {
@@ -262,6 +275,17 @@ fn read_token(path: &Path) -> Result<String> {
     Ok(token.to_owned())
 }
 
+/// A SHA-256 pin: 64 hex digits.
+pub fn check_pin(pin: &str) -> Result<()> {
+    if pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()) {
+        anyhow::bail!(
+            "--bundle-sha256 {pin:?} is not a SHA-256 (64 hex digits, the bundle_sha256 \
+             that `kith ca token create --json` prints)"
+        );
+    }
+    Ok(())
+}
+
 fn read_bundle(path: &Path) -> Result<TrustBundle> {
     TrustBundle::parse(None, &read(path)?).with_context(|| {
         format!(
@@ -276,7 +300,7 @@ fn read_bundle(path: &Path) -> Result<TrustBundle> {
 async fn from_ca(
     url: String,
     token_file: PathBuf,
-    bundle_file: PathBuf,
+    bundle_file: FirstContact,
     identity: IdentityHandle,
     metrics: Arc<SourceMetrics>,
     shutdown: CancellationToken,
@@ -332,15 +356,17 @@ fn retry_delay(backoff: Duration, current: Option<&proxy::tls::Credentials>) -> 
 async fn attest_k8s(
     url: &str,
     token_file: &Path,
-    bundle_file: &Path,
+    bundle_file: &FirstContact,
     identity: &IdentityHandle,
 ) -> Result<(SpiffeId, SystemTime)> {
     let addr = ca_link::ca_addr(url)?;
     let token = read_token(token_file)?;
-    // The CA is authenticated by the bundle we hold: the last one the CA sent, else the file.
-    let bundle = match identity.current() {
-        Some(c) => c.bundle().clone(),
-        None => read_bundle(bundle_file)?,
+    // The CA is authenticated by the bundle we hold: the last one the CA sent (so the sidecar
+    // follows the CA's bundle as it changes), else the file, else the pinned first contact.
+    let bundle = match (identity.current(), bundle_file) {
+        (Some(c), _) => c.bundle().clone(),
+        (None, FirstContact::File(path)) => read_bundle(path)?,
+        (None, FirstContact::Pin(pin)) => ca_link::first_contact(&addr, pin).await?,
     };
     let td = bundle.trust_domain().clone();
     let (key, csr) = ca_link::new_key_and_csr()?;

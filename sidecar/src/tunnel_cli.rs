@@ -34,6 +34,8 @@ use proxy::tunnel::{self, Limits, Upstream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::app_probe::AppProbes;
+use crate::source::FirstContact;
 use crate::source::{self, Source, SourceMetrics};
 use crate::tunnel_config::{self, End, Tunnel};
 use crate::workers::Workers;
@@ -64,8 +66,22 @@ struct RunArgs {
     /// --ca, what authenticates the CA at first contact
     #[arg(long, env = "KITH_SIDECAR_BUNDLE")]
     bundle: Option<PathBuf>,
+    /// With --ca instead of --bundle: the SHA-256 of the CA's PEM bundle; the sidecar fetches
+    /// the bundle from the CA at first contact and accepts it only if it matches
+    #[arg(
+        long,
+        env = "KITH_SIDECAR_BUNDLE_SHA256",
+        conflicts_with = "bundle",
+        requires = "ca"
+    )]
+    bundle_sha256: Option<String>,
     /// Identity from the CA: the pod's projected service-account token, read for every request
-    #[arg(long, env = "KITH_SIDECAR_K8S_TOKEN_FILE", requires_all = ["ca", "bundle"], conflicts_with = "workload_api")]
+    #[arg(
+        long,
+        env = "KITH_SIDECAR_K8S_TOKEN_FILE",
+        requires = "ca",
+        conflicts_with = "workload_api"
+    )]
     k8s_token_file: Option<PathBuf>,
     /// The CA's URL (with --k8s-token-file), e.g. https://kith-ca.kith-system.svc:8443
     #[arg(long, env = "KITH_SIDECAR_CA", requires = "k8s_token_file")]
@@ -190,6 +206,11 @@ struct RunArgs {
     /// [default: 2, or 1 where the process may use only one CPU]
     #[arg(long, env = "KITH_SIDECAR_WORKERS", value_parser = clap::value_parser!(u16).range(1..=256))]
     workers: Option<u16>,
+    /// An app probe the sidecar runs for the kubelet at GET /app-health/<container>/<kind>
+    /// on the admin port: `<container>/<livez|readyz|startupz>=http:<port><path>` or
+    /// `…=tcp:<port>` (repeatable; `kith inject` writes these)
+    #[arg(long = "app-probe")]
+    app_probe: Vec<String>,
     #[arg(long, env = "KITH_SIDECAR_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
 }
@@ -211,10 +232,11 @@ impl RunArgs {
             (None, None, Some(token_file), Some(url), None) => Ok(Source::Ca {
                 url: url.clone(),
                 token_file: token_file.clone(),
-                bundle: self
-                    .bundle
-                    .clone()
-                    .context("--k8s-token-file needs --bundle")?,
+                bundle: match (&self.bundle, &self.bundle_sha256) {
+                    (Some(path), None) => FirstContact::File(path.clone()),
+                    (None, Some(pin)) => FirstContact::Pin(pin.clone()),
+                    _ => bail!("--k8s-token-file needs --bundle or --bundle-sha256"),
+                },
             }),
             (None, None, None, None, Some(endpoint)) => Ok(Source::WorkloadApi {
                 endpoint: endpoint.clone(),
@@ -341,6 +363,7 @@ async fn run_sidecar(args: RunArgs) -> Result<()> {
     let policy = args.policy()?;
     let tunnels = args.tunnels(&policy)?;
     let workers = args.workers.map_or_else(default_workers, usize::from);
+    let app_probes = Arc::new(AppProbes::parse(args.app_probe.iter().map(String::as_str))?);
     let limits = Limits {
         max_connections: args.max_connections,
         max_pending_per_source: args.max_pending_per_source,
@@ -443,6 +466,7 @@ async fn run_sidecar(args: RunArgs) -> Result<()> {
         identity.clone(),
         render,
         refused,
+        app_probes,
         shutdown.clone(),
         admin_shutdown.clone(),
     ));
@@ -654,6 +678,7 @@ async fn admin_serve(
     identity: IdentityHandle,
     render: Arc<dyn Fn() -> String + Send + Sync>,
     refused: Arc<AdminRefusals>,
+    probes: Arc<AppProbes>,
     shutdown: CancellationToken,
     stop: CancellationToken,
 ) {
@@ -666,6 +691,7 @@ async fn admin_serve(
         let at = stream.local_addr().ok();
         let (identity, render, shutdown) = (identity.clone(), render.clone(), shutdown.clone());
         let refused = refused.clone();
+        let probes = probes.clone();
         let stop = stop.clone();
         tracker.spawn(async move {
             let svc =
@@ -676,7 +702,14 @@ async fn admin_serve(
                         shutdown.clone(),
                         refused.clone(),
                     );
+                    let probes = probes.clone();
                     async move {
+                        if let Some(name) = req.uri().path().strip_prefix("/app-health/") {
+                            let (status, body) = probes.check(name).await;
+                            let mut resp = Response::new(Full::new(Bytes::from(body)));
+                            *resp.status_mut() = status;
+                            return Ok::<_, Infallible>(resp);
+                        }
                         let (status, body) = match (req.method().as_str(), req.uri().path()) {
                             (_, "/live") => (StatusCode::OK, "ok\n".to_owned()),
                             (_, "/ready") if shutdown.is_cancelled() => {

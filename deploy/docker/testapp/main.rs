@@ -4,9 +4,11 @@
 //!
 //!     rustc --edition 2024 -C target-feature=+crt-static -C strip=symbols -O -o kith-testapp main.rs
 //!
-//! - `kith-testapp serve <listen> <name>`: a tiny HTTP/1.1 server; every request gets
-//!   `200` and the body `<name> got <METHOD> <path>: <request body>`, so a caller can see
-//!   which app answered and that its bytes crossed unchanged.
+//! - `kith-testapp serve <listen>[,<listen>…] <name>`: a tiny HTTP/1.1 server on each address;
+//!   every request gets `200` and the body `<name> got <METHOD> <path>: <request body>`, so a
+//!   caller can see which app answered and that its bytes crossed unchanged.
+//! - `kith-testapp pause`: does nothing until killed (the pod runner's network-namespace
+//!   holder, as a kubelet's pause container).
 //! - `kith-testapp call <addr> <METHOD> <path> [body]`: one request (`Connection: close`);
 //!   prints the status line, a blank line and the body. Exit 0 on any HTTP answer, 1 when the
 //!   connection fails or closes without one (an mTLS refusal looks like that).
@@ -28,8 +30,11 @@ fn main() -> ExitCode {
         ["serve", listen, name] => serve(listen, name),
         ["call", addr, method, path] => call(addr, method, path, ""),
         ["call", addr, method, path, body] => call(addr, method, path, body),
+        ["pause"] => loop {
+            std::thread::park();
+        },
         _ => Err(io::Error::other(
-            "usage: kith-testapp serve <listen> <name> | call <addr> <METHOD> <path> [body]",
+            "usage: kith-testapp serve <listen>[,<listen>…] <name> | call <addr> <METHOD> <path> [body] | pause",
         )),
     };
     match result {
@@ -42,7 +47,17 @@ fn main() -> ExitCode {
 }
 
 fn serve(listen: &str, name: &str) -> io::Result<()> {
-    let listener = TcpListener::bind(listen)?;
+    let (first, rest) = listen.split_once(',').unwrap_or((listen, ""));
+    if !rest.is_empty() {
+        let (rest, name) = (rest.to_owned(), name.to_owned());
+        std::thread::spawn(move || {
+            if let Err(e) = serve(&rest, &name) {
+                eprintln!("kith-testapp {name}: {rest}: {e}");
+                std::process::exit(1);
+            }
+        });
+    }
+    let listener = TcpListener::bind(first)?;
     eprintln!(
         "kith-testapp {name} listening on {}",
         listener.local_addr()?

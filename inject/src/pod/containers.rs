@@ -53,21 +53,38 @@ pub(super) fn init_container(
 
 /// `kith sidecar run` in transparent mode, as a native sidecar (an init container that keeps
 /// running), identified by the pod's projected service-account token.
-pub(super) fn proxy_container(settings: &Settings) -> Value {
+/// `extra`: the flags from the pod's own annotations (annotations.rs), already validated.
+pub(super) fn proxy_container(settings: &Settings, extra: &[String]) -> Value {
     let cidrs = join(&settings.mesh_cidrs);
     // SECURITY: the admin port listens on the pod's address because the kubelet probes /ready
     // there; `kith sidecar init` never captures it. It serves /live, /ready, /metrics and
     // POST /quitquitquit to anyone who can reach the pod (see deploy/kubernetes/README.md).
-    let args = [
+    let mut args = vec![
         "sidecar".to_owned(),
         "run".to_owned(),
         format!("--k8s-token-file={TOKEN_DIR}/{TOKEN_FILE}"),
         format!("--ca={}", settings.ca_url),
-        format!("--bundle={BUNDLE_DIR}/{BUNDLE_FILE}"),
+        match &settings.bundle_sha256 {
+            Some(pin) => format!("--bundle-sha256={pin}"),
+            None => format!("--bundle={BUNDLE_DIR}/{BUNDLE_FILE}"),
+        },
         format!("--mesh-cidr={cidrs}"),
         format!("--admin-listen=0.0.0.0:{ADMIN_PORT}"),
         "--log-format=json".to_owned(),
     ];
+    args.extend(extra.iter().cloned());
+    let mut mounts = vec![map([
+        ("name", s(TOKEN_VOLUME)),
+        ("mountPath", s(TOKEN_DIR)),
+        ("readOnly", Value::Bool(true)),
+    ])];
+    if settings.bundle_sha256.is_none() {
+        mounts.push(map([
+            ("name", s(BUNDLE_VOLUME)),
+            ("mountPath", s(BUNDLE_DIR)),
+            ("readOnly", Value::Bool(true)),
+        ]));
+    }
     let probe = |path: &str, period: u64, failures: u64| {
         map([
             (
@@ -99,21 +116,7 @@ pub(super) fn proxy_container(settings: &Settings) -> Value {
         ("startupProbe", probe("/ready", 1, 120)),
         ("readinessProbe", probe("/ready", 5, 3)),
         ("livenessProbe", probe("/live", 10, 3)),
-        (
-            "volumeMounts",
-            seq([
-                map([
-                    ("name", s(TOKEN_VOLUME)),
-                    ("mountPath", s(TOKEN_DIR)),
-                    ("readOnly", Value::Bool(true)),
-                ]),
-                map([
-                    ("name", s(BUNDLE_VOLUME)),
-                    ("mountPath", s(BUNDLE_DIR)),
-                    ("readOnly", Value::Bool(true)),
-                ]),
-            ]),
-        ),
+        ("volumeMounts", seq(mounts)),
     ])
 }
 
@@ -123,7 +126,9 @@ fn kith_command() -> Value {
     seq([s("kith")])
 }
 
-pub(super) fn volumes(settings: &Settings) -> [Value; 3] {
+/// The token, the bundle ConfigMap (unless the sidecar fetches the bundle by its pin) and the
+/// init container's tmpfs.
+pub(super) fn volumes(settings: &Settings) -> Vec<Value> {
     let token = map([(
         "serviceAccountToken",
         map([
@@ -132,23 +137,24 @@ pub(super) fn volumes(settings: &Settings) -> [Value; 3] {
             ("path", s(TOKEN_FILE)),
         ]),
     )]);
-    [
-        map([
-            ("name", s(TOKEN_VOLUME)),
-            ("projected", map([("sources", seq([token]))])),
-        ]),
-        map([
+    let mut out = vec![map([
+        ("name", s(TOKEN_VOLUME)),
+        ("projected", map([("sources", seq([token]))])),
+    ])];
+    if settings.bundle_sha256.is_none() {
+        out.push(map([
             ("name", s(BUNDLE_VOLUME)),
             ("configMap", map([("name", s(&settings.bundle_configmap))])),
-        ]),
-        map([
-            ("name", s(XTABLES_VOLUME)),
-            (
-                "emptyDir",
-                map([("medium", s("Memory")), ("sizeLimit", s("1Mi"))]),
-            ),
-        ]),
-    ]
+        ]));
+    }
+    out.push(map([
+        ("name", s(XTABLES_VOLUME)),
+        (
+            "emptyDir",
+            map([("medium", s("Memory")), ("sizeLimit", s("1Mi"))]),
+        ),
+    ]));
+    out
 }
 
 fn resources(requests: (&str, &str), limits: (&str, &str)) -> Value {
