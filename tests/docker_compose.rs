@@ -40,7 +40,7 @@ fn docker_compose() {
     let dir = tempfile::tempdir().unwrap();
 
     let t = Instant::now();
-    let kith = build_static_kith(repo);
+    let kith = integration::static_build::static_kith(repo);
     eprintln!("static kith: {} ({:?})", kith.display(), t.elapsed());
     let Some(kek) = kek_file(dir.path()) else {
         return;
@@ -475,69 +475,6 @@ fn check_eq(got: Option<u64>, want: u64) -> Result<(), String> {
 }
 
 // ---- building ----
-
-/// The static release binary, the way the README and CI build it (and the integration tests
-/// share it): a no-op when it is fresh.
-fn build_static_kith(repo: &Path) -> PathBuf {
-    let target = host_triple();
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.current_dir(repo)
-        .args(["build", "--release", "--bin", "kith", "--target", &target])
-        .arg("--message-format=json-render-diagnostics")
-        // Exactly this, so the build is shared rather than redone with other flags.
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS");
-    // What cargo set for this test process describes this package; left in, it changes
-    // the fingerprints (env! dependencies) and every crate is rebuilt, each run.
-    for (key, _) in std::env::vars() {
-        if key.starts_with("CARGO_PKG_")
-            || key.starts_with("CARGO_BIN_EXE_")
-            || [
-                "CARGO_MANIFEST_DIR",
-                "CARGO_MANIFEST_PATH",
-                "CARGO_CRATE_NAME",
-                "CARGO_PRIMARY_PACKAGE",
-                "CARGO_TARGET_TMPDIR",
-                "LD_LIBRARY_PATH",
-            ]
-            .contains(&key.as_str())
-        {
-            cmd.env_remove(key);
-        }
-    }
-    let out = run(cmd, Duration::from_secs(30 * 60));
-    assert_eq!(out.code, Some(0), "static build failed:\n{}", out.stderr);
-    let exe = out
-        .stdout
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == "kith")
-        .find_map(|v| v["executable"].as_str().map(PathBuf::from))
-        .expect("cargo names the kith executable");
-    let file = run(
-        {
-            let mut c = Command::new("file");
-            c.arg(&exe);
-            c
-        },
-        Duration::from_secs(30),
-    );
-    if file.code == Some(0) {
-        assert!(file.stdout.contains("static"), "{}", file.stdout);
-    }
-    exe
-}
-
-fn host_triple() -> String {
-    let mut cmd = Command::new("rustc");
-    cmd.arg("-vV");
-    let out = run(cmd, Duration::from_secs(30)).ok();
-    out.stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("host: "))
-        .expect("rustc -vV names the host")
-        .to_owned()
-}
 
 /// The symbols are 20 % of the binary and nothing in a container reads them.
 fn copy_stripped(from: &Path, to: &Path) {

@@ -48,7 +48,7 @@ fn kubernetes_pods() {
     let began = Instant::now();
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = tempfile::tempdir().unwrap();
-    let kith = static_kith(repo);
+    let kith = integration::static_build::static_kith(repo);
     let unique = format!(
         "{}-{:x}",
         std::process::id(),
@@ -745,46 +745,6 @@ fn build_app_image(repo: &Path, dir: &Path, tag: &str, images: &mut Images) {
     ])
     .ok()
     .unwrap();
-}
-
-/// The static release binary (as tests/docker_compose.rs builds it, so the build is shared).
-fn static_kith(repo: &Path) -> PathBuf {
-    let target = {
-        let out = Command::new("rustc").arg("-vV").output().unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .find_map(|l| l.strip_prefix("host: "))
-            .unwrap()
-            .to_owned()
-    };
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.current_dir(repo)
-        .args(["build", "--release", "--bin", "kith", "--target", &target])
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS");
-    for (key, _) in std::env::vars() {
-        if key.starts_with("CARGO_PKG_")
-            || key.starts_with("CARGO_BIN_EXE_")
-            || [
-                "CARGO_MANIFEST_DIR",
-                "CARGO_MANIFEST_PATH",
-                "CARGO_CRATE_NAME",
-                "CARGO_PRIMARY_PACKAGE",
-                "CARGO_TARGET_TMPDIR",
-                "LD_LIBRARY_PATH",
-            ]
-            .contains(&key.as_str())
-        {
-            cmd.env_remove(key);
-        }
-    }
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "static build failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    repo.join("target").join(target).join("release/kith")
 }
 
 // ---- the machine ----
