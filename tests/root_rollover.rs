@@ -166,6 +166,9 @@ fn a_mesh_carries_requests_through_a_full_root_rollover() {
 
     let socket = d.join("run/agent.sock");
     let endpoint = format!("unix://{}", socket.display());
+    // The join token from a file, never argv (where `ps` shows it).
+    let token_file = d.join("join-token");
+    std::fs::write(&token_file, join["token"].as_str().unwrap()).unwrap();
     let agent = Proc::spawn(
         d,
         "agent",
@@ -182,8 +185,8 @@ fn a_mesh_carries_requests_through_a_full_root_rollover() {
             socket.to_str().unwrap(),
             "--bundle-sha256",
             join["bundle_sha256"].as_str().unwrap(),
-            "--join-token",
-            join["token"].as_str().unwrap(),
+            "--join-token-file",
+            token_file.to_str().unwrap(),
         ],
     );
     let backend = echo_backend();
