@@ -526,12 +526,15 @@ pub struct RootRotate {
 /// The roots, their phases, what the rollover waits for, and the time to outage.
 pub fn roots<S: Store>(ca: &Ca<S>, now: SystemTime) -> serde_json::Value {
     let view = ca.authority.rollover_view();
+    let outage = ca.outage(now);
     let mut v = serde_json::to_value(view.as_ref()).unwrap_or_default();
     if let Some(map) = v.as_object_mut() {
         map.insert(
             "time_to_outage_seconds".into(),
-            (view.outage_at - unix(now)).into(),
+            (outage.at - unix(now)).into(),
         );
+        map.insert("time_to_outage_cause".into(), outage.cause.into());
+        map.insert("time_to_outage_detail".into(), outage.detail.into());
         map.insert(
             "bundle_sequence".into(),
             ca.authority.bundle().sequence().into(),
@@ -577,8 +580,14 @@ pub struct Status {
     pub signers: Vec<SignerStatus>,
     pub root_not_after: i64,
     pub root_expires_in_seconds: i64,
-    /// The earliest end of a root or signer that has no successor yet.
+    /// The earliest of: a root or signer's end with no successor, a KEK that does not open the
+    /// signer key (now), the data volume reaching its reserve.
     pub time_to_outage_seconds: i64,
+    /// `root`, `signer`, `kek` or `store_full`.
+    #[serde(default)]
+    pub time_to_outage_cause: String,
+    #[serde(default)]
+    pub time_to_outage_detail: String,
     /// The roots, their phases and what a rollover waits for (`kith ca root status`).
     #[serde(default)]
     pub rollover: serde_json::Value,
@@ -620,18 +629,22 @@ pub fn status<S: Store>(ca: &Ca<S>, now: SystemTime) -> Result<Status, ApiError>
         });
     }
     let view = ca.authority.rollover_view();
+    let disk = ca
+        .disk
+        .as_ref()
+        .and_then(|d| serde_json::to_value(d.check()).ok());
+    let outage = ca.outage(now);
     Ok(Status {
         trust_domain: ca.trust_domain().to_string(),
         signers,
         root_not_after: unix(keys.root_not_after),
         root_expires_in_seconds: secs(keys.root_not_after),
-        time_to_outage_seconds: view.outage_at - unix(now),
+        time_to_outage_seconds: outage.at - unix(now),
+        time_to_outage_cause: outage.cause.into(),
+        time_to_outage_detail: outage.detail,
         rollover: serde_json::to_value(view.as_ref()).unwrap_or_default(),
         counts: serde_json::to_value(ca.store.counts()?).unwrap_or_default(),
-        disk: ca
-            .disk
-            .as_ref()
-            .and_then(|d| serde_json::to_value(d.check()).ok()),
+        disk,
         audit_head: ca.store.audit_head()?,
     })
 }

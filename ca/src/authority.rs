@@ -174,6 +174,8 @@ pub struct RolloverView {
     pub successor_due_at: Option<i64>,
     /// The earliest end of a root or signer with no successor (unix seconds).
     pub outage_at: i64,
+    /// Which of them it is: `root` or `signer`.
+    pub outage_cause: &'static str,
     pub rollover_at: f64,
     /// Upstream mode: the upstream certificate ends within 30 days.
     pub upstream_expires_soon: bool,
@@ -857,6 +859,12 @@ impl Authority {
                     tracing::warn!("{w}");
                 }
             }
+            let outage = rollover::outage(
+                keys.root_not_after,
+                staged_end,
+                keys.active.not_after,
+                keys.next.as_ref().map(|n| n.not_after),
+            );
             RolloverView {
                 upstream_expires_soon: soon,
                 warning,
@@ -864,12 +872,8 @@ impl Authority {
                 roots: self.up.views(now, keys.root_not_after),
                 waiting,
                 successor_due_at: None,
-                outage_at: unix(rollover::outage_at(
-                    keys.root_not_after,
-                    staged_end,
-                    keys.active.not_after,
-                    keys.next.as_ref().map(|n| n.not_after),
-                )),
+                outage_at: unix(outage.0),
+                outage_cause: outage.1,
                 rollover_at: policy.rollover_at,
             }
         } else {
@@ -890,18 +894,20 @@ impl Authority {
                     phase,
                 })
                 .collect();
+            let outage = rollover::outage(
+                keys.root_not_after,
+                successor.map(|s| s.not_after),
+                keys.active.not_after,
+                keys.next.as_ref().map(|n| n.not_after),
+            );
             RolloverView {
                 mode: "self",
                 roots,
                 waiting,
                 successor_due_at: rollover::signing_root(&facts, now)
                     .map(|r| unix(rollover::successor_due_at(r, policy.rollover_at))),
-                outage_at: unix(rollover::outage_at(
-                    keys.root_not_after,
-                    successor.map(|s| s.not_after),
-                    keys.active.not_after,
-                    keys.next.as_ref().map(|n| n.not_after),
-                )),
+                outage_at: unix(outage.0),
+                outage_cause: outage.1,
                 rollover_at: policy.rollover_at,
                 upstream_expires_soon: false,
                 warning: None,

@@ -405,8 +405,10 @@ async fn run_inner(args: CaArgs) -> Result<ExitCode> {
                     secs(&v["root_expires_in_seconds"])
                 );
                 println!(
-                    "time to outage {} (the earliest end of a root or signer with no successor)",
-                    secs(&v["time_to_outage_seconds"])
+                    "time to outage {} (cause: {}: {})",
+                    secs(&v["time_to_outage_seconds"]),
+                    v["time_to_outage_cause"].as_str().unwrap_or_default(),
+                    v["time_to_outage_detail"].as_str().unwrap_or_default()
                 );
                 if let Some(line) = waiting_line(&v["rollover"]["waiting"]) {
                     println!("root rollover {line}");
@@ -730,8 +732,10 @@ fn print_roots(v: &Value) {
         println!("WARNING        {w}");
     }
     println!(
-        "time to outage {} (the earliest end of a root or signer with no successor)",
-        secs(&v["time_to_outage_seconds"])
+        "time to outage {} (cause: {}: {})",
+        secs(&v["time_to_outage_seconds"]),
+        v["time_to_outage_cause"].as_str().unwrap_or_default(),
+        v["time_to_outage_detail"].as_str().unwrap_or_default()
     );
 }
 

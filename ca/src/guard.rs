@@ -288,6 +288,34 @@ pub struct DiskReport {
     pub path: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// When free space reaches the reserve (unix seconds), estimated from how fast it shrank
+    /// over the last measurements; now when it already is below, none when it is not shrinking.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fills_at: Option<i64>,
+}
+
+/// The shortest span of measurements a fill estimate is made from.
+pub const FILL_MIN_SPAN_SECS: i64 = 60;
+/// Measurements kept for the estimate, at least `FILL_SAMPLE_EVERY_SECS` apart.
+const FILL_SAMPLES: usize = 64;
+const FILL_SAMPLE_EVERY_SECS: i64 = 30;
+
+/// When free space reaches `reserve`, from the `oldest` and `newest` measurements
+/// (unix seconds, free bytes): `newest`'s time if it already is below, a linear extrapolation
+/// if free space shrank over at least `FILL_MIN_SPAN_SECS`, otherwise none.
+pub fn fills_at(oldest: (i64, u64), newest: (i64, u64), reserve: u64) -> Option<i64> {
+    let (t1, free1) = newest;
+    if free1 < reserve {
+        return Some(t1);
+    }
+    let (t0, free0) = oldest;
+    let span = t1 - t0;
+    if span < FILL_MIN_SPAN_SECS || free1 >= free0 {
+        return None;
+    }
+    let rate = (free0 - free1) as f64 / span as f64;
+    let left = (free1 - reserve) as f64 / rate;
+    Some(t1.saturating_add(left.min(i64::MAX as f64 / 2.0) as i64))
 }
 
 /// Watches the free space of the volume that holds the database.
@@ -296,6 +324,8 @@ pub struct DiskGuard {
     min_free: MinFree,
     low: AtomicBool,
     report: Mutex<DiskReport>,
+    /// (unix seconds, free bytes), oldest first.
+    samples: Mutex<std::collections::VecDeque<(i64, u64)>>,
 }
 
 impl DiskGuard {
@@ -305,6 +335,7 @@ impl DiskGuard {
             min_free,
             low: AtomicBool::new(false),
             report: Mutex::new(DiskReport::default()),
+            samples: Mutex::new(std::collections::VecDeque::with_capacity(FILL_SAMPLES)),
         };
         guard.check();
         guard
@@ -312,7 +343,7 @@ impl DiskGuard {
 
     /// Measures the volume now (statvfs) and updates the verdict.
     pub fn check(&self) -> DiskReport {
-        let report = match nix::sys::statvfs::statvfs(&self.path) {
+        let mut report = match nix::sys::statvfs::statvfs(&self.path) {
             Ok(st) => {
                 let frag = st.fragment_size();
                 // f_bavail: what an unprivileged writer may still use, which is what the CA has.
@@ -328,6 +359,9 @@ impl DiskGuard {
                 ..Default::default()
             },
         };
+        if report.state != "unknown" {
+            report.fills_at = self.sample(report.free_bytes, report.reserve_bytes);
+        }
         self.low.store(report.state == "low", Ordering::Relaxed);
         if let Ok(mut r) = self.report.lock() {
             if r.state != report.state && report.state == "low" {
@@ -346,6 +380,23 @@ impl DiskGuard {
             *r = report.clone();
         }
         report
+    }
+
+    /// Records a measurement and estimates when the reserve is reached.
+    fn sample(&self, free: u64, reserve: u64) -> Option<i64> {
+        let now = crate::authority::unix(std::time::SystemTime::now());
+        let mut samples = self.samples.lock().ok()?;
+        if samples
+            .back()
+            .is_none_or(|(t, _)| now - t >= FILL_SAMPLE_EVERY_SECS)
+        {
+            if samples.len() == FILL_SAMPLES {
+                samples.pop_front();
+            }
+            samples.push_back((now, free));
+        }
+        let oldest = *samples.front()?;
+        fills_at(oldest, (now, free), reserve)
     }
 
     /// Whether the volume is below its reserve, as last measured.
@@ -374,12 +425,45 @@ pub fn verdict(path: &Path, free: u64, total: u64, reserve: u64) -> DiskReport {
                 reserve >> 20
             )
         }),
+        fills_at: None,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_store_fills_at_the_measured_rate() {
+        // 1 GiB lost in 100 s, 2 GiB above the reserve: 200 s more.
+        let gib = 1u64 << 30;
+        assert_eq!(
+            fills_at((1000, 5 * gib), (1100, 4 * gib), 2 * gib),
+            Some(1300)
+        );
+    }
+
+    #[test]
+    fn a_store_below_its_reserve_is_full_now() {
+        assert_eq!(fills_at((1000, 100), (1000, 10), 50), Some(1000));
+    }
+
+    #[test]
+    fn no_fill_estimate_without_shrinking_or_enough_history() {
+        assert_eq!(fills_at((1000, 500), (1100, 600), 50), None);
+        assert_eq!(fills_at((1000, 500), (1100, 500), 50), None);
+        assert_eq!(fills_at((1000, 500), (1010, 100), 50), None);
+    }
+
+    #[test]
+    fn a_guard_whose_reserve_exceeds_the_volume_reports_it_full_now() {
+        let dir = std::env::temp_dir();
+        let guard = DiskGuard::new(&dir, MinFree::Bytes(u64::MAX));
+        let r = guard.check();
+        let now = crate::authority::unix(std::time::SystemTime::now());
+        assert_eq!(r.state, "low");
+        assert!(r.fills_at.is_some_and(|t| (t - now).abs() <= 5), "{r:?}");
+    }
 
     #[test]
     fn an_excerpt_is_short_and_escapes_control_characters() {

@@ -8,6 +8,7 @@ pub mod guard;
 pub mod jwt_svid;
 pub mod k8s;
 pub mod metrics;
+pub mod outage;
 pub mod ready;
 pub mod rollover;
 pub mod seal;

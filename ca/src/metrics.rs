@@ -21,6 +21,14 @@ struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CauseLabel {
+    cause: &'static str,
+}
+
+/// Every cause `time_to_outage_cause` can name.
+pub const OUTAGE_CAUSES: [&str; 4] = ["root", "signer", "kek", "store_full"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EndpointLabel {
     endpoint: &'static str,
 }
@@ -34,6 +42,7 @@ pub struct Metrics {
     pub root_seconds_to_expiry: Gauge<i64, AtomicI64>,
     pub connections: Gauge<i64, AtomicI64>,
     pub time_to_outage: Gauge<i64, AtomicI64>,
+    time_to_outage_cause: Family<CauseLabel, Gauge<i64, AtomicI64>>,
     pub rollover_waiting: Gauge<i64, AtomicI64>,
     pub rollover_unconfirmed: Gauge<i64, AtomicI64>,
     pub bundle_roots: Gauge<i64, AtomicI64>,
@@ -95,8 +104,19 @@ impl Metrics {
         let time_to_outage = gauge(
             &mut registry,
             "time_to_outage_seconds",
-            "Seconds until the earliest end of a root or signer that has no successor",
+            "Seconds until the earliest of: a root or signer's end with no successor, a KEK that does not open the signer key (0), the data volume reaching its free-space reserve",
         );
+        let time_to_outage_cause = Family::<CauseLabel, Gauge<i64, AtomicI64>>::default();
+        registry.register(
+            "time_to_outage_cause",
+            "1 for the cause time_to_outage_seconds names, 0 for the others",
+            time_to_outage_cause.clone(),
+        );
+        for cause in OUTAGE_CAUSES {
+            time_to_outage_cause
+                .get_or_create(&CauseLabel { cause })
+                .set(0);
+        }
         let rollover_waiting = gauge(
             &mut registry,
             "root_rollover_waiting",
@@ -144,6 +164,7 @@ impl Metrics {
         Self {
             registry,
             time_to_outage,
+            time_to_outage_cause,
             rollover_waiting,
             rollover_unconfirmed,
             bundle_roots,
@@ -162,9 +183,8 @@ impl Metrics {
     }
 
     /// Updates the rollover gauges from the authority's view.
-    pub fn observe_rollover(&self, view: &crate::authority::RolloverView, now: i64) {
+    pub fn observe_rollover(&self, view: &crate::authority::RolloverView) {
         use crate::rollover::Wait;
-        self.time_to_outage.set(view.outage_at - now);
         self.rollover_waiting.set(i64::from(view.waiting.is_some()));
         self.rollover_unconfirmed.set(match &view.waiting {
             Some(Wait::Callers { callers, .. }) => callers.len() as i64,
@@ -174,6 +194,16 @@ impl Metrics {
             .set(view.roots.iter().filter(|r| r.phase.in_bundle()).count() as i64);
         self.upstream_expiring
             .set(i64::from(view.upstream_expires_soon));
+    }
+
+    /// Updates the time-to-outage gauges.
+    pub fn observe_outage(&self, outage: &crate::outage::Outage, now: i64) {
+        self.time_to_outage.set(outage.at - now);
+        for cause in OUTAGE_CAUSES {
+            self.time_to_outage_cause
+                .get_or_create(&CauseLabel { cause })
+                .set(i64::from(cause == outage.cause));
+        }
     }
 
     pub fn issued(&self, kind: &'static str) {

@@ -343,9 +343,29 @@ pub fn outage_at(
     signer_not_after: SystemTime,
     next_signer_not_after: Option<SystemTime>,
 ) -> SystemTime {
+    outage(
+        root_not_after,
+        successor_not_after,
+        signer_not_after,
+        next_signer_not_after,
+    )
+    .0
+}
+
+/// `outage_at` with its cause: `root` or `signer` (the root on a tie: it ends the signer too).
+pub fn outage(
+    root_not_after: SystemTime,
+    successor_not_after: Option<SystemTime>,
+    signer_not_after: SystemTime,
+    next_signer_not_after: Option<SystemTime>,
+) -> (SystemTime, &'static str) {
     let root = successor_not_after.unwrap_or(root_not_after);
     let signer = next_signer_not_after.unwrap_or(signer_not_after);
-    root.min(signer)
+    if root <= signer {
+        (root, "root")
+    } else {
+        (signer, "signer")
+    }
 }
 
 #[cfg(test)]
@@ -611,6 +631,9 @@ mod tests {
         assert_eq!(outage_at(t(100), None, t(50), Some(t(90))), t(90));
         assert_eq!(outage_at(t(100), None, t(50), Some(t(120))), t(100));
         assert_eq!(outage_at(t(100), Some(t(200)), t(50), Some(t(120))), t(120));
+        assert_eq!(outage(t(100), None, t(50), None), (t(50), "signer"));
+        assert_eq!(outage(t(100), None, t(50), Some(t(120))), (t(100), "root"));
+        assert_eq!(outage(t(100), None, t(100), None), (t(100), "root"));
     }
 
     #[test]

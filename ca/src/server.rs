@@ -313,8 +313,8 @@ async fn maintain(
         ca.metrics
             .root_seconds_to_expiry
             .set(unix(keys.root_not_after) - unix(now));
-        ca.metrics
-            .observe_rollover(&ca.authority.rollover_view(), unix(now));
+        ca.metrics.observe_rollover(&ca.authority.rollover_view());
+        ca.metrics.observe_outage(&ca.outage(now), unix(now));
     }
 }
 

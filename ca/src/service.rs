@@ -667,6 +667,20 @@ impl<S: Store> Ca<S> {
         err
     }
 
+    /// Time to outage and its cause (see `crate::outage`), from the rollover's view, the KEK
+    /// check and the data volume as last measured.
+    pub fn outage(&self, now: SystemTime) -> crate::outage::Outage {
+        let view = self.authority.rollover_view();
+        let kek = self.authority.check_kek(self.store.as_ref());
+        let fills_at = self.disk.as_ref().and_then(|d| d.report().fills_at);
+        crate::outage::earliest(
+            unix(now),
+            (view.outage_at, view.outage_cause),
+            &kek,
+            fills_at,
+        )
+    }
+
     /// Measures the data volume and exports what it found.
     pub fn measure_disk(&self) {
         if let Some(disk) = &self.disk {

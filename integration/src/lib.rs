@@ -202,6 +202,8 @@ pub struct Lab {
     procs: Vec<Proc>,
     cluster: ClusterKey,
     next_ip: u8,
+    /// Extra `kith ca serve` flags, kept for restarts.
+    ca_flags: Vec<String>,
 }
 
 static LABS: AtomicU32 = AtomicU32::new(0);
@@ -237,6 +239,11 @@ impl Lab {
     /// A node namespace with a bridge at 10.77.0.1/24 and the CA listening on it. Pods' SVIDs
     /// live `workload_ttl`.
     pub fn start(workload_ttl: &str) -> Lab {
+        Self::start_with(workload_ttl, &[])
+    }
+
+    /// `start` with extra `kith ca serve` flags (`--root-ttl`, …), also used on restarts.
+    pub fn start_with(workload_ttl: &str, ca_flags: &[&str]) -> Lab {
         let n = LABS.fetch_add(1, Ordering::Relaxed);
         let node = format!("kn{}x{n}", std::process::id());
         let dir = tempfile::Builder::new()
@@ -255,6 +262,7 @@ impl Lab {
             procs: Vec::new(),
             cluster,
             next_ip: 2,
+            ca_flags: ca_flags.iter().map(|f| f.to_string()).collect(),
         };
         lab.exec_node(&["ip", "link", "set", "lo", "up"]);
         lab.exec_node(&["ip", "link", "add", "br0", "type", "bridge"]);
@@ -309,6 +317,7 @@ impl Lab {
         let kith = kith_bin();
         let mut cmd = vec![kith.to_str().unwrap()];
         cmd.extend_from_slice(&args);
+        cmd.extend(self.ca_flags.iter().map(String::as_str));
         let ca = self.spawn_in(
             &self.node,
             "ca",

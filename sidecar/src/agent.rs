@@ -177,8 +177,24 @@ impl Agent {
     ) -> Result<(Arc<Self>, SnapshotRx), AgentError> {
         let addr = ca_link::ca_addr(&cfg.ca_url)?;
         let now = SystemTime::now();
-        let (svid, bundle, renew_after) = if node::exists(&cfg.data_dir) {
+        // The bundle fetched to judge a stored identity by, reused for attesting again.
+        let mut given = None;
+        let stored = if node::exists(&cfg.data_dir) {
             let stored = node::load(&cfg.data_dir)?;
+            match &cfg.join_token {
+                Some(_) => match rejoin_or_keep(&cfg, &addr, stored, &metrics, now).await? {
+                    Ok(stored) => Some(stored),
+                    Err(bundle) => {
+                        given = Some(bundle);
+                        None
+                    }
+                },
+                None => Some(stored),
+            }
+        } else {
+            None
+        };
+        let (svid, bundle, renew_after) = if let Some(stored) = stored {
             if node::expired(&stored, now) {
                 return Err(AgentError::Expired {
                     dir: cfg.data_dir.clone(),
@@ -200,7 +216,10 @@ impl Agent {
                 .ok_or_else(|| AgentError::NoIdentity {
                     dir: cfg.data_dir.clone(),
                 })?;
-            let bundle = initial_bundle(&cfg, &addr).await?;
+            let bundle = match given {
+                Some(b) => b,
+                None => initial_bundle(&cfg, &addr).await?,
+            };
             let (key, csr) = ca_link::new_key_and_csr()?;
             let answer =
                 ca_link::attest_join(&addr, Arc::new(bundle.clone()), token.as_str(), &csr).await?;
@@ -575,6 +594,58 @@ impl JwtSource for Agent {
             .to_owned();
         Ok((token, at(v["expires_at"].as_i64().unwrap_or(0))))
     }
+}
+
+/// With a join token given over a stored identity: the stored identity stays (`Ok`) while it
+/// is unexpired and chains to the bundle given for first contact (`--bundle` or
+/// `--bundle-sha256`), so a token left in the environment on every start changes nothing. It is
+/// set aside (`Err(bundle)`: attest again with the token) when it expired or chains only to roots that
+/// bundle does not hold, as after a CA was down past its root's end and made a new root
+/// (break-glass). The old files are moved to `<data dir>/replaced-<unix time>/`, not deleted.
+/// If the bundle cannot be had (the CA is down), an unexpired identity stays.
+async fn rejoin_or_keep(
+    cfg: &AgentConfig,
+    addr: &str,
+    stored: node::StoredNode,
+    metrics: &AgentMetrics,
+    now: SystemTime,
+) -> Result<Result<node::StoredNode, TrustBundle>, AgentError> {
+    let expired = node::expired(&stored, now);
+    let (reason, given) = match initial_bundle(cfg, addr).await {
+        Ok(given) => {
+            if stored.svid.id().trust_domain() != *given.trust_domain() {
+                return Err(AgentError::WrongTrustDomain {
+                    stored: stored.svid.id().trust_domain().to_string(),
+                    served: given.trust_domain().to_string(),
+                });
+            }
+            let reason = match identity::verify_x509_svid(stored.svid.chain(), &given, now) {
+                Ok(_) => return Ok(Ok(stored)),
+                Err(e) if expired => format!("it expired ({e})"),
+                Err(e) => format!("it does not chain to the given bundle: {e}"),
+            };
+            (reason, given)
+        }
+        // No bundle to judge by: keep what still works; an expired identity is refused below.
+        Err(AgentError::NoBundle) => return Ok(Ok(stored)),
+        Err(e) if !expired => {
+            tracing::warn!(error = %e, "a join token is given, but the bundle to check the stored node identity against cannot be had; keeping the stored identity");
+            return Ok(Ok(stored));
+        }
+        Err(e) => return Err(e),
+    };
+    let aside = cfg.data_dir.join(format!(
+        "replaced-{}",
+        now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
+    ));
+    node::set_aside(&cfg.data_dir, &aside)?;
+    metrics.renewal("node_rejoin", "ok");
+    tracing::warn!(
+        id = %stored.svid.id(),
+        moved_to = %aside.display(),
+        "the stored node identity is set aside ({reason}); attesting again with the join token"
+    );
+    Ok(Err(given))
 }
 
 /// The bundle for first contact: a file the operator copied, or fetched and pinned by SHA-256.

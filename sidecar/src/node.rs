@@ -93,6 +93,20 @@ pub fn save_bundle(dir: &Path, bundle: &TrustBundle) -> Result<(), NodeError> {
     write_atomic(&dir.join(BUNDLE), bundle.to_spiffe_json().as_bytes(), 0o644)
 }
 
+/// Moves the stored identity's files into `aside` (made 0700), so the agent attests again;
+/// nothing is deleted. The key moves last: while any file remains the identity counts as there.
+pub fn set_aside(dir: &Path, aside: &Path) -> Result<(), NodeError> {
+    ensure_dir(aside)?;
+    for name in [META, BUNDLE, CHAIN, KEY] {
+        let from = dir.join(name);
+        if from.exists() {
+            fs::rename(&from, aside.join(name))
+                .map_err(|error| NodeError::Write { path: from, error })?;
+        }
+    }
+    Ok(())
+}
+
 pub fn expired(node: &StoredNode, now: SystemTime) -> bool {
     node.svid.not_after() <= now
 }
