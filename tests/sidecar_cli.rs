@@ -540,7 +540,8 @@ fn tls_resumption_is_on_by_default_and_off_on_request() {
         let m = wait_metric(server.admin, handshakes, 4.0, Duration::from_secs(5));
         let n = metric(&m, resumed).unwrap_or_else(|| panic!("{resumed} in\n{m}"));
         if setting == "on" {
-            assert!(n >= 3.0, "resumption {setting}: {n} resumed\n{m}");
+            // full, resumed, resumed (the two tickets of the full handshake), full
+            assert!(n >= 2.0, "resumption {setting}: {n} resumed\n{m}");
         } else {
             assert_eq!(n, 0.0, "resumption {setting}\n{m}");
         }

@@ -117,3 +117,59 @@ async fn a_ca_down_past_its_signer_makes_a_fresh_one() {
     assert_ne!(auth.keys().active.id, first);
     assert!(auth.keys().active.not_after > later);
 }
+
+/// With the lab's short lifetimes (intermediate 60 s, SVIDs 20 s), every leaf signed on any
+/// second, maintenance ticking every 5 s, verifies under the bundle of its issuance for its
+/// whole NotBefore..NotAfter: no chain element expires before the leaf.
+#[tokio::test]
+async fn no_leaf_outlives_a_chain_element_with_short_lifetimes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), kek().audit_key()).unwrap();
+    let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    let lifetimes = Lifetimes {
+        root: Duration::from_secs(180),
+        intermediate: Duration::from_secs(60),
+        rollover: ca::rollover::Policy {
+            rollover_at: 0.5,
+            propagation: Duration::from_secs(20),
+            max_leaf_ttl: Duration::from_secs(20),
+        },
+    };
+    let auth = Authority::load_or_init(
+        &store,
+        kek(),
+        TrustDomain::new("example.org").unwrap(),
+        lifetimes,
+        None,
+        t0,
+    )
+    .await
+    .unwrap();
+    let id = SpiffeId::new("spiffe://example.org/web").unwrap();
+    let key = KeyPair::generate().unwrap();
+    for t in 0..170u64 {
+        let now = t0 + Duration::from_secs(t);
+        if t % 5 == 0 {
+            auth.rotate(&store, now).await.unwrap();
+            auth.rollover(&store, now, ca::authority::Push::None)
+                .await
+                .unwrap();
+        }
+        let issued = auth
+            .sign(&id, &key, &[], Duration::from_secs(20), now)
+            .unwrap();
+        let bundle = auth.bundle();
+        let mut at = now;
+        while at < issued.not_after {
+            if let Err(e) = verify_x509_svid(&issued.chain, &bundle, at) {
+                panic!(
+                    "leaf signed at t0+{t}s (not_after t0+{}s, signer {}) fails at t0+{}s: {e}",
+                    issued.not_after.duration_since(t0).unwrap().as_secs(),
+                    auth.keys().active.id,
+                    at.duration_since(t0).unwrap().as_secs()
+                );
+            }
+            at += Duration::from_secs(1);
+        }
+    }
+}

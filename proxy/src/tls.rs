@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{
-    ClientSessionStore, ResolvesClientCert, Resumption, Tls12ClientSessionValue,
+    ClientSessionStore, ResolvesClientCert, Resumption, TicketRequest, Tls12ClientSessionValue,
     Tls13ClientSessionValue,
 };
 use rustls::crypto::CryptoProvider;
@@ -50,8 +50,12 @@ pub const TICKET_LIFETIME: Duration = Duration::from_secs(3600);
 const CLIENT_SESSIONS: usize = 64;
 
 /// Tickets kept for each server: a burst of new connections to one peer takes one each, and
-/// every connection brings two back (about 1.6 KB each, most of it the peer's chain).
+/// every full handshake brings two back (about 1.6 KB each, most of it the peer's chain).
 const TICKETS_PER_PEER: usize = 32;
+
+/// TLS 1.3 tickets a server sends after a full handshake (none after a resumed one, when the
+/// client asks so; kith clients do).
+const TICKETS_PER_HANDSHAKE: usize = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -547,7 +551,10 @@ pub fn server_config(identity: &IdentityHandle) -> Result<Arc<ServerConfig>, Tls
         // original one; tickets die with the identity version, and `check_resumed` checks the
         // original client chain again on every resumed connection.
         config.ticketer = identity.tickets()?;
-        config.send_tls13_tickets = 2;
+        config.send_tls13_tickets = TICKETS_PER_HANDSHAKE;
+        // A kith client asks (RFC 9149 ticket_request) for no tickets on a resumed connection;
+        // honoured up to this bound.
+        config.max_tls13_tickets = TICKETS_PER_HANDSHAKE;
     } else {
         config.send_tls13_tickets = 0;
     }
@@ -596,6 +603,17 @@ fn new_client_config(
     } else {
         Resumption::disabled()
     };
+    // Tickets only from full handshakes. A ticket carries the peer chains of the handshake
+    // that made it, and rustls issues the tickets of a resumed connection with the chains of
+    // the original one: if resumed connections got tickets, one full handshake would start an
+    // endless line of resumptions, all on its chains. A ticket that reached the store just
+    // after an SVID rotation emptied it (tickets arrive after the handshake) would then keep
+    // the old SVID in use until it expired, and every resumption from then on is refused as
+    // expired. Without new tickets on resumption, each ticket is used once and the line ends.
+    config.send_ticket_request = identity.resumption.then_some(TicketRequest {
+        new_session_count: TICKETS_PER_HANDSHAKE as u8,
+        resumption_count: 0,
+    });
     Ok(Arc::new(config))
 }
 
