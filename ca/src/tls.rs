@@ -179,7 +179,7 @@ pub fn server_config(cert: Arc<ServingCert>) -> Result<Arc<ServerConfig>, rustls
         .with_cert_resolver(cert);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     // SECURITY: no resumption. A resumed session presents no certificate, so an evicted or
-    // expired client identity would live on for the ticket's lifetime (shared/PITFALLS.md).
+    // expired client identity would live on for the ticket's lifetime.
     config.send_tls13_tickets = 0;
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     Ok(Arc::new(config))

@@ -137,7 +137,7 @@ pub fn random_serial() -> Result<SerialNumber, TemplateError> {
 
 /// A self-signed root for `td`: CA:true (critical), keyCertSign + cRLSign, and the trust
 /// domain's SPIFFE ID as its URI SAN, as X509-SVID section 3.2 allows for signing certificates.
-/// No URI name constraints: rustls-webpki fails closed on them (shared/PITFALLS.md).
+/// No URI name constraints: rustls-webpki fails closed on them (every chain through such a CA fails).
 pub fn root_params(
     td: &TrustDomain,
     common_name: &str,

@@ -11,7 +11,7 @@
 //! every publish ends all sessions and the next handshake is a full one with the new SVID (all
 //! configurations built from one handle share the ticket keys and the cache); and
 //! a resumed session, which skips the verifiers, has its peer chain checked again against the
-//! current bundle and clock by [`check_resumed`] (PITFALLS.md "Resumption hides rotation").
+//! current bundle and clock by [`check_resumed`]: a resumed session shows no certificate, so rotation would be hidden.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -87,7 +87,7 @@ pub struct UnexpectedPeer {
     pub expected: String,
 }
 
-/// ring with X25519 only for key exchange (DESIGN.md defaults); TLS 1.2 is compiled out.
+/// ring with X25519 only for key exchange (the mesh default); TLS 1.2 is compiled out.
 pub fn provider() -> Arc<CryptoProvider> {
     let mut provider = rustls::crypto::ring::default_provider();
     provider.kx_groups = vec![rustls::crypto::ring::kx_group::X25519];

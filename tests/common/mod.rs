@@ -126,7 +126,7 @@ pub fn openssl(args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
-/// pkilint's known false positives on kith certificates (shared/PITFALLS.md): it accepts only
+/// pkilint's known false positives on kith certificates: it accepts only
 /// web URL schemes in URIs, and no single-label DNS names.
 const PKILINT_FALSE_POSITIVES: &[&str] =
     &["pkix.invalid_uri_syntax", "pkix.invalid_domain_name_syntax"];
