@@ -8,13 +8,22 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::agent::Agent;
 use crate::workload_api::WorkloadApiMetrics;
+
+/// At most this many admin connections at once; more are closed at accept. A scraper and a
+/// probe need a handful; the cap keeps a local flood from taking the agent's descriptors.
+pub const MAX_CONNECTIONS: usize = 64;
+/// A request's headers must arrive within this, and a connection lives at most
+/// [`MAX_CONNECTION_LIFE`]: a silent or slow client cannot hold a slot.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_CONNECTION_LIFE: Duration = Duration::from_secs(120);
 
 /// Serves the admin endpoints until `shutdown`. The Workload API's refusal and connection
 /// metrics are added to the agent's registry here, once.
@@ -26,6 +35,7 @@ pub async fn serve(
 ) {
     agent.metrics.register(|r| api.register(r));
     let tracker = TaskTracker::new();
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -37,9 +47,15 @@ pub async fn serve(
                 }
             },
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!("admin connection closed at accept: {MAX_CONNECTIONS} already open");
+            drop(stream);
+            continue;
+        };
         let agent = agent.clone();
         let api = api.clone();
         tracker.spawn(async move {
+            let _slot = slot;
             let svc =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let agent = agent.clone();
@@ -75,9 +91,11 @@ pub async fn serve(
                         Ok::<_, Infallible>(resp)
                     }
                 });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), svc);
+            let _ = tokio::time::timeout(MAX_CONNECTION_LIFE, conn).await;
         });
     }
     tracker.close();

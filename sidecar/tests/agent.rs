@@ -336,6 +336,38 @@ async fn admin_reports_readiness_and_metrics() {
         assert!(metrics.contains(want), "{want} in\n{metrics}");
     }
     assert!(metrics.ends_with("# EOF\n"));
+
+    // The admin port is capped: silent clients holding every slot do not get one more, and
+    // a slot given back serves again.
+    let mut held = Vec::new();
+    for _ in 0..sidecar::admin::MAX_CONNECTIONS {
+        held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 1];
+    let closed = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read(&mut extra, &mut buf),
+    )
+    .await
+    .expect("a connection past the cap is closed at accept");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    held.pop();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(addr).is_ok_and(|mut s| {
+                use std::io::{Read as _, Write as _};
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut out = String::new();
+                s.write_all(b"GET /live HTTP/1.0\r\nHost: x\r\n\r\n")
+                    .is_ok()
+                    && s.read_to_string(&mut out).is_ok()
+                    && out.starts_with("HTTP/1.")
+                    && out.contains(" 200 ")
+            })
+        })
+        .await
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
