@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::ca_link::{self, LinkError};
+use crate::ca_set::CaSet;
 use crate::metrics::AgentMetrics;
 use crate::node::{self, NodeError, NodeMeta};
 use crate::state::{JwtSource, Snapshot, SnapshotRx, SnapshotTx, WorkloadSvid};
@@ -56,7 +57,8 @@ pub enum AgentError {
 
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
-    pub ca_url: String,
+    /// The CA replicas (`https://host:port`; a name may resolve to several).
+    pub ca_urls: Vec<String>,
     pub bundle_file: Option<PathBuf>,
     pub bundle_sha256: Option<String>,
     pub join_token: Option<JoinToken>,
@@ -111,7 +113,7 @@ struct Node {
 
 pub struct Agent {
     cfg: AgentConfig,
-    addr: String,
+    cas: CaSet,
     td: TrustDomain,
     bundle: ArcSwap<TrustBundle>,
     node: ArcSwap<Node>,
@@ -175,14 +177,14 @@ impl Agent {
         cfg: AgentConfig,
         metrics: Arc<AgentMetrics>,
     ) -> Result<(Arc<Self>, SnapshotRx), AgentError> {
-        let addr = ca_link::ca_addr(&cfg.ca_url)?;
+        let cas = CaSet::new(&cfg.ca_urls)?;
         let now = SystemTime::now();
         // The bundle fetched to judge a stored identity by, reused for attesting again.
         let mut given = None;
         let stored = if node::exists(&cfg.data_dir) {
             let stored = node::load(&cfg.data_dir)?;
             match &cfg.join_token {
-                Some(_) => match rejoin_or_keep(&cfg, &addr, stored, &metrics, now).await? {
+                Some(_) => match rejoin_or_keep(&cfg, &cas, stored, &metrics, now).await? {
                     Ok(stored) => Some(stored),
                     Err(bundle) => {
                         given = Some(bundle);
@@ -218,11 +220,11 @@ impl Agent {
                 })?;
             let bundle = match given {
                 Some(b) => b,
-                None => initial_bundle(&cfg, &addr).await?,
+                None => initial_bundle(&cfg, &cas).await?,
             };
             let (key, csr) = ca_link::new_key_and_csr()?;
             let answer =
-                ca_link::attest_join(&addr, Arc::new(bundle.clone()), token.as_str(), &csr).await?;
+                ca_link::attest_join(&cas, Arc::new(bundle.clone()), token.as_str(), &csr).await?;
             let bundle = ca_link::bundle_of(&answer.bundle, bundle.trust_domain())?;
             let expected = SpiffeId::new(&answer.spiffe_id)
                 .map_err(|e| LinkError::BadAnswer(e.to_string()))?;
@@ -252,7 +254,7 @@ impl Agent {
             bundle: bundle.clone(),
         }));
         let agent = Arc::new(Self {
-            addr,
+            cas,
             td,
             bundle: ArcSwap::new(bundle),
             node: ArcSwap::from_pointee(Node { svid, renew_after }),
@@ -560,7 +562,7 @@ impl Agent {
         headers: &[(&str, &str)],
     ) -> Result<(u16, hyper::HeaderMap, bytes::Bytes), LinkError> {
         ca_link::call(
-            &self.addr,
+            &self.cas,
             self.bundle.load_full(),
             node,
             method,
@@ -605,13 +607,13 @@ impl JwtSource for Agent {
 /// If the bundle cannot be had (the CA is down), an unexpired identity stays.
 async fn rejoin_or_keep(
     cfg: &AgentConfig,
-    addr: &str,
+    cas: &CaSet,
     stored: node::StoredNode,
     metrics: &AgentMetrics,
     now: SystemTime,
 ) -> Result<Result<node::StoredNode, TrustBundle>, AgentError> {
     let expired = node::expired(&stored, now);
-    let (reason, given) = match initial_bundle(cfg, addr).await {
+    let (reason, given) = match initial_bundle(cfg, cas).await {
         Ok(given) => {
             if stored.svid.id().trust_domain() != *given.trust_domain() {
                 return Err(AgentError::WrongTrustDomain {
@@ -649,7 +651,7 @@ async fn rejoin_or_keep(
 }
 
 /// The bundle for first contact: a file the operator copied, or fetched and pinned by SHA-256.
-async fn initial_bundle(cfg: &AgentConfig, addr: &str) -> Result<TrustBundle, AgentError> {
+async fn initial_bundle(cfg: &AgentConfig, cas: &CaSet) -> Result<TrustBundle, AgentError> {
     if let Some(path) = &cfg.bundle_file {
         let bytes = std::fs::read(path).map_err(|e| AgentError::BadBundle {
             path: path.clone(),
@@ -661,7 +663,7 @@ async fn initial_bundle(cfg: &AgentConfig, addr: &str) -> Result<TrustBundle, Ag
         });
     }
     let pin = cfg.bundle_sha256.as_deref().ok_or(AgentError::NoBundle)?;
-    Ok(ca_link::first_contact(addr, pin).await?)
+    Ok(ca_link::first_contact(cas, pin).await?)
 }
 
 /// When to renew: the CA's hint if it falls inside the SVID's remaining life, else the usual

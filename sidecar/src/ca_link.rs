@@ -3,7 +3,7 @@
 //! the moment, so a rotated node SVID or bundle is used at once; the agent calls rarely.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use ca::client::{ClientError, Connection, client_config, fetch_bundle_pinned};
@@ -15,14 +15,13 @@ use serde::Deserialize;
 use serde_json::json;
 use zeroize::Zeroizing;
 
-/// How long one call to the CA may take before it counts as a failure.
-const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+use crate::ca_set::CaSet;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
     #[error(transparent)]
     Client(#[from] ClientError),
-    #[error("the CA did not answer within {}s", CALL_TIMEOUT.as_secs())]
+    #[error("the CA did not answer in time")]
     Timeout,
     #[error("the CA refused: {code}: {message}")]
     Refused {
@@ -96,28 +95,42 @@ pub fn ca_addr(url: &str) -> Result<String, LinkError> {
     )
 }
 
-pub async fn first_contact(addr: &str, pin: &str) -> Result<TrustBundle, LinkError> {
-    timed(fetch_bundle_pinned(addr, pin))
-        .await?
-        .map_err(LinkError::from)
+/// First contact: the CA's bundle, fetched from the first replica that answers and accepted
+/// only if it hashes to `pin`.
+pub async fn first_contact(cas: &CaSet, pin: &str) -> Result<TrustBundle, LinkError> {
+    cas.call("bundle", |addr| async move {
+        Ok(fetch_bundle_pinned(&addr, pin).await?)
+    })
+    .await
 }
 
 /// Node attestation with a join token.
+///
+/// The token is spent once across all replicas (they share one database): a replica that
+/// failed after spending it cannot hand it to another, which then refuses it as used.
 pub async fn attest_join(
-    addr: &str,
+    cas: &CaSet,
     bundle: Arc<TrustBundle>,
     token: &str,
     csr: &str,
 ) -> Result<SvidAnswer, LinkError> {
-    let mut conn = timed(Connection::open(addr, client_config(bundle, None)?)).await??;
-    let (status, v) =
-        timed(conn.post_json("/v1/attest/join", &json!({"token": token, "csr": csr}))).await??;
-    answer(status, v)
+    let config = client_config(bundle, None)?;
+    let body = json!({"token": token, "csr": csr});
+    cas.call("attest/join", |addr| {
+        let (config, body) = (config.clone(), &body);
+        async move {
+            let mut conn = Connection::open(&addr, config).await?;
+            let (status, v) = conn.post_json("/v1/attest/join", body).await?;
+            answer(status, v)
+        }
+    })
+    .await
 }
 
-/// A call over mTLS with the node's SVID.
+/// A call over mTLS with the node's SVID, to the first replica that answers; a 503 from every
+/// replica comes back as `LinkError::Refused`, other statuses as they are.
 pub async fn call(
-    addr: &str,
+    cas: &CaSet,
     bundle: Arc<TrustBundle>,
     node: &identity::Svid,
     method: Method,
@@ -132,9 +145,22 @@ pub async fn call(
             PrivateKeyDer::Pkcs8(node.key().clone_key()),
         )),
     )?;
-    let mut conn = timed(Connection::open(addr, config)).await??;
     let body = body.map(|b| b.to_string().into_bytes());
-    Ok(timed(conn.send(method, path, body, headers)).await??)
+    cas.call(path, |addr| {
+        let (config, body, method) = (config.clone(), body.clone(), method.clone());
+        async move {
+            let mut conn = Connection::open(&addr, config).await?;
+            let (status, headers, bytes) = conn.send(method, path, body, headers).await?;
+            if status == 503 {
+                return Err(refused(
+                    status,
+                    &serde_json::from_slice(&bytes).unwrap_or_default(),
+                ));
+            }
+            Ok((status, headers, bytes))
+        }
+    })
+    .await
 }
 
 pub fn answer(status: u16, v: serde_json::Value) -> Result<SvidAnswer, LinkError> {
@@ -182,18 +208,6 @@ pub fn validate(
         )));
     }
     Ok(svid)
-}
-
-async fn timed<T>(f: impl std::future::Future<Output = T>) -> Result<T, LinkError> {
-    tokio::time::timeout(CALL_TIMEOUT, f)
-        .await
-        .map_err(|_| LinkError::Timeout)
-}
-
-impl From<tokio::time::error::Elapsed> for LinkError {
-    fn from(_: tokio::time::error::Elapsed) -> Self {
-        LinkError::Timeout
-    }
 }
 
 #[cfg(test)]

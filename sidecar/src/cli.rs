@@ -33,9 +33,11 @@ enum AgentCommand {
 
 #[derive(Debug, Args)]
 struct RunArgs {
-    /// The CA, e.g. https://ca.example.org:8443
-    #[arg(long, env = "KITH_AGENT_CA")]
-    ca: String,
+    /// The CA, e.g. https://ca.example.org:8443. Repeat it (or give a comma list) for CA
+    /// replicas; a name that resolves to several addresses counts as several. Calls go to the
+    /// replica that answered last and move to the next on a failed connection, a timeout or 503
+    #[arg(long, env = "KITH_AGENT_CA", value_delimiter = ',', required = true)]
+    ca: Vec<String>,
     /// The CA's trust bundle (PEM or SPIFFE format), for first contact
     #[arg(long, env = "KITH_AGENT_BUNDLE", conflicts_with = "bundle_sha256")]
     bundle: Option<PathBuf>,
@@ -156,14 +158,14 @@ async fn run_agent(args: RunArgs) -> Result<()> {
     ca::cli::init_logging(&args.log_format);
     let token = join_token(&args)?;
     let cfg = AgentConfig {
-        ca_url: args.ca.clone(),
+        ca_urls: args.ca.clone(),
         bundle_file: args.bundle.clone(),
         bundle_sha256: args.bundle_sha256.clone(),
         join_token: token,
         data_dir: args.data_dir.clone(),
     };
     tracing::info!(
-        ca = %args.ca,
+        ca = %args.ca.join(","),
         data_dir = %args.data_dir.display(),
         socket = %args.socket.display(),
         admin = %args.admin_listen,

@@ -6,6 +6,7 @@ pub mod agent;
 pub mod app_probe;
 pub mod attest;
 pub mod ca_link;
+pub mod ca_set;
 pub mod capture;
 pub mod cli;
 pub mod docker;

@@ -22,6 +22,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::ca_link::{self, LinkError};
+use crate::ca_set::CaSet;
 
 /// First and longest wait between failed attempts.
 const BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
@@ -34,8 +35,8 @@ pub enum Source {
         bundle: PathBuf,
     },
     Ca {
-        /// `https://host:port`.
-        url: String,
+        /// `https://host:port`, one per CA replica (a name may resolve to several).
+        urls: Vec<String>,
         token_file: PathBuf,
         /// What authenticates the CA at first contact.
         bundle: FirstContact,
@@ -61,7 +62,9 @@ impl Source {
     pub fn describe(&self) -> String {
         match self {
             Source::Files { cert, .. } => format!("files ({})", cert.display()),
-            Source::Ca { url, .. } => format!("the CA at {url} (service-account token)"),
+            Source::Ca { urls, .. } => {
+                format!("the CA at {} (service-account token)", urls.join(","))
+            }
             Source::WorkloadApi { endpoint, .. } => format!("the Workload API at {endpoint}"),
         }
     }
@@ -108,11 +111,11 @@ pub fn prepare(source: &Source, identity: &IdentityHandle, metrics: &SourceMetri
             metrics.updated();
         }
         Source::Ca {
-            url,
+            urls,
             token_file,
             bundle,
         } => {
-            ca_link::ca_addr(url).context("--ca")?;
+            CaSet::new(urls).context("--ca")?;
             read_token(token_file)?;
             match bundle {
                 FirstContact::File(path) => drop(read_bundle(path)?),
@@ -148,10 +151,13 @@ pub async fn run(
             .await
         }
         Source::Ca {
-            url,
+            urls,
             token_file,
             bundle,
-        } => from_ca(url, token_file, bundle, identity, metrics, shutdown).await,
+        } => match CaSet::new(&urls) {
+            Ok(cas) => from_ca(cas, token_file, bundle, identity, metrics, shutdown).await,
+            Err(e) => tracing::error!(error = %e, "--ca: no usable CA address"),
+        },
         Source::WorkloadApi { endpoint, id } => {
             from_workload_api(endpoint, id, identity, metrics, shutdown).await
         }
@@ -298,7 +304,7 @@ fn read_bundle(path: &Path) -> Result<TrustBundle> {
 /// The Kubernetes case: exchange the projected token for the pod's SVID, then again at each
 /// `renew_after`. The token file is read for every request, because the kubelet rotates it.
 async fn from_ca(
-    url: String,
+    cas: CaSet,
     token_file: PathBuf,
     bundle_file: FirstContact,
     identity: IdentityHandle,
@@ -307,7 +313,7 @@ async fn from_ca(
 ) {
     let mut wait = BACKOFF.0;
     loop {
-        let next = match attest_k8s(&url, &token_file, &bundle_file, &identity).await {
+        let next = match attest_k8s(&cas, &token_file, &bundle_file, &identity).await {
             Ok((id, renew_at)) => {
                 metrics.updated();
                 wait = BACKOFF.0;
@@ -354,37 +360,35 @@ fn retry_delay(backoff: Duration, current: Option<&proxy::tls::Credentials>) -> 
 
 /// One exchange: returns the published ID and when to renew.
 async fn attest_k8s(
-    url: &str,
+    cas: &CaSet,
     token_file: &Path,
     bundle_file: &FirstContact,
     identity: &IdentityHandle,
 ) -> Result<(SpiffeId, SystemTime)> {
-    let addr = ca_link::ca_addr(url)?;
     let token = read_token(token_file)?;
     // The CA is authenticated by the bundle we hold: the last one the CA sent (so the sidecar
     // follows the CA's bundle as it changes), else the file, else the pinned first contact.
     let bundle = match (identity.current(), bundle_file) {
         (Some(c), _) => c.bundle().clone(),
         (None, FirstContact::File(path)) => read_bundle(path)?,
-        (None, FirstContact::Pin(pin)) => ca_link::first_contact(&addr, pin).await?,
+        (None, FirstContact::Pin(pin)) => ca_link::first_contact(cas, pin).await?,
     };
     let td = bundle.trust_domain().clone();
     let (key, csr) = ca_link::new_key_and_csr()?;
     let held = ca::client::held_roots(&bundle);
     let config = client_config(Arc::new(bundle), None).map_err(LinkError::from)?;
-    let call = async {
-        let mut conn = Connection::open(&addr, config).await?;
-        conn.post_json(
-            "/v1/attest/k8s",
-            &json!({"token": token, "csr": csr, "held_roots": held}),
-        )
-        .await
-    };
-    let (status, v) = tokio::time::timeout(Duration::from_secs(15), call)
-        .await
-        .map_err(|_| LinkError::Timeout)?
-        .map_err(LinkError::from)?;
-    let answer = ca_link::answer(status, v)?;
+    let body = json!({"token": token, "csr": csr, "held_roots": held});
+    // A 503 (a replica without its database) moves on to the next replica inside `call`.
+    let answer = cas
+        .call("attest/k8s", |addr| {
+            let (config, body) = (config.clone(), &body);
+            async move {
+                let mut conn = Connection::open(&addr, config).await?;
+                let (status, v) = conn.post_json("/v1/attest/k8s", body).await?;
+                ca_link::answer(status, v)
+            }
+        })
+        .await?;
     let id = SpiffeId::new(&answer.spiffe_id)
         .map_err(|e| LinkError::BadAnswer(format!("spiffe_id: {e}")))?;
     if !id.is_member_of(&td) {

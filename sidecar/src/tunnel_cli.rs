@@ -83,9 +83,17 @@ struct RunArgs {
         conflicts_with = "workload_api"
     )]
     k8s_token_file: Option<PathBuf>,
-    /// The CA's URL (with --k8s-token-file), e.g. https://kith-ca.kith-system.svc:8443
-    #[arg(long, env = "KITH_SIDECAR_CA", requires = "k8s_token_file")]
-    ca: Option<String>,
+    /// The CA's URL (with --k8s-token-file), e.g. https://kith-ca.kith-system.svc:8443.
+    /// Repeat it (or give a comma list) for CA replicas; a name that resolves to several
+    /// addresses counts as several. The sidecar moves to the next on a failed connection, a
+    /// timeout or 503
+    #[arg(
+        long,
+        env = "KITH_SIDECAR_CA",
+        value_delimiter = ',',
+        requires = "k8s_token_file"
+    )]
+    ca: Vec<String>,
     /// Identity from a kith agent: its Workload API socket, e.g. unix:///run/kith/agent.sock
     #[arg(long, env = "KITH_SIDECAR_WORKLOAD_API")]
     workload_api: Option<String>,
@@ -221,16 +229,16 @@ impl RunArgs {
             &self.cert,
             &self.key,
             &self.k8s_token_file,
-            &self.ca,
+            self.ca.is_empty(),
             &self.workload_api,
         ) {
-            (Some(cert), Some(key), None, None, None) => Ok(Source::Files {
+            (Some(cert), Some(key), None, true, None) => Ok(Source::Files {
                 cert: cert.clone(),
                 key: key.clone(),
                 bundle: self.bundle.clone().context("--cert needs --bundle")?,
             }),
-            (None, None, Some(token_file), Some(url), None) => Ok(Source::Ca {
-                url: url.clone(),
+            (None, None, Some(token_file), false, None) => Ok(Source::Ca {
+                urls: self.ca.clone(),
                 token_file: token_file.clone(),
                 bundle: match (&self.bundle, &self.bundle_sha256) {
                     (Some(path), None) => FirstContact::File(path.clone()),
@@ -238,7 +246,7 @@ impl RunArgs {
                     _ => bail!("--k8s-token-file needs --bundle or --bundle-sha256"),
                 },
             }),
-            (None, None, None, None, Some(endpoint)) => Ok(Source::WorkloadApi {
+            (None, None, None, true, Some(endpoint)) => Ok(Source::WorkloadApi {
                 endpoint: endpoint.clone(),
                 id: self.workload_id.clone(),
             }),

@@ -102,7 +102,7 @@ pub fn agent_config(
     pin: Option<String>,
 ) -> AgentConfig {
     AgentConfig {
-        ca_url: ca.url(),
+        ca_urls: vec![ca.url()],
         bundle_file: None,
         bundle_sha256: pin,
         join_token: token.and_then(sidecar::agent::JoinToken::new),
