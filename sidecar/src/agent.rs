@@ -2,7 +2,9 @@
 //! assigns to this node in sync, obtain and renew a workload SVID per entry, and publish each
 //! change as a new `Snapshot` for the Workload API. A CA outage costs nothing but retries:
 //! current SVIDs keep being served until they expire, failures back off from 1 s to 60 s, and
-//! everything catches up when the CA returns.
+//! everything catches up when the CA returns. Workload SVIDs are also kept in the data dir
+//! (`workload_store`), so an agent restarted during an outage serves them again while they are
+//! valid; with several CA replicas (`ca_set`), each call goes to one that answers.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -22,6 +24,7 @@ use crate::ca_set::CaSet;
 use crate::metrics::AgentMetrics;
 use crate::node::{self, NodeError, NodeMeta};
 use crate::state::{JwtSource, Snapshot, SnapshotRx, SnapshotTx, WorkloadSvid};
+use crate::workload_store;
 
 /// How often the agent asks for its entries (a conditional request, so unchanged lists cost a
 /// 304): well inside the 30 s in which a change on the CA must reach the agent.
@@ -120,6 +123,8 @@ pub struct Agent {
     snapshots: SnapshotTx,
     pub metrics: Arc<AgentMetrics>,
     ready: AtomicBool,
+    /// Workload SVIDs read back from the data dir at start, handed to the first `run`.
+    restored: std::sync::Mutex<Vec<Slot>>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -247,10 +252,34 @@ impl Agent {
             (svid, bundle, renew_after)
         };
         let td = bundle.trust_domain().clone();
+        // The workload SVIDs of the last run, served at once (before any CA answers) while
+        // they verify; the first entry list from the CA then drops any it no longer assigns.
+        let restored: Vec<Slot> = workload_store::load_all(&cfg.data_dir, &bundle, now)
+            .into_iter()
+            .map(|r| {
+                let renew_after = renew_point(r.renew_after, r.svid.not_after, now);
+                Slot {
+                    entry: Entry {
+                        id: r.svid.entry_id.clone(),
+                        spiffe_id: r.svid.spiffe_id.to_string(),
+                        selectors: r.svid.selectors.clone(),
+                    },
+                    svid: Some(Arc::new(r.svid)),
+                    renew_after,
+                    retry: Retry::new(),
+                }
+            })
+            .collect();
+        if !restored.is_empty() {
+            tracing::info!(
+                count = restored.len(),
+                "serving the workload SVIDs kept from the last run until they are renewed or expire"
+            );
+        }
         let bundle = Arc::new(bundle);
         let (tx, rx) = watch::channel(Arc::new(Snapshot {
             version: 0,
-            svids: Vec::new(),
+            svids: restored.iter().filter_map(|s| s.svid.clone()).collect(),
             bundle: bundle.clone(),
         }));
         let agent = Arc::new(Self {
@@ -261,6 +290,7 @@ impl Agent {
             snapshots: tx,
             metrics,
             ready: AtomicBool::new(false),
+            restored: std::sync::Mutex::new(restored),
             cfg,
         });
         Ok((agent, rx))
@@ -285,7 +315,12 @@ impl Agent {
         let mut entries_retry = Retry::new();
         let mut next_entries_poll = tokio::time::Instant::now();
         let mut etag: Option<String> = None;
-        let mut slots: HashMap<String, Slot> = HashMap::new();
+        let mut slots: HashMap<String, Slot> =
+            std::mem::take(&mut *self.restored.lock().unwrap_or_else(|e| e.into_inner()))
+                .into_iter()
+                .map(|s| (s.entry.id.clone(), s))
+                .collect();
+        let data_dir = self.cfg.data_dir.clone();
         let mut version = 0u64;
         let mut last_published: Option<Vec<(String, Option<SystemTime>)>> = None;
         let mut last_bundle_seq = None;
@@ -312,12 +347,19 @@ impl Agent {
                     Ok(Some((list, tag))) => {
                         entries_retry.succeeded();
                         etag = tag;
-                        slots.retain(|id, _| list.iter().any(|e| &e.id == id));
+                        slots.retain(|id, _| {
+                            let keep = list.iter().any(|e| &e.id == id);
+                            if !keep {
+                                workload_store::remove(&data_dir, id);
+                            }
+                            keep
+                        });
                         for entry in list {
                             match slots.get_mut(&entry.id) {
                                 Some(slot) if slot.entry == entry => {}
                                 Some(slot) => {
                                     // Changed selectors or ID: the old SVID no longer fits.
+                                    workload_store::remove(&data_dir, &slot.entry.id);
                                     slot.entry = entry;
                                     slot.svid = None;
                                     slot.retry = Retry::new();
@@ -363,6 +405,13 @@ impl Agent {
                 }
                 match self.issue_workload(&slot.entry, now).await {
                     Ok((svid, renew_after)) => {
+                        let hint = renew_after
+                            .duration_since(UNIX_EPOCH)
+                            .map_or(0, |d| d.as_secs() as i64);
+                        if let Err(e) = workload_store::save(&data_dir, &svid, hint) {
+                            tracing::warn!(entry = %slot.entry.id, error = %e,
+                                "cannot keep the workload SVID on disk; it is served, but not after a restart without a CA");
+                        }
                         slot.svid = Some(Arc::new(svid));
                         slot.renew_after = renew_after;
                         slot.retry.succeeded();
@@ -380,6 +429,7 @@ impl Agent {
             for slot in slots.values_mut() {
                 if slot.svid.as_ref().is_some_and(|s| s.not_after <= now) {
                     slot.svid = None;
+                    workload_store::remove(&data_dir, &slot.entry.id);
                 }
             }
             // Ready from the end of the first round; set before publishing so that whoever sees

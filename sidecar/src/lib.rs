@@ -20,3 +20,4 @@ pub mod tunnel_cli;
 pub mod tunnel_config;
 pub mod workers;
 pub mod workload_api;
+pub mod workload_store;
