@@ -791,3 +791,77 @@ fn the_two_dockerfiles_make_the_same_image() {
     assert_eq!(users[0], "FROM scratch");
     assert!(users.contains(&"USER 65532:65532".to_owned()), "{users:?}");
 }
+
+/// The two-replica variant (compose.ha.yaml over compose.yaml) is a valid compose project: two
+/// CA services on one PostgreSQL with the same KEK, the connection string only from the shell,
+/// and an agent that knows both replicas. Needs docker-compose (or `docker compose`), not the
+/// engine: PostgreSQL's image cannot be pulled here, so the variant is parsed, not run.
+#[test]
+fn ha_variant_parses_with_two_replicas_on_one_database() {
+    let Some(compose_cmd) = compose_or_skip() else {
+        return;
+    };
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let (kek, password) = (dir.path().join("kek"), dir.path().join("password"));
+    std::fs::write(&kek, "k").unwrap();
+    std::fs::write(&password, "p").unwrap();
+    let config = |store: Option<&str>, extra: &[&str]| {
+        let mut cmd = Command::new(&compose_cmd[0]);
+        cmd.args(&compose_cmd[1..])
+            .arg("-f")
+            .arg(repo.join("deploy/docker/compose.yaml"))
+            .arg("-f")
+            .arg(repo.join("deploy/docker/compose.ha.yaml"))
+            .arg("config")
+            .args(extra)
+            .env("KITH_CA_KEK_FILE", &kek)
+            .env("KITH_CA_DB_PASSWORD_FILE", &password)
+            .env_remove("KITH_CA_STORE");
+        if let Some(url) = store {
+            cmd.env("KITH_CA_STORE", url);
+        }
+        run(cmd, Duration::from_secs(60))
+    };
+    let url = "postgres://kith:secret@postgres:5432/kith?sslmode=disable";
+    let services = config(Some(url), &["--services"]).ok().stdout;
+    let mut services: Vec<&str> = services.lines().map(str::trim).collect();
+    services.sort();
+    for want in ["ca", "ca-2", "postgres", "agent"] {
+        assert!(services.contains(&want), "{want} missing: {services:?}");
+    }
+    let text = config(Some(url), &[]).ok().stdout;
+    let parsed: serde_json::Value = serde_norway::from_str(&text).unwrap();
+    let svc = &parsed["services"];
+    for ca in ["ca", "ca-2"] {
+        assert_eq!(svc[ca]["environment"]["KITH_CA_STORE"], url, "{ca}");
+        let secrets = svc[ca]["secrets"].to_string();
+        assert!(secrets.contains("kith-ca-kek"), "{ca}: {secrets}");
+        assert!(
+            svc[ca]["depends_on"]["postgres"].is_object(),
+            "{ca} waits for the database"
+        );
+    }
+    let agent = svc["agent"]["command"].to_string();
+    assert!(
+        agent.contains("--ca=https://ca:8443") && agent.contains("--ca=https://ca-2:8443"),
+        "{agent}"
+    );
+    // The password never sits in the file: without KITH_CA_STORE the project does not parse.
+    let missing = config(None, &["--services"]);
+    assert_ne!(missing.code, Some(0));
+    assert!(missing.stderr.contains("KITH_CA_STORE"), "{}", missing.stderr);
+}
+
+/// docker-compose or `docker compose`, for what needs only the compose tool.
+fn compose_or_skip() -> Option<Vec<String>> {
+    for candidate in [vec!["docker-compose"], vec!["docker", "compose"]] {
+        let mut cmd = Command::new(candidate[0]);
+        cmd.args(&candidate[1..]).arg("version");
+        if run(cmd, Duration::from_secs(30)).code == Some(0) {
+            return Some(candidate.into_iter().map(String::from).collect());
+        }
+    }
+    skip_or_fail("neither docker-compose nor `docker compose` is installed");
+    None
+}
