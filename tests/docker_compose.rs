@@ -850,7 +850,11 @@ fn ha_variant_parses_with_two_replicas_on_one_database() {
     // The password never sits in the file: without KITH_CA_STORE the project does not parse.
     let missing = config(None, &["--services"]);
     assert_ne!(missing.code, Some(0));
-    assert!(missing.stderr.contains("KITH_CA_STORE"), "{}", missing.stderr);
+    assert!(
+        missing.stderr.contains("KITH_CA_STORE"),
+        "{}",
+        missing.stderr
+    );
 }
 
 /// docker-compose or `docker compose`, for what needs only the compose tool.

@@ -62,6 +62,8 @@ pub enum AgentError {
 pub struct AgentConfig {
     /// The CA replicas (`https://host:port`; a name may resolve to several).
     pub ca_urls: Vec<String>,
+    /// How long one attempt at one CA replica may take before the next is tried.
+    pub ca_timeout: Duration,
     pub bundle_file: Option<PathBuf>,
     pub bundle_sha256: Option<String>,
     pub join_token: Option<JoinToken>,
@@ -182,7 +184,7 @@ impl Agent {
         cfg: AgentConfig,
         metrics: Arc<AgentMetrics>,
     ) -> Result<(Arc<Self>, SnapshotRx), AgentError> {
-        let cas = CaSet::new(&cfg.ca_urls)?;
+        let cas = CaSet::new(&cfg.ca_urls)?.with_attempt_timeout(cfg.ca_timeout);
         let now = SystemTime::now();
         // The bundle fetched to judge a stored identity by, reused for attesting again.
         let mut given = None;

@@ -38,6 +38,10 @@ struct RunArgs {
     /// replica that answered last and move to the next on a failed connection, a timeout or 503
     #[arg(long, env = "KITH_AGENT_CA", value_delimiter = ',', required = true)]
     ca: Vec<String>,
+    /// How long one attempt at one CA replica may take (connect, TLS, answer) before the same
+    /// call goes to the next replica
+    #[arg(long, env = "KITH_AGENT_CA_TIMEOUT", default_value = "15s", value_parser = parse_ca_timeout)]
+    ca_timeout: Duration,
     /// The CA's trust bundle (PEM or SPIFFE format), for first contact
     #[arg(long, env = "KITH_AGENT_BUNDLE", conflicts_with = "bundle_sha256")]
     bundle: Option<PathBuf>,
@@ -126,6 +130,16 @@ pub fn run(args: AgentArgs) -> ExitCode {
     }
 }
 
+/// 1 s to 5 min: shorter cannot finish a TLS handshake on a busy host, longer hides a dead
+/// replica for longer than a short SVID lives.
+fn parse_ca_timeout(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_secs(1) || d > Duration::from_secs(300) {
+        return Err(format!("{s} is not between 1s and 5m"));
+    }
+    Ok(d)
+}
+
 /// Where the join token may come from, in the order they are looked at.
 pub const JOIN_TOKEN_ENV: [&str; 2] = ["KITH_JOIN_TOKEN", "KITH_AGENT_JOIN_TOKEN"];
 
@@ -159,6 +173,7 @@ async fn run_agent(args: RunArgs) -> Result<()> {
     let token = join_token(&args)?;
     let cfg = AgentConfig {
         ca_urls: args.ca.clone(),
+        ca_timeout: args.ca_timeout,
         bundle_file: args.bundle.clone(),
         bundle_sha256: args.bundle_sha256.clone(),
         join_token: token,
@@ -166,6 +181,7 @@ async fn run_agent(args: RunArgs) -> Result<()> {
     };
     tracing::info!(
         ca = %args.ca.join(","),
+        ca_timeout = ?args.ca_timeout,
         data_dir = %args.data_dir.display(),
         socket = %args.socket.display(),
         admin = %args.admin_listen,

@@ -239,6 +239,7 @@ async fn an_svid_whose_entry_was_withdrawn_is_not_served_after_a_restart() {
 fn agent_config_for(ca_url: &str, data: &Path) -> AgentConfig {
     AgentConfig {
         ca_urls: vec![ca_url.to_owned()],
+        ca_timeout: sidecar::ca_set::ATTEMPT_TIMEOUT,
         bundle_file: None,
         bundle_sha256: None,
         join_token: None,

@@ -103,6 +103,7 @@ pub fn agent_config(
 ) -> AgentConfig {
     AgentConfig {
         ca_urls: vec![ca.url()],
+        ca_timeout: sidecar::ca_set::ATTEMPT_TIMEOUT,
         bundle_file: None,
         bundle_sha256: pin,
         join_token: token.and_then(sidecar::agent::JoinToken::new),
