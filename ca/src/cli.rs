@@ -417,6 +417,35 @@ async fn run_inner(args: CaArgs) -> Result<ExitCode> {
                     println!("WARNING       {w}");
                 }
                 println!("counts        {}", v["counts"]);
+                if let Some(st) = v["store"].as_object() {
+                    let kind = st.get("kind").and_then(Value::as_str).unwrap_or("unknown");
+                    let health = match st.get("healthy").and_then(Value::as_bool) {
+                        Some(true) => "healthy".to_owned(),
+                        Some(false) => format!(
+                            "UNREACHABLE ({})",
+                            st.get("error").and_then(Value::as_str).unwrap_or_default()
+                        ),
+                        None => "unknown".to_owned(),
+                    };
+                    match st.get("target").and_then(Value::as_str) {
+                        Some(t) => println!(
+                            "store         {kind} {t}, {health}, this replica {}",
+                            st.get("replica")
+                                .and_then(Value::as_str)
+                                .unwrap_or_default()
+                        ),
+                        None => println!("store         {kind}, {health}"),
+                    }
+                }
+                for l in v["replicas"].as_array().cloned().unwrap_or_default() {
+                    println!(
+                        "lease         {} held by {} on {} since {}",
+                        l["name"].as_str().unwrap_or_default(),
+                        l["replica"].as_str().unwrap_or_default(),
+                        l["host"].as_str().unwrap_or_default(),
+                        l["since"]
+                    );
+                }
                 if let Some(h) = v["audit_head"].as_object() {
                     println!(
                         "audit head    {}:{}",

@@ -618,7 +618,7 @@ impl Store for SqliteStore {
         rx.await.map_err(|_| StoreError::WriterGone)?
     }
 
-    fn ca_keys(&self) -> Result<Vec<CaKeyRecord>, StoreError> {
+    async fn ca_keys(&self) -> Result<Vec<CaKeyRecord>, StoreError> {
         self.read(|c| {
             let mut stmt = c
                 .prepare(
@@ -657,7 +657,7 @@ impl Store for SqliteStore {
         })
     }
 
-    fn token(&self, id: &str) -> Result<Option<JoinToken>, StoreError> {
+    async fn token(&self, id: &str) -> Result<Option<JoinToken>, StoreError> {
         self.read(|c| {
             c.prepare_cached(
                 "SELECT hash, id, name, created_at, expires_at, used_at, revoked_at FROM join_tokens WHERE id = ?1",
@@ -669,7 +669,7 @@ impl Store for SqliteStore {
         })
     }
 
-    fn certificate(&self, serial: &[u8]) -> Result<Option<CertRecord>, StoreError> {
+    async fn certificate(&self, serial: &[u8]) -> Result<Option<CertRecord>, StoreError> {
         self.read(|c| {
             c.prepare_cached("SELECT spiffe_id, kind, parent FROM certificates WHERE serial = ?1")
                 .map_err(db)?
@@ -685,7 +685,7 @@ impl Store for SqliteStore {
         })
     }
 
-    fn tokens(&self) -> Result<Vec<JoinToken>, StoreError> {
+    async fn tokens(&self) -> Result<Vec<JoinToken>, StoreError> {
         self.read(|c| {
             let mut stmt = c
                 .prepare(
@@ -697,7 +697,7 @@ impl Store for SqliteStore {
         })
     }
 
-    fn entries(&self) -> Result<Vec<Entry>, StoreError> {
+    async fn entries(&self) -> Result<Vec<Entry>, StoreError> {
         self.read(|c| {
             let mut stmt = c
                 .prepare("SELECT id, spiffe_id, parent_id, selectors, ttl, dns, created_at FROM entries ORDER BY created_at, id")
@@ -721,7 +721,7 @@ impl Store for SqliteStore {
         })
     }
 
-    fn nodes(&self) -> Result<Vec<Node>, StoreError> {
+    async fn nodes(&self) -> Result<Vec<Node>, StoreError> {
         self.read(|c| {
             let mut stmt = c
                 .prepare("SELECT spiffe_id, name, attested_at, last_issued_at, evicted_at FROM nodes ORDER BY spiffe_id")
@@ -741,19 +741,19 @@ impl Store for SqliteStore {
         })
     }
 
-    fn audit(&self, after_seq: i64, limit: i64) -> Result<Vec<AuditRow>, StoreError> {
+    async fn audit(&self, after_seq: i64, limit: i64) -> Result<Vec<AuditRow>, StoreError> {
         self.read(|c| audit_rows(c, after_seq, limit))
     }
 
-    fn verify_audit(&self, expect: Option<&AuditHead>) -> Result<AuditVerdict, StoreError> {
+    async fn verify_audit(&self, expect: Option<&AuditHead>) -> Result<AuditVerdict, StoreError> {
         self.read(|c| verify_audit(c, &self.key, expect))
     }
 
-    fn audit_head(&self) -> Result<Option<AuditHead>, StoreError> {
+    async fn audit_head(&self) -> Result<Option<AuditHead>, StoreError> {
         self.read(audit_head)
     }
 
-    fn audit_has(&self, action: &str, subject: &str) -> Result<bool, StoreError> {
+    async fn audit_has(&self, action: &str, subject: &str) -> Result<bool, StoreError> {
         self.read(|c| {
             c.query_row(
                 "SELECT EXISTS (SELECT 1 FROM audit WHERE action = ?1 AND subject = ?2)",
@@ -764,7 +764,7 @@ impl Store for SqliteStore {
         })
     }
 
-    fn counts(&self) -> Result<Counts, StoreError> {
+    async fn counts(&self) -> Result<Counts, StoreError> {
         self.read(|c| {
             let one = |sql: &str| c.query_row(sql, [], |r| r.get::<_, i64>(0)).map_err(db);
             Ok(Counts {
