@@ -98,6 +98,28 @@ enum CaCommand {
         #[command(flatten)]
         target: Target,
     },
+    /// The CA's database
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum StoreCommand {
+    /// Copy a stopped SQLite CA (--data-dir) into an empty PostgreSQL database: keys (still
+    /// sealed), tokens, entries, nodes, certificates and the audit chain as is; then verify the
+    /// copy. Start the replicas with --store and the same KEK afterwards
+    Migrate {
+        /// The PostgreSQL connection string
+        #[arg(long, value_name = "postgres://…")]
+        to: String,
+        /// The CA's key-encryption key file (or KITH_CA_KEK, else <data-dir>.kek)
+        #[arg(long, env = "KITH_CA_KEK_FILE")]
+        kek_file: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -528,6 +550,21 @@ async fn run_inner(args: CaArgs) -> Result<ExitCode> {
                 &v
             };
             print_roots(view);
+            Ok(ExitCode::SUCCESS)
+        }
+        CaCommand::Store {
+            command: StoreCommand::Migrate { to, kek_file },
+            target,
+        } => {
+            if !crate::store::postgres::is_url(&to) {
+                anyhow::bail!("--to must be a postgres:// connection string");
+            }
+            let (kek, _) = crate::seal::Kek::find(
+                kek_file.as_deref(),
+                crate::config::kek_from_env().as_deref(),
+                &target.data_dir,
+            )?;
+            crate::migrate::to_postgres(&target.data_dir, &kek, &to).await?;
             Ok(ExitCode::SUCCESS)
         }
         CaCommand::Audit { command, target } => match command {

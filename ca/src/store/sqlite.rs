@@ -971,3 +971,128 @@ fn unix_now() -> i64 {
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
 }
+
+/// Everything a CA keeps, as stored, for `kith ca store migrate`.
+pub struct Export {
+    pub ca_keys: Vec<CaKeyRecord>,
+    pub tokens: Vec<JoinToken>,
+    pub entries: Vec<Entry>,
+    pub nodes: Vec<Node>,
+    /// serial, SPIFFE ID, kind, not-after, issued-at, parent.
+    pub certificates: Vec<(Vec<u8>, String, String, i64, i64, Option<String>)>,
+    /// seq, the event (detail unset), detail as its stored JSON text, previous MAC, MAC.
+    pub audit: Vec<(i64, AuditEvent, String, Vec<u8>, Vec<u8>)>,
+}
+
+impl ReadOnly {
+    /// Reads every row of every table, unchanged (the audit rows byte for byte).
+    pub fn export(&self) -> Result<Export, StoreError> {
+        let c = &self.conn;
+        let mut stmt = c
+            .prepare(
+                "SELECT id, kind, cert_der, sealed_key, not_before, not_after, activate_at, created_at
+                 FROM ca_keys ORDER BY created_at, id",
+            )
+            .map_err(db)?;
+        let mut ca_keys = Vec::new();
+        let mut rows = stmt.query([]).map_err(db)?;
+        while let Some(r) = rows.next().map_err(db)? {
+            let id: String = r.get(0).map_err(db)?;
+            let kind: String = r.get(1).map_err(db)?;
+            ca_keys.push(CaKeyRecord {
+                kind: parse_kind(&kind).ok_or_else(|| StoreError::Corrupt {
+                    table: "ca_keys",
+                    detail: format!("key {id} has unknown kind {kind:?}"),
+                })?,
+                id,
+                cert_der: r.get(2).map_err(db)?,
+                sealed_key: r.get(3).map_err(db)?,
+                not_before: r.get(4).map_err(db)?,
+                not_after: r.get(5).map_err(db)?,
+                activate_at: r.get(6).map_err(db)?,
+                created_at: r.get(7).map_err(db)?,
+            });
+        }
+        let tokens = c
+            .prepare(
+                "SELECT hash, id, name, created_at, expires_at, used_at, revoked_at FROM join_tokens ORDER BY created_at, id",
+            )
+            .map_err(db)?
+            .query_map([], token_row)
+            .map_err(db)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db)?;
+        let entries = c
+            .prepare("SELECT id, spiffe_id, parent_id, selectors, ttl, dns, created_at FROM entries ORDER BY created_at, id")
+            .map_err(db)?
+            .query_map([], |r| {
+                let selectors: String = r.get(3)?;
+                let dns: String = r.get(5)?;
+                Ok(Entry {
+                    id: r.get(0)?,
+                    spiffe_id: r.get(1)?,
+                    parent_id: r.get(2)?,
+                    selectors: serde_json::from_str(&selectors).unwrap_or_default(),
+                    ttl: r.get::<_, Option<i64>>(4)?.map(|t| t.max(0) as u64),
+                    dns: serde_json::from_str(&dns).unwrap_or_default(),
+                    created_at: r.get(6)?,
+                })
+            })
+            .map_err(db)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db)?;
+        let nodes = c
+            .prepare("SELECT spiffe_id, name, attested_at, last_issued_at, evicted_at FROM nodes ORDER BY spiffe_id")
+            .map_err(db)?
+            .query_map([], |r| {
+                Ok(Node {
+                    spiffe_id: r.get(0)?,
+                    name: r.get(1)?,
+                    attested_at: r.get(2)?,
+                    last_issued_at: r.get(3)?,
+                    evicted_at: r.get(4)?,
+                })
+            })
+            .map_err(db)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db)?;
+        let certificates = c
+            .prepare("SELECT serial, spiffe_id, kind, not_after, issued_at, parent FROM certificates ORDER BY issued_at")
+            .map_err(db)?
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+            })
+            .map_err(db)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db)?;
+        let audit = c
+            .prepare("SELECT seq, at, action, subject, outcome, detail, prev_hash, hash FROM audit ORDER BY seq")
+            .map_err(db)?
+            .query_map([], |r| {
+                Ok((
+                    r.get(0)?,
+                    AuditEvent {
+                        at: r.get(1)?,
+                        action: r.get(2)?,
+                        subject: r.get(3)?,
+                        outcome: r.get(4)?,
+                        detail: serde_json::Value::Null,
+                    },
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get(7)?,
+                ))
+            })
+            .map_err(db)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db)?;
+        Ok(Export {
+            ca_keys,
+            tokens,
+            entries,
+            nodes,
+            certificates,
+            audit,
+        })
+    }
+}
