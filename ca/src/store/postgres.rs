@@ -153,7 +153,18 @@ fn db(e: tokio_postgres::Error) -> StoreError {
 }
 
 fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
-    StoreError::Db(format!("cannot reach the database: {e}"))
+    // The causes say what went wrong (refused, a certificate not trusted, a bad password).
+    let mut msg = format!("cannot reach the database: {e}");
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        cause = c.source();
+    }
+    StoreError::Db(msg)
 }
 
 /// Whether `s` is a PostgreSQL connection string (`postgres://` or `postgresql://`).
