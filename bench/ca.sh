@@ -8,7 +8,8 @@
 # Environment: ROUNDS (3), DURATION (20s), WARMUP (3s), CONNECTIONS (16), QUICK, SAVE,
 # CFSSL_LOGLEVEL (2 = warnings; cfssl's default 1 logs three lines per issuance),
 # QUIET_WAIT (seconds to wait for other work on the machine to stop before each round, 120),
-# KEEP=1 (keep the temp dir with logs and databases). See bench/README.md.
+# KEEP=1 (keep the temp dir with logs and databases), PG_ROWS (1: also kith on PostgreSQL, one
+# replica and two sharing one database; 0: skip). See bench/README.md.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -50,8 +51,12 @@ LOAD=$TARGET_DIR/release/ca-load
 
 WORK=$(mktemp -d /tmp/kith-bench-ca.XXXXXX)
 PIDS=()
+PG_STOP=()
 cleanup() {
     local pid
+    if ((${#PG_STOP[@]} > 0)); then
+        (cd "$PGDIR" && "${PG_STOP[@]}" >/dev/null 2>&1) || true
+    fi
     for pid in "${PIDS[@]}"; do
         kill "$pid" 2>/dev/null || true
     done
@@ -179,6 +184,72 @@ python3 -c 'import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute("PR
     "$KDIR/data/kith-ca.db"
 KDB_AFTER=$(db_bytes "$KDIR/data")
 
+# ---- (b2) kith on PostgreSQL: one replica, then two replicas sharing one database ---------
+# A throwaway cluster (Debian's postgresql), durable like the SQLite store (fsync and
+# synchronous_commit on), as the postgres user (PostgreSQL refuses to run as root).
+PG_ROWS=${PG_ROWS:-1}
+PGBIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
+if [[ $PG_ROWS == 1 && -x $PGBIN/initdb ]]; then
+    PGDIR=$WORK/pg
+    mkdir -p "$PGDIR"
+    as_pg=()
+    if [[ $(id -u) == 0 ]]; then
+        # The server user must reach its directory inside the private work dir.
+        chmod 711 "$WORK"
+        chown postgres: "$PGDIR"
+        as_pg=(runuser -u postgres --)
+    fi
+    PGPORT=$(free_port)
+    (cd "$PGDIR" && "${as_pg[@]}" "$PGBIN/initdb" -D "$PGDIR/data" -U postgres -A trust >/dev/null)
+    (cd "$PGDIR" && "${as_pg[@]}" "$PGBIN/pg_ctl" -D "$PGDIR/data" -l "$PGDIR/server.log" -w \
+        -o "-p $PGPORT -k $PGDIR -c listen_addresses=127.0.0.1 -c max_connections=100" start >/dev/null)
+    PG_STOP=("${as_pg[@]}" "$PGBIN/pg_ctl" -D "$PGDIR/data" -m fast -w stop)
+
+    # Runs ROUNDS rounds against REPLICAS replicas on database DB; the series is NAME.
+    kith_pg_series() { # name db replicas
+        local name=$1 db=$2 n=$3 i r line addrs="" pids="" dirs=() url
+        "$PGBIN/psql" -X -q -h "$PGDIR" -p "$PGPORT" -U postgres -c "CREATE DATABASE $db" postgres
+        url="postgres://postgres@127.0.0.1:$PGPORT/$db?sslmode=disable"
+        for i in $(seq 1 "$n"); do
+            local dir=$WORK/$name-$i port mport pid
+            mkdir -p "$dir"
+            port=$(free_port)
+            mport=$(free_port)
+            "$KITH" ca serve --data-dir "$dir/data" --listen "127.0.0.1:$port" --store "$url" \
+                --metrics-listen "127.0.0.1:$mport" --trust-domain "$TD" >"$dir/ca.log" 2>&1 &
+            pid=$!
+            PIDS+=("$pid")
+            wait_tcp 127.0.0.1 "$port" "kith ca ($name $i)"
+            addrs+="${addrs:+,}127.0.0.1:$port"
+            pids+="${pids:+,}$pid"
+            dirs+=("$dir")
+        done
+        "$KITH" ca bundle --data-dir "${dirs[0]}/data" >"${dirs[0]}/bundle.pem"
+        "$KITH" ca entry create --id "$WORKLOAD_ID" --parent "spiffe://$TD/kith/node/bench" \
+            --selector unix:uid:0 --data-dir "${dirs[0]}/data" >/dev/null
+        # Replicas pick up entries made on another within 2 s.
+        sleep 3
+        for r in $(seq 1 "$ROUNDS"); do
+            TOKEN=$("$KITH" ca token create --name bench --data-dir "${dirs[0]}/data" --json | jq -r .token)
+            wait_quiet
+            log "$name round $r/$ROUNDS ($n replica(s): $addrs)"
+            line=$("$LOAD" --target kith --series "$name" --addr "$addrs" \
+                --bundle "${dirs[0]}/bundle.pem" --token "$TOKEN" --id "$WORKLOAD_ID" \
+                --connections "$CONNECTIONS" --duration "$DURATION" --warmup "$WARMUP" \
+                --server-pid "$pids" --label "round $r")
+            echo "$line" | tee -a "$RESULTS" >&2
+        done
+        "$KITH" ca audit verify --data-dir "${dirs[0]}/data" >&2
+        for pid in ${pids//,/ }; do stop "$pid"; done
+    }
+    kith_pg_series kith-pg bench1 1
+    kith_pg_series kith-pg2 bench2 2
+    (cd "$PGDIR" && "${PG_STOP[@]}" >/dev/null)
+    PG_STOP=()
+else
+    log "skipping the PostgreSQL rows (PG_ROWS=$PG_ROWS, server binaries: ${PGBIN:-none})"
+fi
+
 # ---- (c) cfssl ---------------------------------------------------------------------------
 CDIR=$WORK/cfssl
 mkdir -p "$CDIR"
@@ -228,6 +299,7 @@ jq -rs \
       client: (map((.client_cpu_s // 0) / .duration_s) | mean),
       other: (map(.other_busy_cores // 0) | max), inline: (map(.csr_inline) | add) };
   (summary("kith")) as $k | (summary("cfssl")) as $c |
+  (summary("kith-pg")) as $p1 | (summary("kith-pg2")) as $p2 |
   (1 / (1 / $sign + 1 / $verify)) as $core |
   (1e6 / $sign + 1e6 / $verify) as $cryptous |
   "## CA issuance: kith vs cfssl\n",
@@ -247,6 +319,16 @@ jq -rs \
   "| load generator CPU, cores | \($k.client | r2) | \($c.client | r2) | |",
   "| server peak RSS, MB | \($krss / 1024 | r1) | \($crss / 1024 | r1) | |",
   "",
+  (if (map(select(.target == "kith-pg")) | length) > 0 then
+    "By store (same run; PostgreSQL 15 on the same 2 cores, fsync and synchronous_commit on; server CPU counts the CA processes, not PostgreSQL):\n",
+    "| store | replicas | issued/s (mean) | p50 ms | p99 ms | errors | issued/s vs cfssl | p99 < 20 ms |",
+    "|---|---:|---:|---:|---:|---:|---:|---|",
+    "| SQLite (embedded) | 1 | \($k.rate | r1) | \($k.p50) | \($k.p99) | \($k.errors) | \($k.rate / $c.rate | r2)x | \(if $k.p99 < 20 then "yes" else "NO" end) |",
+    "| PostgreSQL | 1 | \($p1.rate | r1) | \($p1.p50) | \($p1.p99) | \($p1.errors) | \($p1.rate / $c.rate | r2)x | \(if $p1.p99 < 20 then "yes" else "NO" end) |",
+    "| PostgreSQL, load split over both | 2 | \($p2.rate | r1) | \($p2.p50) | \($p2.p99) | \($p2.errors) | **\($p2.rate / $c.rate | r2)x** | \(if $p2.p99 < 20 then "yes" else "NO" end) |",
+    "| cfssl (plain HTTP, stores nothing) | 1 | \($c.rate | r1) | \($c.p50) | \($c.p99) | \($c.errors) | 1x | \(if $c.p99 < 20 then "yes" else "NO" end) |",
+    ""
+  else empty end),
   "Crypto limit (\($ossl), `openssl speed -seconds 3 ecdsap256`, one core): sign \($sign | r1)/s, verify \($verify | r1)/s.",
   "One issuance costs about one verify (the CSR) and one sign (the certificate): \($cryptous | r1) us of crypto, so \($core | r1)/s per core, \($ncpu * $core | r1)/s on \($ncpu) cores with nothing else running (no TLS, no HTTP, no client).",
   "kith reached **\(100 * $k.rate / ($ncpu * $core) | r1) %** of that \($ncpu)-core crypto limit (cfssl \(100 * $c.rate / ($ncpu * $core) | r1) %); kith spent \($k.cpu | r1) us of server CPU per issuance, \($k.cpu / $cryptous | r2)x the crypto cost.",

@@ -189,8 +189,8 @@ async fn handle<S: Store>(
     let now = SystemTime::now();
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     match (method.as_str(), segments.as_slice()) {
-        ("GET", ["status"]) => Ok(json_response(StatusCode::OK, &status(ca, now)?)),
-        ("GET", ["roots"]) => Ok(json_response(StatusCode::OK, &roots(ca, now))),
+        ("GET", ["status"]) => Ok(json_response(StatusCode::OK, &status(ca, now).await?)),
+        ("GET", ["roots"]) => Ok(json_response(StatusCode::OK, &roots(ca, now).await)),
         ("POST", ["upstream", "replace"]) => {
             let body: UpstreamReplace = read_json(req).await?;
             Ok(json_response(
@@ -219,7 +219,7 @@ async fn handle<S: Store>(
             let created = create_token(ca, ctx, &body, now).await?;
             Ok(json_response(StatusCode::CREATED, &created))
         }
-        ("GET", ["tokens"]) => Ok(json_response(StatusCode::OK, &ca.store.tokens()?)),
+        ("GET", ["tokens"]) => Ok(json_response(StatusCode::OK, &ca.store.tokens().await?)),
         ("DELETE", ["tokens", id]) => {
             let audit = event("token.revoke", id, json!({}), now);
             match ca
@@ -244,9 +244,9 @@ async fn handle<S: Store>(
             let entry = create_entry(ca, body, now).await?;
             Ok(json_response(StatusCode::CREATED, &entry))
         }
-        ("GET", ["entries"]) => Ok(json_response(StatusCode::OK, &ca.store.entries()?)),
+        ("GET", ["entries"]) => Ok(json_response(StatusCode::OK, &ca.store.entries().await?)),
         ("GET", ["entries", id]) => {
-            let entry = ca.store.entries()?.into_iter().find(|e| e.id == *id);
+            let entry = ca.store.entries().await?.into_iter().find(|e| e.id == *id);
             entry
                 .map(|e| json_response(StatusCode::OK, &e))
                 .ok_or_else(|| ApiError::new(404, "not_found", format!("no entry {id}")))
@@ -262,13 +262,13 @@ async fn handle<S: Store>(
                 .await?
             {
                 Outcome::Done => {
-                    ca.reload()?;
+                    ca.reload().await?;
                     Ok(json_response(StatusCode::OK, &json!({"deleted": id})))
                 }
                 _ => Err(ApiError::new(404, "not_found", format!("no entry {id}"))),
             }
         }
-        ("GET", ["nodes"]) => Ok(json_response(StatusCode::OK, &ca.store.nodes()?)),
+        ("GET", ["nodes"]) => Ok(json_response(StatusCode::OK, &ca.store.nodes().await?)),
         ("POST", ["nodes", "evict"]) => {
             let body: NodeEvict = read_json(req).await?;
             let id = parse_id(&body.spiffe_id)?;
@@ -283,7 +283,7 @@ async fn handle<S: Store>(
                 .await?
             {
                 Outcome::Done => {
-                    ca.reload()?;
+                    ca.reload().await?;
                     Ok(json_response(StatusCode::OK, &json!({"evicted": id})))
                 }
                 _ => Err(ApiError::new(
@@ -300,10 +300,13 @@ async fn handle<S: Store>(
                     .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
                     .and_then(|v| v.parse::<i64>().ok())
             };
-            let rows = ca.store.audit(
-                param("after").unwrap_or(0),
-                param("limit").unwrap_or(100).clamp(1, 10_000),
-            )?;
+            let rows = ca
+                .store
+                .audit(
+                    param("after").unwrap_or(0),
+                    param("limit").unwrap_or(100).clamp(1, 10_000),
+                )
+                .await?;
             Ok(json_response(StatusCode::OK, &rows))
         }
         ("GET", ["audit", "verify"]) => {
@@ -317,10 +320,10 @@ async fn handle<S: Store>(
                 .transpose()?;
             Ok(json_response(
                 StatusCode::OK,
-                &ca.store.verify_audit(expect.as_ref())?,
+                &ca.store.verify_audit(expect.as_ref()).await?,
             ))
         }
-        ("GET", ["audit", "head"]) => match ca.store.audit_head()? {
+        ("GET", ["audit", "head"]) => match ca.store.audit_head().await? {
             Some(head) => Ok(json_response(StatusCode::OK, &head)),
             None => Err(ApiError::new(
                 404,
@@ -464,7 +467,7 @@ async fn create_entry<S: Store>(
     ca.store
         .write(Write::PutEntry(entry.clone(), audit))
         .await?;
-    ca.reload()?;
+    ca.reload().await?;
     Ok(entry)
 }
 
@@ -512,7 +515,7 @@ async fn replace_upstream<S: Store>(
         .rollover(ca.store.as_ref(), now, crate::authority::Push::None)
         .await
         .map_err(ApiError::from)?;
-    Ok(json!({"outcome": "published", "root": id, "roots": roots(ca, now)}))
+    Ok(json!({"outcome": "published", "root": id, "roots": roots(ca, now).await}))
 }
 
 #[derive(Deserialize)]
@@ -524,9 +527,9 @@ pub struct RootRotate {
 }
 
 /// The roots, their phases, what the rollover waits for, and the time to outage.
-pub fn roots<S: Store>(ca: &Ca<S>, now: SystemTime) -> serde_json::Value {
+pub async fn roots<S: Store>(ca: &Ca<S>, now: SystemTime) -> serde_json::Value {
     let view = ca.authority.rollover_view();
-    let outage = ca.outage(now);
+    let outage = ca.outage(now).await;
     let mut v = serde_json::to_value(view.as_ref()).unwrap_or_default();
     if let Some(map) = v.as_object_mut() {
         map.insert(
@@ -571,7 +574,7 @@ async fn rotate_root<S: Store>(
         RolloverOutcome::Waiting => ("waiting", None, false),
         _ => ("nothing", None, false),
     };
-    Ok(json!({"outcome": what, "root": root, "forced": forced, "roots": roots(ca, now)}))
+    Ok(json!({"outcome": what, "root": root, "forced": forced, "roots": roots(ca, now).await}))
 }
 
 #[derive(Serialize, Deserialize)]
@@ -598,6 +601,13 @@ pub struct Status {
     /// The newest audit row, to keep somewhere else for `audit verify --expect-head`.
     #[serde(default)]
     pub audit_head: Option<AuditHead>,
+    /// What the store is (`sqlite` or `postgres`), whether it answers, and for PostgreSQL
+    /// this replica's id and its connection pool.
+    #[serde(default)]
+    pub store: serde_json::Value,
+    /// The replicas holding a lease (PostgreSQL): the one that prepares keys.
+    #[serde(default)]
+    pub replicas: Vec<crate::store::Lease>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -609,7 +619,7 @@ pub struct SignerStatus {
     pub activate_at: i64,
 }
 
-pub fn status<S: Store>(ca: &Ca<S>, now: SystemTime) -> Result<Status, ApiError> {
+pub async fn status<S: Store>(ca: &Ca<S>, now: SystemTime) -> Result<Status, ApiError> {
     let keys = ca.authority.keys();
     let secs = |t: SystemTime| unix(t) - unix(now);
     let mut signers = vec![SignerStatus {
@@ -633,7 +643,24 @@ pub fn status<S: Store>(ca: &Ca<S>, now: SystemTime) -> Result<Status, ApiError>
         .disk
         .as_ref()
         .and_then(|d| serde_json::to_value(d.check()).ok());
-    let outage = ca.outage(now);
+    let outage = ca.outage(now).await;
+    // A store that does not answer is reported, not an error: status is how to find out.
+    let mut store = ca.store.describe();
+    let (counts, audit_head, replicas) = match ca.store.counts().await {
+        Ok(c) => {
+            store["healthy"] = true.into();
+            (
+                serde_json::to_value(c).unwrap_or_default(),
+                ca.store.audit_head().await.ok().flatten(),
+                ca.store.leases().await.unwrap_or_default(),
+            )
+        }
+        Err(e) => {
+            store["healthy"] = false.into();
+            store["error"] = e.to_string().into();
+            (serde_json::Value::Null, None, Vec::new())
+        }
+    };
     Ok(Status {
         trust_domain: ca.trust_domain().to_string(),
         signers,
@@ -643,9 +670,11 @@ pub fn status<S: Store>(ca: &Ca<S>, now: SystemTime) -> Result<Status, ApiError>
         time_to_outage_cause: outage.cause.into(),
         time_to_outage_detail: outage.detail,
         rollover: serde_json::to_value(view.as_ref()).unwrap_or_default(),
-        counts: serde_json::to_value(ca.store.counts()?).unwrap_or_default(),
+        counts,
         disk,
-        audit_head: ca.store.audit_head()?,
+        audit_head,
+        store,
+        replicas,
     })
 }
 

@@ -258,11 +258,11 @@ impl Authority {
         now: SystemTime,
     ) -> Result<Self, AuthorityError> {
         // Old-format sealed keys are sealed again, bound to their certificates, first.
-        prepare_records(store, &kek, store.ca_keys()?, now).await?;
+        prepare_records(store, &kek, store.ca_keys().await?, now).await?;
         let is_upstream = upstream.is_some();
         // A replacement imported by `kith ca upstream replace` wins over older flag files.
         let (upstream, staged, retiring) =
-            upstream::at_start(store, &kek, upstream, lifetimes.rollover.max_leaf_ttl, now)?;
+            upstream::at_start(store, &kek, upstream, lifetimes.rollover.max_leaf_ttl, now).await?;
         let (root_issuer, anchors, upstream_chain, root_not_after, root_subject) = match upstream {
             Some(up) => {
                 let subject = up.chain.first().and_then(|c| subject_of(c));
@@ -271,7 +271,7 @@ impl Authority {
             }
             None => {
                 let signing_root = signing_root_at_start(store, &kek, &td, &lifetimes, now).await?;
-                let records = store.ca_keys()?;
+                let records = store.ca_keys().await?;
                 // The bundle: the successor published before it signs, the signing root, and
                 // replaced roots until their last leaf expired.
                 let anchors = bundle_anchors(&records, now, &lifetimes.rollover);
@@ -288,7 +288,7 @@ impl Authority {
                 )
             }
         };
-        let records = prepare_records(store, &kek, store.ca_keys()?, now).await?;
+        let records = prepare_records(store, &kek, store.ca_keys().await?, now).await?;
 
         let live = |kind: KeyKind| -> Vec<CaKeyRecord> {
             let mut v: Vec<CaKeyRecord> = records
@@ -365,7 +365,8 @@ impl Authority {
             jwt_published.push((jwt.signer.authority(), jwt.signer.not_after()));
         }
         let sequence = (store
-            .ca_keys()?
+            .ca_keys()
+            .await?
             .iter()
             .filter(|r| r.kind != KeyKind::Intermediate)
             .count() as u64)
@@ -409,8 +410,11 @@ impl Authority {
             Some(_) => true,
             None => {
                 !is_upstream
-                    && rollover::pending_successor(&facts_of(&root_records(&store.ca_keys()?)), now)
-                        .is_some()
+                    && rollover::pending_successor(
+                        &facts_of(&root_records(&store.ca_keys().await?)),
+                        now,
+                    )
+                    .is_some()
             }
         };
         let reports = Reports::default();
@@ -438,14 +442,72 @@ impl Authority {
     pub fn keys(&self) -> Arc<KeySet> {
         self.current.load_full()
     }
+    /// Replicas on a shared store: adopts what another replica prepared, activated or switched
+    /// (intermediate, JWT key, root), by loading the key set from the store as a start would.
+    /// The caller runs it when the stored keys changed. Not in upstream mode, where the
+    /// upstream certificate comes from each replica's own files.
+    pub async fn refresh<S: Store>(
+        &self,
+        store: &S,
+        now: SystemTime,
+    ) -> Result<bool, AuthorityError> {
+        if self.upstream {
+            return Ok(false);
+        }
+        let _step = self.steps.lock().await;
+        let fresh = Self::load_or_init(
+            store,
+            self.kek.clone(),
+            self.td.clone(),
+            self.lifetimes.clone(),
+            None,
+            now,
+        )
+        .await?;
+        let (old, new) = (self.keys(), fresh.keys());
+        let ids = |k: &KeySet| {
+            (
+                k.active.id.clone(),
+                k.next.as_ref().map(|n| n.id.clone()),
+                k.jwt.signer.key_id().to_owned(),
+                k.jwt_next.as_ref().map(|n| n.signer.key_id().to_owned()),
+                k.root_not_after,
+                k.jwt_published.len(),
+            )
+        };
+        let changed = ids(&old) != ids(&new)
+            || self.roots.load().anchors.len() != fresh.roots.load().anchors.len();
+        if changed {
+            // The bundle's sequence only grows, also across a refresh.
+            let keys = KeySet {
+                active: new.active.clone(),
+                next: new.next.clone(),
+                jwt: new.jwt.clone(),
+                jwt_next: new.jwt_next.clone(),
+                jwt_published: new.jwt_published.clone(),
+                sequence: new.sequence.max(old.sequence + 1),
+                bundle: new.bundle.clone(),
+                root_not_after: new.root_not_after,
+            };
+            self.roots.store(fresh.roots.load_full());
+            self.current.store(Arc::new(with_bundle(
+                keys,
+                &self.td,
+                &self.roots.load().anchors,
+            )?));
+            self.reports.collect(fresh.reports.collecting());
+        }
+        Ok(changed)
+    }
 
     /// Unseals the active signer's key as stored, with the key-encryption key this process
     /// holds, and checks it is the key being signed with: proves the KEK still opens what the
     /// database holds (a replaced KEK, or a database sealed under another one, fails here).
-    pub fn check_kek(&self, store: &impl Store) -> Result<(), String> {
+    pub async fn check_kek(&self, store: &impl Store) -> Result<(), String> {
         let keys = self.keys();
         let record = store
             .ca_keys()
+            .await
             .map_err(|e| format!("cannot read the CA keys: {e}"))?
             .into_iter()
             .find(|r| r.id == keys.active.id)
@@ -644,7 +706,8 @@ impl Authority {
         let pending = if self.upstream {
             self.up.staged_not_after().is_some()
         } else {
-            rollover::pending_successor(&facts_of(&root_records(&store.ca_keys()?)), now).is_some()
+            rollover::pending_successor(&facts_of(&root_records(&store.ca_keys().await?)), now)
+                .is_some()
         };
         self.reports.collect(pending);
         if self.upstream {
@@ -652,7 +715,7 @@ impl Authority {
         } else {
             let policy = &self.lifetimes.rollover;
             let lag = |since: SystemTime, h: &[u8; 32]| self.reports.laggards(since, now, h);
-            let records = root_records(&store.ca_keys()?);
+            let records = root_records(&store.ca_keys().await?);
             let facts = facts_of(&records);
             let mut step = rollover::next_step(&facts, now, policy, self.observed_since, lag);
             if push != Push::None && step == Step::Nothing {
@@ -664,13 +727,15 @@ impl Authority {
                 tracing::info!(root = %rec.id, not_after = rec.not_after, "root rollover: published a successor root in the bundle");
                 self.reports.collect(true);
                 outcome = RolloverOutcome::Published(rec.id);
-                let records = root_records(&store.ca_keys()?);
+                let records = root_records(&store.ca_keys().await?);
                 let facts = facts_of(&records);
                 step = rollover::next_step(&facts, now, policy, self.observed_since, lag);
             }
             if push == Push::Now
-                && let Some(s) =
-                    rollover::pending_successor(&facts_of(&root_records(&store.ca_keys()?)), now)
+                && let Some(s) = rollover::pending_successor(
+                    &facts_of(&root_records(&store.ca_keys().await?)),
+                    now,
+                )
             {
                 let unconfirmed = self.reports.laggards(self.observed_since, now, &s.sha256);
                 step = Step::Switch {
@@ -702,7 +767,7 @@ impl Authority {
             }
             // The bundle follows the phases: a published successor joins, a retired root
             // leaves.
-            let records = store.ca_keys()?;
+            let records = store.ca_keys().await?;
             let anchors = bundle_anchors(&records, now, policy);
             let current = self.roots.load_full();
             if anchors != current.anchors {
@@ -733,7 +798,7 @@ impl Authority {
                 }
             }
         }
-        self.update_view(store, now, waiting)?;
+        self.update_view(store, now, waiting).await?;
         Ok(outcome)
     }
 
@@ -771,7 +836,7 @@ impl Authority {
         unconfirmed: &[String],
         now: SystemTime,
     ) -> Result<(), AuthorityError> {
-        let records = root_records(&store.ca_keys()?);
+        let records = root_records(&store.ca_keys().await?);
         let rec = records
             .iter()
             .find(|r| r.id == successor)
@@ -831,7 +896,7 @@ impl Authority {
         Ok(())
     }
 
-    fn update_view<S: Store>(
+    async fn update_view<S: Store>(
         &self,
         store: &S,
         now: SystemTime,
@@ -877,7 +942,7 @@ impl Authority {
                 rollover_at: policy.rollover_at,
             }
         } else {
-            let records = root_records(&store.ca_keys()?);
+            let records = root_records(&store.ca_keys().await?);
             let facts = facts_of(&records);
             let phases = rollover::phases(&facts, now, policy.max_leaf_ttl);
             let successor = rollover::pending_successor(&facts, now);
@@ -1177,7 +1242,7 @@ async fn signing_root_at_start<S: Store>(
     lifetimes: &Lifetimes,
     now: SystemTime,
 ) -> Result<CaKeyRecord, AuthorityError> {
-    let records = root_records(&store.ca_keys()?);
+    let records = root_records(&store.ca_keys().await?);
     let facts = facts_of(&records);
     let by_id = |id: &str| records.iter().find(|r| r.id == id).cloned();
     let signing = rollover::signing_root(&facts, now);
@@ -1380,7 +1445,7 @@ async fn prepare_records<S: Store>(
             (r.not_before, r.not_after) = (nb, na);
         }
         if Kek::is_legacy(&r.sealed_key) {
-            if store.audit_has(RESEAL, &r.id)? {
+            if store.audit_has(RESEAL, &r.id).await? {
                 return Err(AuthorityError::OldSealRestored { id: r.id });
             }
             let der = open_sealed(kek, &r)?;

@@ -98,6 +98,28 @@ enum CaCommand {
         #[command(flatten)]
         target: Target,
     },
+    /// The CA's database
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum StoreCommand {
+    /// Copy a stopped SQLite CA (--data-dir) into an empty PostgreSQL database: keys (still
+    /// sealed), tokens, entries, nodes, certificates and the audit chain as is; then verify the
+    /// copy. Start the replicas with --store and the same KEK afterwards
+    Migrate {
+        /// The PostgreSQL connection string
+        #[arg(long, value_name = "postgres://…")]
+        to: String,
+        /// The CA's key-encryption key file (or KITH_CA_KEK, else <data-dir>.kek)
+        #[arg(long, env = "KITH_CA_KEK_FILE")]
+        kek_file: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -417,6 +439,35 @@ async fn run_inner(args: CaArgs) -> Result<ExitCode> {
                     println!("WARNING       {w}");
                 }
                 println!("counts        {}", v["counts"]);
+                if let Some(st) = v["store"].as_object() {
+                    let kind = st.get("kind").and_then(Value::as_str).unwrap_or("unknown");
+                    let health = match st.get("healthy").and_then(Value::as_bool) {
+                        Some(true) => "healthy".to_owned(),
+                        Some(false) => format!(
+                            "UNREACHABLE ({})",
+                            st.get("error").and_then(Value::as_str).unwrap_or_default()
+                        ),
+                        None => "unknown".to_owned(),
+                    };
+                    match st.get("target").and_then(Value::as_str) {
+                        Some(t) => println!(
+                            "store         {kind} {t}, {health}, this replica {}",
+                            st.get("replica")
+                                .and_then(Value::as_str)
+                                .unwrap_or_default()
+                        ),
+                        None => println!("store         {kind}, {health}"),
+                    }
+                }
+                for l in v["replicas"].as_array().cloned().unwrap_or_default() {
+                    println!(
+                        "lease         {} held by {} on {} since {}",
+                        l["name"].as_str().unwrap_or_default(),
+                        l["replica"].as_str().unwrap_or_default(),
+                        l["host"].as_str().unwrap_or_default(),
+                        l["since"]
+                    );
+                }
                 if let Some(h) = v["audit_head"].as_object() {
                     println!(
                         "audit head    {}:{}",
@@ -499,6 +550,21 @@ async fn run_inner(args: CaArgs) -> Result<ExitCode> {
                 &v
             };
             print_roots(view);
+            Ok(ExitCode::SUCCESS)
+        }
+        CaCommand::Store {
+            command: StoreCommand::Migrate { to, kek_file },
+            target,
+        } => {
+            if !crate::store::postgres::is_url(&to) {
+                anyhow::bail!("--to must be a postgres:// connection string");
+            }
+            let (kek, _) = crate::seal::Kek::find(
+                kek_file.as_deref(),
+                crate::config::kek_from_env().as_deref(),
+                &target.data_dir,
+            )?;
+            crate::migrate::to_postgres(&target.data_dir, &kek, &to).await?;
             Ok(ExitCode::SUCCESS)
         }
         CaCommand::Audit { command, target } => match command {

@@ -109,6 +109,12 @@ pub struct ServeArgs {
     /// 503 disk_low [default: auto]
     #[arg(long, env = "KITH_CA_MIN_FREE_DISK", value_parser = MinFree::parse)]
     pub min_free_disk: Option<MinFree>,
+    /// Where the CA keeps its state: `sqlite` (the file kith-ca.db in --data-dir) or a
+    /// PostgreSQL connection string (`postgres://user@host1,host2/db?sslmode=verify-full&
+    /// sslrootcert=FILE&target_session_attrs=read-write`) shared by several replicas, which
+    /// must all use the same KEK [default: sqlite]
+    #[arg(long, env = "KITH_CA_STORE")]
+    pub store: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -143,6 +149,7 @@ struct FileConfig {
     log_format: Option<String>,
     request_timeout: Option<String>,
     min_free_disk: Option<String>,
+    store: Option<String>,
 }
 
 /// The effective configuration. `Serialize` is what is logged at start: no secret is in it
@@ -166,6 +173,11 @@ pub struct Config {
     pub kek_file: Option<PathBuf>,
     #[serde(skip)]
     pub kek: Option<String>,
+    /// The PostgreSQL connection string (None: SQLite in the data dir). Not logged: it may
+    /// hold a password; `store_target` is its redacted form.
+    #[serde(skip)]
+    pub store: Option<String>,
+    pub store_target: String,
     pub metrics_listen: SocketAddr,
     pub admin_socket: PathBuf,
     pub upstream_cert: Option<PathBuf>,
@@ -279,6 +291,19 @@ impl Config {
         if intermediate_ttl < Duration::from_secs(60) || intermediate_ttl > root_ttl {
             bail!("--intermediate-ttl must be at least 1m and no longer than --root-ttl");
         }
+        let store = match args.store.or(file.store) {
+            None => None,
+            Some(s) if s == "sqlite" => None,
+            Some(s) if crate::store::postgres::is_url(&s) => Some(s),
+            Some(s) => bail!(
+                "--store {:?} is neither `sqlite` nor a postgres:// connection string",
+                crate::store::postgres::redact(&s)
+            ),
+        };
+        let store_target = match &store {
+            Some(url) => crate::store::postgres::redact(url),
+            None => format!("sqlite:{}", data_dir.join("kith-ca.db").display()),
+        };
         let admin_socket = args
             .admin_socket
             .or(file.admin_socket)
@@ -346,6 +371,8 @@ impl Config {
             root_ttl,
             root_rollover_at,
             kek_file: args.kek_file.or(file.kek_file),
+            store,
+            store_target,
             kek: kek_from_env(),
             metrics_listen: args
                 .metrics_listen

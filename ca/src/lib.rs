@@ -23,5 +23,6 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod listen;
+pub mod migrate;
 pub mod server;
 pub mod tls;

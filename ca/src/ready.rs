@@ -71,7 +71,10 @@ pub async fn check<S: Store>(ca: &Ca<S>, now: SystemTime) -> Readiness {
         Ok(())
     };
     checks.push(named("root", root));
-    checks.push(named("kek", ca.authority.check_kek(ca.store.as_ref())));
+    checks.push(named(
+        "kek",
+        ca.authority.check_kek(ca.store.as_ref()).await,
+    ));
     if let Some(k8s) = &ca.k8s {
         checks.push(named("k8s_jwks", k8s.freshness(now)));
     }

@@ -294,6 +294,11 @@ impl Reports {
         }
     }
 
+    /// Whether reports are being recorded (a successor is published).
+    pub fn collecting(&self) -> bool {
+        self.collecting.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn note(&self, caller: &str, report: Report) {
         if !self.collecting.load(std::sync::atomic::Ordering::Relaxed) {
             return;

@@ -66,6 +66,7 @@ pub enum KekSource {
     Existing(PathBuf),
 }
 
+#[derive(Clone)]
 pub struct Kek {
     key: LessSafeKey,
     audit: AuditKey,

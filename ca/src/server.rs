@@ -29,6 +29,9 @@ use crate::listen::{Activity, LogLimit, Watched};
 use crate::metrics::Metrics;
 use crate::seal::{Kek, KekSource};
 use crate::service::{Ca, Policy};
+use crate::store::Store;
+use crate::store::any::AnyStore;
+use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;
 use crate::tls::{ServingCert, server_config};
 
@@ -46,7 +49,7 @@ pub struct Listeners {
 
 /// A running CA, for tests and embedding.
 pub struct Running {
-    pub ca: Arc<Ca<SqliteStore>>,
+    pub ca: Arc<Ca<AnyStore>>,
     pub tasks: TaskTracker,
 }
 
@@ -76,9 +79,25 @@ pub async fn start(
         KekSource::File(p) => tracing::info!(kek = %p.display(), "key-encryption key from file"),
         KekSource::Env => tracing::info!("key-encryption key from KITH_CA_KEK"),
     }
-    let store = Arc::new(
-        SqliteStore::open(&cfg.data_dir, kek.audit_key()).context("opening the CA database")?,
-    );
+    let store = Arc::new(match &cfg.store {
+        None => AnyStore::Sqlite(
+            SqliteStore::open(&cfg.data_dir, kek.audit_key()).context("opening the CA database")?,
+        ),
+        Some(url) => {
+            let replica = replica_id();
+            let pg = PgStore::open(url, kek.audit_key(), &replica)
+                .await
+                .with_context(|| format!("opening the CA store {}", cfg.store_target))?;
+            tracing::info!(store = %cfg.store_target, replica = %replica, "CA store on PostgreSQL");
+            AnyStore::Postgres(pg)
+        }
+    });
+    // Replicas starting together on an empty database take turns: exactly one creates the
+    // root and the first keys.
+    let startup = match store.as_ref() {
+        AnyStore::Postgres(pg) => Some(pg.startup_lock().await.context("start lock")?),
+        AnyStore::Sqlite(_) => None,
+    };
     let upstream = match (&cfg.upstream_cert, &cfg.upstream_key) {
         (Some(c), Some(k)) => {
             let chain = identity::pem::certificates(
@@ -120,13 +139,14 @@ pub async fn start(
         .rollover(store.as_ref(), now, Push::None)
         .await
         .context("root rollover at start")?;
+    drop(startup);
     let metrics = Arc::new(Metrics::new());
     let policy = Policy {
         workload_ttl: cfg.workload_ttl,
         node_ttl: cfg.node_ttl,
         max_ttl: cfg.workload_ttl.max(cfg.node_ttl),
     };
-    let mut ca = Ca::new(store, authority.clone(), policy, metrics.clone())?;
+    let mut ca = Ca::new(store, authority.clone(), policy, metrics.clone()).await?;
     ca.k8s = k8s_verifier(cfg, &shutdown).await?;
     let disk = Arc::new(DiskGuard::new(&cfg.data_dir, cfg.min_free_disk));
     ca.disk = Some(disk.clone());
@@ -261,30 +281,63 @@ async fn k8s_verifier(
 /// Rotates the signer when due, renews the CA's own certificate, and keeps the expiry gauges
 /// current.
 async fn maintain(
-    ca: Arc<Ca<SqliteStore>>,
+    ca: Arc<Ca<AnyStore>>,
     serving: Arc<ServingCert>,
     dns: Vec<String>,
     shutdown: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    let mut tick = tokio::time::interval(if ca.store.shared() {
+        MAINTAIN_EVERY
+    } else {
+        Duration::from_secs(5)
+    });
     let mut serving_signer = ca.authority.keys().active.id.clone();
+    let mut seen_keys = None;
+    let mut leading = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
         let now = SystemTime::now();
-        match ca.authority.rotate(ca.store.as_ref(), now).await {
-            Ok(Rotation::Nothing) => {}
-            Ok(r) => tracing::info!(step = ?r, "signer rotation"),
-            Err(e) => tracing::error!(error = %e, "signer rotation failed; will retry"),
+        // Replicas: exactly one (the holder of the `keys` lease) prepares signers, JWT keys
+        // and roots; every replica adopts what is in the store when it changed, and rebuilds
+        // its entry and node caches (admin verbs may have run on another replica).
+        let lead = if ca.store.shared() {
+            follow(&ca, &mut seen_keys, now).await;
+            match ca
+                .store
+                .try_lease(KEYS_LEASE, LEASE_TTL.as_secs() as i64)
+                .await
+            {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot renew the keys lease; not preparing keys");
+                    false
+                }
+            }
+        } else {
+            true
+        };
+        if leading != Some(lead) {
+            if ca.store.shared() {
+                tracing::info!(lease = KEYS_LEASE, held = lead, "replica lease");
+            }
+            leading = Some(lead);
         }
-        if let Err(e) = ca
-            .authority
-            .rollover(ca.store.as_ref(), now, Push::None)
-            .await
-        {
-            tracing::error!(error = %e, "root rollover step failed; will retry");
+        if lead {
+            match ca.authority.rotate(ca.store.as_ref(), now).await {
+                Ok(Rotation::Nothing) => {}
+                Ok(r) => tracing::info!(step = ?r, "signer rotation"),
+                Err(e) => tracing::error!(error = %e, "signer rotation failed; will retry"),
+            }
+            if let Err(e) = ca
+                .authority
+                .rollover(ca.store.as_ref(), now, Push::None)
+                .await
+            {
+                tracing::error!(error = %e, "root rollover step failed; will retry");
+            }
         }
         // A new signer (a rotation, a root switch here or by `kith ca root rotate --now`) signs
         // the CA's own certificate too, before the old root can leave the bundle.
@@ -314,14 +367,56 @@ async fn maintain(
             .root_seconds_to_expiry
             .set(unix(keys.root_not_after) - unix(now));
         ca.metrics.observe_rollover(&ca.authority.rollover_view());
-        ca.metrics.observe_outage(&ca.outage(now), unix(now));
+        ca.metrics.observe_outage(&ca.outage(now).await, unix(now));
+    }
+}
+
+/// How often the maintenance loop runs: replicas pick up each other's keys within it.
+const MAINTAIN_EVERY: Duration = Duration::from_secs(2);
+/// The lease of the replica that prepares keys and runs the rollover.
+pub const KEYS_LEASE: &str = "keys";
+/// A lease not renewed for this long passes to another replica.
+const LEASE_TTL: Duration = Duration::from_secs(15);
+
+/// A name for this process in leases and probes: the host name and a random suffix (several
+/// replicas may share a host).
+fn replica_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    let mut r = [0u8; 4];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut r);
+    format!("{host}-{}", crate::store::hex(&r))
+}
+
+/// Adopts keys and cache changes another replica made, when the stored keys changed.
+async fn follow(ca: &Ca<AnyStore>, seen: &mut Option<Vec<(String, i64)>>, now: SystemTime) {
+    match ca.store.ca_keys().await {
+        Ok(records) => {
+            let print: Vec<(String, i64)> = records
+                .iter()
+                .map(|r| (r.id.clone(), r.activate_at))
+                .collect();
+            if seen.as_ref() != Some(&print) {
+                match ca.authority.refresh(ca.store.as_ref(), now).await {
+                    Ok(true) => tracing::info!("adopted keys prepared by a replica"),
+                    Ok(false) => {}
+                    Err(e) => tracing::error!(error = %e, "cannot load the keys from the store"),
+                }
+                *seen = Some(print);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read the keys from the store"),
+    }
+    if let Err(e) = ca.reload().await {
+        tracing::warn!(error = %e, "cannot refresh entries and nodes from the store");
     }
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` in plain HTTP/1.1, with a connection cap and the
 /// same header and idle deadlines as the API: the port is often reachable from a whole cluster.
 async fn serve_metrics(
-    ca: Arc<Ca<SqliteStore>>,
+    ca: Arc<Ca<AnyStore>>,
     listener: TcpListener,
     limits: Limits,
     shutdown: CancellationToken,
@@ -397,7 +492,7 @@ async fn serve_metrics(
 static HEADER_LOG: LogLimit = LogLimit::new();
 static IDLE_LOG: LogLimit = LogLimit::new();
 
-async fn metrics_route(ca: &Ca<SqliteStore>, path: &str) -> hyper::Response<Full<Bytes>> {
+async fn metrics_route(ca: &Ca<AnyStore>, path: &str) -> hyper::Response<Full<Bytes>> {
     match path {
         "/metrics" => {
             let mut r = hyper::Response::new(Full::new(Bytes::from(ca.metrics.encode())));

@@ -159,7 +159,7 @@ const ANONYMOUS_NOISE: &[&str] = &[
 ];
 
 impl<S: Store> Ca<S> {
-    pub fn new(
+    pub async fn new(
         store: Arc<S>,
         authority: Arc<Authority>,
         policy: Policy,
@@ -178,7 +178,7 @@ impl<S: Store> Ca<S> {
             chores: Mutex::new(Chores::default()),
             readiness: tokio::sync::Mutex::new(None),
         };
-        ca.reload()?;
+        ca.reload().await?;
         Ok(ca)
     }
 
@@ -187,8 +187,8 @@ impl<S: Store> Ca<S> {
     }
 
     /// Rebuilds the hot-path caches from the store.
-    pub fn reload(&self) -> Result<(), StoreError> {
-        let nodes = self.store.nodes()?;
+    pub async fn reload(&self) -> Result<(), StoreError> {
+        let nodes = self.store.nodes().await?;
         let attested = nodes
             .iter()
             .map(|n| (n.spiffe_id.clone(), n.attested_at))
@@ -199,7 +199,7 @@ impl<S: Store> Ca<S> {
             .map(|n| n.spiffe_id)
             .collect();
         let mut by_parent: HashMap<String, Vec<Entry>> = HashMap::new();
-        for e in self.store.entries()? {
+        for e in self.store.entries().await? {
             by_parent.entry(e.parent_id.clone()).or_default().push(e);
         }
         self.cache.store(Arc::new(Cache {
@@ -260,7 +260,7 @@ impl<S: Store> Ca<S> {
             parse_token(token).ok_or_else(|| token_error(TokenRefusal::Unknown))?;
         // Look first, so a bad token is refused before any signing work; the token is spent
         // atomically with the issuance record below, which checks it again.
-        let name = match self.store.token(&token_id)? {
+        let name = match self.store.token(&token_id).await? {
             // SECURITY: the secret's hash is compared in constant time; the lookup itself is by
             // the public id, so its timing says nothing about the secret.
             Some(t) if bool::from(t.hash.ct_eq(&hash)) => t.name,
@@ -308,7 +308,7 @@ impl<S: Store> Ca<S> {
             Outcome::NotFound => return Err(token_error(TokenRefusal::Unknown)),
         }
         // A node that re-attests is no longer evicted.
-        self.reload()?;
+        self.reload().await?;
         self.metrics.issued("node");
         Ok(self.response(&id, issued, now))
     }
@@ -366,7 +366,7 @@ impl<S: Store> Ca<S> {
             ));
         }
         self.check_node(caller)?;
-        let record = self.store.certificate(caller_serial)?;
+        let record = self.store.certificate(caller_serial).await?;
         if record.as_ref().is_none_or(|r| r.kind != "node") {
             return Err(ApiError::new(
                 403,
@@ -419,7 +419,8 @@ impl<S: Store> Ca<S> {
         // first (the cache the check above read is only rebuilt after the eviction commits).
         let evicted = self
             .store
-            .nodes()?
+            .nodes()
+            .await?
             .iter()
             .any(|n| n.spiffe_id == caller.as_str() && n.evicted_at.is_some());
         if evicted {
@@ -669,9 +670,9 @@ impl<S: Store> Ca<S> {
 
     /// Time to outage and its cause (see `crate::outage`), from the rollover's view, the KEK
     /// check and the data volume as last measured.
-    pub fn outage(&self, now: SystemTime) -> crate::outage::Outage {
+    pub async fn outage(&self, now: SystemTime) -> crate::outage::Outage {
         let view = self.authority.rollover_view();
-        let kek = self.authority.check_kek(self.store.as_ref());
+        let kek = self.authority.check_kek(self.store.as_ref()).await;
         let fills_at = self.disk.as_ref().and_then(|d| d.report().fills_at);
         crate::outage::earliest(
             unix(now),
@@ -738,7 +739,7 @@ impl<S: Store> Ca<S> {
         if summary_due && let Err(e) = self.audit_suppressed(now).await {
             tracing::error!(error = %e, "failed to write the refusal summary row");
         }
-        match self.store.audit_head() {
+        match self.store.audit_head().await {
             Ok(Some(head)) => {
                 self.metrics.audit_head_seq.set(head.seq);
                 if head_due {

@@ -5,7 +5,10 @@
 //! Writes are commands (`Write`) that a store applies in groups: many concurrent issuances
 //! share one durable transaction instead of paying one fsync each.
 
+pub mod any;
+pub mod postgres;
 pub mod sqlite;
+pub mod tls;
 
 use std::future::Future;
 
@@ -285,23 +288,72 @@ pub enum Outcome {
     TokenRefused(TokenRefusal),
 }
 
+/// A replica holding a lease (PostgreSQL: the one that prepares keys and runs the rollover).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Lease {
+    pub name: String,
+    pub replica: String,
+    pub host: String,
+    pub since: i64,
+    pub expires_at: i64,
+}
+
+/// Reads are async: a networked store (PostgreSQL) must not block the runtime while it waits.
 pub trait Store: Send + Sync + 'static {
     /// Applies `op` durably (grouped with concurrent writes) and returns its outcome.
     fn write(&self, op: Write) -> impl Future<Output = Result<Outcome, StoreError>> + Send;
-    fn ca_keys(&self) -> Result<Vec<CaKeyRecord>, StoreError>;
-    fn token(&self, id: &str) -> Result<Option<JoinToken>, StoreError>;
+    fn ca_keys(&self) -> impl Future<Output = Result<Vec<CaKeyRecord>, StoreError>> + Send;
+    fn token(&self, id: &str)
+    -> impl Future<Output = Result<Option<JoinToken>, StoreError>> + Send;
     /// The record of an issued certificate, by serial.
-    fn certificate(&self, serial: &[u8]) -> Result<Option<CertRecord>, StoreError>;
-    fn tokens(&self) -> Result<Vec<JoinToken>, StoreError>;
-    fn entries(&self) -> Result<Vec<Entry>, StoreError>;
-    fn nodes(&self) -> Result<Vec<Node>, StoreError>;
-    fn audit(&self, after_seq: i64, limit: i64) -> Result<Vec<AuditRow>, StoreError>;
+    fn certificate(
+        &self,
+        serial: &[u8],
+    ) -> impl Future<Output = Result<Option<CertRecord>, StoreError>> + Send;
+    fn tokens(&self) -> impl Future<Output = Result<Vec<JoinToken>, StoreError>> + Send;
+    fn entries(&self) -> impl Future<Output = Result<Vec<Entry>, StoreError>> + Send;
+    fn nodes(&self) -> impl Future<Output = Result<Vec<Node>, StoreError>> + Send;
+    fn audit(
+        &self,
+        after_seq: i64,
+        limit: i64,
+    ) -> impl Future<Output = Result<Vec<AuditRow>, StoreError>> + Send;
     /// Walks the whole chain; with `expect`, also requires that row to be in it unchanged.
-    fn verify_audit(&self, expect: Option<&AuditHead>) -> Result<AuditVerdict, StoreError>;
-    fn audit_head(&self) -> Result<Option<AuditHead>, StoreError>;
+    fn verify_audit(
+        &self,
+        expect: Option<&AuditHead>,
+    ) -> impl Future<Output = Result<AuditVerdict, StoreError>> + Send;
+    fn audit_head(&self) -> impl Future<Output = Result<Option<AuditHead>, StoreError>> + Send;
     /// Whether any audit row has this action and subject (a scan: for rare checks only).
-    fn audit_has(&self, action: &str, subject: &str) -> Result<bool, StoreError>;
-    fn counts(&self) -> Result<Counts, StoreError>;
+    fn audit_has(
+        &self,
+        action: &str,
+        subject: &str,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    fn counts(&self) -> impl Future<Output = Result<Counts, StoreError>> + Send;
+    /// Whether other CA processes share this store (replicas): they then coordinate key
+    /// preparation through [`Store::try_lease`] and pick up each other's writes by polling.
+    fn shared(&self) -> bool {
+        false
+    }
+    /// Takes or renews lease `name` for this process for `ttl` seconds; true while this
+    /// process holds it. A store only one process uses always grants it.
+    fn try_lease(
+        &self,
+        name: &str,
+        ttl: i64,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        let _ = (name, ttl);
+        std::future::ready(Ok(true))
+    }
+    /// The leases held now (empty for a store only one process uses).
+    fn leases(&self) -> impl Future<Output = Result<Vec<Lease>, StoreError>> + Send {
+        std::future::ready(Ok(Vec::new()))
+    }
+    /// What the store is and how it is doing, for `kith ca status` (no secrets).
+    fn describe(&self) -> serde_json::Value {
+        serde_json::json!({ "kind": "sqlite" })
+    }
 }
 
 /// The MAC of an audit row: HMAC-SHA256 under the audit key over the previous row's MAC and
@@ -360,4 +412,134 @@ fn audit_encoding(prev: &[u8; 32], seq: i64, e: &AuditEvent, detail: &str) -> Ve
 
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The audit chain check, row by row, for stores that walk their rows themselves (the same
+/// rules as the SQLite store's walk): sequence without gaps, each row's previous MAC the MAC of
+/// the row before, each MAC valid under the audit key; plain SHA-256 rows of an older kith only
+/// before the first keyed row; the newest row keyed; `expect` in the chain unchanged.
+pub struct ChainCheck<'a> {
+    key: &'a AuditKey,
+    expect: Option<&'a AuditHead>,
+    prev: [u8; 32],
+    expected_seq: i64,
+    count: i64,
+    legacy_rows: i64,
+    keyed: bool,
+    head: Option<AuditHead>,
+    expect_seen: bool,
+}
+
+impl<'a> ChainCheck<'a> {
+    pub fn new(key: &'a AuditKey, expect: Option<&'a AuditHead>) -> Self {
+        Self {
+            key,
+            expect,
+            prev: [0u8; 32],
+            expected_seq: 1,
+            count: 0,
+            legacy_rows: 0,
+            keyed: false,
+            head: None,
+            expect_seen: false,
+        }
+    }
+
+    /// Checks the next row (`event.detail` is ignored: `detail` is the stored JSON text); a
+    /// verdict when the chain is broken here.
+    pub fn push(
+        &mut self,
+        seq: i64,
+        event: &AuditEvent,
+        detail: &str,
+        stored_prev: &[u8],
+        stored: &[u8],
+    ) -> Option<AuditVerdict> {
+        self.count += 1;
+        let broken = |why: String, count: i64, legacy: i64| {
+            Some(AuditVerdict {
+                rows: count,
+                first_broken: Some(seq),
+                detail: Some(why),
+                legacy_rows: legacy,
+                head: None,
+            })
+        };
+        if seq != self.expected_seq {
+            return broken(
+                format!("row {} is missing (next row is {seq})", self.expected_seq),
+                self.count,
+                self.legacy_rows,
+            );
+        }
+        if stored_prev != self.prev {
+            return broken(
+                "previous-hash does not match the row before".into(),
+                self.count,
+                self.legacy_rows,
+            );
+        }
+        if audit_mac_ok(self.key, &self.prev, seq, event, detail, stored) {
+            self.keyed = true;
+        } else if !self.keyed
+            && event.action != "audit.keyed"
+            && legacy_audit_hash(&self.prev, seq, event, detail).as_slice() == stored
+        {
+            self.legacy_rows += 1;
+        } else {
+            return broken(
+                "content does not match its MAC (the row was altered, or the key-encryption key is not this CA's)"
+                    .into(),
+                self.count,
+                self.legacy_rows,
+            );
+        }
+        let hash = hex(stored);
+        if let Some(e) = self.expect
+            && e.seq == seq
+        {
+            if e.hash != hash {
+                return broken(
+                    format!(
+                        "row {seq} is not the expected head {e}: the chain was rewritten from there"
+                    ),
+                    self.count,
+                    self.legacy_rows,
+                );
+            }
+            self.expect_seen = true;
+        }
+        if stored.len() == 32 {
+            self.prev.copy_from_slice(stored);
+        }
+        self.head = Some(AuditHead { seq, hash });
+        self.expected_seq += 1;
+        None
+    }
+
+    pub fn finish(self) -> AuditVerdict {
+        let mut verdict = AuditVerdict {
+            rows: self.count,
+            first_broken: None,
+            detail: None,
+            legacy_rows: self.legacy_rows,
+            head: self.head.clone(),
+        };
+        if self.count > 0 && !self.keyed {
+            verdict.first_broken = Some(self.count);
+            verdict.detail = Some(
+                "no row is keyed: the whole chain is plain SHA-256, which anyone can recompute; start the CA once to key it, or the log was rewritten"
+                    .into(),
+            );
+        } else if let Some(e) = self.expect
+            && !self.expect_seen
+        {
+            verdict.first_broken = Some(self.count + 1);
+            verdict.detail = Some(format!(
+                "the chain ends at row {}, before the expected head {e}: rows were deleted",
+                self.count
+            ));
+        }
+        verdict
+    }
 }

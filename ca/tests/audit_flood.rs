@@ -22,8 +22,8 @@ fn db_bytes(ca: &TestCa) -> u64 {
         .sum()
 }
 
-fn audit_rows(ca: &TestCa) -> Vec<ca::store::AuditRow> {
-    ca.running.ca.store.audit(0, 100_000).unwrap()
+async fn audit_rows(ca: &TestCa) -> Vec<ca::store::AuditRow> {
+    ca.running.ca.store.audit(0, 100_000).await.unwrap()
 }
 
 fn metric(text: &str, name: &str) -> f64 {
@@ -35,7 +35,7 @@ fn metric(text: &str, name: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_kilobyte_paths_and_bad_tokens_grow_the_database_by_a_bounded_amount() {
     let ca = start_ca(|_| {}).await;
-    let rows_before = audit_rows(&ca).len();
+    let rows_before = audit_rows(&ca).await.len();
     let bytes_before = db_bytes(&ca);
     let long_path = format!("/{}", "x".repeat(60 * 1024));
     let mut conn = ca.anon().await;
@@ -55,7 +55,7 @@ async fn sixty_kilobyte_paths_and_bad_tokens_grow_the_database_by_a_bounded_amou
             .unwrap();
         assert_eq!((status, v["code"].as_str()), (401, Some("token_unknown")));
     }
-    let rows = audit_rows(&ca);
+    let rows = audit_rows(&ca).await;
     let new: Vec<_> = rows[rows_before..].to_vec();
     assert!(
         new.iter().all(|r| r.event.outcome == "token_unknown"),
@@ -79,7 +79,7 @@ async fn sixty_kilobyte_paths_and_bad_tokens_grow_the_database_by_a_bounded_amou
             .await
             .unwrap()
     );
-    let rows = audit_rows(&ca);
+    let rows = audit_rows(&ca).await;
     let summary = rows.last().unwrap();
     assert_eq!(summary.event.action, "refuse.suppressed");
     assert_eq!(summary.event.detail["count"], held_back);
@@ -96,7 +96,13 @@ async fn sixty_kilobyte_paths_and_bad_tokens_grow_the_database_by_a_bounded_amou
             .unwrap()
     );
     assert_eq!(
-        ca.running.ca.store.verify_audit(None).unwrap().first_broken,
+        ca.running
+            .ca
+            .store
+            .verify_audit(None)
+            .await
+            .unwrap()
+            .first_broken,
         None
     );
 
@@ -134,7 +140,7 @@ async fn an_authenticated_refusal_keeps_only_an_escaped_excerpt() {
         (status, v["code"].as_str()),
         (400, Some("invalid_spiffe_id"))
     );
-    let row = audit_rows(&ca).last().unwrap().clone();
+    let row = audit_rows(&ca).await.last().unwrap().clone();
     assert_eq!(row.event.outcome, "invalid_spiffe_id");
     assert_eq!(row.event.subject, node.id);
     let message = row.event.detail["message"].as_str().unwrap();
@@ -175,7 +181,7 @@ async fn below_the_free_space_reserve_anonymous_work_is_refused_and_readyz_says_
 
     // A reserve larger than any disk: the volume is "full".
     let ca = start_in(dir, |c| c.min_free_disk = MinFree::Bytes(u64::MAX / 4)).await;
-    let rows_before = audit_rows(&ca).len();
+    let rows_before = audit_rows(&ca).await.len();
     let (status, v) = ca
         .anon()
         .await
@@ -221,7 +227,7 @@ async fn below_the_free_space_reserve_anonymous_work_is_refused_and_readyz_says_
     );
     assert!(metric(&m, "kith_ca_data_reserve_bytes") > metric(&m, "kith_ca_data_free_bytes"));
     // The refused join wrote nothing; the renewal wrote its issuance row.
-    let new: Vec<_> = audit_rows(&ca)[rows_before..].to_vec();
+    let new: Vec<_> = audit_rows(&ca).await[rows_before..].to_vec();
     assert!(new.iter().all(|r| r.event.action == "issue"), "{new:?}");
     // The unused token survives for when space is back.
     assert!(
@@ -229,6 +235,7 @@ async fn below_the_free_space_reserve_anonymous_work_is_refused_and_readyz_says_
             .ca
             .store
             .tokens()
+            .await
             .unwrap()
             .iter()
             .any(|t| t.name == "host-b" && t.used_at.is_none())
@@ -239,7 +246,7 @@ async fn below_the_free_space_reserve_anonymous_work_is_refused_and_readyz_says_
 async fn the_audit_head_is_exported_as_a_metric() {
     let ca = start_ca(|_| {}).await;
     ca.node("host-a").await;
-    let head = ca.running.ca.store.audit_head().unwrap().unwrap();
+    let head = ca.running.ca.store.audit_head().await.unwrap().unwrap();
     assert!(head.seq > 0);
     // The maintenance loop exports it every few seconds.
     let mut exported = 0.0;

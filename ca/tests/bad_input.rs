@@ -14,7 +14,7 @@ use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
 async fn issued(ca: &TestCa) -> i64 {
-    ca.running.ca.store.counts().unwrap().issued
+    ca.running.ca.store.counts().await.unwrap().issued
 }
 
 /// The last audit row, which must record the refusal.

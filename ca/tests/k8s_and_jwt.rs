@@ -148,7 +148,7 @@ async fn bad_pod_tokens_are_refused_each_with_its_code() {
         );
         assert!(ca.metrics().await.contains(&format!("reason=\"{code}\"")));
     }
-    assert_eq!(ca.running.ca.store.counts().unwrap().issued, 0);
+    assert_eq!(ca.running.ca.store.counts().await.unwrap().issued, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

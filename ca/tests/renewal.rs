@@ -21,7 +21,7 @@ fn refused(metrics: &str, reason: &str) -> u64 {
 
 async fn issued(ca: &TestCa) -> i64 {
     use ca::store::Store;
-    ca.running.ca.store.counts().unwrap().issued
+    ca.running.ca.store.counts().await.unwrap().issued
 }
 
 fn unix_now() -> u64 {

@@ -87,9 +87,10 @@ fn leaf_chains_to(
         .collect()
 }
 
-fn audit_actions(store: &SqliteStore) -> Vec<String> {
+async fn audit_actions(store: &SqliteStore) -> Vec<String> {
     store
         .audit(0, 10_000)
+        .await
         .unwrap()
         .into_iter()
         .map(|r| r.event.action)
@@ -199,14 +200,14 @@ async fn a_root_rolls_over_with_overlap_and_the_old_root_leaves_after_its_last_l
         vec![true]
     );
 
-    let actions = audit_actions(&store);
+    let actions = audit_actions(&store).await;
     for phase in ["root.published", "root.activated", "root.retired"] {
         assert!(
             actions.iter().any(|a| a == phase),
             "{phase} audited: {actions:?}"
         );
     }
-    assert_eq!(store.verify_audit(None).unwrap().first_broken, None);
+    assert_eq!(store.verify_audit(None).await.unwrap().first_broken, None);
 }
 
 #[tokio::test]
@@ -230,6 +231,7 @@ async fn an_operator_can_start_a_rollover_early_and_force_the_switch() {
     ));
     let detail = store
         .audit(0, 10_000)
+        .await
         .unwrap()
         .into_iter()
         .find(|r| r.event.action == "root.activated")
@@ -254,6 +256,7 @@ async fn a_ca_down_past_its_root_makes_a_new_root_at_start_and_says_so() {
     assert_eq!(leaf_chains_to(&auth, later, &now_roots), vec![true]);
     assert!(
         audit_actions(&store)
+            .await
             .iter()
             .any(|a| a == "root.break_glass")
     );
@@ -294,11 +297,11 @@ async fn an_expired_root_signs_nothing_and_makes_no_expired_signer() {
     assert_eq!((api.status, api.code), (503, "ca_root_expired"), "{api:?}");
 
     // Rotation past the root's end makes nothing (it would be born expired).
-    let before = store.ca_keys().unwrap().len();
+    let before = store.ca_keys().await.unwrap().len();
     for t in [after, after + s(5), after + s(10)] {
         assert!(auth.rotate(&store, t).await.is_err());
     }
-    let keys = store.ca_keys().unwrap();
+    let keys = store.ca_keys().await.unwrap();
     assert_eq!(
         keys.len(),
         before,
@@ -626,7 +629,7 @@ async fn an_upstream_replacement_overlaps_then_signs_and_survives_a_restart() {
         RolloverOutcome::BundleChanged
     );
     assert_eq!(roots(&auth), vec![new_root.clone()]);
-    let actions = audit_actions(&store);
+    let actions = audit_actions(&store).await;
     for phase in [
         "upstream.published",
         "upstream.activated",

@@ -102,7 +102,7 @@ async fn the_signer_rotates_on_schedule_and_across_restarts() {
     drop(auth);
     let auth = load(&store, t0 + Duration::from_secs(520)).await;
     assert_eq!(auth.keys().active.id, next, "activation survives a restart");
-    let v = ca::store::Store::verify_audit(&store, None).unwrap();
+    let v = ca::store::Store::verify_audit(&store, None).await.unwrap();
     assert_eq!(v.first_broken, None);
 }
 

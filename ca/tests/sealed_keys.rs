@@ -33,9 +33,10 @@ async fn load(store: &SqliteStore, now: SystemTime) -> Result<Authority, Authori
     .await
 }
 
-fn record(store: &SqliteStore, kind: KeyKind) -> CaKeyRecord {
+async fn record(store: &SqliteStore, kind: KeyKind) -> CaKeyRecord {
     store
         .ca_keys()
+        .await
         .unwrap()
         .into_iter()
         .find(|r| r.kind == kind)
@@ -55,7 +56,7 @@ async fn stretched_validity_columns_are_ignored_for_the_certificates() {
     let first = load(&store, now).await.unwrap();
     let signer_id = first.keys().active.id.clone();
     drop(first);
-    let int = record(&store, KeyKind::Intermediate);
+    let int = record(&store, KeyKind::Intermediate).await;
     let (_, cert_not_after) = cert_validity(int.cert_der.as_ref().unwrap()).unwrap();
 
     // Someone with write access to the database gives every CA key ten more years.
@@ -102,6 +103,7 @@ async fn a_key_paired_with_another_certificate_does_not_unseal() {
     drop(auth);
     let ints: Vec<CaKeyRecord> = store
         .ca_keys()
+        .await
         .unwrap()
         .into_iter()
         .filter(|r| r.kind == KeyKind::Intermediate)
@@ -150,7 +152,7 @@ async fn a_key_sealed_by_an_older_kith_is_sealed_again_with_its_certificate() {
     let now = SystemTime::now();
     drop(load(&store, now).await.unwrap());
     // Re-create what an older kith stored: format 1, bound to kind and id only.
-    let int = record(&store, KeyKind::Intermediate);
+    let int = record(&store, KeyKind::Intermediate).await;
     let der = kek().unseal(&binding(&int), &int.sealed_key).unwrap();
     let mut old = kek()
         .seal(&format!("kith-ca:Intermediate:{}", int.id), &der)
@@ -163,7 +165,7 @@ async fn a_key_sealed_by_an_older_kith_is_sealed_again_with_its_certificate() {
     );
     let auth = load(&store, now).await.unwrap();
     assert_eq!(auth.keys().active.id, int.id);
-    let resealed = record(&store, KeyKind::Intermediate);
+    let resealed = record(&store, KeyKind::Intermediate).await;
     assert_eq!(resealed.sealed_key[0], 2);
     assert_eq!(
         kek()
@@ -171,12 +173,12 @@ async fn a_key_sealed_by_an_older_kith_is_sealed_again_with_its_certificate() {
             .unwrap(),
         der
     );
-    let rows = store.audit(0, 100).unwrap();
+    let rows = store.audit(0, 100).await.unwrap();
     assert!(
         rows.iter()
             .any(|r| r.event.action == "key.reseal" && r.event.subject == int.id)
     );
-    assert_eq!(store.verify_audit(None).unwrap().first_broken, None);
+    assert_eq!(store.verify_audit(None).await.unwrap().first_broken, None);
 
     // The old blob put back (it binds no certificate, so it could be paired with any): refused.
     sql(

@@ -1,14 +1,18 @@
-//! The SQLite store: group commit, single-use tokens under concurrency, a tamper-evident audit
-//! chain, and nothing lost across a reopen.
+//! The stores, SQLite and PostgreSQL alike: group commit, single-use tokens under concurrency,
+//! a tamper-evident audit chain, and nothing lost across a reopen. The legacy-chain tests at
+//! the end are SQLite's (databases an older kith wrote).
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
 
+use ca::store::any::AnyStore;
+use ca::store::postgres::PgStore;
 use ca::store::sqlite::SqliteStore;
 use ca::store::{
     AuditEvent, AuditHead, AuditKey, IssuedCert, JoinToken, Node, Outcome, Store, TokenRefusal,
     Write,
 };
+use integration::postgres::Postgres;
 use serde_json::json;
 
 fn key() -> AuditKey {
@@ -71,10 +75,95 @@ fn join(hash: u8, now: i64, i: u64) -> Write {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_issuances_are_all_committed_and_chained() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SqliteStore::open(dir.path(), key()).unwrap());
+/// Where a test's store lives: a SQLite file in a temporary directory, or a database of a
+/// throwaway PostgreSQL cluster. Every test below runs on both.
+struct Fixture {
+    dir: tempfile::TempDir,
+    pg: Option<Postgres>,
+}
+
+impl Fixture {
+    fn sqlite() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+            pg: None,
+        }
+    }
+
+    /// None (after printing why) where PostgreSQL cannot run; a failure under CI=true.
+    fn postgres(test: &str) -> Option<Self> {
+        let pg = Postgres::start_if_available(test)?;
+        pg.create_db("kith");
+        Some(Self {
+            dir: tempfile::tempdir().unwrap(),
+            pg: Some(pg),
+        })
+    }
+
+    fn url(&self) -> Option<String> {
+        self.pg.as_ref().map(|pg| pg.url_for("kith"))
+    }
+
+    async fn open(&self) -> AnyStore {
+        self.try_open().await.unwrap()
+    }
+
+    async fn try_open(&self) -> Result<AnyStore, ca::store::StoreError> {
+        match self.url() {
+            None => SqliteStore::open(self.dir.path(), key()).map(AnyStore::Sqlite),
+            Some(url) => PgStore::open(&url, key(), "test")
+                .await
+                .map(AnyStore::Postgres),
+        }
+    }
+
+    /// Runs SQL on the database behind the store's back (tampering, a newer schema).
+    fn sql(&self, statement: &str) {
+        match &self.pg {
+            None => {
+                let raw = rusqlite::Connection::open(self.dir.path().join("kith-ca.db")).unwrap();
+                raw.execute_batch(statement).unwrap();
+            }
+            Some(pg) => {
+                pg.psql("kith", statement);
+            }
+        }
+    }
+}
+
+/// Two tests from one body: `NAME::sqlite` and `NAME::postgres`.
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name(super::Fixture::sqlite()).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                let Some(f) = super::Fixture::postgres(concat!(stringify!($name), "::postgres"))
+                else {
+                    return;
+                };
+                super::$name(f).await
+            }
+        }
+    )*};
+}
+
+on_both!(
+    concurrent_issuances_are_all_committed_and_chained,
+    a_join_token_is_spent_exactly_once,
+    expired_revoked_and_unknown_tokens_are_refused,
+    a_failed_write_does_not_sink_its_group_or_break_the_chain,
+    tampering_with_the_audit_log_is_found_at_the_first_broken_row,
+    a_reopened_store_keeps_everything_and_continues_the_chain,
+    a_database_from_a_newer_kith_is_refused,
+);
+
+async fn concurrent_issuances_are_all_committed_and_chained(f: Fixture) {
+    let store = Arc::new(f.open().await);
     let tasks: Vec<_> = (0..500u64)
         .map(|i| {
             let store = store.clone();
@@ -92,16 +181,14 @@ async fn concurrent_issuances_are_all_committed_and_chained() {
     for t in tasks {
         assert_eq!(t.await.unwrap().unwrap(), Outcome::Done);
     }
-    let counts = store.counts().unwrap();
+    let counts = store.counts().await.unwrap();
     assert_eq!((counts.issued, counts.audit_rows), (500, 500));
-    let verdict = store.verify_audit(None).unwrap();
+    let verdict = store.verify_audit(None).await.unwrap();
     assert_eq!((verdict.rows, verdict.first_broken), (500, None));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_join_token_is_spent_exactly_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SqliteStore::open(dir.path(), key()).unwrap());
+async fn a_join_token_is_spent_exactly_once(f: Fixture) {
+    let store = Arc::new(f.open().await);
     store
         .write(Write::CreateToken(
             token(1, 2000),
@@ -125,17 +212,15 @@ async fn a_join_token_is_spent_exactly_once() {
     }
     assert_eq!(done, 1);
     assert_eq!(
-        store.counts().unwrap().issued,
+        store.counts().await.unwrap().issued,
         1,
         "refused joins record no certificate"
     );
-    assert_eq!(store.nodes().unwrap().len(), 1);
+    assert_eq!(store.nodes().await.unwrap().len(), 1);
 }
 
-#[tokio::test]
-async fn expired_revoked_and_unknown_tokens_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(dir.path(), key()).unwrap();
+async fn expired_revoked_and_unknown_tokens_are_refused(f: Fixture) {
+    let store = f.open().await;
     store
         .write(Write::CreateToken(
             token(2, 1200),
@@ -176,10 +261,8 @@ async fn expired_revoked_and_unknown_tokens_are_refused() {
     assert_eq!(store.write(again).await.unwrap(), Outcome::NotFound);
 }
 
-#[tokio::test]
-async fn a_failed_write_does_not_sink_its_group_or_break_the_chain() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SqliteStore::open(dir.path(), key()).unwrap());
+async fn a_failed_write_does_not_sink_its_group_or_break_the_chain(f: Fixture) {
+    let store = Arc::new(f.open().await);
     store
         .write(Write::Issue {
             cert: cert(1),
@@ -202,47 +285,34 @@ async fn a_failed_write_does_not_sink_its_group_or_break_the_chain() {
     let (dup, ok) = tokio::join!(dup, ok);
     assert!(dup.is_err());
     assert_eq!(ok.unwrap(), Outcome::Done);
-    let v = store.verify_audit(None).unwrap();
+    let v = store.verify_audit(None).await.unwrap();
     assert_eq!((v.rows, v.first_broken), (2, None));
 }
 
-#[tokio::test]
-async fn tampering_with_the_audit_log_is_found_at_the_first_broken_row() {
-    let dir = tempfile::tempdir().unwrap();
-    {
-        let store = SqliteStore::open(dir.path(), key()).unwrap();
-        for i in 0..10 {
-            store
-                .write(Write::Audit(event("refuse", &format!("r{i}"))))
-                .await
-                .unwrap();
-        }
+async fn tampering_with_the_audit_log_is_found_at_the_first_broken_row(f: Fixture) {
+    let store = f.open().await;
+    for i in 0..10 {
+        store
+            .write(Write::Audit(event("refuse", &format!("r{i}"))))
+            .await
+            .unwrap();
     }
-    let raw = rusqlite::Connection::open(dir.path().join("kith-ca.db")).unwrap();
-    raw.execute(
-        "UPDATE audit SET outcome = 'ok-but-edited' WHERE seq = 4",
-        [],
-    )
-    .unwrap();
-    let ro = SqliteStore::open_read_only(dir.path()).unwrap();
-    let v = ro.verify_audit(&key(), None).unwrap();
+    f.sql("UPDATE audit SET outcome = 'ok-but-edited' WHERE seq = 4");
+    let v = store.verify_audit(None).await.unwrap();
     assert_eq!(v.first_broken, Some(4), "{v:?}");
     assert!(v.detail.unwrap().contains("altered"));
 
-    raw.execute("UPDATE audit SET outcome = 'ok' WHERE seq = 4", [])
-        .unwrap();
-    assert_eq!(ro.verify_audit(&key(), None).unwrap().first_broken, None);
-    raw.execute("DELETE FROM audit WHERE seq = 7", []).unwrap();
-    let v = ro.verify_audit(&key(), None).unwrap();
+    f.sql("UPDATE audit SET outcome = 'ok' WHERE seq = 4");
+    assert_eq!(store.verify_audit(None).await.unwrap().first_broken, None);
+    f.sql("DELETE FROM audit WHERE seq = 7");
+    let v = store.verify_audit(None).await.unwrap();
     assert_eq!(v.first_broken, Some(8));
     assert!(v.detail.unwrap().contains("row 7 is missing"));
 }
 
-#[tokio::test]
-async fn a_reopened_store_keeps_everything_and_continues_the_chain() {
-    let dir = tempfile::tempdir().unwrap();
+async fn a_reopened_store_keeps_everything_and_continues_the_chain(f: Fixture) {
     {
-        let store = SqliteStore::open(dir.path(), key()).unwrap();
+        let store = f.open().await;
         store
             .write(Write::CreateToken(
                 token(5, 9000),
@@ -271,29 +341,29 @@ async fn a_reopened_store_keeps_everything_and_continues_the_chain() {
         };
         store.write(evict).await.unwrap();
     }
-    let store = SqliteStore::open(dir.path(), key()).unwrap();
-    assert_eq!(store.tokens().unwrap()[0].used_at, Some(1100));
+    let store = f.open().await;
+    assert_eq!(store.tokens().await.unwrap()[0].used_at, Some(1100));
     assert_eq!(
-        store.entries().unwrap()[0].selectors,
+        store.entries().await.unwrap()[0].selectors,
         vec!["unix:uid:1000".to_owned()]
     );
-    assert_eq!(store.nodes().unwrap()[0].evicted_at, Some(1200));
+    assert_eq!(store.nodes().await.unwrap()[0].evicted_at, Some(1200));
     store
         .write(Write::Audit(event("refuse", "later")))
         .await
         .unwrap();
-    let v = store.verify_audit(None).unwrap();
+    let v = store.verify_audit(None).await.unwrap();
     assert_eq!((v.rows, v.first_broken), (5, None));
 }
 
-#[tokio::test]
-async fn a_database_from_a_newer_kith_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    drop(SqliteStore::open(dir.path(), key()).unwrap());
-    let raw = rusqlite::Connection::open(dir.path().join("kith-ca.db")).unwrap();
-    raw.pragma_update(None, "user_version", 99).unwrap();
-    drop(raw);
-    let err = SqliteStore::open(dir.path(), key()).err().unwrap();
+async fn a_database_from_a_newer_kith_is_refused(f: Fixture) {
+    drop(f.open().await);
+    if f.pg.is_some() {
+        f.sql("INSERT INTO kith_migrations (version, applied_at) VALUES (99, 0)");
+    } else {
+        f.sql("PRAGMA user_version = 99");
+    }
+    let err = f.try_open().await.err().unwrap();
     assert!(err.to_string().contains("newer than this kith"), "{err}");
 }
 
@@ -418,14 +488,14 @@ async fn a_database_from_before_the_keyed_chain_is_keyed_on_open_and_still_verif
     recompute_plain_chain(&db, 1);
     {
         let store = SqliteStore::open(dir.path(), key()).unwrap();
-        let rows = store.audit(10, 10).unwrap();
+        let rows = store.audit(10, 10).await.unwrap();
         assert_eq!(rows[0].event.action, "audit.keyed");
         assert_eq!(rows[0].event.detail["legacy_rows"], 10);
         store
             .write(Write::Audit(event("refuse", "after")))
             .await
             .unwrap();
-        let v = store.verify_audit(None).unwrap();
+        let v = store.verify_audit(None).await.unwrap();
         assert_eq!((v.rows, v.legacy_rows, v.first_broken), (12, 10, None));
     }
     // Reopening does not key it twice.

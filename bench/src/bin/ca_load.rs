@@ -46,9 +46,10 @@ struct Args {
     /// Which CA to load
     #[arg(long, value_enum)]
     target: Target,
-    /// host:port of the CA's API
-    #[arg(long)]
-    addr: String,
+    /// host:port of the CA's API; kith: several, comma-separated, to spread the connections
+    /// over replicas (round robin; the node attests at the first)
+    #[arg(long, value_delimiter = ',', required = true)]
+    addr: Vec<String>,
     /// kith: the trust bundle (PEM) that verifies the CA
     #[arg(long)]
     bundle: Option<PathBuf>,
@@ -77,9 +78,13 @@ struct Args {
     /// A request that takes longer is an error (and its connection is reopened)
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     request_timeout: Duration,
-    /// The server's pid: report the CPU it spent in the measured window
+    /// The server's pid: report the CPU it spent in the measured window (several,
+    /// comma-separated: their sum, e.g. the CA replicas and their database)
+    #[arg(long, value_delimiter = ',')]
+    server_pid: Vec<u32>,
+    /// The name of the series in the output's `target` field [default: the target]
     #[arg(long)]
-    server_pid: Option<u32>,
+    series: Option<String>,
     /// Free text copied into the output line (e.g. the round number)
     #[arg(long)]
     label: Option<String>,
@@ -142,7 +147,8 @@ fn make_csrs(n: usize) -> Result<Vec<String>> {
 #[derive(Clone)]
 enum Dialer {
     Kith {
-        addr: String,
+        addrs: Vec<String>,
+        next: Arc<AtomicUsize>,
         tls: Arc<ClientConfig>,
         id: String,
     },
@@ -167,11 +173,16 @@ impl Dialer {
 
     async fn open(&self) -> Result<Conn> {
         match self {
-            Dialer::Kith { addr, tls, .. } => Ok(Conn::Kith(
-                Connection::open(addr, tls.clone())
-                    .await
-                    .map_err(|e| anyhow!("{e}"))?,
-            )),
+            Dialer::Kith {
+                addrs, next, tls, ..
+            } => {
+                let addr = &addrs[next.fetch_add(1, Ordering::Relaxed) % addrs.len()];
+                Ok(Conn::Kith(
+                    Connection::open(addr, tls.clone())
+                        .await
+                        .map_err(|e| anyhow!("{e}"))?,
+                ))
+            }
             Dialer::Cfssl { addr } => {
                 let tcp = tokio::net::TcpStream::connect(addr)
                     .await
@@ -449,16 +460,17 @@ async fn run(args: Args, pems: Vec<String>, pool_secs: f64) -> Result<()> {
                 TrustBundle::from_pem(Some(id.trust_domain()), &pem)
                     .map_err(|e| anyhow!("bundle: {e}"))?,
             );
-            let tls = attest(&args.addr, bundle.clone(), token).await?;
+            let tls = attest(&args.addr[0], bundle.clone(), token).await?;
             bundle_for_probe = Some(bundle);
             Dialer::Kith {
-                addr: args.addr.clone(),
+                addrs: args.addr.clone(),
+                next: Arc::new(AtomicUsize::new(0)),
                 tls,
                 id: args.id.clone(),
             }
         }
         Target::Cfssl => Dialer::Cfssl {
-            addr: args.addr.clone(),
+            addr: args.addr[0].clone(),
         },
     };
     probe(&dialer, args.target, bundle_for_probe.as_deref()).await?;
@@ -491,13 +503,21 @@ async fn run(args: Args, pems: Vec<String>, pool_secs: f64) -> Result<()> {
 
     // CPU in the measured window: sample at its start and end.
     tokio::time::sleep_until(window_start.into()).await;
-    let server_pid = args.server_pid.map(|p| p.to_string());
+    let server_cpu_now = || -> Option<f64> {
+        if args.server_pid.is_empty() {
+            return None;
+        }
+        args.server_pid
+            .iter()
+            .map(|p| cpu_seconds(&p.to_string()))
+            .sum()
+    };
     let client0 = cpu_seconds("self");
-    let server0 = server_pid.as_deref().and_then(cpu_seconds);
+    let server0 = server_cpu_now();
     let machine0 = machine_cpu();
     tokio::time::sleep_until(window_end.into()).await;
     let client1 = cpu_seconds("self");
-    let server1 = server_pid.as_deref().and_then(cpu_seconds);
+    let server1 = server_cpu_now();
     let machine1 = machine_cpu();
 
     let mut all = WorkerResult::default();
@@ -532,7 +552,10 @@ async fn run(args: Args, pems: Vec<String>, pool_secs: f64) -> Result<()> {
     let other =
         busy.map(|b| (b - (client_cpu.unwrap_or(0.0) + server_cpu.unwrap_or(0.0)) / secs).max(0.0));
     let out = json!({
-        "target": match args.target { Target::Kith => "kith", Target::Cfssl => "cfssl" },
+        "target": args.series.clone().unwrap_or_else(|| match args.target {
+            Target::Kith => "kith".into(),
+            Target::Cfssl => "cfssl".into(),
+        }),
         "label": args.label,
         "connections": args.connections,
         "duration_s": secs,

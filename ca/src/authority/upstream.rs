@@ -134,7 +134,7 @@ fn staged_from(kek: &Kek, r: &CaKeyRecord) -> Result<Staged, AuthorityError> {
 /// At start: the upstream to sign with (a stored, activated replacement that ends later than
 /// the flag files' wins) and a replacement still waiting.
 #[allow(clippy::type_complexity)]
-pub(super) fn at_start<S: Store>(
+pub(super) async fn at_start<S: Store>(
     store: &S,
     kek: &Kek,
     flags: Option<Upstream>,
@@ -152,7 +152,8 @@ pub(super) fn at_start<S: Store>(
         return Ok((None, None, None));
     };
     let stored: Vec<CaKeyRecord> = store
-        .ca_keys()?
+        .ca_keys()
+        .await?
         .into_iter()
         .filter(|r| r.kind == KeyKind::Root && r.id.starts_with("upstream-"))
         .filter(|r| at(r.not_after) > now)
@@ -400,7 +401,8 @@ impl Authority {
             ))
             .await?;
         let rec = store
-            .ca_keys()?
+            .ca_keys()
+            .await?
             .into_iter()
             .find(|r| r.id == st.id)
             .ok_or_else(|| AuthorityError::Upstream(format!("{} is gone from the store", st.id)))?;

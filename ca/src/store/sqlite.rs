@@ -618,7 +618,7 @@ impl Store for SqliteStore {
         rx.await.map_err(|_| StoreError::WriterGone)?
     }
 
-    fn ca_keys(&self) -> Result<Vec<CaKeyRecord>, StoreError> {
+    async fn ca_keys(&self) -> Result<Vec<CaKeyRecord>, StoreError> {
         self.read(|c| {
             let mut stmt = c
                 .prepare(
@@ -657,7 +657,7 @@ impl Store for SqliteStore {
         })
     }
 
-    fn token(&self, id: &str) -> Result<Option<JoinToken>, StoreError> {
+    async fn token(&self, id: &str) -> Result<Option<JoinToken>, StoreError> {
         self.read(|c| {
             c.prepare_cached(
                 "SELECT hash, id, name, created_at, expires_at, used_at, revoked_at FROM join_tokens WHERE id = ?1",
@@ -669,7 +669,7 @@ impl Store for SqliteStore {
         })
     }
 
-    fn certificate(&self, serial: &[u8]) -> Result<Option<CertRecord>, StoreError> {
+    async fn certificate(&self, serial: &[u8]) -> Result<Option<CertRecord>, StoreError> {
         self.read(|c| {
             c.prepare_cached("SELECT spiffe_id, kind, parent FROM certificates WHERE serial = ?1")
                 .map_err(db)?
@@ -685,7 +685,7 @@ impl Store for SqliteStore {
         })
     }
 
-    fn tokens(&self) -> Result<Vec<JoinToken>, StoreError> {
+    async fn tokens(&self) -> Result<Vec<JoinToken>, StoreError> {
         self.read(|c| {
             let mut stmt = c
                 .prepare(
@@ -697,7 +697,7 @@ impl Store for SqliteStore {
         })
     }
 
-    fn entries(&self) -> Result<Vec<Entry>, StoreError> {
+    async fn entries(&self) -> Result<Vec<Entry>, StoreError> {
         self.read(|c| {
             let mut stmt = c
                 .prepare("SELECT id, spiffe_id, parent_id, selectors, ttl, dns, created_at FROM entries ORDER BY created_at, id")
@@ -721,7 +721,7 @@ impl Store for SqliteStore {
         })
     }
 
-    fn nodes(&self) -> Result<Vec<Node>, StoreError> {
+    async fn nodes(&self) -> Result<Vec<Node>, StoreError> {
         self.read(|c| {
             let mut stmt = c
                 .prepare("SELECT spiffe_id, name, attested_at, last_issued_at, evicted_at FROM nodes ORDER BY spiffe_id")
@@ -741,19 +741,19 @@ impl Store for SqliteStore {
         })
     }
 
-    fn audit(&self, after_seq: i64, limit: i64) -> Result<Vec<AuditRow>, StoreError> {
+    async fn audit(&self, after_seq: i64, limit: i64) -> Result<Vec<AuditRow>, StoreError> {
         self.read(|c| audit_rows(c, after_seq, limit))
     }
 
-    fn verify_audit(&self, expect: Option<&AuditHead>) -> Result<AuditVerdict, StoreError> {
+    async fn verify_audit(&self, expect: Option<&AuditHead>) -> Result<AuditVerdict, StoreError> {
         self.read(|c| verify_audit(c, &self.key, expect))
     }
 
-    fn audit_head(&self) -> Result<Option<AuditHead>, StoreError> {
+    async fn audit_head(&self) -> Result<Option<AuditHead>, StoreError> {
         self.read(audit_head)
     }
 
-    fn audit_has(&self, action: &str, subject: &str) -> Result<bool, StoreError> {
+    async fn audit_has(&self, action: &str, subject: &str) -> Result<bool, StoreError> {
         self.read(|c| {
             c.query_row(
                 "SELECT EXISTS (SELECT 1 FROM audit WHERE action = ?1 AND subject = ?2)",
@@ -764,7 +764,7 @@ impl Store for SqliteStore {
         })
     }
 
-    fn counts(&self) -> Result<Counts, StoreError> {
+    async fn counts(&self) -> Result<Counts, StoreError> {
         self.read(|c| {
             let one = |sql: &str| c.query_row(sql, [], |r| r.get::<_, i64>(0)).map_err(db);
             Ok(Counts {
@@ -970,4 +970,129 @@ fn unix_now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+/// Everything a CA keeps, as stored, for `kith ca store migrate`.
+pub struct Export {
+    pub ca_keys: Vec<CaKeyRecord>,
+    pub tokens: Vec<JoinToken>,
+    pub entries: Vec<Entry>,
+    pub nodes: Vec<Node>,
+    /// serial, SPIFFE ID, kind, not-after, issued-at, parent.
+    pub certificates: Vec<(Vec<u8>, String, String, i64, i64, Option<String>)>,
+    /// seq, the event (detail unset), detail as its stored JSON text, previous MAC, MAC.
+    pub audit: Vec<(i64, AuditEvent, String, Vec<u8>, Vec<u8>)>,
+}
+
+impl ReadOnly {
+    /// Reads every row of every table, unchanged (the audit rows byte for byte).
+    pub fn export(&self) -> Result<Export, StoreError> {
+        let c = &self.conn;
+        let mut stmt = c
+            .prepare(
+                "SELECT id, kind, cert_der, sealed_key, not_before, not_after, activate_at, created_at
+                 FROM ca_keys ORDER BY created_at, id",
+            )
+            .map_err(db)?;
+        let mut ca_keys = Vec::new();
+        let mut rows = stmt.query([]).map_err(db)?;
+        while let Some(r) = rows.next().map_err(db)? {
+            let id: String = r.get(0).map_err(db)?;
+            let kind: String = r.get(1).map_err(db)?;
+            ca_keys.push(CaKeyRecord {
+                kind: parse_kind(&kind).ok_or_else(|| StoreError::Corrupt {
+                    table: "ca_keys",
+                    detail: format!("key {id} has unknown kind {kind:?}"),
+                })?,
+                id,
+                cert_der: r.get(2).map_err(db)?,
+                sealed_key: r.get(3).map_err(db)?,
+                not_before: r.get(4).map_err(db)?,
+                not_after: r.get(5).map_err(db)?,
+                activate_at: r.get(6).map_err(db)?,
+                created_at: r.get(7).map_err(db)?,
+            });
+        }
+        let tokens = c
+            .prepare(
+                "SELECT hash, id, name, created_at, expires_at, used_at, revoked_at FROM join_tokens ORDER BY created_at, id",
+            )
+            .map_err(db)?
+            .query_map([], token_row)
+            .map_err(db)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db)?;
+        let entries = c
+            .prepare("SELECT id, spiffe_id, parent_id, selectors, ttl, dns, created_at FROM entries ORDER BY created_at, id")
+            .map_err(db)?
+            .query_map([], |r| {
+                let selectors: String = r.get(3)?;
+                let dns: String = r.get(5)?;
+                Ok(Entry {
+                    id: r.get(0)?,
+                    spiffe_id: r.get(1)?,
+                    parent_id: r.get(2)?,
+                    selectors: serde_json::from_str(&selectors).unwrap_or_default(),
+                    ttl: r.get::<_, Option<i64>>(4)?.map(|t| t.max(0) as u64),
+                    dns: serde_json::from_str(&dns).unwrap_or_default(),
+                    created_at: r.get(6)?,
+                })
+            })
+            .map_err(db)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db)?;
+        let nodes = c
+            .prepare("SELECT spiffe_id, name, attested_at, last_issued_at, evicted_at FROM nodes ORDER BY spiffe_id")
+            .map_err(db)?
+            .query_map([], |r| {
+                Ok(Node {
+                    spiffe_id: r.get(0)?,
+                    name: r.get(1)?,
+                    attested_at: r.get(2)?,
+                    last_issued_at: r.get(3)?,
+                    evicted_at: r.get(4)?,
+                })
+            })
+            .map_err(db)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db)?;
+        let certificates = c
+            .prepare("SELECT serial, spiffe_id, kind, not_after, issued_at, parent FROM certificates ORDER BY issued_at")
+            .map_err(db)?
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+            })
+            .map_err(db)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db)?;
+        let audit = c
+            .prepare("SELECT seq, at, action, subject, outcome, detail, prev_hash, hash FROM audit ORDER BY seq")
+            .map_err(db)?
+            .query_map([], |r| {
+                Ok((
+                    r.get(0)?,
+                    AuditEvent {
+                        at: r.get(1)?,
+                        action: r.get(2)?,
+                        subject: r.get(3)?,
+                        outcome: r.get(4)?,
+                        detail: serde_json::Value::Null,
+                    },
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get(7)?,
+                ))
+            })
+            .map_err(db)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db)?;
+        Ok(Export {
+            ca_keys,
+            tokens,
+            entries,
+            nodes,
+            certificates,
+            audit,
+        })
+    }
 }

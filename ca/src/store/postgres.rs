@@ -1,0 +1,1388 @@
+//! The PostgreSQL store, for several CA replicas on one database.
+//!
+//! - **Connections**: a deadpool pool of tokio-postgres clients, TLS by rustls (see
+//!   [`super::tls`]). A multi-host connection string with `target_session_attrs=read-write`
+//!   finds the primary again after a standby is promoted: every new connection tries the hosts
+//!   in order and keeps the first that takes writes.
+//! - **Migrations**: versioned, in table `kith_migrations`, applied in one transaction under a
+//!   transaction-scoped advisory lock, so replicas starting together apply each step once.
+//! - **Group commit**: one writer task per replica drains every pending write into one
+//!   transaction; issued certificates and audit rows of a group go in as one `UNNEST` insert
+//!   each.
+//! - **One audit chain across replicas**: every write transaction first locks the single row of
+//!   `audit_head` (`FOR UPDATE`), so appends from all replicas are serialized and each one
+//!   chains on the newest row whoever wrote it.
+//! - **Join tokens are spent once**: the token row is locked (`FOR UPDATE`) before it is
+//!   checked; a second replica waits, then sees it used.
+//! - **Serials never collide**: `certificates.serial` is the primary key; a duplicate fails the
+//!   write (and so the issuance, which the caller retries with a new random serial).
+//! - **Leases**: rows of `leases` with an expiry; a replica renews its own, takes an expired
+//!   one, and the holder is the only one that prepares keys.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::Duration;
+
+use deadpool_postgres::Transaction;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
+use subtle::ConstantTimeEq;
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::Row;
+
+use super::tls::{MakeRustls, Verify, client_config, split_url};
+use super::{
+    AuditEvent, AuditHead, AuditKey, AuditRow, AuditVerdict, CaKeyRecord, CertRecord, ChainCheck,
+    Counts, Entry, IssuedCert, JoinToken, KeyKind, Lease, Node, Outcome, Store, StoreError,
+    TokenRefusal, Write, audit_mac, audit_mac_ok, hex, legacy_audit_hash,
+};
+
+/// The most writes folded into one transaction.
+const MAX_GROUP: usize = 2048;
+/// Connections per replica: the writer's, and the reads of admin calls, renewals and probes.
+const POOL_SIZE: usize = 8;
+/// How long a caller waits for a connection (or the database to answer a new one) before the
+/// store reports itself unavailable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The advisory lock id of the migrations ("kith" in ASCII).
+const MIGRATION_LOCK: i64 = 0x6b69_7468;
+/// The advisory lock id of a replica's start ("kits").
+const STARTUP_LOCK: i64 = 0x6b69_7473;
+/// The action of the row that starts the keyed chain (as in the SQLite store).
+const AUDIT_KEYED: &str = "audit.keyed";
+
+/// Schema versions, applied in order; `kith_migrations` records which ran.
+const MIGRATIONS: &[&str] = &[
+    // 1: the schema of the SQLite store's version 2, plus what replicas share.
+    "CREATE TABLE ca_keys (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        cert_der BYTEA,
+        sealed_key BYTEA NOT NULL,
+        not_before BIGINT NOT NULL,
+        not_after BIGINT NOT NULL,
+        activate_at BIGINT NOT NULL,
+        created_at BIGINT NOT NULL
+    );
+    CREATE TABLE join_tokens (
+        hash BYTEA PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        name TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        expires_at BIGINT NOT NULL,
+        used_at BIGINT,
+        revoked_at BIGINT
+    );
+    CREATE TABLE nodes (
+        spiffe_id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        attested_at BIGINT NOT NULL,
+        last_issued_at BIGINT NOT NULL,
+        evicted_at BIGINT
+    );
+    CREATE TABLE entries (
+        id TEXT PRIMARY KEY,
+        spiffe_id TEXT NOT NULL,
+        parent_id TEXT NOT NULL,
+        selectors TEXT NOT NULL,
+        ttl BIGINT,
+        dns TEXT NOT NULL,
+        created_at BIGINT NOT NULL
+    );
+    CREATE INDEX entries_parent ON entries(parent_id);
+    CREATE TABLE certificates (
+        serial BYTEA PRIMARY KEY,
+        spiffe_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        not_after BIGINT NOT NULL,
+        issued_at BIGINT NOT NULL,
+        parent TEXT
+    );
+    CREATE TABLE audit (
+        seq BIGINT PRIMARY KEY,
+        at BIGINT NOT NULL,
+        action TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        prev_hash BYTEA NOT NULL,
+        hash BYTEA NOT NULL
+    );
+    CREATE INDEX audit_action ON audit(action, subject);
+    CREATE TABLE audit_head (
+        id INT PRIMARY KEY CHECK (id = 1),
+        seq BIGINT NOT NULL,
+        hash BYTEA NOT NULL
+    );
+    INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, decode(repeat('00', 32), 'hex'));
+    CREATE TABLE leases (
+        name TEXT PRIMARY KEY,
+        replica TEXT NOT NULL,
+        host TEXT NOT NULL,
+        since BIGINT NOT NULL,
+        expires_at BIGINT NOT NULL
+    );
+    CREATE TABLE probes (
+        replica TEXT PRIMARY KEY,
+        n BIGINT NOT NULL
+    );",
+];
+
+pub struct PgStore {
+    pool: Pool,
+    key: AuditKey,
+    tx: mpsc::UnboundedSender<Job>,
+    replica: String,
+    host: String,
+    /// The connection string without credentials, for `status`.
+    target: String,
+    up: Arc<AtomicBool>,
+    last_error_at: Arc<AtomicI64>,
+}
+
+struct Job {
+    op: Write,
+    reply: oneshot::Sender<Result<Outcome, StoreError>>,
+}
+
+fn db(e: tokio_postgres::Error) -> StoreError {
+    // The server's own message (constraint, lock, shutdown) says more than the Display.
+    match e.as_db_error() {
+        Some(d) => StoreError::Db(format!("{}: {}", d.code().code(), d.message())),
+        None => StoreError::Db(e.to_string()),
+    }
+}
+
+fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
+    // The causes say what went wrong (refused, a certificate not trusted, a bad password).
+    let mut msg = format!("cannot reach the database: {e}");
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        cause = c.source();
+    }
+    StoreError::Db(msg)
+}
+
+/// Whether `s` is a PostgreSQL connection string (`postgres://` or `postgresql://`).
+pub fn is_url(s: &str) -> bool {
+    s.starts_with("postgres://") || s.starts_with("postgresql://")
+}
+
+/// The connection string with any password replaced, for logs and `status`.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (auth, tail) = match rest.split_once('@') {
+        Some((a, t)) if !a.contains('/') => (Some(a), t),
+        _ => (None, rest),
+    };
+    let tail = match tail.split_once('?') {
+        Some((h, q)) => {
+            let q: Vec<String> = q
+                .split('&')
+                .map(|p| match p.split_once('=') {
+                    Some(("password", _)) => "password=REDACTED".to_owned(),
+                    _ => p.to_owned(),
+                })
+                .collect();
+            format!("{h}?{}", q.join("&"))
+        }
+        None => tail.to_owned(),
+    };
+    match auth {
+        Some(a) => {
+            let user = a.split_once(':').map_or(a, |(u, _)| u);
+            format!("{scheme}://{user}@{tail}")
+        }
+        None => format!("{scheme}://{tail}"),
+    }
+}
+
+impl PgStore {
+    /// Connects, runs the migrations that are missing, checks the audit chain's newest row
+    /// against this key-encryption key, and starts the writer. `replica` names this process in
+    /// leases and probes.
+    pub async fn open(url: &str, key: AuditKey, replica: &str) -> Result<Self, StoreError> {
+        let pool = pool(url)?;
+        let host = hostname();
+        let mut client = pool.get().await.map_err(pool_err)?;
+        migrate(&mut client).await?;
+        // The newest row must verify under this key (else: a wrong KEK, or an altered row):
+        // appending rows nobody could verify is refused, as in the SQLite store. A chain that
+        // ends in plain rows (copied from an older kith's SQLite database) gets its
+        // `audit.keyed` row first.
+        if let Some(legacy_rows) = newest_row_state(&client, &key).await? {
+            let tx = client.transaction().await.map_err(db)?;
+            let mut pending = Pending::default();
+            let mut last = lock_head(&tx).await?;
+            let event = AuditEvent {
+                at: unix_now(),
+                action: AUDIT_KEYED.into(),
+                subject: "audit".into(),
+                outcome: "ok".into(),
+                detail: serde_json::json!({ "legacy_rows": legacy_rows }),
+            };
+            pending.audit(&key, &event, &mut last);
+            pending.flush(&tx, last).await?;
+            tx.commit().await.map_err(db)?;
+        }
+        drop(client);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let up = Arc::new(AtomicBool::new(true));
+        let last_error_at = Arc::new(AtomicI64::new(0));
+        tokio::spawn(writer(
+            pool.clone(),
+            key.clone(),
+            rx,
+            replica.to_owned(),
+            up.clone(),
+            last_error_at.clone(),
+        ));
+        Ok(Self {
+            pool,
+            key,
+            tx,
+            replica: replica.to_owned(),
+            host,
+            target: redact(url),
+            up,
+            last_error_at,
+        })
+    }
+
+    /// Connects without starting a writer or touching the schema beyond the migrations: for
+    /// `kith ca store migrate`, which copies rows in as they are.
+    pub async fn open_for_import(url: &str) -> Result<Importer, StoreError> {
+        let pool = pool(url)?;
+        let mut client = pool.get().await.map_err(pool_err)?;
+        migrate(&mut client).await?;
+        Ok(Importer { client })
+    }
+
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    /// Holds a session advisory lock until the guard drops: replicas starting on an empty
+    /// database take turns, so exactly one creates the root and the first keys and the others
+    /// load them.
+    pub async fn startup_lock(&self) -> Result<StartupLock, StoreError> {
+        let client = self.client().await?;
+        client
+            .execute("SELECT pg_advisory_lock($1)", &[&STARTUP_LOCK])
+            .await
+            .map_err(db)?;
+        Ok(StartupLock {
+            client: Some(client),
+        })
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        match self.pool.get().await {
+            Ok(c) => Ok(c),
+            Err(e) => {
+                self.up.store(false, Ordering::Relaxed);
+                self.last_error_at.store(unix_now(), Ordering::Relaxed);
+                Err(pool_err(e))
+            }
+        }
+    }
+
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(sql).await.map_err(db)?;
+        let rows = client.query(&stmt, params).await.map_err(db)?;
+        self.up.store(true, Ordering::Relaxed);
+        Ok(rows)
+    }
+}
+
+fn pool(url: &str) -> Result<Pool, StoreError> {
+    let (pg_url, verify) = split_url(url)?;
+    let mut config: tokio_postgres::Config = pg_url
+        .parse()
+        .map_err(|e| StoreError::Db(format!("the store's connection string: {e}")))?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    if config.get_application_name().is_none() {
+        config.application_name("kith-ca");
+    }
+    let loopback = config.get_hosts().iter().all(|h| match h {
+        tokio_postgres::config::Host::Tcp(name) => {
+            name == "localhost"
+                || name
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|a| a.is_loopback())
+        }
+        tokio_postgres::config::Host::Unix(_) => true,
+    });
+    match (&verify, config.get_ssl_mode()) {
+        (Verify::Full(_), _) => {}
+        (Verify::None, tokio_postgres::config::SslMode::Disable) if loopback => {}
+        (Verify::None, tokio_postgres::config::SslMode::Disable) => tracing::warn!(
+            "sslmode=disable: the connection to the database is not encrypted; use sslmode=verify-full with sslrootcert"
+        ),
+        (Verify::None, _) => tracing::warn!(
+            "the database's certificate is not verified (no sslrootcert): use sslmode=verify-full with sslrootcert=FILE"
+        ),
+    }
+    let tls = MakeRustls::new(client_config(&verify)?);
+    let manager = Manager::from_config(
+        config,
+        tls,
+        ManagerConfig {
+            // A query on a recycled connection proves it still reaches a primary that answers.
+            recycling_method: RecyclingMethod::Verified,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(POOL_SIZE)
+        .runtime(Runtime::Tokio1)
+        .timeouts(Timeouts {
+            wait: Some(CONNECT_TIMEOUT),
+            create: Some(CONNECT_TIMEOUT),
+            recycle: Some(CONNECT_TIMEOUT),
+        })
+        .build()
+        .map_err(|e| StoreError::Db(format!("connection pool: {e}")))
+}
+
+async fn migrate(client: &mut deadpool_postgres::Client) -> Result<(), StoreError> {
+    let mig = |e: tokio_postgres::Error| StoreError::Migration(db(e).to_string());
+    let tx = client.transaction().await.map_err(mig)?;
+    // Replicas starting together: the first takes the lock and migrates, the others wait and
+    // then find every step recorded.
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(mig)?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS kith_migrations (
+            version INT PRIMARY KEY,
+            applied_at BIGINT NOT NULL
+        )",
+    )
+    .await
+    .map_err(mig)?;
+    let version: i32 = tx
+        .query_one("SELECT COALESCE(MAX(version), 0) FROM kith_migrations", &[])
+        .await
+        .map_err(mig)?
+        .get(0);
+    let known = MIGRATIONS.len() as i32;
+    if version > known {
+        return Err(StoreError::Migration(format!(
+            "database schema version {version} is newer than this kith ({known}); upgrade kith"
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        tx.batch_execute(sql)
+            .await
+            .map_err(|e| StoreError::Migration(format!("step {}: {}", i + 1, db(e))))?;
+        tx.execute(
+            "INSERT INTO kith_migrations (version, applied_at) VALUES ($1, $2)",
+            &[&((i + 1) as i32), &unix_now()],
+        )
+        .await
+        .map_err(mig)?;
+    }
+    tx.commit().await.map_err(mig)
+}
+
+/// As in the SQLite store: `Some(rows)` when the newest row is a legacy plain hash, `None`
+/// when the chain is empty or keyed, an error when the newest row verifies neither way.
+async fn newest_row_state(
+    client: &deadpool_postgres::Client,
+    key: &AuditKey,
+) -> Result<Option<i64>, StoreError> {
+    let row = client
+        .query_opt(
+            "SELECT seq, at, action, subject, outcome, detail, prev_hash, hash FROM audit
+             ORDER BY seq DESC LIMIT 1",
+            &[],
+        )
+        .await
+        .map_err(db)?;
+    let Some(r) = row else { return Ok(None) };
+    let (seq, event, detail, prev, stored) = audit_parts(&r);
+    let prev: [u8; 32] = prev.try_into().map_err(|_| StoreError::Corrupt {
+        table: "audit",
+        detail: format!("row {seq} has a previous hash that is not 32 bytes"),
+    })?;
+    if audit_mac_ok(key, &prev, seq, &event, &detail, &stored) {
+        return Ok(None);
+    }
+    if legacy_audit_hash(&prev, seq, &event, &detail).as_slice() == stored.as_slice() {
+        return Ok(Some(seq));
+    }
+    Err(StoreError::Corrupt {
+        table: "audit",
+        detail: format!(
+            "the newest row ({seq}) does not verify under this key-encryption key: the KEK is not the one this CA was started with, or the row was altered (`kith ca audit verify` with the right KEK says which)"
+        ),
+    })
+}
+
+fn audit_parts(r: &Row) -> (i64, AuditEvent, String, Vec<u8>, Vec<u8>) {
+    (
+        r.get(0),
+        AuditEvent {
+            at: r.get(1),
+            action: r.get(2),
+            subject: r.get(3),
+            outcome: r.get(4),
+            detail: serde_json::Value::Null,
+        },
+        r.get(5),
+        r.get(6),
+        r.get(7),
+    )
+}
+
+/// Locks the chain's head for this transaction; other replicas' writes wait until it ends.
+async fn lock_head(tx: &Transaction<'_>) -> Result<(i64, [u8; 32]), StoreError> {
+    let row = tx
+        .query_one(
+            "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE",
+            &[],
+        )
+        .await
+        .map_err(db)?;
+    let seq: i64 = row.get(0);
+    let hash: Vec<u8> = row.get(1);
+    let hash = hash.try_into().map_err(|_| StoreError::Corrupt {
+        table: "audit_head",
+        detail: "the head hash is not 32 bytes".into(),
+    })?;
+    Ok((seq, hash))
+}
+
+/// Rows a group inserts in bulk at its end.
+#[derive(Default)]
+struct Pending {
+    serial: Vec<Vec<u8>>,
+    spiffe_id: Vec<String>,
+    kind: Vec<String>,
+    not_after: Vec<i64>,
+    issued_at: Vec<i64>,
+    parent: Vec<Option<String>>,
+    seq: Vec<i64>,
+    at: Vec<i64>,
+    action: Vec<String>,
+    subject: Vec<String>,
+    outcome: Vec<String>,
+    detail: Vec<String>,
+    prev_hash: Vec<Vec<u8>>,
+    hash: Vec<Vec<u8>>,
+}
+
+impl Pending {
+    fn cert(&mut self, c: &IssuedCert) {
+        self.serial.push(c.serial.clone());
+        self.spiffe_id.push(c.spiffe_id.clone());
+        self.kind.push(c.kind.to_owned());
+        self.not_after.push(c.not_after);
+        self.issued_at.push(c.issued_at);
+        self.parent.push(c.parent.clone());
+    }
+
+    fn audit(&mut self, key: &AuditKey, e: &AuditEvent, last: &mut (i64, [u8; 32])) {
+        let seq = last.0 + 1;
+        let detail = e.detail.to_string();
+        let hash = audit_mac(key, &last.1, seq, e, &detail);
+        self.seq.push(seq);
+        self.at.push(e.at);
+        self.action.push(e.action.clone());
+        self.subject.push(e.subject.clone());
+        self.outcome.push(e.outcome.clone());
+        self.detail.push(detail);
+        self.prev_hash.push(last.1.to_vec());
+        self.hash.push(hash.to_vec());
+        *last = (seq, hash);
+    }
+
+    async fn flush(self, tx: &Transaction<'_>, last: (i64, [u8; 32])) -> Result<(), StoreError> {
+        if !self.serial.is_empty() {
+            let stmt = tx
+                .prepare_cached(
+                    "INSERT INTO certificates (serial, spiffe_id, kind, not_after, issued_at, parent)
+                     SELECT * FROM UNNEST($1::bytea[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::text[])",
+                )
+                .await
+                .map_err(db)?;
+            tx.execute(
+                &stmt,
+                &[
+                    &self.serial,
+                    &self.spiffe_id,
+                    &self.kind,
+                    &self.not_after,
+                    &self.issued_at,
+                    &self.parent,
+                ],
+            )
+            .await
+            .map_err(db)?;
+        }
+        if !self.seq.is_empty() {
+            let stmt = tx
+                .prepare_cached(
+                    "INSERT INTO audit (seq, at, action, subject, outcome, detail, prev_hash, hash)
+                     SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bytea[], $8::bytea[])",
+                )
+                .await
+                .map_err(db)?;
+            tx.execute(
+                &stmt,
+                &[
+                    &self.seq,
+                    &self.at,
+                    &self.action,
+                    &self.subject,
+                    &self.outcome,
+                    &self.detail,
+                    &self.prev_hash,
+                    &self.hash,
+                ],
+            )
+            .await
+            .map_err(db)?;
+            let stmt = tx
+                .prepare_cached("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
+                .await
+                .map_err(db)?;
+            tx.execute(&stmt, &[&last.0, &last.1.as_slice()])
+                .await
+                .map_err(db)?;
+        }
+        Ok(())
+    }
+}
+
+/// The writer task: take one job, drain whatever else waits, apply them in one transaction,
+/// commit once, answer everyone. When the group fails (one bad write, or the database went
+/// away), each write is tried alone so only the failing ones fail.
+async fn writer(
+    pool: Pool,
+    key: AuditKey,
+    mut rx: mpsc::UnboundedReceiver<Job>,
+    replica: String,
+    up: Arc<AtomicBool>,
+    last_error_at: Arc<AtomicI64>,
+) {
+    let mut batch: Vec<Job> = Vec::with_capacity(MAX_GROUP);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let mut client = match pool.get().await {
+            Ok(c) => c,
+            Err(e) => {
+                up.store(false, Ordering::Relaxed);
+                last_error_at.store(unix_now(), Ordering::Relaxed);
+                let msg = pool_err(e).to_string();
+                for job in batch.drain(..) {
+                    let _ = job.reply.send(Err(StoreError::Db(msg.clone())));
+                }
+                continue;
+            }
+        };
+        let ops: Vec<&Write> = batch.iter().map(|j| &j.op).collect();
+        let results = match apply_group(&mut client, &key, &replica, &ops).await {
+            Ok(outcomes) => outcomes.into_iter().map(Ok).collect::<Vec<_>>(),
+            Err(_) if ops.len() > 1 => {
+                let mut each = Vec::with_capacity(ops.len());
+                for op in &ops {
+                    each.push(
+                        apply_group(&mut client, &key, &replica, std::slice::from_ref(op))
+                            .await
+                            .map(|mut o| o.remove(0)),
+                    );
+                }
+                each
+            }
+            Err(e) => vec![Err(e)],
+        };
+        if results.iter().any(|r| r.is_ok()) {
+            up.store(true, Ordering::Relaxed);
+        } else if client.is_closed() {
+            up.store(false, Ordering::Relaxed);
+            last_error_at.store(unix_now(), Ordering::Relaxed);
+        }
+        if client.is_closed() {
+            // A dead connection goes back to the pool closed; the pool drops it.
+            drop(client);
+        }
+        for (job, result) in batch.drain(..).zip(results) {
+            let _ = job.reply.send(result);
+        }
+    }
+}
+
+async fn apply_group(
+    client: &mut deadpool_postgres::Object,
+    key: &AuditKey,
+    replica: &str,
+    ops: &[&Write],
+) -> Result<Vec<Outcome>, StoreError> {
+    let tx = client.transaction().await.map_err(db)?;
+    let writes_chain = ops.iter().any(|op| !matches!(op, Write::Probe));
+    let mut last = if writes_chain {
+        lock_head(&tx).await?
+    } else {
+        (0, [0u8; 32])
+    };
+    let mut pending = Pending::default();
+    let mut outcomes = Vec::with_capacity(ops.len());
+    for op in ops {
+        outcomes.push(apply(&tx, key, replica, op, &mut pending, &mut last).await?);
+    }
+    if writes_chain {
+        pending.flush(&tx, last).await?;
+    }
+    tx.commit().await.map_err(db)?;
+    Ok(outcomes)
+}
+
+async fn exec(
+    tx: &Transaction<'_>,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<u64, StoreError> {
+    let stmt = tx.prepare_cached(sql).await.map_err(db)?;
+    tx.execute(&stmt, params).await.map_err(db)
+}
+
+async fn upsert_node(tx: &Transaction<'_>, n: &Node) -> Result<(), StoreError> {
+    exec(
+        tx,
+        "INSERT INTO nodes (spiffe_id, name, attested_at, last_issued_at, evicted_at)
+         VALUES ($1, $2, $3, $4, NULL)
+         ON CONFLICT (spiffe_id) DO UPDATE SET last_issued_at = excluded.last_issued_at",
+        &[&n.spiffe_id, &n.name, &n.attested_at, &n.last_issued_at],
+    )
+    .await
+    .map(drop)
+}
+
+async fn apply(
+    tx: &Transaction<'_>,
+    key: &AuditKey,
+    replica: &str,
+    op: &Write,
+    pending: &mut Pending,
+    last: &mut (i64, [u8; 32]),
+) -> Result<Outcome, StoreError> {
+    match op {
+        Write::Issue { cert, node, audit } => {
+            pending.cert(cert);
+            if let Some(node) = node {
+                upsert_node(tx, node).await?;
+            }
+            pending.audit(key, audit, last);
+            Ok(Outcome::Done)
+        }
+        Write::JoinIssue {
+            token_id,
+            token_hash,
+            now,
+            cert,
+            node,
+            audit,
+        } => {
+            // SECURITY: the row lock makes a second replica spending the same token wait for
+            // this transaction, then read the row as this one left it (used).
+            let stmt = tx
+                .prepare_cached(
+                    "SELECT hash, expires_at, used_at, revoked_at FROM join_tokens WHERE id = $1 FOR UPDATE",
+                )
+                .await
+                .map_err(db)?;
+            let row = tx.query_opt(&stmt, &[token_id]).await.map_err(db)?;
+            // SECURITY: constant-time comparison of the secret's hash.
+            let row = row.filter(|r| {
+                let h: Vec<u8> = r.get(0);
+                bool::from(h.as_slice().ct_eq(&token_hash[..]))
+            });
+            let row = row.map(|r| {
+                (
+                    r.get::<_, i64>(1),
+                    r.get::<_, Option<i64>>(2),
+                    r.get::<_, Option<i64>>(3),
+                )
+            });
+            let refusal = match row {
+                None => Some(TokenRefusal::Unknown),
+                Some((_, _, Some(_))) => Some(TokenRefusal::Revoked),
+                Some((_, Some(_), _)) => Some(TokenRefusal::Used),
+                Some((expires, _, _)) if expires <= *now => Some(TokenRefusal::Expired),
+                _ => None,
+            };
+            if let Some(r) = refusal {
+                return Ok(Outcome::TokenRefused(r));
+            }
+            exec(
+                tx,
+                "UPDATE join_tokens SET used_at = $1 WHERE id = $2",
+                &[now, token_id],
+            )
+            .await?;
+            pending.cert(cert);
+            // A node re-attesting with a new token after eviction is a new decision by an
+            // operator (they made the token), so it clears the eviction.
+            exec(
+                tx,
+                "INSERT INTO nodes (spiffe_id, name, attested_at, last_issued_at, evicted_at)
+                 VALUES ($1, $2, $3, $4, NULL)
+                 ON CONFLICT (spiffe_id) DO UPDATE SET attested_at = excluded.attested_at,
+                   last_issued_at = excluded.last_issued_at, evicted_at = NULL",
+                &[
+                    &node.spiffe_id,
+                    &node.name,
+                    &node.attested_at,
+                    &node.last_issued_at,
+                ],
+            )
+            .await?;
+            pending.audit(key, audit, last);
+            Ok(Outcome::Done)
+        }
+        Write::Audit(e) => {
+            pending.audit(key, e, last);
+            Ok(Outcome::Done)
+        }
+        Write::Probe => {
+            exec(
+                tx,
+                "INSERT INTO probes (replica, n) VALUES ($1, 1)
+                 ON CONFLICT (replica) DO UPDATE SET n = probes.n + 1",
+                &[&replica],
+            )
+            .await?;
+            Ok(Outcome::Done)
+        }
+        Write::CreateToken(t, audit) => {
+            exec(
+                tx,
+                "INSERT INTO join_tokens (hash, id, name, created_at, expires_at) VALUES ($1, $2, $3, $4, $5)",
+                &[&&t.hash[..], &t.id, &t.name, &t.created_at, &t.expires_at],
+            )
+            .await?;
+            pending.audit(key, audit, last);
+            Ok(Outcome::Done)
+        }
+        Write::RevokeToken { id, now, audit } => {
+            let n = exec(
+                tx,
+                "UPDATE join_tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
+                &[now, id],
+            )
+            .await?;
+            if n == 0 {
+                return Ok(Outcome::NotFound);
+            }
+            pending.audit(key, audit, last);
+            Ok(Outcome::Done)
+        }
+        Write::PutEntry(e, audit) => {
+            exec(
+                tx,
+                "INSERT INTO entries (id, spiffe_id, parent_id, selectors, ttl, dns, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                &[
+                    &e.id,
+                    &e.spiffe_id,
+                    &e.parent_id,
+                    &serde_json::to_string(&e.selectors).unwrap_or_default(),
+                    &e.ttl.map(|t| t as i64),
+                    &serde_json::to_string(&e.dns).unwrap_or_default(),
+                    &e.created_at,
+                ],
+            )
+            .await?;
+            pending.audit(key, audit, last);
+            Ok(Outcome::Done)
+        }
+        Write::DeleteEntry { id, audit } => {
+            let n = exec(tx, "DELETE FROM entries WHERE id = $1", &[id]).await?;
+            if n == 0 {
+                return Ok(Outcome::NotFound);
+            }
+            pending.audit(key, audit, last);
+            Ok(Outcome::Done)
+        }
+        Write::EvictNode {
+            spiffe_id,
+            now,
+            audit,
+        } => {
+            let n = exec(
+                tx,
+                "UPDATE nodes SET evicted_at = $1 WHERE spiffe_id = $2 AND evicted_at IS NULL",
+                &[now, spiffe_id],
+            )
+            .await?;
+            if n == 0 {
+                return Ok(Outcome::NotFound);
+            }
+            pending.audit(key, audit, last);
+            Ok(Outcome::Done)
+        }
+        Write::PutCaKey(k, audit) => {
+            exec(
+                tx,
+                "INSERT INTO ca_keys (id, kind, cert_der, sealed_key, not_before, not_after, activate_at, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                &[
+                    &k.id,
+                    &kind_str(k.kind),
+                    &k.cert_der,
+                    &k.sealed_key,
+                    &k.not_before,
+                    &k.not_after,
+                    &k.activate_at,
+                    &k.created_at,
+                ],
+            )
+            .await?;
+            pending.audit(key, audit, last);
+            Ok(Outcome::Done)
+        }
+        Write::ResealCaKey {
+            id,
+            sealed_key,
+            audit,
+        } => {
+            let n = exec(
+                tx,
+                "UPDATE ca_keys SET sealed_key = $1 WHERE id = $2",
+                &[sealed_key, id],
+            )
+            .await?;
+            if n == 0 {
+                return Ok(Outcome::NotFound);
+            }
+            pending.audit(key, audit, last);
+            Ok(Outcome::Done)
+        }
+        Write::ActivateCaKey {
+            id,
+            activate_at,
+            sealed_key,
+            audit,
+        } => {
+            let n = exec(
+                tx,
+                "UPDATE ca_keys SET activate_at = $1, sealed_key = $2 WHERE id = $3",
+                &[activate_at, sealed_key, id],
+            )
+            .await?;
+            if n == 0 {
+                return Ok(Outcome::NotFound);
+            }
+            pending.audit(key, audit, last);
+            Ok(Outcome::Done)
+        }
+    }
+}
+
+fn token_row(r: &Row) -> JoinToken {
+    let hash: Vec<u8> = r.get(0);
+    let mut h = [0u8; 32];
+    if hash.len() == 32 {
+        h.copy_from_slice(&hash);
+    }
+    JoinToken {
+        hash: h,
+        id: r.get(1),
+        name: r.get(2),
+        created_at: r.get(3),
+        expires_at: r.get(4),
+        used_at: r.get(5),
+        revoked_at: r.get(6),
+    }
+}
+
+fn audit_row(r: &Row) -> AuditRow {
+    let detail: String = r.get(5);
+    AuditRow {
+        seq: r.get(0),
+        event: AuditEvent {
+            at: r.get(1),
+            action: r.get(2),
+            subject: r.get(3),
+            outcome: r.get(4),
+            detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::String(detail)),
+        },
+        prev_hash: hex(&r.get::<_, Vec<u8>>(6)),
+        hash: hex(&r.get::<_, Vec<u8>>(7)),
+    }
+}
+
+impl Store for PgStore {
+    async fn write(&self, op: Write) -> Result<Outcome, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Job { op, reply })
+            .map_err(|_| StoreError::WriterGone)?;
+        rx.await.map_err(|_| StoreError::WriterGone)?
+    }
+
+    async fn ca_keys(&self) -> Result<Vec<CaKeyRecord>, StoreError> {
+        let rows = self
+            .query(
+                "SELECT id, kind, cert_der, sealed_key, not_before, not_after, activate_at, created_at
+                 FROM ca_keys ORDER BY created_at, id",
+                &[],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let id: String = r.get(0);
+                let kind: String = r.get(1);
+                let kind = parse_kind(&kind).ok_or_else(|| StoreError::Corrupt {
+                    table: "ca_keys",
+                    detail: format!("key {id} has unknown kind {kind:?}"),
+                })?;
+                Ok(CaKeyRecord {
+                    id,
+                    kind,
+                    cert_der: r.get(2),
+                    sealed_key: r.get(3),
+                    not_before: r.get(4),
+                    not_after: r.get(5),
+                    activate_at: r.get(6),
+                    created_at: r.get(7),
+                })
+            })
+            .collect()
+    }
+
+    async fn token(&self, id: &str) -> Result<Option<JoinToken>, StoreError> {
+        let rows = self
+            .query(
+                "SELECT hash, id, name, created_at, expires_at, used_at, revoked_at FROM join_tokens WHERE id = $1",
+                &[&id],
+            )
+            .await?;
+        Ok(rows.first().map(token_row))
+    }
+
+    async fn certificate(&self, serial: &[u8]) -> Result<Option<CertRecord>, StoreError> {
+        let rows = self
+            .query(
+                "SELECT spiffe_id, kind, parent FROM certificates WHERE serial = $1",
+                &[&serial],
+            )
+            .await?;
+        Ok(rows.first().map(|r| CertRecord {
+            spiffe_id: r.get(0),
+            kind: r.get(1),
+            parent: r.get(2),
+        }))
+    }
+
+    async fn tokens(&self) -> Result<Vec<JoinToken>, StoreError> {
+        let rows = self
+            .query(
+                "SELECT hash, id, name, created_at, expires_at, used_at, revoked_at FROM join_tokens ORDER BY created_at, id",
+                &[],
+            )
+            .await?;
+        Ok(rows.iter().map(token_row).collect())
+    }
+
+    async fn entries(&self) -> Result<Vec<Entry>, StoreError> {
+        let rows = self
+            .query(
+                "SELECT id, spiffe_id, parent_id, selectors, ttl, dns, created_at FROM entries ORDER BY created_at, id",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let selectors: String = r.get(3);
+                let dns: String = r.get(5);
+                Entry {
+                    id: r.get(0),
+                    spiffe_id: r.get(1),
+                    parent_id: r.get(2),
+                    selectors: serde_json::from_str(&selectors).unwrap_or_default(),
+                    ttl: r.get::<_, Option<i64>>(4).map(|t| t.max(0) as u64),
+                    dns: serde_json::from_str(&dns).unwrap_or_default(),
+                    created_at: r.get(6),
+                }
+            })
+            .collect())
+    }
+
+    async fn nodes(&self) -> Result<Vec<Node>, StoreError> {
+        let rows = self
+            .query(
+                "SELECT spiffe_id, name, attested_at, last_issued_at, evicted_at FROM nodes ORDER BY spiffe_id",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| Node {
+                spiffe_id: r.get(0),
+                name: r.get(1),
+                attested_at: r.get(2),
+                last_issued_at: r.get(3),
+                evicted_at: r.get(4),
+            })
+            .collect())
+    }
+
+    async fn audit(&self, after_seq: i64, limit: i64) -> Result<Vec<AuditRow>, StoreError> {
+        let rows = self
+            .query(
+                "SELECT seq, at, action, subject, outcome, detail, prev_hash, hash FROM audit
+                 WHERE seq > $1 ORDER BY seq LIMIT $2",
+                &[&after_seq, &limit],
+            )
+            .await?;
+        Ok(rows.iter().map(audit_row).collect())
+    }
+
+    async fn verify_audit(&self, expect: Option<&AuditHead>) -> Result<AuditVerdict, StoreError> {
+        const PAGE: i64 = 10_000;
+        let mut check = ChainCheck::new(&self.key, expect);
+        let mut after = 0i64;
+        loop {
+            let rows = self
+                .query(
+                    "SELECT seq, at, action, subject, outcome, detail, prev_hash, hash FROM audit
+                     WHERE seq > $1 ORDER BY seq LIMIT $2",
+                    &[&after, &PAGE],
+                )
+                .await?;
+            for r in &rows {
+                let (seq, event, detail, prev, stored) = audit_parts(r);
+                if let Some(verdict) = check.push(seq, &event, &detail, &prev, &stored) {
+                    return Ok(verdict);
+                }
+                after = seq;
+            }
+            if (rows.len() as i64) < PAGE {
+                return Ok(check.finish());
+            }
+        }
+    }
+
+    async fn audit_head(&self) -> Result<Option<AuditHead>, StoreError> {
+        let rows = self
+            .query("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", &[])
+            .await?;
+        Ok(rows.first().map(|r| AuditHead {
+            seq: r.get(0),
+            hash: hex(&r.get::<_, Vec<u8>>(1)),
+        }))
+    }
+
+    async fn audit_has(&self, action: &str, subject: &str) -> Result<bool, StoreError> {
+        let rows = self
+            .query(
+                "SELECT EXISTS (SELECT 1 FROM audit WHERE action = $1 AND subject = $2)",
+                &[&action, &subject],
+            )
+            .await?;
+        Ok(rows.first().is_some_and(|r| r.get::<_, bool>(0)))
+    }
+
+    async fn counts(&self) -> Result<Counts, StoreError> {
+        let now = unix_now();
+        let rows = self
+            .query(
+                "SELECT
+                   (SELECT COUNT(*) FROM certificates),
+                   (SELECT COUNT(*) FROM nodes WHERE evicted_at IS NULL),
+                   (SELECT COUNT(*) FROM nodes WHERE evicted_at IS NOT NULL),
+                   (SELECT COUNT(*) FROM entries),
+                   (SELECT COUNT(*) FROM join_tokens WHERE used_at IS NULL AND revoked_at IS NULL AND expires_at > $1),
+                   (SELECT COUNT(*) FROM audit)",
+                &[&now],
+            )
+            .await?;
+        let r = rows
+            .first()
+            .ok_or_else(|| StoreError::Db("counts returned no row".into()))?;
+        Ok(Counts {
+            issued: r.get(0),
+            nodes: r.get(1),
+            evicted_nodes: r.get(2),
+            entries: r.get(3),
+            active_tokens: r.get(4),
+            audit_rows: r.get(5),
+        })
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    async fn try_lease(&self, name: &str, ttl: i64) -> Result<bool, StoreError> {
+        let now = unix_now();
+        let rows = self
+            .query(
+                "INSERT INTO leases (name, replica, host, since, expires_at) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (name) DO UPDATE SET
+                   replica = excluded.replica,
+                   host = excluded.host,
+                   since = CASE WHEN leases.replica = excluded.replica THEN leases.since ELSE excluded.since END,
+                   expires_at = excluded.expires_at
+                 WHERE leases.replica = excluded.replica OR leases.expires_at <= $4
+                 RETURNING replica",
+                &[&name, &self.replica, &self.host, &now, &(now + ttl)],
+            )
+            .await?;
+        Ok(!rows.is_empty())
+    }
+
+    async fn leases(&self) -> Result<Vec<Lease>, StoreError> {
+        let now = unix_now();
+        let rows = self
+            .query(
+                "SELECT name, replica, host, since, expires_at FROM leases WHERE expires_at > $1 ORDER BY name",
+                &[&now],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| Lease {
+                name: r.get(0),
+                replica: r.get(1),
+                host: r.get(2),
+                since: r.get(3),
+                expires_at: r.get(4),
+            })
+            .collect())
+    }
+
+    fn describe(&self) -> serde_json::Value {
+        let status = self.pool.status();
+        serde_json::json!({
+            "kind": "postgres",
+            "target": self.target,
+            "replica": self.replica,
+            "host": self.host,
+            "reachable": self.up.load(Ordering::Relaxed),
+            "last_error_at": match self.last_error_at.load(Ordering::Relaxed) { 0 => None, t => Some(t) },
+            "pool": { "size": status.size, "available": status.available, "max": status.max_size },
+        })
+    }
+}
+
+/// A replica's start in progress (see [`PgStore::startup_lock`]).
+pub struct StartupLock {
+    client: Option<deadpool_postgres::Object>,
+}
+
+impl Drop for StartupLock {
+    fn drop(&mut self) {
+        // The connection is closed rather than returned to the pool: closing it releases the
+        // session lock without another round trip.
+        if let Some(c) = self.client.take() {
+            drop(deadpool_postgres::Object::take(c));
+        }
+    }
+}
+
+/// Copies rows into an empty PostgreSQL store as they are (`kith ca store migrate`).
+pub struct Importer {
+    client: deadpool_postgres::Object,
+}
+
+impl Importer {
+    /// Whether the target holds anything a CA wrote (keys, tokens, entries, nodes,
+    /// certificates, audit rows).
+    pub async fn is_empty(&self) -> Result<bool, StoreError> {
+        let r = self
+            .client
+            .query_one(
+                "SELECT NOT EXISTS (SELECT 1 FROM ca_keys) AND NOT EXISTS (SELECT 1 FROM join_tokens)
+                   AND NOT EXISTS (SELECT 1 FROM entries) AND NOT EXISTS (SELECT 1 FROM nodes)
+                   AND NOT EXISTS (SELECT 1 FROM certificates) AND NOT EXISTS (SELECT 1 FROM audit)",
+                &[],
+            )
+            .await
+            .map_err(db)?;
+        Ok(r.get(0))
+    }
+
+    /// Runs `f` in one transaction: the copy lands whole or not at all.
+    pub async fn transaction(&mut self) -> Result<Transaction<'_>, StoreError> {
+        self.client.transaction().await.map_err(db)
+    }
+}
+
+/// Row inserts for the import, inside its transaction.
+pub mod import {
+    use super::*;
+
+    pub async fn ca_key(tx: &Transaction<'_>, k: &CaKeyRecord) -> Result<(), StoreError> {
+        exec(
+            tx,
+            "INSERT INTO ca_keys (id, kind, cert_der, sealed_key, not_before, not_after, activate_at, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            &[
+                &k.id,
+                &kind_str(k.kind),
+                &k.cert_der,
+                &k.sealed_key,
+                &k.not_before,
+                &k.not_after,
+                &k.activate_at,
+                &k.created_at,
+            ],
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn token(tx: &Transaction<'_>, t: &JoinToken) -> Result<(), StoreError> {
+        exec(
+            tx,
+            "INSERT INTO join_tokens (hash, id, name, created_at, expires_at, used_at, revoked_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            &[
+                &&t.hash[..],
+                &t.id,
+                &t.name,
+                &t.created_at,
+                &t.expires_at,
+                &t.used_at,
+                &t.revoked_at,
+            ],
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn entry(tx: &Transaction<'_>, e: &Entry) -> Result<(), StoreError> {
+        exec(
+            tx,
+            "INSERT INTO entries (id, spiffe_id, parent_id, selectors, ttl, dns, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            &[
+                &e.id,
+                &e.spiffe_id,
+                &e.parent_id,
+                &serde_json::to_string(&e.selectors).unwrap_or_default(),
+                &e.ttl.map(|t| t as i64),
+                &serde_json::to_string(&e.dns).unwrap_or_default(),
+                &e.created_at,
+            ],
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn node(tx: &Transaction<'_>, n: &Node) -> Result<(), StoreError> {
+        exec(
+            tx,
+            "INSERT INTO nodes (spiffe_id, name, attested_at, last_issued_at, evicted_at)
+             VALUES ($1, $2, $3, $4, $5)",
+            &[
+                &n.spiffe_id,
+                &n.name,
+                &n.attested_at,
+                &n.last_issued_at,
+                &n.evicted_at,
+            ],
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Certificates as stored: serial, SPIFFE ID, kind, not-after, issued-at, parent.
+    pub async fn certificates(
+        tx: &Transaction<'_>,
+        rows: &[(Vec<u8>, String, String, i64, i64, Option<String>)],
+    ) -> Result<(), StoreError> {
+        let mut p = Pending::default();
+        for (serial, id, kind, na, at, parent) in rows {
+            p.serial.push(serial.clone());
+            p.spiffe_id.push(id.clone());
+            p.kind.push(kind.clone());
+            p.not_after.push(*na);
+            p.issued_at.push(*at);
+            p.parent.push(parent.clone());
+        }
+        p.flush(tx, (0, [0u8; 32])).await
+    }
+
+    /// Audit rows exactly as stored (detail as its JSON text, hashes as bytes); the head row
+    /// follows the last one.
+    pub async fn audit(
+        tx: &Transaction<'_>,
+        rows: &[(i64, AuditEvent, String, Vec<u8>, Vec<u8>)],
+    ) -> Result<(), StoreError> {
+        let Some(last) = rows.last() else {
+            return Ok(());
+        };
+        let mut p = Pending::default();
+        for (seq, e, detail, prev, hash) in rows {
+            p.seq.push(*seq);
+            p.at.push(e.at);
+            p.action.push(e.action.clone());
+            p.subject.push(e.subject.clone());
+            p.outcome.push(e.outcome.clone());
+            p.detail.push(detail.clone());
+            p.prev_hash.push(prev.clone());
+            p.hash.push(hash.clone());
+        }
+        let mut head = [0u8; 32];
+        if last.4.len() == 32 {
+            head.copy_from_slice(&last.4);
+        }
+        p.flush(tx, (last.0, head)).await
+    }
+}
+
+fn kind_str(k: KeyKind) -> &'static str {
+    match k {
+        KeyKind::Root => "root",
+        KeyKind::Intermediate => "intermediate",
+        KeyKind::Jwt => "jwt",
+    }
+}
+
+fn parse_kind(s: &str) -> Option<KeyKind> {
+    match s {
+        "root" => Some(KeyKind::Root),
+        "intermediate" => Some(KeyKind::Intermediate),
+        "jwt" => Some(KeyKind::Jwt),
+        _ => None,
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
