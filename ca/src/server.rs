@@ -390,12 +390,14 @@ fn replica_id() -> String {
 }
 
 /// Adopts keys and cache changes another replica made, when the stored keys changed.
-async fn follow(ca: &Ca<AnyStore>, seen: &mut Option<Vec<(String, i64)>>, now: SystemTime) {
+async fn follow(ca: &Ca<AnyStore>, seen: &mut Option<Vec<(String, i64, bool)>>, now: SystemTime) {
     match ca.store.ca_keys().await {
         Ok(records) => {
-            let print: Vec<(String, i64)> = records
+            // A key whose activation time passed changes the print too: the replica that
+            // prepared it activates it on its own clock, and so does every other.
+            let print: Vec<(String, i64, bool)> = records
                 .iter()
-                .map(|r| (r.id.clone(), r.activate_at))
+                .map(|r| (r.id.clone(), r.activate_at, r.activate_at <= unix(now)))
                 .collect();
             if seen.as_ref() != Some(&print) {
                 match ca.authority.refresh(ca.store.as_ref(), now).await {

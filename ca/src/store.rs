@@ -102,6 +102,14 @@ pub struct CertRecord {
     pub parent: Option<String>,
 }
 
+/// An issued certificate's row as stored: serial, SPIFFE ID, kind, not-after, issued-at, parent
+/// (for copying a CA between stores).
+pub type CertRow = (Vec<u8>, String, String, i64, i64, Option<String>);
+
+/// An audit row as stored: seq, the event (its `detail` unset), the detail's JSON text, the
+/// previous MAC and the MAC (for copying a CA between stores, byte for byte).
+pub type RawAuditRow = (i64, AuditEvent, String, Vec<u8>, Vec<u8>);
+
 /// One audit event as the CA describes it; the store adds the sequence number and hashes.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AuditEvent {

@@ -18,8 +18,12 @@ async fn replica(url: &str) -> TestCa {
 }
 
 /// Polls `f` until it is true; panics with `what` after a minute.
-async fn eventually<F: AsyncFnMut() -> bool>(what: &str, mut f: F) {
-    let deadline = Instant::now() + Duration::from_secs(60);
+async fn eventually<F: AsyncFnMut() -> bool>(what: &str, f: F) {
+    eventually_within(what, Duration::from_secs(60), f).await
+}
+
+async fn eventually_within<F: AsyncFnMut() -> bool>(what: &str, within: Duration, mut f: F) {
+    let deadline = Instant::now() + within;
     while !f().await {
         assert!(Instant::now() < deadline, "never happened: {what}");
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -212,4 +216,69 @@ async fn a_replica_without_its_database_answers_503_and_recovers_by_itself() {
     })
     .await;
     ca.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_replica_prepares_the_next_signer_and_the_other_adopts_it() {
+    let Some(pg) = Postgres::start_if_available("one_replica_prepares_the_next_signer") else {
+        return;
+    };
+    let url = pg.create_db("kith");
+    // A one-minute signer: the next one is prepared at 30 s and signs from 50 s on.
+    let short = |u: String| {
+        move |c: &mut ca::config::Config| {
+            c.store = Some(u);
+            c.intermediate_ttl = Duration::from_secs(60);
+            c.workload_ttl = Duration::from_secs(20);
+            c.node_ttl = Duration::from_secs(20);
+        }
+    };
+    let a = start_ca(short(url.clone())).await;
+    let b = start_ca(short(url.clone())).await;
+    let first = a.running.ca.authority.keys().active.id.clone();
+    assert_eq!(b.running.ca.authority.keys().active.id, first);
+    eventually_within(
+        "both replicas sign with the same new signer",
+        Duration::from_secs(120),
+        async || {
+            let (ka, kb) = (a.running.ca.authority.keys(), b.running.ca.authority.keys());
+            ka.active.id != first && ka.active.id == kb.active.id
+        },
+    )
+    .await;
+    // One preparer: two replicas preparing would each make a successor for the same slot
+    // (the same activation time).
+    for kind in ["intermediate", "jwt"] {
+        assert_eq!(
+            pg.psql(
+                "kith",
+                &format!(
+                    "SELECT count(*) - count(DISTINCT activate_at) FROM ca_keys WHERE kind = '{kind}'"
+                )
+            )
+            .trim(),
+            "0",
+            "{}",
+            pg.psql("kith", "SELECT id, kind, activate_at, created_at FROM ca_keys")
+        );
+    }
+    assert_eq!(
+        pg.psql("kith", "SELECT count(*) FROM ca_keys WHERE kind = 'root'")
+            .trim(),
+        "1"
+    );
+    let node = b.node("host-a").await;
+    b.entry("spiffe://example.org/web", &node.id).await;
+    eventually("A issues with the new signer", async || {
+        workload(&a, &node, "spiffe://example.org/web").await.0 == 200
+    })
+    .await;
+    let v = a
+        .admin
+        .call(hyper::Method::GET, "/audit/verify", None)
+        .await
+        .unwrap();
+    assert_eq!(v["first_broken"], Value::Null, "{v}");
+    a.stop().await;
+    b.stop().await;
 }

@@ -261,3 +261,36 @@ async fn a_store_opened_under_another_kek_is_refused() {
         .unwrap();
     assert!(err.to_string().contains("key-encryption key"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_host_string_finds_the_server_that_takes_writes() {
+    if !Postgres::available("a_multi_host_string_finds_the_server_that_takes_writes") {
+        return;
+    }
+    // The first host answers but is read-only, as a standby is; the second is the primary.
+    // It has the database too, so only its read-only state can make the store pass it by.
+    let standby = Postgres::start();
+    standby.create_db("kith");
+    standby.psql(
+        "postgres",
+        "ALTER SYSTEM SET default_transaction_read_only = on",
+    );
+    standby.psql("postgres", "SELECT pg_reload_conf()");
+    assert_eq!(
+        standby.psql("kith", "SHOW transaction_read_only").trim(),
+        "on"
+    );
+    let primary = Postgres::start();
+    primary.create_db("kith");
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/kith?sslmode=disable&target_session_attrs=read-write",
+        standby.port(),
+        primary.port()
+    );
+    let store = PgStore::open(&url, key(), "r0").await.unwrap();
+    store.write(Write::Audit(event("a", "x"))).await.unwrap();
+    assert_eq!(
+        primary.psql("kith", "SELECT count(*) FROM audit").trim(),
+        "1"
+    );
+}

@@ -341,8 +341,9 @@ fn pool(url: &str) -> Result<Pool, StoreError> {
         config,
         tls,
         ManagerConfig {
-            // A query on a recycled connection proves it still reaches a primary that answers.
-            recycling_method: RecyclingMethod::Verified,
+            // A connection whose server went away is closed (its task ended) and is dropped at
+            // checkout; checking each one with a query would cost a round trip per write group.
+            recycling_method: RecyclingMethod::Fast,
         },
     );
     Pool::builder(manager)
@@ -432,7 +433,7 @@ async fn newest_row_state(
     })
 }
 
-fn audit_parts(r: &Row) -> (i64, AuditEvent, String, Vec<u8>, Vec<u8>) {
+fn audit_parts(r: &Row) -> crate::store::RawAuditRow {
     (
         r.get(0),
         AuditEvent {
@@ -1313,7 +1314,7 @@ pub mod import {
     /// Certificates as stored: serial, SPIFFE ID, kind, not-after, issued-at, parent.
     pub async fn certificates(
         tx: &Transaction<'_>,
-        rows: &[(Vec<u8>, String, String, i64, i64, Option<String>)],
+        rows: &[crate::store::CertRow],
     ) -> Result<(), StoreError> {
         let mut p = Pending::default();
         for (serial, id, kind, na, at, parent) in rows {
@@ -1331,7 +1332,7 @@ pub mod import {
     /// follows the last one.
     pub async fn audit(
         tx: &Transaction<'_>,
-        rows: &[(i64, AuditEvent, String, Vec<u8>, Vec<u8>)],
+        rows: &[crate::store::RawAuditRow],
     ) -> Result<(), StoreError> {
         let Some(last) = rows.last() else {
             return Ok(());

@@ -979,9 +979,9 @@ pub struct Export {
     pub entries: Vec<Entry>,
     pub nodes: Vec<Node>,
     /// serial, SPIFFE ID, kind, not-after, issued-at, parent.
-    pub certificates: Vec<(Vec<u8>, String, String, i64, i64, Option<String>)>,
+    pub certificates: Vec<crate::store::CertRow>,
     /// seq, the event (detail unset), detail as its stored JSON text, previous MAC, MAC.
-    pub audit: Vec<(i64, AuditEvent, String, Vec<u8>, Vec<u8>)>,
+    pub audit: Vec<crate::store::RawAuditRow>,
 }
 
 impl ReadOnly {
