@@ -1,6 +1,6 @@
 //! Shared by the CA replica proofs (`ca_replicas_survive_failures.rs`,
-//! `ca_standby_promotion.rs`): replicas of `kith ca serve` on one PostgreSQL, a TCP proxy the test can cut, and the checks on the
-//! database after a run.
+//! `ca_standby_promotion.rs`): replicas of `kith ca serve` on one PostgreSQL, a TCP proxy the
+//! test can cut, and the checks on the database after a run.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{Read, Write};
