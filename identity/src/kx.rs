@@ -79,7 +79,7 @@ impl SupportedKxGroup for X25519MlKem768 {
         let classical = X25519.start()?;
         let mut seed = Seed::default();
         fill_random(&mut seed)?;
-        let decaps = Box::new(DecapsulationKey::<MlKem768>::from_seed(seed.clone()));
+        let decaps = Box::new(DecapsulationKey::<MlKem768>::from_seed(seed));
         seed.zeroize();
         let encaps = decaps.encapsulation_key().to_bytes();
         let mut share = Vec::with_capacity(CLIENT_SHARE_LEN);
