@@ -62,14 +62,22 @@ fn handshake(ends: &Ends, want: rustls::NamedGroup) {
         while c.wants_write() {
             buf.clear();
             c.write_tls(&mut buf).unwrap();
-            s.read_tls(&mut buf.as_slice()).unwrap();
-            s.process_new_packets().unwrap();
+            // read_tls takes at most a few KB per call: feed it all.
+            let mut rd = buf.as_slice();
+            while !rd.is_empty() {
+                s.read_tls(&mut rd).unwrap();
+                s.process_new_packets().unwrap();
+            }
         }
         while s.wants_write() {
             buf.clear();
             s.write_tls(&mut buf).unwrap();
-            c.read_tls(&mut buf.as_slice()).unwrap();
-            c.process_new_packets().unwrap();
+            // read_tls takes at most a few KB per call: feed it all.
+            let mut rd = buf.as_slice();
+            while !rd.is_empty() {
+                c.read_tls(&mut rd).unwrap();
+                c.process_new_packets().unwrap();
+            }
         }
     }
     assert_eq!(c.negotiated_key_exchange_group().unwrap().name(), want);

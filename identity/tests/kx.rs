@@ -60,15 +60,23 @@ fn pump(client: &mut ClientConnection, server: &mut ServerConnection) -> Result<
             let mut buf = Vec::new();
             client.write_tls(&mut buf).unwrap();
             moved |= !buf.is_empty();
-            server.read_tls(&mut buf.as_slice()).unwrap();
-            server.process_new_packets()?;
+            // read_tls takes at most a few KB per call: feed it all.
+            let mut rd = buf.as_slice();
+            while !rd.is_empty() {
+                server.read_tls(&mut rd).unwrap();
+                server.process_new_packets()?;
+            }
         }
         while server.wants_write() {
             let mut buf = Vec::new();
             server.write_tls(&mut buf).unwrap();
             moved |= !buf.is_empty();
-            client.read_tls(&mut buf.as_slice()).unwrap();
-            client.process_new_packets()?;
+            // read_tls takes at most a few KB per call: feed it all.
+            let mut rd = buf.as_slice();
+            while !rd.is_empty() {
+                client.read_tls(&mut rd).unwrap();
+                client.process_new_packets()?;
+            }
         }
         if !moved {
             return Ok(());
