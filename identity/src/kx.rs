@@ -134,8 +134,9 @@ impl SupportedKxGroup for X25519MlKem768 {
     }
 }
 
-/// The client's half-done exchange: its ML-KEM decapsulation key (wiped on drop by `ml-kem`)
-/// and its X25519 key pair (ring's, wiped by ring).
+/// The client's half-done exchange: its ML-KEM decapsulation key (wiped on drop by `ml-kem`'s
+/// `zeroize` feature) and its X25519 key pair (ring's ephemeral key: single use, consumed by
+/// `complete`).
 struct ActiveHybrid {
     decaps: Box<DecapsulationKey<MlKem768>>,
     classical: Box<dyn ActiveKeyExchange>,
