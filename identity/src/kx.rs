@@ -298,6 +298,37 @@ mod tests {
     }
 
     #[test]
+    fn random_shares_of_any_length_are_refused_without_panic() {
+        let rng = SystemRandom::new();
+        let mut len = [0u8; 2];
+        for _ in 0..300 {
+            rng.fill(&mut len).expect("random");
+            let n = usize::from(u16::from_be_bytes(len)) % (CLIENT_SHARE_LEN + 64);
+            let mut share = vec![0; n];
+            rng.fill(&mut share).expect("random");
+            // Random bytes of the exact length are an ML-KEM key with unreduced coefficients
+            // (all but certainly) and are refused like the rest.
+            assert!(
+                X25519MLKEM768.start_and_complete(&share).is_err(),
+                "{n} bytes"
+            );
+            let (client, _) = client_share();
+            let result = client.complete(&share);
+            assert_eq!(result.is_ok(), n == SERVER_SHARE_LEN, "{n} bytes");
+        }
+        // The exact lengths, random content.
+        let mut share = vec![0; CLIENT_SHARE_LEN];
+        rng.fill(&mut share).expect("random");
+        assert!(X25519MLKEM768.start_and_complete(&share).is_err());
+        let mut share = vec![0; SERVER_SHARE_LEN];
+        rng.fill(&mut share).expect("random");
+        let (client, _) = client_share();
+        // Any ciphertext decapsulates (implicit rejection); X25519 takes any 32 bytes but
+        // low-order points, which random bytes are not.
+        assert!(client.complete(&share).is_ok());
+    }
+
+    #[test]
     fn group_lists() {
         let names = |pq| kx_groups(pq).iter().map(|g| g.name()).collect::<Vec<_>>();
         assert_eq!(
