@@ -557,6 +557,62 @@ fn tls_resumption_is_on_by_default_and_off_on_request() {
 }
 
 #[test]
+fn pq_key_exchange_is_on_by_default_and_off_on_request() {
+    let kith = Kith::new();
+    kith.issue("spiffe://example.org/client", "client", &[]);
+    kith.issue("spiffe://example.org/server", "server", &[]);
+    let backend = echo_backend().to_string();
+    let series =
+        |kx: &str| format!("kith_sidecar_handshakes_total{{direction=\"inbound\",kx=\"{kx}\"}}");
+    // The server keeps the default (on) both times: the client's setting decides.
+    for (client_pq, expected, other) in [
+        (&[][..], "X25519MLKEM768", "X25519"),
+        (&["--pq", "off"][..], "X25519", "X25519MLKEM768"),
+    ] {
+        let server_addr = free_port();
+        let server = sidecar(&kith, "server", server_addr, &["--forward", &backend]);
+        let client_addr = free_port();
+        let server_str = server_addr.to_string();
+        let client_args = [
+            &[
+                "--connect",
+                &server_str,
+                "--expect-id",
+                "spiffe://example.org/server",
+            ][..],
+            client_pq,
+        ]
+        .concat();
+        let client = sidecar(&kith, "client", client_addr, &client_args);
+        for i in 0..3 {
+            let msg = format!("request {i}");
+            assert_eq!(roundtrip(client_addr, msg.as_bytes()), msg.as_bytes());
+        }
+        let m = wait_metric(server.admin, &series(expected), 3.0, Duration::from_secs(5));
+        assert_eq!(metric(&m, &series(other)), Some(0.0), "{client_pq:?}\n{m}");
+        // The client's count includes the probe that found its port open.
+        let c = http(client.admin, "GET", "/metrics");
+        let out = |kx: &str| {
+            let s = format!("kith_sidecar_handshakes_total{{direction=\"outbound\",kx=\"{kx}\"}}");
+            metric(&c, &s)
+        };
+        assert!(
+            out(expected).is_some_and(|n| n >= 3.0),
+            "{client_pq:?}\n{c}"
+        );
+        assert_eq!(out(other), Some(0.0), "{client_pq:?}\n{c}");
+    }
+
+    let out = Command::new(env!("CARGO_BIN_EXE_kith"))
+        .args(["sidecar", "run", "--pq", "maybe"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--pq"), "{err}");
+}
+
+#[test]
 fn workers_each_run_their_own_thread_and_listener() {
     let kith = Kith::new();
     kith.issue("spiffe://example.org/server", "server", &[]);

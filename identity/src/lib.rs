@@ -3,6 +3,7 @@
 
 pub mod bundle;
 pub mod files;
+pub mod kx;
 pub mod pem;
 pub mod refresh;
 pub mod spiffe_id;

@@ -107,7 +107,12 @@ pub struct DirectionMetrics {
     handshake: Histogram,
     /// Of those, the handshakes that resumed a session (no certificates exchanged).
     resumed: AtomicU64,
+    /// Completed handshakes by negotiated key-exchange group, in the order of `KX_GROUPS`.
+    kx: [AtomicU64; KX_GROUPS.len()],
 }
+
+/// The key-exchange group labels of `kith_sidecar_handshakes_total` (`identity::kx::group_name`).
+pub const KX_GROUPS: [&str; 3] = ["X25519MLKEM768", "X25519", "other"];
 
 impl DirectionMetrics {
     /// Connections that were established: inbound, handshake and authorization passed;
@@ -145,9 +150,24 @@ impl DirectionMetrics {
         self.resumed.load(Ordering::Relaxed)
     }
 
-    /// Records a completed handshake: its duration, and whether it resumed a session.
-    pub(crate) fn handshake_done(&self, took: Duration, resumed: bool) {
+    /// Completed handshakes that negotiated `group` (a label of [`KX_GROUPS`]).
+    pub fn handshakes_kx(&self, group: &str) -> u64 {
+        KX_GROUPS
+            .iter()
+            .position(|g| *g == group)
+            .map_or(0, |i| self.kx[i].load(Ordering::Relaxed))
+    }
+
+    /// Records a completed handshake: its duration, whether it resumed a session, and the
+    /// key-exchange group it negotiated.
+    pub(crate) fn handshake_done(&self, took: Duration, resumed: bool, kx: rustls::NamedGroup) {
         self.handshake.record(took);
+        let name = identity::kx::group_name(kx);
+        let slot = KX_GROUPS
+            .iter()
+            .position(|g| *g == name)
+            .unwrap_or(KX_GROUPS.len() - 1);
+        self.kx[slot].fetch_add(1, Ordering::Relaxed);
         if resumed {
             self.resumed.fetch_add(1, Ordering::Relaxed);
         }
@@ -281,6 +301,18 @@ impl Metrics {
         for (l, m) in series() {
             let _ = writeln!(out, "kith_sidecar_tls_resumed_total{{{l}}} {}", m.resumed());
         }
+        family(
+            out,
+            "kith_sidecar_handshakes_total",
+            "counter",
+            "Completed TLS handshakes by negotiated key-exchange group (X25519MLKEM768 is the post-quantum hybrid)",
+        );
+        for (l, m) in series() {
+            for (i, kx) in KX_GROUPS.iter().enumerate() {
+                let n = m.kx[i].load(Ordering::Relaxed);
+                let _ = writeln!(out, "kith_sidecar_handshakes_total{{{l},kx=\"{kx}\"}} {n}");
+            }
+        }
     }
 }
 
@@ -354,6 +386,32 @@ mod tests {
         m.count_refusal(Reason::UnknownCa);
         assert_eq!(m.refused(Reason::UnknownCa), 1);
         assert_eq!(m.refused_total(), 1);
+    }
+
+    #[test]
+    fn handshakes_are_counted_by_key_exchange_group() {
+        let m = DirectionMetrics::default();
+        m.handshake_done(
+            Duration::from_millis(1),
+            false,
+            rustls::NamedGroup::X25519MLKEM768,
+        );
+        m.handshake_done(
+            Duration::from_millis(1),
+            true,
+            rustls::NamedGroup::X25519MLKEM768,
+        );
+        m.handshake_done(Duration::from_millis(1), false, rustls::NamedGroup::X25519);
+        m.handshake_done(
+            Duration::from_millis(1),
+            false,
+            rustls::NamedGroup::secp256r1,
+        );
+        assert_eq!(m.handshakes_kx("X25519MLKEM768"), 2);
+        assert_eq!(m.handshakes_kx("X25519"), 1);
+        assert_eq!(m.handshakes_kx("other"), 1);
+        assert_eq!(m.handshakes_kx("nonsense"), 0);
+        assert_eq!(m.handshake().count(), 4);
     }
 
     #[test]

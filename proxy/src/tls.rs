@@ -1,6 +1,7 @@
 //! The proxy's TLS: the current identity (SVID + trust bundle) published on a `watch`, a
 //! certificate resolver and two SPIFFE verifiers that read it on every handshake, and the
-//! rustls configurations (TLS 1.3 only, ring, X25519, ALPN `kith/1`).
+//! rustls configurations (TLS 1.3 only, ring, ALPN `kith/1`; key exchange X25519MLKEM768 first
+//! and X25519 second, or X25519 only with post-quantum off, see [`IdentityHandle::with_pq`]).
 //!
 //! The configs are built once per listener: because the resolvers and verifiers read the
 //! current identity per handshake, a newly published SVID or bundle applies to the next
@@ -87,10 +88,16 @@ pub struct UnexpectedPeer {
     pub expected: String,
 }
 
-/// ring with X25519 only for key exchange (the mesh default); TLS 1.2 is compiled out.
+/// ring, with the post-quantum hybrid X25519MLKEM768 offered first and X25519 second (the mesh
+/// default); TLS 1.2 is compiled out.
 pub fn provider() -> Arc<CryptoProvider> {
+    provider_with_pq(true)
+}
+
+/// [`provider`], with X25519 only when `pq` is off.
+pub fn provider_with_pq(pq: bool) -> Arc<CryptoProvider> {
     let mut provider = rustls::crypto::ring::default_provider();
-    provider.kx_groups = vec![rustls::crypto::ring::kx_group::X25519];
+    provider.kx_groups = identity::kx::kx_groups(pq);
     Arc::new(provider)
 }
 
@@ -133,6 +140,7 @@ impl fmt::Debug for Credentials {
 pub struct IdentityHandle {
     tx: Published,
     resumption: bool,
+    pq: bool,
     sessions: Arc<Sessions>,
 }
 
@@ -207,13 +215,26 @@ impl VerifiedChains {
 }
 
 impl IdentityHandle {
-    /// An empty identity; TLS session resumption on.
+    /// An empty identity; TLS session resumption and post-quantum key exchange on.
     pub fn new() -> Self {
         Self {
             tx: Arc::new(watch::Sender::new(None)),
             resumption: true,
+            pq: true,
             sessions: Arc::default(),
         }
+    }
+
+    /// Offers the post-quantum hybrid key exchange X25519MLKEM768 (before X25519) in every
+    /// configuration built from this handle afterwards, on both sides; on by default. Off,
+    /// X25519 only: weaker against a future quantum computer that records today's traffic.
+    pub fn with_pq(mut self, on: bool) -> Self {
+        self.pq = on;
+        self
+    }
+
+    pub fn pq(&self) -> bool {
+        self.pq
     }
 
     /// Turns TLS session resumption on or off for every configuration built from this handle
@@ -309,6 +330,7 @@ impl fmt::Debug for IdentityHandle {
         f.debug_struct("IdentityHandle")
             .field("current", &self.current())
             .field("resumption", &self.resumption)
+            .field("pq", &self.pq)
             .finish()
     }
 }
@@ -534,7 +556,7 @@ pub fn edge_server_config(identity: &IdentityHandle) -> Result<Arc<ServerConfig>
 
 /// The inbound (server) configuration: client certificate required, read per handshake.
 pub fn server_config(identity: &IdentityHandle) -> Result<Arc<ServerConfig>, TlsError> {
-    let provider = provider();
+    let provider = provider_with_pq(identity.pq);
     let verifier = SpiffeClientVerifier {
         identity: identity.clone(),
         provider: provider.clone(),
@@ -584,7 +606,7 @@ fn new_client_config(
     identity: &IdentityHandle,
     expect: ExpectedPeer,
 ) -> Result<Arc<ClientConfig>, TlsError> {
-    let provider = provider();
+    let provider = provider_with_pq(identity.pq);
     let verifier = SpiffeServerVerifier {
         identity: identity.clone(),
         expect,

@@ -537,7 +537,7 @@ pub(crate) async fn inbound(
     };
     let conn = tls.get_ref().1;
     let resumed = conn.handshake_kind() == Some(HandshakeKind::Resumed);
-    metrics.handshake_done(began.elapsed(), resumed);
+    metrics.handshake_done(began.elapsed(), resumed, kx_group(conn));
     if mesh && conn.alpn_protocol() != Some(ALPN) {
         return Err(refused(Reason::HandshakeFailed));
     }
@@ -601,7 +601,9 @@ pub(crate) async fn outbound(
         };
     let conn = tls.get_ref().1;
     let resumed = conn.handshake_kind() == Some(HandshakeKind::Resumed);
-    metrics.outbound.handshake_done(began.elapsed(), resumed);
+    metrics
+        .outbound
+        .handshake_done(began.elapsed(), resumed, kx_group(conn));
     if conn.alpn_protocol() != Some(ALPN) {
         return Err(refused(Reason::HandshakeFailed));
     }
@@ -701,8 +703,15 @@ fn log_established(direction: &str, peer: &identity::SpiffeId, conn: &rustls::Co
         peer = %peer,
         tls = ?conn.protocol_version(),
         suite = ?conn.negotiated_cipher_suite().map(|s| s.suite()),
+        kx = identity::kx::group_name(kx_group(conn)),
         "mTLS connection established"
     );
+}
+
+/// The key-exchange group a finished handshake negotiated.
+fn kx_group(conn: &rustls::CommonState) -> rustls::NamedGroup {
+    conn.negotiated_key_exchange_group()
+        .map_or(rustls::NamedGroup::Unknown(0), |g| g.name())
 }
 
 pub(crate) fn log_end(peer: &str, outcome: &copy::Outcome) {

@@ -209,6 +209,10 @@ struct RunArgs {
     /// resumed peer's certificate is checked again); off makes every connection a full handshake
     #[arg(long, env = "KITH_SIDECAR_TLS_RESUMPTION", default_value = "on", value_parser = ["on", "off"])]
     tls_resumption: String,
+    /// Post-quantum hybrid key exchange (X25519MLKEM768, offered before X25519) on both sides
+    /// of the mesh hop; off offers X25519 only (logged as a weaker setting)
+    #[arg(long, env = "KITH_SIDECAR_PQ", default_value = "on", value_parser = ["on", "off"])]
+    pq: String,
     /// Threads that serve connections, each with its own listeners (SO_REUSEPORT) and event
     /// loop; a connection stays on one thread (the kernel spreads new ones by address hash)
     /// [default: 2, or 1 where the process may use only one CPU]
@@ -388,7 +392,17 @@ async fn run_sidecar(args: RunArgs) -> Result<()> {
     if !resumption {
         tracing::info!("TLS session resumption off: every connection is a full handshake");
     }
-    let identity = IdentityHandle::new().with_resumption(resumption);
+    let pq = args.pq == "on";
+    if !pq {
+        // SECURITY: an explicit opt-in; traffic recorded today could be decrypted by a future
+        // quantum computer that breaks X25519.
+        tracing::warn!(
+            "post-quantum key exchange off (--pq off): the mesh hop offers X25519 only, not X25519MLKEM768"
+        );
+    }
+    let identity = IdentityHandle::new()
+        .with_resumption(resumption)
+        .with_pq(pq);
     let source_metrics = Arc::new(SourceMetrics::default());
     source::prepare(&source, &identity, &source_metrics)?;
     let admin = tokio::net::TcpListener::bind(args.admin_listen)
@@ -452,7 +466,7 @@ async fn run_sidecar(args: RunArgs) -> Result<()> {
         Counters::Explicit(sets)
     };
     pool.start(&tasks)?;
-    tracing::info!(identity = %source.describe(), hold = ?args.hold_timeout, tls_resumption = %args.tls_resumption, workers, "kith sidecar running");
+    tracing::info!(identity = %source.describe(), hold = ?args.hold_timeout, tls_resumption = %args.tls_resumption, pq = %args.pq, workers, "kith sidecar running");
     tasks.spawn(source::run(
         source,
         identity.clone(),
