@@ -39,8 +39,13 @@ use identity::{SpiffeId, Svid, TrustBundle, VerifyError};
 use crate::metrics::Reason;
 use crate::refusal::Refusal;
 
-/// The one ALPN protocol both ends speak.
+/// The ALPN protocol of one mTLS connection per application connection (every kith).
 pub const ALPN: &[u8] = b"kith/1";
+
+/// The ALPN protocol of the pooled hop: one mTLS connection carries many application
+/// connections as HTTP/2 CONNECT streams. A kith with pooling on offers it before `kith/1`;
+/// a server that does not know it picks `kith/1` and the connection is served as one.
+pub const ALPN_POOLED: &[u8] = b"kith/2";
 
 /// The longest a session ticket can resume a session; the next publish (new SVID or bundle)
 /// ends it sooner.
@@ -133,6 +138,7 @@ impl fmt::Debug for Credentials {
 pub struct IdentityHandle {
     tx: Published,
     resumption: bool,
+    pooling: bool,
     sessions: Arc<Sessions>,
 }
 
@@ -212,6 +218,7 @@ impl IdentityHandle {
         Self {
             tx: Arc::new(watch::Sender::new(None)),
             resumption: true,
+            pooling: true,
             sessions: Arc::default(),
         }
     }
@@ -227,6 +234,37 @@ impl IdentityHandle {
 
     pub fn resumption(&self) -> bool {
         self.resumption
+    }
+
+    /// Turns the pooled hop (ALPN `kith/2`, see [`crate::pool`]) on or off for every
+    /// configuration built from this handle afterwards: off, this side neither offers nor
+    /// accepts it and every application connection is its own mTLS connection.
+    pub fn with_pooling(mut self, on: bool) -> Self {
+        self.pooling = on;
+        self
+    }
+
+    pub fn pooling(&self) -> bool {
+        self.pooling
+    }
+
+    /// The mesh ALPN protocols this side offers (client) or accepts (server), preferred first.
+    pub(crate) fn mesh_alpn(&self) -> Vec<Vec<u8>> {
+        if self.pooling {
+            vec![ALPN_POOLED.to_vec(), ALPN.to_vec()]
+        } else {
+            vec![ALPN.to_vec()]
+        }
+    }
+
+    /// A receiver that sees every publish (rotation), for pooled connections to drain.
+    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<Credentials>>> {
+        self.tx.subscribe()
+    }
+
+    /// The version of the current identity (0 before the first publish).
+    pub fn version(&self) -> u64 {
+        version_of(&self.tx)
     }
 
     fn tickets(&self) -> Result<Arc<IdentityTickets>, TlsError> {
@@ -309,6 +347,7 @@ impl fmt::Debug for IdentityHandle {
         f.debug_struct("IdentityHandle")
             .field("current", &self.current())
             .field("resumption", &self.resumption)
+            .field("pooling", &self.pooling)
             .finish()
     }
 }
@@ -543,7 +582,7 @@ pub fn server_config(identity: &IdentityHandle) -> Result<Arc<ServerConfig>, Tls
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(verifier))
         .with_cert_resolver(Arc::new(CurrentCert(identity.clone())));
-    config.alpn_protocols = vec![ALPN.to_vec()];
+    config.alpn_protocols = identity.mesh_alpn();
     // Stateless tickets only: the server remembers nothing per session.
     config.session_storage = Arc::new(NoServerSessionStorage {});
     if identity.resumption {
@@ -595,7 +634,7 @@ fn new_client_config(
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_cert_resolver(Arc::new(CurrentCert(identity.clone())));
-    config.alpn_protocols = vec![ALPN.to_vec()];
+    config.alpn_protocols = identity.mesh_alpn();
     config.resumption = if identity.resumption {
         // SECURITY: see server_config; the cache is emptied when the identity changes, so the
         // next handshake presents the new SVID.
