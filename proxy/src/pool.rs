@@ -413,6 +413,7 @@ impl Pool {
                 return Ok(Hop::Direct(tls, addr));
             }
             let version = identity.version();
+            let mut fresh = false;
             let slot = match entry.pick(version, false) {
                 Some(slot) => slot,
                 None => {
@@ -434,6 +435,7 @@ impl Pool {
                             let conn = start(tls, addr, version, &entry, limits).await?;
                             let slot = Slot::new(conn.clone());
                             lock(&entry.conns).push(conn);
+                            fresh = true;
                             slot
                         }
                     }
@@ -443,6 +445,14 @@ impl Pool {
                 Ok(io) => return Ok(Hop::Stream(OpenStream { io, slot })),
                 Err(OpenError::Refused(status)) => {
                     tracing::debug!(to = %slot.conn.addr, %status, "stream refused by the server sidecar");
+                    return Err(Refusal::new(Reason::PeerRefused, Some(slot.conn.addr))
+                        .with_id(slot.conn.server_id.clone()));
+                }
+                Err(OpenError::Connection(e)) if fresh => {
+                    // TLS 1.3: the server judges our certificate after our side of the
+                    // handshake; its refusal arrives on the new connection's first read.
+                    slot.conn.closed.store(true, Ordering::Release);
+                    tracing::debug!(to = %slot.conn.addr, error = %e, "new pooled connection refused");
                     return Err(Refusal::new(Reason::PeerRefused, Some(slot.conn.addr))
                         .with_id(slot.conn.server_id.clone()));
                 }
@@ -588,15 +598,16 @@ pub(crate) async fn carry(
 
 // ---- inbound ----------------------------------------------------------------------------
 
-/// Where the streams of one inbound pooled connection go.
+/// Where the streams of one inbound pooled connection go: where a direct connection on the
+/// same TCP connection would go (the explicit tunnel's forward address, or in transparent mode
+/// the connection's own original destination), whatever authority a stream names. So the
+/// pooled hop reaches exactly what a direct connection reaches, and a Service address that
+/// was translated on the way (the client names the Service, this side sees the pod) still
+/// works: the translation happened once, for the pooled connection.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Target {
     /// The address streams are forwarded to (its port decides the policy).
     pub forward: SocketAddr,
-    /// Transparent mode: the connection's original destination; a stream for any other
-    /// address is refused, so that the pooled hop reaches exactly what a direct connection
-    /// would.
-    pub only: Option<SocketAddr>,
 }
 
 /// What every stream of an inbound pooled connection needs.
@@ -608,6 +619,8 @@ pub(crate) struct Inbound {
     pub peer: Option<SocketAddr>,
     pub peer_id: SpiffeId,
     pub limits: Limits,
+    /// The listener's connection slots (`max_connections`).
+    pub slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// Serves the streams of an authenticated `kith/2` connection until the client closes it,
@@ -640,7 +653,10 @@ pub(crate) async fn serve_pooled(
     rotated.borrow_and_update();
     let mut streams = JoinSet::new();
     let mut draining = false;
-    let idle = tokio::time::sleep(ctx.limits.idle_timeout);
+    // A client closes a pooled connection without streams after POOL_IDLE; one that does
+    // not is closed here a little later.
+    let idle_for = ctx.limits.idle_timeout.min(2 * POOL_IDLE);
+    let idle = tokio::time::sleep(idle_for);
     tokio::pin!(idle);
     loop {
         tokio::select! {
@@ -657,7 +673,7 @@ pub(crate) async fn serve_pooled(
             },
             Some(_) = streams.join_next(), if !streams.is_empty() => {
                 if streams.is_empty() {
-                    idle.as_mut().reset(tokio::time::Instant::now() + ctx.limits.idle_timeout);
+                    idle.as_mut().reset(tokio::time::Instant::now() + idle_for);
                 }
             }
             changed = rotated.changed(), if !draining => {
@@ -715,17 +731,6 @@ async fn stream(
         );
     };
     let forward = ctx.target.forward;
-    if let Some(only) = ctx.target.only
-        && (authority.ip().to_canonical() != only.ip().to_canonical()
-            || authority.port() != only.port())
-    {
-        tracing::debug!(peer = %ctx.peer_id, %authority, %only, "stream for another destination than the connection's");
-        return refuse(
-            &mut respond,
-            http::StatusCode::MISDIRECTED_REQUEST,
-            Reason::NotAuthorized,
-        );
-    }
     // SECURITY: the same policy as a direct connection, for this stream's destination port.
     let own_td = ctx.identity.current().map(|c| c.svid().id().trust_domain());
     if let Err(denied) = ctx
@@ -739,6 +744,12 @@ async fn stream(
             Reason::NotAuthorized,
         );
     }
+    // Each stream is an application connection and takes a connection slot, as a direct
+    // connection does (the excess waits).
+    let Ok(_permit) = ctx.slots.clone().acquire_owned().await else {
+        return;
+    };
+    tracing::trace!(peer = %ctx.peer_id, %authority, %forward, "stream accepted");
     let mut upstream = match tunnel::connect(forward, ctx.limits.connect_timeout).await {
         Ok(s) => s,
         Err(reason) => return refuse(&mut respond, http::StatusCode::BAD_GATEWAY, reason),

@@ -157,7 +157,8 @@ fn version_of(tx: &Published) -> u64 {
 struct Sessions {
     tickets: OnceLock<Arc<IdentityTickets>>,
     cache: OnceLock<Arc<IdentitySessions>>,
-    clients: Mutex<Vec<(ExpectedPeer, Arc<ClientConfig>)>>,
+    /// By expectation and pooling (which decides the ALPN offered).
+    clients: Mutex<Vec<(ExpectedPeer, bool, Arc<ClientConfig>)>>,
     verified: Mutex<VerifiedChains>,
 }
 
@@ -611,11 +612,15 @@ pub fn client_config(
         .clients
         .lock()
         .unwrap_or_else(PoisonError::into_inner);
-    if let Some((_, config)) = clients.iter().find(|(e, _)| *e == expect) {
+    let pooling = identity.pooling;
+    if let Some((_, _, config)) = clients
+        .iter()
+        .find(|(e, p, _)| *e == expect && *p == pooling)
+    {
         return Ok(config.clone());
     }
     let config = new_client_config(identity, expect.clone())?;
-    clients.push((expect, config.clone()));
+    clients.push((expect, pooling, config.clone()));
     Ok(config)
 }
 

@@ -585,9 +585,8 @@ pub async fn serve_transparent_inbound(
                     &configs,
                     &identity,
                     &policy,
-                    // A pooled connection's streams must be for the same original
-                    // destination, the pod's own address.
-                    Target { forward, only: Some(to) },
+                    // A pooled connection's streams go where the connection was going.
+                    Target { forward },
                     &limits,
                     &metrics.tunnels,
                     &drain,

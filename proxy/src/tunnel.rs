@@ -152,10 +152,7 @@ pub async fn serve_inbound(
                     &acceptor,
                     &identity,
                     &policy,
-                    Target {
-                        forward,
-                        only: None,
-                    },
+                    Target { forward },
                     &limits,
                     &metrics,
                     &drain,
@@ -323,6 +320,12 @@ impl Slot {
         drop(self.pending);
         drop(self.source);
         permit
+    }
+
+    /// Gives the pending slot (and the source's count) back without claiming a connection
+    /// slot, and returns the connection slots: a pooled connection's streams claim them.
+    pub(crate) fn release(self) -> Arc<Semaphore> {
+        self.active
     }
 
     /// The peer's address, as accepted.
@@ -570,10 +573,9 @@ pub(crate) async fn inbound(
     tls::check_resumed(identity, conn, None).map_err(|r| Refusal { peer, ..r })?;
     let peer_id = tls::peer_id(conn.peer_certificates()).ok_or(refused(Reason::BadCertificate))?;
     if pooled {
-        // Authenticated; each stream is authorized on its own, for its destination.
-        let Some(_permit) = slot.claim().await else {
-            return Ok(());
-        };
+        // Authenticated; each stream is authorized on its own, and takes a connection slot
+        // as a direct connection would.
+        let slots = slot.release();
         log_established("inbound", &peer_id, conn);
         let ctx = pool::Inbound {
             identity: identity.clone(),
@@ -583,6 +585,7 @@ pub(crate) async fn inbound(
             peer,
             peer_id,
             limits: *limits,
+            slots,
         };
         pool::serve_pooled(tls, ctx, shutdown.clone()).await;
         return Ok(());
