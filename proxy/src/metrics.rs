@@ -107,6 +107,8 @@ pub struct DirectionMetrics {
     handshake: Histogram,
     /// Of those, the handshakes that resumed a session (no certificates exchanged).
     resumed: AtomicU64,
+    /// Pooled connections (ALPN `kith/2`) opened; each carries many connections as streams.
+    pooled: AtomicU64,
 }
 
 impl DirectionMetrics {
@@ -146,6 +148,16 @@ impl DirectionMetrics {
     }
 
     /// Records a completed handshake: its duration, and whether it resumed a session.
+    /// Pooled connections (ALPN `kith/2`) opened or accepted; their streams count as
+    /// connections in `accepted`.
+    pub fn pooled(&self) -> u64 {
+        self.pooled.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn pooled_open(&self) {
+        self.pooled.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn handshake_done(&self, took: Duration, resumed: bool) {
         self.handshake.record(took);
         if resumed {
@@ -280,6 +292,19 @@ impl Metrics {
         );
         for (l, m) in series() {
             let _ = writeln!(out, "kith_sidecar_tls_resumed_total{{{l}}} {}", m.resumed());
+        }
+        family(
+            out,
+            "kith_sidecar_pooled_connections_total",
+            "counter",
+            "Pooled mTLS connections between kith sidecars (kith/2), each carrying many connections as HTTP/2 streams",
+        );
+        for (l, m) in series() {
+            let _ = writeln!(
+                out,
+                "kith_sidecar_pooled_connections_total{{{l}}} {}",
+                m.pooled()
+            );
         }
     }
 }

@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::authz::Policy;
 use crate::copy::copy_bidirectional;
-use crate::metrics::{Metrics, Reason};
+use crate::metrics::{DirectionMetrics, Metrics, Reason};
 use crate::refusal::Refusal;
 use crate::tls::IdentityHandle;
 use crate::tunnel::{self, Limits, Upstream};
@@ -399,6 +399,7 @@ impl Pool {
         to: &Upstream,
         identity: &IdentityHandle,
         limits: &Limits,
+        metrics: &DirectionMetrics,
         dial: F,
     ) -> Result<Hop, Refusal>
     where
@@ -433,6 +434,7 @@ impl Pool {
                                 return Ok(Hop::Direct(tls, addr));
                             }
                             let conn = start(tls, addr, version, &entry, limits).await?;
+                            metrics.pooled_open();
                             let slot = Slot::new(conn.clone());
                             lock(&entry.conns).push(conn);
                             fresh = true;
@@ -648,6 +650,7 @@ pub(crate) async fn serve_pooled(
             return;
         }
     };
+    ctx.metrics.inbound.pooled_open();
     tracing::info!(mode = "pooled", peer = %ctx.peer_id, "pooled mTLS connection accepted (kith/2, HTTP/2 streams)");
     let mut rotated = ctx.identity.subscribe();
     rotated.borrow_and_update();

@@ -683,7 +683,7 @@ pub(crate) async fn outbound(
     }
     let dialed = || dial(hop, identity, to, limits, &metrics);
     let (tls, to) = match hop.pool {
-        Some(pool) => match pool.open(to, identity, limits, dialed).await? {
+        Some(pool) => match pool.open(to, identity, limits, &metrics.outbound, dialed).await? {
             pool::Hop::Stream(opened) => {
                 pool::carry(stream, opened, limits, &metrics).await;
                 return Ok(());

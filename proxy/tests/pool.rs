@@ -146,6 +146,8 @@ async fn many_concurrent_streams_share_one_connection_each_with_its_own_bytes_an
     assert_eq!(c.outbound.metrics.outbound.bytes_from_tls(), total);
     // 65 application connections, one mTLS handshake on each side.
     assert_eq!(handshakes(&c.inbound), 1);
+    assert_eq!(c.inbound.metrics.inbound.pooled(), 1);
+    assert_eq!(c.outbound.metrics.outbound.pooled(), 1);
     assert_eq!(c.outbound.metrics.outbound.handshake().count(), 1);
     assert_eq!(c.inbound.metrics.inbound.refused_total(), 0);
 }
@@ -297,6 +299,7 @@ async fn kith_peers_without_pooling_get_one_handshake_per_connection() {
         assert_eq!(within(round_trip(c.outbound.addr, &data)).await.unwrap(), data);
     }
     assert_eq!(handshakes(&c.inbound), 4);
+    assert_eq!(c.outbound.metrics.outbound.pooled(), 0);
     // A client with --pool off and a pooling server.
     let c = chain_with(&pki, false, true, Policy::new(pki.td.clone())).await;
     for i in 0..3 {
