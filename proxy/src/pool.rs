@@ -264,6 +264,10 @@ struct Entry {
     /// waits for one handshake and then shares it.
     dial: tokio::sync::Mutex<()>,
     direct_until: Mutex<Option<Instant>>,
+    /// Dials that failed, and the last refusal: connections that waited for a failed dial
+    /// fail with it.
+    failures: AtomicU64,
+    last_failure: Mutex<Option<Refusal>>,
 }
 
 impl Entry {
@@ -409,34 +413,46 @@ impl Pool {
         let entry = self.entry(to);
         let mut last = None;
         for _ in 0..OPEN_ATTEMPTS {
-            if entry.direct() {
-                let (tls, addr) = dial().await?;
-                return Ok(Hop::Direct(tls, addr));
-            }
             let version = identity.version();
             let mut fresh = false;
-            let slot = match entry.pick(version, false) {
-                Some(slot) => slot,
-                None => {
-                    let _dialing = entry.dial.lock().await;
-                    match entry.pick(version, false) {
+            let slot = if entry.direct() {
+                // The server answered kith/1 lately: dial at once, as without a pool.
+                match take(&entry, dial().await?, version, limits, metrics).await? {
+                    Taken::Direct(hop) => return Ok(hop),
+                    Taken::Pooled(slot) => {
+                        fresh = true;
+                        slot
+                    }
+                }
+            } else if let Some(slot) = entry.pick(version, false) {
+                slot
+            } else {
+                let failures = entry.failures.load(Ordering::Acquire);
+                let _dialing = entry.dial.lock().await;
+                if let Some(slot) = entry.pick(version, false) {
+                    slot
+                } else if entry.failures.load(Ordering::Acquire) != failures {
+                    // The dial this connection waited for failed: it fails the same way, at
+                    // once, as parallel connects to an unreachable server would.
+                    let failed = lock(&entry.last_failure).clone();
+                    return Err(failed.unwrap_or(Refusal::new(Reason::UpstreamUnreachable, None)));
+                } else if entry.len() >= POOL_CAP {
+                    match entry.pick(version, true) {
                         Some(slot) => slot,
-                        None if entry.len() >= POOL_CAP => {
-                            match entry.pick(version, true) {
-                                Some(slot) => slot,
-                                None => continue,
-                            }
+                        None => continue,
+                    }
+                } else {
+                    let dialed = match dial().await {
+                        Ok(dialed) => dialed,
+                        Err(refusal) => {
+                            *lock(&entry.last_failure) = Some(refusal.clone());
+                            entry.failures.fetch_add(1, Ordering::AcqRel);
+                            return Err(refusal);
                         }
-                        None => {
-                            let (tls, addr) = dial().await?;
-                            if tls.get_ref().1.alpn_protocol() != Some(crate::tls::ALPN_POOLED) {
-                                *lock(&entry.direct_until) = Some(Instant::now() + DIRECT_FOR);
-                                return Ok(Hop::Direct(tls, addr));
-                            }
-                            let conn = start(tls, addr, version, &entry, limits).await?;
-                            metrics.pooled_open();
-                            let slot = Slot::new(conn.clone());
-                            lock(&entry.conns).push(conn);
+                    };
+                    match take(&entry, dialed, version, limits, metrics).await? {
+                        Taken::Direct(hop) => return Ok(hop),
+                        Taken::Pooled(slot) => {
                             fresh = true;
                             slot
                         }
@@ -468,6 +484,33 @@ impl Pool {
         // Like a TCP connect that failed.
         Err(Refusal::new(Reason::UpstreamUnreachable, last))
     }
+}
+
+enum Taken {
+    Direct(Hop),
+    Pooled(Slot),
+}
+
+/// A dialled connection: with `kith/2`, a new pooled connection (and a stream slot on it);
+/// with `kith/1`, the application connection's own, and the destination is dialled directly
+/// for a while.
+async fn take(
+    entry: &Arc<Entry>,
+    (tls, addr): Dialed,
+    version: u64,
+    limits: &Limits,
+    metrics: &DirectionMetrics,
+) -> Result<Taken, Refusal> {
+    if tls.get_ref().1.alpn_protocol() != Some(crate::tls::ALPN_POOLED) {
+        *lock(&entry.direct_until) = Some(Instant::now() + DIRECT_FOR);
+        return Ok(Taken::Direct(Hop::Direct(tls, addr)));
+    }
+    *lock(&entry.direct_until) = None;
+    let conn = start(tls, addr, version, entry, limits).await?;
+    metrics.pooled_open();
+    let slot = Slot::new(conn.clone());
+    lock(&entry.conns).push(conn);
+    Ok(Taken::Pooled(slot))
 }
 
 /// The HTTP/2 handshake on a fresh `kith/2` connection, and its connection task.

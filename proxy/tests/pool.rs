@@ -28,7 +28,8 @@ fn handshakes(r: &Running) -> u64 {
 }
 
 /// Echo, except a connection that starts with `FLOOD\n` gets an endless stream of bytes
-/// (for a client that never reads), and one that starts with `SINK\n` is never read.
+/// (for a client that never reads), one that starts with `SINK\n` is never read, and one that
+/// starts with `RESET` is reset.
 async fn backend() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -46,6 +47,10 @@ async fn backend() -> SocketAddr {
                 if &head[..n] == b"FLOOD" {
                     let chunk = vec![b'f'; 64 * 1024];
                     while s.write_all(&chunk).await.is_ok() {}
+                    return;
+                }
+                if &head[..n] == b"RESET" {
+                    let _ = s.set_zero_linger();
                     return;
                 }
                 if &head[..n] == b"SINK\n" {
@@ -362,4 +367,54 @@ async fn a_server_that_is_not_kith_is_refused_as_today() {
     })
     .await;
     assert_eq!(outbound.metrics.outbound.handshake().count(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_on_one_side_is_a_reset_on_the_other_and_the_connection_lives_on() {
+    let pki = Pki::new("example.test");
+    let c = chain(&pki).await;
+    let mut s = TcpStream::connect(c.outbound.addr).await.unwrap();
+    s.write_all(b"RESET").await.unwrap();
+    let mut buf = [0u8; 16];
+    let got = within(s.read(&mut buf)).await;
+    assert_eq!(
+        got.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "the backend's RST reaches the client as an RST"
+    );
+    // The other way: the client resets mid-stream; the backend sees the connection end.
+    let mut s = TcpStream::connect(c.outbound.addr).await.unwrap();
+    s.write_all(b"hello").await.unwrap();
+    let mut back = [0u8; 5];
+    within(s.read_exact(&mut back)).await.unwrap();
+    s.set_zero_linger().unwrap();
+    drop(s);
+    eventually("both streams ended", || {
+        c.inbound.metrics.inbound.active() == 0 && c.outbound.metrics.outbound.active() == 0
+    })
+    .await;
+    // A reset stream does not end the pooled connection.
+    assert_eq!(within(round_trip(c.outbound.addr, b"after")).await.unwrap(), b"after");
+    assert_eq!(handshakes(&c.inbound), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_destination_refuses_the_stream_as_a_direct_connection_would() {
+    let pki = Pki::new("example.test");
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gone = closed.local_addr().unwrap();
+    drop(closed);
+    let c = chain(&pki).await;
+    let inbound = inbound(c.server.clone(), Policy::new(pki.td.clone()), gone).await;
+    let outbound = outbound(c.client.clone(), inbound.addr, ExpectedPeer::Id(id(SERVER))).await;
+    for _ in 0..3 {
+        let got = within(round_trip(outbound.addr, b"anyone?")).await;
+        assert!(got.map_or(true, |b| b.is_empty()));
+    }
+    eventually("refused on both sides, per stream", || {
+        inbound.metrics.inbound.refused(Reason::UpstreamUnreachable) == 3
+            && outbound.metrics.outbound.refused(Reason::PeerRefused) == 3
+    })
+    .await;
+    assert_eq!(handshakes(&inbound), 1);
 }
