@@ -39,7 +39,10 @@ fn rotation_under_load_drops_nothing() {
     .unwrap_or(0.0);
     eprintln!("b: {accepted} connections over {pooled} pooled connections");
     assert!(pooled >= 1.0, "no pooled connection");
-    assert!(accepted >= 10.0 * pooled, "{accepted} connections over {pooled} pooled connections");
+    assert!(
+        accepted >= 10.0 * pooled,
+        "{accepted} connections over {pooled} pooled connections"
+    );
     for pod in [&a, &b] {
         let updates = identity_updates(&lab.metrics(pod));
         // The first SVID, then a rotation every 8-12 s: at least two more in 60 s.

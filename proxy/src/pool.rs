@@ -4,8 +4,10 @@
 //!
 //! - Outbound ([`Pool`]): per destination sidecar (and, since a pool belongs to one listener
 //!   and its [`IdentityHandle`], per own identity) at most [`POOL_CAP`] connections of at most
-//!   [`MAX_STREAMS`] streams each; a full connection makes the next stream open another, and
-//!   beyond the cap streams wait for a free slot. A connection made before the last publish
+//!   [`MAX_STREAMS`] streams each; a connection with [`Limits::pool_spread`] streams
+//!   ([`SPREAD_STREAMS`] by default) makes the next stream
+//!   open another (the others meanwhile use the existing ones), and beyond the cap streams
+//!   wait for a free slot. A connection made before the last publish
 //!   of the own identity takes no new streams (its streams finish, then it closes with
 //!   GOAWAY), so after a rotation new streams go to a connection made with the new SVID. A
 //!   server that answers `kith/1` (an older kith, or `--pool off`) gets one mTLS connection
@@ -59,6 +61,11 @@ pub const CONNECTION_WINDOW: u32 = MAX_STREAMS * STREAM_WINDOW;
 /// Largest HTTP/2 frame either side sends (the protocol's default; TLS records are at most
 /// 16 KiB anyway).
 const MAX_FRAME: u32 = 16 * 1024;
+
+/// The default of [`Limits::pool_spread`]: streams on a pooled connection before the next
+/// stream opens another connection (up to [`POOL_CAP`]): the load spreads over a few connections, and so over the server's worker
+/// threads (each pooled connection is served by one), instead of all on one.
+pub const SPREAD_STREAMS: usize = 16;
 
 /// Pooled connections per destination; beyond `POOL_CAP * MAX_STREAMS` streams, new streams
 /// wait for a free slot.
@@ -189,9 +196,7 @@ impl AsyncWrite for H2Io {
         if !self.shut {
             self.shut = true;
             // Half-close: END_STREAM; the other direction goes on.
-            self.send
-                .send_data(Bytes::new(), true)
-                .map_err(h2_io)?;
+            self.send.send_data(Bytes::new(), true).map_err(h2_io)?;
         }
         Poll::Ready(Ok(()))
     }
@@ -275,11 +280,11 @@ impl Entry {
         lock(&self.direct_until).is_some_and(|until| Instant::now() < until)
     }
 
-    /// A live connection made under identity `version` with a free stream slot (reserved
-    /// here); connections that closed or were made under another version leave the pool
-    /// (the latter drain: their streams go on, they take no new ones). With `full_ok`, the
-    /// least loaded one even if it is full.
-    fn pick(&self, version: u64, full_ok: bool) -> Option<Slot> {
+    /// The least loaded live connection made under identity `version` with fewer than
+    /// `below` streams (a slot is reserved on it); connections that closed or were made under
+    /// another version leave the pool (the latter drain: their streams go on, they take no new
+    /// ones).
+    fn pick(&self, version: u64, below: usize) -> Option<Slot> {
         let mut conns = lock(&self.conns);
         conns.retain(|c| {
             let keep = !c.closed.load(Ordering::Acquire) && c.version == version;
@@ -288,13 +293,10 @@ impl Entry {
             }
             keep
         });
-        let conn = if full_ok {
-            conns.iter().min_by_key(|c| c.active.load(Ordering::Relaxed))
-        } else {
-            conns
-                .iter()
-                .find(|c| c.active.load(Ordering::Relaxed) < MAX_STREAMS as usize)
-        }?;
+        let conn = conns
+            .iter()
+            .filter(|c| c.active.load(Ordering::Relaxed) < below)
+            .min_by_key(|c| c.active.load(Ordering::Relaxed))?;
         Some(Slot::new(conn.clone()))
     }
 
@@ -308,6 +310,9 @@ struct Conn {
     send: h2::client::SendRequest<Bytes>,
     active: AtomicUsize,
     closed: AtomicBool,
+    /// The server answered a stream on it (so a later failure is the connection ending, and
+    /// the stream may try another).
+    proven: AtomicBool,
     /// The own identity version it was made with.
     version: u64,
     addr: SocketAddr,
@@ -324,9 +329,9 @@ impl Conn {
     }
 
     fn idle_for(&self) -> Duration {
-        self.born
-            .elapsed()
-            .saturating_sub(Duration::from_millis(self.last_used.load(Ordering::Relaxed)))
+        self.born.elapsed().saturating_sub(Duration::from_millis(
+            self.last_used.load(Ordering::Relaxed),
+        ))
     }
 }
 
@@ -354,7 +359,7 @@ pub(crate) enum Hop {
     /// A stream of a pooled connection, accepted (200) by the server sidecar.
     Stream(OpenStream),
     /// The server chose `kith/1`: this mTLS connection is the application connection's own.
-    Direct(tokio_rustls::client::TlsStream<TcpStream>, SocketAddr),
+    Direct(Box<tokio_rustls::client::TlsStream<TcpStream>>, SocketAddr),
 }
 
 pub(crate) struct OpenStream {
@@ -424,51 +429,67 @@ impl Pool {
                         slot
                     }
                 }
-            } else if let Some(slot) = entry.pick(version, false) {
+            } else if let Some(slot) = entry.pick(version, limits.pool_spread) {
+                slot
+            } else if let Some(_dialing) = (entry.len() < POOL_CAP)
+                .then(|| entry.dial.try_lock().ok())
+                .flatten()
+            {
+                // The connections have `pool_spread` streams each: one more connection,
+                // made by this stream while the others keep using the existing ones.
+                match dial_new(&entry, &dial, version, limits, metrics).await? {
+                    Taken::Direct(hop) => return Ok(hop),
+                    Taken::Pooled(slot) => {
+                        fresh = true;
+                        slot
+                    }
+                }
+            } else if let Some(slot) = entry.pick(version, MAX_STREAMS as usize) {
                 slot
             } else {
                 let failures = entry.failures.load(Ordering::Acquire);
                 let _dialing = entry.dial.lock().await;
-                if let Some(slot) = entry.pick(version, false) {
+                if let Some(slot) = entry.pick(version, limits.pool_spread) {
                     slot
                 } else if entry.failures.load(Ordering::Acquire) != failures {
                     // The dial this connection waited for failed: it fails the same way, at
                     // once, as parallel connects to an unreachable server would.
                     let failed = lock(&entry.last_failure).clone();
                     return Err(failed.unwrap_or(Refusal::new(Reason::UpstreamUnreachable, None)));
-                } else if entry.len() >= POOL_CAP {
-                    match entry.pick(version, true) {
-                        Some(slot) => slot,
-                        None => continue,
-                    }
-                } else {
-                    let dialed = match dial().await {
-                        Ok(dialed) => dialed,
-                        Err(refusal) => {
-                            *lock(&entry.last_failure) = Some(refusal.clone());
-                            entry.failures.fetch_add(1, Ordering::AcqRel);
-                            return Err(refusal);
-                        }
-                    };
-                    match take(&entry, dialed, version, limits, metrics).await? {
+                } else if entry.len() < POOL_CAP {
+                    match dial_new(&entry, &dial, version, limits, metrics).await? {
                         Taken::Direct(hop) => return Ok(hop),
                         Taken::Pooled(slot) => {
                             fresh = true;
                             slot
                         }
                     }
+                } else {
+                    // At the cap: the least loaded connection; beyond its MAX_STREAMS the
+                    // stream waits in h2 for a free one.
+                    match entry.pick(version, usize::MAX) {
+                        Some(slot) => slot,
+                        None => continue,
+                    }
                 }
             };
             match open_stream(&slot.conn, limits).await {
-                Ok(io) => return Ok(Hop::Stream(OpenStream { io, slot })),
+                Ok(io) => {
+                    slot.conn.proven.store(true, Ordering::Release);
+                    return Ok(Hop::Stream(OpenStream { io, slot }));
+                }
                 Err(OpenError::Refused(status)) => {
+                    slot.conn.proven.store(true, Ordering::Release);
                     tracing::debug!(to = %slot.conn.addr, %status, "stream refused by the server sidecar");
                     return Err(Refusal::new(Reason::PeerRefused, Some(slot.conn.addr))
                         .with_id(slot.conn.server_id.clone()));
                 }
-                Err(OpenError::Connection(e)) if fresh => {
-                    // TLS 1.3: the server judges our certificate after our side of the
-                    // handshake; its refusal arrives on the new connection's first read.
+                Err(OpenError::Connection(e))
+                    if fresh || !slot.conn.proven.load(Ordering::Acquire) =>
+                {
+                    // A connection that never answered a stream: TLS 1.3 servers judge the
+                    // client certificate after the client's side of the handshake, so a
+                    // refusal arrives on the new connection's first read. Not tried again.
                     slot.conn.closed.store(true, Ordering::Release);
                     tracing::debug!(to = %slot.conn.addr, error = %e, "new pooled connection refused");
                     return Err(Refusal::new(Reason::PeerRefused, Some(slot.conn.addr))
@@ -483,6 +504,28 @@ impl Pool {
         }
         // Like a TCP connect that failed.
         Err(Refusal::new(Reason::UpstreamUnreachable, last))
+    }
+}
+
+/// Dials a new connection for the entry; a failure is remembered for the streams that waited.
+async fn dial_new<F, Fut>(
+    entry: &Arc<Entry>,
+    dial: &F,
+    version: u64,
+    limits: &Limits,
+    metrics: &DirectionMetrics,
+) -> Result<Taken, Refusal>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<Dialed, Refusal>>,
+{
+    match dial().await {
+        Ok(dialed) => take(entry, dialed, version, limits, metrics).await,
+        Err(refusal) => {
+            *lock(&entry.last_failure) = Some(refusal.clone());
+            entry.failures.fetch_add(1, Ordering::AcqRel);
+            Err(refusal)
+        }
     }
 }
 
@@ -503,7 +546,7 @@ async fn take(
 ) -> Result<Taken, Refusal> {
     if tls.get_ref().1.alpn_protocol() != Some(crate::tls::ALPN_POOLED) {
         *lock(&entry.direct_until) = Some(Instant::now() + DIRECT_FOR);
-        return Ok(Taken::Direct(Hop::Direct(tls, addr)));
+        return Ok(Taken::Direct(Hop::Direct(Box::new(tls), addr)));
     }
     *lock(&entry.direct_until) = None;
     let conn = start(tls, addr, version, entry, limits).await?;
@@ -537,6 +580,7 @@ async fn start(
         send,
         active: AtomicUsize::new(0),
         closed: AtomicBool::new(false),
+        proven: AtomicBool::new(false),
         version,
         addr,
         server_id: server_id.clone(),
@@ -608,7 +652,9 @@ async fn open_stream(conn: &Conn, limits: &Limits) -> Result<H2Io, OpenError> {
     let wait = limits.connect_timeout + limits.handshake_timeout;
     let response = match tokio::time::timeout(wait, response).await {
         Ok(Ok(r)) => r,
-        Ok(Err(e)) if e.reason() == Some(h2::Reason::REFUSED_STREAM) || e.is_go_away() || e.is_io() => {
+        Ok(Err(e))
+            if e.reason() == Some(h2::Reason::REFUSED_STREAM) || e.is_go_away() || e.is_io() =>
+        {
             return Err(OpenError::Connection(e));
         }
         Ok(Err(e)) => {
@@ -810,6 +856,7 @@ async fn stream(
     let mut io = H2Io::new(send, request.into_body());
     m.open();
     let label = ctx.peer_id.to_string();
-    let (from_tls, to_tls, _) = bridge(&mut upstream, &mut io, ctx.limits.idle_timeout, &label).await;
+    let (from_tls, to_tls, _) =
+        bridge(&mut upstream, &mut io, ctx.limits.idle_timeout, &label).await;
     m.close(from_tls, to_tls);
 }

@@ -467,15 +467,8 @@ pub async fn serve_transparent_outbound(
                     expect,
                     pool: pool.as_deref(),
                 };
-                let result = tunnel::outbound(
-                    stream,
-                    hop,
-                    &identity,
-                    &to.into(),
-                    &limits,
-                    tunnels,
-                )
-                .await;
+                let result =
+                    tunnel::outbound(stream, hop, &identity, &to.into(), &limits, tunnels).await;
                 if let Err(reason) = result {
                     tracing::debug!(%to, %reason, "mesh connection refused");
                     metrics.tunnels.outbound.refuse(reason);
@@ -545,7 +538,10 @@ pub async fn serve_transparent_inbound(
             // without the proxy, the pod's own address, and not the app's loopback services.
             let forward = forward_address(&stream, to);
             if refused_ports.contains(&to.port()) {
-                tracing::debug!(port = to.port(), "inbound connection refused: the port is the sidecar's own");
+                tracing::debug!(
+                    port = to.port(),
+                    "inbound connection refused: the port is the sidecar's own"
+                );
                 refusal::log("inbound", "sidecar_port", stream.peer_addr().ok(), None);
                 bump(&metrics.inbound_sidecar_port);
                 return;
@@ -558,7 +554,9 @@ pub async fn serve_transparent_inbound(
                 Ok(Opening::Other) => true,
                 // Nothing within the timeout: a server-speaks-first protocol, plaintext.
                 Ok(Opening::Silent) if mode == InboundMode::Permissive => true,
-                Ok(Opening::Silent) => return m.refuse(Refusal::new(Reason::HandshakeTimeout, peer)),
+                Ok(Opening::Silent) => {
+                    return m.refuse(Refusal::new(Reason::HandshakeTimeout, peer));
+                }
                 Err(refusal) => return m.refuse(refusal),
             };
             if plaintext {

@@ -62,6 +62,11 @@ pub struct Limits {
     pub identity_hold: Duration,
     /// After shutdown: how long open connections may finish before they are cut.
     pub drain_timeout: Duration,
+    /// The pooled hop (outbound): streams on a pooled connection before the next stream opens
+    /// another connection to the same destination (up to [`pool::POOL_CAP`] connections of at
+    /// most [`pool::MAX_STREAMS`] streams). A few connections spread the load over the
+    /// server's worker threads (one serves each pooled connection).
+    pub pool_spread: usize,
 }
 
 impl Default for Limits {
@@ -76,15 +81,20 @@ impl Default for Limits {
             connect_timeout: Duration::from_secs(5),
             identity_hold: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
+            pool_spread: pool::SPREAD_STREAMS,
         }
     }
 }
 
 impl Limits {
     pub fn validate(&self) -> Result<(), Error> {
-        if self.max_connections == 0 || self.max_pending == 0 || self.max_pending_per_source == 0 {
+        if self.max_connections == 0
+            || self.max_pending == 0
+            || self.max_pending_per_source == 0
+            || self.pool_spread == 0
+        {
             return Err(Error::Limits(
-                "max_connections, max_pending and max_pending_per_source must be at least 1",
+                "max_connections, max_pending, max_pending_per_source and pool_spread must be at least 1",
             ));
         }
         let durations = [
@@ -290,8 +300,7 @@ pub async fn serve_outbound(
                 expect: &expect,
                 pool: pool.as_deref(),
             };
-            if let Err(refusal) = outbound(stream, to, &identity, &connect, &limits, m).await
-            {
+            if let Err(refusal) = outbound(stream, to, &identity, &connect, &limits, m).await {
                 metrics.outbound.refuse(refusal);
             }
         }
@@ -683,14 +692,20 @@ pub(crate) async fn outbound(
     }
     let dialed = || dial(hop, identity, to, limits, &metrics);
     let (tls, to) = match hop.pool {
-        Some(pool) => match pool.open(to, identity, limits, &metrics.outbound, dialed).await? {
+        Some(pool) => match pool
+            .open(to, identity, limits, &metrics.outbound, dialed)
+            .await?
+        {
             pool::Hop::Stream(opened) => {
                 pool::carry(stream, opened, limits, &metrics).await;
                 return Ok(());
             }
             pool::Hop::Direct(tls, to) => (tls, to),
         },
-        None => dialed().await?,
+        None => {
+            let (tls, to) = dialed().await?;
+            (Box::new(tls), to)
+        }
     };
     let refused = |reason| Refusal::new(reason, Some(to));
     let server_id = tls::peer_id(tls.get_ref().1.peer_certificates());

@@ -78,16 +78,51 @@ struct Chain {
 
 async fn chain_with(pki: &Pki, client_pool: bool, server_pool: bool, policy: Policy) -> Chain {
     let server = IdentityHandle::new().with_pooling(server_pool);
-    server.publish(pki.svid(SERVER), pki.bundle(), now()).unwrap();
+    server
+        .publish(pki.svid(SERVER), pki.bundle(), now())
+        .unwrap();
     let client = IdentityHandle::new().with_pooling(client_pool);
-    client.publish(pki.svid(CLIENT), pki.bundle(), now()).unwrap();
+    client
+        .publish(pki.svid(CLIENT), pki.bundle(), now())
+        .unwrap();
     let inbound = inbound(server.clone(), policy, backend().await).await;
-    let outbound = outbound(client.clone(), inbound.addr, ExpectedPeer::Id(id(SERVER))).await;
+    let outbound = outbound_one(client.clone(), inbound.addr).await;
     Chain {
         inbound,
         outbound,
         client,
         server,
+    }
+}
+
+/// An outbound end whose pool fills one connection (up to its 128 streams) before it opens
+/// another: these tests count connections.
+async fn outbound_one(identity: IdentityHandle, connect: SocketAddr) -> Running {
+    outbound_with(identity, connect, proxy::pool::MAX_STREAMS as usize).await
+}
+
+async fn outbound_with(identity: IdentityHandle, connect: SocketAddr, spread: usize) -> Running {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let metrics = Arc::new(proxy::Metrics::default());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let limits = proxy::Limits {
+        pool_spread: spread,
+        ..limits()
+    };
+    tokio::spawn(proxy::serve_outbound(
+        listener,
+        identity,
+        connect.into(),
+        ExpectedPeer::Id(id(SERVER)),
+        limits,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    Running {
+        addr,
+        metrics,
+        shutdown,
     }
 }
 
@@ -124,14 +159,22 @@ async fn many_concurrent_streams_share_one_connection_each_with_its_own_bytes_an
     let pki = Pki::new("example.test");
     let c = chain(&pki).await;
     // Warm: the first connection makes the pooled connection.
-    assert_eq!(within(round_trip(c.outbound.addr, b"hello")).await.unwrap(), b"hello");
+    assert_eq!(
+        within(round_trip(c.outbound.addr, b"hello")).await.unwrap(),
+        b"hello"
+    );
     let mut tasks = Vec::new();
     for i in 0..64 {
         let addr = c.outbound.addr;
         tasks.push(tokio::spawn(async move {
             let data = payload(i, 50_000 + i * 1000);
             let got = echo_slowly(addr, data.clone(), 4, Duration::from_millis(5)).await;
-            assert!(got == data, "stream {i}: bytes differ ({} of {})", got.len(), data.len());
+            assert!(
+                got == data,
+                "stream {i}: bytes differ ({} of {})",
+                got.len(),
+                data.len()
+            );
         }));
     }
     for t in tasks {
@@ -173,7 +216,7 @@ async fn half_close_from_the_server_side_leaves_the_client_side_open() {
         assert_eq!(got, b"after the server's FIN");
     });
     let inbound = inbound(c.server.clone(), Policy::new(pki.td.clone()), backend).await;
-    let outbound = outbound(c.client.clone(), inbound.addr, ExpectedPeer::Id(id(SERVER))).await;
+    let outbound = outbound_one(c.client.clone(), inbound.addr).await;
     let mut s = TcpStream::connect(outbound.addr).await.unwrap();
     let mut got = Vec::new();
     within(s.read_to_end(&mut got)).await.unwrap();
@@ -190,7 +233,10 @@ async fn half_close_from_the_server_side_leaves_the_client_side_open() {
 async fn a_stalled_stream_does_not_block_the_others() {
     let pki = Pki::new("example.test");
     let c = chain(&pki).await;
-    assert_eq!(within(round_trip(c.outbound.addr, b"warm!")).await.unwrap(), b"warm!");
+    assert_eq!(
+        within(round_trip(c.outbound.addr, b"warm!")).await.unwrap(),
+        b"warm!"
+    );
     // One client asks for a flood and never reads; another sends without end to a backend
     // that never reads.
     let mut flood = TcpStream::connect(c.outbound.addr).await.unwrap();
@@ -234,7 +280,10 @@ async fn a_stalled_stream_does_not_block_the_others() {
 async fn rotation_mid_stream_drops_nothing_and_new_streams_use_the_new_svid() {
     let pki = Pki::new("example.test");
     let c = chain(&pki).await;
-    assert_eq!(within(round_trip(c.outbound.addr, b"first")).await.unwrap(), b"first");
+    assert_eq!(
+        within(round_trip(c.outbound.addr, b"first")).await.unwrap(),
+        b"first"
+    );
     assert_eq!(handshakes(&c.inbound), 1);
     let mut tasks = Vec::new();
     for i in 0..16 {
@@ -247,26 +296,45 @@ async fn rotation_mid_stream_drops_nothing_and_new_streams_use_the_new_svid() {
     }
     // Mid-stream: both sides get a new SVID.
     tokio::time::sleep(Duration::from_millis(150)).await;
-    c.server.publish(pki.svid(SERVER), pki.bundle(), now()).unwrap();
-    c.client.publish(pki.svid(CLIENT), pki.bundle(), now()).unwrap();
+    c.server
+        .publish(pki.svid(SERVER), pki.bundle(), now())
+        .unwrap();
+    c.client
+        .publish(pki.svid(CLIENT), pki.bundle(), now())
+        .unwrap();
     // New streams during the drain go to a new connection, made with the new SVIDs.
     for i in 0..8 {
         let data = payload(100 + i, 1000);
-        assert_eq!(within(round_trip(c.outbound.addr, &data)).await.unwrap(), data);
+        assert_eq!(
+            within(round_trip(c.outbound.addr, &data)).await.unwrap(),
+            data
+        );
     }
     for t in tasks {
         within(t).await.unwrap();
     }
-    assert_eq!(handshakes(&c.inbound), 2, "one connection before, one after the rotation");
+    assert_eq!(
+        handshakes(&c.inbound),
+        2,
+        "one connection before, one after the rotation"
+    );
     assert_eq!(c.inbound.metrics.inbound.refused_total(), 0);
     assert_eq!(c.outbound.metrics.outbound.refused_total(), 0);
-    eventually("all 25 counted", || c.inbound.metrics.inbound.accepted() == 25).await;
+    eventually("all 25 counted", || {
+        c.inbound.metrics.inbound.accepted() == 25
+    })
+    .await;
     // A rotation on the server side alone also moves new streams to a new connection (its
     // GOAWAY), and nothing fails.
-    c.server.publish(pki.svid(SERVER), pki.bundle(), now()).unwrap();
+    c.server
+        .publish(pki.svid(SERVER), pki.bundle(), now())
+        .unwrap();
     for i in 0..4 {
         let data = payload(200 + i, 1000);
-        assert_eq!(within(round_trip(c.outbound.addr, &data)).await.unwrap(), data);
+        assert_eq!(
+            within(round_trip(c.outbound.addr, &data)).await.unwrap(),
+            data
+        );
     }
     assert_eq!(handshakes(&c.inbound), 3);
     assert_eq!(c.outbound.metrics.outbound.refused_total(), 0);
@@ -281,7 +349,10 @@ async fn policy_refusals_on_a_pooled_connection_are_counted_per_stream() {
     let c = chain_with(&pki, true, true, policy).await;
     for _ in 0..3 {
         let got = within(round_trip(c.outbound.addr, b"let me in")).await;
-        assert!(got.map_or(true, |b| b.is_empty()), "a refused stream carried bytes");
+        assert!(
+            got.map_or(true, |b| b.is_empty()),
+            "a refused stream carried bytes"
+        );
     }
     eventually("three refusals on each side", || {
         c.inbound.metrics.inbound.refused(Reason::NotAuthorized) == 3
@@ -301,7 +372,10 @@ async fn kith_peers_without_pooling_get_one_handshake_per_connection() {
     let c = chain_with(&pki, true, false, Policy::new(pki.td.clone())).await;
     for i in 0..4 {
         let data = payload(i, 3000);
-        assert_eq!(within(round_trip(c.outbound.addr, &data)).await.unwrap(), data);
+        assert_eq!(
+            within(round_trip(c.outbound.addr, &data)).await.unwrap(),
+            data
+        );
     }
     assert_eq!(handshakes(&c.inbound), 4);
     assert_eq!(c.outbound.metrics.outbound.pooled(), 0);
@@ -309,7 +383,10 @@ async fn kith_peers_without_pooling_get_one_handshake_per_connection() {
     let c = chain_with(&pki, false, true, Policy::new(pki.td.clone())).await;
     for i in 0..3 {
         let data = payload(i, 3000);
-        assert_eq!(within(round_trip(c.outbound.addr, &data)).await.unwrap(), data);
+        assert_eq!(
+            within(round_trip(c.outbound.addr, &data)).await.unwrap(),
+            data
+        );
     }
     assert_eq!(handshakes(&c.inbound), 3);
     eventually("counted", || c.inbound.metrics.inbound.accepted() == 3).await;
@@ -323,9 +400,14 @@ async fn a_client_that_is_not_kith_is_served_as_today() {
     let (chain, key) = pki.leaf(CLIENT);
     let mut config = (*raw_client(Some((chain, &key)))).clone();
     config.alpn_protocols = Vec::new();
-    let got = within(tls_attempt(c.inbound.addr, Arc::new(config))).await.unwrap();
+    let got = within(tls_attempt(c.inbound.addr, Arc::new(config)))
+        .await
+        .unwrap();
     assert_eq!(got, b"x");
-    eventually("served directly", || c.inbound.metrics.inbound.accepted() == 1).await;
+    eventually("served directly", || {
+        c.inbound.metrics.inbound.accepted() == 1
+    })
+    .await;
     assert_eq!(handshakes(&c.inbound), 1);
 }
 
@@ -339,7 +421,10 @@ async fn a_server_that_is_not_kith_is_refused_as_today() {
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
         .with_no_client_auth()
-        .with_single_cert(chain, PrivateKeyDer::Pkcs8(identity::x509::portable_pkcs8(&key)))
+        .with_single_cert(
+            chain,
+            PrivateKeyDer::Pkcs8(identity::x509::portable_pkcs8(&key)),
+        )
         .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -394,7 +479,10 @@ async fn a_reset_on_one_side_is_a_reset_on_the_other_and_the_connection_lives_on
     })
     .await;
     // A reset stream does not end the pooled connection.
-    assert_eq!(within(round_trip(c.outbound.addr, b"after")).await.unwrap(), b"after");
+    assert_eq!(
+        within(round_trip(c.outbound.addr, b"after")).await.unwrap(),
+        b"after"
+    );
     assert_eq!(handshakes(&c.inbound), 1);
 }
 
@@ -406,7 +494,7 @@ async fn an_unreachable_destination_refuses_the_stream_as_a_direct_connection_wo
     drop(closed);
     let c = chain(&pki).await;
     let inbound = inbound(c.server.clone(), Policy::new(pki.td.clone()), gone).await;
-    let outbound = outbound(c.client.clone(), inbound.addr, ExpectedPeer::Id(id(SERVER))).await;
+    let outbound = outbound_one(c.client.clone(), inbound.addr).await;
     for _ in 0..3 {
         let got = within(round_trip(outbound.addr, b"anyone?")).await;
         assert!(got.map_or(true, |b| b.is_empty()));
@@ -417,4 +505,41 @@ async fn an_unreachable_destination_refuses_the_stream_as_a_direct_connection_wo
     })
     .await;
     assert_eq!(handshakes(&inbound), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_the_load_spreads_over_a_few_connections() {
+    let pki = Pki::new("example.test");
+    let c = chain(&pki).await;
+    let outbound = outbound_with(
+        c.client.clone(),
+        c.inbound.addr,
+        proxy::Limits::default().pool_spread,
+    )
+    .await;
+    assert_eq!(
+        proxy::Limits::default().pool_spread,
+        proxy::pool::SPREAD_STREAMS
+    );
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let addr = outbound.addr;
+        tasks.push(tokio::spawn(async move {
+            let data = payload(i, 20_000);
+            let got = echo_slowly(addr, data.clone(), 10, Duration::from_millis(20)).await;
+            assert!(got == data, "stream {i}: bytes differ");
+        }));
+    }
+    for t in tasks {
+        within(t).await.unwrap();
+    }
+    // 64 streams at once, 16 per connection before another opens: more than one connection,
+    // far fewer than one per stream, never more than the cap.
+    let pooled = outbound.metrics.outbound.pooled();
+    assert!(pooled >= 2, "{pooled} pooled connections");
+    assert!(
+        pooled <= proxy::pool::POOL_CAP as u64,
+        "{pooled} pooled connections"
+    );
+    assert_eq!(handshakes(&c.inbound), pooled);
 }

@@ -563,9 +563,11 @@ async fn mesh_connections_share_one_pooled_connection_with_the_policy_per_stream
         i.tunnels().inbound.accepted() == 20 && o.tunnels().outbound.accepted() == 20
     })
     .await;
-    // Twenty captured connections, one mTLS handshake.
-    assert_eq!(i.tunnels().inbound.handshake().count(), 1);
-    assert_eq!(i.inbound_tls(), 1);
+    // Twenty captured connections, one or two mTLS handshakes (a second pooled connection
+    // opens once one carries 16 streams).
+    let handshakes = i.tunnels().inbound.handshake().count();
+    assert!((1..=2).contains(&handshakes), "{handshakes} handshakes");
+    assert_eq!(i.inbound_tls(), handshakes);
     assert_eq!(o.outbound_mesh(), 20);
     // Another destination is another pooled connection; there the policy refuses its
     // streams (a port the client may not reach), each counted.
