@@ -23,6 +23,11 @@
 //!   the others. Buffered data is bounded by `MAX_STREAMS * STREAM_WINDOW` per connection.
 //! - Half-close is END_STREAM one way and TCP `shutdown(Write)` the other; a reset stream is
 //!   an RST on the TCP side (zero linger) and a TCP error a RST_STREAM (CANCEL).
+//! - Idle cost: an idle application connection holds no TLS state of its own (the pooled
+//!   connection's is shared by all its streams), only its socket, its h2 stream entry and two
+//!   1 KiB copy buffers ([`crate::copy`]). rustls itself already shrinks a connection's
+//!   receive buffer to one 4 KiB read when it holds no partial record, and its send buffers
+//!   are empty once written, so an idle pooled connection is small too.
 
 use std::collections::HashMap;
 use std::io;
@@ -632,9 +637,12 @@ async fn drive<T>(
 }
 
 async fn open_stream(conn: &Conn, limits: &Limits) -> Result<H2Io, OpenError> {
+    // The authority is the destination without an IPv6 scope (`%eth0` is no URI syntax); the
+    // server side forwards to where the pooled connection went anyway.
+    let authority = SocketAddr::new(conn.addr.ip(), conn.addr.port());
     let request = http::Request::builder()
         .method(http::Method::CONNECT)
-        .uri(conn.addr.to_string())
+        .uri(authority.to_string())
         .body(())
         .map_err(|_| OpenError::Refused(http::StatusCode::BAD_REQUEST))?;
     let ready = conn.send.clone().ready();
