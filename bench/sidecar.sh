@@ -11,7 +11,8 @@
 #
 # Environment: ROUNDS (3), DURATION (15s), WARMUP (2s), CONNECTIONS (64), THREADS (2),
 # BULK_MIB (256), BULK_COUNT (4 downloads per round), HOLD_CONNS (1000),
-# CANDIDATES ("kith haproxy stunnel ghostunnel plain"), RESUMPTION (1: also measure new connections
+# CANDIDATES ("kith kith_pool haproxy stunnel ghostunnel plain"; kith is `--pool off`, one full
+# handshake per connection like the peers, kith_pool the pooled hop), RESUMPTION (1: also measure new connections
 # with TLS session resumption on, for kith and each TLS peer, in a table of their own), KEEP=1 (keep the temp dir with the
 # configurations and logs), QUICK, SAVE. See bench/README.md.
 set -euo pipefail
@@ -34,7 +35,7 @@ CONNECTIONS=${CONNECTIONS:-64}
 THREADS=${THREADS:-2}
 BULK_MIB=${BULK_MIB:-256}
 HOLD_CONNS=${HOLD_CONNS:-1000}
-CANDIDATES=${CANDIDATES:-kith haproxy stunnel ghostunnel plain}
+CANDIDATES=${CANDIDATES:-kith kith_pool haproxy stunnel ghostunnel plain}
 SAVE=${SAVE:-0}
 KEEP=${KEEP:-0}
 RESUMPTION=${RESUMPTION:-1}
@@ -60,8 +61,8 @@ for c in $CANDIDATES; do
     case $c in
     haproxy | plain) need haproxy "apt-get install haproxy" ;;
     stunnel) need stunnel4 "apt-get install stunnel4" ;;
-    kith | ghostunnel) ;;
-    *) die "unknown candidate $c (kith haproxy stunnel ghostunnel plain)" ;;
+    kith | kith_pool | ghostunnel) ;;
+    *) die "unknown candidate $c (kith kith_pool haproxy stunnel ghostunnel plain)" ;;
     esac
 done
 # 1,000 held connections need ~2,000 descriptors in each tunnel and ~1,000 in nginx.
@@ -192,19 +193,25 @@ NGINX_PIDS=("$NGINX_PID" $(cat /proc/"$NGINX_PID"/task/*/children))
 # on (kith's default), measured for new connections only.
 declare -A CPORT SPORT CPID SPID LABEL SETUP STATUS
 
-start_kith() { # [resume]
-    local c=kith${1:+_resume} resumption=off
+start_kith() { # [resume | pqoff | pool]
+    local c=kith${1:+_$1} resumption=off pool=off extra=()
     local d=$WORK/$c
-    [[ -n ${1:-} ]] && resumption=on
+    [[ ${1:-} == resume ]] && resumption=on
+    [[ ${1:-} == pool ]] && pool=on
+    [[ ${1:-} == pqoff ]] && extra=(--pq off)
     mkdir -p "$d"
     LABEL[$c]="kith"
-    SETUP[$c]="two kith sidecar run processes (default --workers: 2 here, single-threaded event loops on SO_REUSEPORT listeners), explicit tunnels (--connect --expect-id; --forward --allow), identity from files; TLS 1.3 only (rustls + ring), --tls-resumption $resumption; checks the peer's SPIFFE ID"
+    [[ $pool == on ]] && LABEL[$c]="kith pooled"
+    SETUP[$c]="two kith sidecar run processes (default --workers: 2 here, single-threaded event loops on SO_REUSEPORT listeners), explicit tunnels (--connect --expect-id; --forward --allow), identity from files; TLS 1.3 only (rustls + ring), --tls-resumption $resumption, --pool $pool${extra[*]:+, ${extra[*]}}; checks the peer's SPIFFE ID"
+    [[ $pool == on ]] && SETUP[$c]+="; the pooled hop: each application connection is an HTTP/2 CONNECT stream of a few long-lived mTLS connections between the sidecars (kith/2), authorized per stream"
     "$KITH" sidecar run --cert "$CRT_S" --key "$KEY_S" --bundle "$BUNDLE" --tls-resumption $resumption \
+        --pool $pool "${extra[@]}" \
         --listen "127.0.0.1:${SPORT[$c]}" --forward "127.0.0.1:$BACKEND_PORT" --allow "$CLIENT_ID" \
         --admin-listen "127.0.0.1:$(free_port)" >"$d/server.log" 2>&1 &
     SPID[$c]=$!
     PIDS+=("${SPID[$c]}")
     "$KITH" sidecar run --cert "$CRT_C" --key "$KEY_C" --bundle "$BUNDLE" --tls-resumption $resumption \
+        --pool $pool "${extra[@]}" \
         --listen "127.0.0.1:${CPORT[$c]}" --connect "127.0.0.1:${SPORT[$c]}" --expect-id "$SERVER_ID" \
         --admin-listen "127.0.0.1:$(free_port)" >"$d/client.log" 2>&1 &
     CPID[$c]=$!
@@ -226,6 +233,8 @@ defaults
     timeout server 1h
 EOF
 }
+
+start_kith_pool() { start_kith pool; }
 
 start_haproxy() { # [resume]
     local c=haproxy${1:+_resume} d server_opts=" no-tls-tickets" client_opts=" no-ssl-reuse no-tls-tickets"
@@ -399,6 +408,11 @@ if [[ $RESUMPTION == 1 ]]; then
         case $c in kith | haproxy | stunnel) ALL+=("${c}_resume") ;; esac
     done
 fi
+# Full handshakes without the post-quantum hybrid key exchange, where kith has the switch
+# (`--pq on|off`): the hybrid's cost on its own, new connections only.
+if [[ " $CANDIDATES " == *" kith "* ]] && "$KITH" sidecar run --help | grep -q -- --pq; then
+    ALL+=(kith_pqoff)
+fi
 
 RUN=()
 for c in "${ALL[@]}"; do
@@ -411,7 +425,9 @@ for c in "${ALL[@]}"; do
     CPORT[$c]=$(free_port)
     SPORT[$c]=$(free_port)
     log "starting $c (client tunnel 127.0.0.1:${CPORT[$c]}, server tunnel 127.0.0.1:${SPORT[$c]})"
-    if [[ $c == *_resume ]]; then "start_${c%_resume}" resume; else "start_$c"; fi
+    if [[ $c == *_resume ]]; then "start_${c%_resume}" resume
+    elif [[ $c == kith_pqoff ]]; then start_kith pqoff
+    else "start_$c"; fi
     ready=0
     for _ in $(seq 1 100); do
         if through "${CPORT[$c]}"; then ready=1; break; fi
@@ -426,7 +442,7 @@ for c in "${ALL[@]}"; do
     fi
     if [[ $c == plain ]]; then
         STATUS[$c]="ran (no TLS)"
-    elif [[ $c == *_resume ]]; then
+    elif [[ $c == *_resume || $c == kith_pqoff ]]; then
         STATUS[$c]="ran"
     else
         STATUS[$c]="ran; server tunnel checked with openssl s_client: $(posture "$c")"
@@ -489,7 +505,7 @@ wrk_run() { # port duration [header]
 
 log "memory: each pair idle, then with $HOLD_CONNS idle connections held through it"
 for c in "${RUN[@]}"; do
-    [[ $c == *_resume ]] && continue
+    [[ $c == *_resume || $c == kith_pqoff ]] && continue
     sleep 1
     idle=$(mem_kib VmRSS "${CPID[$c]}" "${SPID[$c]}")
     idle_anon=$(mem_kib RssAnon "${CPID[$c]}" "${SPID[$c]}")
@@ -510,8 +526,8 @@ for r in $(seq 1 "$ROUNDS"); do
     order=("${RUN[@]:$(((r - 1) % ${#RUN[@]}))}" "${RUN[@]:0:$(((r - 1) % ${#RUN[@]}))}")
     for c in "${order[@]}"; do
         port=${CPORT[$c]}
-        if [[ $c == *_resume ]]; then
-            log "round $r/$ROUNDS: $c: warm-up, new connections with session resumption"
+        if [[ $c == *_resume || $c == kith_pqoff ]]; then
+            log "round $r/$ROUNDS: $c: warm-up, new connections only"
             wrk_run "$port" "$WARMUP" "Connection: close" >/dev/null
             window_start "$c"
             w=$(wrk_run "$port" "$DURATION" "Connection: close")
@@ -565,10 +581,10 @@ import json, statistics, sys
 rows = [json.loads(l) for l in open(results) if l.strip()]
 cands = json.load(open(meta))
 ran_all = [c["cand"] for c in cands if c["status"].startswith("ran")]
-ran = [c for c in ran_all if not c.endswith("_resume")]
+ran = [c for c in ran_all if not c.endswith("_resume") and c != "kith_pqoff"]
 resumed = [c for c in ran_all if c.endswith("_resume")]
 label = {c["cand"]: c["label"] for c in cands}
-peers = [c for c in ran if c not in ("kith", "plain")]
+peers = [c for c in ran if c not in ("kith", "kith_pool", "plain")]
 
 def med(xs):
     xs = [x for x in xs if x is not None]
@@ -631,7 +647,7 @@ def fmt(v, d):
         return "n/a"
     return f"{v:,.{d}f}"
 
-others = [c for c in ran if c != "kith"]
+others = [c for c in ran if c not in ("kith", "kith_pool")]
 print(f"## Sidecar data path: kith vs {', '.join(label[c] for c in others)}\n")
 print("Chain on loopback: load generator → client tunnel (plaintext in, mTLS out) → server tunnel "
       "(mTLS in, plaintext out) → nginx. Same nginx, same certificates (kith dev CA, P-256 ECDSA "
@@ -707,6 +723,48 @@ if resumed and "kith_resume" in resumed:
     full, res = fig.get("kith", {}).get("cps"), fig["kith_resume"]["cps"]
     if full and res:
         print(f"\nkith with resumption ÷ kith without: {res / full:.2f}.")
+    print()
+if "kith_pool" in ran_all:
+    # Issue 20: the pooled hop against the plain relay (the no-crypto ceiling) and HAProxy.
+    kp, kf = fig["kith_pool"], fig.get("kith", {})
+    pl = fig.get("plain", {})
+    hp = fig.get("haproxy", {})
+    best_cps = max([fig[c]["cps"] for c in peers if fig[c]["cps"]] or [0]) or None
+    def ratio(a, b):
+        return f"{a / b:.2f}" if a and b else "n/a"
+    def met(a, b, f, ge=True):
+        if not (a and b):
+            return "n/a"
+        return "yes" if (a >= f * b if ge else a <= f * b) else "**no**"
+    print("### The pooled hop (kith pooled: `--pool on`, the default) against the plain relay\n")
+    print("kith pooled: both sidecars pool (ALPN kith/2), each application connection is an HTTP/2 "
+          "CONNECT stream of a few long-lived mTLS connections; every other row above is one mTLS "
+          "connection per application connection (kith: `--pool off`).\n")
+    print("| figure | kith pooled | plain relay | HAProxy | pooled ÷ relay | pooled ÷ HAProxy | issue 20 target | met |")
+    print("|---|---:|---:|---:|---:|---:|---|---|")
+    for key, name, d, tgt, f, ge, against in [
+        ("cps", "new connections/s through the pooled hop", 0, "≥ 0.8x the relay", 0.8, True, pl),
+        ("rps", "keep-alive requests/s", 0, "≥ 0.95x the relay", 0.95, True, pl),
+        ("p99", "keep-alive p99 latency, ms", 2, "≤ 1.2x the relay", 1.2, False, pl),
+        ("bulk", f"bulk download, MiB/s ({bulk_mib} MiB file)", 0, "≥ the relay", 1.0, True, pl),
+        ("per_conn", "RSS per held connection, both sidecars, KiB", 1, "≤ 0.5x HAProxy", 0.5, False, hp),
+        ("anon_held", f"anonymous memory with {hold} connections, MiB", 1, None, None, None, None),
+    ]:
+        a = kp.get(key)
+        cells = [name, fmt(a, d), fmt(pl.get(key), d), fmt(hp.get(key), d),
+                 ratio(a, pl.get(key)), ratio(a, hp.get(key))]
+        cells += [tgt or "", met(a, against.get(key), f, ge) if tgt else ""]
+        print("| " + " | ".join(cells) + " |")
+    print()
+    if kf.get("cps") and best_cps:
+        print(f"Full handshakes (kith `--pool off`, like for like): {fmt(kf['cps'], 0)} new connections/s, "
+              f"{kf['cps'] / best_cps:.2f}x the best TLS peer (issue 20 target: ≥ 2.5x).")
+    pq = fig.get("kith_pqoff", {}).get("cps")
+    if pq and kf.get("cps"):
+        print(f"Without the post-quantum hybrid (`--pool off --pq off`): {fmt(pq, 0)} new connections/s; "
+              f"with it ÷ without: {kf['cps'] / pq:.2f}.")
+    elif "kith_pqoff" not in ran_all:
+        print("No `--pq off` row: this kith has no `--pq` switch.")
     print()
 print("Per round (errors: wrk's connect/read/write/timeout/status errors):\n")
 print("| round | candidate | keep-alive req/s | p50 / p99 ms | errors | new conn/s | errors | bulk MiB/s | other load (cores) | load avg |")

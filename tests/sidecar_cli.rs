@@ -516,7 +516,12 @@ fn tls_resumption_is_on_by_default_and_off_on_request() {
     let backend = echo_backend().to_string();
     let resumed = "kith_sidecar_tls_resumed_total{direction=\"inbound\"}";
     let handshakes = "kith_sidecar_handshake_seconds_count{direction=\"inbound\"}";
-    for (setting, extra) in [("on", &[][..]), ("off", &["--tls-resumption", "off"][..])] {
+    // Resumption shortens the handshake of each connection: the pooled hop, which needs
+    // few handshakes, is off here (pool_is_on_by_default_and_off_on_request).
+    for (setting, extra) in [
+        ("on", &["--pool", "off"][..]),
+        ("off", &["--pool", "off", "--tls-resumption", "off"][..]),
+    ] {
         let server_addr = free_port();
         let server_str = server_addr.to_string();
         let server_args = [&["--forward", &backend][..], extra].concat();
@@ -579,6 +584,9 @@ fn pq_key_exchange_is_on_by_default_and_off_on_request() {
                 &server_str,
                 "--expect-id",
                 "spiffe://example.org/server",
+                // One handshake per connection, so each request is one handshake to count.
+                "--pool",
+                "off",
             ][..],
             client_pq,
         ]
@@ -610,6 +618,64 @@ fn pq_key_exchange_is_on_by_default_and_off_on_request() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--pq"), "{err}");
+}
+
+#[test]
+fn pool_is_on_by_default_and_off_on_request() {
+    let kith = Kith::new();
+    kith.issue("spiffe://example.org/client", "client", &[]);
+    kith.issue("spiffe://example.org/server", "server", &[]);
+    let backend = echo_backend().to_string();
+    let pooled = "kith_sidecar_pooled_connections_total{direction=\"inbound\"}";
+    let accepted = "kith_sidecar_connections_total{direction=\"inbound\",result=\"accepted\"}";
+    let handshakes = "kith_sidecar_handshake_seconds_count{direction=\"inbound\"}";
+    for (setting, extra) in [("on", &[][..]), ("off", &["--pool", "off"][..])] {
+        let server_addr = free_port();
+        let server_str = server_addr.to_string();
+        let server_args = [&["--forward", &backend][..], extra].concat();
+        let server = sidecar(&kith, "server", server_addr, &server_args);
+        let client_addr = free_port();
+        let client_args = [
+            &[
+                "--connect",
+                &server_str,
+                "--expect-id",
+                "spiffe://example.org/server",
+                "--tls-resumption",
+                "off",
+            ][..],
+            extra,
+        ]
+        .concat();
+        let _client = sidecar(&kith, "client", client_addr, &client_args);
+        for i in 0..8 {
+            let msg = format!("request {i}");
+            assert_eq!(roundtrip(client_addr, msg.as_bytes()), msg.as_bytes());
+        }
+        let m = wait_metric(server.admin, accepted, 8.0, Duration::from_secs(5));
+        let p = metric(&m, pooled).unwrap_or_else(|| panic!("{pooled} in\n{m}"));
+        let h = metric(&m, handshakes).unwrap_or_else(|| panic!("{handshakes} in\n{m}"));
+        let a = metric(&m, accepted).unwrap_or(0.0);
+        if setting == "on" {
+            // Eight connections (and the start's check) over at most one pooled connection
+            // per client worker (2).
+            assert!((1.0..=2.0).contains(&p), "pool {setting}: {p} pooled\n{m}");
+            assert_eq!(
+                h, p,
+                "pool {setting}: one handshake per pooled connection\n{m}"
+            );
+        } else {
+            assert_eq!(p, 0.0, "pool {setting}\n{m}");
+            assert_eq!(h, a, "pool {setting}: a handshake per connection\n{m}");
+        }
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_kith"))
+        .args(["sidecar", "run", "--pool", "sometimes"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--pool"), "{err}");
 }
 
 #[test]

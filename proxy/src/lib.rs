@@ -6,6 +6,7 @@
 //! - [`tunnel`]: `serve_inbound` (mTLS in) and `serve_outbound` (mTLS out);
 //! - [`transparent`]: `serve_transparent_outbound`/`serve_transparent_inbound` for
 //!   iptables-captured connections;
+//! - [`pool`]: the pooled hop between kith sidecars (`kith/2`, HTTP/2 CONNECT streams);
 //! - [`socket`]: the original destination of a captured connection (`SO_ORIGINAL_DST`);
 //! - [`metrics`]: connection and byte counters;
 //! - [`refusal`]: every refused connection counted and logged (rate-limited per reason).
@@ -14,6 +15,7 @@
 pub mod authz;
 pub mod copy;
 pub mod metrics;
+pub mod pool;
 pub mod refusal;
 pub mod socket;
 pub mod tls;

@@ -109,6 +109,8 @@ pub struct DirectionMetrics {
     resumed: AtomicU64,
     /// Completed handshakes by negotiated key-exchange group, in the order of `KX_GROUPS`.
     kx: [AtomicU64; KX_GROUPS.len()],
+    /// Pooled connections (ALPN `kith/2`) opened; each carries many connections as streams.
+    pooled: AtomicU64,
 }
 
 /// The key-exchange group labels of `kith_sidecar_handshakes_total` (`identity::kx::group_name`).
@@ -156,6 +158,16 @@ impl DirectionMetrics {
             .iter()
             .position(|g| *g == group)
             .map_or(0, |i| self.kx[i].load(Ordering::Relaxed))
+    }
+
+    /// Pooled connections (ALPN `kith/2`) opened or accepted; their streams count as
+    /// connections in `accepted`.
+    pub fn pooled(&self) -> u64 {
+        self.pooled.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn pooled_open(&self) {
+        self.pooled.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Records a completed handshake: its duration, whether it resumed a session, and the
@@ -312,6 +324,19 @@ impl Metrics {
                 let n = m.kx[i].load(Ordering::Relaxed);
                 let _ = writeln!(out, "kith_sidecar_handshakes_total{{{l},kx=\"{kx}\"}} {n}");
             }
+        }
+        family(
+            out,
+            "kith_sidecar_pooled_connections_total",
+            "counter",
+            "Pooled mTLS connections between kith sidecars (kith/2), each carrying many connections as HTTP/2 streams",
+        );
+        for (l, m) in series() {
+            let _ = writeln!(
+                out,
+                "kith_sidecar_pooled_connections_total{{{l}}} {}",
+                m.pooled()
+            );
         }
     }
 }

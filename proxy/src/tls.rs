@@ -40,8 +40,13 @@ use identity::{SpiffeId, Svid, TrustBundle, VerifyError};
 use crate::metrics::Reason;
 use crate::refusal::Refusal;
 
-/// The one ALPN protocol both ends speak.
+/// The ALPN protocol of one mTLS connection per application connection (every kith).
 pub const ALPN: &[u8] = b"kith/1";
+
+/// The ALPN protocol of the pooled hop: one mTLS connection carries many application
+/// connections as HTTP/2 CONNECT streams. A kith with pooling on offers it before `kith/1`;
+/// a server that does not know it picks `kith/1` and the connection is served as one.
+pub const ALPN_POOLED: &[u8] = b"kith/2";
 
 /// The longest a session ticket can resume a session; the next publish (new SVID or bundle)
 /// ends it sooner.
@@ -141,6 +146,7 @@ pub struct IdentityHandle {
     tx: Published,
     resumption: bool,
     pq: bool,
+    pooling: bool,
     sessions: Arc<Sessions>,
 }
 
@@ -159,7 +165,8 @@ fn version_of(tx: &Published) -> u64 {
 struct Sessions {
     tickets: OnceLock<Arc<IdentityTickets>>,
     cache: OnceLock<Arc<IdentitySessions>>,
-    clients: Mutex<Vec<(ExpectedPeer, Arc<ClientConfig>)>>,
+    /// By expectation and pooling (which decides the ALPN offered).
+    clients: Mutex<Vec<(ExpectedPeer, bool, Arc<ClientConfig>)>>,
     verified: Mutex<VerifiedChains>,
 }
 
@@ -221,6 +228,7 @@ impl IdentityHandle {
             tx: Arc::new(watch::Sender::new(None)),
             resumption: true,
             pq: true,
+            pooling: true,
             sessions: Arc::default(),
         }
     }
@@ -248,6 +256,37 @@ impl IdentityHandle {
 
     pub fn resumption(&self) -> bool {
         self.resumption
+    }
+
+    /// Turns the pooled hop (ALPN `kith/2`, see [`crate::pool`]) on or off for every
+    /// configuration built from this handle afterwards: off, this side neither offers nor
+    /// accepts it and every application connection is its own mTLS connection.
+    pub fn with_pooling(mut self, on: bool) -> Self {
+        self.pooling = on;
+        self
+    }
+
+    pub fn pooling(&self) -> bool {
+        self.pooling
+    }
+
+    /// The mesh ALPN protocols this side offers (client) or accepts (server), preferred first.
+    pub(crate) fn mesh_alpn(&self) -> Vec<Vec<u8>> {
+        if self.pooling {
+            vec![ALPN_POOLED.to_vec(), ALPN.to_vec()]
+        } else {
+            vec![ALPN.to_vec()]
+        }
+    }
+
+    /// A receiver that sees every publish (rotation), for pooled connections to drain.
+    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<Credentials>>> {
+        self.tx.subscribe()
+    }
+
+    /// The version of the current identity (0 before the first publish).
+    pub fn version(&self) -> u64 {
+        version_of(&self.tx)
     }
 
     fn tickets(&self) -> Result<Arc<IdentityTickets>, TlsError> {
@@ -331,6 +370,7 @@ impl fmt::Debug for IdentityHandle {
             .field("current", &self.current())
             .field("resumption", &self.resumption)
             .field("pq", &self.pq)
+            .field("pooling", &self.pooling)
             .finish()
     }
 }
@@ -565,7 +605,7 @@ pub fn server_config(identity: &IdentityHandle) -> Result<Arc<ServerConfig>, Tls
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(verifier))
         .with_cert_resolver(Arc::new(CurrentCert(identity.clone())));
-    config.alpn_protocols = vec![ALPN.to_vec()];
+    config.alpn_protocols = identity.mesh_alpn();
     // Stateless tickets only: the server remembers nothing per session.
     config.session_storage = Arc::new(NoServerSessionStorage {});
     if identity.resumption {
@@ -594,11 +634,15 @@ pub fn client_config(
         .clients
         .lock()
         .unwrap_or_else(PoisonError::into_inner);
-    if let Some((_, config)) = clients.iter().find(|(e, _)| *e == expect) {
+    let pooling = identity.pooling;
+    if let Some((_, _, config)) = clients
+        .iter()
+        .find(|(e, p, _)| *e == expect && *p == pooling)
+    {
         return Ok(config.clone());
     }
     let config = new_client_config(identity, expect.clone())?;
-    clients.push((expect, config.clone()));
+    clients.push((expect, pooling, config.clone()));
     Ok(config)
 }
 
@@ -617,7 +661,7 @@ fn new_client_config(
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_cert_resolver(Arc::new(CurrentCert(identity.clone())));
-    config.alpn_protocols = vec![ALPN.to_vec()];
+    config.alpn_protocols = identity.mesh_alpn();
     config.resumption = if identity.resumption {
         // SECURITY: see server_config; the cache is emptied when the identity changes, so the
         // next handshake presents the new SVID.

@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use crate::authz::Policy;
 use crate::copy::copy_bidirectional;
 use crate::metrics::{Metrics, Reason};
+use crate::pool::{Pool, Target};
 use crate::refusal::{self, Refusal};
 use crate::socket::{OriginalDst, SoOriginalDst};
 use crate::tls::{self, ExpectedPeer, IdentityHandle};
@@ -430,14 +431,16 @@ pub async fn serve_transparent_outbound(
     let connectors = Arc::new(connectors);
     let expect = Arc::new(expect);
     let mesh: Arc<[Cidr]> = mesh.into();
+    let pool = identity.pooling().then(|| Arc::new(Pool::new()));
     tunnel::accept_loop(listener, limits, shutdown, move |stream, slot| {
-        let (connectors, expect, identity, metrics, source, mesh) = (
+        let (connectors, expect, identity, metrics, source, mesh, pool) = (
             connectors.clone(),
             expect.clone(),
             identity.clone(),
             metrics.clone(),
             source.clone(),
             mesh.clone(),
+            pool.clone(),
         );
         async move {
             let Some(_permit) = slot.claim().await else {
@@ -459,16 +462,13 @@ pub async fn serve_transparent_outbound(
                 let Some((expect, connector)) = connectors.iter().find(|(e, _)| e == wanted) else {
                     return;
                 };
-                let result = tunnel::outbound(
-                    stream,
+                let hop = tunnel::Hop {
                     connector,
                     expect,
-                    &identity,
-                    &to.into(),
-                    &limits,
-                    tunnels,
-                )
-                .await;
+                    pool: pool.as_deref(),
+                };
+                let result =
+                    tunnel::outbound(stream, hop, &identity, &to.into(), &limits, tunnels).await;
                 if let Err(reason) = result {
                     tracing::debug!(%to, %reason, "mesh connection refused");
                     metrics.tunnels.outbound.refuse(reason);
@@ -512,14 +512,16 @@ pub async fn serve_transparent_inbound(
         edge: tls::edge_server_config(&identity)?,
     });
     let policy = Arc::new(policy);
+    let drain = shutdown.clone();
     tunnel::accept_loop(listener, limits, shutdown, move |stream, mut slot| {
-        let (configs, identity, policy, metrics, source, refused_ports) = (
+        let (configs, identity, policy, metrics, source, refused_ports, drain) = (
             configs.clone(),
             identity.clone(),
             policy.clone(),
             metrics.clone(),
             source.clone(),
             refused_ports.clone(),
+            drain.clone(),
         );
         async move {
             let m = &metrics.tunnels.inbound;
@@ -536,7 +538,10 @@ pub async fn serve_transparent_inbound(
             // without the proxy, the pod's own address, and not the app's loopback services.
             let forward = forward_address(&stream, to);
             if refused_ports.contains(&to.port()) {
-                tracing::debug!(port = to.port(), "inbound connection refused: the port is the sidecar's own");
+                tracing::debug!(
+                    port = to.port(),
+                    "inbound connection refused: the port is the sidecar's own"
+                );
                 refusal::log("inbound", "sidecar_port", stream.peer_addr().ok(), None);
                 bump(&metrics.inbound_sidecar_port);
                 return;
@@ -549,7 +554,9 @@ pub async fn serve_transparent_inbound(
                 Ok(Opening::Other) => true,
                 // Nothing within the timeout: a server-speaks-first protocol, plaintext.
                 Ok(Opening::Silent) if mode == InboundMode::Permissive => true,
-                Ok(Opening::Silent) => return m.refuse(Refusal::new(Reason::HandshakeTimeout, peer)),
+                Ok(Opening::Silent) => {
+                    return m.refuse(Refusal::new(Reason::HandshakeTimeout, peer));
+                }
                 Err(refusal) => return m.refuse(refusal),
             };
             if plaintext {
@@ -570,7 +577,19 @@ pub async fn serve_transparent_inbound(
             // The connection slot is claimed in there, once the peer is authorized.
             let result =
                 // Boxed: a connection still waiting for its first byte stays a small task.
-                Box::pin(tunnel::inbound(stream, slot, &configs, &identity, &policy, forward, &limits, m)).await;
+                Box::pin(tunnel::inbound(
+                    stream,
+                    slot,
+                    &configs,
+                    &identity,
+                    &policy,
+                    // A pooled connection's streams go where the connection was going.
+                    Target { forward },
+                    &limits,
+                    &metrics.tunnels,
+                    &drain,
+                ))
+                .await;
             if let Err(reason) = result {
                 tracing::debug!(port = to.port(), %reason, "inbound connection refused");
                 m.refuse(reason);

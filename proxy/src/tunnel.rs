@@ -21,9 +21,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::authz::Policy;
 use crate::copy::{self, copy_bidirectional};
-use crate::metrics::{DirectionMetrics, Metrics, Reason};
+use crate::metrics::{Metrics, Reason};
+use crate::pool::{self, Pool, Target};
 use crate::refusal::Refusal;
-use crate::tls::{self, ALPN, ExpectedPeer, IdentityHandle, TlsError};
+use crate::tls::{self, ALPN, ALPN_POOLED, ExpectedPeer, IdentityHandle, TlsError};
 
 /// The first byte of every TLS record carrying a handshake message.
 pub(crate) const TLS_HANDSHAKE: u8 = 0x16;
@@ -61,6 +62,11 @@ pub struct Limits {
     pub identity_hold: Duration,
     /// After shutdown: how long open connections may finish before they are cut.
     pub drain_timeout: Duration,
+    /// The pooled hop (outbound): streams on a pooled connection before the next stream opens
+    /// another connection to the same destination (up to [`pool::POOL_CAP`] connections of at
+    /// most [`pool::MAX_STREAMS`] streams). A few connections spread the load over the
+    /// server's worker threads (one serves each pooled connection).
+    pub pool_spread: usize,
 }
 
 impl Default for Limits {
@@ -75,15 +81,20 @@ impl Default for Limits {
             connect_timeout: Duration::from_secs(5),
             identity_hold: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
+            pool_spread: pool::SPREAD_STREAMS,
         }
     }
 }
 
 impl Limits {
     pub fn validate(&self) -> Result<(), Error> {
-        if self.max_connections == 0 || self.max_pending == 0 || self.max_pending_per_source == 0 {
+        if self.max_connections == 0
+            || self.max_pending == 0
+            || self.max_pending_per_source == 0
+            || self.pool_spread == 0
+        {
             return Err(Error::Limits(
-                "max_connections, max_pending and max_pending_per_source must be at least 1",
+                "max_connections, max_pending, max_pending_per_source and pool_spread must be at least 1",
             ));
         }
         let durations = [
@@ -118,12 +129,14 @@ pub async fn serve_inbound(
         edge: tls::edge_server_config(&identity)?,
     });
     let policy = Arc::new(policy);
+    let drain = shutdown.clone();
     accept_loop(listener, limits, shutdown, move |stream, mut slot| {
-        let (acceptor, identity, policy, metrics) = (
+        let (acceptor, identity, policy, metrics, drain) = (
             acceptor.clone(),
             identity.clone(),
             policy.clone(),
             metrics.clone(),
+            drain.clone(),
         );
         async move {
             let m = &metrics.inbound;
@@ -144,7 +157,15 @@ pub async fn serve_inbound(
             if let Err(refusal) =
                 // Boxed: a connection still waiting for its first byte stays a small task.
                 Box::pin(inbound(
-                    stream, slot, &acceptor, &identity, &policy, forward, &limits, m,
+                    stream,
+                    slot,
+                    &acceptor,
+                    &identity,
+                    &policy,
+                    Target { forward },
+                    &limits,
+                    &metrics,
+                    &drain,
                 ))
                 .await
             {
@@ -158,7 +179,7 @@ pub async fn serve_inbound(
 
 /// Where a client-side tunnel connects: an address, or a host name resolved for every
 /// connection (so a service whose address changes, as in Docker Compose, is followed).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Upstream {
     Addr(SocketAddr),
     Host(String, u16),
@@ -259,22 +280,27 @@ pub async fn serve_outbound(
     let connector = TlsConnector::from(tls::client_config(&identity, expect.clone())?);
     let connect = Arc::new(connect);
     let expect = Arc::new(expect);
+    let pool = identity.pooling().then(|| Arc::new(Pool::new()));
     accept_loop(listener, limits, shutdown, move |stream, slot| {
-        let (connector, expect, identity, metrics, connect) = (
+        let (connector, expect, identity, metrics, connect, pool) = (
             connector.clone(),
             expect.clone(),
             identity.clone(),
             metrics.clone(),
             connect.clone(),
+            pool.clone(),
         );
         async move {
             let Some(_permit) = slot.claim().await else {
                 return;
             };
             let m = metrics.clone();
-            if let Err(refusal) =
-                outbound(stream, &connector, &expect, &identity, &connect, &limits, m).await
-            {
+            let to = Hop {
+                connector: &connector,
+                expect: &expect,
+                pool: pool.as_deref(),
+            };
+            if let Err(refusal) = outbound(stream, to, &identity, &connect, &limits, m).await {
                 metrics.outbound.refuse(refusal);
             }
         }
@@ -303,6 +329,12 @@ impl Slot {
         drop(self.pending);
         drop(self.source);
         permit
+    }
+
+    /// Gives the pending slot (and the source's count) back without claiming a connection
+    /// slot, and returns the connection slots: a pooled connection's streams claim them.
+    pub(crate) fn release(self) -> Arc<Semaphore> {
+        self.active
     }
 
     /// The peer's address, as accepted.
@@ -492,18 +524,23 @@ pub(crate) async fn opening(
 
 /// An mTLS connection whose first byte was a TLS handshake record: the ClientHello within
 /// the first-flight deadline, the rest of the handshake, authorization, and only then a
-/// connection slot (`slot`) and the forward to `forward`.
+/// connection slot (`slot`) and the forward to `target.forward`. A kith peer that negotiated
+/// the pooled hop (`kith/2`) takes the slot at once and has each of its streams authorized
+/// (see [`pool::serve_pooled`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn inbound(
     stream: TcpStream,
     slot: Slot,
     acceptor: &Configs,
     identity: &IdentityHandle,
-    policy: &Policy,
-    forward: SocketAddr,
+    policy: &Arc<Policy>,
+    target: Target,
     limits: &Limits,
-    metrics: &DirectionMetrics,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
 ) -> Result<(), Refusal> {
+    let forward = target.forward;
+    let m = &metrics.inbound;
     let peer = slot.peer();
     let refused = |reason| Refusal::new(reason, peer);
     // SECURITY: the ClientHello must arrive by the first-flight deadline; a peer that sends a
@@ -518,12 +555,12 @@ pub(crate) async fn inbound(
     let Some(own) = identity.ready(limits.identity_hold).await else {
         return Err(refused(Reason::NoIdentityYet));
     };
-    // A kith peer offers `kith/1` and must get it; any other mTLS client is served without
-    // ALPN.
+    // A kith peer offers `kith/1` (and `kith/2` when it pools) and must get one of them; any
+    // other mTLS client is served without ALPN.
     let mesh = start
         .client_hello()
         .alpn()
-        .is_some_and(|mut offered| offered.any(|p| p == ALPN));
+        .is_some_and(|mut offered| offered.any(|p| p == ALPN || p == ALPN_POOLED));
     let config = if mesh {
         acceptor.mesh.clone()
     } else {
@@ -537,12 +574,31 @@ pub(crate) async fn inbound(
     };
     let conn = tls.get_ref().1;
     let resumed = conn.handshake_kind() == Some(HandshakeKind::Resumed);
-    metrics.handshake_done(began.elapsed(), resumed, kx_group(conn));
-    if mesh && conn.alpn_protocol() != Some(ALPN) {
+    m.handshake_done(began.elapsed(), resumed, kx_group(conn));
+    let pooled = conn.alpn_protocol() == Some(ALPN_POOLED);
+    if mesh && conn.alpn_protocol() != Some(ALPN) && !pooled {
         return Err(refused(Reason::HandshakeFailed));
     }
     tls::check_resumed(identity, conn, None).map_err(|r| Refusal { peer, ..r })?;
     let peer_id = tls::peer_id(conn.peer_certificates()).ok_or(refused(Reason::BadCertificate))?;
+    if pooled {
+        // Authenticated; each stream is authorized on its own, and takes a connection slot
+        // as a direct connection would.
+        let slots = slot.release();
+        log_established("inbound", &peer_id, conn);
+        let ctx = pool::Inbound {
+            identity: identity.clone(),
+            policy: policy.clone(),
+            metrics: metrics.clone(),
+            target,
+            peer,
+            peer_id,
+            limits: *limits,
+            slots,
+        };
+        pool::serve_pooled(tls, ctx, shutdown.clone()).await;
+        return Ok(());
+    }
     let own_td = own.svid().id().trust_domain();
     if let Err(denied) = policy.check_in(&peer_id, forward.port(), Some(&own_td)) {
         tracing::debug!(%denied, "inbound connection not authorized");
@@ -556,10 +612,10 @@ pub(crate) async fn inbound(
         .await
         .map_err(|reason| refused(reason).with_id(Some(peer_id.clone())))?;
     log_established("inbound", &peer_id, conn);
-    metrics.open();
+    m.open();
     let outcome = copy_bidirectional(tls, upstream, limits.idle_timeout).await;
     log_end(&peer_id.to_string(), &outcome);
-    metrics.close(outcome.transferred.a_to_b, outcome.transferred.b_to_a);
+    m.close(outcome.transferred.a_to_b, outcome.transferred.b_to_a);
     Ok(())
 }
 
@@ -570,10 +626,60 @@ fn handshake_refusal(e: &io::Error, peer: Option<SocketAddr>) -> Refusal {
     Refusal::new(reason, peer).with_id(id)
 }
 
+/// How an outbound connection reaches its server: the client configuration, the expected
+/// server, and the pool of `kith/2` connections (none with pooling off).
+#[derive(Clone, Copy)]
+pub(crate) struct Hop<'a> {
+    pub connector: &'a TlsConnector,
+    pub expect: &'a ExpectedPeer,
+    pub pool: Option<&'a Pool>,
+}
+
+/// TCP connect and mTLS handshake to `to`, with the checks every mesh connection gets.
+async fn dial(
+    hop: Hop<'_>,
+    identity: &IdentityHandle,
+    to: &Upstream,
+    limits: &Limits,
+    metrics: &Metrics,
+) -> Result<pool::Dialed, Refusal> {
+    let began = std::time::Instant::now();
+    let (upstream, to) = connect_upstream(to, limits.connect_timeout).await?;
+    let refused = |reason| Refusal::new(reason, Some(to));
+    // The name is not checked (SPIFFE verifier) and an IP address sends no SNI.
+    let name = ServerName::IpAddress(to.ip().into());
+    let tls = match tokio::time::timeout(
+        limits.handshake_timeout,
+        hop.connector.connect(name, upstream),
+    )
+    .await
+    {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => return Err(handshake_refusal(&e, Some(to))),
+        Err(_) => return Err(refused(Reason::HandshakeTimeout)),
+    };
+    let conn = tls.get_ref().1;
+    let resumed = conn.handshake_kind() == Some(HandshakeKind::Resumed);
+    metrics
+        .outbound
+        .handshake_done(began.elapsed(), resumed, kx_group(conn));
+    let alpn = conn.alpn_protocol();
+    if alpn != Some(ALPN) && !(hop.pool.is_some() && alpn == Some(ALPN_POOLED)) {
+        return Err(refused(Reason::HandshakeFailed));
+    }
+    tls::check_resumed(identity, conn, Some(hop.expect)).map_err(|r| Refusal {
+        peer: Some(to),
+        ..r
+    })?;
+    if let Some(peer) = tls::peer_id(conn.peer_certificates()) {
+        log_established("outbound", &peer, conn);
+    }
+    Ok((tls, to))
+}
+
 pub(crate) async fn outbound(
     stream: TcpStream,
-    connector: &TlsConnector,
-    expect: &ExpectedPeer,
+    hop: Hop<'_>,
     identity: &IdentityHandle,
     to: &Upstream,
     limits: &Limits,
@@ -586,35 +692,25 @@ pub(crate) async fn outbound(
         };
         return Err(Refusal::new(Reason::NoIdentityYet, peer));
     }
-    let began = std::time::Instant::now();
-    let (upstream, to) = connect_upstream(to, limits.connect_timeout).await?;
-    let refused = |reason| Refusal::new(reason, Some(to));
-    // The name is not checked (SPIFFE verifier) and an IP address sends no SNI.
-    let name = ServerName::IpAddress(to.ip().into());
-    let tls =
-        match tokio::time::timeout(limits.handshake_timeout, connector.connect(name, upstream))
-            .await
+    let dialed = || dial(hop, identity, to, limits, &metrics);
+    let (tls, to) = match hop.pool {
+        Some(pool) => match pool
+            .open(to, identity, limits, &metrics.outbound, dialed)
+            .await?
         {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => return Err(handshake_refusal(&e, Some(to))),
-            Err(_) => return Err(refused(Reason::HandshakeTimeout)),
-        };
-    let conn = tls.get_ref().1;
-    let resumed = conn.handshake_kind() == Some(HandshakeKind::Resumed);
-    metrics
-        .outbound
-        .handshake_done(began.elapsed(), resumed, kx_group(conn));
-    if conn.alpn_protocol() != Some(ALPN) {
-        return Err(refused(Reason::HandshakeFailed));
-    }
-    tls::check_resumed(identity, conn, Some(expect)).map_err(|r| Refusal {
-        peer: Some(to),
-        ..r
-    })?;
-    let server_id = tls::peer_id(conn.peer_certificates());
-    if let Some(peer) = &server_id {
-        log_established("outbound", peer, conn);
-    }
+            pool::Hop::Stream(opened) => {
+                pool::carry(stream, opened, limits, &metrics).await;
+                return Ok(());
+            }
+            pool::Hop::Direct(tls, to) => (tls, to),
+        },
+        None => {
+            let (tls, to) = dialed().await?;
+            (Box::new(tls), to)
+        }
+    };
+    let refused = |reason| Refusal::new(reason, Some(to));
+    let server_id = tls::peer_id(tls.get_ref().1.peer_certificates());
     // TLS 1.3: the server judges our certificate after our handshake "succeeded"; a refusal
     // arrives as an alert on the first read. So the connection counts as established only
     // with the peer's first byte (FirstByte), and an error before it is a refusal.

@@ -22,7 +22,8 @@ async fn chain(
     let backend = echo_backend().await;
     let inbound = inbound(server, Policy::new(pki.td.clone()), backend).await;
     let expect = ExpectedPeer::Id(SpiffeId::new(SERVER).unwrap());
-    let outbound = outbound(client, inbound.addr, expect).await;
+    // One handshake per connection (no pooled hop), so each request is a handshake to count.
+    let outbound = outbound(client.with_pooling(false), inbound.addr, expect).await;
     for _ in 0..n {
         let got = within(round_trip(outbound.addr, b"ping")).await.unwrap();
         assert_eq!(got, b"ping");

@@ -523,3 +523,74 @@ async fn echo_at(ip: std::net::IpAddr) -> SocketAddr {
     });
     addr
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_connections_share_one_pooled_connection_with_the_policy_per_stream() {
+    let pki = Pki::new("example.test");
+    let backend = echo_backend().await;
+    let policy = Policy::new(pki.td.clone())
+        .allow_on(CLIENT, &[backend.port()])
+        .unwrap();
+    let inbound = t_inbound(
+        handle(pki.svid(SERVER), pki.bundle()),
+        policy,
+        InboundMode::Strict,
+        backend,
+    )
+    .await;
+    let outbound = t_outbound(
+        handle(pki.svid(CLIENT), pki.bundle()),
+        cidrs(&["127.0.0.0/8"]),
+        OutboundPolicy::Deny,
+        ExpectedPeer::Id(id(SERVER)),
+        inbound.addr,
+    )
+    .await;
+    let mut tasks = Vec::new();
+    for i in 0..20u8 {
+        let addr = outbound.addr;
+        tasks.push(tokio::spawn(async move {
+            let data = vec![i; 10_000 + usize::from(i)];
+            let got = within(round_trip(addr, &data)).await.unwrap();
+            assert!(got == data, "connection {i}: bytes differ");
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (o, i) = (&outbound.metrics, &inbound.metrics);
+    eventually("all counted", || {
+        i.tunnels().inbound.accepted() == 20 && o.tunnels().outbound.accepted() == 20
+    })
+    .await;
+    // Twenty captured connections, one or two mTLS handshakes (a second pooled connection
+    // opens once one carries 16 streams).
+    let handshakes = i.tunnels().inbound.handshake().count();
+    assert!((1..=2).contains(&handshakes), "{handshakes} handshakes");
+    assert_eq!(i.inbound_tls(), handshakes);
+    assert_eq!(o.outbound_mesh(), 20);
+    // Another destination is another pooled connection; there the policy refuses its
+    // streams (a port the client may not reach), each counted.
+    let other = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let inbound2 = t_inbound(
+        handle(pki.svid(SERVER), pki.bundle()),
+        Policy::new(pki.td.clone())
+            .allow_on(CLIENT, &[backend.port()])
+            .unwrap(),
+        InboundMode::Strict,
+        other.local_addr().unwrap(),
+    )
+    .await;
+    outbound.dst.set(inbound2.addr);
+    for _ in 0..2 {
+        let got = within(round_trip(outbound.addr, b"x")).await;
+        assert!(got.map_or(true, |b| b.is_empty()));
+    }
+    let i2 = &inbound2.metrics;
+    eventually("refused per stream", || {
+        i2.tunnels().inbound.refused(Reason::NotAuthorized) == 2
+            && o.tunnels().outbound.refused(Reason::PeerRefused) == 2
+    })
+    .await;
+    assert_eq!(i2.tunnels().inbound.handshake().count(), 1);
+}

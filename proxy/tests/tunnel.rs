@@ -404,7 +404,8 @@ fn serial(der: &CertificateDer<'_>) -> Vec<u8> {
 async fn rotation_applies_to_the_next_handshake_and_keeps_old_connections() {
     let pki = Pki::new("example.test");
     // The test is the server here, to see the client certificate of each handshake.
-    let server_id = handle(pki.svid(SERVER), pki.bundle());
+    // The test server speaks kith/1 (one connection per application connection).
+    let server_id = handle(pki.svid(SERVER), pki.bundle()).with_pooling(false);
     let acceptor = tokio_rustls::TlsAcceptor::from(proxy::tls::server_config(&server_id).unwrap());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server_addr = listener.local_addr().unwrap();

@@ -213,6 +213,12 @@ struct RunArgs {
     /// of the mesh hop; off offers X25519 only (logged as a weaker setting)
     #[arg(long, env = "KITH_SIDECAR_PQ", default_value = "on", value_parser = ["on", "off"])]
     pq: String,
+    /// The pooled hop between kith sidecars: with `on`, application connections to another
+    /// kith sidecar that pools too travel as HTTP/2 streams over a few long-lived mTLS
+    /// connections (ALPN kith/2), each stream authorized on its own; peers that are not kith,
+    /// or run with `off`, get one mTLS connection per application connection
+    #[arg(long, env = "KITH_SIDECAR_POOL", default_value = "on", value_parser = ["on", "off"])]
+    pool: String,
     /// Threads that serve connections, each with its own listeners (SO_REUSEPORT) and event
     /// loop; a connection stays on one thread (the kernel spreads new ones by address hash)
     /// [default: 2, or 1 where the process may use only one CPU]
@@ -400,9 +406,14 @@ async fn run_sidecar(args: RunArgs) -> Result<()> {
             "post-quantum key exchange off (--pq off): the mesh hop offers X25519 only, not X25519MLKEM768"
         );
     }
+    let pooling = args.pool == "on";
+    if !pooling {
+        tracing::info!("pooled hop off: one mTLS connection per application connection");
+    }
     let identity = IdentityHandle::new()
         .with_resumption(resumption)
-        .with_pq(pq);
+        .with_pq(pq)
+        .with_pooling(pooling);
     let source_metrics = Arc::new(SourceMetrics::default());
     source::prepare(&source, &identity, &source_metrics)?;
     let admin = tokio::net::TcpListener::bind(args.admin_listen)
@@ -467,6 +478,7 @@ async fn run_sidecar(args: RunArgs) -> Result<()> {
     };
     pool.start(&tasks)?;
     tracing::info!(identity = %source.describe(), hold = ?args.hold_timeout, tls_resumption = %args.tls_resumption, pq = %args.pq, workers, "kith sidecar running");
+    tracing::info!(identity = %source.describe(), hold = ?args.hold_timeout, tls_resumption = %args.tls_resumption, pool = %args.pool, workers, "kith sidecar running");
     tasks.spawn(source::run(
         source,
         identity.clone(),
