@@ -164,4 +164,33 @@ async fn two_ca_processes_on_one_database_issue_with_one_chain_and_one_lease() {
     assert!(text.contains("healthy"), "{text}");
     assert_eq!(stop(a), 0);
     assert_eq!(stop(b), 0);
+
+    // With every replica stopped, the chain is checked in the database itself.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kith"))
+        .args(["ca", "audit", "verify", "--data-dir", da, "--store", &url])
+        .env(
+            "KITH_CA_KEK",
+            "KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio=",
+        )
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.starts_with("audit chain intact"), "{text}");
+    pg.psql("kith", "UPDATE audit SET subject = 'edited' WHERE seq = 5");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kith"))
+        .args(["ca", "audit", "verify", "--data-dir", da, "--store", &url])
+        .env(
+            "KITH_CA_KEK",
+            "KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio=",
+        )
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("BROKEN at row 5"), "{text}");
 }

@@ -219,6 +219,10 @@ enum AuditCommand {
         /// The CA's key-encryption key file, for checking a stopped CA's database
         #[arg(long, env = "KITH_CA_KEK_FILE")]
         kek_file: Option<PathBuf>,
+        /// With every replica stopped: the PostgreSQL connection string to check instead of
+        /// <data-dir>/kith-ca.db
+        #[arg(long, env = "KITH_CA_STORE")]
+        store: Option<String>,
     },
     /// Print the newest row's sequence number and MAC as SEQ:HASH (`--json`: {"seq","hash"});
     /// keep it somewhere else and pass it to `verify --expect-head` later
@@ -586,6 +590,7 @@ async fn run_inner(args: CaArgs) -> Result<ExitCode> {
             AuditCommand::Verify {
                 expect_head,
                 kek_file,
+                store,
             } => {
                 let path = match &expect_head {
                     Some(h) => format!("/audit/verify?expect={h}"),
@@ -600,11 +605,26 @@ async fn run_inner(args: CaArgs) -> Result<ExitCode> {
                             crate::config::kek_from_env().as_deref(),
                             &target.data_dir,
                         )?;
-                        let ro =
-                            crate::store::sqlite::SqliteStore::open_read_only(&target.data_dir)?;
-                        serde_json::to_value(
-                            ro.verify_audit(&kek.audit_key(), expect_head.as_ref())?,
-                        )?
+                        match store.as_deref().filter(|s| *s != "sqlite") {
+                            Some(url) => {
+                                use crate::store::Store as _;
+                                let pg = crate::store::postgres::PgStore::open(
+                                    url,
+                                    kek.audit_key(),
+                                    "audit-verify",
+                                )
+                                .await?;
+                                serde_json::to_value(pg.verify_audit(expect_head.as_ref()).await?)?
+                            }
+                            None => {
+                                let ro = crate::store::sqlite::SqliteStore::open_read_only(
+                                    &target.data_dir,
+                                )?;
+                                serde_json::to_value(
+                                    ro.verify_audit(&kek.audit_key(), expect_head.as_ref())?,
+                                )?
+                            }
+                        }
                     }
                     Err(e) => return Err(e.into()),
                 };

@@ -154,6 +154,61 @@ impl Postgres {
         pg
     }
 
+    /// A streaming standby of `primary`: `pg_basebackup -R` (it follows the primary over the
+    /// replication connection), started on its own port with the primary's options. Make it
+    /// synchronous with `primary.psql("postgres", "ALTER SYSTEM SET synchronous_standby_names
+    /// = '*'")` and `SELECT pg_reload_conf()` (a commit then returns once the standby flushed
+    /// it; `SET synchronous_commit = remote_apply` also waits until reads there see it);
+    /// [`promote`](Self::promote) makes it a primary.
+    pub fn standby_of(primary: &Postgres) -> Postgres {
+        let n = CLUSTERS.fetch_add(1, Ordering::Relaxed);
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("kith-pg{}x{n}-", std::process::id()))
+            .tempdir()
+            .unwrap();
+        let mut pg = Postgres {
+            dir,
+            port: 0,
+            bin: primary.bin.clone(),
+            options: primary.options.clone(),
+        };
+        pg.give_to_server_user(pg.dir.path());
+        let data = pg.data_dir();
+        let port = primary.port.to_string();
+        pg.server_tool(&[
+            "pg_basebackup",
+            "-D",
+            data.to_str().unwrap(),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "-X",
+            "stream",
+            "-R",
+            "--no-sync",
+            // An immediate checkpoint: the default spread one can take minutes.
+            "-c",
+            "fast",
+        ]);
+        pg.port = free_port();
+        pg.launch();
+        pg
+    }
+
+    /// Promotes a standby to primary and waits until it takes writes.
+    pub fn promote(&self) {
+        let data = self.data_dir();
+        self.server_tool(&["pg_ctl", "-D", data.to_str().unwrap(), "-w", "promote"]);
+    }
+
+    /// Whether the server is a standby (in recovery).
+    pub fn is_standby(&self) -> bool {
+        self.psql("postgres", "SELECT pg_is_in_recovery()").trim() == "t"
+    }
+
     /// The cluster's data directory.
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
@@ -320,7 +375,9 @@ impl Postgres {
             self.socket_dir().display()
         );
         if !self.options.durable {
-            opts.push_str(" -c fsync=off -c synchronous_commit=off -c full_page_writes=off");
+            // synchronous_commit stays on: a synchronous standby (set in postgresql.auto.conf,
+            // which a command-line setting would override) must hold every commit.
+            opts.push_str(" -c fsync=off -c full_page_writes=off");
         }
         if self.options.tls.is_some() {
             opts.push_str(" -c ssl=on");

@@ -512,16 +512,34 @@ impl Pending {
     }
 
     async fn flush(self, tx: &Transaction<'_>, last: (i64, [u8; 32])) -> Result<(), StoreError> {
-        if !self.serial.is_empty() {
-            let stmt = tx
-                .prepare_cached(
-                    "INSERT INTO certificates (serial, spiffe_id, kind, not_after, issued_at, parent)
-                     SELECT * FROM UNNEST($1::bytea[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::text[])",
-                )
-                .await
-                .map_err(db)?;
+        // The statements are prepared once per connection (cached); the three inserts and the
+        // head update are then sent together: tokio-postgres pipelines requests that are in
+        // flight at once on one connection, so the head row's lock is held for one round trip
+        // of them rather than three.
+        let certs_stmt = tx
+            .prepare_cached(
+                "INSERT INTO certificates (serial, spiffe_id, kind, not_after, issued_at, parent)
+                 SELECT * FROM UNNEST($1::bytea[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::text[])",
+            )
+            .await
+            .map_err(db)?;
+        let audit_stmt = tx
+            .prepare_cached(
+                "INSERT INTO audit (seq, at, action, subject, outcome, detail, prev_hash, hash)
+                 SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bytea[], $8::bytea[])",
+            )
+            .await
+            .map_err(db)?;
+        let head_stmt = tx
+            .prepare_cached("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
+            .await
+            .map_err(db)?;
+        let certs = async {
+            if self.serial.is_empty() {
+                return Ok(0);
+            }
             tx.execute(
-                &stmt,
+                &certs_stmt,
                 &[
                     &self.serial,
                     &self.spiffe_id,
@@ -532,18 +550,13 @@ impl Pending {
                 ],
             )
             .await
-            .map_err(db)?;
-        }
-        if !self.seq.is_empty() {
-            let stmt = tx
-                .prepare_cached(
-                    "INSERT INTO audit (seq, at, action, subject, outcome, detail, prev_hash, hash)
-                     SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bytea[], $8::bytea[])",
-                )
-                .await
-                .map_err(db)?;
+        };
+        let audit = async {
+            if self.seq.is_empty() {
+                return Ok(0);
+            }
             tx.execute(
-                &stmt,
+                &audit_stmt,
                 &[
                     &self.seq,
                     &self.at,
@@ -556,15 +569,14 @@ impl Pending {
                 ],
             )
             .await
-            .map_err(db)?;
-            let stmt = tx
-                .prepare_cached("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
-                .await
-                .map_err(db)?;
-            tx.execute(&stmt, &[&last.0, &last.1.as_slice()])
-                .await
-                .map_err(db)?;
-        }
+        };
+        let head = async {
+            if self.seq.is_empty() {
+                return Ok(0);
+            }
+            tx.execute(&head_stmt, &[&last.0, &last.1.as_slice()]).await
+        };
+        tokio::try_join!(certs, audit, head).map_err(db)?;
         Ok(())
     }
 }
