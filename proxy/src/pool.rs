@@ -846,7 +846,8 @@ async fn stream(
         .policy
         .check_in(&ctx.peer_id, forward.port(), own_td.as_ref())
     {
-        tracing::debug!(%denied, "stream not authorized");
+        // The same event as a refused direct connection: `kith demo` and operators read it.
+        tracing::debug!(%denied, "inbound connection not authorized");
         return refuse(
             &mut respond,
             http::StatusCode::FORBIDDEN,

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use rustls::HandshakeKind;
 use rustls_pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsConnector;
@@ -696,13 +696,20 @@ pub(crate) async fn outbound(
     let (tls, to) = match hop.pool {
         Some(pool) => match pool
             .open(to, identity, limits, &metrics.outbound, dialed)
-            .await?
+            .await
         {
-            pool::Hop::Stream(opened) => {
+            Ok(pool::Hop::Stream(opened)) => {
                 pool::carry(stream, opened, limits, &metrics).await;
                 return Ok(());
             }
-            pool::Hop::Direct(tls, to) => (tls, to),
+            Ok(pool::Hop::Direct(tls, to)) => (tls, to),
+            Err(refusal) => {
+                // A refused stream: the app's request is still unread in its socket, and the
+                // kernel answers a close with unread data by an RST. Close it as a refused
+                // direct connection closes: a FIN, "closed without an answer".
+                tokio::spawn(close_unanswered(stream));
+                return Err(refusal);
+            }
         },
         None => {
             let (tls, to) = dialed().await?;
@@ -734,6 +741,21 @@ pub(crate) async fn outbound(
         return Err(refused(Reason::PeerRefused).with_id(server_id));
     }
     Ok(())
+}
+
+/// Closes a local connection that gets no answer with a FIN: what the app already sent is read
+/// and dropped, the write side shut, and the rest read until the app closes (at most 2 s).
+async fn close_unanswered(mut stream: TcpStream) {
+    let _ = stream.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let drain = async {
+        while let Ok(n) = stream.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
 }
 
 /// Counts an outbound connection as established (`open`) on the first byte from the peer.

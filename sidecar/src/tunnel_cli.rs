@@ -477,8 +477,7 @@ async fn run_sidecar(args: RunArgs) -> Result<()> {
         Counters::Explicit(sets)
     };
     pool.start(&tasks)?;
-    tracing::info!(identity = %source.describe(), hold = ?args.hold_timeout, tls_resumption = %args.tls_resumption, pq = %args.pq, workers, "kith sidecar running");
-    tracing::info!(identity = %source.describe(), hold = ?args.hold_timeout, tls_resumption = %args.tls_resumption, pool = %args.pool, workers, "kith sidecar running");
+    tracing::info!(identity = %source.describe(), hold = ?args.hold_timeout, tls_resumption = %args.tls_resumption, pq = %args.pq, pool = %args.pool, workers, "kith sidecar running");
     tasks.spawn(source::run(
         source,
         identity.clone(),
