@@ -490,6 +490,11 @@ pub(crate) async fn opening(
     }
 }
 
+/// Whether a ClientHello comes from a kith peer: it offers ALPN `kith/1`.
+pub(crate) fn offers_mesh(hello: &rustls::server::ClientHello<'_>) -> bool {
+    hello.alpn().is_some_and(|mut offered| offered.any(|p| p == ALPN))
+}
+
 /// An mTLS connection whose first byte was a TLS handshake record: the ClientHello within
 /// the first-flight deadline, the rest of the handshake, authorization, and only then a
 /// connection slot (`slot`) and the forward to `forward`.
@@ -520,10 +525,7 @@ pub(crate) async fn inbound(
     };
     // A kith peer offers `kith/1` and must get it; any other mTLS client is served without
     // ALPN.
-    let mesh = start
-        .client_hello()
-        .alpn()
-        .is_some_and(|mut offered| offered.any(|p| p == ALPN));
+    let mesh = offers_mesh(&start.client_hello());
     let config = if mesh {
         acceptor.mesh.clone()
     } else {
