@@ -142,7 +142,11 @@ fuzz_target!(|input: Input| {
         cuts.sort_unstable();
         cuts.dedup();
         let pieces: Vec<&[u8]> = cuts.windows(2).map(|w| &encoded[w[0]..w[1]]).collect();
-        let pieces = if pieces.is_empty() { vec![&encoded[..]] } else { pieces };
+        let pieces = if pieces.is_empty() {
+            vec![&encoded[..]]
+        } else {
+            pieces
+        };
         for (j, piece) in pieces.iter().enumerate() {
             let last = j + 1 == pieces.len();
             let mut flags = if last { 0x4 } else { 0 };
@@ -206,12 +210,14 @@ fuzz_target!(|input: Input| {
             0x0 => got.push(Ok(payload)),
             0x1 | 0x9 => {
                 assert_eq!(flags & 0x8, 0, "PADDED is dropped");
-                let start = if kind == 0x1 && flags & 0x20 != 0 { 5 } else { 0 };
+                let start = if kind == 0x1 && flags & 0x20 != 0 {
+                    5
+                } else {
+                    0
+                };
                 block.extend_from_slice(&payload[start..]);
                 if flags & 0x4 != 0 {
-                    let fields = decoder
-                        .decode(&block)
-                        .expect("shim output is valid HPACK");
+                    let fields = decoder.decode(&block).expect("shim output is valid HPACK");
                     got.push(Err(fields));
                     block.clear();
                 }

@@ -109,7 +109,9 @@ fuzz_target!(|input: Input| {
     let expected = kith_fuzz::EXPECTED_ID.as_str();
     let mut params = CertificateParams::default();
     if let Some(cn) = &input.common_name {
-        params.distinguished_name.push(DnType::CommonName, cn.as_str());
+        params
+            .distinguished_name
+            .push(DnType::CommonName, cn.as_str());
     }
     if let Some(o) = &input.organization {
         params

@@ -123,10 +123,9 @@ fuzz_target!(|input: Input| {
         v.put(&mut claims, k);
     }
     match &input.sub {
-        Field::Good(path) => drop(claims.insert(
-            "sub".into(),
-            json!(format!("spiffe://example.org/{path}")),
-        )),
+        Field::Good(path) => {
+            drop(claims.insert("sub".into(), json!(format!("spiffe://example.org/{path}"))))
+        }
         Field::Other(v) => v.put(&mut claims, "sub"),
     }
     match &input.aud {
@@ -176,7 +175,10 @@ fuzz_target!(|input: Input| {
         assert_eq!(header.get("kid"), Some(&json!(kith_fuzz::KEY_ID)));
         assert!(!header.contains_key("crit"));
         assert!(svid.aud.iter().any(|a| a == kith_fuzz::AUDIENCE));
-        assert!(svid.exp > kith_fuzz::now(), "an expired JWT-SVID was accepted");
+        assert!(
+            svid.exp > kith_fuzz::now(),
+            "an expired JWT-SVID was accepted"
+        );
         assert_eq!(
             claims.get("sub").and_then(Value::as_str),
             Some(svid.sub.as_str()),

@@ -39,7 +39,10 @@ fuzz_target!(|data: &[u8]| {
         if !line.contains(['@', '*'])
             && let Ok(id) = SpiffeId::new(line)
         {
-            assert!(policy.check_in(&id, 1, Some(&td)).is_ok(), "{line:?} allowed");
+            assert!(
+                policy.check_in(&id, 1, Some(&td)).is_ok(),
+                "{line:?} allowed"
+            );
         }
     }
     let _ = policy.check_in(&peer, 8080, Some(&td));

@@ -73,11 +73,7 @@ fuzz_target!(|data: &[u8]| {
     // A trust domain: bare, or the ID of a trust domain (no path).
     let td = TrustDomain::new(s);
     let bare = s.strip_prefix("spiffe://").unwrap_or(s);
-    assert_eq!(
-        td.is_ok(),
-        td_ok(bare),
-        "TrustDomain::new({s:?}) = {td:?}"
-    );
+    assert_eq!(td.is_ok(), td_ok(bare), "TrustDomain::new({s:?}) = {td:?}");
     if let Ok(td) = td {
         assert_eq!(td.as_str(), bare);
         assert_eq!(td.id().trust_domain(), td);

@@ -19,8 +19,7 @@ static PATH: LazyLock<PathBuf> = LazyLock::new(|| {
 
 fuzz_target!(|data: &[u8]| {
     std::fs::write(&*PATH, data).expect("scratch file is writable");
-    if let Ok(tunnels) = sidecar::tunnel_config::load_tunnels(&PATH, &Policy::own_trust_domain())
-    {
+    if let Ok(tunnels) = sidecar::tunnel_config::load_tunnels(&PATH, &Policy::own_trust_domain()) {
         assert!(!tunnels.is_empty());
         let mut names: Vec<&str> = tunnels.iter().map(|t| t.name.as_str()).collect();
         names.sort_unstable();

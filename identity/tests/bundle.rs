@@ -82,7 +82,10 @@ fn a_root_of_another_trust_domain_is_refused_in_either_format() {
         }
     }
     let err = TrustBundle::from_spiffe_json(td.clone(), bundle.to_spiffe_json().as_bytes());
-    assert!(matches!(err, Err(BundleError::TrustDomainMismatch { .. })), "{err:?}");
+    assert!(
+        matches!(err, Err(BundleError::TrustDomainMismatch { .. })),
+        "{err:?}"
+    );
     // The fuzzer's input: a SPIFFE JSON bundle read for example.org whose one root names the
     // trust domain `example.`.
     let found = include_bytes!("../../fuzz/regressions/bundle/json-root-of-another-trust-domain");
