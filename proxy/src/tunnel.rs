@@ -492,7 +492,9 @@ pub(crate) async fn opening(
 
 /// Whether a ClientHello comes from a kith peer: it offers ALPN `kith/1`.
 pub(crate) fn offers_mesh(hello: &rustls::server::ClientHello<'_>) -> bool {
-    hello.alpn().is_some_and(|mut offered| offered.any(|p| p == ALPN))
+    hello
+        .alpn()
+        .is_some_and(|mut offered| offered.any(|p| p == ALPN))
 }
 
 /// An mTLS connection whose first byte was a TLS handshake record: the ClientHello within
