@@ -109,6 +109,7 @@ impl TrustBundle {
             (Some(td), _) | (None, Some(td)) => td,
             (None, None) => return Err(BundleError::UnknownTrustDomain),
         };
+        check_root_domains(&td, &roots)?;
         Self::from_roots(td, roots)
     }
 
@@ -185,6 +186,7 @@ impl TrustBundle {
                 .find_map(|r| root_trust_domain(r))
                 .ok_or(BundleError::UnknownTrustDomain)?,
         };
+        check_root_domains(&trust_domain, &roots)?;
         let mut bundle = Self::new(trust_domain);
         for root in roots {
             bundle.add_x509_authority(root);
@@ -277,6 +279,24 @@ impl TrustBundle {
 
 fn parse(der: &[u8]) -> Result<(&[u8], X509Certificate<'_>), String> {
     x509_parser::parse_x509_certificate(der).map_err(|e| format!("certificate does not parse: {e}"))
+}
+
+/// SECURITY: a bundle holds the roots of one trust domain. Every root that names a trust
+/// domain (a `spiffe://<td>` URI SAN) must name this one, in either format: before, a SPIFFE
+/// JSON bundle took a root of another trust domain without a word, and a PEM bundle checked
+/// only its first root (found by fuzzing, fuzz/regressions/bundle/).
+fn check_root_domains(td: &TrustDomain, roots: &[CertificateDer<'_>]) -> Result<(), BundleError> {
+    for root in roots {
+        if let Some(found) = root_trust_domain(root)
+            && found != *td
+        {
+            return Err(BundleError::TrustDomainMismatch {
+                expected: td.clone(),
+                found,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The trust domain named by a CA certificate's `spiffe://<td>` URI SAN, if it has one.

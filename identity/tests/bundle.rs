@@ -65,6 +65,38 @@ fn pem_round_trips_and_names_its_trust_domain() {
 }
 
 #[test]
+fn a_root_of_another_trust_domain_is_refused_in_either_format() {
+    let a = Pki::new("example.org");
+    let other = Pki::new("other.org");
+    let mut bundle = a.bundle();
+    bundle.add_x509_authority(other.root.clone());
+    let td = a.td.clone();
+    // PEM: the second root names other.org (only the first was checked before).
+    for input in [bundle.to_pem(), bundle.to_spiffe_json()] {
+        for given in [Some(td.clone()), None] {
+            let err = TrustBundle::parse(given, input.as_bytes());
+            assert!(
+                matches!(&err, Err(BundleError::TrustDomainMismatch { found, .. }) if found.as_str() == "other.org"),
+                "{err:?}"
+            );
+        }
+    }
+    let err = TrustBundle::from_spiffe_json(td.clone(), bundle.to_spiffe_json().as_bytes());
+    assert!(
+        matches!(err, Err(BundleError::TrustDomainMismatch { .. })),
+        "{err:?}"
+    );
+    // The fuzzer's input: a SPIFFE JSON bundle read for example.org whose one root names the
+    // trust domain `example.`.
+    let found = include_bytes!("../../fuzz/regressions/bundle/json-root-of-another-trust-domain");
+    let err = TrustBundle::parse(Some(TrustDomain::new("example.org").unwrap()), found);
+    assert!(
+        matches!(&err, Err(BundleError::TrustDomainMismatch { found, .. }) if found.as_str() == "example."),
+        "{err:?}"
+    );
+}
+
+#[test]
 fn bad_spiffe_json_is_refused_with_the_key_at_fault() {
     let pki = Pki::new("example.org");
     let td = pki.td.clone();

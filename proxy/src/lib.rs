@@ -22,6 +22,19 @@ pub mod tls;
 pub mod transparent;
 pub mod tunnel;
 
+/// What the fuzz targets in `fuzz/` call: the inbound first-flight decisions, as
+/// `tunnel::inbound` and `tunnel::opening` make them. Not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// The first byte of a TLS handshake record: such a connection is taken for TLS.
+    pub const TLS_HANDSHAKE: u8 = crate::tunnel::TLS_HANDSHAKE;
+
+    /// Whether a ClientHello is a kith peer's (it gets the mesh configuration).
+    pub fn offers_mesh(hello: &rustls::server::ClientHello<'_>) -> bool {
+        crate::tunnel::offers_mesh(hello)
+    }
+}
+
 pub use authz::{Denied, Policy};
 pub use metrics::{DirectionMetrics, Metrics, Reason};
 pub use refusal::{Refusal, RefusalLog};

@@ -522,6 +522,13 @@ pub(crate) async fn opening(
     }
 }
 
+/// Whether a ClientHello comes from a kith peer: it offers ALPN `kith/1` or `kith/2`.
+pub(crate) fn offers_mesh(hello: &rustls::server::ClientHello<'_>) -> bool {
+    hello
+        .alpn()
+        .is_some_and(|mut offered| offered.any(|p| p == ALPN || p == ALPN_POOLED))
+}
+
 /// An mTLS connection whose first byte was a TLS handshake record: the ClientHello within
 /// the first-flight deadline, the rest of the handshake, authorization, and only then a
 /// connection slot (`slot`) and the forward to `target.forward`. A kith peer that negotiated
@@ -557,10 +564,7 @@ pub(crate) async fn inbound(
     };
     // A kith peer offers `kith/1` (and `kith/2` when it pools) and must get one of them; any
     // other mTLS client is served without ALPN.
-    let mesh = start
-        .client_hello()
-        .alpn()
-        .is_some_and(|mut offered| offered.any(|p| p == ALPN || p == ALPN_POOLED));
+    let mesh = offers_mesh(&start.client_hello());
     let config = if mesh {
         acceptor.mesh.clone()
     } else {

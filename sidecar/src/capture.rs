@@ -260,11 +260,14 @@ fn has_rules(runner: &Runner, save: &str) -> bool {
         .output(save, &[])
         .ok()
         .filter(|o| o.status.success())
-        .is_some_and(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .any(|l| l.starts_with("-A "))
-        })
+        .is_some_and(|o| save_has_rules(&o.stdout))
+}
+
+/// Whether `iptables-save` output holds any rule (a `-A` line).
+pub fn save_has_rules(stdout: &[u8]) -> bool {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .any(|l| l.starts_with("-A "))
 }
 
 /// The backend: `--iptables` if given; else the one of legacy/nf_tables that already holds

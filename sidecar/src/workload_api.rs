@@ -10,6 +10,30 @@ mod convert;
 mod metrics;
 mod socket;
 
+/// The `:authority` shim as the fuzz targets in `fuzz/` drive it: the same [`authority`]
+/// rewriter the Workload API server puts in front of h2. Not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// One client connection's client→server half of the shim.
+    #[derive(Default)]
+    pub struct AuthorityShim(super::authority::Rewriter);
+
+    impl AuthorityShim {
+        /// The shim's `feed`: takes the next bytes from the client, appends what goes to h2.
+        pub fn feed(&mut self, bytes: &[u8], out: &mut bytes::BytesMut) -> std::io::Result<()> {
+            self.0.feed(bytes, out)
+        }
+
+        /// The metric label of the failure, once the connection failed.
+        pub fn failure_reason(&self) -> Option<&'static str> {
+            self.0.failure_reason()
+        }
+    }
+
+    /// The largest decoded header list the shim lets through (RFC 7541 §4.1 sizes).
+    pub const MAX_HEADER_LIST: usize = super::authority::MAX_HEADER_LIST;
+}
+
 /// The code generated from `proto/workloadapi.proto` (no package, hence `_`).
 pub mod proto {
     #![allow(clippy::all, clippy::unwrap_used, missing_docs)]
