@@ -729,6 +729,8 @@ pub(crate) struct Inbound {
     pub limits: Limits,
     /// The listener's connection slots (`max_connections`).
     pub slots: Arc<tokio::sync::Semaphore>,
+    /// The pooled connection's handshake, logged for each authorized stream.
+    pub handshake: tunnel::Handshake,
 }
 
 /// Serves the streams of an authenticated `kith/2` connection until the client closes it,
@@ -864,6 +866,7 @@ async fn stream(
         Ok(s) => s,
         Err(reason) => return refuse(&mut respond, http::StatusCode::BAD_GATEWAY, reason),
     };
+    ctx.handshake.log_established("inbound", &ctx.peer_id);
     let send = match respond.send_response(http::Response::new(()), false) {
         Ok(send) => send,
         Err(e) => {

@@ -589,8 +589,8 @@ pub(crate) async fn inbound(
         // Authenticated; each stream is authorized on its own, and takes a connection slot
         // as a direct connection would.
         let slots = slot.release();
-        log_established("inbound", &peer_id, conn);
         let ctx = pool::Inbound {
+            handshake: Handshake::of(conn),
             identity: identity.clone(),
             policy: policy.clone(),
             metrics: metrics.clone(),
@@ -820,14 +820,38 @@ pub(crate) async fn connect(to: SocketAddr, timeout: Duration) -> Result<TcpStre
 /// One debug line per mTLS connection: who the peer is and what was negotiated
 /// (`RUST_LOG=proxy=debug`).
 fn log_established(direction: &str, peer: &identity::SpiffeId, conn: &rustls::CommonState) {
-    tracing::debug!(
-        direction,
-        peer = %peer,
-        tls = ?conn.protocol_version(),
-        suite = ?conn.negotiated_cipher_suite().map(|s| s.suite()),
-        kx = identity::kx::group_name(kx_group(conn)),
-        "mTLS connection established"
-    );
+    Handshake::of(conn).log_established(direction, peer);
+}
+
+/// What the `mTLS connection established` event says of a handshake, kept for the streams of
+/// a pooled connection: each authorized stream is an established connection, as a direct
+/// connection is once authorized (`kith demo` and operators read this event).
+#[derive(Clone, Debug)]
+pub(crate) struct Handshake {
+    tls: String,
+    suite: String,
+    kx: &'static str,
+}
+
+impl Handshake {
+    pub(crate) fn of(conn: &rustls::CommonState) -> Self {
+        Self {
+            tls: format!("{:?}", conn.protocol_version()),
+            suite: format!("{:?}", conn.negotiated_cipher_suite().map(|s| s.suite())),
+            kx: identity::kx::group_name(kx_group(conn)),
+        }
+    }
+
+    pub(crate) fn log_established(&self, direction: &str, peer: &identity::SpiffeId) {
+        tracing::debug!(
+            direction,
+            peer = %peer,
+            tls = %self.tls,
+            suite = %self.suite,
+            kx = self.kx,
+            "mTLS connection established"
+        );
+    }
 }
 
 /// The key-exchange group a finished handshake negotiated.
