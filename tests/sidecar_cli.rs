@@ -45,10 +45,15 @@ fn spawn_sidecar_at(kith: &Kith, name: &str, admin: SocketAddr, args: &[&str]) -
         .arg("--bundle")
         .arg(dir.join("bundle.crt"))
         .args(args)
-        .stderr(Stdio::null())
+        .stderr(log_file(&dir, admin))
         .spawn()
         .unwrap();
     Sidecar { child, admin }
+}
+
+/// Where a sidecar's log goes, so that a sidecar that never listens says why.
+fn log_file(dir: &std::path::Path, admin: SocketAddr) -> std::fs::File {
+    std::fs::File::create(dir.join(format!("sidecar-{}.log", admin.port()))).unwrap()
 }
 
 /// An explicit tunnel on `listen`, listening.
@@ -59,7 +64,24 @@ fn sidecar(kith: &Kith, name: &str, listen: SocketAddr, extra: &[&str]) -> Sidec
         name,
         &[&["--listen", &listen_arg][..], extra].concat(),
     );
-    wait_port(listen);
+    wait_listening(kith, name, s, listen)
+}
+
+/// Waits until `s` listens on `listen`; if it exits or takes too long, fails with its log.
+fn wait_listening(kith: &Kith, name: &str, mut s: Sidecar, listen: SocketAddr) -> Sidecar {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(listen).is_err() {
+        let exited = s.child.try_wait().unwrap();
+        if exited.is_some() || Instant::now() > deadline {
+            let log = kith.path(name).join(format!("sidecar-{}.log", s.admin.port()));
+            panic!(
+                "sidecar {name} is not listening on {listen} ({}); its log:\n{}",
+                exited.map_or("still running".into(), |e| e.to_string()),
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     s
 }
 

@@ -15,6 +15,7 @@
 
 pub mod kubelet;
 pub mod pcap;
+pub mod ports;
 pub mod postgres;
 pub mod static_build;
 

@@ -5,11 +5,10 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
+/// A loopback address free right now, outside the kernel's ephemeral range (so an outgoing
+/// connection of another test cannot take it before the child process binds it).
 pub fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    integration::ports::free_loopback()
 }
 
 /// A TCP echo server on a thread.
