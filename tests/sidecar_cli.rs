@@ -73,7 +73,9 @@ fn wait_listening(kith: &Kith, name: &str, mut s: Sidecar, listen: SocketAddr) -
     while TcpStream::connect(listen).is_err() {
         let exited = s.child.try_wait().unwrap();
         if exited.is_some() || Instant::now() > deadline {
-            let log = kith.path(name).join(format!("sidecar-{}.log", s.admin.port()));
+            let log = kith
+                .path(name)
+                .join(format!("sidecar-{}.log", s.admin.port()));
             panic!(
                 "sidecar {name} is not listening on {listen} ({}); its log:\n{}",
                 exited.map_or("still running".into(), |e| e.to_string()),

@@ -7,6 +7,7 @@
 
 mod authority;
 mod convert;
+mod hpack;
 mod metrics;
 mod socket;
 

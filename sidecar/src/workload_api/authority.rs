@@ -31,13 +31,15 @@
 //! header block past the limit) fails the connection with an I/O error, whose reason
 //! [`AuthorityFix::failure_reason`] gives for metrics and logs; nothing here panics on input.
 
-use std::borrow::Cow;
 use std::io;
+use std::ops::ControlFlow;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::hpack;
 
 /// The HTTP/2 client connection preface (RFC 9113 §3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -118,7 +120,7 @@ struct Pending {
 pub(crate) struct Rewriter {
     state: State,
     input: BytesMut,
-    decoder: loona_hpack::Decoder<'static>,
+    decoder: hpack::Decoder,
     pending: Option<Pending>,
     block: Vec<u8>,
     /// Set once a call failed, with why: the connection is dead.
@@ -129,12 +131,10 @@ pub(crate) struct Rewriter {
 
 impl Default for Rewriter {
     fn default() -> Self {
-        let mut decoder = loona_hpack::Decoder::new();
-        decoder.set_max_allowed_table_size(HEADER_TABLE_SIZE);
         Self {
             state: State::Preface,
             input: BytesMut::new(),
-            decoder,
+            decoder: hpack::Decoder::new(HEADER_TABLE_SIZE),
             pending: None,
             block: Vec::new(),
             failed: None,
@@ -317,13 +317,16 @@ impl Rewriter {
         let mut fields: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let mut list_size = 0usize;
         self.decoder
-            .decode_with_cb(&block, |name: Cow<'_, [u8]>, value: Cow<'_, [u8]>| {
-                // RFC 7541 §4.1 sizes; past the cap, stop keeping fields (the block is refused
-                // below) so that a small block of references cannot grow memory unboundedly.
-                list_size = list_size.saturating_add(name.len() + value.len() + 32);
-                if list_size <= MAX_HEADER_LIST {
-                    fields.push((name.into_owned(), value.into_owned()));
+            .decode(&block, |name, value| {
+                // RFC 7541 §4.1 sizes; past the cap the block is refused below, so decoding
+                // stops there: what a block costs is bounded by the limit, not by how many
+                // tiny fields or table references the client packed into it.
+                list_size += name.len() + value.len() + hpack::ENTRY_OVERHEAD;
+                if list_size > MAX_HEADER_LIST {
+                    return ControlFlow::Break(());
                 }
+                fields.push((name.to_vec(), value.to_vec()));
+                ControlFlow::Continue(())
             })
             .map_err(|e| invalid(format!("http/2 header block: hpack: {e}")))?;
         if list_size > MAX_HEADER_LIST {
@@ -557,7 +560,14 @@ mod tests {
 
     /// Decodes a rewritten block with a fresh decoder: it must need no table state.
     fn decode_fresh(block: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
-        loona_hpack::Decoder::new().decode(block).unwrap()
+        let mut fields = Vec::new();
+        hpack::Decoder::new(HEADER_TABLE_SIZE)
+            .decode(block, |n, v| {
+                fields.push((n.to_vec(), v.to_vec()));
+                ControlFlow::Continue(())
+            })
+            .unwrap();
+        fields
     }
 
     fn authority_of(fields: &[(Vec<u8>, Vec<u8>)]) -> &[u8] {
@@ -787,6 +797,21 @@ mod tests {
         assert!(err.to_string().contains("header list too large"), "{err}");
         assert_eq!(r.failure_reason(), Some(TOO_LARGE));
         assert!(r.saw_request(), "the first block was a request");
+
+        // Thousands of tiny fields (an indexed name and a 1-byte Huffman value, 3 bytes each)
+        // in one 15 KB block: valid HPACK, refused once the list passes the limit (decoding
+        // stops at the 513th field, not the 5,000th).
+        let block = [0x01, 0x81, 0x1f].repeat(5_000);
+        let mut valid = 0;
+        hpack::Decoder::new(HEADER_TABLE_SIZE)
+            .decode(&block, |_, _| {
+                valid += 1;
+                ControlFlow::Continue(())
+            })
+            .unwrap();
+        assert_eq!(valid, 5_000);
+        let r = refused_as_too_large(&in_chunks(&block, MAX_FRAME));
+        assert!(!r.saw_request());
 
         // Malformed input has its own reason.
         let mut r = Rewriter::default();
