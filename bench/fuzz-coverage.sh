@@ -31,12 +31,14 @@ fi
 # targets' own harness code are left out of the sums.
 IGNORE='(\.cargo/registry|/rustc/|\.rustup/|/fuzz/fuzz_targets/|/fuzz/src/)'
 
-# The file holding the parser each target is aimed at: its line coverage is printed on its own,
-# since the totals also count every other function linked into the target.
+# The file(s) holding the parser each target is aimed at: their line coverage is printed on its
+# own, since the totals also count every other function linked into the target. Some of these
+# files hold more than the parser (capture.rs also runs iptables, tls.rs builds every TLS
+# config, k8s.rs also fetches keys from the API server), so 100% is not the goal there.
 declare -A FOCUS=(
     [admission_review]=inject/src/review.rs
-    [authority_shim]=sidecar/src/workload_api/authority.rs
-    [authority_structured]=sidecar/src/workload_api/authority.rs
+    [authority_shim]="sidecar/src/workload_api/authority.rs sidecar/src/workload_api/hpack.rs"
+    [authority_structured]="sidecar/src/workload_api/authority.rs sidecar/src/workload_api/hpack.rs"
     [bundle]=identity/src/bundle.rs
     [csr]=ca/src/csr.rs
     [csr_structured]=ca/src/csr.rs
@@ -68,7 +70,9 @@ for t in "${LIST[@]}"; do
     # TOTAL  regions missed cover  functions missed executed  lines missed cover ...
     focus=${FOCUS[$t]:-}
     awk -v t="$t" -v n="$inputs" -v f="$focus" '
-        f != "" && index($1, f) { fl = ($8 - $9) "/" $8 " " $10 " " f }
+        BEGIN { nf = split(f, files, " ") }
+        { for (i = 1; i <= nf; i++) if (index($1, files[i])) {
+            fl = fl (fl == "" ? "" : ", ") ($8 - $9) "/" $8 " " $10 " " files[i] } }
         /^TOTAL/ { total = sprintf("%-22s %8d %17s %17s %17s", t, n, \
             ($2 - $3) "/" $2 " " $4, ($5 - $6) "/" $5 " " $7, ($8 - $9) "/" $8 " " $10) }
         END { printf "%s   %s\n", total, fl }' "coverage/$t/report.txt"
