@@ -294,12 +294,10 @@ fn ten_thousand_silent_connections_do_not_starve_a_good_client() {
     let limit = raise_nofile();
     // Per process: 10,000 sockets here, 10,000 accepted in the sidecar, plus a few.
     if limit < 10_500 {
-        eprintln!(
-            "SKIPPED ten_thousand_silent_connections: the open-file limit is {limit} (hard), below the 10,500 each process needs"
+        integration::skip::skip(
+            "ten_thousand_silent_connections",
+            &format!("the open-file limit is {limit} (hard), below the 10,500 each process needs"),
         );
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("CI must allow 10,500 open files per process (ulimit -Hn)");
-        }
         return;
     }
     // Silent connections stay pending for the whole test (not cut at the first-flight

@@ -192,9 +192,8 @@ fn openssl_rsa_1024_csr() -> Option<String> {
         .output();
     match out {
         Ok(o) if o.status.success() => Some(String::from_utf8(o.stdout).unwrap()),
-        _ if std::env::var("CI").is_ok_and(|v| v == "true") => panic!("openssl is required in CI"),
         _ => {
-            eprintln!("SKIPPED weak-key CSR case: openssl is not installed");
+            integration::skip::skip("weak-key CSR case", "openssl is not installed");
             None
         }
     }

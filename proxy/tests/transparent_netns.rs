@@ -57,7 +57,10 @@ fn so_original_dst_in_a_network_namespace() {
         return;
     }
     if !is_root() {
-        println!("SKIPPED: not root, cannot create a network namespace");
+        integration::skip::skip(
+            "so_original_dst_in_a_network_namespace",
+            "not root, cannot create a network namespace",
+        );
         return;
     }
     let nanos = SystemTime::now()
@@ -66,7 +69,10 @@ fn so_original_dst_in_a_network_namespace() {
         .subsec_nanos();
     let name = format!("kith-t-{}-{nanos:x}", std::process::id());
     if let Err(e) = ok(&["ip", "netns", "add", &name]) {
-        println!("SKIPPED: cannot create a network namespace: {e}");
+        integration::skip::skip(
+            "so_original_dst_in_a_network_namespace",
+            &format!("cannot create a network namespace: {e}"),
+        );
         return;
     }
     let ns = Netns(name);
@@ -95,7 +101,10 @@ fn so_original_dst_in_a_network_namespace() {
         ])
     });
     if let Err(e) = v4 {
-        println!("SKIPPED: no iptables REDIRECT in the namespace: {e}");
+        integration::skip::skip(
+            "so_original_dst_in_a_network_namespace",
+            &format!("no iptables REDIRECT in the namespace: {e}"),
+        );
         return;
     }
     let v6 = exec(&["ip", "-6", "route", "add", "fd00:ff::/32", "dev", "lo"]).and_then(|()| {

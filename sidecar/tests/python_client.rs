@@ -70,13 +70,8 @@ fn snapshot() -> Snapshot {
     }
 }
 
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
 fn skip(why: &str) {
-    assert!(!in_ci(), "CI=true but {why}");
-    eprintln!("SKIPPED python_client: {why} (run .ci/run)");
+    integration::skip::skip("python_client", &format!("{why} (run .ci/run)"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
