@@ -8,8 +8,9 @@
 //!   transaction-scoped advisory lock, so replicas starting together apply each step once.
 //! - **Group commit**: one writer task per replica drains every pending write into one
 //!   transaction; issued certificates and audit rows of a group go in as one `UNNEST` insert
-//!   each. A group costs two round trips: `BEGIN`, the certificates and the head lock go out
-//!   together, then the audit rows, the head update and `COMMIT` (pipelined on one connection).
+//!   each. A group costs two round trips, pipelined on one connection: `BEGIN`, the
+//!   certificates and the head lock; then the audit rows with the head update, `COMMIT` and the
+//!   durable commit below. The next group starts as soon as this one's `COMMIT` returned.
 //! - **One audit chain across replicas**: every write transaction locks the single row of
 //!   `audit_head` (`FOR UPDATE`), so appends from all replicas are serialized and each one
 //!   chains on the newest row whoever wrote it. Certificate rows of plain issuances go in
@@ -18,13 +19,12 @@
 //! - **Durable before acknowledged, without holding the chain during the fsync**: a group
 //!   commits with `synchronous_commit` off for its transaction only, so the head row's lock is
 //!   released as soon as the commit record is written, not after it is flushed: the other
-//!   replicas chain on without waiting for this one's fsync. No caller is answered until a
-//!   flusher task (its own connection) has committed a small write with the session's own
-//!   `synchronous_commit` (on, by default) after the group's commit returned: PostgreSQL
-//!   flushes the WAL in order, so that flush covers every commit before it, this replica's
-//!   and any other's it chained on. A crash before the flush loses only unanswered groups,
-//!   and always a suffix of the chain. One flush answers every group committed while the
-//!   previous one was in progress.
+//!   replicas chain on without waiting for this one's fsync. Right after its `COMMIT` the
+//!   group's connection commits a small row change with the session's own
+//!   `synchronous_commit` (on, by default), and no writer of the group is answered before that
+//!   returns: PostgreSQL flushes the WAL in order, so that flush covers every commit before it,
+//!   the group's and any other replica's it chained on. A crash before the flush loses only
+//!   unanswered groups, and always a suffix of the chain.
 //! - **Join tokens are spent once**: the token row is locked (`FOR UPDATE`) before it is
 //!   checked; a second replica waits, then sees it used.
 //! - **Serials never collide**: `certificates.serial` is the primary key; a duplicate fails the
@@ -51,8 +51,9 @@ use super::{
 
 /// The most writes folded into one transaction.
 const MAX_GROUP: usize = 2048;
-/// Connections per replica: the writer's and the flusher's (each kept out of the pool while it
-/// works), and the reads of admin calls, renewals and probes.
+/// Connections per replica: one per write group in flight (a group holds its connection until
+/// its commit is durable, while the next group runs), and the reads of admin calls, renewals
+/// and probes.
 const POOL_SIZE: usize = 8;
 /// How long a caller waits for a connection (or the database to answer a new one) before the
 /// store reports itself unavailable.
@@ -70,13 +71,21 @@ const INSERT_CERTS: &str =
      SELECT * FROM UNNEST($1::bytea[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::text[])";
 const INSERT_AUDIT: &str = "INSERT INTO audit (seq, at, action, subject, outcome, detail, prev_hash, hash)
      SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bytea[], $8::bytea[])";
+/// The audit rows of a group and the head that follows them, in one statement.
+const INSERT_AUDIT_MOVE_HEAD: &str = "WITH rows AS (
+       INSERT INTO audit (seq, at, action, subject, outcome, detail, prev_hash, hash)
+       SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bytea[], $8::bytea[])
+     )
+     UPDATE audit_head SET seq = $9, hash = $10 WHERE id = 1";
 const LOCK_HEAD: &str = "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE";
 const UPDATE_HEAD: &str = "UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1";
 /// A group's transaction: its commit returns without waiting for the WAL flush (and so
-/// releases the head row at once); the flusher makes it durable before anyone is answered.
+/// releases the head row at once); the durable commit after it is awaited before anyone is
+/// answered.
 const BEGIN_GROUP: &str = "BEGIN; SET LOCAL synchronous_commit = off";
-/// The flusher's write: a committed row change with the session's `synchronous_commit`, whose
-/// commit waits for the WAL flush up to it (a transaction that writes nothing would not).
+/// The durable commit after a group: a row change committed on its own with the session's
+/// `synchronous_commit`, which waits for the WAL flush up to it (a transaction that writes
+/// nothing would not).
 const FLUSH: &str = "INSERT INTO probes (replica, n) VALUES ($1, 1)
      ON CONFLICT (replica) DO UPDATE SET n = probes.n + 1";
 
@@ -265,23 +274,14 @@ impl PgStore {
         let (tx, rx) = mpsc::unbounded_channel();
         let up = Arc::new(AtomicBool::new(true));
         let last_error_at = Arc::new(AtomicI64::new(0));
-        let (flush_tx, flush_rx) = mpsc::unbounded_channel();
-        tokio::spawn(flusher(
-            pool.clone(),
-            flush_rx,
-            replica.to_owned(),
-            up.clone(),
-            last_error_at.clone(),
-        ));
-        tokio::spawn(writer(
-            pool.clone(),
-            key.clone(),
-            rx,
-            replica.to_owned(),
-            up.clone(),
-            last_error_at.clone(),
-            flush_tx,
-        ));
+        let shared = Arc::new(Shared {
+            pool: pool.clone(),
+            key: key.clone(),
+            replica: replica.to_owned(),
+            up: up.clone(),
+            last_error_at: last_error_at.clone(),
+        });
+        tokio::spawn(writer(shared, rx));
         Ok(Self {
             pool,
             key,
@@ -586,41 +586,27 @@ impl Pending {
     }
 }
 
-/// A write whose group committed, with its outcome: answered once the commit is durable.
-type Committed = (oneshot::Sender<Result<Outcome, StoreError>>, Outcome);
-
-/// Keeps one connection out of the pool for a task, and takes a new one when it died.
-struct Conn {
-    pool: Pool,
-    client: Option<deadpool_postgres::Object>,
-}
-
-impl Conn {
-    async fn get(&mut self) -> Result<&deadpool_postgres::Object, StoreError> {
-        if self.client.as_ref().is_some_and(|c| c.is_closed()) {
-            // A dead connection goes back to the pool closed; the pool drops it.
-            self.client = None;
-        }
-        match &mut self.client {
-            Some(c) => Ok(c),
-            slot => Ok(slot.insert(self.pool.get().await.map_err(pool_err)?)),
-        }
-    }
-}
-
-/// The writer task: take one job, drain whatever else waits, apply them in one transaction,
-/// commit once, hand the group to the flusher. When the group fails (one bad write, or the
-/// database went away), each write is tried alone so only the failing ones fail.
-async fn writer(
+/// What a write task shares with the group tasks it starts.
+struct Shared {
     pool: Pool,
     key: AuditKey,
-    mut rx: mpsc::UnboundedReceiver<Job>,
     replica: String,
     up: Arc<AtomicBool>,
     last_error_at: Arc<AtomicI64>,
-    flusher: mpsc::UnboundedSender<Vec<Committed>>,
-) {
-    let mut conn = Conn { pool, client: None };
+}
+
+impl Shared {
+    fn down(&self) {
+        self.up.store(false, Ordering::Relaxed);
+        self.last_error_at.store(unix_now(), Ordering::Relaxed);
+    }
+}
+
+/// The writer task: take one job, drain whatever else waits, and hand them as one group to a
+/// task of their own (see [`group_task`]). The next group starts when this one has committed
+/// (or failed), not when its commit is durable: one group per replica holds or waits for the
+/// head at a time, and writes that come meanwhile make the next group larger.
+async fn writer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Job>) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_GROUP);
     while let Some(first) = rx.recv().await {
         batch.push(first);
@@ -630,104 +616,91 @@ async fn writer(
                 Err(_) => break,
             }
         }
-        let client = match conn.get().await {
+        let client = match shared.pool.get().await {
             Ok(c) => c,
             Err(e) => {
-                up.store(false, Ordering::Relaxed);
-                last_error_at.store(unix_now(), Ordering::Relaxed);
+                shared.down();
+                let e = pool_err(e);
                 for job in batch.drain(..) {
                     let _ = job.reply.send(Err(e.clone()));
                 }
                 continue;
             }
         };
-        let ops: Vec<&Write> = batch.iter().map(|j| &j.op).collect();
-        let results = match apply_group(client, &key, &replica, &ops).await {
-            Ok(outcomes) => outcomes.into_iter().map(Ok).collect::<Vec<_>>(),
-            // The connection is gone: every write of the group fails with its error.
-            Err(e) if client.is_closed() => ops.iter().map(|_| Err(e.clone())).collect(),
-            Err(_) if ops.len() > 1 => {
-                let mut each = Vec::with_capacity(ops.len());
-                for op in &ops {
-                    each.push(
-                        apply_group(client, &key, &replica, std::slice::from_ref(op))
-                            .await
-                            .map(|mut o| o.remove(0)),
-                    );
-                }
-                each
-            }
-            Err(e) => vec![Err(e)],
-        };
-        if results.iter().any(|r| r.is_ok()) {
-            up.store(true, Ordering::Relaxed);
-        } else if client.is_closed() {
-            up.store(false, Ordering::Relaxed);
-            last_error_at.store(unix_now(), Ordering::Relaxed);
-        }
-        let mut committed = Vec::with_capacity(batch.len());
-        for (job, result) in batch.drain(..).zip(results) {
-            match result {
-                Ok(outcome) => committed.push((job.reply, outcome)),
-                Err(e) => {
-                    let _ = job.reply.send(Err(e));
-                }
-            }
-        }
-        if !committed.is_empty() {
-            // Without a flusher the replies drop, and the callers see the writer gone.
-            let _ = flusher.send(committed);
-        }
+        let (committed, next) = oneshot::channel();
+        let jobs = std::mem::replace(&mut batch, Vec::with_capacity(MAX_GROUP));
+        tokio::spawn(group_task(client, shared.clone(), jobs, committed));
+        // Answered (or dropped) when the group's COMMIT returned or the group failed.
+        let _ = next.await;
     }
 }
 
-/// The flusher task: once groups have committed, one durable write on its own connection
-/// (committed after theirs, so the WAL flush it waits for covers them), then the answers. Every
-/// group that committed while a flush was in progress waits for the next one only.
-async fn flusher(
-    pool: Pool,
-    mut rx: mpsc::UnboundedReceiver<Vec<Committed>>,
-    replica: String,
-    up: Arc<AtomicBool>,
-    last_error_at: Arc<AtomicI64>,
+/// Applies one group on its own connection, and answers its writers once the commit is
+/// durable. When the group fails (one bad write, or the database went away), each write is
+/// tried alone so only the failing ones fail.
+async fn group_task(
+    client: deadpool_postgres::Object,
+    shared: Arc<Shared>,
+    jobs: Vec<Job>,
+    committed: oneshot::Sender<()>,
 ) {
-    let mut conn = Conn { pool, client: None };
-    while let Some(mut waiting) = rx.recv().await {
-        while let Ok(more) = rx.try_recv() {
-            waiting.extend(more);
+    let ops: Vec<&Write> = jobs.iter().map(|j| &j.op).collect();
+    let mut committed = Some(committed);
+    let results = match apply_group(&client, &shared, &ops, &mut committed).await {
+        Ok(outcomes) => outcomes.into_iter().map(Ok).collect::<Vec<_>>(),
+        Err(GroupError::Unconfirmed(e)) => ops.iter().map(|_| Err(e.clone())).collect(),
+        // The connection is gone: every write of the group fails with its error.
+        Err(GroupError::Failed(e)) if client.is_closed() => {
+            ops.iter().map(|_| Err(e.clone())).collect()
         }
-        let mut flushed = flush(&mut conn, &replica).await;
-        if flushed.is_err() && conn.client.as_ref().is_none_or(|c| c.is_closed()) {
-            // This task's own connection had died (idle, or a restarted server): a flush on a
-            // new one is still after the groups' commits.
-            flushed = flush(&mut conn, &replica).await;
+        Err(GroupError::Failed(_)) if ops.len() > 1 => {
+            // The next group need not wait for these.
+            drop(committed.take());
+            let mut each = Vec::with_capacity(ops.len());
+            for op in &ops {
+                each.push(
+                    apply_group(&client, &shared, std::slice::from_ref(op), &mut None)
+                        .await
+                        .map(|mut o| o.remove(0))
+                        .map_err(GroupError::into_inner),
+                );
+            }
+            each
         }
-        match flushed {
-            Ok(()) => {
-                up.store(true, Ordering::Relaxed);
-                for (reply, outcome) in waiting {
-                    let _ = reply.send(Ok(outcome));
-                }
-            }
-            Err(e) => {
-                up.store(false, Ordering::Relaxed);
-                last_error_at.store(unix_now(), Ordering::Relaxed);
-                let e = StoreError::Db(format!(
-                    "the write committed but the database did not confirm it durable: {e}"
-                ));
-                for (reply, _) in waiting {
-                    let _ = reply.send(Err(e.clone()));
-                }
-            }
+        Err(e) => vec![Err(e.into_inner())],
+    };
+    drop(committed);
+    if results.iter().any(|r| r.is_ok()) {
+        shared.up.store(true, Ordering::Relaxed);
+    } else if client.is_closed() {
+        shared.down();
+    }
+    for (job, result) in jobs.into_iter().zip(results) {
+        let _ = job.reply.send(result);
+    }
+    // The connection goes back to the pool; a closed one is dropped there.
+}
+
+enum GroupError {
+    /// Nothing of the group was written.
+    Failed(StoreError),
+    /// The group committed, but the durable commit after it failed: its writes must not be
+    /// reported done, nor tried again.
+    Unconfirmed(StoreError),
+}
+
+impl GroupError {
+    fn into_inner(self) -> StoreError {
+        match self {
+            Self::Failed(e) | Self::Unconfirmed(e) => e,
         }
     }
 }
 
-async fn flush(conn: &mut Conn, replica: &str) -> Result<(), StoreError> {
-    let client: &deadpool_postgres::ClientWrapper = conn.get().await?;
-    let stmt = client.prepare_cached(FLUSH).await.map_err(db)?;
-    client.execute(&stmt, &[&replica]).await.map_err(db)?;
-    Ok(())
+impl From<StoreError> for GroupError {
+    fn from(e: StoreError) -> Self {
+        Self::Failed(e)
+    }
 }
 
 /// The prepared statements of a write group.
@@ -735,19 +708,21 @@ struct GroupStatements {
     certs: tokio_postgres::Statement,
     audit: tokio_postgres::Statement,
     lock_head: tokio_postgres::Statement,
-    update_head: tokio_postgres::Statement,
+    flush: tokio_postgres::Statement,
 }
 
-/// One group in one transaction, committed without waiting for the flush (see the flusher).
-/// On an error the transaction is rolled back, and the connection is ready for the next group.
+/// One group in one transaction, committed without waiting for the WAL flush, then the durable
+/// commit that follows it (see the module's notes). `committed` is answered when the group's
+/// COMMIT returned. On an error before that the transaction is rolled back, and the connection
+/// is ready for the next group.
 async fn apply_group(
     client: &deadpool_postgres::Object,
-    key: &AuditKey,
-    replica: &str,
+    shared: &Shared,
     ops: &[&Write],
-) -> Result<Vec<Outcome>, StoreError> {
-    let result = group(client, key, replica, ops).await;
-    if result.is_err() && !client.is_closed() {
+    committed: &mut Option<oneshot::Sender<()>>,
+) -> Result<Vec<Outcome>, GroupError> {
+    let result = group(client, shared, ops, committed).await;
+    if matches!(result, Err(GroupError::Failed(_))) && !client.is_closed() {
         // Ends whatever the group left open (a statement failed mid-transaction); outside a
         // transaction it is a no-op.
         let _ = client.batch_execute("ROLLBACK").await;
@@ -757,19 +732,22 @@ async fn apply_group(
 
 async fn group(
     object: &deadpool_postgres::Object,
-    key: &AuditKey,
-    replica: &str,
+    shared: &Shared,
     ops: &[&Write],
-) -> Result<Vec<Outcome>, StoreError> {
+    committed: &mut Option<oneshot::Sender<()>>,
+) -> Result<Vec<Outcome>, GroupError> {
     let client: &deadpool_postgres::ClientWrapper = object;
     // Prepared (a round trip) only on a connection's first group; cache hits after that. The
     // pipelines below rely on it: each request is sent when its future is first polled, and
     // `biased` polls them in the order written, so they reach the server in that order.
     let s = GroupStatements {
         certs: client.prepare_cached(INSERT_CERTS).await.map_err(db)?,
-        audit: client.prepare_cached(INSERT_AUDIT).await.map_err(db)?,
+        audit: client
+            .prepare_cached(INSERT_AUDIT_MOVE_HEAD)
+            .await
+            .map_err(db)?,
         lock_head: client.prepare_cached(LOCK_HEAD).await.map_err(db)?,
-        update_head: client.prepare_cached(UPDATE_HEAD).await.map_err(db)?,
+        flush: client.prepare_cached(FLUSH).await.map_err(db)?,
     };
     let writes_chain = ops.iter().any(|op| !matches!(op, Write::Probe));
     // Plain issuances' certificates go in before the head is locked: they wait on nothing but
@@ -806,10 +784,21 @@ async fn group(
     let mut late = Pending::default();
     let mut outcomes = Vec::with_capacity(ops.len());
     for op in ops {
-        outcomes.push(apply(object, key, replica, op, &mut late, &mut last).await?);
+        outcomes.push(
+            apply(
+                object,
+                &shared.key,
+                &shared.replica,
+                op,
+                &mut late,
+                &mut last,
+            )
+            .await?,
+        );
     }
-    // Round trip 2: the other rows, the head, COMMIT.
-    let (certs, audit, head, commit) = tokio::join!(
+    // Round trip 2: the other rows, the audit rows with the head, COMMIT, and the durable
+    // commit after it (which waits for the WAL flush; the head is free by then).
+    let (certs, audit, commit, flushed) = tokio::join!(
         biased;
         async {
             if late.serial.is_empty() {
@@ -821,24 +810,35 @@ async fn group(
             if late.seq.is_empty() {
                 return Ok(0);
             }
-            client.execute(&s.audit, &late.audit_params()).await
-        },
-        async {
-            if late.seq.is_empty() {
-                return Ok(0);
-            }
+            let params = late.audit_params();
+            let [p1, p2, p3, p4, p5, p6, p7, p8] = params;
             client
-                .execute(&s.update_head, &[&last.0, &last.1.as_slice()])
+                .execute(
+                    &s.audit,
+                    &[p1, p2, p3, p4, p5, p6, p7, p8, &last.0, &last.1.as_slice()],
+                )
                 .await
         },
-        client.batch_execute("COMMIT"),
+        async {
+            let r = client.batch_execute("COMMIT").await;
+            if let Some(c) = committed.take() {
+                let _ = c.send(());
+            }
+            r
+        },
+        async { client.execute(&s.flush, &[&shared.replica]).await },
     );
     // After a failed statement the server has rolled the transaction back, and COMMIT reports
     // success all the same: the statements' own results say whether the group landed.
     certs.map_err(db)?;
     audit.map_err(db)?;
-    head.map_err(db)?;
     commit.map_err(db)?;
+    flushed.map_err(|e| {
+        GroupError::Unconfirmed(StoreError::Db(format!(
+            "the write committed but the database did not confirm it durable: {}",
+            db(e)
+        )))
+    })?;
     Ok(outcomes)
 }
 
