@@ -256,18 +256,19 @@ async fn a_write_is_answered_only_after_a_durable_commit_that_follows_it() {
     let Some((pg, url)) = cluster("a_write_is_answered_only_after_a_durable_commit") else {
         return;
     };
+    // A role without superuser rights owns the database, so a revoked privilege applies to it.
+    pg.psql(
+        "kith",
+        "CREATE ROLE ca LOGIN; ALTER DATABASE kith OWNER TO ca; ALTER SCHEMA public OWNER TO ca",
+    );
+    let url = url.replace("postgres://postgres@", "postgres://ca@");
     let r = replicas(&url, 2).await;
     r[0].write(Write::Audit(event("a", "before")))
         .await
         .unwrap();
-    // The durable commit each answer waits for is a row change in `probes`; make it fail.
-    pg.psql(
-        "kith",
-        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
-           BEGIN RAISE EXCEPTION 'refused'; END $$;
-         CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON probes
-           FOR EACH ROW EXECUTE FUNCTION refuse()",
-    );
+    // The durable commit each answer waits for writes a logical-decoding message; refuse it.
+    let emit = "FUNCTION pg_logical_emit_message(boolean, text, text)";
+    pg.psql("kith", &format!("REVOKE EXECUTE ON {emit} FROM PUBLIC"));
     let tasks: Vec<_> = (0..20u64)
         .map(|i| {
             let s = r[(i % 2) as usize].clone();
@@ -285,7 +286,7 @@ async fn a_write_is_answered_only_after_a_durable_commit_that_follows_it() {
         let err = t.await.unwrap().unwrap_err();
         assert!(err.to_string().contains("durable"), "{err}");
     }
-    pg.psql("kith", "DROP TRIGGER refuse ON probes");
+    pg.psql("kith", &format!("GRANT EXECUTE ON {emit} TO PUBLIC"));
     r[1].write(Write::Audit(event("a", "after"))).await.unwrap();
     // The unconfirmed groups did commit: their rows are in the one chain, which verifies.
     let v = r[0].verify_audit(None).await.unwrap();

@@ -20,9 +20,9 @@
 //!   commits with `synchronous_commit` off for its transaction only, so the head row's lock is
 //!   released as soon as the commit record is written, not after it is flushed: the other
 //!   replicas chain on without waiting for this one's fsync. Right after its `COMMIT` the
-//!   group's connection commits a small row change with the session's own
-//!   `synchronous_commit` (on, by default), and no writer of the group is answered before that
-//!   returns: PostgreSQL flushes the WAL in order, so that flush covers every commit before it,
+//!   group's connection commits a small write of its own (a logical-decoding message) with the
+//!   session's `synchronous_commit` (on, by default), and no writer of the group is answered
+//!   before that returns: PostgreSQL flushes the WAL in order, so that flush covers every commit before it,
 //!   the group's and any other replica's it chained on. A crash before the flush loses only
 //!   unanswered groups, and always a suffix of the chain.
 //! - **Join tokens are spent once**: the token row is locked (`FOR UPDATE`) before it is
@@ -83,11 +83,12 @@ const UPDATE_HEAD: &str = "UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 
 /// releases the head row at once); the durable commit after it is awaited before anyone is
 /// answered.
 const BEGIN_GROUP: &str = "BEGIN; SET LOCAL synchronous_commit = off";
-/// The durable commit after a group: a row change committed on its own with the session's
-/// `synchronous_commit`, which waits for the WAL flush up to it (a transaction that writes
-/// nothing would not).
-const FLUSH: &str = "INSERT INTO probes (replica, n) VALUES ($1, 1)
-     ON CONFLICT (replica) DO UPDATE SET n = probes.n + 1";
+/// The durable commit after a group: a transaction of its own with the session's
+/// `synchronous_commit`, which waits for the WAL flush up to its commit record (a transaction
+/// that writes nothing would not). Its write is a transactional logical-decoding message: it
+/// takes no lock, so the commits after concurrent groups (of this replica or another) wait for
+/// no one and share their flushes, and it leaves no row behind.
+const FLUSH: &str = "SELECT pg_logical_emit_message(true, 'kith', ''::text)";
 
 /// Schema versions, applied in order; `kith_migrations` records which ran.
 const MIGRATIONS: &[&str] = &[
@@ -826,7 +827,7 @@ async fn group(
             }
             r
         },
-        async { client.execute(&s.flush, &[&shared.replica]).await },
+        async { client.execute(&s.flush, &[]).await },
     );
     // After a failed statement the server has rolled the transaction back, and COMMIT reports
     // success all the same: the statements' own results say whether the group landed.
