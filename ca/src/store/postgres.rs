@@ -24,9 +24,9 @@
 //!   replicas chain on without waiting for this one's fsync. Right after its `COMMIT` the
 //!   group's connection commits a small write of its own (a logical-decoding message) with the
 //!   session's `synchronous_commit` (on, by default), and no writer of the group is answered
-//!   before that returns: PostgreSQL flushes the WAL in order, so that flush covers every commit before it,
-//!   the group's and any other replica's it chained on. A crash before the flush loses only
-//!   unanswered groups, and always a suffix of the chain.
+//!   before that returns: PostgreSQL flushes the WAL in order, so that flush covers every
+//!   commit before it, the group's and any other replica's it chained on. A crash before the
+//!   flush loses only unanswered groups, and always a suffix of the chain.
 //! - **Join tokens are spent once**: the token row is locked (`FOR UPDATE`) before it is
 //!   checked; a second replica waits, then sees it used.
 //! - **Serials never collide**: `certificates.serial` is the primary key; a duplicate fails the
@@ -671,7 +671,8 @@ async fn writer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Job>) {
 }
 
 enum GroupError {
-    /// Nothing of the group was written.
+    /// The group did not commit (or, when the connection is gone, may not have): its writes
+    /// fail, or are tried one by one on a live connection.
     Failed(StoreError),
     /// The group committed, but the durable commit after it failed: its writes must not be
     /// reported done, nor tried again.
