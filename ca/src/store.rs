@@ -16,7 +16,7 @@ use ring::digest::{SHA256, digest};
 use ring::{hkdf, hmac};
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database error: {0}")]
     Db(String),

@@ -248,6 +248,52 @@ async fn a_store_whose_database_goes_away_fails_writes_and_recovers_by_itself() 
     assert_eq!((v.rows, v.first_broken), (2, None), "{v:?}");
 }
 
+/// A group commits without waiting for the WAL flush (so the head row is free for the other
+/// replicas at once); its writers are answered only after a synchronous commit made after it
+/// succeeded. While that commit fails, no write is reported done; the chain stays whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_is_answered_only_after_a_durable_commit_that_follows_it() {
+    let Some((pg, url)) = cluster("a_write_is_answered_only_after_a_durable_commit") else {
+        return;
+    };
+    // A role without superuser rights owns the database, so a revoked privilege applies to it.
+    pg.psql(
+        "kith",
+        "CREATE ROLE ca LOGIN; ALTER DATABASE kith OWNER TO ca; ALTER SCHEMA public OWNER TO ca",
+    );
+    let url = url.replace("postgres://postgres@", "postgres://ca@");
+    let r = replicas(&url, 2).await;
+    r[0].write(Write::Audit(event("a", "before")))
+        .await
+        .unwrap();
+    // The durable commit each answer waits for writes a logical-decoding message; refuse it.
+    let emit = "FUNCTION pg_logical_emit_message(boolean, text, text)";
+    pg.psql("kith", &format!("REVOKE EXECUTE ON {emit} FROM PUBLIC"));
+    let tasks: Vec<_> = (0..20u64)
+        .map(|i| {
+            let s = r[(i % 2) as usize].clone();
+            tokio::spawn(async move {
+                s.write(Write::Issue {
+                    cert: cert(i, (i % 2) as u8),
+                    node: None,
+                    audit: event("issue", "unconfirmed"),
+                })
+                .await
+            })
+        })
+        .collect();
+    for t in tasks {
+        let err = t.await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("durable"), "{err}");
+    }
+    pg.psql("kith", &format!("GRANT EXECUTE ON {emit} TO PUBLIC"));
+    r[1].write(Write::Audit(event("a", "after"))).await.unwrap();
+    // The unconfirmed groups did commit: their rows are in the one chain, which verifies.
+    let v = r[0].verify_audit(None).await.unwrap();
+    assert_eq!((v.rows, v.first_broken), (22, None), "{v:?}");
+    assert_eq!(r[0].counts().await.unwrap().issued, 20);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_opened_under_another_kek_is_refused() {
     let Some((_pg, url)) = cluster("a_store_opened_under_another_kek") else {
