@@ -23,9 +23,10 @@
 //! Memory: the shim applies h2's header list limit itself ([`MAX_HEADER_LIST`], the 16 KiB the
 //! server advertises as SETTINGS_MAX_HEADER_LIST_SIZE), before h2 sees anything. It stops
 //! reading a header block once its compressed bytes pass the limit (a frame announcing more is
-//! refused from its 9-byte header), and stops keeping decoded fields once the list passes it; the
-//! connection then fails with "header list too large". So what one connection can make the agent
-//! hold is a few times 16 KiB, however the client packs its headers.
+//! refused from its 9-byte header), and stops decoding once the list passes it; the connection
+//! then fails with "header list too large". So what one connection can make the agent hold is a
+//! few times 16 KiB, and what one block costs to decode is bounded by the limit too, however the
+//! client packs its headers (the decoder is [`super::hpack`]: see there why it is our own).
 //!
 //! Anything the shim cannot make sense of (a bad HPACK block, a CONTINUATION out of place, a
 //! header block past the limit) fails the connection with an I/O error, whose reason
