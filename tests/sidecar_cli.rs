@@ -296,9 +296,20 @@ fn new_certificate_files_apply_without_a_restart_and_quitquitquit_stops_it() {
         "the next connection uses the new certificate"
     );
 
-    // A broken file is not applied; the current identity stays.
+    // A broken file is not applied; the current identity stays. The failed-update counter
+    // proves the watcher read the broken file (a fixed sleep would pass without it looking).
+    let ok = r#"kith_sidecar_identity_updates_total{result="ok"}"#;
+    let failed = r#"kith_sidecar_identity_updates_total{result="failed"}"#;
+    let m = http(client.admin, "GET", "/metrics");
+    let (ok_before, failed_before) = (metric(&m, ok).unwrap(), metric(&m, failed).unwrap());
     std::fs::write(kith.path("client/svid.key"), "garbage").unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    let m = wait_metric(
+        client.admin,
+        failed,
+        failed_before + 1.0,
+        Duration::from_secs(10),
+    );
+    assert_eq!(metric(&m, ok), Some(ok_before), "nothing applied\n{m}");
     assert_eq!(roundtrip(client_addr, b"three"), b"three");
 
     assert!(http(client.admin, "POST", "/quitquitquit").starts_with("HTTP/1.1 200"));
