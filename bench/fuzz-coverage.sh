@@ -37,8 +37,8 @@ IGNORE='(\.cargo/registry|/rustc/|\.rustup/|/fuzz/fuzz_targets/|/fuzz/src/)'
 # config, k8s.rs also fetches keys from the API server), so 100% is not the goal there.
 declare -A FOCUS=(
     [admission_review]=inject/src/review.rs
-    [authority_shim]="sidecar/src/workload_api/authority.rs sidecar/src/workload_api/hpack.rs"
-    [authority_structured]="sidecar/src/workload_api/authority.rs sidecar/src/workload_api/hpack.rs"
+    [authority_shim]="agent/src/workload_api/authority_shim.rs agent/src/workload_api/hpack.rs"
+    [authority_structured]="agent/src/workload_api/authority_shim.rs agent/src/workload_api/hpack.rs"
     [bundle]=identity/src/bundle.rs
     [csr]=ca/src/csr.rs
     [csr_structured]=ca/src/csr.rs

@@ -1,8 +1,13 @@
-//! The `kith` binary: argument dispatch only. Each command lives in its crate.
+//! The `kith` binary: the only place that reads argv and the environment. `cmd/<verb>.rs`
+//! turns flags into each library's validated configuration; `process.rs` is the shell every
+//! long-running command shares (logging, signals).
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+mod cmd;
+mod process;
 
 #[derive(Parser)]
 #[command(
@@ -18,26 +23,26 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// The CA: issues short-lived SVIDs to attested nodes and workloads
-    Ca(ca::cli::CaArgs),
+    Ca(cmd::ca::CaArgs),
     /// The per-host agent: attests the node, keeps SVIDs fresh, serves the SPIFFE Workload API
-    Agent(sidecar::cli::AgentArgs),
+    Agent(cmd::agent::AgentArgs),
     /// The mTLS sidecar proxy: explicit tunnels, or transparent capture in a pod
-    Sidecar(sidecar::tunnel_cli::SidecarArgs),
+    Sidecar(cmd::sidecar::SidecarArgs),
     /// Kubernetes injection: add kith to pod templates offline (-f) or as an admission webhook (serve)
-    Inject(inject::cli::InjectArgs),
+    Inject(cmd::inject::InjectArgs),
     /// Developer certificates: a local CA that issues SPIFFE X509-SVIDs (mkcert for SPIFFE)
     Certs(certs_dev::CertsArgs),
     /// A live end-to-end demo on loopback: CA, agent, two workloads behind mTLS sidecars
-    Demo(demo::DemoArgs),
+    Demo(cmd::demo::DemoArgs),
 }
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Ca(args) => ca::cli::run(args),
-        Command::Agent(args) => sidecar::cli::run(args),
-        Command::Sidecar(args) => sidecar::tunnel_cli::run(args),
-        Command::Inject(args) => inject::cli::run(args),
+        Command::Ca(args) => cmd::ca::run(args),
+        Command::Agent(args) => cmd::agent::run(args),
+        Command::Sidecar(args) => cmd::sidecar::run(args),
+        Command::Inject(args) => cmd::inject::run(args),
         Command::Certs(args) => certs_dev::run(args),
-        Command::Demo(args) => demo::run(args),
+        Command::Demo(args) => demo::run(args.into()),
     }
 }

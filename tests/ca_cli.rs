@@ -41,19 +41,21 @@ async fn a_user_runs_the_ca_from_the_cli() {
     // First contact: fetch the bundle over TLS without trusting it yet, check the pin, then
     // attest with the token, as an agent does.
     let bundle = Arc::new(
-        ca::client::fetch_bundle_pinned(&ca.addr, &pin)
+        ca_api::client::fetch_bundle_pinned(&ca.addr, &pin)
             .await
             .unwrap(),
     );
     let pem = bundle.to_pem();
-    let wrong = ca::client::fetch_bundle_pinned(&ca.addr, &"0".repeat(64))
+    let wrong = ca_api::client::fetch_bundle_pinned(&ca.addr, &"0".repeat(64))
         .await
         .unwrap_err();
     assert!(wrong.to_string().contains("not the pinned"), "{wrong}");
-    let mut conn =
-        ca::client::Connection::open(&ca.addr, ca::client::client_config(bundle, None).unwrap())
-            .await
-            .unwrap();
+    let mut conn = ca_api::client::Connection::open(
+        &ca.addr,
+        ca_api::client::client_config(bundle, None).unwrap(),
+    )
+    .await
+    .unwrap();
     let key = rcgen::KeyPair::generate().unwrap();
     let mut p = rcgen::CertificateParams::default();
     p.distinguished_name = rcgen::DistinguishedName::new();

@@ -62,8 +62,8 @@ async fn two_ca_processes_on_one_database_issue_with_one_chain_and_one_lease() {
         .unwrap()
         .to_owned();
     let (c, node_key) = csr();
-    let anon = ca::client::client_config(bundle.clone(), None).unwrap();
-    let (s, v) = ca::client::Connection::open(&a.addr, anon)
+    let anon = ca_api::client::client_config(bundle.clone(), None).unwrap();
+    let (s, v) = ca_api::client::Connection::open(&a.addr, anon)
         .await
         .unwrap()
         .post_json("/v1/attest/join", &json!({"token": token, "csr": c}))
@@ -85,7 +85,7 @@ async fn two_ca_processes_on_one_database_issue_with_one_chain_and_one_lease() {
         da,
     ]);
     assert_eq!(code, 0, "{err}");
-    let mtls = ca::client::client_config(
+    let mtls = ca_api::client::client_config(
         bundle,
         Some((
             chain,
@@ -93,10 +93,12 @@ async fn two_ca_processes_on_one_database_issue_with_one_chain_and_one_lease() {
         )),
     )
     .unwrap();
-    let mut on_a = ca::client::Connection::open(&a.addr, mtls.clone())
+    let mut on_a = ca_api::client::Connection::open(&a.addr, mtls.clone())
         .await
         .unwrap();
-    let mut on_b = ca::client::Connection::open(&b.addr, mtls).await.unwrap();
+    let mut on_b = ca_api::client::Connection::open(&b.addr, mtls)
+        .await
+        .unwrap();
     // B learns A's entry within its 2 s refresh.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

@@ -201,13 +201,13 @@ fn concurrent_join(admin_dir: &Path, x: &str, y: &str) -> usize {
         .build()
         .unwrap();
     rt.block_on(async move {
-        let bundle = Arc::new(ca::client::fetch_bundle_pinned(x, &pin).await.unwrap());
-        let config = ca::client::client_config(bundle, None).unwrap();
+        let bundle = Arc::new(ca_api::client::fetch_bundle_pinned(x, &pin).await.unwrap());
+        let config = ca_api::client::client_config(bundle, None).unwrap();
         // Both connections open first, so that the two requests leave together.
         let mut conns = Vec::new();
         for addr in [x, y] {
             conns.push(
-                ca::client::Connection::open(addr, config.clone())
+                ca_api::client::Connection::open(addr, config.clone())
                     .await
                     .unwrap(),
             );
@@ -217,7 +217,7 @@ fn concurrent_join(admin_dir: &Path, x: &str, y: &str) -> usize {
         for mut conn in conns {
             let (token, barrier) = (token.clone(), barrier.clone());
             tasks.push(tokio::spawn(async move {
-                let (_, csr) = sidecar::ca_link::new_key_and_csr().unwrap();
+                let (_, csr) = ca_api::link::new_key_and_csr().unwrap();
                 let body = serde_json::json!({"token": token, "csr": csr});
                 barrier.wait().await;
                 conn.post_json("/v1/attest/join", &body).await.unwrap()

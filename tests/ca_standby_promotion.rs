@@ -19,12 +19,13 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use ca_api::link as ca_link;
+use ca_api::replicas::CaSet;
+use ca_api::wire;
 use hyper::Method;
 use identity::{SpiffeId, TrustDomain};
 use integration::postgres::{Options, Postgres, free_port};
 use replicas::{admin_json, check_store, replica, store_available};
-use sidecar::ca_link;
-use sidecar::ca_set::CaSet;
 
 /// A streaming standby of `primary` in its own directory, stopped on drop.
 struct Standby<'a> {
@@ -251,8 +252,14 @@ async fn renew_through_promotion(
             Arc::new(bundle.clone()),
             &node,
             Method::POST,
-            "/v1/renew",
-            Some(serde_json::json!({"csr": csr})),
+            wire::path::RENEW,
+            Some(
+                ca_link::body(&wire::RenewRequest {
+                    csr,
+                    held_roots: None,
+                })
+                .unwrap(),
+            ),
             &[],
         )
         .await;
@@ -262,7 +269,7 @@ async fn renew_through_promotion(
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
-        let answer = ca_link::answer(200, serde_json::from_slice(&body).unwrap()).unwrap();
+        let answer = ca_link::answer(200, &body).unwrap();
         acked.insert(serial_of(&answer.svid));
         bundle = ca_link::bundle_of(&answer.bundle, &td).unwrap();
         node = ca_link::validate(&answer, &key, &bundle, &id, SystemTime::now()).unwrap();

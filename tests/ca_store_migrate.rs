@@ -109,9 +109,9 @@ async fn a_sqlite_ca_moved_to_postgres_keeps_everything_and_its_nodes_keep_worki
         )
         .unwrap(),
     );
-    let anon = ca::client::client_config(bundle.clone(), None).unwrap();
+    let anon = ca_api::client::client_config(bundle.clone(), None).unwrap();
     let (c, node_key) = csr();
-    let (s, v) = ca::client::Connection::open(&ca.addr, anon.clone())
+    let (s, v) = ca_api::client::Connection::open(&ca.addr, anon.clone())
         .await
         .unwrap()
         .post_json("/v1/attest/join", &json!({"token": token, "csr": c}))
@@ -209,7 +209,7 @@ async fn a_sqlite_ca_moved_to_postgres_keeps_everything_and_its_nodes_keep_worki
     assert_eq!(status["store"]["kind"], "postgres", "{status}");
 
     // The node attested before the move gets a workload SVID and renews its own.
-    let mtls = ca::client::client_config(
+    let mtls = ca_api::client::client_config(
         bundle,
         Some((
             node_chain,
@@ -217,7 +217,9 @@ async fn a_sqlite_ca_moved_to_postgres_keeps_everything_and_its_nodes_keep_worki
         )),
     )
     .unwrap();
-    let mut conn = ca::client::Connection::open(&ca2.addr, mtls).await.unwrap();
+    let mut conn = ca_api::client::Connection::open(&ca2.addr, mtls)
+        .await
+        .unwrap();
     let (c, _) = csr();
     let (s, v) = conn
         .post_json(

@@ -151,14 +151,16 @@ async fn upstream_replace_from_the_cli_publishes_then_signs_under_the_new_upstre
     let words: Vec<&str> = out.split_whitespace().collect();
     let pin = words[words.iter().position(|w| *w == "--bundle-sha256").unwrap() + 1];
     let bundle = Arc::new(
-        ca::client::fetch_bundle_pinned(&ca.addr, pin)
+        ca_api::client::fetch_bundle_pinned(&ca.addr, pin)
             .await
             .unwrap(),
     );
-    let mut conn =
-        ca::client::Connection::open(&ca.addr, ca::client::client_config(bundle, None).unwrap())
-            .await
-            .unwrap();
+    let mut conn = ca_api::client::Connection::open(
+        &ca.addr,
+        ca_api::client::client_config(bundle, None).unwrap(),
+    )
+    .await
+    .unwrap();
     let key = KeyPair::generate().unwrap();
     let mut p = rcgen::CertificateParams::default();
     p.distinguished_name = rcgen::DistinguishedName::new();

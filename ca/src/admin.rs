@@ -406,7 +406,7 @@ async fn create_token<S: Store>(
 /// The pin a new agent checks the bundle it downloads against: SHA-256 of the PEM bundle as
 /// `GET /v1/bundle?format=pem` serves it.
 pub fn bundle_sha256(pem: &str) -> String {
-    crate::store::hex(ring::digest::digest(&ring::digest::SHA256, pem.as_bytes()).as_ref())
+    identity::digest::sha256_hex(pem.as_bytes())
 }
 
 async fn create_entry<S: Store>(

@@ -12,7 +12,6 @@ use hyper::header::{CONTENT_TYPE, ETAG, IF_NONE_MATCH, RETRY_AFTER};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::ServerConfig;
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -20,6 +19,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use ca_api::wire::{AttestRequest, ErrorBody, JwtRequest, RenewRequest, SvidRequest};
 use identity::SpiffeId;
 
 use crate::listen::{Activity, LogLimit, PerSource, SourceSlot, Watched};
@@ -371,33 +371,6 @@ fn note_close<S: Store>(ca: &Ca<S>, result: Result<(), hyper::Error>, served: bo
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AttestRequest {
-    token: String,
-    csr: String,
-    /// Hex SHA-256 of each root the caller holds (root rollover waits for these).
-    #[serde(default)]
-    held_roots: Option<Vec<String>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SvidRequest {
-    spiffe_id: String,
-    csr: String,
-    #[serde(default)]
-    held_roots: Option<Vec<String>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RenewRequest {
-    csr: String,
-    #[serde(default)]
-    held_roots: Option<Vec<String>>,
-}
-
 /// Checks a request's `held_roots` before any work is done.
 fn check_held(held: &Option<Vec<String>>) -> Result<(), ApiError> {
     if let Some(h) = held {
@@ -421,13 +394,6 @@ fn note_held<S: Store>(
     {
         tracing::warn!(caller, error = %e, "ignored a bad held_roots report");
     }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct JwtRequest {
-    pub spiffe_id: String,
-    pub audience: Vec<String>,
 }
 
 async fn handle<S: Store>(
@@ -701,6 +667,9 @@ pub fn error_response(err: &ApiError) -> Response<Body> {
     let status = StatusCode::from_u16(err.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     json_response(
         status,
-        &serde_json::json!({"code": err.code, "message": err.message}),
+        &ErrorBody {
+            code: err.code.into(),
+            message: err.message.clone(),
+        },
     )
 }

@@ -19,8 +19,6 @@ pub mod store;
 pub mod admin;
 pub mod admin_client;
 pub mod api;
-pub mod cli;
-pub mod client;
 pub mod config;
 pub mod listen;
 pub mod migrate;

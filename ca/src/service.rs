@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
+pub use ca_api::wire::{JwtResponse, SvidResponse};
 use identity::{Jitter, SpiffeId, TrustDomain, refresh_at};
 use ring::digest::{SHA256, digest};
 use serde::Serialize;
@@ -76,27 +77,8 @@ pub struct Policy {
     pub max_ttl: Duration,
 }
 
-/// What a successful issuance returns to the caller.
-#[derive(Serialize)]
-pub struct SvidResponse {
-    pub spiffe_id: String,
-    /// PEM: the leaf, then the intermediates.
-    pub svid: String,
-    pub expires_at: i64,
-    /// When to renew: the CA spreads callers over 40–60 % of the lifetime.
-    pub renew_after: i64,
-    pub bundle: Box<RawValue>,
-}
-
 /// JWT-SVIDs live five minutes (the SPIFFE Workload API's usual lifetime).
 pub const JWT_TTL: Duration = Duration::from_secs(300);
-
-#[derive(Serialize)]
-pub struct JwtResponse {
-    pub spiffe_id: String,
-    pub token: String,
-    pub expires_at: i64,
-}
 
 /// Entries assigned to one node, and the ETag of that list.
 #[derive(Serialize)]

@@ -418,9 +418,7 @@ fn audit_encoding(prev: &[u8; 32], seq: i64, e: &AuditEvent, detail: &str) -> Ve
     buf
 }
 
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use identity::digest::hex;
 
 /// The audit chain check, row by row, for stores that walk their rows themselves (the same
 /// rules as the SQLite store's walk): sequence without gaps, each row's previous MAC the MAC of

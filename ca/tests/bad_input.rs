@@ -383,7 +383,7 @@ async fn a_slow_client_is_cut_off() {
     let ca = start_ca(|c| c.request_timeout = Duration::from_millis(500)).await;
     // Handshake done, headers never finished: hyper's header timeout closes the connection.
     let tcp = tokio::net::TcpStream::connect(&ca.addr).await.unwrap();
-    let cfg = ca::client::client_config(ca.bundle(), None).unwrap();
+    let cfg = ca_api::client::client_config(ca.bundle(), None).unwrap();
     let name = rustls_pki_types::ServerName::try_from("kith-ca").unwrap();
     let mut tls = tokio_rustls::TlsConnector::from(cfg)
         .connect(name, tcp)
@@ -402,7 +402,7 @@ async fn a_slow_client_is_cut_off() {
     // Headers sent, body never finished: 408 with its code.
     let started = std::time::Instant::now();
     let tcp = tokio::net::TcpStream::connect(&ca.addr).await.unwrap();
-    let cfg = ca::client::client_config(ca.bundle(), None).unwrap();
+    let cfg = ca_api::client::client_config(ca.bundle(), None).unwrap();
     let name = rustls_pki_types::ServerName::try_from("kith-ca").unwrap();
     let mut tls = tokio_rustls::TlsConnector::from(cfg)
         .connect(name, tcp)

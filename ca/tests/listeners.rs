@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use ca::client::{Connection, client_config};
+use ca_api::client::{Connection, client_config};
 use common::{TestCa, start_ca};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};

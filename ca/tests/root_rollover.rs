@@ -361,7 +361,7 @@ async fn a_ca_whose_upstream_root_expired_answers_503_and_counts_it() {
         let (csr, _) = common::csr();
         // The CA's own certificate ends with its root too: this client does not check it, as
         // an operator's `curl -k` would not, to see what the CA hands out.
-        let (status, v) = ca::client::Connection::open(&ca.addr, unverified())
+        let (status, v) = ca_api::client::Connection::open(&ca.addr, unverified())
             .await
             .unwrap()
             .post_json(

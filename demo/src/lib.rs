@@ -11,7 +11,6 @@
 
 mod backend;
 mod child;
-pub mod cli;
 mod live;
 mod observe;
 mod roles;
@@ -32,7 +31,17 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use cli::DemoArgs;
+/// What `kith demo` was asked for (its flags live in the binary).
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Stop after this long and print a summary; until Ctrl-C when none.
+    pub duration: Option<std::time::Duration>,
+    /// The final summary as JSON on stdout; the live view then goes to stderr.
+    pub json: bool,
+    /// Keep the temporary directory.
+    pub keep: bool,
+    pub trust_domain: identity::TrustDomain,
+}
 
 use crate::live::{Live, Stop};
 use crate::roles::Role;
@@ -43,7 +52,7 @@ use crate::view::{Style, Term};
 /// How long a child may take to stop after SIGTERM before it gets SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
-pub fn run(args: DemoArgs) -> ExitCode {
+pub fn run(args: Options) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -61,7 +70,7 @@ pub fn run(args: DemoArgs) -> ExitCode {
     code
 }
 
-async fn demo(args: DemoArgs) -> ExitCode {
+async fn demo(args: Options) -> ExitCode {
     let mut term = Term::new(args.json);
     // Before any child exists: from here on, SIGINT/SIGTERM/SIGHUP mean "clean up".
     let mut signals = match Signals::new() {

@@ -5,7 +5,7 @@
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use sidecar::workload_api::fuzzing::AuthorityShim;
+use agent::workload_api::fuzzing::AuthorityShim;
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 

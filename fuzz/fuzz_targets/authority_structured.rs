@@ -11,7 +11,7 @@
 use arbitrary::Arbitrary;
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use sidecar::workload_api::fuzzing::{AuthorityShim, MAX_HEADER_LIST};
+use agent::workload_api::fuzzing::{AuthorityShim, MAX_HEADER_LIST};
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const MAX_FRAME: usize = 16_384;

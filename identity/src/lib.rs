@@ -2,6 +2,7 @@
 //! verification and the renewal schedule. Every other kith crate stands on this one.
 
 pub mod bundle;
+pub mod digest;
 pub mod files;
 pub mod kx;
 pub mod pem;
@@ -9,6 +10,8 @@ pub mod refresh;
 pub mod spiffe_id;
 pub mod svid;
 pub mod verify;
+#[cfg(feature = "workload-client")]
+pub mod workload_client;
 pub mod x509;
 
 pub use bundle::{BundleError, JwtAuthority, TrustBundle};

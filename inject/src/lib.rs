@@ -3,7 +3,6 @@
 //! webhook ([`review`], [`server`]).
 #![forbid(unsafe_code)]
 
-pub mod cli;
 pub mod emit;
 pub mod manifest;
 pub mod metrics;

@@ -12,20 +12,21 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
-use ca::client::{Connection, client_config};
 use identity::{SpiffeId, Svid, TrustBundle};
 use proxy::tls::IdentityHandle;
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::ca_link::{self, LinkError};
-use crate::ca_set::CaSet;
+use ca_api::certify::{Backoff, Expect, certify};
+use ca_api::link as ca_link;
+use ca_api::replicas::CaSet;
 
 /// First and longest wait between failed attempts.
-const BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
+/// Reconnecting to the local agent's Workload API stream: 1 s doubling to 30 s.
+const WORKLOAD_API_BACKOFF: (Duration, Duration) =
+    (Duration::from_secs(1), Duration::from_secs(30));
 
 #[derive(Debug, Clone)]
 pub enum Source {
@@ -123,11 +124,8 @@ pub fn prepare(source: &Source, identity: &IdentityHandle, metrics: &SourceMetri
             }
         }
         Source::WorkloadApi { endpoint, .. } => {
-            spiffe::transport::Endpoint::parse(endpoint).map_err(|e| {
-                anyhow::anyhow!(
-                    "--workload-api {endpoint:?}: {e} (expected unix:///path/to/agent.sock)"
-                )
-            })?;
+            identity::workload_client::check_endpoint(endpoint)
+                .map_err(|e| anyhow::anyhow!("--workload-api: {e}"))?;
         }
     }
     Ok(())
@@ -311,12 +309,12 @@ async fn from_ca(
     metrics: Arc<SourceMetrics>,
     shutdown: CancellationToken,
 ) {
-    let mut wait = BACKOFF.0;
+    let mut backoff = Backoff::default();
     loop {
         let next = match attest_k8s(&cas, &token_file, &bundle_file, &identity).await {
             Ok((id, renew_at)) => {
                 metrics.updated();
-                wait = BACKOFF.0;
+                backoff.succeeded();
                 let in_ = renew_at
                     .duration_since(SystemTime::now())
                     .unwrap_or_default();
@@ -325,9 +323,12 @@ async fn from_ca(
             }
             Err(e) => {
                 metrics.failed();
-                let retry = retry_delay(wait, identity.current().as_deref());
-                wait = (wait * 2).min(BACKOFF.1);
-                let keeping = if identity.current().is_some() {
+                let current = identity.current();
+                let retry = backoff.after_failure(
+                    current.as_deref().map(|c| c.svid().not_after()),
+                    SystemTime::now(),
+                );
+                let keeping = if current.is_some() {
                     "keeping the current SVID"
                 } else {
                     "no SVID yet: outbound connections are held, inbound refused"
@@ -341,21 +342,6 @@ async fn from_ca(
             () = tokio::time::sleep(next) => {}
         }
     }
-}
-
-/// The wait before the next attempt: the backoff, but never more than a quarter of the
-/// current SVID's remaining life (at least 1 s), so that a CA that comes back shortly before
-/// the SVID expires is used in time.
-fn retry_delay(backoff: Duration, current: Option<&proxy::tls::Credentials>) -> Duration {
-    let Some(c) = current else {
-        return backoff;
-    };
-    let left = c
-        .svid()
-        .not_after()
-        .duration_since(SystemTime::now())
-        .unwrap_or_default();
-    backoff.min((left / 4).max(BACKOFF.0))
 }
 
 /// One exchange: returns the published ID and when to renew.
@@ -374,31 +360,14 @@ async fn attest_k8s(
         (None, FirstContact::Pin(pin)) => ca_link::first_contact(cas, pin).await?,
     };
     let td = bundle.trust_domain().clone();
-    let (key, csr) = ca_link::new_key_and_csr()?;
-    let held = ca::client::held_roots(&bundle);
-    let config = client_config(Arc::new(bundle), None).map_err(LinkError::from)?;
-    let body = json!({"token": token, "csr": csr, "held_roots": held});
-    // A 503 (a replica without its database) moves on to the next replica inside `call`.
-    let answer = cas
-        .call("attest/k8s", |addr| {
-            let (config, body) = (config.clone(), &body);
-            async move {
-                let mut conn = Connection::open(&addr, config).await?;
-                let (status, v) = conn.post_json("/v1/attest/k8s", body).await?;
-                ca_link::answer(status, v)
-            }
-        })
-        .await?;
-    let id = SpiffeId::new(&answer.spiffe_id)
-        .map_err(|e| LinkError::BadAnswer(format!("spiffe_id: {e}")))?;
-    if !id.is_member_of(&td) {
-        return Err(LinkError::BadAnswer(format!("the CA issued {id}, outside {td}")).into());
-    }
-    let new_bundle = ca_link::bundle_of(&answer.bundle, &td)?;
-    let svid = ca_link::validate(&answer, &key, &new_bundle, &id, SystemTime::now())?;
-    identity.publish(svid, new_bundle, SystemTime::now())?;
-    let renew_at = UNIX_EPOCH + Duration::from_secs(answer.renew_after.max(0) as u64);
-    Ok((id, renew_at))
+    let bundle = Arc::new(bundle);
+    let issued = certify(Expect::MemberOf(&td), |csr| async move {
+        ca_link::attest_k8s(cas, bundle, &token, &csr).await
+    })
+    .await?;
+    let id = issued.svid.id().clone();
+    identity.publish(issued.svid, issued.bundle, SystemTime::now())?;
+    Ok((id, issued.renew_at))
 }
 
 /// The Docker-host case: every SVID or bundle the agent streams is published at once.
@@ -410,16 +379,16 @@ async fn from_workload_api(
     shutdown: CancellationToken,
 ) {
     let (tx, mut rx) = tokio::sync::mpsc::channel(1);
-    let follower = crate::fetch::follow(
+    let follower = identity::workload_client::follow(
         &endpoint,
-        BACKOFF,
+        WORKLOAD_API_BACKOFF,
         &shutdown,
         "keeping the current SVID",
         tx,
     );
     let publisher = async {
         while let Some(context) = rx.recv().await {
-            let picked = crate::fetch::pick(&context, id.as_deref())
+            let picked = identity::workload_client::pick(&context, id.as_deref())
                 .map_err(anyhow::Error::from)
                 .and_then(|p| publish(&identity, p.svid, p.own, &metrics));
             match picked {

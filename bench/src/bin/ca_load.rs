@@ -31,7 +31,7 @@ use rustls::ClientConfig;
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::{Value, json};
 
-use ca::client::{Connection, client_config};
+use ca_api::client::{Connection, client_config};
 use identity::{SpiffeId, TrustBundle};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

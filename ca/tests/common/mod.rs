@@ -4,9 +4,9 @@
 use std::sync::Arc;
 
 use ca::admin_client::AdminClient;
-use ca::client::{Connection, client_config};
 use ca::config::Config;
 use ca::server::{Listeners, Running, start};
+use ca_api::client::{Connection, client_config};
 use identity::TrustBundle;
 use rcgen::{CertificateParams, DistinguishedName, KeyPair};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
