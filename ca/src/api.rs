@@ -22,10 +22,10 @@ use tokio_util::task::TaskTracker;
 use ca_api::wire::{AttestRequest, ErrorBody, JwtRequest, RenewRequest, SvidRequest};
 use identity::SpiffeId;
 
-use crate::listen::{Activity, LogLimit, PerSource, SourceSlot, Watched};
 use crate::service::{ApiError, Ca};
 use crate::store::Store;
 use crate::tls::Peer;
+use listen::{Activity, LogLimit, PerSource, SourceSlot, Watched};
 
 pub const MAX_BODY: usize = 64 * 1024;
 

@@ -20,7 +20,6 @@ pub mod admin;
 pub mod admin_client;
 pub mod api;
 pub mod config;
-pub mod listen;
 pub mod migrate;
 pub mod server;
 pub mod tls;

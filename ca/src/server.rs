@@ -5,7 +5,6 @@ use std::convert::Infallible;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
@@ -13,9 +12,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::StatusCode;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -25,7 +22,6 @@ use crate::authority::{Authority, Lifetimes, Push, Rotation, Upstream, unix};
 use crate::config::Config;
 use crate::guard::DiskGuard;
 use crate::k8s::{JwksSource, K8sConfig, K8sVerifier, TokenReview};
-use crate::listen::{Activity, LogLimit, Watched};
 use crate::metrics::Metrics;
 use crate::seal::{Kek, KekSource};
 use crate::service::{Ca, Policy};
@@ -415,84 +411,39 @@ async fn follow(ca: &Ca<AnyStore>, seen: &mut Option<Vec<(String, i64, bool)>>, 
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` in plain HTTP/1.1, with a connection cap and the
-/// same header and idle deadlines as the API: the port is often reachable from a whole cluster.
+/// Serves `/metrics`, `/healthz` and `/readyz` in plain HTTP/1.1, through the one accept loop
+/// (connection and per-source caps, the API's header and idle deadlines): the port is often
+/// reachable from a whole cluster.
 async fn serve_metrics(
     ca: Arc<Ca<AnyStore>>,
     listener: TcpListener,
     limits: Limits,
     shutdown: CancellationToken,
 ) {
-    let tracker = TaskTracker::new();
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let refusals = LogLimit::default();
-    loop {
-        let stream = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            ca.metrics.refused("metrics_too_many_connections");
-            if let Some(skipped) = refusals.admit() {
-                tracing::warn!(
-                    limit = limits.max_connections,
-                    skipped,
-                    "refused a metrics connection: at the connection limit"
-                );
-            }
-            continue;
-        };
+    let http = listen::HttpLimits {
+        max_connections: limits.max_connections,
+        max_per_source: limits.max_per_source,
+        header_timeout: limits.request_timeout,
+        idle_timeout: limits.idle_timeout,
+    };
+    let counted = ca.clone();
+    let refused = move |r: listen::Refusal| {
+        counted.metrics.refused(match r {
+            listen::Refusal::TooManyConnections => "metrics_too_many_connections",
+            listen::Refusal::TooManyFromSource => "metrics_too_many_from_source",
+            listen::Refusal::HeaderTimeout => "metrics_header_timeout",
+            listen::Refusal::IdleTimeout => "metrics_idle_timeout",
+        })
+    };
+    listen::serve_http1(listener, "metrics", http, refused, shutdown, |_, _| {
         let ca = ca.clone();
-        let limits = limits.clone();
-        tracker.spawn(async move {
-            let _permit = permit;
-            let activity = Activity::new();
-            let stream = Watched::new(stream, activity.clone());
-            let served = Arc::new(AtomicBool::new(false));
-            let svc = {
-                let ca = ca.clone();
-                let served = served.clone();
-                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let ca = ca.clone();
-                    served.store(true, Ordering::Relaxed);
-                    async move { Ok::<_, Infallible>(metrics_route(&ca, req.uri().path()).await) }
-                })
-            };
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.request_timeout)
-                .serve_connection(TokioIo::new(stream), svc);
-            tokio::select! {
-                r = conn => {
-                    if let Err(e) = r
-                        && e.is_timeout()
-                        && !served.load(Ordering::Relaxed)
-                    {
-                        HEADER_LOG.warn("closed a metrics connection whose request headers did not arrive in time");
-                        ca.metrics.refused("metrics_header_timeout");
-                    }
-                }
-                _ = activity.idle(limits.idle_timeout) => {
-                    IDLE_LOG.warn("closed a metrics connection on which nothing moved for the idle timeout");
-                    ca.metrics.refused("metrics_idle_timeout");
-                }
-            }
-        });
-    }
-    tracker.close();
-    tracker.wait().await;
+        hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            let ca = ca.clone();
+            async move { Ok::<_, Infallible>(metrics_route(&ca, req.uri().path()).await) }
+        })
+    })
+    .await
 }
-
-/// Slow and silent metrics clients are logged at most once a second per kind.
-static HEADER_LOG: LogLimit = LogLimit::new();
-static IDLE_LOG: LogLimit = LogLimit::new();
 
 async fn metrics_route(ca: &Ca<AnyStore>, path: &str) -> hyper::Response<Full<Bytes>> {
     match path {

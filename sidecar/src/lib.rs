@@ -2,6 +2,7 @@
 //! service-account token) or from a `kith agent` over the Workload API; `init` programs a pod's
 //! network namespace so that the proxy sees its traffic.
 
+pub mod admin;
 pub mod app_probe;
 pub mod capture;
 pub mod own_socket;

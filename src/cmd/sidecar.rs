@@ -12,28 +12,23 @@
 //! `POST /quitquitquit`) stops accepting and lets open connections finish for
 //! `--drain-timeout`.
 
-use std::convert::Infallible;
-use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use bytes::Bytes;
 use clap::{Args, Subcommand};
-use http_body_util::Full;
-use hyper::{Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use proxy::authz::Policy;
-use proxy::metrics::{Metrics, family};
+use proxy::metrics::Metrics;
 use proxy::tls::{ExpectedPeer, IdentityHandle};
 use proxy::transparent::{Captured, ExpectRules, InboundMode, OutboundPolicy, TransparentMetrics};
 use proxy::tunnel::{self, Limits, Upstream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use sidecar::admin::{self, AdminRefusals, Counters, metrics_text};
 use sidecar::app_probe::AppProbes;
 use sidecar::source::FirstContact;
 use sidecar::source::{self, Source, SourceMetrics};
@@ -368,13 +363,6 @@ pub fn run(args: SidecarArgs) -> ExitCode {
     }
 }
 
-/// What /metrics renders besides the identity: the explicit tunnels' counters (labelled by
-/// tunnel name), or transparent mode's.
-enum Counters {
-    Explicit(Vec<(String, Arc<Metrics>)>),
-    Transparent(Arc<TransparentMetrics>),
-}
-
 async fn run_sidecar(args: RunArgs) -> Result<()> {
     crate::process::init_logging(&args.log_format);
     let source = args.source()?;
@@ -494,7 +482,7 @@ async fn run_sidecar(args: RunArgs) -> Result<()> {
         })
     };
     let admin_shutdown = CancellationToken::new();
-    let admin_task = tokio::spawn(admin_serve(
+    let admin_task = tokio::spawn(admin::serve(
         admin,
         identity.clone(),
         render,
@@ -702,211 +690,4 @@ where
         return Ok(());
     }
     Err(e.context(format!("the IPv6 {what} listener")))
-}
-
-/// The admin endpoints. `shutdown` is what POST /quitquitquit triggers; the server itself
-/// stops on `stop`, after the drain, so /metrics stays readable while connections drain.
-async fn admin_serve(
-    listener: tokio::net::TcpListener,
-    identity: IdentityHandle,
-    render: Arc<dyn Fn() -> String + Send + Sync>,
-    refused: Arc<AdminRefusals>,
-    probes: Arc<AppProbes>,
-    shutdown: CancellationToken,
-    stop: CancellationToken,
-) {
-    let tracker = TaskTracker::new();
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = stop.cancelled() => break,
-            r = listener.accept() => match r { Ok(s) => s, Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue; } },
-        };
-        let at = stream.local_addr().ok();
-        let (identity, render, shutdown) = (identity.clone(), render.clone(), shutdown.clone());
-        let refused = refused.clone();
-        let probes = probes.clone();
-        let stop = stop.clone();
-        tracker.spawn(async move {
-            let svc =
-                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let (identity, render, shutdown, refused) = (
-                        identity.clone(),
-                        render.clone(),
-                        shutdown.clone(),
-                        refused.clone(),
-                    );
-                    let probes = probes.clone();
-                    async move {
-                        if let Some(name) = req.uri().path().strip_prefix("/app-health/") {
-                            let (status, body) = probes.check(name).await;
-                            let mut resp = Response::new(Full::new(Bytes::from(body)));
-                            *resp.status_mut() = status;
-                            return Ok::<_, Infallible>(resp);
-                        }
-                        let (status, body) = match (req.method().as_str(), req.uri().path()) {
-                            (_, "/live") => (StatusCode::OK, "ok\n".to_owned()),
-                            (_, "/ready") if shutdown.is_cancelled() => {
-                                (StatusCode::SERVICE_UNAVAILABLE, "draining\n".to_owned())
-                            }
-                            (_, "/ready") if identity.current().is_some() => {
-                                (StatusCode::OK, "ready\n".to_owned())
-                            }
-                            (_, "/ready") => (
-                                StatusCode::SERVICE_UNAVAILABLE,
-                                "no identity yet\n".to_owned(),
-                            ),
-                            (_, "/metrics") => (StatusCode::OK, render()),
-                            ("POST", "/quitquitquit") => match quit_refusal(peer, at) {
-                                None => {
-                                    shutdown.cancel();
-                                    (StatusCode::OK, "shutting down\n".to_owned())
-                                }
-                                Some(reason) => {
-                                    tracing::info!(%peer, reason = reason.label(), "POST /quitquitquit refused");
-                                    refused.count(reason);
-                                    (StatusCode::FORBIDDEN, reason.message().to_owned())
-                                }
-                            },
-                            _ => (
-                                StatusCode::NOT_FOUND,
-                                "try /live, /ready, /metrics or POST /quitquitquit\n".to_owned(),
-                            ),
-                        };
-                        let mut resp = Response::new(Full::new(Bytes::from(body)));
-                        *resp.status_mut() = status;
-                        Ok::<_, Infallible>(resp)
-                    }
-                });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc);
-            tokio::select! {
-                _ = conn => {}
-                _ = stop.cancelled() => {}
-            }
-        });
-    }
-    tracker.close();
-    tracker.wait().await;
-}
-
-/// Why a `POST /quitquitquit` was refused.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum QuitRefusal {
-    /// The caller is not on loopback.
-    NotLocal,
-    /// The caller is one of the proxy's own sockets: a connection it forwarded for a peer.
-    Proxied,
-}
-
-impl QuitRefusal {
-    fn label(self) -> &'static str {
-        match self {
-            QuitRefusal::NotLocal => "not_local",
-            QuitRefusal::Proxied => "proxied",
-        }
-    }
-
-    fn message(self) -> &'static str {
-        match self {
-            QuitRefusal::NotLocal => "only local processes may stop the sidecar\n",
-            QuitRefusal::Proxied => {
-                "a connection forwarded by the proxy may not stop the sidecar\n"
-            }
-        }
-    }
-}
-
-/// SECURITY: the admin port may listen beyond loopback (kubelet probes); only local processes
-/// may stop the sidecar, and never through the proxy itself (a peer's connection forwarded to
-/// a loopback address is local in appearance only).
-fn quit_refusal(peer: SocketAddr, at: Option<SocketAddr>) -> Option<QuitRefusal> {
-    if !peer.ip().to_canonical().is_loopback() {
-        return Some(QuitRefusal::NotLocal);
-    }
-    // Unknown local address: cannot tell, so refuse.
-    let Some(at) = at else {
-        return Some(QuitRefusal::Proxied);
-    };
-    sidecar::own_socket::is_own(peer, at).then_some(QuitRefusal::Proxied)
-}
-
-/// Refused `POST /quitquitquit`s, by reason.
-#[derive(Debug, Default)]
-struct AdminRefusals {
-    not_local: std::sync::atomic::AtomicU64,
-    proxied: std::sync::atomic::AtomicU64,
-}
-
-impl AdminRefusals {
-    fn count(&self, reason: QuitRefusal) {
-        let c = match reason {
-            QuitRefusal::NotLocal => &self.not_local,
-            QuitRefusal::Proxied => &self.proxied,
-        };
-        c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    fn render(&self, out: &mut String) {
-        family(
-            out,
-            "kith_sidecar_admin_refused_total",
-            "counter",
-            "POST /quitquitquit requests refused, by reason",
-        );
-        for (reason, c) in [("not_local", &self.not_local), ("proxied", &self.proxied)] {
-            let _ = writeln!(
-                out,
-                "kith_sidecar_admin_refused_total{{reason=\"{reason}\"}} {}",
-                c.load(std::sync::atomic::Ordering::Relaxed)
-            );
-        }
-    }
-}
-
-/// Prometheus text (format 0.0.4): connections by direction and result, handshake latency,
-/// bytes, the SVID's time left and the identity source's counters.
-fn metrics_text(counters: &Counters, identity: &IdentityHandle, source: &SourceMetrics) -> String {
-    let mut out = String::new();
-    match counters {
-        Counters::Explicit(sets) => {
-            let sets: Vec<(&str, &Metrics)> =
-                sets.iter().map(|(l, m)| (l.as_str(), m.as_ref())).collect();
-            Metrics::render_prometheus(&mut out, &sets);
-        }
-        Counters::Transparent(tm) => tm.render_prometheus(&mut out),
-    }
-    family(
-        &mut out,
-        "kith_sidecar_svid_seconds_to_expiry",
-        "gauge",
-        "Seconds until the current SVID expires (negative: expired)",
-    );
-    if let Some(c) = identity.current() {
-        let left = match c.svid().not_after().duration_since(SystemTime::now()) {
-            Ok(d) => d.as_secs() as i64,
-            Err(e) => -(e.duration().as_secs() as i64),
-        };
-        let _ = writeln!(
-            out,
-            "kith_sidecar_svid_seconds_to_expiry{{spiffe_id=\"{}\"}} {left}",
-            c.svid().id()
-        );
-    }
-    family(
-        &mut out,
-        "kith_sidecar_identity_updates_total",
-        "counter",
-        "SVIDs and bundles published (ok), and failed attempts to get one (failed)",
-    );
-    let _ = writeln!(
-        out,
-        "kith_sidecar_identity_updates_total{{result=\"ok\"}} {}",
-        source.updates()
-    );
-    let _ = writeln!(
-        out,
-        "kith_sidecar_identity_updates_total{{result=\"failed\"}} {}",
-        source.failures()
-    );
-    out
 }

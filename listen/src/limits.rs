@@ -1,6 +1,6 @@
-//! Limits shared by the CA's listeners: a per-source connection count, an idle deadline that
-//! closes a connection on which nothing moved for too long, and a log limiter for refusals that
-//! an attacker can repeat as fast as it likes.
+//! Limits every listener shares: a per-source connection count, an idle deadline that closes a
+//! connection on which nothing moved for too long, and a log limiter for refusals that an
+//! attacker can repeat as fast as it likes.
 
 use std::collections::HashMap;
 use std::io;
