@@ -220,7 +220,7 @@ fn web_calls_api(stack: &Stack, unique: &str) {
     });
     check_eq(stack.connections("api-app", "inbound", "accepted"), 1).unwrap();
     eventually("api's sidecar logs web as the peer", 10, || {
-        let peers = stack.api_log("mTLS connection established", "peer");
+        let peers = stack.api_log(identity::mesh::events::MTLS_ESTABLISHED, "peer");
         if peers == [WEB] {
             Ok(())
         } else {

@@ -45,7 +45,7 @@ pub fn parse_line(line: &str) -> Option<LogEvent> {
             api: text("api")?.parse().ok()?,
             metrics: text("metrics")?.parse().ok()?,
         },
-        "mTLS connection established" => LogEvent::Established {
+        identity::mesh::events::MTLS_ESTABLISHED => LogEvent::Established {
             direction: text("direction")?,
             peer: text("peer")?,
             tls: tls_version(&text("tls").unwrap_or_default()),

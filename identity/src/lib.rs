@@ -5,6 +5,7 @@ pub mod bundle;
 pub mod digest;
 pub mod files;
 pub mod kx;
+pub mod mesh;
 pub mod pem;
 pub mod refresh;
 pub mod spiffe_id;

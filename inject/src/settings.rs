@@ -5,12 +5,10 @@ use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
 
-/// The proxy's UID: `kith sidecar init` exempts its sockets from capture.
-pub const PROXY_UID: u32 = 1337;
-pub const OUTBOUND_PORT: u16 = 15001;
-pub const INBOUND_PORT: u16 = 15006;
-/// The sidecar's admin port (`/ready`, `/live`, `/metrics`), probed by the kubelet.
-pub const ADMIN_PORT: u16 = 15020;
+pub use identity::mesh::{
+    INBOUND_PORT, OUTBOUND_PORT, PROXY_UID, SIDECAR_ADMIN_PORT as ADMIN_PORT,
+    TOKEN_AUDIENCE as DEFAULT_AUDIENCE,
+};
 
 pub const INIT_CONTAINER: &str = "kith-init";
 pub const PROXY_CONTAINER: &str = "kith-proxy";
@@ -36,7 +34,6 @@ pub const EXCLUDE_CIDRS_KEY: &str = "kith.dev/exclude-outbound-cidrs";
 pub const DEFAULT_CA_URL: &str = "https://kith-ca.kith-system.svc:8443";
 pub const DEFAULT_MESH_CIDR: &str = "10.0.0.0/8";
 pub const DEFAULT_BUNDLE_CONFIGMAP: &str = "kith-bundle";
-pub const DEFAULT_AUDIENCE: &str = "kith-ca";
 
 /// The kith version that injects; recorded in every injected pod.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

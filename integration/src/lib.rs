@@ -628,6 +628,7 @@ pub fn logged_peers(log: &str, direction: &str) -> Vec<String> {
     log.lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .filter(|v| {
+            // identity::mesh::events::MTLS_ESTABLISHED (this harness stands apart from kith's crates)
             v["fields"]["message"] == "mTLS connection established"
                 && v["fields"]["direction"] == direction
         })

@@ -849,7 +849,8 @@ impl Handshake {
             tls = %self.tls,
             suite = %self.suite,
             kx = self.kx,
-            "mTLS connection established"
+            "{}",
+            identity::mesh::events::MTLS_ESTABLISHED
         );
     }
 }

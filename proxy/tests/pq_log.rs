@@ -53,7 +53,7 @@ async fn the_connection_log_names_the_group() {
     let text = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();
     let established: Vec<&str> = text
         .lines()
-        .filter(|l| l.contains("mTLS connection established"))
+        .filter(|l| l.contains(identity::mesh::events::MTLS_ESTABLISHED))
         .collect();
     assert_eq!(established.len(), 2, "inbound and outbound:\n{text}");
     for line in established {

@@ -53,27 +53,28 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
+use identity::mesh;
 
 pub const OUTBOUND_CHAIN: &str = "KITH_OUTBOUND";
 pub const INBOUND_CHAIN: &str = "KITH_INBOUND";
 /// The sidecar's own ports, never redirected inbound: outbound and inbound capture, admin,
 /// health.
-pub const SIDECAR_PORTS: [u16; 4] = [15001, 15006, 15020, 15021];
+pub use identity::mesh::SIDECAR_PORTS;
 
 #[derive(Debug, Clone, Args)]
 pub struct InitArgs {
     /// The proxy's UID: its own outbound connections are not captured (with --proxy-gid:
     /// a process must run as both to be exempt)
-    #[arg(long, env = "KITH_PROXY_UID", default_value_t = 1337)]
+    #[arg(long, env = "KITH_PROXY_UID", default_value_t = mesh::PROXY_UID)]
     pub proxy_uid: u32,
     /// The proxy's GID: exemption from capture needs this GID as well as the UID
-    #[arg(long, env = "KITH_PROXY_GID", default_value_t = 1337)]
+    #[arg(long, env = "KITH_PROXY_GID", default_value_t = mesh::PROXY_GID)]
     pub proxy_gid: u32,
     /// Where outbound TCP is redirected
-    #[arg(long, default_value_t = 15001)]
+    #[arg(long, default_value_t = mesh::OUTBOUND_PORT)]
     pub outbound_port: u16,
     /// Where inbound TCP is redirected
-    #[arg(long, default_value_t = 15006)]
+    #[arg(long, default_value_t = mesh::INBOUND_PORT)]
     pub inbound_port: u16,
     /// Outbound destination ports not captured (comma-separated)
     #[arg(long, env = "KITH_EXCLUDE_PORTS", value_delimiter = ',')]

@@ -72,7 +72,7 @@ struct RunArgs {
     #[arg(
         long,
         env = "KITH_AGENT_ADMIN_LISTEN",
-        default_value = "127.0.0.1:15021"
+        default_value_t = SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, identity::mesh::AGENT_ADMIN_PORT))
     )]
     admin_listen: SocketAddr,
     /// The Docker Engine API socket, for docker:label/image/name selectors of callers in containers

@@ -12,7 +12,7 @@
 //! `POST /quitquitquit`) stops accepting and lets open connections finish for
 //! `--drain-timeout`.
 
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
+use identity::mesh;
 use proxy::authz::Policy;
 use proxy::metrics::Metrics;
 use proxy::tls::{ExpectedPeer, IdentityHandle};
@@ -143,7 +144,7 @@ struct RunArgs {
     #[arg(
         long,
         env = "KITH_SIDECAR_OUTBOUND_LISTEN",
-        default_value = "127.0.0.1:15001"
+        default_value_t = SocketAddr::from((Ipv4Addr::LOCALHOST, mesh::OUTBOUND_PORT))
     )]
     outbound_listen: SocketAddr,
     /// Transparent mode: the captured inbound listener (0.0.0.0 also listens on [::]);
@@ -151,7 +152,7 @@ struct RunArgs {
     #[arg(
         long,
         env = "KITH_SIDECAR_INBOUND_LISTEN",
-        default_value = "0.0.0.0:15006"
+        default_value_t = SocketAddr::from((Ipv4Addr::UNSPECIFIED, mesh::INBOUND_PORT))
     )]
     inbound_listen: SocketAddr,
     /// Transparent mode: destinations that get mTLS (repeatable, e.g. 10.0.0.0/8)
@@ -171,7 +172,7 @@ struct RunArgs {
     #[arg(
         long,
         env = "KITH_SIDECAR_ADMIN_LISTEN",
-        default_value = "127.0.0.1:15020"
+        default_value_t = SocketAddr::from((Ipv4Addr::LOCALHOST, mesh::SIDECAR_ADMIN_PORT))
     )]
     admin_listen: SocketAddr,
     /// Most connections at once per listener and worker, as nginx's worker_connections; more
