@@ -1,6 +1,8 @@
-//! The process shell every long-running command shares: logging, the signals that stop it,
-//! and how an error chain is printed. Libraries take a shutdown token and never install
+//! The process shell every long-running command shares: its runtime, logging, the signals that
+//! stop it, and how an error chain is printed. Libraries take a shutdown token and never install
 //! handlers or subscribers themselves; only the binary does, here.
+
+use std::process::ExitCode;
 
 /// Logs to stderr, `text` or `json`, filtered by `RUST_LOG` (default `info`). Colours only on a
 /// terminal: a log redirected to a file or a pipe carries no ANSI codes.
@@ -28,5 +30,62 @@ pub async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// How many threads a command's runtime gets.
+pub enum Threads {
+    /// One: the sidecar (its workers bring their own), the CA's control loop.
+    One,
+    Two,
+}
+
+/// The command's tokio runtime; on failure the error is printed and the exit code returned.
+pub fn runtime(threads: Threads, failure: u8) -> Result<tokio::runtime::Runtime, ExitCode> {
+    let built = match threads {
+        Threads::One => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        Threads::Two => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build(),
+    };
+    built.map_err(|e| {
+        eprintln!("error: cannot start the runtime: {e}");
+        ExitCode::from(failure)
+    })
+}
+
+/// Runs `work` on `rt` and turns its outcome into the exit status: success, or the error with
+/// its causes on one line (`error: what failed: why: the cause under it`) and `failure`.
+pub fn exit<T: Outcome>(
+    rt: &tokio::runtime::Runtime,
+    work: impl std::future::Future<Output = anyhow::Result<T>>,
+    failure: u8,
+) -> ExitCode {
+    match rt.block_on(work) {
+        Ok(done) => done.code(),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(failure)
+        }
+    }
+}
+
+/// What a command's work returns when it succeeds: nothing (exit 0), or its own exit code.
+pub trait Outcome {
+    fn code(self) -> ExitCode;
+}
+
+impl Outcome for () {
+    fn code(self) -> ExitCode {
+        ExitCode::SUCCESS
+    }
+}
+
+impl Outcome for ExitCode {
+    fn code(self) -> ExitCode {
+        self
     }
 }

@@ -17,6 +17,8 @@ use agent::docker::DockerPlugin;
 use agent::metrics::AgentMetrics;
 use agent::workload_api::{self, Limits, WorkloadApiMetrics};
 
+use crate::process::{self, Threads};
+
 #[derive(Debug, Args)]
 pub struct AgentArgs {
     #[command(subcommand)]
@@ -100,34 +102,15 @@ struct RunArgs {
 }
 
 pub fn run(args: AgentArgs) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let rt = match process::runtime(Threads::Two, 2) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let args = match args.command {
         AgentCommand::Run(args) => args,
         AgentCommand::Fetch(args) => return rt.block_on(crate::cmd::fetch::main(*args)),
     };
-    match rt.block_on(run_agent(*args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!(
-                "error: {}",
-                e.chain()
-                    .map(|c| c.to_string())
-                    .collect::<Vec<_>>()
-                    .join(": ")
-            );
-            ExitCode::from(1)
-        }
-    }
+    process::exit(&rt, run_agent(*args), 1)
 }
 
 /// 1 s to 5 min: shorter cannot finish a TLS handshake on a busy host, longer hides a dead
@@ -169,7 +152,7 @@ fn join_token(args: &RunArgs) -> Result<Option<JoinToken>> {
 }
 
 async fn run_agent(args: RunArgs) -> Result<()> {
-    crate::process::init_logging(&args.log_format);
+    process::init_logging(&args.log_format);
     let token = join_token(&args)?;
     let cfg = AgentConfig {
         ca_urls: args.ca.clone(),
@@ -247,7 +230,7 @@ async fn run_agent(args: RunArgs) -> Result<()> {
     let api = tasks.spawn(api);
     tasks.close();
     tokio::select! {
-        _ = crate::process::wait_for_signal() => tracing::info!("shutting down"),
+        _ = process::wait_for_signal() => tracing::info!("shutting down"),
         r = api => {
             if let Ok(Err(e)) = r {
                 tracing::error!(error = %e, "the Workload API stopped");

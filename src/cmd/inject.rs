@@ -17,6 +17,8 @@ use inject::server::{self, Limits, Webhook};
 use inject::settings::{self, Cidr, Settings};
 use inject::tls::{self, ReloadingCert};
 
+use crate::process::{self, Threads};
+
 #[derive(Debug, Args)]
 #[command(
     after_help = "Examples:\n  kith inject -f deploy.yaml | kubectl apply -f -\n  \
@@ -192,7 +194,7 @@ fn read_input(path: &Path) -> Result<String> {
 }
 
 fn run_serve(args: ServeArgs, settings: Settings) -> ExitCode {
-    crate::process::init_logging(&args.log_format);
+    process::init_logging(&args.log_format);
     let cert = match ReloadingCert::load(&args.tls_cert, &args.tls_key) {
         Ok(c) => c,
         Err(e) => {
@@ -207,24 +209,11 @@ fn run_serve(args: ServeArgs, settings: Settings) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let rt = match process::runtime(Threads::Two, 1) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
-    match rt.block_on(serve_until_signal(args, settings, cert, tls)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(1)
-        }
-    }
+    process::exit(&rt, serve_until_signal(args, settings, cert, tls), 1)
 }
 
 async fn serve_until_signal(
@@ -270,7 +259,7 @@ async fn serve_until_signal(
         limits,
         shutdown.clone(),
     ));
-    crate::process::wait_for_signal().await;
+    process::wait_for_signal().await;
     tracing::info!("shutting down: no new connections; open requests may finish");
     shutdown.cancel();
     let _ = server.await;

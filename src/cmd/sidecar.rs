@@ -36,6 +36,8 @@ use sidecar::source::{self, Source, SourceMetrics};
 use sidecar::tunnel_config::{self, End, Tunnel};
 use sidecar::workers::Workers;
 
+use crate::process::{self, Threads};
+
 #[derive(Debug, Args)]
 pub struct SidecarArgs {
     #[command(subcommand)]
@@ -339,33 +341,15 @@ pub fn run(args: SidecarArgs) -> ExitCode {
     };
     // The sidecar's own runtime is single-threaded; --workers adds single-threaded runtimes
     // (workers.rs) that serve connections too.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build();
-    let rt = match rt {
+    let rt = match process::runtime(Threads::One, 2) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
-    match rt.block_on(run_sidecar(*args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!(
-                "error: {}",
-                e.chain()
-                    .map(|c| c.to_string())
-                    .collect::<Vec<_>>()
-                    .join(": ")
-            );
-            ExitCode::from(1)
-        }
-    }
+    process::exit(&rt, run_sidecar(*args), 1)
 }
 
 async fn run_sidecar(args: RunArgs) -> Result<()> {
-    crate::process::init_logging(&args.log_format);
+    process::init_logging(&args.log_format);
     let source = args.source()?;
     let policy = args.policy()?;
     let tunnels = args.tunnels(&policy)?;
@@ -494,7 +478,7 @@ async fn run_sidecar(args: RunArgs) -> Result<()> {
     ));
     tasks.close();
     tokio::select! {
-        _ = crate::process::wait_for_signal() => {}
+        _ = process::wait_for_signal() => {}
         _ = shutdown.cancelled() => {}
     }
     tracing::info!(drain = ?args.drain_timeout, "shutting down: no new connections; open ones may finish");
