@@ -20,17 +20,33 @@ pub fn init_logging(format: &str) {
     };
 }
 
-/// Returns on the first SIGTERM (what Kubernetes, Docker and systemd send) or Ctrl-C.
-pub async fn wait_for_signal() {
+/// A token cancelled on the first SIGTERM (what Kubernetes, Docker and systemd send) or SIGINT
+/// (Ctrl-C). The handlers are installed when this is called, so a command calls it first thing:
+/// a signal that arrives while it is still starting (binding, loading keys) then stops it
+/// cleanly instead of killing it. Must be called inside the runtime.
+pub fn on_signal() -> tokio_util::sync::CancellationToken {
     use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
+    let token = tokio_util::sync::CancellationToken::new();
+    let cancel = token.clone();
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    tokio::spawn(async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            (Ok(mut one), Err(_)) | (Err(_), Ok(mut one)) => {
+                one.recv().await;
+            }
+            // No handler could be installed: the default action (exit) stays.
+            (Err(_), Err(_)) => std::future::pending::<()>().await,
+        }
+        cancel.cancel();
+    });
+    token
 }
 
 /// How many threads a command's runtime gets.

@@ -152,6 +152,7 @@ fn join_token(args: &RunArgs) -> Result<Option<JoinToken>> {
 }
 
 async fn run_agent(args: RunArgs) -> Result<()> {
+    let signalled = process::on_signal();
     process::init_logging(&args.log_format);
     let token = join_token(&args)?;
     let cfg = AgentConfig {
@@ -230,7 +231,7 @@ async fn run_agent(args: RunArgs) -> Result<()> {
     let api = tasks.spawn(api);
     tasks.close();
     tokio::select! {
-        _ = process::wait_for_signal() => tracing::info!("shutting down"),
+        _ = signalled.cancelled() => tracing::info!("shutting down"),
         r = api => {
             if let Ok(Err(e)) = r {
                 tracing::error!(error = %e, "the Workload API stopped");

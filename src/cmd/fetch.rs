@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use tokio_util::sync::CancellationToken;
 
 use agent::fetch::{
     DEFAULT_SOCKET, FetchOptions, Hook, SignalTarget, WatchOptions, Written, fetch_once, watch,
@@ -69,12 +68,7 @@ pub async fn main(args: FetchArgs) -> ExitCode {
             (None, Some(target)) => Hook::Signal(target.clone()),
             (None, None) => Hook::None,
         };
-        let shutdown = CancellationToken::new();
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            crate::process::wait_for_signal().await;
-            stop.cancel();
-        });
+        let shutdown = crate::process::on_signal();
         let opts = WatchOptions::new(fetch, hook);
         watch(&opts, shutdown, |w| print_written(w, args.json)).await
     } else {

@@ -222,6 +222,7 @@ async fn serve_until_signal(
     cert: Arc<ReloadingCert>,
     tls: Arc<rustls::ServerConfig>,
 ) -> Result<()> {
+    let signalled = process::on_signal();
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -259,7 +260,7 @@ async fn serve_until_signal(
         limits,
         shutdown.clone(),
     ));
-    process::wait_for_signal().await;
+    signalled.cancelled().await;
     tracing::info!("shutting down: no new connections; open requests may finish");
     shutdown.cancel();
     let _ = server.await;

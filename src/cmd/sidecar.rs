@@ -349,6 +349,7 @@ pub fn run(args: SidecarArgs) -> ExitCode {
 }
 
 async fn run_sidecar(args: RunArgs) -> Result<()> {
+    let signalled = process::on_signal();
     process::init_logging(&args.log_format);
     let source = args.source()?;
     let policy = args.policy()?;
@@ -478,7 +479,7 @@ async fn run_sidecar(args: RunArgs) -> Result<()> {
     ));
     tasks.close();
     tokio::select! {
-        _ = process::wait_for_signal() => {}
+        _ = signalled.cancelled() => {}
         _ = shutdown.cancelled() => {}
     }
     tracing::info!(drain = ?args.drain_timeout, "shutting down: no new connections; open ones may finish");

@@ -223,4 +223,3 @@ pub(super) enum AuditCommand {
 pub(super) fn parse_head(s: &str) -> Result<ca::store::AuditHead, String> {
     ca::store::AuditHead::parse(s)
 }
-

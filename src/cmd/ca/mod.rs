@@ -2,23 +2,17 @@
 //! socket (found through `--data-dir` or `--admin-socket`), except `audit verify`, which can
 //! also read a stopped CA's database directly.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::{Args, Subcommand};
 use hyper::Method;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
 use ca::admin_client::AdminClient;
-use ca::config::{Config, ServeArgs};
-use ca::server::{Listeners, start};
 
 pub use self::flags::CaArgs;
 use self::flags::*;
-use self::output::{print_json, print_roots, table, waiting_line};
+use self::output::{print_json, print_roots, secs, table, waiting_line};
 use self::serve::serve;
 use crate::process::{self, Threads};
 
@@ -474,4 +468,3 @@ fn random_bytes() -> Result<[u8; 8]> {
         .map_err(|_| anyhow::anyhow!("random number generator failed"))?;
     Ok(b)
 }
-

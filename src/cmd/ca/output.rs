@@ -1,7 +1,9 @@
 //! How `kith ca` prints what the admin socket answers: tables for people, `--json` for scripts,
 //! times as RFC 3339.
 
-use serde_json::Value;
+use std::time::Duration;
+
+use serde_json::{Value, json};
 
 /// `kith ca root status` as text.
 pub(super) fn print_roots(v: &Value) {

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::process;
 
 pub(super) async fn serve(args: ServeArgs) -> Result<ExitCode> {
+    let signalled = process::on_signal();
     let cfg = Config::resolve(args)?;
     process::init_logging(&cfg.log_format);
     ca::server::prepare_data_dir(&cfg)?;
@@ -38,7 +39,7 @@ pub(super) async fn serve(args: ServeArgs) -> Result<ExitCode> {
         shutdown.clone(),
     )
     .await?;
-    process::wait_for_signal().await;
+    signalled.cancelled().await;
     tracing::info!("shutting down: no new connections; open requests may finish (up to 10s)");
     shutdown.cancel();
     if tokio::time::timeout(Duration::from_secs(10), running.tasks.wait())
