@@ -1,6 +1,6 @@
 //! Structure-aware JWTs: arbitrary header and claims, serialized as JSON and signed with the
 //! test key (so the signature holds and the claim checks are reached), into both real
-//! verifiers: the JWT-SVID verifier (`ca::jwt_svid::verify_jwt_svid`, the agent's
+//! verifiers: the JWT-SVID verifier (`identity::jwt::verify_jwt_svid`, the agent's
 //! ValidateJWTSVID) and the Kubernetes token verifier (`K8sVerifier::verify`, the CA's pod
 //! attestation). Properties: what either accepts has the algorithm, key, audience, issuer and
 //! lifetime it must have.
@@ -169,7 +169,7 @@ fuzz_target!(|input: Input| {
 
     let authorities = std::slice::from_ref(&*kith_fuzz::AUTHORITY);
     if let Ok(svid) =
-        ca::jwt_svid::verify_jwt_svid(&token, authorities, kith_fuzz::AUDIENCE, kith_fuzz::now())
+        identity::jwt::verify_jwt_svid(&token, authorities, kith_fuzz::AUDIENCE, kith_fuzz::now())
     {
         assert_eq!(header.get("alg"), Some(&json!("ES256")));
         assert_eq!(header.get("kid"), Some(&json!(kith_fuzz::KEY_ID)));

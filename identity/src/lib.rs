@@ -1,8 +1,9 @@
 //! kith's identity core: SPIFFE IDs and trust domains, SVIDs and trust bundles, X509-SVID
-//! verification and the renewal schedule. Every other kith crate stands on this one.
+//! verification, JWT-SVIDs and the renewal schedule. Every other kith crate stands on this one.
 
 pub mod bundle;
 pub mod files;
+pub mod jwt;
 pub mod kx;
 pub mod pem;
 pub mod refresh;

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use ca::jwt_svid::JwtSigner;
 use futures_util::StreamExt;
+use identity::jwt::JwtSigner;
 use identity::x509::{intermediate_params, root_params, svid_params};
 use identity::{SpiffeId, TrustBundle, TrustDomain};
 use rcgen::{Issuer, KeyPair};

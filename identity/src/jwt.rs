@@ -10,11 +10,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use identity::{JwtAuthority, SpiffeId};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header};
 use ring::rand::SystemRandom;
 use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
 use serde_json::{Map, Value};
+
+use crate::{JwtAuthority, SpiffeId};
 
 /// Tokens larger than this are refused before any parsing. A JWT-SVID is a few hundred bytes.
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
@@ -63,7 +64,7 @@ pub enum JwtError {
     #[error("token not yet valid")]
     NotYetValid,
     #[error("subject is not a spiffe id: {0}")]
-    BadSubject(#[from] identity::IdError),
+    BadSubject(#[from] crate::IdError),
 }
 
 impl JwtError {
