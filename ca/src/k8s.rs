@@ -1379,6 +1379,28 @@ mod tests {
                 now,
                 Err("malformed"),
             ),
+            (
+                "crit null",
+                forge(
+                    json!({"alg": "ES256", "kid": "ec-1", "crit": null}),
+                    &claims(),
+                    &ec.enc,
+                    Algorithm::ES256,
+                ),
+                now,
+                Err("malformed"),
+            ),
+            (
+                "kid null",
+                forge(
+                    json!({"alg": "ES256", "kid": null}),
+                    &claims(),
+                    &ec.enc,
+                    Algorithm::ES256,
+                ),
+                now,
+                Err("malformed"),
+            ),
             ("garbage", "garbage".into(), now, Err("malformed")),
             ("empty", String::new(), now, Err("malformed")),
             (
