@@ -489,7 +489,7 @@ impl<J: JwtSource> WorkloadApi<J> {
         let snapshot = self.snapshots.borrow().clone();
         entitled(&snapshot, &selectors)?;
         let bundle = &snapshot.bundle;
-        let claims = ca::jwt_svid::verify_jwt_svid(
+        let claims = identity::jwt::verify_jwt_svid(
             &req.svid,
             bundle.jwt_authorities(),
             &req.audience,

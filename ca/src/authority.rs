@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
+use identity::jwt::JwtSigner;
 use identity::x509::{
     BACKDATE, intermediate_params, ordered_serial, random_serial, root_params,
     svid_params_with_serial,
@@ -18,7 +19,6 @@ use rcgen::{Issuer, KeyPair};
 use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use serde_json::json;
 
-use crate::jwt_svid::JwtSigner;
 use crate::rollover::{self, Phase, Policy, Reports, RootFacts, Step, Wait};
 use crate::seal::{Kek, SealError};
 use crate::store::{AuditEvent, CaKeyRecord, KeyKind, Store, StoreError, Write};
@@ -38,7 +38,7 @@ pub enum AuthorityError {
     #[error("upstream certificate or key is unusable: {0}")]
     Upstream(String),
     #[error("jwt signing key: {0}")]
-    Jwt(#[from] crate::jwt_svid::JwtError),
+    Jwt(#[from] identity::jwt::JwtError),
     #[error(
         "cannot unseal CA key {id} ({kind:?}): the sealed key does not match its database record (its certificate, activation time or, for a JWT key, validity was changed), or this is not the key-encryption key it was sealed with; restore the database from a backup or start with the right KEK"
     )]

@@ -6,9 +6,15 @@
 //! [`K8sVerifier::replace_jwks`] or [`K8sVerifier::spawn_refresh`] without ever blocking a
 //! verification.
 //!
-//! The JWS header is read here, not by jsonwebtoken's `decode`: each key's algorithm is fixed
-//! when the JWKS is loaded (RSA → RS256, EC P-256 → ES256) and the signature primitive is called
-//! with that algorithm, so the token header can only ask for what the key already allows.
+//! The JWKS is read as jsonwebtoken's `JwkSet`, and tokens are checked with jsonwebtoken's
+//! `decode`. Each key's algorithm is fixed when the JWKS is loaded, from the JWK's `kty` (and
+//! `alg`, when it names one): RSA → RS256, EC P-256 → ES256. `decode` runs with that key's
+//! `Validation`, whose only algorithm is the key's, so the token header can only ask for what
+//! the key already allows. The claims are checked here, not by the library: its `exp`/`nbf`
+//! checks read the system clock (kith checks against the clock it is given, with the configured
+//! leeway), it has no `iat` check and knows nothing of the `kubernetes.io` pod binding, and its
+//! `iss`/`aud` checks would run inside `decode`, before the binding can be looked at (a legacy
+//! secret token is reported as having no pod binding), and would take an `iss` array.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,14 +27,19 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full, Limited};
 use hyper_util::rt::TokioIo;
+use identity::jwt::{JwsError, read_header};
 use identity::{SpiffeId, TrustDomain};
-use jsonwebtoken::{Algorithm, DecodingKey};
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::jwk::{
+    AlgorithmParameters, EllipticCurve, Jwk, JwkSet, KeyAlgorithm, OtherKeyParameters, PublicKeyUse,
+};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use rustls_pki_types::ServerName;
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
 /// The audience kith asks pods to request for their projected token.
-pub const DEFAULT_AUDIENCE: &str = "kith-ca";
+pub const DEFAULT_AUDIENCE: &str = identity::mesh::TOKEN_AUDIENCE;
 /// Clock skew allowed between the cluster's API server and the CA. It only absorbs skew: a
 /// token is refused once `now > exp + leeway`, and the SVID it buys is capped by `exp` (plus
 /// [`SVID_MARGIN`]), never by `exp + leeway`.
@@ -124,6 +135,15 @@ impl K8sError {
     }
 }
 
+impl From<JwsError> for K8sError {
+    fn from(e: JwsError) -> Self {
+        match e {
+            JwsError::UnknownAlgorithm(alg) => Self::AlgNotAllowed(alg),
+            other => Self::Malformed(other.detail()),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct K8sConfig {
     /// The `iss` the cluster puts in its tokens (`--service-account-issuer`).
@@ -199,6 +219,9 @@ struct VerifyKey {
     kid: Option<String>,
     alg: Algorithm,
     key: DecodingKey,
+    /// What `decode` checks with this key: the signature, under `alg` only. No claim: those are
+    /// [`K8sVerifier::check_claims`]'s (the module documentation says why).
+    validation: Validation,
 }
 
 #[derive(Debug)]
@@ -209,16 +232,13 @@ struct KeySet {
 impl KeySet {
     /// Reads a JWK Set. Keys of a type kith does not verify with (`oct`, other curves, other
     /// algorithms, `use` other than `sig`) are skipped, as RFC 7517 asks; a key of a supported
-    /// type that is broken, a duplicate kid, or a set with no usable key is an error.
+    /// type that is broken, a duplicate kid, or a set with no usable key is an error, and so is
+    /// a set jsonwebtoken cannot read as one (a member of the wrong JSON type).
     fn parse(input: &[u8]) -> Result<Self, K8sError> {
         if input.len() > MAX_JWKS_LEN {
             return Err(K8sError::BadJwks("larger than 1 MiB".into()));
         }
-        #[derive(serde::Deserialize)]
-        struct Set {
-            keys: Vec<Map<String, Value>>,
-        }
-        let set: Set =
+        let set: JwkSet =
             serde_json::from_slice(input).map_err(|e| K8sError::BadJwks(e.to_string()))?;
         let mut keys: Vec<VerifyKey> = Vec::new();
         for (index, jwk) in set.keys.iter().enumerate() {
@@ -252,26 +272,29 @@ impl KeySet {
 }
 
 /// `Ok(None)` for a key kith does not use; `Err` for a supported key that is broken.
-fn parse_jwk(jwk: &Map<String, Value>) -> Result<Option<VerifyKey>, &'static str> {
-    let field = |name: &str| jwk.get(name).and_then(Value::as_str);
-    if jwk.get("use").is_some_and(|u| u != "sig") {
+fn parse_jwk(jwk: &Jwk) -> Result<Option<VerifyKey>, &'static str> {
+    let common = &jwk.common;
+    if common
+        .public_key_use
+        .as_ref()
+        .is_some_and(|u| *u != PublicKeyUse::Signature)
+    {
         return Ok(None);
     }
-    let kid = match jwk.get("kid") {
-        None => None,
-        Some(Value::String(k)) if !k.is_empty() => Some(k.clone()),
-        Some(_) => return Err("kid is not a non-empty string"),
+    let kid = match &common.key_id {
+        Some(k) if k.is_empty() => return Err("kid is empty"),
+        kid => kid.clone(),
     };
-    let b64 = |name: &str| {
-        field(name)
-            .and_then(|v| URL_SAFE_NO_PAD.decode(v).ok())
-            .ok_or("missing or bad base64url key parameter")
+    let b64 = |value: &str| {
+        URL_SAFE_NO_PAD
+            .decode(value)
+            .map_err(|_| "bad base64url key parameter")
     };
     // SECURITY: the algorithm is decided here, from the key, once.
-    let (alg, key) = match (field("kty"), field("alg")) {
-        (Some("RSA"), None | Some("RS256")) => {
-            let n = b64("n")?;
-            let e = b64("e")?;
+    let (alg, key) = match (&jwk.algorithm, common.key_algorithm) {
+        (AlgorithmParameters::RSA(rsa), None | Some(KeyAlgorithm::RS256)) => {
+            let n = b64(&rsa.n)?;
+            let e = b64(&rsa.e)?;
             let modulus = n.iter().skip_while(|b| **b == 0).count();
             if modulus < MIN_RSA_MODULUS_BYTES {
                 return Err("rsa key shorter than 2048 bits");
@@ -284,20 +307,44 @@ fn parse_jwk(jwk: &Map<String, Value>) -> Result<Option<VerifyKey>, &'static str
                 DecodingKey::from_rsa_raw_components(&n, &e),
             )
         }
-        (Some("EC"), None | Some("ES256")) if field("crv") == Some("P-256") => {
-            let (x, y) = (b64("x")?, b64("y")?);
-            if x.len() != 32 || y.len() != 32 {
+        (AlgorithmParameters::EllipticCurve(ec), None | Some(KeyAlgorithm::ES256))
+            if ec.curve == EllipticCurve::P256 =>
+        {
+            if b64(&ec.x)?.len() != 32 || b64(&ec.y)?.len() != 32 {
                 return Err("p-256 coordinates must be 32 bytes");
             }
-            let mut point = Vec::with_capacity(65);
-            point.push(0x04);
-            point.extend_from_slice(&x);
-            point.extend_from_slice(&y);
-            (Algorithm::ES256, DecodingKey::from_ec_der(&point))
+            let key = DecodingKey::from_ec_components(&ec.x, &ec.y)
+                .map_err(|_| "bad base64url key parameter")?;
+            (Algorithm::ES256, key)
+        }
+        (AlgorithmParameters::Other(other), alg) if supported_but_unreadable(other, alg) => {
+            return Err("missing or bad key parameter");
         }
         _ => return Ok(None),
     };
-    Ok(Some(VerifyKey { kid, alg, key }))
+    let mut validation = Validation::new(alg);
+    validation.required_spec_claims.clear();
+    validation.validate_exp = false;
+    validation.validate_nbf = false;
+    validation.validate_aud = false;
+    Ok(Some(VerifyKey {
+        kid,
+        alg,
+        key,
+        validation,
+    }))
+}
+
+/// jsonwebtoken files a JWK whose key parameters it cannot read (one missing, or not a
+/// string) under `Other`. If its `kty` (and curve, and `alg`) are of a key kith verifies with,
+/// it is a broken key of ours, not a key of another type.
+fn supported_but_unreadable(other: &OtherKeyParameters, alg: Option<KeyAlgorithm>) -> bool {
+    let field = |name: &str| other.fields.get(name).and_then(Value::as_str);
+    match (field("kty"), alg) {
+        (Some("RSA"), None | Some(KeyAlgorithm::RS256)) => true,
+        (Some("EC"), None | Some(KeyAlgorithm::ES256)) => field("crv") == Some("P-256"),
+        _ => false,
+    }
 }
 
 /// Verifies projected service-account tokens against the issuer's current keys.
@@ -474,33 +521,23 @@ impl K8sVerifier {
         if token.len() > MAX_TOKEN_LEN {
             return Err(K8sError::TooLarge);
         }
-        let mut parts = token.split('.');
-        let (Some(header_b64), Some(payload_b64), Some(sig_b64), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(K8sError::Malformed("not three segments"));
-        };
-        let header = decode_object(header_b64)?;
-        let alg = match header.get("alg").and_then(Value::as_str) {
-            Some("RS256") => Algorithm::RS256,
-            Some("ES256") => Algorithm::ES256,
-            // SECURITY: none, HS* and everything else stop here, before any key is touched.
-            Some(other) => return Err(K8sError::AlgNotAllowed(other.to_owned())),
-            None => return Err(K8sError::Malformed("header has no alg")),
-        };
+        let header = read_header(token)?;
+        // SECURITY: none, HS*, PS* and everything else stop here, before any key is looked up
+        // (or refreshed for an unknown kid). Which of the two a token may use is its key's.
+        if !matches!(header.alg, Algorithm::RS256 | Algorithm::ES256) {
+            return Err(K8sError::AlgNotAllowed(format!("{:?}", header.alg)));
+        }
         // We implement no JWS extensions, so a token marking any as critical is refused.
-        if header.contains_key("crit") {
+        if header.crit.is_some() {
             return Err(K8sError::Malformed("crit header not supported"));
         }
-        let kid = match header.get("kid") {
-            None => None,
-            Some(Value::String(k)) => Some(k.as_str()),
-            Some(_) => return Err(K8sError::Malformed("kid is not a string")),
-        };
-        let payload = URL_SAFE_NO_PAD
-            .decode(payload_b64)
-            .map_err(|_| K8sError::Malformed("bad base64url"))?;
-        if URL_SAFE_NO_PAD.decode(sig_b64).is_err() {
+        // Structure before keys: a payload or signature that is not base64url is malformed
+        // (decode would report a bad payload as a bad signature: it verifies first).
+        if token
+            .split('.')
+            .skip(1)
+            .any(|segment| URL_SAFE_NO_PAD.decode(segment).is_err())
+        {
             return Err(K8sError::Malformed("bad base64url"));
         }
 
@@ -508,23 +545,18 @@ impl K8sVerifier {
         // cluster has since withdrawn; fail closed.
         self.check_fresh(now)?;
         let keys = self.keys.load();
-        let key = keys.select(kid)?;
-        if key.alg != alg {
-            return Err(K8sError::AlgNotAllowed(format!(
-                "{alg:?} on a {:?} key",
-                key.alg
-            )));
-        }
-        let message = &token.as_bytes()[..header_b64.len() + 1 + payload_b64.len()];
-        // The key's pinned algorithm, not the header's, selects the primitive.
-        match jsonwebtoken::crypto::verify(sig_b64, message, &key.key, key.alg) {
-            Ok(true) => {}
-            Ok(false) | Err(_) => return Err(K8sError::BadSignature),
-        }
-
+        let key = keys.select(header.kid.as_deref())?;
+        // The key's Validation allows the key's pinned algorithm only, not the header's.
+        let claims = jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &key.validation)
+            .map_err(|e| match e.kind() {
+                ErrorKind::InvalidAlgorithm => {
+                    K8sError::AlgNotAllowed(format!("{:?} on a {:?} key", header.alg, key.alg))
+                }
+                ErrorKind::Json(_) => K8sError::Malformed("claims are not a json object"),
+                _ => K8sError::BadSignature,
+            })?
+            .claims;
         // Claims are interpreted only once the signature holds.
-        let claims: Map<String, Value> = serde_json::from_slice(&payload)
-            .map_err(|_| K8sError::Malformed("claims are not a json object"))?;
         self.check_claims(&claims, now)
     }
 
@@ -756,13 +788,6 @@ impl TokenReview {
         }
         Ok(())
     }
-}
-
-fn decode_object(segment: &str) -> Result<Map<String, Value>, K8sError> {
-    let bytes = URL_SAFE_NO_PAD
-        .decode(segment)
-        .map_err(|_| K8sError::Malformed("bad base64url"))?;
-    serde_json::from_slice(&bytes).map_err(|_| K8sError::Malformed("header is not a json object"))
 }
 
 /// An optional NumericDate claim; only non-negative integers are accepted (Kubernetes writes
@@ -1354,6 +1379,28 @@ mod tests {
                 now,
                 Err("malformed"),
             ),
+            (
+                "crit null",
+                forge(
+                    json!({"alg": "ES256", "kid": "ec-1", "crit": null}),
+                    &claims(),
+                    &ec.enc,
+                    Algorithm::ES256,
+                ),
+                now,
+                Err("malformed"),
+            ),
+            (
+                "kid null",
+                forge(
+                    json!({"alg": "ES256", "kid": null}),
+                    &claims(),
+                    &ec.enc,
+                    Algorithm::ES256,
+                ),
+                now,
+                Err("malformed"),
+            ),
             ("garbage", "garbage".into(), now, Err("malformed")),
             ("empty", String::new(), now, Err("malformed")),
             (
@@ -1513,11 +1560,79 @@ mod tests {
         let mut no_y = ec.jwk(Some("e"));
         no_y.as_object_mut().unwrap().remove("y");
         assert_eq!(parse(&[no_y]).unwrap_err(), "bad_jwks");
+        // A broken key of a supported type is an error even beside a good key; a key of a type
+        // kith does not use is skipped.
+        let good = ec.jwk(Some("ec-1"));
+        let mut no_e = rsa.jwk(Some("r"));
+        no_e.as_object_mut().unwrap().remove("e");
+        let mut n_number = rsa.jwk(Some("r"));
+        n_number["n"] = 7.into();
+        let mut no_x = ec.jwk(Some("e"));
+        no_x.as_object_mut().unwrap().remove("x");
+        for broken in [no_e, n_number, no_x, ec.jwk(Some(""))] {
+            assert_eq!(
+                parse(&[good.clone(), broken.clone()]).unwrap_err(),
+                "bad_jwks",
+                "{broken}"
+            );
+        }
+        let mut k256 = ec.jwk(Some("k"));
+        k256["crv"] = "secp256k1".into();
+        k256["alg"] = "ES256K".into();
+        let mut k256_no_y = k256.clone();
+        k256_no_y.as_object_mut().unwrap().remove("y");
+        let okp = json!({"kty": "OKP", "crv": "Ed25519", "kid": "o", "x": b64(&[7; 32])});
+        assert!(parse(&[good.clone(), k256, k256_no_y, okp]).is_ok());
         let not_json = K8sVerifier::from_jwks(K8sConfig::new(ISS), b"{\"keys\": 7}");
         assert_eq!(not_json.unwrap_err().reason(), "bad_jwks");
         let huge = vec![b' '; MAX_JWKS_LEN + 1];
         let err = K8sVerifier::from_jwks(K8sConfig::new(ISS), &huge).unwrap_err();
         assert_eq!(err.reason(), "bad_jwks");
+    }
+
+    #[test]
+    fn each_key_allows_only_the_algorithm_its_jwk_pins() {
+        let (ec, rsa) = (&ec_keys()[0], &rsa_keys()[0]);
+        // Without `alg` in the JWK, the algorithm comes from kty (and crv).
+        let mut keys = [ec.jwk(Some("ec-1")), rsa.jwk(Some("rsa-1"))];
+        for jwk in &mut keys {
+            jwk.as_object_mut().unwrap().remove("alg");
+        }
+        let v = K8sVerifier::from_jwks(K8sConfig::new(ISS), &jwks(&keys)).unwrap();
+        v.verify(&token(ec, Some("ec-1"), &claims()), at(T))
+            .unwrap();
+        v.verify(&token(rsa, Some("rsa-1"), &claims()), at(T))
+            .unwrap();
+        let set = v.keys.load();
+        for (kid, own, other) in [("ec-1", ec, rsa), ("rsa-1", rsa, ec)] {
+            let key = set.select(Some(kid)).unwrap();
+            assert_eq!(key.validation.algorithms, vec![own.alg]);
+            // The key's Validation alone refuses another algorithm (here without the check of
+            // the header in verify): HS256 with the public key as the secret, the other
+            // asymmetric algorithm, and alg none.
+            let hs256 = EncodingKey::from_secret(&own.public_der);
+            let forged = [
+                (Algorithm::HS256, &hs256),
+                (other.alg, &other.enc),
+                (Algorithm::PS256, &rsa.enc),
+            ];
+            for (alg, enc) in forged {
+                let header = json!({"alg": format!("{alg:?}"), "kid": kid});
+                let t = forge(header, &claims(), enc, alg);
+                let err = jsonwebtoken::decode::<Value>(&t, &key.key, &key.validation);
+                assert!(
+                    matches!(err.unwrap_err().kind(), ErrorKind::InvalidAlgorithm),
+                    "{alg:?} on {kid}"
+                );
+                assert_eq!(v.verify(&t, at(T)).unwrap_err().reason(), "alg_not_allowed");
+            }
+            let none = unsigned(json!({"alg": "none", "kid": kid}), &claims());
+            assert!(jsonwebtoken::decode::<Value>(&none, &key.key, &key.validation).is_err());
+            assert_eq!(
+                v.verify(&none, at(T)).unwrap_err().reason(),
+                "alg_not_allowed"
+            );
+        }
     }
 
     #[test]

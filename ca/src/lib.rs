@@ -5,7 +5,6 @@
 pub mod authority;
 pub mod csr;
 pub mod guard;
-pub mod jwt_svid;
 pub mod k8s;
 pub mod metrics;
 pub mod outage;

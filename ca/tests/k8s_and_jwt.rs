@@ -183,7 +183,7 @@ async fn a_node_gets_jwt_svids_for_its_entries_verifiable_by_the_bundle() {
         "the JWT key is published in the bundle"
     );
     let claims =
-        ca::jwt_svid::verify_jwt_svid(token, bundle.jwt_authorities(), "db", SystemTime::now())
+        identity::jwt::verify_jwt_svid(token, bundle.jwt_authorities(), "db", SystemTime::now())
             .unwrap();
     assert_eq!(claims.sub.as_str(), "spiffe://example.org/web");
     let ttl = claims.exp.duration_since(SystemTime::now()).unwrap();

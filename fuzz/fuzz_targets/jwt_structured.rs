@@ -1,6 +1,6 @@
 //! Structure-aware JWTs: arbitrary header and claims, serialized as JSON and signed with the
 //! test key (so the signature holds and the claim checks are reached), into both real
-//! verifiers: the JWT-SVID verifier (`ca::jwt_svid::verify_jwt_svid`, the agent's
+//! verifiers: the JWT-SVID verifier (`identity::jwt::verify_jwt_svid`, the agent's
 //! ValidateJWTSVID) and the Kubernetes token verifier (`K8sVerifier::verify`, the CA's pod
 //! attestation). Properties: what either accepts has the algorithm, key, audience, issuer and
 //! lifetime it must have.
@@ -166,21 +166,40 @@ fuzz_target!(|input: Input| {
         None => serde_json::to_vec(&claims).expect("claims serialize"),
     };
     let token = kith_fuzz::sign_jwt(&header_json, &claims_json);
+    // What was signed: the raw claims, when the input gave some.
+    let signed: Map<String, Value> = serde_json::from_slice(&claims_json).unwrap_or_default();
+    let now_secs = now as u64;
+    // A time claim: absent (None), or present and then necessarily a non-negative integer.
+    let time = |name: &str| {
+        signed.get(name).map(|v| {
+            v.as_u64()
+                .unwrap_or_else(|| panic!("{name} {v} is not an integer, and was accepted"))
+        })
+    };
 
     let authorities = std::slice::from_ref(&*kith_fuzz::AUTHORITY);
     if let Ok(svid) =
-        ca::jwt_svid::verify_jwt_svid(&token, authorities, kith_fuzz::AUDIENCE, kith_fuzz::now())
+        identity::jwt::verify_jwt_svid(&token, authorities, kith_fuzz::AUDIENCE, kith_fuzz::now())
     {
         assert_eq!(header.get("alg"), Some(&json!("ES256")));
         assert_eq!(header.get("kid"), Some(&json!(kith_fuzz::KEY_ID)));
         assert!(!header.contains_key("crit"));
+        assert!(matches!(
+            header.get("typ").and_then(Value::as_str),
+            None | Some("JWT" | "JOSE")
+        ));
+        assert!(matches!(header.get("typ"), None | Some(Value::String(_))));
         assert!(svid.aud.iter().any(|a| a == kith_fuzz::AUDIENCE));
         assert!(
             svid.exp > kith_fuzz::now(),
             "an expired JWT-SVID was accepted"
         );
+        // The times are checked against the clock given, with no leeway, integers only.
+        assert!(time("exp").is_some_and(|exp| exp > now_secs));
+        assert!(time("nbf").is_none_or(|nbf| nbf <= now_secs));
+        time("iat");
         assert_eq!(
-            claims.get("sub").and_then(Value::as_str),
+            signed.get("sub").and_then(Value::as_str),
             Some(svid.sub.as_str()),
         );
     }
@@ -190,7 +209,24 @@ fuzz_target!(|input: Input| {
             Some("ES256")
         ));
         assert!(!header.contains_key("crit"));
-        assert_eq!(claims.get("iss"), Some(&json!(kith_fuzz::K8S_ISSUER)));
+        assert_eq!(signed.get("iss"), Some(&json!(kith_fuzz::K8S_ISSUER)));
+        // The audience and the times, against the clock given, with the 30 s leeway.
+        let aud = signed.get("aud");
+        assert!(
+            aud == Some(&json!(kith_fuzz::AUDIENCE))
+                || aud
+                    .and_then(Value::as_array)
+                    .is_some_and(|a| a.contains(&json!(kith_fuzz::AUDIENCE))),
+            "{aud:?}"
+        );
+        let leeway = 30;
+        assert!(time("exp").is_some_and(|exp| exp.saturating_add(leeway) > now_secs));
+        for name in ["nbf", "iat"] {
+            assert!(time(name).is_none_or(|t| t <= now_secs + leeway), "{name}");
+        }
+        let binding = &signed["kubernetes.io"];
+        assert_eq!(binding["namespace"], json!(pod.namespace));
+        assert_eq!(binding["pod"]["uid"], json!(pod.pod_uid));
         let td = identity::TrustDomain::new("example.org").expect("valid trust domain");
         if let Ok(id) = pod.spiffe_id(&td) {
             assert!(id.is_member_of(&td));

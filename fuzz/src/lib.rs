@@ -44,7 +44,7 @@ static KEY_PAIR: LazyLock<EcdsaKeyPair> = LazyLock::new(|| {
 
 /// The test key as the CA publishes a JWT authority in the trust bundle.
 pub static AUTHORITY: LazyLock<JwtAuthority> = LazyLock::new(|| {
-    let signer = ca::jwt_svid::JwtSigner::from_pkcs8(
+    let signer = identity::jwt::JwtSigner::from_pkcs8(
         KEY_ID.to_owned(),
         &TEST_KEY_PKCS8,
         UNIX_EPOCH + Duration::from_secs(4_000_000_000),

@@ -1,9 +1,10 @@
 //! kith's identity core: SPIFFE IDs and trust domains, SVIDs and trust bundles, X509-SVID
-//! verification and the renewal schedule. Every other kith crate stands on this one.
+//! verification, JWT-SVIDs and the renewal schedule. Every other kith crate stands on this one.
 
 pub mod bundle;
 pub mod digest;
 pub mod files;
+pub mod jwt;
 pub mod kx;
 pub mod mesh;
 pub mod pem;

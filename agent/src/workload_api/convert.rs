@@ -4,8 +4,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use ca::jwt_svid::JwtSvidClaims;
 use identity::TrustBundle;
+use identity::jwt::JwtSvidClaims;
 use prost_types::value::Kind;
 use prost_types::{ListValue, Struct, Value};
 use serde_json::{Map, Value as Json};
@@ -114,7 +114,7 @@ mod tests {
 
     use std::time::Duration;
 
-    use ca::jwt_svid::JwtSigner;
+    use identity::jwt::JwtSigner;
     use identity::{SpiffeId, TrustDomain};
 
     use super::*;

@@ -2,22 +2,35 @@
 //! key whose public half it publishes in the trust bundle as a `jwt-svid` JWK, and
 //! [`verify_jwt_svid`] checks one against the bundle's JWT authorities.
 //!
-//! Signing goes through jsonwebtoken (`EncodingKey::from_ec_der` with the PKCS#8 key). For
-//! verification this module reads the JWS header itself and calls the signature primitive with
-//! ES256 fixed here: the algorithm never comes from the token.
+//! Both directions go through jsonwebtoken (its pure-Rust `rust_crypto` backend): `encode` with
+//! an `EncodingKey` made from the PKCS#8 key, and `decode` with a `Validation` that allows only
+//! the algorithm the authority's JWK pins (ES256: every authority is a P-256 key; never the
+//! algorithm the token header names) and checks the audience. This module keeps the checks the
+//! library does not make: `exp` and `nbf` against the clock the caller passes (the library would
+//! read the system clock, so its time checks are off), `typ`, refusing `crit`, and the subject as
+//! a SPIFFE ID.
+//!
+//! [`read_header`] is the header step shared with the CA's Kubernetes token verifier.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use identity::{JwtAuthority, SpiffeId};
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header};
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use ring::rand::SystemRandom;
 use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
+use serde::Deserialize as _;
 use serde_json::{Map, Value};
+
+use crate::{JwtAuthority, SpiffeId};
 
 /// Tokens larger than this are refused before any parsing. A JWT-SVID is a few hundred bytes.
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
+
+/// The one algorithm of JWT-SVIDs: every JWT authority is a P-256 key.
+const ALGORITHM: Algorithm = Algorithm::ES256;
 
 /// The DER prefix of a P-256 SubjectPublicKeyInfo (id-ecPublicKey, prime256v1, BIT STRING of
 /// 66 bytes): followed by the 65-byte uncompressed point it is the whole SPKI.
@@ -63,7 +76,7 @@ pub enum JwtError {
     #[error("token not yet valid")]
     NotYetValid,
     #[error("subject is not a spiffe id: {0}")]
-    BadSubject(#[from] identity::IdError),
+    BadSubject(#[from] crate::IdError),
 }
 
 impl JwtError {
@@ -87,6 +100,15 @@ impl JwtError {
             Self::Expired => "expired",
             Self::NotYetValid => "not_yet_valid",
             Self::BadSubject(_) => "bad_subject",
+        }
+    }
+}
+
+impl From<JwsError> for JwtError {
+    fn from(e: JwsError) -> Self {
+        match e {
+            JwsError::UnknownAlgorithm(alg) => Self::AlgNotAllowed(alg),
+            other => Self::Malformed(other.detail()),
         }
     }
 }
@@ -229,6 +251,67 @@ fn key_id_for(point: &[u8]) -> String {
     URL_SAFE_NO_PAD.encode(&digest.as_ref()[..16])
 }
 
+/// Why a compact JWS was refused before any key was looked at.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum JwsError {
+    #[error("not three segments")]
+    Segments,
+    #[error("bad base64url")]
+    Base64,
+    #[error("bad jws header")]
+    Header,
+    /// An `alg` jsonwebtoken has no [`Algorithm`] for (`none` among them).
+    #[error("algorithm not allowed: {0}")]
+    UnknownAlgorithm(String),
+}
+
+impl JwsError {
+    /// What a verifier reports as a malformed token (the text without the algorithm's name).
+    pub fn detail(&self) -> &'static str {
+        match self {
+            Self::Segments => "not three segments",
+            Self::Base64 => "bad base64url",
+            Self::Header => "bad jws header",
+            Self::UnknownAlgorithm(_) => "unknown algorithm",
+        }
+    }
+}
+
+/// Reads the header of a compact JWS of three segments into jsonwebtoken's [`Header`].
+///
+/// Two things the plain `decode_header` would blur are told apart here. An `alg` the library
+/// does not know (`none` among them) fails as bad JSON; it is reported as the refused algorithm
+/// it is. And the library reads a member whose value is null as absent: `alg`, `typ`, `kid` and
+/// `crit` may not be null (a `"crit": null` must not pass for a token without `crit`).
+pub fn read_header(token: &str) -> Result<Header, JwsError> {
+    let mut segments = token.split('.');
+    let (Some(header), Some(_), Some(_), None) = (
+        segments.next(),
+        segments.next(),
+        segments.next(),
+        segments.next(),
+    ) else {
+        return Err(JwsError::Segments);
+    };
+    let json = URL_SAFE_NO_PAD
+        .decode(header)
+        .map_err(|_| JwsError::Base64)?;
+    let members: Map<String, Value> =
+        serde_json::from_slice(&json).map_err(|_| JwsError::Header)?;
+    if ["alg", "typ", "kid", "crit"]
+        .iter()
+        .any(|name| members.get(*name).is_some_and(Value::is_null))
+    {
+        return Err(JwsError::Header);
+    }
+    Header::deserialize(&members).map_err(|_| match members.get("alg").and_then(Value::as_str) {
+        Some(alg) if alg.parse::<Algorithm>().is_err() => {
+            JwsError::UnknownAlgorithm(alg.to_owned())
+        }
+        _ => JwsError::Header,
+    })
+}
+
 /// Verifies a JWT-SVID against the JWT authorities of a bundle: ES256 only, `kid` required and
 /// found among `authorities`, `aud` must contain `audience`, `exp` required and in the future,
 /// `sub` must be a SPIFFE ID.
@@ -247,68 +330,69 @@ pub fn verify_jwt_svid(
     if audience.is_empty() {
         return Err(JwtError::EmptyAudience);
     }
-    let mut parts = token.split('.');
-    let (Some(header_b64), Some(payload_b64), Some(sig_b64), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(JwtError::Malformed("not three segments"));
-    };
-    let header = decode_json(header_b64)?;
-    match header.get("alg").and_then(Value::as_str) {
-        Some("ES256") => {}
-        Some(other) => return Err(JwtError::AlgNotAllowed(other.to_owned())),
-        None => return Err(JwtError::Malformed("header has no alg")),
+    let header = read_header(token)?;
+    // No authority allows another algorithm, whatever kid the token names: refused before any
+    // key is looked up. `decode` refuses it again against the key's own Validation.
+    if header.alg != ALGORITHM {
+        return Err(JwtError::AlgNotAllowed(format!("{:?}", header.alg)));
     }
     // SECURITY: the standard allows typ JWT or JOSE; anything else is another kind of token.
-    match header.get("typ") {
-        None => {}
-        Some(Value::String(t)) if t == "JWT" || t == "JOSE" => {}
-        Some(_) => return Err(JwtError::Malformed("typ is not JWT")),
+    if header
+        .typ
+        .as_deref()
+        .is_some_and(|t| t != "JWT" && t != "JOSE")
+    {
+        return Err(JwtError::Malformed("typ is not JWT"));
     }
     // SECURITY: we implement no JWS extensions, so a token that marks any critical is refused.
-    if header.contains_key("crit") {
+    if header.crit.is_some() {
         return Err(JwtError::Malformed("crit header not supported"));
     }
-    let kid = match header.get("kid") {
-        Some(Value::String(k)) if !k.is_empty() => k.as_str(),
-        Some(_) => return Err(JwtError::Malformed("kid is not a string")),
+    let kid = match header.kid.as_deref() {
         None => return Err(JwtError::MissingKid),
+        Some("") => return Err(JwtError::Malformed("kid is empty")),
+        Some(kid) => kid,
     };
     let authority = authorities
         .iter()
         .find(|a| a.key_id == kid)
         .ok_or_else(|| JwtError::UnknownKey(kid.to_owned()))?;
-    let key = p256_key(authority)?;
+    let key = authority_key(authority)?;
 
-    // Structure first: a payload that is not base64url is malformed whatever its signature.
-    let payload = URL_SAFE_NO_PAD
-        .decode(payload_b64)
-        .map_err(|_| JwtError::Malformed("bad base64url"))?;
-    let signed_len = header_b64.len() + 1 + payload_b64.len();
-    let message = &token.as_bytes()[..signed_len];
-    // The algorithm is the constant ES256 here, never the header's.
-    match jsonwebtoken::crypto::verify(sig_b64, message, &key, Algorithm::ES256) {
-        Ok(true) => {}
-        Ok(false) => return Err(JwtError::BadSignature),
-        Err(_) => return Err(JwtError::Malformed("bad signature encoding")),
+    // Structure first: a payload that is not base64url is malformed whatever its signature
+    // (jsonwebtoken verifies the signature before it decodes the payload).
+    if token
+        .split('.')
+        .nth(1)
+        .is_none_or(|payload| URL_SAFE_NO_PAD.decode(payload).is_err())
+    {
+        return Err(JwtError::Malformed("bad base64url"));
     }
+    let claims = jsonwebtoken::decode::<Map<String, Value>>(token, &key, &validation(audience))
+        .map_err(|e| match e.kind() {
+            ErrorKind::InvalidSignature => JwtError::BadSignature,
+            ErrorKind::InvalidAudience => JwtError::WrongAudience(audience.to_owned()),
+            ErrorKind::MissingRequiredClaim(_) => {
+                JwtError::Malformed("no aud, or aud is not a string or string array")
+            }
+            ErrorKind::Json(_) => JwtError::Malformed("claims are not a json object"),
+            ErrorKind::Base64(_) => JwtError::Malformed("bad signature encoding"),
+            ErrorKind::InvalidEcdsaKey => JwtError::BadAuthority(kid.to_owned()),
+            ErrorKind::InvalidAlgorithm => JwtError::AlgNotAllowed(format!("{:?}", header.alg)),
+            _ => JwtError::Malformed("undecodable token"),
+        })?
+        .claims;
 
-    // Claims are interpreted only once the signature holds.
-    let claims: Map<String, Value> =
-        serde_json::from_slice(&payload).map_err(|_| JwtError::Malformed("not a json object"))?;
+    // decode checked that aud is a string, or an array of strings, holding `audience`.
     let aud = match claims.get("aud") {
         Some(Value::String(a)) => vec![a.clone()],
         Some(Value::Array(list)) => list
             .iter()
-            .map(|v| v.as_str().map(str::to_owned))
-            .collect::<Option<Vec<_>>>()
-            .ok_or(JwtError::Malformed("aud is not a string array"))?,
-        Some(_) => return Err(JwtError::Malformed("aud is not a string or array")),
-        None => return Err(JwtError::Malformed("no aud")),
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
+            .collect(),
+        _ => return Err(JwtError::Malformed("no aud")),
     };
-    if !aud.iter().any(|a| a == audience) {
-        return Err(JwtError::WrongAudience(audience.to_owned()));
-    }
     let now_secs = unix_secs(now)?;
     let exp = numeric_date(&claims, "exp")?.ok_or(JwtError::Malformed("no exp"))?;
     if now_secs >= exp {
@@ -332,33 +416,39 @@ pub fn verify_jwt_svid(
     })
 }
 
-/// Builds the verification key from a `jwt-svid` JWK, which must be an EC P-256 key (and, if it
-/// names an algorithm, ES256).
-fn p256_key(authority: &JwtAuthority) -> Result<DecodingKey, JwtError> {
-    let bad = || JwtError::BadAuthority(authority.key_id.clone());
-    let jwk = &authority.jwk;
-    let field = |name: &str| jwk.get(name).and_then(Value::as_str);
-    if field("kty") != Some("EC") || field("crv") != Some("P-256") {
-        return Err(bad());
-    }
-    if jwk.get("alg").is_some_and(|a| a != "ES256") {
-        return Err(bad());
-    }
-    let (Some(x), Some(y)) = (field("x"), field("y")) else {
-        return Err(bad());
-    };
-    let coordinate_ok = |c: &str| URL_SAFE_NO_PAD.decode(c).is_ok_and(|b| b.len() == 32);
-    if !coordinate_ok(x) || !coordinate_ok(y) {
-        return Err(bad());
-    }
-    DecodingKey::from_ec_components(x, y).map_err(|_| bad())
+/// What `decode` checks: the signature under the authority key's one algorithm (SECURITY: the
+/// key's, never the header's), and `aud`. Not `exp` and `nbf`: those are checked against the
+/// clock the caller passes, not the system clock the library reads.
+fn validation(audience: &str) -> Validation {
+    let mut validation = Validation::new(ALGORITHM);
+    validation.validate_exp = false;
+    validation.validate_nbf = false;
+    validation.set_required_spec_claims(&["aud"]);
+    validation.set_audience(&[audience]);
+    validation
 }
 
-fn decode_json(segment: &str) -> Result<Map<String, Value>, JwtError> {
-    let bytes = URL_SAFE_NO_PAD
-        .decode(segment)
-        .map_err(|_| JwtError::Malformed("bad base64url"))?;
-    serde_json::from_slice(&bytes).map_err(|_| JwtError::Malformed("not a json object"))
+/// The verification key of a `jwt-svid` JWK, read as jsonwebtoken's [`Jwk`]: an EC P-256 key
+/// (the kty and curve that pin ES256) that, if it names an algorithm, names ES256.
+fn authority_key(authority: &JwtAuthority) -> Result<DecodingKey, JwtError> {
+    let bad = || JwtError::BadAuthority(authority.key_id.clone());
+    let jwk = Jwk::deserialize(&authority.jwk).map_err(|_| bad())?;
+    let AlgorithmParameters::EllipticCurve(ec) = &jwk.algorithm else {
+        return Err(bad());
+    };
+    if ec.curve != EllipticCurve::P256
+        || jwk
+            .common
+            .key_algorithm
+            .is_some_and(|alg| alg != KeyAlgorithm::ES256)
+    {
+        return Err(bad());
+    }
+    let coordinate_ok = |c: &str| URL_SAFE_NO_PAD.decode(c).is_ok_and(|b| b.len() == 32);
+    if !coordinate_ok(&ec.x) || !coordinate_ok(&ec.y) {
+        return Err(bad());
+    }
+    DecodingKey::from_jwk(&jwk).map_err(|_| bad())
 }
 
 /// Reads an optional NumericDate claim. Only non-negative integers are accepted.
@@ -401,7 +491,22 @@ mod tests {
     }
 
     fn segment(token: &str, i: usize) -> Map<String, Value> {
-        decode_json(token.split('.').nth(i).unwrap()).unwrap()
+        let bytes = URL_SAFE_NO_PAD
+            .decode(token.split('.').nth(i).unwrap())
+            .unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    /// `header.claims`, signed with `key` under `alg` whatever the header says.
+    fn forge(header: Value, claims: Value, key: &EncodingKey, alg: Algorithm) -> String {
+        let enc = |v: Value| URL_SAFE_NO_PAD.encode(serde_json::to_vec(&v).unwrap());
+        let message = format!("{}.{}", enc(header), enc(claims));
+        let sig = jsonwebtoken::crypto::sign(message.as_bytes(), key, alg).unwrap();
+        format!("{message}.{sig}")
+    }
+
+    fn good_claims() -> Value {
+        serde_json::json!({"sub": subject().as_str(), "aud": ["db"], "exp": 1_900_000_000u64})
     }
 
     #[test]
@@ -585,6 +690,154 @@ mod tests {
         check(&format!("{}.{}", parts[0], parts[1]), "malformed");
         check(&format!("{}.!!!.{}", parts[0], parts[2]), "malformed");
         check(&"a".repeat(MAX_TOKEN_LEN + 1), "too_large");
+    }
+
+    #[test]
+    fn hmac_with_the_public_key_as_secret_is_refused() {
+        let s = signer();
+        let header = serde_json::json!({"alg": "HS256", "typ": "JWT", "kid": s.key_id()});
+        let mut spki = P256_SPKI_PREFIX.to_vec();
+        spki.extend_from_slice(&s.public_point);
+        let jwk = &s.authority().jwk;
+        for secret in [
+            &s.public_point[..],
+            &spki,
+            jwk["x"].as_str().unwrap().as_bytes(),
+        ] {
+            let token = forge(
+                header.clone(),
+                good_claims(),
+                &EncodingKey::from_secret(secret),
+                Algorithm::HS256,
+            );
+            let err = verify_jwt_svid(&token, &[s.authority()], "db", t0()).unwrap_err();
+            assert_eq!(err.reason(), "alg_not_allowed", "{err}");
+        }
+        // The key's Validation refuses it on its own too, not only the check of the header.
+        let token = forge(
+            header.clone(),
+            good_claims(),
+            &EncodingKey::from_secret(&s.public_point),
+            Algorithm::HS256,
+        );
+        let key = authority_key(&s.authority()).unwrap();
+        let err = jsonwebtoken::decode::<Value>(&token, &key, &validation("db")).unwrap_err();
+        assert_eq!(*err.kind(), ErrorKind::InvalidAlgorithm);
+        // The same with an authority that names no alg, and one that names HS256.
+        for alg in [None, Some("HS256")] {
+            let mut authority = s.authority();
+            match alg {
+                Some(alg) => drop(authority.jwk.insert("alg".into(), alg.into())),
+                None => drop(authority.jwk.remove("alg")),
+            }
+            let token = forge(
+                header.clone(),
+                good_claims(),
+                &EncodingKey::from_secret(&s.public_point),
+                Algorithm::HS256,
+            );
+            let err = verify_jwt_svid(&token, &[authority], "db", t0()).unwrap_err();
+            assert_eq!(err.reason(), "alg_not_allowed", "{alg:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn claims_the_library_leaves_to_us() {
+        let s = signer();
+        let header = serde_json::json!({"alg": "ES256", "typ": "JWT", "kid": s.key_id()});
+        let check = |claims: Value, reason: &str| {
+            let token = forge(header.clone(), claims, &s.encoding_key, Algorithm::ES256);
+            let got = verify_jwt_svid(&token, &[s.authority()], "db", t0()).map(|_| ());
+            assert_eq!(got.map_err(|e| e.reason()), Err(reason), "{token}");
+        };
+        let with = |edit: fn(&mut Value)| {
+            let mut c = good_claims();
+            edit(&mut c);
+            c
+        };
+        check(
+            with(|c| c["nbf"] = (1_800_000_001u64).into()),
+            "not_yet_valid",
+        );
+        check(with(|c| c["exp"] = (1_800_000_000u64).into()), "expired");
+        check(with(|c| c["exp"] = 1.9e9.into()), "malformed");
+        check(with(|c| c["iat"] = "now".into()), "malformed");
+        check(
+            with(|c| drop(c.as_object_mut().unwrap().remove("exp"))),
+            "malformed",
+        );
+        check(
+            with(|c| drop(c.as_object_mut().unwrap().remove("aud"))),
+            "malformed",
+        );
+        check(
+            with(|c| c["aud"] = serde_json::json!(["db", 7])),
+            "malformed",
+        );
+        check(with(|c| c["aud"] = serde_json::json!([])), "wrong_audience");
+        check(with(|c| c["sub"] = "web".into()), "bad_subject");
+        check(
+            with(|c| drop(c.as_object_mut().unwrap().remove("sub"))),
+            "malformed",
+        );
+        check(serde_json::json!(["not", "an", "object"]), "malformed");
+        let ok = forge(
+            header.clone(),
+            good_claims(),
+            &s.encoding_key,
+            Algorithm::ES256,
+        );
+        let claims = verify_jwt_svid(&ok, &[s.authority()], "db", t0()).unwrap();
+        assert_eq!(claims.aud, aud(&["db"]));
+        assert_eq!(claims.iat, None);
+    }
+
+    #[test]
+    fn read_header_tells_unknown_algorithms_apart() {
+        let enc = |v: Value| URL_SAFE_NO_PAD.encode(serde_json::to_vec(&v).unwrap());
+        let with = |h: Value| format!("{}.e30.", enc(h));
+        let header = read_header(&with(
+            serde_json::json!({"alg": "ES256", "kid": "k", "x": null}),
+        ))
+        .unwrap();
+        assert_eq!(
+            (header.alg, header.kid.as_deref()),
+            (Algorithm::ES256, Some("k"))
+        );
+        let cases = [
+            (
+                with(serde_json::json!({"alg": "none"})),
+                JwsError::UnknownAlgorithm("none".into()),
+            ),
+            (
+                with(serde_json::json!({"alg": "ES256", "kid": 7})),
+                JwsError::Header,
+            ),
+            (with(serde_json::json!({"alg": 7})), JwsError::Header),
+            (with(serde_json::json!({"kid": "k"})), JwsError::Header),
+            (
+                with(serde_json::json!({"alg": "ES256", "crit": null})),
+                JwsError::Header,
+            ),
+            (
+                with(serde_json::json!({"alg": "ES256", "kid": null})),
+                JwsError::Header,
+            ),
+            (
+                with(serde_json::json!({"alg": "ES256", "typ": null})),
+                JwsError::Header,
+            ),
+            (with(serde_json::json!({"alg": null})), JwsError::Header),
+            (with(serde_json::json!(["alg", "ES256"])), JwsError::Header),
+            (
+                format!("{}.e30.x.y", enc(serde_json::json!({"alg": "ES256"}))),
+                JwsError::Segments,
+            ),
+            ("!!!.e30.".to_owned(), JwsError::Base64),
+        ];
+        for (token, want) in cases {
+            assert_eq!(read_header(&token).unwrap_err(), want, "{token}");
+        }
     }
 
     #[test]
