@@ -11,10 +11,10 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::net::{
-    echo_backend, free_port, http, metric, roundtrip, try_http, wait_metric, wait_port,
+    echo_backend, free_port, http, metric, roundtrip, try_http, wait_metric, wait_port, wait_ready,
 };
 use common::{Proc, kith, serve_ca, serve_ca_with, stop};
 use integration::{ClusterKey, ISSUER};
@@ -24,14 +24,6 @@ fn write_bundle(ca_data: &Path, to: &Path) {
     let (code, pem, err) = kith(&["ca", "bundle", "--data-dir", ca_data.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     std::fs::write(to, pem).unwrap();
-}
-
-fn wait_ready(admin: std::net::SocketAddr, p: &Proc) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !try_http(admin, "GET", "/ready").is_ok_and(|r| r.starts_with("HTTP/1.1 200")) {
-        assert!(Instant::now() < deadline, "not ready:\n{}", p.log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]
@@ -117,8 +109,8 @@ fn pod_sidecars_get_their_svids_from_the_ca_with_the_service_account_token() {
         ],
         &web_token,
     );
-    wait_ready(server_admin, &server);
-    wait_ready(client_admin, &client);
+    wait_ready(server_admin, &server, Duration::from_secs(20));
+    wait_ready(client_admin, &client, Duration::from_secs(20));
     wait_port(client_addr);
     assert_eq!(
         roundtrip(client_addr, b"pod to pod"),
@@ -307,8 +299,8 @@ fn workload_api_sidecars_hold_an_early_app_until_the_agent_serves_the_svid() {
         server.log(),
         client.log()
     );
-    wait_ready(client_admin, &client);
-    wait_ready(server_admin, &server);
+    wait_ready(client_admin, &client, Duration::from_secs(20));
+    wait_ready(server_admin, &server, Duration::from_secs(20));
     let m = http(client_admin, "GET", "/metrics");
     assert_eq!(
         metric(
@@ -406,7 +398,7 @@ fn a_pod_sidecar_fetches_the_bundle_by_its_pin_and_refuses_a_wrong_pin() {
     };
     let admin = free_port();
     let good = start("pinned", &pin, admin);
-    wait_ready(admin, &good);
+    wait_ready(admin, &good, Duration::from_secs(20));
     let m = http(admin, "GET", "/metrics");
     assert!(
         m.contains("spiffe_id=\"spiffe://example.org/ns/shop/sa/web\""),
