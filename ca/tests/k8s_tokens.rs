@@ -108,20 +108,11 @@ struct ApiServer {
 
 impl ApiServer {
     async fn start(keys: &[&SaKey]) -> Self {
-        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = rcgen::Issuer::new(ca_params, ca_key);
-        let leaf_key = KeyPair::generate().unwrap();
-        let leaf = CertificateParams::new(vec!["127.0.0.1".into()])
-            .unwrap()
-            .signed_by(&leaf_key, &issuer)
-            .unwrap();
+        let ca = integration::pki::TlsCa::new("apiserver ca");
+        let (leaf, leaf_key) = ca.server(&["127.0.0.1"]);
         let dir = tempfile::tempdir().unwrap();
         let ca_file = dir.path().join("apiserver-ca.pem");
-        std::fs::write(&ca_file, ca_cert.pem()).unwrap();
+        std::fs::write(&ca_file, ca.cert.pem()).unwrap();
         let config = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
@@ -341,15 +332,11 @@ async fn stale_issuer_keys_fail_closed_and_readyz_says_so() {
     let t = token(&key, "k1", &iss, "api-1", 60, now_secs() + 3600);
     // The issuer stops answering; the keys age past the maximum staleness.
     api.state.lock().unwrap().jwks = (500, Vec::new());
-    let deadline = tokio::time::Instant::now() + BOUND;
-    let v = loop {
+    let v = integration::eventually_async("the keys to go stale", BOUND, async || {
         let (s, v) = ca.anon().await.get_json("/readyz").await.unwrap();
-        if s == 503 {
-            break v;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never stale: {v}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+        if s == 503 { Ok(v) } else { Err(v) }
+    })
+    .await;
     assert_eq!(v["failing"], json!(["k8s_jwks"]), "{v}");
     let check = v["checks"]
         .as_array()
