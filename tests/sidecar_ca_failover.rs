@@ -9,21 +9,14 @@ mod common;
 use std::time::Duration;
 
 use common::net::{echo_backend, free_port, http, wait_ready};
-use common::{Proc, kith, serve_ca_with, stop};
-use integration::{ClusterKey, ISSUER};
+use common::{Proc, kith, serve_k8s_ca, stop};
 
 #[test]
 fn a_pod_sidecar_skips_a_dead_ca_address_and_gets_its_svid_from_the_next() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let key = ClusterKey::new();
-    let jwks = d.join("jwks.json");
-    std::fs::write(&jwks, key.jwks()).unwrap();
+    let (ca, key) = serve_k8s_ca(d, &[]);
     let ca_data = d.join("ca");
-    let ca = serve_ca_with(
-        &ca_data,
-        &["--k8s-issuer", ISSUER, "--k8s-jwks", jwks.to_str().unwrap()],
-    );
     let live = format!("https://{}", ca.addr);
     let dead = format!("https://{}", free_port());
     let (code, pem, err) = kith(&["ca", "bundle", "--data-dir", ca_data.to_str().unwrap()]);

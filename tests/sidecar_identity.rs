@@ -16,8 +16,7 @@ use std::time::Duration;
 use common::net::{
     echo_backend, free_port, http, metric, roundtrip, try_http, wait_metric, wait_port, wait_ready,
 };
-use common::{Proc, kith, serve_ca, serve_ca_with, stop};
-use integration::{ClusterKey, ISSUER};
+use common::{Proc, kith, serve_ca, serve_k8s_ca, stop};
 use serde_json::Value;
 
 fn write_bundle(ca_data: &Path, to: &Path) {
@@ -30,22 +29,9 @@ fn write_bundle(ca_data: &Path, to: &Path) {
 fn pod_sidecars_get_their_svids_from_the_ca_with_the_service_account_token() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let key = ClusterKey::new();
-    let jwks = d.join("jwks.json");
-    std::fs::write(&jwks, key.jwks()).unwrap();
-    let ca_data = d.join("ca");
     // Pod SVIDs of 20 s: renewals (at 40-60 % of the lifetime) happen within the test.
-    let ca = serve_ca_with(
-        &ca_data,
-        &[
-            "--k8s-issuer",
-            ISSUER,
-            "--k8s-jwks",
-            jwks.to_str().unwrap(),
-            "--workload-ttl",
-            "20s",
-        ],
-    );
+    let (ca, key) = serve_k8s_ca(d, &["--workload-ttl", "20s"]);
+    let ca_data = d.join("ca");
     let url = format!("https://{}", ca.addr);
     let bundle = d.join("bundle.pem");
     write_bundle(&ca_data, &bundle);
@@ -358,14 +344,8 @@ fn a_sidecar_without_an_identity_source_says_which_flags_to_give() {
 fn a_pod_sidecar_fetches_the_bundle_by_its_pin_and_refuses_a_wrong_pin() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let key = ClusterKey::new();
-    let jwks = d.join("jwks.json");
-    std::fs::write(&jwks, key.jwks()).unwrap();
+    let (ca, key) = serve_k8s_ca(d, &[]);
     let ca_data = d.join("ca");
-    let ca = serve_ca_with(
-        &ca_data,
-        &["--k8s-issuer", ISSUER, "--k8s-jwks", jwks.to_str().unwrap()],
-    );
     let url = format!("https://{}", ca.addr);
     let bundle = d.join("bundle.pem");
     write_bundle(&ca_data, &bundle);

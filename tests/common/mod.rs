@@ -230,6 +230,18 @@ fn output(cmd: &mut Command) -> (i32, String, String) {
     (out.status.code().unwrap_or(-1), o, e)
 }
 
+/// `kith ca serve` with its data in `dir/ca` that takes the projected service-account tokens
+/// of a lab cluster key (its JWK set in `dir/jwks.json`); `extra` flags are appended.
+pub fn serve_k8s_ca(dir: &Path, extra: &[&str]) -> (Ca, integration::ClusterKey) {
+    let key = integration::ClusterKey::new();
+    let jwks = dir.join("jwks.json");
+    std::fs::write(&jwks, key.jwks()).unwrap();
+    let mut flags = vec!["--k8s-issuer", integration::ISSUER];
+    flags.extend(["--k8s-jwks", jwks.to_str().unwrap()]);
+    flags.extend_from_slice(extra);
+    (serve_ca_with(&dir.join("ca"), &flags), key)
+}
+
 pub fn serve_ca(data: &Path) -> Ca {
     serve_ca_with(data, &[])
 }
