@@ -16,31 +16,11 @@ use bytes::Bytes;
 use common::{TestCa, csr, start_ca};
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::TokioIo;
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use ring::rand::SystemRandom;
-use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
+use integration::ClusterKey as SaKey;
 use serde_json::{Value, json};
 
 /// A generous bound that only keeps a broken server from hanging the test.
 const BOUND: Duration = Duration::from_secs(60);
-
-struct SaKey {
-    enc: EncodingKey,
-    jwk: Value,
-}
-
-fn sa_key(kid: &str) -> SaKey {
-    let rng = SystemRandom::new();
-    let der = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
-    let pair =
-        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der.as_ref(), &rng).unwrap();
-    let p = pair.public_key().as_ref().to_vec();
-    SaKey {
-        enc: EncodingKey::from_ec_der(der.as_ref()),
-        jwk: json!({"kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": kid,
-                    "x": URL_SAFE_NO_PAD.encode(&p[1..33]), "y": URL_SAFE_NO_PAD.encode(&p[33..])}),
-    }
-}
 
 fn now_secs() -> u64 {
     SystemTime::now()
@@ -58,9 +38,7 @@ fn token(key: &SaKey, kid: &str, iss: &str, pod: &str, age: u64, exp: u64) -> St
         "kubernetes.io": {"namespace": "payments", "pod": {"name": pod, "uid": format!("uid-{pod}")},
                           "serviceaccount": {"name": "api", "uid": "s-1"}},
     });
-    let mut h = Header::new(Algorithm::ES256);
-    h.kid = Some(kid.into());
-    jsonwebtoken::encode(&h, &claims, &key.enc).unwrap()
+    key.sign(kid, &claims)
 }
 
 fn refused(metrics: &str, reason: &str) -> u64 {
@@ -225,7 +203,7 @@ async fn answer(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_svid_outlives_its_token_by_more_than_the_margin_and_the_leeway_is_only_for_skew() {
-    let key = sa_key("k1");
+    let key = SaKey::with_kid("k1");
     let api = ApiServer::start(&[&key]).await;
     let iss = api.url.clone();
     let ca = start_ca(|c| {
@@ -264,7 +242,7 @@ async fn no_svid_outlives_its_token_by_more_than_the_margin_and_the_leeway_is_on
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_pods_token_is_refused_by_the_token_review() {
-    let key = sa_key("k1");
+    let key = SaKey::with_kid("k1");
     let api = ApiServer::start(&[&key]).await;
     let iss = api.url.clone();
     let dir = tempfile::tempdir().unwrap();
@@ -320,7 +298,7 @@ async fn a_deleted_pods_token_is_refused_by_the_token_review() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_issuer_keys_fail_closed_and_readyz_says_so() {
-    let key = sa_key("k1");
+    let key = SaKey::with_kid("k1");
     let api = ApiServer::start(&[&key]).await;
     let iss = api.url.clone();
     let ca = start_ca(|c| {
@@ -359,9 +337,9 @@ async fn stale_issuer_keys_fail_closed_and_readyz_says_so() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_kid_refreshes_the_keys_at_most_once_per_interval() {
-    let k1 = sa_key("k1");
-    let k2 = sa_key("k2");
-    let k9 = sa_key("k9");
+    let k1 = SaKey::with_kid("k1");
+    let k2 = SaKey::with_kid("k2");
+    let k9 = SaKey::with_kid("k9");
     let api = ApiServer::start(&[&k1]).await;
     let iss = api.url.clone();
     let ca = start_ca(|c| {

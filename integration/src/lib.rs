@@ -631,23 +631,38 @@ fn set_mode(path: &Path, mode: u32) {
 /// `--k8s-issuer ISSUER --k8s-jwks <file with the JWK set>` in tests.
 pub struct ClusterKey {
     enc: EncodingKey,
-    /// The public key as a JWK (kid "lab").
+    kid: String,
+    /// The public key as a JWK (kid "lab" unless made [`ClusterKey::with_kid`]).
     pub jwk: Value,
 }
 
 impl ClusterKey {
     pub fn new() -> Self {
+        Self::with_kid("lab")
+    }
+
+    /// A key whose JWK names it `kid`.
+    pub fn with_kid(kid: &str) -> Self {
         let rng = SystemRandom::new();
         let der = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
         let pair =
             EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der.as_ref(), &rng).unwrap();
         let p = pair.public_key().as_ref().to_vec();
-        let jwk = json!({"kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": "lab",
+        let jwk = json!({"kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": kid,
                          "x": URL_SAFE_NO_PAD.encode(&p[1..33]), "y": URL_SAFE_NO_PAD.encode(&p[33..])});
         Self {
             enc: EncodingKey::from_ec_der(der.as_ref()),
+            kid: kid.to_owned(),
             jwk,
         }
+    }
+
+    /// `claims` signed with this key (ES256), the header naming the key `kid`: this key's, or
+    /// another one's, as a forger would.
+    pub fn sign(&self, kid: &str, claims: &Value) -> String {
+        let mut h = Header::new(Algorithm::ES256);
+        h.kid = Some(kid.into());
+        jsonwebtoken::encode(&h, claims, &self.enc).unwrap()
     }
 
     /// `{"keys": [jwk]}`, the content of a `--k8s-jwks` file.
@@ -679,9 +694,7 @@ impl ClusterKey {
             "kubernetes.io": {"namespace": ns, "pod": {"name": pod, "uid": format!("uid-{pod}")},
                               "serviceaccount": {"name": sa, "uid": format!("uid-{sa}")}},
         });
-        let mut h = Header::new(Algorithm::ES256);
-        h.kid = Some("lab".into());
-        jsonwebtoken::encode(&h, &claims, &self.enc).unwrap()
+        self.sign(&self.kid, &claims)
     }
 }
 
