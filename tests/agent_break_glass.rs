@@ -11,10 +11,11 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
-use common::{Proc, kith, serve_ca_with, stop};
+use common::{Proc, kith, serve_ca_with, stop, workload_svid};
 use identity::{TrustBundle, TrustDomain, verify_x509_svid};
+use integration::eventually_async;
 use rustls_pki_types::CertificateDer;
 use serde_json::Value;
 
@@ -138,31 +139,17 @@ fn eventually_served_under(socket: &Path, roots: &[CertificateDer<'static>], age
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(async {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            assert!(
-                Instant::now() < deadline,
-                "no SVID under the expected root; agent log:\n{}",
-                agent.log()
-            );
-            if let Ok(client) =
-                spiffe::WorkloadApiClient::connect_to(format!("unix://{}", socket.display())).await
-                && let Ok(Ok(svid)) =
-                    tokio::time::timeout(Duration::from_secs(2), client.fetch_x509_svid()).await
-            {
-                let chain: Vec<_> = svid
-                    .cert_chain()
-                    .iter()
-                    .map(|c| CertificateDer::from(c.as_bytes().to_vec()))
-                    .collect();
-                if chains_to(&chain, roots) {
-                    return;
-                }
+    rt.block_on(eventually_async(
+        "an SVID under the expected root",
+        Duration::from_secs(30),
+        async || {
+            let served = workload_svid(socket).await;
+            match served {
+                Some((_, chain)) if chains_to(&chain, roots) => Ok(()),
+                _ => Err(format!("agent log:\n{}", agent.log())),
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    })
+        },
+    ))
 }
 
 fn set_aside_dirs(data: &Path) -> Vec<PathBuf> {

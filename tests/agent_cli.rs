@@ -9,7 +9,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{kith, serve_ca, stop};
+use common::{kith, serve_ca, stop, workload_svid};
 
 fn start_agent(ca: &str, data: &std::path::Path, socket: &std::path::Path, join: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_kith"))
@@ -26,18 +26,11 @@ fn start_agent(ca: &str, data: &std::path::Path, socket: &std::path::Path, join:
 
 /// Fetches the caller's X509-SVID with the `spiffe` crate, retrying until `within` passes.
 async fn fetch_id(socket: &std::path::Path, within: Duration) -> Option<String> {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if let Ok(client) =
-            spiffe::WorkloadApiClient::connect_to(format!("unix://{}", socket.display())).await
-            && let Ok(Ok(svid)) =
-                tokio::time::timeout(Duration::from_secs(2), client.fetch_x509_svid()).await
-        {
-            return Some(svid.spiffe_id().to_string());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    None
+    integration::wait::poll_async(within, async || {
+        workload_svid(socket).await.map(|(id, _)| id)
+    })
+    .await
+    .ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

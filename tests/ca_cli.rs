@@ -10,7 +10,9 @@ use serde_json::{Value, json};
 
 mod common;
 
-use common::{kith, serve_ca as serve, stop};
+use common::{kith, kith_with_kek, serve_ca as serve, stop};
+use integration::CA_KEK as KEK;
+use integration::pki::csr;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_runs_the_ca_from_the_cli() {
@@ -56,10 +58,7 @@ async fn a_user_runs_the_ca_from_the_cli() {
     )
     .await
     .unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut p = rcgen::CertificateParams::default();
-    p.distinguished_name = rcgen::DistinguishedName::new();
-    let csr = p.serialize_request(&key).unwrap().pem().unwrap();
+    let (csr, _key) = csr();
     let (status, v) = conn
         .post_json("/v1/attest/join", &json!({"token": token, "csr": csr}))
         .await
@@ -185,24 +184,6 @@ async fn a_user_runs_the_ca_from_the_cli() {
     let (code, _, err) = kith(&["ca", "status", "--data-dir", d]);
     assert_eq!(code, 2);
     assert!(err.contains("is `kith ca serve` running"), "{err}");
-}
-
-/// The KEK `common::serve_ca` starts the CA with.
-const KEK: &str = "KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio=";
-
-/// `kith` with the test CA's KEK in `KITH_CA_KEK`, as an operator checking a stopped CA runs it.
-fn kith_with_kek(args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kith"))
-        .args(args)
-        .env("KITH_CA_KEK", KEK)
-        .output()
-        .unwrap();
-    let (o, e) = (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    assert!(!e.contains("panicked"), "{e}");
-    (out.status.code().unwrap_or(-1), o, e)
 }
 
 #[test]

@@ -2,12 +2,13 @@
 //! file carries no terminal colour codes.
 #![allow(clippy::unwrap_used)]
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::time::Duration;
 
 mod common;
 
-use common::{kith, stop};
+use common::{ca_serve_command, kith, stop};
+use integration::eventually;
 
 #[test]
 fn lists_show_rfc3339_times_and_a_redirected_log_has_no_colour_codes() {
@@ -16,13 +17,7 @@ fn lists_show_rfc3339_times_and_a_redirected_log_has_no_colour_codes() {
     let d = data.to_str().unwrap();
     let log_path = dir.path().join("ca.log");
     // Text logs (the default format) to a file, as an init system or `2> ca.log` would.
-    let child = Command::new(env!("CARGO_BIN_EXE_kith"))
-        .args(["ca", "serve", "--listen", "127.0.0.1:0"])
-        .args(["--metrics-listen", "127.0.0.1:0", "--data-dir", d])
-        .env(
-            "KITH_CA_KEK",
-            "KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio=",
-        )
+    let child = ca_serve_command(&data)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log_path).unwrap())
         .spawn()
@@ -33,18 +28,14 @@ fn lists_show_rfc3339_times_and_a_redirected_log_has_no_colour_codes() {
         metrics_addr: String::new(),
         log: Default::default(),
     };
-    let started = Instant::now();
-    let log = loop {
+    let log = eventually("the CA to say it serves", Duration::from_secs(30), || {
         let log = std::fs::read_to_string(&log_path).unwrap_or_default();
         if log.contains("kith ca serving") {
-            break log;
+            Ok(log)
+        } else {
+            Err(log)
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "the CA never said it was serving:\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    });
     assert!(
         !log.contains('\x1b'),
         "a log redirected to a file must carry no ANSI codes:\n{log:?}"

@@ -4,27 +4,16 @@
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use integration::eventually_async;
+use integration::pki::csr;
 use integration::postgres::Postgres;
 use serde_json::{Value, json};
 
 mod common;
 
-use common::{kith, serve_ca_with, stop};
-
-fn json_of(args: &[&str]) -> Value {
-    let (code, out, err) = kith(args);
-    assert_eq!(code, 0, "{args:?}: {err}");
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
-}
-
-fn csr() -> (String, rcgen::KeyPair) {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut p = rcgen::CertificateParams::default();
-    p.distinguished_name = rcgen::DistinguishedName::new();
-    (p.serialize_request(&key).unwrap().pem().unwrap(), key)
-}
+use common::{json_of, kith, kith_with_kek, serve_ca_with, stop};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_ca_processes_on_one_database_issue_with_one_chain_and_one_lease() {
@@ -100,25 +89,22 @@ async fn two_ca_processes_on_one_database_issue_with_one_chain_and_one_lease() {
         .await
         .unwrap();
     // B learns A's entry within its 2 s refresh.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (c, _) = csr();
-        let (s, v) = on_b
-            .post_json(
-                "/v1/svid",
-                &json!({"spiffe_id": "spiffe://example.org/web", "csr": c}),
-            )
-            .await
-            .unwrap();
-        if s == 200 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "B never issued for A's entry: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually_async(
+        "B to issue for A's entry",
+        Duration::from_secs(60),
+        async || {
+            let (c, _) = csr();
+            let (s, v) = on_b
+                .post_json(
+                    "/v1/svid",
+                    &json!({"spiffe_id": "spiffe://example.org/web", "csr": c}),
+                )
+                .await
+                .unwrap();
+            if s == 200 { Ok(()) } else { Err(v) }
+        },
+    )
+    .await;
     for i in 0..30 {
         let conn = if i % 2 == 0 { &mut on_a } else { &mut on_b };
         let (c, _) = csr();
@@ -168,31 +154,12 @@ async fn two_ca_processes_on_one_database_issue_with_one_chain_and_one_lease() {
     assert_eq!(stop(b), 0);
 
     // With every replica stopped, the chain is checked in the database itself.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kith"))
-        .args(["ca", "audit", "verify", "--data-dir", da, "--store", &url])
-        .env(
-            "KITH_CA_KEK",
-            "KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio=",
-        )
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let verify = ["ca", "audit", "verify", "--data-dir", da, "--store", &url];
+    let (code, text, err) = kith_with_kek(&verify);
+    assert_eq!(code, 0, "{text}{err}");
     assert!(text.starts_with("audit chain intact"), "{text}");
     pg.psql("kith", "UPDATE audit SET subject = 'edited' WHERE seq = 5");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kith"))
-        .args(["ca", "audit", "verify", "--data-dir", da, "--store", &url])
-        .env(
-            "KITH_CA_KEK",
-            "KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio=",
-        )
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{text}");
+    let (code, text, _) = kith_with_kek(&verify);
+    assert_eq!(code, 1, "{text}");
     assert!(text.contains("BROKEN at row 5"), "{text}");
 }

@@ -25,10 +25,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::Proc;
 use common::net::{echo_backend, free_port, wait_port};
+use integration::eventually;
 use integration::postgres::Postgres;
 use replicas::{
-    CutProxy, Traffic, admin_json, check_store, eventually, http_status, replica, request,
-    store_available,
+    CutProxy, Traffic, admin_json, check_store, http_status, replica, request, store_available,
 };
 
 const WEB: &str = "spiffe://example.org/web";

@@ -24,6 +24,7 @@ use ca_api::replicas::CaSet;
 use ca_api::wire;
 use hyper::Method;
 use identity::{SpiffeId, TrustDomain};
+use integration::eventually;
 use integration::postgres::{Options, Postgres, free_port};
 use replicas::{admin_json, check_store, replica, store_available};
 
@@ -150,16 +151,18 @@ fn every_acknowledged_issuance_survives_the_promotion_of_the_standby() {
         "ALTER SYSTEM SET synchronous_standby_names = 'standby1'",
     );
     primary.psql("postgres", "SELECT pg_reload_conf()");
-    let mut synced = false;
-    for _ in 0..150 {
-        let state = primary.psql("postgres", "SELECT sync_state FROM pg_stat_replication");
-        if state.trim() == "sync" {
-            synced = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    assert!(synced, "the standby never became synchronous");
+    eventually(
+        "the standby to become synchronous",
+        Duration::from_secs(30),
+        || {
+            let state = primary.psql("postgres", "SELECT sync_state FROM pg_stat_replication");
+            if state.trim() == "sync" {
+                Ok(())
+            } else {
+                Err(state)
+            }
+        },
+    );
     // The database half of the proof runs even before kith has a PostgreSQL store.
     if !store_available(TEST) {
         return;

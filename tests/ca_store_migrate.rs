@@ -3,51 +3,21 @@
 //! PostgreSQL. A non-empty target and a running source are refused.
 #![allow(clippy::unwrap_used)]
 
-use std::process::Command;
 use std::sync::Arc;
 
+use integration::pki::csr;
 use integration::postgres::Postgres;
 use serde_json::{Value, json};
 
 mod common;
 
-use common::{kith, serve_ca, serve_ca_with, stop};
-
-/// The KEK `serve_ca` gives the CA.
-const KEK: &str = "KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio=";
-
-fn kith_kek(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_kith"))
-        .args(args)
-        .env("KITH_CA_KEK", KEK)
-        .output()
-        .unwrap();
-    let (o, e) = (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    assert!(!e.contains("panicked"), "{e}");
-    (out.status.code().unwrap_or(-1), o, e)
-}
-
-fn json_of(args: &[&str]) -> Value {
-    let (code, out, err) = kith(args);
-    assert_eq!(code, 0, "{args:?}: {err}");
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
-}
+use common::{json_of, kith, kith_with_kek as kith_kek, serve_ca, serve_ca_with, stop};
 
 /// The rows of a `--json` list, in a fixed order (stores order ties differently).
 fn sorted(v: Value, key: &str) -> Vec<Value> {
     let mut rows = v.as_array().unwrap().clone();
     rows.sort_by_key(|r| r[key].as_str().unwrap_or_default().to_owned());
     rows
-}
-
-fn csr() -> (String, rcgen::KeyPair) {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut p = rcgen::CertificateParams::default();
-    p.distinguished_name = rcgen::DistinguishedName::new();
-    (p.serialize_request(&key).unwrap().pem().unwrap(), key)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

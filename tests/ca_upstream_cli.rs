@@ -9,37 +9,26 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use common::{kith, serve_ca_with, stop};
-use identity::x509::root_params;
+use common::{json_of, kith, serve_ca_with, stop};
 use identity::{TrustBundle, TrustDomain, verify_x509_svid};
-use rcgen::KeyPair;
-use serde_json::{Value, json};
+use integration::pki::operator_root;
+use serde_json::json;
 
 /// An operator's self-signed CA living `days`, written as `<name>.pem` and `<name>.key`.
 fn upstream(dir: &Path, name: &str, days: u64) -> (PathBuf, PathBuf, Vec<u8>) {
     let td = TrustDomain::new("example.org").unwrap();
     let now = SystemTime::now();
-    let key = KeyPair::generate().unwrap();
-    let cert = root_params(
+    let (cert, key) = operator_root(
         &td,
         "Corp Root",
         now - Duration::from_secs(60),
         now + Duration::from_secs(days * 86_400),
-    )
-    .unwrap()
-    .self_signed(&key)
-    .unwrap();
+    );
     let c = dir.join(format!("{name}.pem"));
     let k = dir.join(format!("{name}.key"));
     std::fs::write(&c, cert.pem()).unwrap();
     std::fs::write(&k, key.serialize_pem()).unwrap();
     (c, k, cert.der().to_vec())
-}
-
-fn json_of(args: &[&str]) -> Value {
-    let (code, out, err) = kith(args);
-    assert_eq!(code, 0, "{args:?}: {err}");
-    serde_json::from_str(&out).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -161,10 +150,7 @@ async fn upstream_replace_from_the_cli_publishes_then_signs_under_the_new_upstre
     )
     .await
     .unwrap();
-    let key = KeyPair::generate().unwrap();
-    let mut p = rcgen::CertificateParams::default();
-    p.distinguished_name = rcgen::DistinguishedName::new();
-    let csr = p.serialize_request(&key).unwrap().pem().unwrap();
+    let (csr, _key) = integration::pki::csr();
     let (status, v) = conn
         .post_json("/v1/attest/join", &json!({"token": token, "csr": csr}))
         .await

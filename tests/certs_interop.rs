@@ -327,30 +327,28 @@ fn readme_certs_commands_run_as_written() {
         .spawn()
         .unwrap();
     let curl = line("curl --cacert");
-    let mut last = String::new();
-    let mut answered = false;
-    for _ in 0..100 {
+    let answer = integration::wait::poll(std::time::Duration::from_secs(10), || {
         let run = std::process::Command::new("curl")
             .args(["-sS", "--max-time", "5"])
             .args(&curl[1..])
             .output()
             .unwrap();
         if run.status.success() {
-            let body = String::from_utf8_lossy(&run.stdout);
-            assert!(
-                body.contains("s_server"),
-                "s_server -www answers its status page: {body}"
-            );
-            answered = true;
-            break;
+            Ok(String::from_utf8_lossy(&run.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&run.stderr).into_owned())
         }
-        last = String::from_utf8_lossy(&run.stderr).into_owned();
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    });
     let _ = s_server.kill();
     let _ = s_server.wait();
+    let body = answer.unwrap_or_else(|last| {
+        panic!(
+            "README's curl never got an answer from its s_server: {}",
+            last.unwrap_or_default()
+        )
+    });
     assert!(
-        answered,
-        "README's curl never got an answer from its s_server: {last}"
+        body.contains("s_server"),
+        "s_server -www answers its status page: {body}"
     );
 }

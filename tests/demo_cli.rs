@@ -94,18 +94,14 @@ fn wait_line(rx: &mpsc::Receiver<String>, seen: &mut Vec<String>, needle: &str, 
 
 /// Waits for the exit code, killing the demo (and failing) after `within`.
 fn wait_exit(child: &mut Child, within: Duration) -> i32 {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status
-                .code()
-                .expect("the demo exits, it is not killed by a signal");
-        }
-        if Instant::now() > deadline {
+    match integration::wait::poll(within, || child.try_wait().unwrap()) {
+        Ok(status) => status
+            .code()
+            .expect("the demo exits, it is not killed by a signal"),
+        Err(_) => {
             let _ = child.kill();
             panic!("kith demo did not exit within {within:?}");
         }
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

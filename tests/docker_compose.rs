@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use integration::eventually;
 use serde_json::Value;
 
 /// The CA's user in the image (Dockerfile.local, Dockerfile).
@@ -131,9 +132,11 @@ fn build_images(stack: &mut Stack, repo: &Path, kith: &Path, dir: &Path) {
 /// The README's steps: the CA, a join token, one entry per service, the agent with the token.
 fn ca_and_agent(stack: &mut Stack) {
     stack.compose(&["up", "-d", "ca"], 180).ok();
-    eventually("the CA answers on its admin socket", 60, || {
-        stack.kith_ca(&["status"]).ok_or_err()
-    });
+    eventually(
+        "the CA answers on its admin socket",
+        Duration::from_secs(60),
+        || stack.kith_ca(&["status"]).ok_or_err(),
+    );
     let token = stack
         .kith_ca(&["token", "create", "--name", "docker-host", "--json"])
         .ok();
@@ -170,14 +173,18 @@ fn ca_and_agent(stack: &mut Stack) {
 /// The Docker attestor on the real engine: fresh containers that differ only in their label
 /// get web's SVID, api's, or none.
 fn svids_by_label(stack: &Stack) {
-    let web = eventually("the agent issues web's SVID", 60, || {
-        stack.probe(Some("web"))
-    });
+    let web = eventually(
+        "the agent issues web's SVID",
+        Duration::from_secs(60),
+        || stack.probe(Some("web")),
+    );
     assert_eq!(web, WEB);
     // The agent fetches all its entries' SVIDs together; a short wait covers a slow CA.
-    let api = eventually("the agent issues api's SVID", 30, || {
-        stack.probe(Some("api"))
-    });
+    let api = eventually(
+        "the agent issues api's SVID",
+        Duration::from_secs(30),
+        || stack.probe(Some("api")),
+    );
     assert_eq!(api, API);
     for label in [Some("stranger"), None] {
         let refused = stack.probe(label).unwrap_err();
@@ -192,14 +199,18 @@ fn svids_by_label(stack: &Stack) {
 fn services(stack: &Stack) {
     stack.compose(&["up", "-d"], 180).ok();
     for (app, id) in [("web-app", WEB), ("api-app", API), ("other-app", OTHER)] {
-        eventually(&format!("{app}'s sidecar is ready"), 60, || {
-            let ready = stack.call(app, "127.0.0.1:15020", "GET", "/ready", "");
-            if ready.starts_with("HTTP/1.1 200 OK") {
-                Ok(())
-            } else {
-                Err(ready)
-            }
-        });
+        eventually(
+            &format!("{app}'s sidecar is ready"),
+            Duration::from_secs(60),
+            || {
+                let ready = stack.call(app, "127.0.0.1:15020", "GET", "/ready", "");
+                if ready.starts_with("HTTP/1.1 200 OK") {
+                    Ok(())
+                } else {
+                    Err(ready)
+                }
+            },
+        );
         assert_eq!(stack.metrics(app).svid_id(), Some(id), "{app}'s sidecar");
     }
 }
@@ -215,18 +226,24 @@ fn web_calls_api(stack: &Stack, unique: &str) {
         answer.ends_with(&format!("api got POST /orders: {body}")),
         "{answer}"
     );
-    eventually("web's sidecar counts the connection", 10, || {
-        check_eq(stack.connections("web-app", "outbound", "accepted"), 1)
-    });
+    eventually(
+        "web's sidecar counts the connection",
+        Duration::from_secs(10),
+        || check_eq(stack.connections("web-app", "outbound", "accepted"), 1),
+    );
     check_eq(stack.connections("api-app", "inbound", "accepted"), 1).unwrap();
-    eventually("api's sidecar logs web as the peer", 10, || {
-        let peers = stack.api_log(identity::mesh::events::MTLS_ESTABLISHED, "peer");
-        if peers == [WEB] {
-            Ok(())
-        } else {
-            Err(format!("peers logged: {peers:?}"))
-        }
-    });
+    eventually(
+        "api's sidecar logs web as the peer",
+        Duration::from_secs(10),
+        || {
+            let peers = stack.api_log(identity::mesh::events::MTLS_ESTABLISHED, "peer");
+            if peers == [WEB] {
+                Ok(())
+            } else {
+                Err(format!("peers logged: {peers:?}"))
+            }
+        },
+    );
 }
 
 /// other has an SVID, but api allows only web; plaintext never reaches api's app, and the app
@@ -237,48 +254,62 @@ fn refusals(stack: &Stack) {
         refused.contains("connection closed without an answer"),
         "{refused}"
     );
-    eventually("api's sidecar counts other as not authorized", 10, || {
-        check_eq(stack.connections("api-app", "inbound", "not_authorized"), 1)
-    });
-    eventually("api's sidecar logs whom it refused, at info", 10, || {
-        let denied: Vec<String> = stack
-            .logs("api-sidecar")
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|v| {
-                v["level"] == "INFO"
-                    && v["fields"]["message"] == "connection refused"
-                    && v["fields"]["reason"] == "not_authorized"
-            })
-            .map(|v| {
-                v["fields"]["peer_id"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned()
-            })
-            .collect();
-        if denied == [OTHER] {
-            Ok(())
-        } else {
-            Err(format!("denials logged: {denied:?}"))
-        }
-    });
-    eventually("other's sidecar sees the refusal", 10, || {
-        check_eq(
-            stack.connections("other-app", "outbound", "peer_refused"),
-            1,
-        )
-    });
+    eventually(
+        "api's sidecar counts other as not authorized",
+        Duration::from_secs(10),
+        || check_eq(stack.connections("api-app", "inbound", "not_authorized"), 1),
+    );
+    eventually(
+        "api's sidecar logs whom it refused, at info",
+        Duration::from_secs(10),
+        || {
+            let denied: Vec<String> = stack
+                .logs("api-sidecar")
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .filter(|v| {
+                    v["level"] == "INFO"
+                        && v["fields"]["message"] == "connection refused"
+                        && v["fields"]["reason"] == "not_authorized"
+                })
+                .map(|v| {
+                    v["fields"]["peer_id"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned()
+                })
+                .collect();
+            if denied == [OTHER] {
+                Ok(())
+            } else {
+                Err(format!("denials logged: {denied:?}"))
+            }
+        },
+    );
+    eventually(
+        "other's sidecar sees the refusal",
+        Duration::from_secs(10),
+        || {
+            check_eq(
+                stack.connections("other-app", "outbound", "peer_refused"),
+                1,
+            )
+        },
+    );
 
     let api_ip = format!("{}.10", stack.var("KITH_NET"));
     let plain = stack.call("other-app", &format!("{api_ip}:8443"), "GET", "/", "");
     assert!(!plain.contains("HTTP/1.1"), "{plain}");
-    eventually("api's sidecar counts the plaintext refusal", 10, || {
-        check_eq(
-            stack.connections("api-app", "inbound", "plaintext_refused"),
-            1,
-        )
-    });
+    eventually(
+        "api's sidecar counts the plaintext refusal",
+        Duration::from_secs(10),
+        || {
+            check_eq(
+                stack.connections("api-app", "inbound", "plaintext_refused"),
+                1,
+            )
+        },
+    );
     let direct = stack.call("other-app", &format!("{api_ip}:8080"), "GET", "/", "");
     assert!(direct.contains("Connection refused"), "{direct}");
 
@@ -722,17 +753,17 @@ fn run(mut cmd: Command, timeout: Duration) -> Out {
     };
     let stdout = reader(Box::new(child.stdout.take().unwrap()));
     let stderr = reader(Box::new(child.stderr.take().unwrap()));
-    let deadline = Instant::now() + timeout;
-    let code = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status.code(),
-            Ok(None) if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => panic!("waiting for {what}: {e}"),
+    let exited = integration::wait::poll(timeout, || {
+        child
+            .try_wait()
+            .unwrap_or_else(|e| panic!("waiting for {what}: {e}"))
+    });
+    let code = match exited {
+        Ok(status) => status.code(),
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            None
         }
     };
     let mut out = Out {
@@ -745,20 +776,6 @@ fn run(mut cmd: Command, timeout: Duration) -> Out {
             .push_str(&format!("\n{what} killed after {timeout:?}"));
     }
     out
-}
-
-/// Polls `f` every 250 ms until it succeeds; panics with its last error after `secs`.
-fn eventually<T>(what: &str, secs: u64, mut f: impl FnMut() -> Result<T, String>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        match f() {
-            Ok(v) => return v,
-            Err(e) if Instant::now() >= deadline => {
-                panic!("{what}: not within {secs}s; last: {e}")
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(250)),
-        }
-    }
 }
 
 #[test]

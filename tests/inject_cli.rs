@@ -167,14 +167,7 @@ impl Drop for Webhook {
 
 /// A serving certificate for kith-inject.kith-system.svc in `dir`: (cert, key) paths.
 fn serving_cert(dir: &Path) -> (PathBuf, PathBuf) {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["kith-inject.kith-system.svc".to_owned()])
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
-    let (c, k) = (dir.join("tls.crt"), dir.join("tls.key"));
-    std::fs::write(&c, cert.pem()).unwrap();
-    std::fs::write(&k, key.serialize_pem()).unwrap();
+    let (c, k, _) = integration::pki::write_tls_pair(dir, &["kith-inject.kith-system.svc"]);
     (c, k)
 }
 

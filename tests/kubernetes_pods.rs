@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use integration::eventually;
 use integration::kubelet::{self, Kind, Node, RunningPod, docker, process_identity};
 use serde_json::Value;
 
@@ -132,28 +133,36 @@ fn a_reaches_b_over_mtls(a: &RunningPod, b: &RunningPod) {
         answer.ends_with(&format!("web got POST /orders: {body}")),
         "{answer}"
     );
-    eventually("each sidecar logs the other's SPIFFE ID", 10, || {
-        let out_peers = integration::logged_peers(&a.logs("kith-proxy"), "outbound");
-        let in_peers = integration::logged_peers(&b.logs("kith-proxy"), "inbound");
-        if out_peers == [WEB_ID] && in_peers == [WEB_ID] {
-            Ok(())
-        } else {
-            Err(format!(
-                "A logged {out_peers:?} outbound, B {in_peers:?} inbound"
-            ))
-        }
-    });
-    eventually("the sidecars count the connection", 10, || {
-        let a_out = integration::connections(&metrics(a), "outbound", "accepted");
-        let b_in = integration::connections(&metrics(b), "inbound", "accepted");
-        if a_out == 1.0 && b_in == 1.0 {
-            Ok(())
-        } else {
-            Err(format!(
-                "A outbound accepted {a_out}, B inbound accepted {b_in}"
-            ))
-        }
-    });
+    eventually(
+        "each sidecar logs the other's SPIFFE ID",
+        Duration::from_secs(10),
+        || {
+            let out_peers = integration::logged_peers(&a.logs("kith-proxy"), "outbound");
+            let in_peers = integration::logged_peers(&b.logs("kith-proxy"), "inbound");
+            if out_peers == [WEB_ID] && in_peers == [WEB_ID] {
+                Ok(())
+            } else {
+                Err(format!(
+                    "A logged {out_peers:?} outbound, B {in_peers:?} inbound"
+                ))
+            }
+        },
+    );
+    eventually(
+        "the sidecars count the connection",
+        Duration::from_secs(10),
+        || {
+            let a_out = integration::connections(&metrics(a), "outbound", "accepted");
+            let b_in = integration::connections(&metrics(b), "inbound", "accepted");
+            if a_out == 1.0 && b_in == 1.0 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "A outbound accepted {a_out}, B inbound accepted {b_in}"
+                ))
+            }
+        },
+    );
 }
 
 /// One plain HTTP request from the node (outside every pod, so no sidecar wraps it): what came
@@ -174,14 +183,18 @@ fn plaintext(pod: &RunningPod, port: u16, path: &str) -> String {
 fn plaintext_into_b_is_refused(b: &RunningPod) {
     let answer = plaintext(b, 8080, "/plain");
     assert!(!answer.contains("HTTP/1.1 200"), "plaintext got: {answer}");
-    eventually("B counts the plaintext refusal", 10, || {
-        let n = integration::connections(&metrics(b), "inbound", "plaintext_refused");
-        if n == 1.0 {
-            Ok(())
-        } else {
-            Err(format!("plaintext_refused = {n}"))
-        }
-    });
+    eventually(
+        "B counts the plaintext refusal",
+        Duration::from_secs(10),
+        || {
+            let n = integration::connections(&metrics(b), "inbound", "plaintext_refused");
+            if n == 1.0 {
+                Ok(())
+            } else {
+                Err(format!("plaintext_refused = {n}"))
+            }
+        },
+    );
     let app_log = b.logs("web");
     assert!(
         !app_log.contains("/plain"),
@@ -227,14 +240,18 @@ fn probes_go_through_the_sidecar(b: &RunningPod) {
         !answer.contains("HTTP/1.1 200"),
         "plaintext probe port: {answer}"
     );
-    eventually("B counts the plaintext on the probe port", 10, || {
-        let n = integration::connections(&metrics(b), "inbound", "plaintext_refused");
-        if n == before + 1.0 {
-            Ok(())
-        } else {
-            Err(format!("plaintext_refused = {n}, was {before}"))
-        }
-    });
+    eventually(
+        "B counts the plaintext on the probe port",
+        Duration::from_secs(10),
+        || {
+            let n = integration::connections(&metrics(b), "inbound", "plaintext_refused");
+            if n == before + 1.0 {
+                Ok(())
+            } else {
+                Err(format!("plaintext_refused = {n}, was {before}"))
+            }
+        },
+    );
 }
 
 /// `kith.dev/mode: permissive`: plaintext reaches C's app, and C's sidecar counts it.
@@ -242,17 +259,21 @@ fn permissive_pod_accepts_plaintext_and_counts_it(c: &RunningPod) {
     let answer = plaintext(c, 8080, "/migrating");
     assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
     assert!(answer.ends_with("web got GET /migrating: "), "{answer}");
-    eventually("C counts the plaintext it let in", 10, || {
-        let n = integration::metric(
-            &metrics(c),
-            "kith_sidecar_captured_total{outcome=\"inbound_plaintext\"}",
-        );
-        if n == Some(1.0) {
-            Ok(())
-        } else {
-            Err(format!("inbound_plaintext = {n:?}"))
-        }
-    });
+    eventually(
+        "C counts the plaintext it let in",
+        Duration::from_secs(10),
+        || {
+            let n = integration::metric(
+                &metrics(c),
+                "kith_sidecar_captured_total{outcome=\"inbound_plaintext\"}",
+            );
+            if n == Some(1.0) {
+                Ok(())
+            } else {
+                Err(format!("inbound_plaintext = {n:?}"))
+            }
+        },
+    );
 }
 
 /// `kith.dev/allow` with another ID: D refuses A (not_authorized) and logs whom.
@@ -268,14 +289,18 @@ fn allow_annotation_refuses_a(a: &RunningPod, d: &RunningPod) {
         ],
     );
     assert_ne!(out.code, Some(0), "A got into D: {}", out.stdout);
-    eventually("D counts A as not authorized", 10, || {
-        let n = integration::connections(&metrics(d), "inbound", "not_authorized");
-        if n == 1.0 {
-            Ok(())
-        } else {
-            Err(format!("not_authorized = {n}"))
-        }
-    });
+    eventually(
+        "D counts A as not authorized",
+        Duration::from_secs(10),
+        || {
+            let n = integration::connections(&metrics(d), "inbound", "not_authorized");
+            if n == 1.0 {
+                Ok(())
+            } else {
+                Err(format!("not_authorized = {n}"))
+            }
+        },
+    );
     let log = d.logs("kith-proxy");
     assert!(
         log.contains("inbound connection not authorized") && log.contains(WEB_ID),
@@ -428,7 +453,7 @@ fn start_ca(node: &mut Node, kith_image: &str) -> String {
                 "-v",
                 &mount,
                 "-e",
-                "KITH_CA_KEK=KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio=",
+                &format!("KITH_CA_KEK={}", integration::CA_KEK),
                 "--read-only",
                 "--tmpfs",
                 "/tmp",
@@ -453,12 +478,14 @@ fn start_ca(node: &mut Node, kith_image: &str) -> String {
         )
         .unwrap();
     let ip = node.ip_of(&id).unwrap();
-    eventually("the CA is ready", 60, || {
-        match kubelet::http_get(&ip, 9090, "/readyz", Duration::from_secs(2)) {
+    eventually(
+        "the CA is ready",
+        Duration::from_secs(60),
+        || match kubelet::http_get(&ip, 9090, "/readyz", Duration::from_secs(2)) {
             Ok((200, _)) => Ok(()),
             other => Err(format!("{other:?}")),
-        }
-    });
+        },
+    );
     let out = docker(&[
         "exec",
         &id,
@@ -599,14 +626,18 @@ impl Capture {
             .spawn()
             .unwrap();
         let c = Capture { child, file, log };
-        eventually("tcpdump listens on the bridge", 10, || {
-            let text = std::fs::read_to_string(&c.log).unwrap_or_default();
-            if text.contains("listening on") {
-                Ok(())
-            } else {
-                Err(text)
-            }
-        });
+        eventually(
+            "tcpdump listens on the bridge",
+            Duration::from_secs(10),
+            || {
+                let text = std::fs::read_to_string(&c.log).unwrap_or_default();
+                if text.contains("listening on") {
+                    Ok(())
+                } else {
+                    Err(text)
+                }
+            },
+        );
         c
     }
 
@@ -778,18 +809,4 @@ fn nix_is_root() -> bool {
                 .map(|u| u.split_whitespace().nth(1) == Some("0"))
         })
         .unwrap_or(false)
-}
-
-/// Polls `f` every 250 ms until it succeeds; panics with its last error after `secs`.
-fn eventually<T>(what: &str, secs: u64, mut f: impl FnMut() -> Result<T, String>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        match f() {
-            Ok(v) => return v,
-            Err(e) if Instant::now() >= deadline => {
-                panic!("{what}: not within {secs}s; last: {e}")
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(250)),
-        }
-    }
 }

@@ -15,8 +15,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use common::net::{echo_backend, free_port, try_http, wait_port};
-use common::{Proc, kith, serve_ca_with, stop};
+use common::{Proc, kith, serve_ca_with, stop, workload_svid};
 use identity::{TrustBundle, TrustDomain, verify_x509_svid};
+use integration::{eventually, eventually_async};
 use rustls_pki_types::CertificateDer;
 use serde_json::Value;
 
@@ -89,24 +90,11 @@ fn workload_chain(socket: &std::path::Path) -> Vec<CertificateDer<'static>> {
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(async {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            assert!(Instant::now() < deadline, "no SVID from the agent");
-            if let Ok(client) =
-                spiffe::WorkloadApiClient::connect_to(format!("unix://{}", socket.display())).await
-                && let Ok(Ok(svid)) =
-                    tokio::time::timeout(Duration::from_secs(2), client.fetch_x509_svid()).await
-            {
-                return svid
-                    .cert_chain()
-                    .iter()
-                    .map(|c| CertificateDer::from(c.as_bytes().to_vec()))
-                    .collect();
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    })
+    rt.block_on(eventually_async(
+        "an SVID from the agent",
+        Duration::from_secs(20),
+        async || workload_svid(socket).await.map(|(_, chain)| chain),
+    ))
 }
 
 fn chains_to(chain: &[CertificateDer<'static>], root: &CertificateDer<'static>) -> bool {
@@ -229,19 +217,19 @@ fn a_mesh_carries_requests_through_a_full_root_rollover() {
         ],
     );
     wait_port(client_addr);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for admin in [client_admin, server_admin] {
-        while !try_http(admin, "GET", "/ready").is_ok_and(|r| r.starts_with("HTTP/1.1 200")) {
-            assert!(
-                Instant::now() < deadline,
-                "sidecars not ready:\nagent:\n{}\nserver:\n{}\nclient:\n{}",
+    eventually("both sidecars to be ready", Duration::from_secs(30), || {
+        let ready = [client_admin, server_admin].into_iter().all(|admin| {
+            try_http(admin, "GET", "/ready").is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
+        });
+        ready.then_some(()).ok_or_else(|| {
+            format!(
+                "\nagent:\n{}\nserver:\n{}\nclient:\n{}",
                 agent.log(),
                 server.log(),
                 client.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
+            )
+        })
+    });
 
     // Load: a new connection every 200 ms, and one keep-alive connection every 500 ms.
     let traffic = Arc::new(Traffic::default());
@@ -286,17 +274,11 @@ fn a_mesh_carries_requests_through_a_full_root_rollover() {
     }
 
     // Watch the rollover: two roots published, the switch, the old root leaving.
-    let started = Instant::now();
     let mut saw_two = false;
     let mut switched_at = None;
     let mut new_root = None;
     let mut saw_waiting = false;
-    loop {
-        assert!(
-            started.elapsed() < Duration::from_secs(300),
-            "no full rollover within 300 s: saw_two={saw_two} switched={switched_at:?}\n{}",
-            serde_json::to_string_pretty(&root_status(data)).unwrap()
-        );
+    eventually("a full rollover", Duration::from_secs(300), || {
         let status = root_status(data);
         let roots = bundle_roots(data);
         saw_waiting |= !status["waiting"].is_null();
@@ -323,10 +305,13 @@ fn a_mesh_carries_requests_through_a_full_root_rollover() {
                 new_root.as_ref(),
                 "only the new root is left"
             );
-            break;
+            return Ok(());
         }
-        std::thread::sleep(Duration::from_secs(1));
-    }
+        Err(format!(
+            "saw_two={saw_two} switched={switched_at:?}\n{}",
+            serde_json::to_string_pretty(&status).unwrap()
+        ))
+    });
     let new_root = new_root.unwrap();
     assert!(saw_two, "the bundle held two roots during the overlap");
     assert!(saw_waiting, "the switch waited (propagation, callers)");

@@ -9,10 +9,11 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::net::{echo_backend, free_port, http, metric, roundtrip, wait_port};
 use common::{Kith, Proc};
+use integration::eventually;
 
 /// Resident memory of `pid` in KiB (VmRSS).
 fn rss_kib(pid: u32) -> u64 {
@@ -203,9 +204,10 @@ impl Rig {
         }
     }
 
-    /// A well-behaved exchange through both tunnels, within `within`.
-    fn served(&self, within: Duration) {
-        let started = Instant::now();
+    /// A well-behaved exchange through both tunnels, answered before `roundtrip` gives up
+    /// reading (5 s). Where hostile connections are held open they outlast that (a 10 min
+    /// first-flight timeout): an answer means the good client was not queued behind them.
+    fn served(&self) {
         let answer = roundtrip(self.client_addr, b"still serving");
         assert_eq!(
             answer,
@@ -213,11 +215,6 @@ impl Rig {
             "server:\n{}\nclient:\n{}",
             self.server.log(),
             self.client.log()
-        );
-        assert!(
-            started.elapsed() < within,
-            "a good client waited {:?}",
-            started.elapsed()
         );
     }
 
@@ -263,7 +260,7 @@ fn garbage_and_truncated_handshakes_on_every_listener_are_refused_and_counted() 
             rig.alive();
             eprintln!("{what}: {kind}: survived");
         }
-        rig.served(Duration::from_secs(5));
+        rig.served();
     }
     // The mTLS listeners counted what they refused, by reason.
     let m = http(rig.server_admin, "GET", "/metrics");
@@ -304,7 +301,7 @@ fn ten_thousand_silent_connections_do_not_starve_a_good_client() {
     // deadline), from 50 source addresses (200 each, under the per-source cap).
     let mut rig = Rig::start_with(&["--first-flight-timeout", "10m"]);
     let pid = rig.server.child.id();
-    rig.served(Duration::from_secs(5));
+    rig.served();
     let before = rss_kib(pid);
     let mut silent = Vec::with_capacity(10_000);
     for i in 0..10_000 {
@@ -314,20 +311,21 @@ fn ten_thousand_silent_connections_do_not_starve_a_good_client() {
         ));
     }
     // All accepted (pending), none holding a connection slot: a good client gets through.
-    rig.served(Duration::from_secs(5));
+    rig.served();
     // The good client's own connection may still be closing on the server side (another
     // worker thread) for a moment after its answer arrived.
     let active = "kith_sidecar_active_connections{direction=\"inbound\"}";
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut m = http(rig.server_admin, "GET", "/metrics");
-    while metric(&m, active) != Some(0.0) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-        m = http(rig.server_admin, "GET", "/metrics");
-    }
-    assert_eq!(
-        metric(&m, active),
-        Some(0.0),
-        "silent connections hold no connection slot: {m}"
+    eventually(
+        "silent connections to hold no connection slot",
+        Duration::from_secs(5),
+        || {
+            let m = http(rig.server_admin, "GET", "/metrics");
+            if metric(&m, active) == Some(0.0) {
+                Ok(())
+            } else {
+                Err(m)
+            }
+        },
     );
     let during = rss_kib(pid);
     eprintln!(
@@ -341,7 +339,7 @@ fn ten_thousand_silent_connections_do_not_starve_a_good_client() {
     );
     rig.alive();
     drop(silent);
-    rig.served(Duration::from_secs(5));
+    rig.served();
 }
 
 #[test]
@@ -371,7 +369,7 @@ fn a_peer_that_stops_reading_costs_bounded_memory() {
         sent < 256 << 20,
         "backpressure: the writer was stopped after {sent} bytes"
     );
-    rig.served(Duration::from_secs(5));
+    rig.served();
     let after = rss_kib(pid_client) + rss_kib(pid_server);
     eprintln!(
         "stalled after {} KiB in flight; sidecars' RSS {} KiB before, {} KiB after",
@@ -391,7 +389,7 @@ fn a_peer_that_stops_reading_costs_bounded_memory() {
 #[test]
 fn stalled_handshakes_do_not_starve_a_real_client_and_are_cut_counted_and_logged() {
     let mut rig = Rig::start_with(&["--max-connections", "8", "--first-flight-timeout", "5s"]);
-    rig.served(Duration::from_secs(5));
+    rig.served();
     // The attack: five times --max-connections send the first byte of a handshake and stall.
     let mut stalled: Vec<TcpStream> = (0..40)
         .map(|_| {
@@ -416,13 +414,18 @@ fn stalled_handshakes_do_not_starve_a_real_client_and_are_cut_counted_and_logged
         assert!(rest.is_empty());
     }
     let key = "kith_sidecar_connections_total{direction=\"inbound\",result=\"handshake_timeout\"}";
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut m = http(rig.server_admin, "GET", "/metrics");
-    while metric(&m, key) != Some(40.0) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-        m = http(rig.server_admin, "GET", "/metrics");
-    }
-    assert_eq!(metric(&m, key), Some(40.0), "{m}");
+    eventually(
+        "40 handshake timeouts counted",
+        Duration::from_secs(10),
+        || {
+            let m = http(rig.server_admin, "GET", "/metrics");
+            if metric(&m, key) == Some(40.0) {
+                Ok(())
+            } else {
+                Err(m)
+            }
+        },
+    );
     let log = rig.server.log();
     let refused: Vec<&str> = log
         .lines()

@@ -6,24 +6,17 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::net::{echo_backend, free_port, http, try_http};
-use common::{Proc, kith, serve_ca_with, stop};
-use integration::{ClusterKey, ISSUER};
+use common::net::{echo_backend, free_port, http, wait_ready};
+use common::{Proc, kith, serve_k8s_ca, stop};
 
 #[test]
 fn a_pod_sidecar_skips_a_dead_ca_address_and_gets_its_svid_from_the_next() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let key = ClusterKey::new();
-    let jwks = d.join("jwks.json");
-    std::fs::write(&jwks, key.jwks()).unwrap();
+    let (ca, key) = serve_k8s_ca(d, &[]);
     let ca_data = d.join("ca");
-    let ca = serve_ca_with(
-        &ca_data,
-        &["--k8s-issuer", ISSUER, "--k8s-jwks", jwks.to_str().unwrap()],
-    );
     let live = format!("https://{}", ca.addr);
     let dead = format!("https://{}", free_port());
     let (code, pem, err) = kith(&["ca", "bundle", "--data-dir", ca_data.to_str().unwrap()]);
@@ -60,15 +53,7 @@ fn a_pod_sidecar_skips_a_dead_ca_address_and_gets_its_svid_from_the_next() {
         ];
         args.extend_from_slice(&ca_flags);
         let sidecar = Proc::spawn(d, name, &args);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !try_http(admin, "GET", "/ready").is_ok_and(|r| r.starts_with("HTTP/1.1 200")) {
-            assert!(
-                Instant::now() < deadline,
-                "{name}: not ready:\n{}",
-                sidecar.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_ready(admin, &sidecar, Duration::from_secs(30));
         let m = http(admin, "GET", "/metrics");
         assert!(
             m.contains("spiffe_id=\"spiffe://example.org/ns/shop/sa/web\""),

@@ -7,7 +7,7 @@
 mod common;
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::net::{echo_backend, free_port, roundtrip, wait_port};
 use common::{Kith, Proc};
@@ -47,18 +47,6 @@ fn spawn(kith: &Kith, log: &str, name: &str, args: &[&str]) -> Proc {
         log,
         &all.iter().map(String::as_str).collect::<Vec<_>>(),
     )
-}
-
-fn wait_log(p: &Proc, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let log = p.log();
-        if log.contains(needle) {
-            return log;
-        }
-        assert!(Instant::now() < deadline, "no {needle:?} in:\n{log}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]
@@ -150,7 +138,10 @@ fn expect_trust_domain_is_an_opt_in_that_works_and_is_logged() {
     wait_port(server_addr);
     wait_port(client_addr);
     assert_eq!(roundtrip(client_addr, b"any server"), b"any server");
-    let log = wait_log(&client, "ANY server with an SVID of the trust domain");
+    let log = client.wait_log(
+        "ANY server with an SVID of the trust domain",
+        Duration::from_secs(10),
+    );
     assert!(log.contains("WARN"), "{log}");
 
     // Both at once is a usage error.
@@ -194,7 +185,10 @@ fn transparent_mode_logs_mesh_destinations_without_an_expected_id() {
         ],
     );
     wait_port(inb);
-    let log = wait_log(&pod, "no expected ID for these mesh destinations");
+    let log = pod.wait_log(
+        "no expected ID for these mesh destinations",
+        Duration::from_secs(10),
+    );
     let lines: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("no expected ID for these mesh destinations"))

@@ -11,13 +11,12 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::net::{
-    echo_backend, free_port, http, metric, roundtrip, try_http, wait_metric, wait_port,
+    echo_backend, free_port, http, metric, roundtrip, try_http, wait_metric, wait_port, wait_ready,
 };
-use common::{Proc, kith, serve_ca, serve_ca_with, stop};
-use integration::{ClusterKey, ISSUER};
+use common::{Proc, kith, serve_ca, serve_k8s_ca, stop};
 use serde_json::Value;
 
 fn write_bundle(ca_data: &Path, to: &Path) {
@@ -26,34 +25,13 @@ fn write_bundle(ca_data: &Path, to: &Path) {
     std::fs::write(to, pem).unwrap();
 }
 
-fn wait_ready(admin: std::net::SocketAddr, p: &Proc) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !try_http(admin, "GET", "/ready").is_ok_and(|r| r.starts_with("HTTP/1.1 200")) {
-        assert!(Instant::now() < deadline, "not ready:\n{}", p.log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn pod_sidecars_get_their_svids_from_the_ca_with_the_service_account_token() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let key = ClusterKey::new();
-    let jwks = d.join("jwks.json");
-    std::fs::write(&jwks, key.jwks()).unwrap();
-    let ca_data = d.join("ca");
     // Pod SVIDs of 20 s: renewals (at 40-60 % of the lifetime) happen within the test.
-    let ca = serve_ca_with(
-        &ca_data,
-        &[
-            "--k8s-issuer",
-            ISSUER,
-            "--k8s-jwks",
-            jwks.to_str().unwrap(),
-            "--workload-ttl",
-            "20s",
-        ],
-    );
+    let (ca, key) = serve_k8s_ca(d, &["--workload-ttl", "20s"]);
+    let ca_data = d.join("ca");
     let url = format!("https://{}", ca.addr);
     let bundle = d.join("bundle.pem");
     write_bundle(&ca_data, &bundle);
@@ -117,8 +95,8 @@ fn pod_sidecars_get_their_svids_from_the_ca_with_the_service_account_token() {
         ],
         &web_token,
     );
-    wait_ready(server_admin, &server);
-    wait_ready(client_admin, &client);
+    wait_ready(server_admin, &server, Duration::from_secs(20));
+    wait_ready(client_admin, &client, Duration::from_secs(20));
     wait_port(client_addr);
     assert_eq!(
         roundtrip(client_addr, b"pod to pod"),
@@ -307,8 +285,8 @@ fn workload_api_sidecars_hold_an_early_app_until_the_agent_serves_the_svid() {
         server.log(),
         client.log()
     );
-    wait_ready(client_admin, &client);
-    wait_ready(server_admin, &server);
+    wait_ready(client_admin, &client, Duration::from_secs(20));
+    wait_ready(server_admin, &server, Duration::from_secs(20));
     let m = http(client_admin, "GET", "/metrics");
     assert_eq!(
         metric(
@@ -366,14 +344,8 @@ fn a_sidecar_without_an_identity_source_says_which_flags_to_give() {
 fn a_pod_sidecar_fetches_the_bundle_by_its_pin_and_refuses_a_wrong_pin() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let key = ClusterKey::new();
-    let jwks = d.join("jwks.json");
-    std::fs::write(&jwks, key.jwks()).unwrap();
+    let (ca, key) = serve_k8s_ca(d, &[]);
     let ca_data = d.join("ca");
-    let ca = serve_ca_with(
-        &ca_data,
-        &["--k8s-issuer", ISSUER, "--k8s-jwks", jwks.to_str().unwrap()],
-    );
     let url = format!("https://{}", ca.addr);
     let bundle = d.join("bundle.pem");
     write_bundle(&ca_data, &bundle);
@@ -406,7 +378,7 @@ fn a_pod_sidecar_fetches_the_bundle_by_its_pin_and_refuses_a_wrong_pin() {
     };
     let admin = free_port();
     let good = start("pinned", &pin, admin);
-    wait_ready(admin, &good);
+    wait_ready(admin, &good, Duration::from_secs(20));
     let m = http(admin, "GET", "/metrics");
     assert!(
         m.contains("spiffe_id=\"spiffe://example.org/ns/shop/sa/web\""),

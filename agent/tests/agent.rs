@@ -9,7 +9,8 @@ use std::time::{Duration, SystemTime};
 
 use agent::agent::{Agent, AgentError};
 use agent::metrics::AgentMetrics;
-use common::{agent_config, eventually, run_agent, start_ca};
+use common::{agent_config, run_agent, start_ca};
+use integration::eventually_async;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_start_attests_then_entries_become_workload_svids() {
@@ -188,33 +189,36 @@ async fn a_ca_outage_is_survived_and_caught_up_without_a_restart() {
         &["unix:uid:1000"],
     )
     .await;
-    assert!(eventually(Duration::from_secs(15), || !rx.borrow().svids.is_empty()).await);
+    eventually_async("the workload SVID", Duration::from_secs(15), async || {
+        !rx.borrow().svids.is_empty()
+    })
+    .await;
     let first = rx.borrow().svids[0].not_after;
 
     ca.stop().await;
     // Longer than a renewal period (half of 20 s): renewals fail and back off...
-    assert!(
-        eventually(Duration::from_secs(15), || agent
-            .metrics
-            .renewals("workload", "ca_unreachable")
-            >= 2)
-        .await,
-        "failed renewals are counted"
-    );
+    eventually_async(
+        "failed renewals are counted",
+        Duration::from_secs(15),
+        async || agent.metrics.renewals("workload", "ca_unreachable") >= 2,
+    )
+    .await;
     // ...while the current SVID is still served.
     assert_eq!(rx.borrow().svids.len(), 1);
     assert_eq!(rx.borrow().svids[0].not_after, first);
 
     let _ca = start_ca(&ca_dir, addr, short).await;
-    assert!(
-        eventually(Duration::from_secs(20), || rx
-            .borrow()
-            .svids
-            .first()
-            .is_some_and(|s| s.not_after > first))
-        .await,
-        "renewed by itself once the CA returned"
-    );
+    eventually_async(
+        "renewed by itself once the CA returned",
+        Duration::from_secs(20),
+        async || {
+            rx.borrow()
+                .svids
+                .first()
+                .is_some_and(|s| s.not_after > first)
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -282,7 +286,10 @@ async fn admin_reports_readiness_and_metrics() {
         &["unix:uid:1000"],
     )
     .await;
-    assert!(eventually(Duration::from_secs(15), || !rx.borrow().svids.is_empty()).await);
+    eventually_async("the workload SVID", Duration::from_secs(15), async || {
+        !rx.borrow().svids.is_empty()
+    })
+    .await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let api = std::sync::Arc::new(agent::workload_api::WorkloadApiMetrics::new());
@@ -353,8 +360,10 @@ async fn admin_reports_readiness_and_metrics() {
     .expect("a connection past the cap is closed at accept");
     assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
     held.pop();
-    assert!(
-        eventually(Duration::from_secs(10), || {
+    eventually_async(
+        "the admin endpoint to serve again once a slot is free",
+        Duration::from_secs(10),
+        async || {
             std::net::TcpStream::connect(addr).is_ok_and(|mut s| {
                 use std::io::{Read as _, Write as _};
                 let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
@@ -365,9 +374,9 @@ async fn admin_reports_readiness_and_metrics() {
                     && out.starts_with("HTTP/1.")
                     && out.contains(" 200 ")
             })
-        })
-        .await
-    );
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -397,13 +406,18 @@ async fn a_bundle_change_on_the_ca_reaches_workloads_without_a_restart() {
         &["unix:uid:1000"],
     )
     .await;
-    assert!(eventually(Duration::from_secs(15), || !rx.borrow().svids.is_empty()).await);
+    eventually_async("the workload SVID", Duration::from_secs(15), async || {
+        !rx.borrow().svids.is_empty()
+    })
+    .await;
     let before = rx.borrow().bundle.sequence();
-    assert!(
-        eventually(Duration::from_secs(75), || rx.borrow().bundle.sequence()
-            > before
-            && rx.borrow().bundle.jwt_authorities().len() >= 2)
-        .await,
-        "the new bundle was published to workloads"
-    );
+    eventually_async(
+        "the new bundle was published to workloads",
+        Duration::from_secs(75),
+        async || {
+            rx.borrow().bundle.sequence() > before
+                && rx.borrow().bundle.jwt_authorities().len() >= 2
+        },
+    )
+    .await;
 }

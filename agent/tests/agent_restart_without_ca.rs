@@ -16,7 +16,8 @@ use agent::attest::Attestor;
 use agent::metrics::AgentMetrics;
 use agent::snapshot::SnapshotRx;
 use agent::workload_api::{self, Limits, WorkloadApiMetrics};
-use common::{agent_config, eventually, start_ca};
+use common::{agent_config, start_ca};
+use integration::eventually_async;
 use spiffe::{WorkloadApiClient, WorkloadApiError};
 use tokio_util::sync::CancellationToken;
 
@@ -104,15 +105,12 @@ async fn a_restarted_agent_serves_the_kept_svid_without_a_ca_until_it_expires() 
         &[&me()],
     )
     .await;
-    assert!(
-        eventually(Duration::from_secs(15), || !first
-            .rx
-            .borrow()
-            .svids
-            .is_empty())
-        .await,
-        "the agent got the workload SVID"
-    );
+    eventually_async(
+        "the agent got the workload SVID",
+        Duration::from_secs(15),
+        async || !first.rx.borrow().svids.is_empty(),
+    )
+    .await;
     let files = stored_files(&adir);
     assert_eq!(files.len(), 1, "one stored SVID: {files:?}");
     assert_eq!(
@@ -156,10 +154,10 @@ async fn a_restarted_agent_serves_the_kept_svid_without_a_ca_until_it_expires() 
         .duration_since(SystemTime::now())
         .unwrap_or_default()
         + Duration::from_secs(15);
-    assert!(
-        eventually(wait, || second.rx.borrow().svids.is_empty()).await,
-        "an expired SVID is never served"
-    );
+    eventually_async("an expired SVID is never served", wait, async || {
+        second.rx.borrow().svids.is_empty()
+    })
+    .await;
     let err = tokio::time::timeout(Duration::from_secs(10), client.fetch_x509_svid())
         .await
         .unwrap()
@@ -202,14 +200,10 @@ async fn an_svid_whose_entry_was_withdrawn_is_not_served_after_a_restart() {
             &[&me()],
         )
         .await;
-    assert!(
-        eventually(Duration::from_secs(15), || !first
-            .rx
-            .borrow()
-            .svids
-            .is_empty())
-        .await
-    );
+    eventually_async("the workload SVID", Duration::from_secs(15), async || {
+        !first.rx.borrow().svids.is_empty()
+    })
+    .await;
     assert_eq!(stored_files(&adir).len(), 1);
 
     let id = entry["id"].as_str().unwrap();
@@ -217,15 +211,12 @@ async fn an_svid_whose_entry_was_withdrawn_is_not_served_after_a_restart() {
         .call(hyper::Method::DELETE, &format!("/entries/{id}"), None)
         .await
         .unwrap();
-    assert!(
-        eventually(Duration::from_secs(20), || first
-            .rx
-            .borrow()
-            .svids
-            .is_empty())
-        .await,
-        "the withdrawn entry's SVID is dropped"
-    );
+    eventually_async(
+        "the withdrawn entry's SVID is dropped",
+        Duration::from_secs(20),
+        async || first.rx.borrow().svids.is_empty(),
+    )
+    .await;
     assert!(stored_files(&adir).is_empty(), "and its file removed");
 
     ca.stop().await;

@@ -18,57 +18,37 @@ use ca_api::link::{self as ca_link, LinkError};
 use ca_api::replicas::CaSet;
 use http_body_util::Full;
 use hyper::Method;
-use identity::x509::{intermediate_params, root_params, svid_params};
-use identity::{Svid, TrustBundle, TrustDomain};
-use rcgen::{Issuer, KeyPair};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use identity::{Svid, TrustBundle};
+use rustls_pki_types::PrivateKeyDer;
 use tokio::net::TcpListener;
 
 const HOUR: Duration = Duration::from_secs(3600);
 /// Short, so the silent replica costs little; far above what a loopback call takes.
 const ATTEMPT: Duration = Duration::from_secs(2);
 
-struct Pki {
-    td: TrustDomain,
-    root: CertificateDer<'static>,
-    intermediate: CertificateDer<'static>,
-    issuer: Issuer<'static, KeyPair>,
-}
+/// The kit's PKI for example.org (root and intermediate valid from an hour ago for a day), with
+/// the SVIDs the replicas and the node present.
+struct Pki(integration::pki::Pki);
 
 impl Pki {
     fn new() -> Self {
-        let td = TrustDomain::new("example.org").unwrap();
-        let (nb, na) = (SystemTime::now() - HOUR, SystemTime::now() + 24 * HOUR);
-        let root_key = KeyPair::generate().unwrap();
-        let rp = root_params(&td, "test root", nb, na).unwrap();
-        let root = rp.self_signed(&root_key).unwrap().der().clone();
-        let root_issuer = Issuer::new(rp, root_key);
-        let ikey = KeyPair::generate().unwrap();
-        let ip = intermediate_params(&td, "test signer", nb, na).unwrap();
-        let intermediate = ip.signed_by(&ikey, &root_issuer).unwrap().der().clone();
-        Self {
-            td,
-            root,
-            intermediate,
-            issuer: Issuer::new(ip, ikey),
-        }
+        let now = SystemTime::now();
+        Self(integration::pki::Pki::valid(
+            "example.org",
+            now - HOUR,
+            now + 24 * HOUR,
+        ))
     }
 
     fn svid(&self, path: &str) -> Svid {
-        let id = self.td.id_with_path(path).unwrap();
+        let id = self.0.td.id_with_path(path).unwrap();
         let now = SystemTime::now();
-        let params = svid_params(&id, &[], &[], now - HOUR, now + HOUR).unwrap();
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap().der().clone();
-        Svid::new(
-            vec![cert, self.intermediate.clone()],
-            PrivatePkcs8KeyDer::from(key.serialize_der()),
-        )
-        .unwrap()
+        let (chain, key) = self.0.svid_for(&id, now - HOUR, now + HOUR);
+        integration::pki::to_svid(chain, &key)
     }
 
     fn bundle(&self) -> Arc<TrustBundle> {
-        Arc::new(TrustBundle::from_roots(self.td.clone(), vec![self.root.clone()]).unwrap())
+        Arc::new(self.0.bundle())
     }
 }
 
@@ -280,8 +260,10 @@ async fn an_agent_given_a_dead_replica_first_attests_through_the_live_one() {
         &["unix:uid:1000"],
     )
     .await;
-    assert!(
-        common::eventually(Duration::from_secs(15), || !rx.borrow().svids.is_empty()).await,
-        "the workload SVID came through the live replica"
-    );
+    integration::eventually_async(
+        "the workload SVID through the live replica",
+        Duration::from_secs(15),
+        async || !rx.borrow().svids.is_empty(),
+    )
+    .await;
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use agent::attest::{AttestError, Attestor, Caller, FileId, PeerCred, SelectorPlugin};
 use agent::docker::{DockerError, DockerPlugin};
@@ -18,6 +18,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use integration::eventually_async;
 use tokio::net::UnixListener;
 use tokio::task::JoinHandle;
 
@@ -377,17 +378,20 @@ async fn oversized_answer_is_refused() {
     assert!(big.container_selectors(ID).await.is_ok());
 }
 
-#[tokio::test]
+// Paused time: the wait is measured on tokio's clock, which only the timers move, so the
+// bound below holds however busy the machine is.
+#[tokio::test(start_paused = true)]
 async fn silent_engine_times_out() {
     let engine = FakeEngine::start(Mode::Hang);
     let plugin = engine.plugin().with_timeout(Duration::from_millis(300));
-    let started = Instant::now();
+    let started = tokio::time::Instant::now();
     let err = plugin.container_selectors(ID).await.unwrap_err();
     assert!(matches!(err, DockerError::Timeout(_)), "{err}");
+    // The configured 300 ms, not the 2 s default.
+    let waited = started.elapsed();
     assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "{:?}",
-        started.elapsed()
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(2),
+        "{waited:?}"
     );
     assert!(matches!(
         plugin.api_version().await.unwrap_err(),
@@ -570,21 +574,15 @@ async fn real_namespaces_bind_the_caller_to_the_container() {
         .unwrap();
     // The sleep is unshare's child, in the new namespaces.
     let children = format!("/proc/{0}/task/{0}/children", unshare.id());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let main_pid: u32 = loop {
+    let main_pid: u32 = eventually_async("unshare's child", Duration::from_secs(10), async || {
         let text = std::fs::read_to_string(&children).unwrap_or_default();
-        if let Some(pid) = text.split_whitespace().next() {
-            let pid: u32 = pid.parse().unwrap();
-            // Wait for the exec, so that its namespaces are the final ones.
-            if std::fs::read_link(format!("/proc/{pid}/exe"))
-                .is_ok_and(|e| e.to_string_lossy().ends_with("sleep"))
-            {
-                break pid;
-            }
-        }
-        assert!(Instant::now() < deadline, "unshare started no child");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+        let pid: u32 = text.split_whitespace().next()?.parse().unwrap();
+        // Wait for the exec, so that its namespaces are the final ones.
+        std::fs::read_link(format!("/proc/{pid}/exe"))
+            .is_ok_and(|e| e.to_string_lossy().ends_with("sleep"))
+            .then_some(pid)
+    })
+    .await;
     let engine = FakeEngine::start(Mode::Normal);
     engine.set_main_pid(i64::from(main_pid));
     let plugin = engine.plugin();

@@ -2,8 +2,9 @@
 //! watcher's rewrites and hooks, and what happens when the agent goes away.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::future::Future;
-use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,79 +17,23 @@ use agent::fetch::{
 };
 use agent::snapshot::{JwtSource, Snapshot, SnapshotRx, SnapshotTx, WorkloadSvid};
 use agent::workload_api::{self, Limits, Method, WorkloadApiMetrics};
+use common::{WorkloadPki as Pki, me, someone_else};
 use identity::workload_client::WorkloadClientError;
-use identity::x509::{intermediate_params, root_params, svid_params};
-use identity::{SpiffeId, Svid, TrustBundle, TrustDomain, verify_x509_svid};
-use rcgen::{Issuer, KeyPair};
-use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
+use identity::{SpiffeId, Svid, TrustBundle, verify_x509_svid};
+use integration::eventually_async;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-const HOUR: Duration = Duration::from_secs(3600);
 const WAIT: Duration = Duration::from_secs(20);
 
-/// An in-memory PKI: root -> intermediate -> leaves.
-struct Pki {
-    td: TrustDomain,
-    root: CertificateDer<'static>,
-    intermediate: CertificateDer<'static>,
-    issuer: Issuer<'static, KeyPair>,
-}
-
+/// The kit's PKI, with the snapshots the agent publishes.
 impl Pki {
-    fn new(td: &str) -> Self {
-        let td = TrustDomain::new(td).unwrap();
-        let (nb, na) = (SystemTime::now() - HOUR, SystemTime::now() + 24 * HOUR);
-        let root_key = KeyPair::generate().unwrap();
-        let rp = root_params(&td, "test root", nb, na).unwrap();
-        let root = rp.self_signed(&root_key).unwrap().der().clone();
-        let root_issuer = Issuer::new(rp, root_key);
-        let ikey = KeyPair::generate().unwrap();
-        let ip = intermediate_params(&td, "test signer", nb, na).unwrap();
-        let intermediate = ip.signed_by(&ikey, &root_issuer).unwrap().der().clone();
-        Self {
-            td,
-            root,
-            intermediate,
-            issuer: Issuer::new(ip, ikey),
-        }
-    }
-
-    /// A workload SVID for `path` granted to callers with all of `selectors`; a new key each
-    /// call, so two calls are a rotation.
-    fn svid(&self, path: &str, selectors: &[String]) -> Arc<WorkloadSvid> {
-        let id = self.td.id_with_path(path).unwrap();
-        let now = SystemTime::now();
-        let params = svid_params(
-            &id,
-            &[],
-            &[] as &[IpAddr],
-            now - Duration::from_secs(30),
-            now + HOUR,
-        )
-        .unwrap();
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap().der().clone();
-        Arc::new(WorkloadSvid {
-            entry_id: format!("entry-{path}"),
-            spiffe_id: id,
-            selectors: selectors.to_vec(),
-            chain: vec![cert, self.intermediate.clone()],
-            key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
-            not_after: now + HOUR,
-        })
-    }
-
-    fn bundle(&self) -> Arc<TrustBundle> {
-        Arc::new(TrustBundle::from_roots(self.td.clone(), vec![self.root.clone()]).unwrap())
-    }
-
     fn snapshot(&self, version: u64, svids: Vec<Arc<WorkloadSvid>>) -> Arc<Snapshot> {
         Arc::new(Snapshot {
             version,
             svids,
-            bundle: self.bundle(),
+            bundle: Arc::new(self.bundle()),
         })
     }
 }
@@ -104,18 +49,6 @@ impl JwtSource for NoJwt {
     ) -> Result<(String, SystemTime), String> {
         Err("no jwt in these tests".to_owned())
     }
-}
-
-/// The selector every test process has.
-fn me() -> String {
-    format!("unix:uid:{}", nix::unistd::getuid())
-}
-
-fn someone_else() -> String {
-    format!(
-        "unix:uid:{}",
-        nix::unistd::getuid().as_raw().wrapping_add(4242)
-    )
 }
 
 /// A Workload API server on `socket`, until its token is cancelled.
@@ -207,18 +140,6 @@ impl Harness {
 
 async fn within<F: Future>(f: F) -> F::Output {
     tokio::time::timeout(WAIT, f).await.expect("timed out")
-}
-
-/// Polls `f` until it is true; fails the test after WAIT.
-async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !f() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn mode(path: &Path) -> u32 {
@@ -438,7 +359,7 @@ async fn watch_rewrites_on_rotation_and_runs_the_hook() {
     let first = within(writes.recv()).await.unwrap();
     assert!(first.changed);
     let before = read_layout(&dir, &h.pki);
-    eventually("the first hook run", || lines(&hook_log) == 1).await;
+    eventually_async("the first hook run", WAIT, async || lines(&hook_log) == 1).await;
     assert_eq!(
         std::fs::read_to_string(&hook_log).unwrap().trim(),
         dir.display().to_string()
@@ -458,7 +379,7 @@ async fn watch_rewrites_on_rotation_and_runs_the_hook() {
         before.key().secret_pkcs8_der(),
         after.key().secret_pkcs8_der()
     );
-    eventually("the second hook run", || lines(&hook_log) == 2).await;
+    eventually_async("the second hook run", WAIT, async || lines(&hook_log) == 2).await;
 
     // A change that is not ours (another workload's SVID) rewrites nothing.
     let mut svids = h.tx.borrow().svids.clone();
@@ -467,7 +388,7 @@ async fn watch_rewrites_on_rotation_and_runs_the_hook() {
     h.publish(vec![h.pki.svid("/web", &[me()])]);
     let third = within(writes.recv()).await.unwrap();
     assert_ne!(third.not_after, "");
-    eventually("the third hook run", || lines(&hook_log) == 3).await;
+    eventually_async("the third hook run", WAIT, async || lines(&hook_log) == 3).await;
     assert!(writes.try_recv().is_err());
 
     stop.cancel();
@@ -505,7 +426,7 @@ async fn watch_keeps_the_files_while_the_agent_is_gone_and_reconnects() {
     let dir = opts.fetch.write_dir.clone();
     let (mut writes, stop, task) = spawn_watch(opts);
     within(writes.recv()).await.unwrap();
-    eventually("the first hook run", || lines(&hook_log) == 1).await;
+    eventually_async("the first hook run", WAIT, async || lines(&hook_log) == 1).await;
     let creds = std::fs::read(dir.join(CREDENTIAL_BUNDLE)).unwrap();
 
     server.stop().await;
@@ -529,7 +450,10 @@ async fn watch_keeps_the_files_while_the_agent_is_gone_and_reconnects() {
     assert!(rewritten.changed);
     assert_ne!(std::fs::read(dir.join(CREDENTIAL_BUNDLE)).unwrap(), creds);
     read_layout(&dir, &h.pki);
-    eventually("the hook after reconnecting", || lines(&hook_log) == 2).await;
+    eventually_async("the hook after reconnecting", WAIT, async || {
+        lines(&hook_log) == 2
+    })
+    .await;
 
     stop.cancel();
     within(task).await.unwrap().unwrap();
@@ -548,7 +472,7 @@ async fn watch_keeps_the_files_when_the_entry_goes_away() {
 
     // The entry is deleted: the stream ends with PermissionDenied, and so do the retries.
     h.publish(vec![h.pki.svid("/web", &[someone_else()])]);
-    eventually("the watcher retrying without an entry", || {
+    eventually_async("the watcher retrying without an entry", WAIT, async || {
         server
             .metrics
             .count(Method::FetchX509Svid, tonic::Code::PermissionDenied)

@@ -6,23 +6,20 @@
 //! `.ci/run` installs them. Without them the test says SKIPPED, except under `CI=true`.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::future::Future;
-use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use agent::attest::Attestor;
-use agent::snapshot::{JwtSource, Snapshot, WorkloadSvid};
+use agent::snapshot::{JwtSource, Snapshot};
 use agent::workload_api::{self, Limits, WorkloadApiMetrics};
-use identity::x509::{intermediate_params, root_params, svid_params};
-use identity::{SpiffeId, TrustBundle, TrustDomain};
-use rcgen::{Issuer, KeyPair};
-use rustls_pki_types::PrivatePkcs8KeyDer;
+use common::{WorkloadPki, me};
+use identity::SpiffeId;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-
-const HOUR: Duration = Duration::from_secs(3600);
 
 /// JWT-SVIDs are not asked for here.
 struct NoJwt;
@@ -39,34 +36,11 @@ impl JwtSource for NoJwt {
 
 /// A snapshot with one SVID, `spiffe://example.org/web`, granted to this process's uid.
 fn snapshot() -> Snapshot {
-    let td = TrustDomain::new("example.org").unwrap();
-    let now = SystemTime::now();
-    let (nb, na) = (now - HOUR, now + 24 * HOUR);
-    let root_key = KeyPair::generate().unwrap();
-    let rp = root_params(&td, "test root", nb, na).unwrap();
-    let root = rp.self_signed(&root_key).unwrap().der().clone();
-    let root_issuer = Issuer::new(rp, root_key);
-    let ikey = KeyPair::generate().unwrap();
-    let ip = intermediate_params(&td, "test signer", nb, na).unwrap();
-    let intermediate = ip.signed_by(&ikey, &root_issuer).unwrap().der().clone();
-    let issuer = Issuer::new(ip, ikey);
-
-    let id = td.id_with_path("/web").unwrap();
-    let params = svid_params(&id, &[], &[] as &[IpAddr], nb, now + HOUR).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, &issuer).unwrap().der().clone();
-    let svid = WorkloadSvid {
-        entry_id: "entry-web".to_owned(),
-        spiffe_id: id,
-        selectors: vec![format!("unix:uid:{}", nix::unistd::getuid())],
-        chain: vec![cert, intermediate],
-        key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
-        not_after: now + HOUR,
-    };
+    let pki = WorkloadPki::new("example.org");
     Snapshot {
         version: 1,
-        svids: vec![Arc::new(svid)],
-        bundle: Arc::new(TrustBundle::from_roots(td, vec![root]).unwrap()),
+        svids: vec![pki.svid("/web", &[me()])],
+        bundle: Arc::new(pki.bundle()),
     }
 }
 

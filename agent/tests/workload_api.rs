@@ -2,8 +2,9 @@
 //! crate) and, for what no proper client sends, by raw HTTP/2.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::future::Future;
-use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,12 +15,11 @@ use agent::attest::Attestor;
 use agent::snapshot::{JwtSource, Snapshot, SnapshotTx, WorkloadSvid};
 use agent::workload_api::{self, Limits, Method, WorkloadApiMetrics};
 use bytes::Bytes;
+use common::{WorkloadPki as Pki, me, someone_else};
 use futures_util::StreamExt;
 use identity::jwt::JwtSigner;
-use identity::x509::{intermediate_params, root_params, svid_params};
-use identity::{SpiffeId, TrustBundle, TrustDomain};
-use rcgen::{Issuer, KeyPair};
-use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
+use identity::{SpiffeId, TrustBundle};
+use integration::eventually_async;
 use spiffe::{WorkloadApiClient, WorkloadApiError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -31,57 +31,8 @@ use tonic::Code;
 const HOUR: Duration = Duration::from_secs(3600);
 const WAIT: Duration = Duration::from_secs(20);
 
-/// An in-memory PKI: root -> intermediate -> leaves.
-struct Pki {
-    td: TrustDomain,
-    root: CertificateDer<'static>,
-    intermediate: CertificateDer<'static>,
-    issuer: Issuer<'static, KeyPair>,
-}
-
+/// The kit's PKI, with the JWT authority of the fake CA in its bundle.
 impl Pki {
-    fn new(td: &str) -> Self {
-        let td = TrustDomain::new(td).unwrap();
-        let (nb, na) = (SystemTime::now() - HOUR, SystemTime::now() + 24 * HOUR);
-        let root_key = KeyPair::generate().unwrap();
-        let rp = root_params(&td, "test root", nb, na).unwrap();
-        let root = rp.self_signed(&root_key).unwrap().der().clone();
-        let root_issuer = Issuer::new(rp, root_key);
-        let ikey = KeyPair::generate().unwrap();
-        let ip = intermediate_params(&td, "test signer", nb, na).unwrap();
-        let intermediate = ip.signed_by(&ikey, &root_issuer).unwrap().der().clone();
-        Self {
-            td,
-            root,
-            intermediate,
-            issuer: Issuer::new(ip, ikey),
-        }
-    }
-
-    /// A workload SVID for `path` granted to callers with all of `selectors`.
-    fn svid(&self, path: &str, selectors: &[String]) -> Arc<WorkloadSvid> {
-        let id = self.td.id_with_path(path).unwrap();
-        let now = SystemTime::now();
-        let params = svid_params(
-            &id,
-            &[],
-            &[] as &[IpAddr],
-            now - Duration::from_secs(30),
-            now + HOUR,
-        )
-        .unwrap();
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap().der().clone();
-        Arc::new(WorkloadSvid {
-            entry_id: format!("entry-{path}"),
-            spiffe_id: id,
-            selectors: selectors.to_vec(),
-            chain: vec![cert, self.intermediate.clone()],
-            key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
-            not_after: now + HOUR,
-        })
-    }
-
     fn bundle(&self, signer: &JwtSigner) -> Arc<TrustBundle> {
         let mut bundle = TrustBundle::from_roots(self.td.clone(), vec![self.root.clone()]).unwrap();
         bundle.add_jwt_authority(signer.authority());
@@ -105,19 +56,6 @@ impl JwtSource for FakeJwt {
             .map_err(|e| e.to_string());
         async move { minted }
     }
-}
-
-/// The selector every test process has.
-fn me() -> String {
-    format!("unix:uid:{}", nix::unistd::getuid())
-}
-
-/// A uid no test runs as.
-fn someone_else() -> String {
-    format!(
-        "unix:uid:{}",
-        nix::unistd::getuid().as_raw().wrapping_add(4242)
-    )
 }
 
 struct Harness {
@@ -510,10 +448,8 @@ async fn a_thousand_streams_on_one_connection_are_capped() {
             }
         }));
     }
-    within(async {
-        while answered.load(Ordering::SeqCst) + 1 < 100 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    eventually_async("99 more streams answered", WAIT, async || {
+        answered.load(Ordering::SeqCst) + 1 >= 100
     })
     .await;
     assert_eq!(h.metrics.open_streams(), 100);
@@ -529,10 +465,8 @@ async fn a_thousand_streams_on_one_connection_are_capped() {
         task.abort();
     }
     drop((first, conn, held));
-    within(async {
-        while h.metrics.open_streams() > 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    eventually_async("no stream left", WAIT, async || {
+        h.metrics.open_streams() == 0
     })
     .await;
     h.stop().await;
@@ -562,10 +496,8 @@ async fn total_stream_cap_answers_resource_exhausted() {
 
     // A stream closes: its slot is free again.
     streams.pop();
-    within(async {
-        while h.metrics.open_streams() > 2 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    eventually_async("a stream slot back", WAIT, async || {
+        h.metrics.open_streams() <= 2
     })
     .await;
     let mut s = within(client.stream_x509_contexts()).await.unwrap();
@@ -849,16 +781,10 @@ async fn child_uses_the_inherited_socket() {
     };
     let trusted = std::fs::metadata(trusted).unwrap();
     let parent_exe = format!("/proc/{parent}/exe");
-    within(async {
-        loop {
-            if let Ok(m) = std::fs::metadata(&parent_exe) {
-                use std::os::unix::fs::MetadataExt;
-                if (m.dev(), m.ino()) == (trusted.dev(), trusted.ino()) {
-                    return;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+    eventually_async("the parent to run the trusted binary", WAIT, async || {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&parent_exe)
+            .is_ok_and(|m| (m.dev(), m.ino()) == (trusted.dev(), trusted.ino()))
     })
     .await;
     let fd = std::io::stdin().as_fd().try_clone_to_owned().unwrap();
@@ -914,10 +840,8 @@ async fn exec_after_connect_gets_no_svid() {
     };
     while next_line().await != "CHILD-CONNECTED" {}
     // The agent accepted the connection (and pinned the caller's executable, `evil`).
-    within(async {
-        while h.metrics.connections() < 1 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+    eventually_async("the agent to accept the connection", WAIT, async || {
+        h.metrics.connections() >= 1
     })
     .await;
     let mut stdin = parent.stdin.take().unwrap();
@@ -966,14 +890,11 @@ async fn unix_path_is_withheld_when_the_path_names_another_file() {
     std::fs::copy("/bin/sleep", &bin).unwrap();
     let mut child = std::process::Command::new(&bin).arg("30").spawn().unwrap();
     let pid = child.id() as i32;
-    within(async {
-        while std::fs::read_link(format!("/proc/{pid}/exe"))
+    eventually_async("the child to run the copied binary", WAIT, async || {
+        std::fs::read_link(format!("/proc/{pid}/exe"))
             .ok()
             .as_deref()
-            != Some(&bin)
-        {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+            == Some(&bin)
     })
     .await;
     let uid = nix::unistd::getuid().as_raw();
@@ -1050,16 +971,6 @@ fn silent_child(setpriv: &str, socket: &Path, n: usize) -> tokio::process::Child
         .unwrap()
 }
 
-async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
-    tokio::time::timeout(WAIT, async {
-        while !done() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
-}
-
 /// The attack: one local user opens many connections and sends nothing. Past its per-uid cap
 /// they are closed at accept, and those it holds are cut at the first-request deadline; another
 /// uid is served meanwhile, and the total cap holds for everyone.
@@ -1079,7 +990,7 @@ async fn silent_connections_from_one_uid_are_capped_and_cut() {
     });
     std::fs::set_permissions(h.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let child = silent_child(setpriv, &h.socket, 20);
-    eventually("16 connections refused, 4 held", || {
+    eventually_async("16 connections refused, 4 held", WAIT, async || {
         h.metrics.refusals("connections_per_uid_cap") == 16 && h.metrics.connections() == 4
     })
     .await;
@@ -1090,7 +1001,7 @@ async fn silent_connections_from_one_uid_are_capped_and_cut() {
     // The total cap: two more are let in, the third is closed at once.
     let _a = UnixStream::connect(&h.socket).await.unwrap();
     let _b = UnixStream::connect(&h.socket).await.unwrap();
-    eventually("7 connections", || h.metrics.connections() == 7).await;
+    eventually_async("7 connections", WAIT, async || h.metrics.connections() == 7).await;
     let mut c = UnixStream::connect(&h.socket).await.unwrap();
     let mut sink = Vec::new();
     within(c.read_to_end(&mut sink)).await.unwrap();
@@ -1113,7 +1024,10 @@ async fn silent_connections_from_one_uid_are_capped_and_cut() {
         .into_owned();
     assert!(out.contains("CHILD-RESULT closed 4"), "{out}");
     assert_eq!(h.metrics.refusals("first_request_deadline"), 4);
-    eventually("no connection left", || h.metrics.connections() == 0).await;
+    eventually_async("no connection left", WAIT, async || {
+        h.metrics.connections() == 0
+    })
+    .await;
     // A client that asks in time is served as usual.
     let client = h.client().await;
     within(client.fetch_x509_svid()).await.unwrap();
@@ -1143,7 +1057,10 @@ async fn streams_per_uid_are_capped() {
     assert_eq!(code_of(&err), Some(Code::ResourceExhausted), "{err:?}");
     assert_eq!(h.metrics.refusals("streams_per_uid_cap"), 1);
     streams.pop();
-    eventually("a stream slot back", || h.metrics.open_streams() == 2).await;
+    eventually_async("a stream slot back", WAIT, async || {
+        h.metrics.open_streams() == 2
+    })
+    .await;
     let mut s = within(other.stream_x509_contexts()).await.unwrap();
     within(s.next()).await.unwrap().unwrap();
     h.stop().await;
@@ -1210,7 +1127,7 @@ async fn an_oversized_header_block_is_refused_by_the_shim() {
     let _ = raw.write_all(&bytes).await;
     let mut sink = Vec::new();
     let _ = within(raw.read_to_end(&mut sink)).await;
-    eventually("the refusal counted", || {
+    eventually_async("the refusal counted", WAIT, async || {
         h.metrics.refusals("http2_header_list_too_large") == 1
     })
     .await;

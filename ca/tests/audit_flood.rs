@@ -249,13 +249,17 @@ async fn the_audit_head_is_exported_as_a_metric() {
     let head = ca.running.ca.store.audit_head().await.unwrap().unwrap();
     assert!(head.seq > 0);
     // The maintenance loop exports it every few seconds.
-    let mut exported = 0.0;
-    for _ in 0..100 {
-        exported = metric(&ca.metrics().await, "kith_ca_audit_head_seq");
+    let within = std::time::Duration::from_secs(20);
+    integration::eventually_async("the audit head in the metrics", within, async || {
+        let exported = metric(&ca.metrics().await, "kith_ca_audit_head_seq");
         if exported == head.seq as f64 {
-            break;
+            Ok(())
+        } else {
+            Err(format!(
+                "kith_ca_audit_head_seq {exported}, head {}",
+                head.seq
+            ))
         }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
-    assert_eq!(exported, head.seq as f64);
+    })
+    .await;
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use ca::store::{AuditEvent, JoinToken, Store, Write};
 use common::{Svid, TestCa, csr, csr_with, start_ca};
+use integration::eventually_async;
 use rcgen::{BasicConstraints, IsCa, SanType};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
@@ -399,8 +400,8 @@ async fn a_slow_client_is_cut_off() {
     )
     .await;
     assert!(read.is_ok(), "the CA closed the slow connection");
-    // Headers sent, body never finished: 408 with its code.
-    let started = std::time::Instant::now();
+    // Headers sent, body never finished: 408 with its code, before the read gives up (5 s, ten
+    // times the request timeout).
     let tcp = tokio::net::TcpStream::connect(&ca.addr).await.unwrap();
     let cfg = ca_api::client::client_config(ca.bundle(), None).unwrap();
     let name = rustls_pki_types::ServerName::try_from("kith-ca").unwrap();
@@ -420,7 +421,6 @@ async fn a_slow_client_is_cut_off() {
     let text = String::from_utf8_lossy(&buf);
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
     assert!(text.contains("request_timeout"));
-    assert!(started.elapsed() < Duration::from_secs(5));
     // The CA still serves others. (Idle keep-alive connections are closed after the same
     // timeout, so this one is opened now.)
     let (s, _) = ca.anon().await.get_json("/v1/bundle").await.unwrap();
@@ -446,13 +446,10 @@ async fn connections_past_the_limit_get_429() {
     );
     drop(held);
     // Once they go, new connections are served again.
-    let mut ok = false;
-    for _ in 0..50 {
-        if ca.anon().await.get_json("/v1/bundle").await.unwrap().0 == 200 {
-            ok = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(ok);
+    eventually_async(
+        "a new connection served once the held ones went",
+        Duration::from_secs(2),
+        async || ca.anon().await.get_json("/v1/bundle").await.unwrap().0 == 200,
+    )
+    .await;
 }

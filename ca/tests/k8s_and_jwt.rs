@@ -10,30 +10,10 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ca::store::Store;
 use common::{TestCa, csr, start_ca};
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use ring::rand::SystemRandom;
-use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
+use integration::ClusterKey as SaKey;
 use serde_json::{Value, json};
 
 const ISS: &str = "https://kubernetes.default.svc.cluster.local";
-
-struct SaKey {
-    enc: EncodingKey,
-    jwk: Value,
-}
-
-fn sa_key(kid: &str) -> SaKey {
-    let rng = SystemRandom::new();
-    let der = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
-    let pair =
-        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der.as_ref(), &rng).unwrap();
-    let p = pair.public_key().as_ref().to_vec();
-    SaKey {
-        enc: EncodingKey::from_ec_der(der.as_ref()),
-        jwk: json!({"kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": kid,
-                    "x": URL_SAFE_NO_PAD.encode(&p[1..33]), "y": URL_SAFE_NO_PAD.encode(&p[33..])}),
-    }
-}
 
 fn now_secs() -> u64 {
     SystemTime::now()
@@ -55,9 +35,7 @@ fn claims(edit: impl FnOnce(&mut Value)) -> Value {
 }
 
 fn token(key: &SaKey, kid: &str, claims: &Value) -> String {
-    let mut h = Header::new(Algorithm::ES256);
-    h.kid = Some(kid.into());
-    jsonwebtoken::encode(&h, claims, &key.enc).unwrap()
+    key.sign(kid, claims)
 }
 
 async fn k8s_ca(key: &SaKey) -> TestCa {
@@ -83,7 +61,7 @@ async fn attest(ca: &TestCa, token: &str) -> (u16, Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_token_buys_the_pods_svid() {
-    let key = sa_key("k1");
+    let key = SaKey::with_kid("k1");
     let ca = k8s_ca(&key).await;
     let (s, v) = attest(&ca, &token(&key, "k1", &claims(|_| {}))).await;
     assert_eq!(s, 200, "{v}");
@@ -101,8 +79,8 @@ async fn a_pod_token_buys_the_pods_svid() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_pod_tokens_are_refused_each_with_its_code() {
-    let key = sa_key("k1");
-    let stranger = sa_key("k1");
+    let key = SaKey::with_kid("k1");
+    let stranger = SaKey::with_kid("k1");
     let ca = k8s_ca(&key).await;
     let old = now_secs() - 7200;
     let none_header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","kid":"k1"}"#);

@@ -16,31 +16,11 @@ use bytes::Bytes;
 use common::{TestCa, csr, start_ca};
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::TokioIo;
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use ring::rand::SystemRandom;
-use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
+use integration::ClusterKey as SaKey;
 use serde_json::{Value, json};
 
 /// A generous bound that only keeps a broken server from hanging the test.
 const BOUND: Duration = Duration::from_secs(60);
-
-struct SaKey {
-    enc: EncodingKey,
-    jwk: Value,
-}
-
-fn sa_key(kid: &str) -> SaKey {
-    let rng = SystemRandom::new();
-    let der = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
-    let pair =
-        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der.as_ref(), &rng).unwrap();
-    let p = pair.public_key().as_ref().to_vec();
-    SaKey {
-        enc: EncodingKey::from_ec_der(der.as_ref()),
-        jwk: json!({"kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": kid,
-                    "x": URL_SAFE_NO_PAD.encode(&p[1..33]), "y": URL_SAFE_NO_PAD.encode(&p[33..])}),
-    }
-}
 
 fn now_secs() -> u64 {
     SystemTime::now()
@@ -58,9 +38,7 @@ fn token(key: &SaKey, kid: &str, iss: &str, pod: &str, age: u64, exp: u64) -> St
         "kubernetes.io": {"namespace": "payments", "pod": {"name": pod, "uid": format!("uid-{pod}")},
                           "serviceaccount": {"name": "api", "uid": "s-1"}},
     });
-    let mut h = Header::new(Algorithm::ES256);
-    h.kid = Some(kid.into());
-    jsonwebtoken::encode(&h, &claims, &key.enc).unwrap()
+    key.sign(kid, &claims)
 }
 
 fn refused(metrics: &str, reason: &str) -> u64 {
@@ -108,20 +86,11 @@ struct ApiServer {
 
 impl ApiServer {
     async fn start(keys: &[&SaKey]) -> Self {
-        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = rcgen::Issuer::new(ca_params, ca_key);
-        let leaf_key = KeyPair::generate().unwrap();
-        let leaf = CertificateParams::new(vec!["127.0.0.1".into()])
-            .unwrap()
-            .signed_by(&leaf_key, &issuer)
-            .unwrap();
+        let ca = integration::pki::TlsCa::new("apiserver ca");
+        let (leaf, leaf_key) = ca.server(&["127.0.0.1"]);
         let dir = tempfile::tempdir().unwrap();
         let ca_file = dir.path().join("apiserver-ca.pem");
-        std::fs::write(&ca_file, ca_cert.pem()).unwrap();
+        std::fs::write(&ca_file, ca.cert.pem()).unwrap();
         let config = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
@@ -234,7 +203,7 @@ async fn answer(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_svid_outlives_its_token_by_more_than_the_margin_and_the_leeway_is_only_for_skew() {
-    let key = sa_key("k1");
+    let key = SaKey::with_kid("k1");
     let api = ApiServer::start(&[&key]).await;
     let iss = api.url.clone();
     let ca = start_ca(|c| {
@@ -273,7 +242,7 @@ async fn no_svid_outlives_its_token_by_more_than_the_margin_and_the_leeway_is_on
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_pods_token_is_refused_by_the_token_review() {
-    let key = sa_key("k1");
+    let key = SaKey::with_kid("k1");
     let api = ApiServer::start(&[&key]).await;
     let iss = api.url.clone();
     let dir = tempfile::tempdir().unwrap();
@@ -329,7 +298,7 @@ async fn a_deleted_pods_token_is_refused_by_the_token_review() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_issuer_keys_fail_closed_and_readyz_says_so() {
-    let key = sa_key("k1");
+    let key = SaKey::with_kid("k1");
     let api = ApiServer::start(&[&key]).await;
     let iss = api.url.clone();
     let ca = start_ca(|c| {
@@ -341,15 +310,11 @@ async fn stale_issuer_keys_fail_closed_and_readyz_says_so() {
     let t = token(&key, "k1", &iss, "api-1", 60, now_secs() + 3600);
     // The issuer stops answering; the keys age past the maximum staleness.
     api.state.lock().unwrap().jwks = (500, Vec::new());
-    let deadline = tokio::time::Instant::now() + BOUND;
-    let v = loop {
+    let v = integration::eventually_async("the keys to go stale", BOUND, async || {
         let (s, v) = ca.anon().await.get_json("/readyz").await.unwrap();
-        if s == 503 {
-            break v;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never stale: {v}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+        if s == 503 { Ok(v) } else { Err(v) }
+    })
+    .await;
     assert_eq!(v["failing"], json!(["k8s_jwks"]), "{v}");
     let check = v["checks"]
         .as_array()
@@ -372,9 +337,9 @@ async fn stale_issuer_keys_fail_closed_and_readyz_says_so() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_kid_refreshes_the_keys_at_most_once_per_interval() {
-    let k1 = sa_key("k1");
-    let k2 = sa_key("k2");
-    let k9 = sa_key("k9");
+    let k1 = SaKey::with_kid("k1");
+    let k2 = SaKey::with_kid("k2");
+    let k9 = SaKey::with_kid("k9");
     let api = ApiServer::start(&[&k1]).await;
     let iss = api.url.clone();
     let ca = start_ca(|c| {

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use ca_api::client::{Connection, client_config};
 use common::{TestCa, start_ca};
+use integration::eventually_async;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -89,17 +90,12 @@ async fn one_source_cannot_hold_all_api_connection_slots() {
 
     // Once the source lets go of a slot, it is served again.
     drop(hold);
-    let deadline = tokio::time::Instant::now() + BOUND;
-    loop {
+    let mut conn = eventually_async("the source served again", BOUND, async || {
         let tcp = connect_from(&ca, "127.0.0.1").await;
-        let conn = Connection::over(tcp, client_config(ca.bundle(), None).unwrap()).await;
-        if let Ok(mut conn) = conn {
-            assert_eq!(conn.get_json("/v1/bundle").await.unwrap().0, 200);
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never served again");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        Connection::over(tcp, client_config(ca.bundle(), None).unwrap()).await
+    })
+    .await;
+    assert_eq!(conn.get_json("/v1/bundle").await.unwrap().0, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,18 +108,17 @@ async fn past_the_connection_cap_a_half_sent_request_gets_the_header_timeout_too
     .await;
     // One silent connection takes the only slot.
     let _hold = connect_from(&ca, "127.0.0.1").await;
-    let deadline = tokio::time::Instant::now() + BOUND;
-    while refused(&ca.metrics().await, "too_many_connections") == 0 {
-        // Probe from other sources until the cap is reached; each probe that gets the 429
-        // answer proves the slot is taken.
+    // Probe from other sources until the cap is reached; each probe that gets the 429 answer
+    // proves the slot is taken.
+    eventually_async("the cap to be reached", BOUND, async || {
+        if refused(&ca.metrics().await, "too_many_connections") > 0 {
+            return true;
+        }
         let tcp = connect_from(&ca, "127.0.0.4").await;
         let _ = Connection::over(tcp, client_config(ca.bundle(), None).unwrap()).await;
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the cap was never reached"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        false
+    })
+    .await;
     let full = connect_from(&ca, "127.0.0.2").await;
     let mut conn = Connection::over(full, client_config(ca.bundle(), None).unwrap())
         .await

@@ -8,6 +8,7 @@ mod common;
 use std::time::{Duration, SystemTime};
 
 use common::{TestCa, start_ca};
+use integration::eventually_async;
 use serde_json::Value;
 
 /// A generous bound that only keeps a broken server from hanging the test.
@@ -39,21 +40,19 @@ async fn readyz_metrics(ca: &TestCa) -> (u16, Value) {
 
 /// Polls `/readyz` on both listeners until both answer `status` with `failing`.
 async fn eventually_ready_is(ca: &TestCa, status: u16, failing: &[&str]) -> Value {
-    let deadline = tokio::time::Instant::now() + BOUND;
-    loop {
+    let what = format!("readyz to become {status} {failing:?}");
+    eventually_async(&what, BOUND, async || {
         let api = readyz_api(ca).await;
         let metrics = readyz_metrics(ca).await;
         let want =
             |(s, v): &(u16, Value)| *s == status && v["failing"] == serde_json::json!(failing);
         if want(&api) && want(&metrics) {
-            return api.1;
+            Ok(api.1)
+        } else {
+            Err(format!("api {api:?}, metrics {metrics:?}"))
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "readyz never became {status} {failing:?}: api {api:?}, metrics {metrics:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

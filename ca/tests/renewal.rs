@@ -34,9 +34,8 @@ fn unix_now() -> u64 {
 /// Waits until the wall clock has moved past the second `t` (node attestation times are kept
 /// to the second).
 async fn next_second_after(t: u64) {
-    while unix_now() <= t {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let second = Duration::from_secs(2);
+    integration::eventually_async("the next second", second, async || unix_now() > t).await;
 }
 
 fn dns_names(svid: &Svid) -> Vec<String> {

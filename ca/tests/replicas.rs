@@ -4,9 +4,10 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{TestCa, csr, start_ca};
+use integration::eventually_async;
 use integration::postgres::Postgres;
 use serde_json::{Value, json};
 
@@ -17,18 +18,8 @@ async fn replica(url: &str) -> TestCa {
     start_ca(move |c| c.store = Some(url)).await
 }
 
-/// Polls `f` until it is true; panics with `what` after a minute.
-async fn eventually<F: AsyncFnMut() -> bool>(what: &str, f: F) {
-    eventually_within(what, Duration::from_secs(60), f).await
-}
-
-async fn eventually_within<F: AsyncFnMut() -> bool>(what: &str, within: Duration, mut f: F) {
-    let deadline = Instant::now() + within;
-    while !f().await {
-        assert!(Instant::now() < deadline, "never happened: {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
+/// How long the replicas get to see each other's writes.
+const MINUTE: Duration = Duration::from_secs(60);
 
 async fn workload(ca: &TestCa, node: &common::Svid, id: &str) -> (u16, Value) {
     let (c, _key) = csr();
@@ -94,7 +85,7 @@ async fn two_replicas_share_keys_tokens_entries_and_one_audit_chain() {
 
     // An entry made on B reaches A's cache; workloads are issued on both.
     b.entry("spiffe://example.org/web", &node.id).await;
-    eventually("A sees B's entry", async || {
+    eventually_async("A sees B's entry", MINUTE, async || {
         workload(&a, &node, "spiffe://example.org/web").await.0 == 200
     })
     .await;
@@ -115,7 +106,7 @@ async fn two_replicas_share_keys_tokens_entries_and_one_audit_chain() {
         .call(hyper::Method::GET, "/status", None)
         .await
         .unwrap();
-    eventually("a lease holder", async || {
+    eventually_async("a lease holder", MINUTE, async || {
         let s = a
             .admin
             .call(hyper::Method::GET, "/status", None)
@@ -188,7 +179,7 @@ async fn a_replica_without_its_database_answers_503_and_recovers_by_itself() {
     let (s, v) = workload(&ca, &node, "spiffe://example.org/web").await;
     assert_eq!(s, 503, "{v}");
     assert_eq!(v["code"], "store_unavailable", "{v}");
-    eventually("/readyz says unready", async || {
+    eventually_async("/readyz says unready", MINUTE, async || {
         get(&ca.metrics_addr, "/readyz").await.0 == 503
     })
     .await;
@@ -207,11 +198,11 @@ async fn a_replica_without_its_database_answers_503_and_recovers_by_itself() {
     assert_eq!(status["store"]["healthy"], false, "{status}");
 
     pg.restart();
-    eventually("issuance resumes", async || {
+    eventually_async("issuance resumes", MINUTE, async || {
         workload(&ca, &node, "spiffe://example.org/web").await.0 == 200
     })
     .await;
-    eventually("/readyz says ready", async || {
+    eventually_async("/readyz says ready", MINUTE, async || {
         get(&ca.metrics_addr, "/readyz").await.0 == 200
     })
     .await;
@@ -237,7 +228,7 @@ async fn one_replica_prepares_the_next_signer_and_the_other_adopts_it() {
     let b = start_ca(short(url.clone())).await;
     let first = a.running.ca.authority.keys().active.id.clone();
     assert_eq!(b.running.ca.authority.keys().active.id, first);
-    eventually_within(
+    eventually_async(
         "both replicas sign with the same new signer",
         Duration::from_secs(120),
         async || {
@@ -269,7 +260,7 @@ async fn one_replica_prepares_the_next_signer_and_the_other_adopts_it() {
     );
     let node = b.node("host-a").await;
     b.entry("spiffe://example.org/web", &node.id).await;
-    eventually("A issues with the new signer", async || {
+    eventually_async("A issues with the new signer", MINUTE, async || {
         workload(&a, &node, "spiffe://example.org/web").await.0 == 200
     })
     .await;

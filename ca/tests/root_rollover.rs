@@ -19,8 +19,9 @@ use ca::seal::Kek;
 use ca::service::ApiError;
 use ca::store::Store;
 use ca::store::sqlite::SqliteStore;
-use identity::x509::root_params;
 use identity::{SpiffeId, TrustBundle, TrustDomain, verify_x509_svid};
+use integration::eventually_async;
+use integration::pki::operator_root;
 use rcgen::KeyPair;
 use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 
@@ -264,11 +265,7 @@ async fn a_ca_down_past_its_root_makes_a_new_root_at_start_and_says_so() {
 
 /// An operator's root that ends at `t0 + life`.
 fn upstream(t0: SystemTime, life: Duration) -> Upstream {
-    let key = KeyPair::generate().unwrap();
-    let cert = root_params(&td(), "Corp Root", t0 - s(60), t0 + life)
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
+    let (cert, key) = operator_root(&td(), "Corp Root", t0 - s(60), t0 + life);
     Upstream {
         chain: vec![cert.der().clone()],
         key: PrivatePkcs8KeyDer::from(key.serialize_der()),
@@ -351,12 +348,7 @@ async fn a_ca_whose_upstream_root_expired_answers_503_and_counts_it() {
     })
     .await;
     // Attest nodes until the upstream ends: before, 200 with a valid certificate; after, 503.
-    let deadline = std::time::Instant::now() + s(60);
-    let refused = loop {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never refused after the root's end"
-        );
+    let refused = eventually_async("a refusal after the root's end", s(60), async || {
         let token = ca.token("n").await;
         let (csr, _) = common::csr();
         // The CA's own certificate ends with its root too: this client does not check it, as
@@ -371,15 +363,16 @@ async fn a_ca_whose_upstream_root_expired_answers_503_and_counts_it() {
             .await
             .unwrap();
         if status == 503 {
-            break v;
+            return Some(v);
         }
         assert_eq!(status, 200, "{v}");
         assert!(
             v["expires_at"].as_i64().unwrap() > ca::authority::unix(SystemTime::now()) - 2,
             "never an expired certificate: {v}"
         );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+        None
+    })
+    .await;
     assert_eq!(refused["code"], "ca_root_expired", "{refused}");
     let metrics = ca.metrics().await;
     assert!(
@@ -471,16 +464,16 @@ async fn root_status_and_rotate_through_the_admin_socket() {
     );
     assert_eq!(ca.bundle().x509_authorities().len(), 2);
     // The maintenance loop (every 5 s) shows the wait in the metrics.
-    let deadline = std::time::Instant::now() + s(20);
-    loop {
+    let m = eventually_async("the wait in the metrics", s(20), async || {
         let m = ca.metrics().await;
         if m.contains("kith_ca_root_rollover_waiting 1") && m.contains("kith_ca_bundle_roots 2") {
-            assert!(m.contains("kith_ca_time_to_outage_seconds "), "{m}");
-            break;
+            Ok(m)
+        } else {
+            Err(m)
         }
-        assert!(std::time::Instant::now() < deadline, "{m}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await;
+    assert!(m.contains("kith_ca_time_to_outage_seconds "), "{m}");
 
     let v = ca
         .admin

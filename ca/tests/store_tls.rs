@@ -5,23 +5,12 @@
 
 use ca::store::postgres::PgStore;
 use ca::store::{AuditEvent, AuditKey, Store, Write};
+use integration::pki::TlsCa;
 use integration::postgres::{Options, Postgres};
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
 
-fn ca_cert(name: &str) -> (String, Issuer<'static, KeyPair>) {
-    let key = KeyPair::generate().unwrap();
-    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.distinguished_name.push(rcgen::DnType::CommonName, name);
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let cert = p.self_signed(&key).unwrap();
-    (cert.pem(), Issuer::new(p, key))
-}
-
-fn server_cert(issuer: &Issuer<'static, KeyPair>) -> (String, String) {
-    let key = KeyPair::generate().unwrap();
-    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.subject_alt_names = vec![SanType::IpAddress("127.0.0.1".parse().unwrap())];
-    let cert = p.signed_by(&key, issuer).unwrap();
+/// The database server's certificate for 127.0.0.1 from `ca`, and its key (PEM).
+fn server_cert(ca: &TlsCa) -> (String, String) {
+    let (cert, key) = ca.server(&["127.0.0.1"]);
     (cert.pem(), key.serialize_pem())
 }
 
@@ -40,10 +29,11 @@ async fn the_database_is_reached_over_verified_tls_only() {
     if !Postgres::available("the_database_is_reached_over_verified_tls_only") {
         return;
     }
-    let (root_pem, issuer) = ca_cert("db ca");
-    let (other_root, _) = ca_cert("someone else");
+    let db_ca = TlsCa::new("db ca");
+    let root_pem = db_ca.cert.pem();
+    let other_root = TlsCa::new("someone else").cert.pem();
     let pg = Postgres::start_with(Options {
-        tls: Some(server_cert(&issuer)),
+        tls: Some(server_cert(&db_ca)),
         ..Options::default()
     });
     pg.create_db("kith");

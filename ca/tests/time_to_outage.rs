@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use ca::guard::MinFree;
 use common::{TestCa, start_ca};
+use integration::eventually_async;
 use serde_json::Value;
 
 /// A generous bound that only keeps a broken server from hanging the test.
@@ -36,19 +37,17 @@ fn metric(text: &str, name: &str) -> Option<f64> {
 
 /// Polls `/metrics` until the cause gauge names `cause`; returns the time to outage.
 async fn eventually_metrics_name(ca: &TestCa, cause: &str) -> f64 {
-    let deadline = tokio::time::Instant::now() + BOUND;
-    loop {
+    let line = format!("kith_ca_time_to_outage_cause{{cause=\"{cause}\"}}");
+    let what = format!("the metrics to name {cause}");
+    eventually_async(&what, BOUND, async || {
         let m = ca.metrics().await;
-        let line = format!("kith_ca_time_to_outage_cause{{cause=\"{cause}\"}}");
         if metric(&m, &line) == Some(1.0) {
-            return metric(&m, "kith_ca_time_to_outage_seconds ").unwrap();
+            Ok(metric(&m, "kith_ca_time_to_outage_seconds ").unwrap())
+        } else {
+            Err(m)
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the metrics never named {cause}:\n{m}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime};
 use common::start_ca;
 use identity::TrustDomain;
 use identity::x509::root_params;
+use integration::pki::operator_root;
 use rcgen::{BasicConstraints, IsCa, Issuer, KeyPair};
 
 fn write(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathBuf {
@@ -22,16 +23,12 @@ async fn an_imported_root_signs_the_intermediates() {
     let dir = tempfile::tempdir().unwrap();
     let td = TrustDomain::new("example.org").unwrap();
     let now = SystemTime::now();
-    let key = KeyPair::generate().unwrap();
-    let root = root_params(
+    let (root, key) = operator_root(
         &td,
         "Corp Root",
         now - Duration::from_secs(60),
         now + Duration::from_secs(86_400 * 30),
-    )
-    .unwrap()
-    .self_signed(&key)
-    .unwrap();
+    );
     let cert = write(dir.path(), "root.pem", &root.pem());
     let keyf = write(dir.path(), "root.key", &key.serialize_pem());
     let ca = start_ca(|c| {
@@ -102,11 +99,7 @@ async fn a_key_that_is_not_the_upstreams_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let td = TrustDomain::new("example.org").unwrap();
     let now = SystemTime::now();
-    let key = KeyPair::generate().unwrap();
-    let root = root_params(&td, "Corp Root", now, now + Duration::from_secs(86_400))
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
+    let (root, _key) = operator_root(&td, "Corp Root", now, now + Duration::from_secs(86_400));
     let cert = write(dir.path(), "root.pem", &root.pem());
     let keyf = write(
         dir.path(),

@@ -206,11 +206,7 @@ mod tests {
     use super::*;
 
     fn cert_pem() -> (String, String) {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["a.test".into()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
+        let (cert, key) = integration::pki::self_signed(&["a.test"]);
         (cert.pem(), key.serialize_pem())
     }
 

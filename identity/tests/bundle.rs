@@ -1,12 +1,10 @@
 //! Trust bundles and SVIDs round-trip through PEM and the SPIFFE formats.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::time::Duration;
 
-use common::Pki;
 use identity::{BundleError, JwtAuthority, Svid, SvidError, TrustBundle, TrustDomain};
+use integration::pki::Pki;
 use serde_json::{Value, json};
 
 fn jwt_authority(kid: &str) -> JwtAuthority {

@@ -3,8 +3,6 @@
 //! has the hybrid off, and a malformed hybrid key share refused with an error.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::sync::Arc;
 
 use identity::kx::{self, X25519MLKEM768};
@@ -32,7 +30,7 @@ fn ends(
     client_groups: Vec<&'static dyn SupportedKxGroup>,
     server_groups: Vec<&'static dyn SupportedKxGroup>,
 ) -> Ends {
-    let pki = common::Pki::new("example.test");
+    let pki = integration::pki::Pki::new("example.test");
     let (mut chain, key) = pki.leaf("spiffe://example.test/server");
     chain.truncate(1);
     chain.push(pki.intermediate.clone());

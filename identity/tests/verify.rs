@@ -1,11 +1,9 @@
 //! verify_x509_svid: each way a chain can fail has its own typed reason.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::{DAY, HOUR, Pki, now};
 use identity::x509::{intermediate_params, svid_params};
 use identity::{NotSvid, SpiffeId, TrustBundle, VerifyError, verify_x509_svid};
+use integration::pki::{DAY, HOUR, Pki, now};
 use rcgen::{ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
 
 const ID: &str = "spiffe://example.org/ns/default/sa/web";
@@ -144,9 +142,7 @@ fn leaf_rules_each_have_a_reason() {
         let id_parsed = SpiffeId::new(id).unwrap();
         let mut params = svid_params(&id_parsed, &[], &[], now() - HOUR, now() + HOUR).unwrap();
         tweak(&mut params);
-        let key = KeyPair::generate().unwrap();
-        let leaf = params.signed_by(&key, &pki.issuer).unwrap().der().clone();
-        let chain = vec![leaf, pki.intermediate.clone()];
+        let (chain, _) = pki.issue(&params);
         let err = verify_x509_svid(&chain, &pki.bundle(), now()).unwrap_err();
         assert_eq!(
             err.detailed_reason(),

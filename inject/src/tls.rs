@@ -169,15 +169,8 @@ mod tests {
     use super::*;
 
     fn write_pair(dir: &Path, name: &str) -> (PathBuf, PathBuf, Vec<u8>) {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec![name.to_owned()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        let (c, k) = (dir.join("tls.crt"), dir.join("tls.key"));
-        std::fs::write(&c, cert.pem()).unwrap();
-        std::fs::write(&k, key.serialize_pem()).unwrap();
-        (c, k, cert.der().to_vec())
+        let (c, k, der) = integration::pki::write_tls_pair(dir, &[name]);
+        (c, k, der.to_vec())
     }
 
     #[test]

@@ -34,14 +34,7 @@ struct Server {
 
 /// A self-signed serving certificate for `kith-inject.kith-system.svc`, written to `dir`.
 fn write_cert(dir: &Path) -> CertificateDer<'static> {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["kith-inject.kith-system.svc".to_owned()])
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
-    std::fs::write(dir.join("tls.crt"), cert.pem()).unwrap();
-    std::fs::write(dir.join("tls.key"), key.serialize_pem()).unwrap();
-    cert.der().clone()
+    integration::pki::write_tls_pair(dir, &["kith-inject.kith-system.svc"]).2
 }
 
 async fn start() -> Server {
@@ -270,15 +263,17 @@ async fn a_renewed_certificate_is_served_without_a_restart() {
             .watch(Duration::from_millis(50), server.shutdown.clone()),
     );
     let renewed = write_cert(server.dir.path());
-    let mut seen = None;
-    for _ in 0..100 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let tcp = TcpStream::connect(server.addr).await.unwrap();
-        let name = ServerName::try_from("kith-inject.kith-system.svc").unwrap();
-        if let Ok(stream) = connector(&renewed, b"http/1.1").connect(name, tcp).await {
-            seen = stream.get_ref().1.peer_certificates().map(|c| c[0].clone());
-            break;
-        }
-    }
+    // Only the renewed certificate verifies with this connector.
+    let stream = integration::eventually_async(
+        "the renewed certificate served",
+        Duration::from_secs(5),
+        async || {
+            let tcp = TcpStream::connect(server.addr).await.unwrap();
+            let name = ServerName::try_from("kith-inject.kith-system.svc").unwrap();
+            connector(&renewed, b"http/1.1").connect(name, tcp).await
+        },
+    )
+    .await;
+    let seen = stream.get_ref().1.peer_certificates().map(|c| c[0].clone());
     assert_eq!(seen.as_ref(), Some(&renewed));
 }

@@ -34,7 +34,7 @@ use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -749,25 +749,22 @@ pub fn probe_once(pod: &RunningPod, c: &Value, probe: &Value) -> Result<(), Stri
 
 /// Polls a probe until it passes; fails once `periodSeconds` × `failureThreshold` (the
 /// kubelet's defaults 10 and 3) have passed without success, when the kubelet would restart or
-/// never ready the container. It polls every 250 ms rather than every period, which only
-/// makes the test quicker.
+/// never ready the container. It polls more often than every period, which only makes the
+/// test quicker.
 fn wait_probe(pod: &RunningPod, c: &Value, probe: &Value, which: &str) -> Result<(), String> {
     let period = probe["periodSeconds"].as_u64().unwrap_or(10);
     let failures = probe["failureThreshold"].as_u64().unwrap_or(3);
-    let deadline = Instant::now() + Duration::from_secs(period * failures);
-    loop {
-        match probe_once(pod, c, probe) {
-            Ok(()) => return Ok(()),
-            Err(e) if Instant::now() >= deadline => {
-                return Err(format!(
-                    "{which} of {}/{} never passed: {e}",
-                    pod.name,
-                    c["name"].as_str().unwrap_or("?")
-                ));
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(250)),
-        }
-    }
+    crate::wait::poll(Duration::from_secs(period * failures), || {
+        probe_once(pod, c, probe)
+    })
+    .map_err(|e| {
+        format!(
+            "{which} of {}/{} never passed: {}",
+            pod.name,
+            c["name"].as_str().unwrap_or("?"),
+            e.unwrap_or_default()
+        )
+    })
 }
 
 /// A plain HTTP/1.1 GET: (status, body).

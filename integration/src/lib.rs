@@ -1,3 +1,7 @@
+//! The test kit every test crate of the workspace shares ([`wait`]: waiting for a condition;
+//! [`pki`]: per-test PKIs; [`ca`], feature `ca`: a CA in the test's process; [`skip`]: the rule
+//! for a test that cannot run here), and the pod lab.
+//!
 //! The pod lab: a "node" that is itself a network namespace (so nothing touches the host's
 //! interfaces or firewall, where a Docker engine may keep its own rules), a bridge in it, and
 //! "pods": network namespaces with an address on the bridge, their own nat rules from
@@ -13,18 +17,24 @@
 //! piece fails instead, so the lab never passes silently.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[cfg(feature = "ca")]
+pub mod ca;
 pub mod kubelet;
 pub mod pcap;
+pub mod pki;
 pub mod ports;
 pub mod postgres;
 pub mod skip;
 pub mod static_build;
+pub mod wait;
+
+pub use wait::{eventually, eventually_async};
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -42,6 +52,9 @@ pub const TRUST_DOMAIN: &str = "example.org";
 pub const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 const SUBNET: &str = "10.77.0";
 const CA_PORT: u16 = 8443;
+/// The key-encryption key (`KITH_CA_KEK`, base64 of 32 bytes of 42) the tests give the CAs they
+/// start as processes; the in-process CA's test configuration has the same.
+pub const CA_KEK: &str = "KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio=";
 
 /// The `kith` binary of this build: beside the test binary's `deps/` directory (cargo builds
 /// it for the root package's tests), or `KITH_BIN`.
@@ -169,15 +182,10 @@ impl Proc {
 
     /// Waits up to `within` for the process to exit; its exit code.
     pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
-        let deadline = Instant::now() + within;
         let child = self.child.as_mut()?;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Some(status.code().unwrap_or(-1));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        None
+        wait::poll(within, || child.try_wait().ok().flatten())
+            .ok()
+            .map(|status| status.code().unwrap_or(-1))
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -317,17 +325,8 @@ impl Lab {
         let mut cmd = vec![kith.to_str().unwrap()];
         cmd.extend_from_slice(&args);
         cmd.extend(self.ca_flags.iter().map(String::as_str));
-        let ca = self.spawn_in(
-            &self.node,
-            "ca",
-            None,
-            &cmd,
-            &[(
-                "KITH_CA_KEK",
-                "KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio=",
-            )],
-        );
-        self.wait_until("the CA answers", Duration::from_secs(20), || {
+        let ca = self.spawn_in(&self.node, "ca", None, &cmd, &[("KITH_CA_KEK", CA_KEK)]);
+        eventually("the CA answers", Duration::from_secs(20), || {
             self.exec_ok(&self.node, &[podapp(), "get", "127.0.0.1:9090", "/readyz"])
         });
         ca
@@ -392,15 +391,6 @@ impl Lab {
         let mut a = vec!["ip", "netns", "exec", ns];
         a.extend_from_slice(args);
         run(&a).status.success()
-    }
-
-    /// Polls `check` every 100 ms until it holds; panics after `within`.
-    pub fn wait_until(&self, what: &str, within: Duration, mut check: impl FnMut() -> bool) {
-        let deadline = Instant::now() + within;
-        while !check() {
-            assert!(Instant::now() < deadline, "{what}: not within {within:?}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
     }
 
     /// A pod namespace with the next address, a veth into the bridge and a default route.
@@ -520,16 +510,13 @@ impl Lab {
     }
 
     pub fn wait_ready(&self, pod: &Pod, sidecar: &Proc) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !self.exec_ok(&pod.ns, &[podapp(), "get", "127.0.0.1:15020", "/ready"]) {
-            assert!(
-                Instant::now() < deadline,
-                "{}'s sidecar is not ready:\n{}",
-                pod.name,
-                sidecar.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let what = format!("{}'s sidecar to be ready", pod.name);
+        eventually(&what, Duration::from_secs(30), || {
+            let ready = self.exec_ok(&pod.ns, &[podapp(), "get", "127.0.0.1:15020", "/ready"]);
+            ready
+                .then_some(())
+                .ok_or_else(|| format!("its log:\n{}", sidecar.log()))
+        });
     }
 
     /// One request from `from`'s app side (a process in its namespace, not UID 1337, so it is
@@ -645,23 +632,38 @@ fn set_mode(path: &Path, mode: u32) {
 /// `--k8s-issuer ISSUER --k8s-jwks <file with the JWK set>` in tests.
 pub struct ClusterKey {
     enc: EncodingKey,
-    /// The public key as a JWK (kid "lab").
+    kid: String,
+    /// The public key as a JWK (kid "lab" unless made [`ClusterKey::with_kid`]).
     pub jwk: Value,
 }
 
 impl ClusterKey {
     pub fn new() -> Self {
+        Self::with_kid("lab")
+    }
+
+    /// A key whose JWK names it `kid`.
+    pub fn with_kid(kid: &str) -> Self {
         let rng = SystemRandom::new();
         let der = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
         let pair =
             EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der.as_ref(), &rng).unwrap();
         let p = pair.public_key().as_ref().to_vec();
-        let jwk = json!({"kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": "lab",
+        let jwk = json!({"kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": kid,
                          "x": URL_SAFE_NO_PAD.encode(&p[1..33]), "y": URL_SAFE_NO_PAD.encode(&p[33..])});
         Self {
             enc: EncodingKey::from_ec_der(der.as_ref()),
+            kid: kid.to_owned(),
             jwk,
         }
+    }
+
+    /// `claims` signed with this key (ES256), the header naming the key `kid`: this key's, or
+    /// another one's, as a forger would.
+    pub fn sign(&self, kid: &str, claims: &Value) -> String {
+        let mut h = Header::new(Algorithm::ES256);
+        h.kid = Some(kid.into());
+        jsonwebtoken::encode(&h, claims, &self.enc).unwrap()
     }
 
     /// `{"keys": [jwk]}`, the content of a `--k8s-jwks` file.
@@ -693,9 +695,7 @@ impl ClusterKey {
             "kubernetes.io": {"namespace": ns, "pod": {"name": pod, "uid": format!("uid-{pod}")},
                               "serviceaccount": {"name": sa, "uid": format!("uid-{sa}")}},
         });
-        let mut h = Header::new(Algorithm::ES256);
-        h.kid = Some("lab".into());
-        jsonwebtoken::encode(&h, &claims, &self.enc).unwrap()
+        self.sign(&self.kid, &claims)
     }
 }
 

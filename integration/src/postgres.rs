@@ -22,7 +22,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 static CLUSTERS: AtomicU32 = AtomicU32::new(0);
 
@@ -394,15 +394,11 @@ impl Postgres {
             "60",
             "start",
         ]);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !self.is_ready() {
-            assert!(
-                Instant::now() < deadline,
-                "PostgreSQL did not come up: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        crate::eventually("PostgreSQL to come up", Duration::from_secs(30), || {
+            self.is_ready()
+                .then_some(())
+                .ok_or_else(|| format!("its log:\n{}", self.log()))
+        });
     }
 }
 

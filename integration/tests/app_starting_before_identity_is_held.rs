@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use integration::{Lab, connections, identity_updates};
+use integration::{Lab, connections, eventually, identity_updates};
 
 #[test]
 fn app_starting_before_identity_is_held() {
@@ -18,7 +18,7 @@ fn app_starting_before_identity_is_held() {
     lab.write_token(&a, Duration::from_secs(7200));
     lab.init_capture(&a);
     let a_sidecar = lab.start_sidecar(&a, &["--hold-timeout", "60s"]);
-    lab.wait_until(
+    eventually(
         "A's sidecar tried and failed",
         Duration::from_secs(20),
         || a_sidecar.log().contains("k8s_token_expired"),

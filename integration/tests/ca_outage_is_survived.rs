@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use integration::{Lab, identity_updates, metric};
+use integration::{Lab, eventually, identity_updates, metric};
 
 fn failures(text: &str) -> f64 {
     metric(
@@ -35,17 +35,19 @@ fn ca_outage_is_survived() {
 
     // Both sidecars' renewals come due during the outage and fail; requests keep working.
     let mut requests = 0;
-    while !(failures(&lab.metrics(&a)) >= 1.0 && failures(&lab.metrics(&b)) >= 1.0) {
-        assert!(
-            stopped.elapsed() < Duration::from_secs(50),
-            "no failed renewal while the CA is down:\n{}",
-            a_sidecar.log()
-        );
-        let (ok, out) = lab.request(&a, &b, "during the outage");
-        assert!(ok, "traffic stopped with the CA: {out}");
-        requests += 1;
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    eventually(
+        "a failed renewal in both sidecars while the CA is down",
+        Duration::from_secs(50),
+        || {
+            if failures(&lab.metrics(&a)) >= 1.0 && failures(&lab.metrics(&b)) >= 1.0 {
+                return Ok(());
+            }
+            let (ok, out) = lab.request(&a, &b, "during the outage");
+            assert!(ok, "traffic stopped with the CA: {out}");
+            requests += 1;
+            Err(format!("a's log:\n{}", a_sidecar.log()))
+        },
+    );
     // Stay down a little longer: the sidecars back off rather than hammer.
     std::thread::sleep(Duration::from_secs(8));
     let (ok, _) = lab.request(&a, &b, "still during the outage");
@@ -81,7 +83,7 @@ fn ca_outage_is_survived() {
     ];
     let ca = lab.start_ca("60s");
     lab.ca = Some(ca);
-    lab.wait_until(
+    eventually(
         "both sidecars renew from the restarted CA",
         Duration::from_secs(30),
         || {

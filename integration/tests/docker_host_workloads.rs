@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use integration::{Lab, kith_bin, logged_peers, metric, podapp};
+use integration::{Lab, eventually, kith_bin, logged_peers, metric, podapp};
 
 const WEB_UID: u32 = 2001;
 const API_UID: u32 = 2002;
@@ -58,7 +58,7 @@ fn docker_host_workloads() {
         ],
         &[("KITH_JOIN_TOKEN", join["token"].as_str().unwrap())],
     );
-    lab.wait_until("the agent serves", Duration::from_secs(30), || {
+    eventually("the agent serves", Duration::from_secs(30), || {
         socket.exists()
     });
 
@@ -116,7 +116,7 @@ fn docker_host_workloads() {
         &[("RUST_LOG", "info,proxy=debug")],
     );
     for admin in ["127.0.0.1:15030", "127.0.0.1:15031"] {
-        lab.wait_until(
+        eventually(
             "the sidecars hold their SVIDs",
             Duration::from_secs(30),
             || lab.exec_ok(&node, &[podapp(), "get", admin, "/ready"]),

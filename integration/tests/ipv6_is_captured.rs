@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use integration::{Lab, Pod, connections, logged_peers, podapp};
+use integration::{Lab, Pod, connections, eventually, logged_peers, podapp};
 
 const PORT: u16 = 8090;
 
@@ -18,7 +18,7 @@ fn ula(pod: &Pod) -> String {
 /// B's link-local address on eth0, once out of duplicate address detection.
 fn link_local(lab: &Lab, pod: &Pod) -> String {
     let mut addr = String::new();
-    lab.wait_until(
+    eventually(
         "a usable link-local address",
         Duration::from_secs(10),
         || {
@@ -76,7 +76,7 @@ fn ipv6_is_captured() {
     );
     lab.keep(app);
     let b6 = format!("[{}]:{PORT}", ula(&b));
-    lab.wait_until("B's IPv6 app listens", Duration::from_secs(10), || {
+    eventually("B's IPv6 app listens", Duration::from_secs(10), || {
         lab.exec_ok(&b.ns, &[podapp(), "get", &format!("[::1]:{PORT}"), "/"])
     });
 

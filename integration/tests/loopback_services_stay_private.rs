@@ -5,9 +5,9 @@
 //! mesh to `POST /quitquitquit`: the refusal is counted and logged with its reason.
 #![allow(clippy::unwrap_used)]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use integration::{Lab, connections, metric, podapp};
+use integration::{Lab, connections, eventually, metric, podapp};
 
 #[test]
 fn loopback_services_stay_private() {
@@ -20,11 +20,11 @@ fn loopback_services_stay_private() {
     lab.write_token(&b, Duration::ZERO);
     lab.init_capture(&b);
     let mut b_sidecar = lab.start_sidecar(&b, &["--admin-listen", "127.0.0.1:9901"]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !lab.exec_ok(&b.ns, &[podapp(), "get", "127.0.0.1:9901", "/ready"]) {
-        assert!(Instant::now() < deadline, "{}", b_sidecar.log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    eventually("b's sidecar to be ready", Duration::from_secs(30), || {
+        lab.exec_ok(&b.ns, &[podapp(), "get", "127.0.0.1:9901", "/ready"])
+            .then_some(())
+            .ok_or_else(|| b_sidecar.log())
+    });
     let private = lab.spawn_in(
         &b.ns,
         "b-private",
@@ -43,7 +43,7 @@ fn loopback_services_stay_private() {
     lab.keep(private);
     lab.keep(public);
     // Both answer inside the pod, at their own addresses.
-    lab.wait_until("the apps listen", Duration::from_secs(10), || {
+    eventually("the apps listen", Duration::from_secs(10), || {
         lab.exec_ok(&b.ns, &[podapp(), "get", "127.0.0.1:8081", "/"])
             && lab.exec_ok(&b.ns, &[podapp(), "get", &public_addr, "/"])
     });

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use integration::{Lab, podapp, run};
+use integration::{Lab, eventually, podapp, run};
 use serde_json::Value;
 
 /// The DER certificates in PEM text.
@@ -175,14 +175,9 @@ fn root_rollover_under_load_drops_nothing() {
     let started = Instant::now();
     let mut saw_two = false;
     let mut new_root: Option<Vec<u8>> = None;
-    loop {
+    eventually("a full rollover", Duration::from_secs(300), || {
         let status: Value =
             serde_json::from_str(&lab.ca_cli(&["root", "status", "--json"])).unwrap();
-        assert!(
-            started.elapsed() < Duration::from_secs(300),
-            "no full rollover within 300 s: saw_two={saw_two} switched={}\n{status:#}",
-            new_root.is_some()
-        );
         let roots = bundle(&lab);
         saw_two |= roots.len() == 2;
         let active = status["roots"]
@@ -204,13 +199,16 @@ fn root_rollover_under_load_drops_nothing() {
                 new_root.as_ref(),
                 "only the new root is left"
             );
-            break;
+            return Ok(());
         }
-        std::thread::sleep(Duration::from_secs(1));
-    }
+        Err(format!(
+            "saw_two={saw_two} switched={}\n{status:#}",
+            new_root.is_some()
+        ))
+    });
     let new_root = new_root.unwrap();
     // The old root left once its last leaf expired: b's sidecar renewed under the new root.
-    lab.wait_until(
+    eventually(
         "b's sidecar presents a chain under the new root",
         Duration::from_secs(60),
         || verifies_under(lab.dir.path(), &presented_chain(&lab, b.ip), &new_root),

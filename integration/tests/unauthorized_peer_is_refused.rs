@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use integration::{Lab, PROXY_UID, connections, kith_bin, podapp};
+use integration::{Lab, PROXY_UID, connections, eventually, kith_bin, podapp};
 
 #[test]
 fn unauthorized_peer_is_refused() {
@@ -109,7 +109,7 @@ fn unauthorized_peer_is_refused() {
     let (ok, out) = lab.request(&d, &b, "foreign");
     assert!(!ok, "a foreign CA's certificate got through: {out}");
 
-    lab.wait_until(
+    eventually(
         "B counts each refusal by reason",
         Duration::from_secs(10),
         || {

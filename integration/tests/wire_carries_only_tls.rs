@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use integration::{Lab, pcap};
+use integration::{Lab, eventually, pcap};
 
 const MARKER: &str = "KITH-MARKER-7f3a9c-the-wire-must-never-show-this";
 
@@ -38,7 +38,7 @@ fn wire_carries_only_tls() {
         &[],
     );
     // tcpdump says "listening on br0" when the capture has started.
-    lab.wait_until("tcpdump listens", Duration::from_secs(10), || {
+    eventually("tcpdump listens", Duration::from_secs(10), || {
         capture.log().contains("listening on")
     });
 

@@ -37,17 +37,6 @@ fn still_open(s: &TcpStream) -> bool {
     matches!(s.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
-/// Waits (up to 30 s) until `check` holds.
-async fn eventually_long(what: &str, check: impl Fn() -> bool) {
-    for _ in 0..3000 {
-        if check() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("never happened: {what}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_handshakes_hold_no_connection_slot_and_are_cut_at_the_first_flight_deadline() {
     let pki = Pki::new("example.test");
@@ -88,9 +77,11 @@ async fn stalled_handshakes_hold_no_connection_slot_and_are_cut_at_the_first_fli
 
     // Then each stalled one is cut at the deadline, and counted.
     let m = &inbound.metrics.inbound;
-    eventually_long("stalled handshakes cut", || {
-        m.refused(Reason::HandshakeTimeout) == 32
-    })
+    eventually_async(
+        "stalled handshakes cut",
+        Duration::from_secs(30),
+        async || m.refused(Reason::HandshakeTimeout) == 32,
+    )
     .await;
     for s in &mut stalled {
         let mut rest = Vec::new();
@@ -121,7 +112,7 @@ async fn a_source_beyond_its_pending_handshakes_is_refused_others_are_served() {
         stalled.push(stall("127.0.0.3", inbound.addr).await);
     }
     let m = &inbound.metrics.inbound;
-    eventually("six over the cap refused", || {
+    eventually_async("six over the cap refused", WAIT, async || {
         m.refused(Reason::TooManyPending) == 6
     })
     .await;
@@ -142,9 +133,11 @@ async fn a_source_beyond_its_pending_handshakes_is_refused_others_are_served() {
 
     // Once the stalled ones go, the source may handshake again.
     drop(stalled);
-    eventually("pending handshakes of the source released", || {
-        m.refused(Reason::HandshakeFailed) == 4
-    })
+    eventually_async(
+        "pending handshakes of the source released",
+        WAIT,
+        async || m.refused(Reason::HandshakeFailed) == 4,
+    )
     .await;
     let again = stall("127.0.0.3", inbound.addr).await;
     tokio::time::sleep(Duration::from_millis(100)).await;

@@ -184,7 +184,7 @@ async fn many_concurrent_streams_share_one_connection_each_with_its_own_bytes_an
     }
     let total: u64 = (0..streams as u64).map(|i| 50_000 + i * 1000).sum::<u64>() + 5;
     let n = streams as u64 + 1;
-    eventually("every stream closed and counted", || {
+    eventually_async("every stream closed and counted", WAIT, async || {
         c.inbound.metrics.inbound.accepted() == n
             && c.inbound.metrics.inbound.active() == 0
             && c.outbound.metrics.outbound.active() == 0
@@ -226,7 +226,7 @@ async fn half_close_from_the_server_side_leaves_the_client_side_open() {
     assert_eq!(got, b"banner");
     s.write_all(b"after the server's FIN").await.unwrap();
     s.shutdown().await.unwrap();
-    eventually("the stream ended cleanly both ways", || {
+    eventually_async("the stream ended cleanly both ways", WAIT, async || {
         inbound.metrics.inbound.bytes_from_tls() == 22 && inbound.metrics.inbound.active() == 0
     })
     .await;
@@ -324,7 +324,7 @@ async fn rotation_mid_stream_drops_nothing_and_new_streams_use_the_new_svid() {
     );
     assert_eq!(c.inbound.metrics.inbound.refused_total(), 0);
     assert_eq!(c.outbound.metrics.outbound.refused_total(), 0);
-    eventually("all 25 counted", || {
+    eventually_async("all 25 counted", WAIT, async || {
         c.inbound.metrics.inbound.accepted() == 25
     })
     .await;
@@ -358,7 +358,7 @@ async fn policy_refusals_on_a_pooled_connection_are_counted_per_stream() {
             "a refused stream carried bytes"
         );
     }
-    eventually("three refusals on each side", || {
+    eventually_async("three refusals on each side", WAIT, async || {
         c.inbound.metrics.inbound.refused(Reason::NotAuthorized) == 3
             && c.outbound.metrics.outbound.refused(Reason::PeerRefused) == 3
     })
@@ -393,7 +393,10 @@ async fn kith_peers_without_pooling_get_one_handshake_per_connection() {
         );
     }
     assert_eq!(handshakes(&c.inbound), 3);
-    eventually("counted", || c.inbound.metrics.inbound.accepted() == 3).await;
+    eventually_async("counted", WAIT, async || {
+        c.inbound.metrics.inbound.accepted() == 3
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -408,7 +411,7 @@ async fn a_client_that_is_not_kith_is_served_as_today() {
         .await
         .unwrap();
     assert_eq!(got, b"x");
-    eventually("served directly", || {
+    eventually_async("served directly", WAIT, async || {
         c.inbound.metrics.inbound.accepted() == 1
     })
     .await;
@@ -451,7 +454,7 @@ async fn a_server_that_is_not_kith_is_refused_as_today() {
         let got = within(round_trip(outbound.addr, b"hi")).await;
         assert!(got.map_or(true, |b| b.is_empty()));
     }
-    eventually("refused as handshake_failed", || {
+    eventually_async("refused as handshake_failed", WAIT, async || {
         outbound.metrics.outbound.refused(Reason::HandshakeFailed) == 2
     })
     .await;
@@ -478,7 +481,7 @@ async fn a_reset_on_one_side_is_a_reset_on_the_other_and_the_connection_lives_on
     within(s.read_exact(&mut back)).await.unwrap();
     s.set_zero_linger().unwrap();
     drop(s);
-    eventually("both streams ended", || {
+    eventually_async("both streams ended", WAIT, async || {
         c.inbound.metrics.inbound.active() == 0 && c.outbound.metrics.outbound.active() == 0
     })
     .await;
@@ -503,7 +506,7 @@ async fn an_unreachable_destination_refuses_the_stream_as_a_direct_connection_wo
         let got = within(round_trip(outbound.addr, b"anyone?")).await;
         assert!(got.map_or(true, |b| b.is_empty()));
     }
-    eventually("refused on both sides, per stream", || {
+    eventually_async("refused on both sides, per stream", WAIT, async || {
         inbound.metrics.inbound.refused(Reason::UpstreamUnreachable) == 3
             && outbound.metrics.outbound.refused(Reason::PeerRefused) == 3
     })

@@ -173,7 +173,7 @@ async fn an_expired_client_cannot_resume() {
     // The client still offers its ticket (its own SVID is not the client's to judge); the
     // server resumes, checks the client chain of the first handshake again, and refuses.
     assert!(request(&outbound).await.unwrap_or_default().is_empty());
-    eventually("refused as expired", || {
+    eventually_async("refused as expired", WAIT, async || {
         inbound.metrics.inbound.refused(Reason::Expired) == 1
     })
     .await;
@@ -190,7 +190,7 @@ async fn a_client_does_not_resume_with_an_expired_server() {
     ok(&outbound).await;
     past_expiry().await;
     assert!(request(&outbound).await.unwrap_or_default().is_empty());
-    eventually("refused as expired", || {
+    eventually_async("refused as expired", WAIT, async || {
         outbound.metrics.outbound.refused(Reason::Expired) == 1
     })
     .await;
@@ -231,7 +231,7 @@ async fn a_remembered_chain_is_refused_after_it_expires() {
     assert_eq!(inbound.metrics.inbound.accepted(), 2);
     past_expiry().await;
     assert!(request(&outbound).await.unwrap_or_default().is_empty());
-    eventually("refused as expired", || {
+    eventually_async("refused as expired", WAIT, async || {
         inbound.metrics.inbound.refused(Reason::Expired) == 1
     })
     .await;

@@ -161,7 +161,7 @@ async fn mesh_destination_gets_mtls_and_reaches_the_original_port() {
     let got = within(round_trip(outbound.addr, b"ping")).await.unwrap();
     assert_eq!(got, b"ping");
     let (o, i) = (&outbound.metrics, &inbound.metrics);
-    eventually("both ends closed", || {
+    eventually_async("both ends closed", WAIT, async || {
         i.tunnels().inbound.accepted() == 1
             && i.tunnels().inbound.active() == 0
             && o.tunnels().outbound.accepted() == 1
@@ -199,7 +199,7 @@ async fn mesh_destination_with_unexpected_server_is_refused() {
     .await;
     let got = within(round_trip(outbound.addr, b"ping")).await;
     assert!(got.map(|g| g.is_empty()).unwrap_or(true));
-    eventually("refused", || {
+    eventually_async("refused", WAIT, async || {
         outbound.metrics.tunnels().outbound.refused_total() == 1
     })
     .await;
@@ -247,7 +247,7 @@ async fn expect_id_rules_apply_per_destination() {
     .await;
     let got = within(round_trip(refused.addr, b"ping")).await;
     assert!(got.map(|g| g.is_empty()).unwrap_or(true));
-    eventually("refused", || {
+    eventually_async("refused", WAIT, async || {
         refused.metrics.tunnels().outbound.refused_total() == 1
     })
     .await;
@@ -268,7 +268,7 @@ async fn non_mesh_destination_passes_through_plain() {
     let got = within(round_trip(outbound.addr, b"plain")).await.unwrap();
     assert_eq!(got, b"plain");
     let m = &outbound.metrics;
-    eventually("closed", || {
+    eventually_async("closed", WAIT, async || {
         m.outbound_passthrough.accepted() == 1 && m.outbound_passthrough.active() == 0
     })
     .await;
@@ -283,7 +283,10 @@ async fn non_mesh_destination_passes_through_plain() {
     drop(closed);
     outbound.dst.set(gone);
     let _ = within(round_trip(outbound.addr, b"x")).await;
-    eventually("unreachable", || m.outbound_passthrough.unreachable() == 1).await;
+    eventually_async("unreachable", WAIT, async || {
+        m.outbound_passthrough.unreachable() == 1
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -301,7 +304,7 @@ async fn non_mesh_destination_is_refused_under_deny() {
     let got = within(round_trip(outbound.addr, b"plain")).await;
     assert!(got.map(|g| g.is_empty()).unwrap_or(true));
     let m = &outbound.metrics;
-    eventually("denied", || m.outbound_denied() == 1).await;
+    eventually_async("denied", WAIT, async || m.outbound_denied() == 1).await;
     assert_eq!(m.outbound_passthrough.accepted(), 0);
     assert_eq!(m.outbound_mesh(), 0);
 }
@@ -321,7 +324,7 @@ async fn unknown_original_destination_is_closed_and_counted() {
     outbound.dst.unknown();
     let got = within(round_trip(outbound.addr, b"x")).await;
     assert!(got.map(|g| g.is_empty()).unwrap_or(true));
-    eventually("counted", || {
+    eventually_async("counted", WAIT, async || {
         outbound.metrics.outbound_no_original_dst() == 1
     })
     .await;
@@ -337,7 +340,10 @@ async fn unknown_original_destination_is_closed_and_counted() {
     inbound.dst.unknown();
     let got = within(round_trip(inbound.addr, b"x")).await;
     assert!(got.map(|g| g.is_empty()).unwrap_or(true));
-    eventually("counted", || inbound.metrics.inbound_no_original_dst() == 1).await;
+    eventually_async("counted", WAIT, async || {
+        inbound.metrics.inbound_no_original_dst() == 1
+    })
+    .await;
     assert_eq!(inbound.metrics.inbound_plaintext.accepted(), 0);
 }
 
@@ -355,7 +361,7 @@ async fn strict_inbound_refuses_plaintext_and_accepts_mtls() {
     let m = &inbound.metrics;
     let got = within(round_trip(inbound.addr, b"GET / HTTP/1.1\r\n\r\n")).await;
     assert!(got.map(|g| g.is_empty()).unwrap_or(true));
-    eventually("plaintext refused", || {
+    eventually_async("plaintext refused", WAIT, async || {
         m.tunnels().inbound.refused(Reason::PlaintextRefused) == 1
     })
     .await;
@@ -365,13 +371,19 @@ async fn strict_inbound_refuses_plaintext_and_accepts_mtls() {
         .await
         .unwrap();
     assert_eq!(got, b"x");
-    eventually("mtls accepted", || m.tunnels().inbound.accepted() == 1).await;
+    eventually_async("mtls accepted", WAIT, async || {
+        m.tunnels().inbound.accepted() == 1
+    })
+    .await;
     assert_eq!(m.inbound_tls(), 1);
 
     // No client certificate: refused even in transparent mode.
     let got = within(tls_attempt(inbound.addr, raw_client(None))).await;
     assert!(got.is_err() || got.unwrap().is_empty());
-    eventually("refused", || m.tunnels().inbound.refused_total() == 2).await;
+    eventually_async("refused", WAIT, async || {
+        m.tunnels().inbound.refused_total() == 2
+    })
+    .await;
     assert_eq!(m.tunnels().inbound.accepted(), 1);
 }
 
@@ -393,7 +405,7 @@ async fn permissive_inbound_accepts_plaintext_and_mtls_and_counts_each() {
         .await
         .unwrap();
     assert_eq!(got, b"x");
-    eventually("both counted", || {
+    eventually_async("both counted", WAIT, async || {
         m.inbound_plaintext.accepted() == 1
             && m.inbound_plaintext.active() == 0
             && m.tunnels().inbound.accepted() == 1
@@ -424,12 +436,15 @@ async fn inbound_policy_applies_to_the_original_port() {
         .await
         .unwrap();
     assert_eq!(got, b"x");
-    eventually("allowed", || m.tunnels().inbound.accepted() == 1).await;
+    eventually_async("allowed", WAIT, async || {
+        m.tunnels().inbound.accepted() == 1
+    })
+    .await;
 
     inbound.dst.set(closed);
     let got = within(tls_attempt(inbound.addr, client_cert(&pki))).await;
     assert!(got.is_err() || got.unwrap().is_empty());
-    eventually("not authorized", || {
+    eventually_async("not authorized", WAIT, async || {
         m.tunnels().inbound.refused(Reason::NotAuthorized) == 1
     })
     .await;
@@ -455,14 +470,16 @@ async fn inbound_forwards_to_the_original_address_not_to_loopback() {
         .await;
         let m = &inbound.metrics;
         let _ = within(tls_attempt(inbound.addr, client_cert(&pki))).await;
-        eventually("the mTLS connection refused as unreachable", || {
-            m.tunnels().inbound.refused(Reason::UpstreamUnreachable) == 1
-        })
+        eventually_async(
+            "the mTLS connection refused as unreachable",
+            WAIT,
+            async || m.tunnels().inbound.refused(Reason::UpstreamUnreachable) == 1,
+        )
         .await;
         assert_eq!(m.tunnels().inbound.accepted(), 0, "{mode:?}");
         if mode == InboundMode::Permissive {
             let _ = within(round_trip(inbound.addr, b"plain")).await;
-            eventually("the plaintext connection unreachable", || {
+            eventually_async("the plaintext connection unreachable", WAIT, async || {
                 m.inbound_plaintext.unreachable() == 1
             })
             .await;
@@ -498,7 +515,10 @@ async fn inbound_to_a_sidecar_port_is_refused_and_counted() {
     ));
     let _ = within(round_trip(addr, b"POST /quitquitquit")).await;
     let _ = within(tls_attempt(addr, client_cert(&pki))).await;
-    eventually("both refused", || metrics.inbound_sidecar_port() == 2).await;
+    eventually_async("both refused", WAIT, async || {
+        metrics.inbound_sidecar_port() == 2
+    })
+    .await;
     assert_eq!(metrics.inbound_plaintext.accepted(), 0);
     assert_eq!(metrics.tunnels().inbound.accepted(), 0);
     let mut text = String::new();
@@ -559,7 +579,7 @@ async fn mesh_connections_share_one_pooled_connection_with_the_policy_per_stream
         t.await.unwrap();
     }
     let (o, i) = (&outbound.metrics, &inbound.metrics);
-    eventually("all counted", || {
+    eventually_async("all counted", WAIT, async || {
         i.tunnels().inbound.accepted() == 20 && o.tunnels().outbound.accepted() == 20
     })
     .await;
@@ -587,7 +607,7 @@ async fn mesh_connections_share_one_pooled_connection_with_the_policy_per_stream
         assert!(got.map_or(true, |b| b.is_empty()));
     }
     let i2 = &inbound2.metrics;
-    eventually("refused per stream", || {
+    eventually_async("refused per stream", WAIT, async || {
         i2.tunnels().inbound.refused(Reason::NotAuthorized) == 2
             && o.tunnels().outbound.refused(Reason::PeerRefused) == 2
     })

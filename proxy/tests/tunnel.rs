@@ -45,7 +45,7 @@ async fn bytes_flow_both_ways_with_half_close() {
     let (inbound, outbound) = chain(&pki).await;
     let got = within(round_trip(outbound.addr, b"ping")).await.unwrap();
     assert_eq!(got, b"ping");
-    eventually("closed on both sides", || {
+    eventually_async("closed on both sides", WAIT, async || {
         inbound.metrics.inbound.accepted() == 1
             && inbound.metrics.inbound.active() == 0
             && outbound.metrics.outbound.active() == 0
@@ -74,7 +74,7 @@ async fn ten_megabytes_each_way() {
     writer.await.unwrap();
     assert_eq!(got.len(), data.len());
     assert!(got == data, "bytes differ");
-    eventually("bytes counted", || {
+    eventually_async("bytes counted", WAIT, async || {
         outbound.metrics.outbound.bytes_to_tls() == data.len() as u64
             && outbound.metrics.outbound.bytes_from_tls() == data.len() as u64
     })
@@ -95,7 +95,10 @@ async fn assert_inbound_refuses(
     // Refused: an error or an EOF without the echo.
     assert!(!matches!(&got, Ok(b) if b == b"x"), "got through: {got:?}");
     let m = &inbound.metrics.inbound;
-    eventually(&format!("refused as {reason}"), || m.refused(reason) == 1).await;
+    eventually_async(&format!("refused as {reason}"), WAIT, async || {
+        m.refused(reason) == 1
+    })
+    .await;
     assert_eq!(m.refused_total(), 1);
     assert_eq!(m.accepted(), 0);
 }
@@ -186,7 +189,7 @@ async fn refuses_plaintext() {
     let got = within(round_trip(inbound.addr, b"GET / HTTP/1.1\r\n\r\n")).await;
     assert!(got.map(|b| b.is_empty()).unwrap_or(true));
     let m = &inbound.metrics.inbound;
-    eventually("plaintext refused", || {
+    eventually_async("plaintext refused", WAIT, async || {
         m.refused(Reason::PlaintextRefused) == 1
     })
     .await;
@@ -211,7 +214,10 @@ async fn outbound_refuses_an_unexpected_server() {
     let got = within(round_trip(outbound.addr, b"secret")).await;
     assert!(got.map(|b| b.is_empty()).unwrap_or(true));
     let m = &outbound.metrics.outbound;
-    eventually("not authorized", || m.refused(Reason::NotAuthorized) == 1).await;
+    eventually_async("not authorized", WAIT, async || {
+        m.refused(Reason::NotAuthorized) == 1
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -237,7 +243,7 @@ async fn outbound_counts_a_refusal_that_arrives_after_its_handshake() {
     let got = within(round_trip(outbound.addr, b"hello")).await;
     assert!(got.map(|b| b.is_empty()).unwrap_or(true));
     let (i, o) = (&inbound.metrics.inbound, &outbound.metrics.outbound);
-    eventually("refused on both sides", || {
+    eventually_async("refused on both sides", WAIT, async || {
         i.refused(Reason::UnknownCa) == 1 && o.refused(Reason::PeerRefused) == 1
     })
     .await;
@@ -347,7 +353,10 @@ async fn outbound_without_identity_waits_then_refuses() {
     let got = within(round_trip(outbound.addr, b"early")).await;
     assert!(got.map(|b| b.is_empty()).unwrap_or(true));
     let m = &outbound.metrics.outbound;
-    eventually("no identity yet", || m.refused(Reason::NoIdentityYet) == 1).await;
+    eventually_async("no identity yet", WAIT, async || {
+        m.refused(Reason::NoIdentityYet) == 1
+    })
+    .await;
 
     // Published while a connection waits: it goes through.
     let s = TcpStream::connect(outbound.addr).await.unwrap();
@@ -376,7 +385,7 @@ async fn outbound_counts_an_unreachable_upstream() {
     .await;
     let _ = within(round_trip(outbound.addr, b"x")).await;
     let m = &outbound.metrics.outbound;
-    eventually("unreachable", || {
+    eventually_async("unreachable", WAIT, async || {
         m.refused(Reason::UpstreamUnreachable) == 1
     })
     .await;

@@ -8,6 +8,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use integration::{CA_KEK, eventually};
+use rustls_pki_types::CertificateDer;
 use serde_json::Value;
 
 pub mod net;
@@ -171,6 +173,23 @@ pub fn split_pem(path: &Path, dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// One try at the caller's X509-SVID from the Workload API at `socket` with the `spiffe` crate
+/// (a client no one here wrote): its SPIFFE ID and chain, or None when there is none yet.
+pub async fn workload_svid(socket: &Path) -> Option<(String, Vec<CertificateDer<'static>>)> {
+    let endpoint = format!("unix://{}", socket.display());
+    let client = spiffe::WorkloadApiClient::connect_to(endpoint).await.ok()?;
+    let svid = tokio::time::timeout(Duration::from_secs(2), client.fetch_x509_svid())
+        .await
+        .ok()?
+        .ok()?;
+    let chain = svid
+        .cert_chain()
+        .iter()
+        .map(|c| CertificateDer::from(c.as_bytes().to_vec()))
+        .collect();
+    Some((svid.spiffe_id().to_string(), chain))
+}
+
 /// A real `kith ca serve` on loopback, and the real `kith` for commands.
 pub struct Ca {
     pub child: Child,
@@ -181,10 +200,28 @@ pub struct Ca {
 }
 
 pub fn kith(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_kith"))
-        .args(args)
-        .output()
-        .unwrap();
+    output(Command::new(env!("CARGO_BIN_EXE_kith")).args(args))
+}
+
+/// `kith` with the test CAs' KEK in `KITH_CA_KEK`, as an operator checking a stopped CA runs it.
+pub fn kith_with_kek(args: &[&str]) -> (i32, String, String) {
+    output(
+        Command::new(env!("CARGO_BIN_EXE_kith"))
+            .args(args)
+            .env("KITH_CA_KEK", CA_KEK),
+    )
+}
+
+/// `kith <args>` that must succeed, its standard output read as JSON.
+pub fn json_of(args: &[&str]) -> Value {
+    let (code, out, err) = kith(args);
+    assert_eq!(code, 0, "{args:?}: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+}
+
+/// (exit code, stdout, stderr) of `cmd`, which must not panic.
+fn output(cmd: &mut Command) -> (i32, String, String) {
+    let out = cmd.output().unwrap();
     let (o, e) = (
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -193,30 +230,38 @@ pub fn kith(args: &[&str]) -> (i32, String, String) {
     (out.status.code().unwrap_or(-1), o, e)
 }
 
+/// `kith ca serve` with its data in `dir/ca` that takes the projected service-account tokens
+/// of a lab cluster key (its JWK set in `dir/jwks.json`); `extra` flags are appended.
+pub fn serve_k8s_ca(dir: &Path, extra: &[&str]) -> (Ca, integration::ClusterKey) {
+    let key = integration::ClusterKey::new();
+    let jwks = dir.join("jwks.json");
+    std::fs::write(&jwks, key.jwks()).unwrap();
+    let mut flags = vec!["--k8s-issuer", integration::ISSUER];
+    flags.extend(["--k8s-jwks", jwks.to_str().unwrap()]);
+    flags.extend_from_slice(extra);
+    (serve_ca_with(&dir.join("ca"), &flags), key)
+}
+
 pub fn serve_ca(data: &Path) -> Ca {
     serve_ca_with(data, &[])
 }
 
+/// `kith ca serve` on any loopback ports with its data in `data` and the test KEK; its output
+/// is the caller's to direct.
+pub fn ca_serve_command(data: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kith"));
+    cmd.args(["ca", "serve", "--listen", "127.0.0.1:0"])
+        .args(["--metrics-listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .env("KITH_CA_KEK", CA_KEK);
+    cmd
+}
+
 /// `kith ca serve` on loopback with extra flags (`--k8s-issuer`, `--workload-ttl`, …).
 pub fn serve_ca_with(data: &Path, extra: &[&str]) -> Ca {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kith"))
-        .args([
-            "ca",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-        ])
-        .arg("--data-dir")
-        .arg(data)
+    let mut child = ca_serve_command(data)
+        .args(["--log-format", "json"])
         .args(extra)
-        .env(
-            "KITH_CA_KEK",
-            "KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio=",
-        )
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -288,6 +333,18 @@ impl Proc {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log holds `needle` and returns it; fails with the log after `within`.
+    pub fn wait_log(&self, needle: &str, within: Duration) -> String {
+        eventually(&format!("{needle:?} in the log"), within, || {
+            let log = self.log();
+            if log.contains(needle) {
+                Ok(log)
+            } else {
+                Err(log)
+            }
+        })
     }
 }
 

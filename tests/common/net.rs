@@ -3,7 +3,11 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use integration::eventually;
+
+use super::Proc;
 
 /// A loopback address free right now, outside the kernel's ephemeral range (so an outgoing
 /// connection of another test cannot take it before the child process binds it).
@@ -28,11 +32,22 @@ pub fn echo_backend() -> SocketAddr {
 }
 
 pub fn wait_port(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on {addr}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    eventually(
+        &format!("a listener on {addr}"),
+        Duration::from_secs(10),
+        || TcpStream::connect(addr),
+    );
+}
+
+/// Waits until the sidecar `p` with its admin endpoints on `admin` says it is ready (it holds
+/// an identity); fails with its log after `within`.
+pub fn wait_ready(admin: SocketAddr, p: &Proc, within: Duration) {
+    eventually(&format!("ready at {admin}"), within, || {
+        let ready = try_http(admin, "GET", "/ready").is_ok_and(|r| r.starts_with("HTTP/1.1 200"));
+        ready
+            .then_some(())
+            .ok_or_else(|| format!("its log:\n{}", p.log()))
+    });
 }
 
 /// Sends `msg` through `addr` and returns what comes back before the other side closes.
@@ -69,16 +84,12 @@ pub use integration::metric;
 
 /// Polls `/metrics` at `admin` until `series` reaches `at_least`; panics after `within`.
 pub fn wait_metric(admin: SocketAddr, series: &str, at_least: f64, within: Duration) -> String {
-    let deadline = Instant::now() + within;
-    loop {
+    eventually(&format!("{series} to reach {at_least}"), within, || {
         let text = http(admin, "GET", "/metrics");
         if metric(&text, series).is_some_and(|v| v >= at_least) {
-            return text;
+            Ok(text)
+        } else {
+            Err(text)
         }
-        assert!(
-            Instant::now() < deadline,
-            "{series} did not reach {at_least} within {within:?}:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    })
 }

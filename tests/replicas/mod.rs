@@ -9,9 +9,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::common::{Ca, kith, serve_ca_with};
+use crate::common::{Ca, json_of, kith, serve_ca_with};
 
 /// Whether this `kith` has a PostgreSQL store (`kith ca serve --store`); prints why not, and
 /// fails under CI=true, where the store is part of the build.
@@ -41,9 +41,7 @@ pub fn admin_json(data: &Path, args: &[&str]) -> serde_json::Value {
     all.extend_from_slice(args);
     let d = data.to_str().unwrap();
     all.extend_from_slice(&["--data-dir", d, "--json"]);
-    let (code, out, err) = kith(&all);
-    assert_eq!(code, 0, "kith {all:?}: {err}");
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("kith {all:?}: {e}: {out}"))
+    json_of(&all)
 }
 
 /// A TCP forwarder to `target` that the test can cut: every open connection is shut and new
@@ -157,15 +155,6 @@ pub fn request(through: SocketAddr, n: u64) -> Result<(), String> {
         return Err(format!("answered {back:?}"));
     }
     Ok(())
-}
-
-/// Waits until `f` holds, polling; panics with `what` after `within`.
-pub fn eventually(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out: {what}");
-        thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// GET `path` on `addr` over plain HTTP/1.1: the status code, or None if nothing answers.

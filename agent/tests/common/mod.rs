@@ -1,97 +1,53 @@
-//! A CA on loopback (in process) and agents against it.
+//! A CA on loopback (in process) and agents against it; workload SVIDs as the agent holds them.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use agent::agent::{Agent, AgentConfig};
 use agent::metrics::AgentMetrics;
-use agent::snapshot::SnapshotRx;
-use ca::admin_client::AdminClient;
+use agent::snapshot::{SnapshotRx, WorkloadSvid};
 use ca::config::Config;
-use ca::server::{Listeners, Running, start};
-use serde_json::json;
+use integration::ca::InProcessCa;
+use integration::pki::{HOUR, Pki};
+use rustls_pki_types::PrivatePkcs8KeyDer;
 use tokio_util::sync::CancellationToken;
 
+/// The kit's in-process CA, with the calls the agent tests make.
 pub struct TestCa {
-    pub cfg: Config,
-    pub addr: SocketAddr,
-    pub running: Running,
-    pub shutdown: CancellationToken,
-    pub admin: AdminClient,
+    ca: InProcessCa,
 }
 
 /// Starts a CA in `data` on `addr` (port 0 for any); the same data dir and port restart it.
 pub async fn start_ca(data: &Path, addr: SocketAddr, tweak: impl FnOnce(&mut Config)) -> TestCa {
-    let mut cfg = Config::for_tests(data, "example.org").unwrap();
-    tweak(&mut cfg);
-    ca::server::prepare_data_dir(&cfg).unwrap();
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_reuseaddr(true).unwrap();
-    socket.bind(addr).unwrap();
-    let api = socket.listen(128).unwrap();
-    let addr = api.local_addr().unwrap();
-    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let admin = ca::admin::bind(&cfg.admin_socket).unwrap();
-    let shutdown = CancellationToken::new();
-    let running = start(
-        &cfg,
-        Listeners {
-            api,
-            metrics,
-            admin,
-        },
-        shutdown.clone(),
-    )
-    .await
-    .unwrap();
-    let admin = AdminClient::new(&cfg.admin_socket);
     TestCa {
-        cfg,
-        addr,
-        running,
-        shutdown,
-        admin,
+        ca: integration::ca::start(data, addr, tweak).await,
+    }
+}
+
+impl Deref for TestCa {
+    type Target = InProcessCa;
+
+    fn deref(&self) -> &InProcessCa {
+        &self.ca
     }
 }
 
 impl TestCa {
-    pub fn url(&self) -> String {
-        format!("https://{}", self.addr)
-    }
-
+    /// A join token for `name` and the bundle's pin (`--bundle-sha256`).
     pub async fn token(&self, name: &str) -> (String, String) {
-        let v = self
-            .admin
-            .call(
-                hyper::Method::POST,
-                "/tokens",
-                Some(json!({"name": name, "ttl_seconds": 600})),
-            )
-            .await
-            .unwrap();
+        let v = self.ca.join_token(name).await;
         (
             v["token"].as_str().unwrap().to_owned(),
             v["bundle_sha256"].as_str().unwrap().to_owned(),
         )
     }
 
-    pub async fn entry(&self, id: &str, parent: &str, selectors: &[&str]) -> serde_json::Value {
-        self.admin
-            .call(
-                hyper::Method::POST,
-                "/entries",
-                Some(json!({"spiffe_id": id, "parent_id": parent, "selectors": selectors})),
-            )
-            .await
-            .unwrap()
-    }
-
     pub async fn stop(self) {
-        self.shutdown.cancel();
-        self.running.tasks.wait().await;
+        self.ca.stop().await;
     }
 }
 
@@ -121,18 +77,54 @@ pub async fn run_agent(cfg: AgentConfig) -> (Arc<Agent>, SnapshotRx, Cancellatio
     (agent, rx, stop)
 }
 
-/// Polls `f` until it is true or `within` passes.
-pub async fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + within;
-    while tokio::time::Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    f()
-}
-
 pub fn data_dir(root: &Path, name: &str) -> PathBuf {
     root.join(name)
+}
+
+/// The kit's PKI as the agent sees it: a root and intermediate valid from an hour ago for a day,
+/// and workload SVIDs granted to callers with selectors.
+pub struct WorkloadPki(Pki);
+
+impl WorkloadPki {
+    pub fn new(td: &str) -> Self {
+        let now = SystemTime::now();
+        Self(Pki::valid(td, now - HOUR, now + 24 * HOUR))
+    }
+
+    /// A workload SVID for `path` granted to callers with all of `selectors`, valid for an hour
+    /// (from 30 s ago); a new key each call, so two calls are a rotation.
+    pub fn svid(&self, path: &str, selectors: &[String]) -> Arc<WorkloadSvid> {
+        let id = self.td.id_with_path(path).unwrap();
+        let now = SystemTime::now();
+        let (chain, key) = self.svid_for(&id, now - Duration::from_secs(30), now + HOUR);
+        Arc::new(WorkloadSvid {
+            entry_id: format!("entry-{path}"),
+            spiffe_id: id,
+            selectors: selectors.to_vec(),
+            chain,
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+            not_after: now + HOUR,
+        })
+    }
+}
+
+impl Deref for WorkloadPki {
+    type Target = Pki;
+
+    fn deref(&self) -> &Pki {
+        &self.0
+    }
+}
+
+/// The selector every test process has.
+pub fn me() -> String {
+    format!("unix:uid:{}", nix::unistd::getuid())
+}
+
+/// A uid no test runs as.
+pub fn someone_else() -> String {
+    format!(
+        "unix:uid:{}",
+        nix::unistd::getuid().as_raw().wrapping_add(4242)
+    )
 }

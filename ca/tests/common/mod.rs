@@ -1,26 +1,25 @@
 //! An in-process CA on loopback with its own data dir, and clients for it.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+use std::net::SocketAddr;
+use std::ops::Deref;
 use std::sync::Arc;
 
-use ca::admin_client::AdminClient;
 use ca::config::Config;
-use ca::server::{Listeners, Running, start};
 use ca_api::client::{Connection, client_config};
 use identity::TrustBundle;
-use rcgen::{CertificateParams, DistinguishedName, KeyPair};
+use integration::ca::InProcessCa;
+use rcgen::KeyPair;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
+/// The kit's in-process CA with its own temporary directory (data in `data/`), its addresses
+/// as strings (they shadow the kit's `SocketAddr`s).
 pub struct TestCa {
     pub dir: tempfile::TempDir,
-    pub cfg: Config,
     pub addr: String,
     pub metrics_addr: String,
-    pub running: Running,
-    pub shutdown: CancellationToken,
-    pub admin: AdminClient,
+    ca: InProcessCa,
 }
 
 pub async fn start_ca(tweak: impl FnOnce(&mut Config)) -> TestCa {
@@ -28,36 +27,23 @@ pub async fn start_ca(tweak: impl FnOnce(&mut Config)) -> TestCa {
     start_in(dir, tweak).await
 }
 
+/// A CA with its data in `dir/data`, on any loopback ports.
 pub async fn start_in(dir: tempfile::TempDir, tweak: impl FnOnce(&mut Config)) -> TestCa {
-    let mut cfg = Config::for_tests(&dir.path().join("data"), "example.org").unwrap();
-    tweak(&mut cfg);
-    ca::server::prepare_data_dir(&cfg).unwrap();
-    let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let admin = ca::admin::bind(&cfg.admin_socket).unwrap();
-    let addr = api.local_addr().unwrap().to_string();
-    let metrics_addr = metrics.local_addr().unwrap().to_string();
-    let shutdown = CancellationToken::new();
-    let running = start(
-        &cfg,
-        Listeners {
-            api,
-            metrics,
-            admin,
-        },
-        shutdown.clone(),
-    )
-    .await
-    .unwrap();
-    let admin = AdminClient::new(&cfg.admin_socket);
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let ca = integration::ca::start(&dir.path().join("data"), any, tweak).await;
     TestCa {
         dir,
-        cfg,
-        addr,
-        metrics_addr,
-        running,
-        shutdown,
-        admin,
+        addr: ca.addr.to_string(),
+        metrics_addr: ca.metrics_addr.to_string(),
+        ca,
+    }
+}
+
+impl Deref for TestCa {
+    type Target = InProcessCa;
+
+    fn deref(&self) -> &InProcessCa {
+        &self.ca
     }
 }
 
@@ -85,15 +71,7 @@ impl TestCa {
     }
 
     pub async fn token(&self, name: &str) -> String {
-        let v = self
-            .admin
-            .call(
-                hyper::Method::POST,
-                "/tokens",
-                Some(json!({"name": name, "ttl_seconds": 3600})),
-            )
-            .await
-            .unwrap();
+        let v = self.ca.join_token(name).await;
         v["token"].as_str().unwrap().to_owned()
     }
 
@@ -112,14 +90,7 @@ impl TestCa {
     }
 
     pub async fn entry(&self, id: &str, parent: &str) -> Value {
-        self.admin
-            .call(
-                hyper::Method::POST,
-                "/entries",
-                Some(json!({"spiffe_id": id, "parent_id": parent, "selectors": ["unix:uid:1000"]})),
-            )
-            .await
-            .unwrap()
+        self.ca.entry(id, parent, &["unix:uid:1000"]).await
     }
 
     pub async fn metrics(&self) -> String {
@@ -149,8 +120,7 @@ impl TestCa {
     }
 
     pub async fn stop(self) -> tempfile::TempDir {
-        self.shutdown.cancel();
-        self.running.tasks.wait().await;
+        self.ca.stop().await;
         self.dir
     }
 }
@@ -174,18 +144,6 @@ impl Svid {
     }
 }
 
-/// A fresh P-256 key and a CSR for it with an empty subject (PEM).
-pub fn csr() -> (String, KeyPair) {
-    let key = KeyPair::generate().unwrap();
-    let mut p = CertificateParams::default();
-    p.distinguished_name = DistinguishedName::new();
-    (p.serialize_request(&key).unwrap().pem().unwrap(), key)
-}
-
-pub fn csr_with(tweak: impl FnOnce(&mut CertificateParams)) -> String {
-    let key = KeyPair::generate().unwrap();
-    let mut p = CertificateParams::default();
-    p.distinguished_name = DistinguishedName::new();
-    tweak(&mut p);
-    p.serialize_request(&key).unwrap().pem().unwrap()
-}
+/// CSRs as agents send them (not every test uses both).
+#[allow(unused_imports)]
+pub use integration::pki::{csr, csr_with};

@@ -2,7 +2,8 @@
 //! in a pod is an ordinary program that knows nothing about kith.
 //!
 //! - `podapp serve <addr> <name>`: answers every request with `<name>:<request body>`;
-//!   `GET /slow/<ms>` waits that long first; keep-alive unless the client says `close`.
+//!   `GET /slow/<ms>` waits that long first (and says so on stderr as it starts, so that a
+//!   test knows the request is in flight); keep-alive unless the client says `close`.
 //! - `podapp get <addr> <path> [body]`: one request; prints the status line and the body.
 //! - `podapp load <addr> <seconds> <long-lived connections>`: requests without pause on the
 //!   long-lived connections plus one new connection per request on another thread; prints
@@ -52,6 +53,7 @@ fn serve_conn(stream: TcpStream, name: &str) -> std::io::Result<()> {
             return Ok(());
         };
         if let Some(ms) = path.strip_prefix("/slow/") {
+            eprintln!("slow request: answering in {ms} ms");
             std::thread::sleep(Duration::from_millis(ms.parse().unwrap_or(0)));
         }
         let answer = format!("{name}:{body}");

@@ -1,18 +1,17 @@
-//! An in-memory PKI per test (copied from identity/tests/common), plus loopback harness:
-//! echo backend, proxies on 127.0.0.1:0, a raw TLS client, and `eventually`.
+//! The kit's in-memory PKI per test, plus loopback harness: echo backend, proxies on
+//! 127.0.0.1:0, a raw TLS client, and the kit's `eventually_async`.
 #![allow(dead_code, clippy::unwrap_used)]
 
-use std::net::IpAddr;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use identity::x509::{intermediate_params, portable_pkcs8, root_params, svid_params};
-use identity::{SpiffeId, Svid, TrustBundle, TrustDomain};
+use identity::x509::portable_pkcs8;
+use identity::{Svid, TrustBundle};
 use proxy::{ExpectedPeer, IdentityHandle, Limits, Metrics, Policy};
-use rcgen::{CertificateParams, Issuer, KeyPair};
+use rcgen::KeyPair;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
@@ -20,96 +19,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-pub const HOUR: Duration = Duration::from_secs(3600);
-pub const DAY: Duration = Duration::from_secs(86_400);
-
-pub struct Pki {
-    pub td: TrustDomain,
-    pub root: CertificateDer<'static>,
-    pub root_issuer: Issuer<'static, KeyPair>,
-    pub intermediate: CertificateDer<'static>,
-    pub issuer: Issuer<'static, KeyPair>,
-    pub intermediate_params: CertificateParams,
-    pub tag: String,
-}
-
-pub fn now() -> SystemTime {
-    SystemTime::now()
-}
-
-impl Pki {
-    pub fn new(td: &str) -> Self {
-        Self::valid(td, now() - DAY, now() + 30 * DAY)
-    }
-
-    pub fn valid(td: &str, not_before: SystemTime, not_after: SystemTime) -> Self {
-        let td = TrustDomain::new(td).unwrap();
-        // Distinct names per PKI, as real CAs have: a foreign CA must not chain by name.
-        let tag = identity::x509::random_serial().unwrap().to_bytes()[..4]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>();
-        let root_key = KeyPair::generate().unwrap();
-        let rp = root_params(&td, &format!("test root {tag}"), not_before, not_after).unwrap();
-        let root = rp.self_signed(&root_key).unwrap().der().clone();
-        let root_issuer = Issuer::new(rp, root_key);
-        let ikey = KeyPair::generate().unwrap();
-        let ip =
-            intermediate_params(&td, &format!("test signer {tag}"), not_before, not_after).unwrap();
-        let intermediate = ip.signed_by(&ikey, &root_issuer).unwrap().der().clone();
-        let issuer = Issuer::new(ip.clone(), ikey);
-        Self {
-            td,
-            root,
-            root_issuer,
-            intermediate,
-            issuer,
-            intermediate_params: ip,
-            tag,
-        }
-    }
-
-    pub fn bundle(&self) -> TrustBundle {
-        TrustBundle::from_roots(self.td.clone(), vec![self.root.clone()]).unwrap()
-    }
-
-    /// A leaf for `id` valid around now, with its key, chain = [leaf, intermediate].
-    pub fn leaf(&self, id: &str) -> (Vec<CertificateDer<'static>>, KeyPair) {
-        self.leaf_with(id, |_| {})
-    }
-
-    pub fn leaf_with(
-        &self,
-        id: &str,
-        tweak: impl FnOnce(&mut CertificateParams),
-    ) -> (Vec<CertificateDer<'static>>, KeyPair) {
-        let id = SpiffeId::new(id).unwrap();
-        let mut params = svid_params(
-            &id,
-            &["a.test".into()],
-            &["127.0.0.1".parse::<IpAddr>().unwrap()],
-            now() - HOUR,
-            now() + HOUR,
-        )
-        .unwrap();
-        tweak(&mut params);
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap().der().clone();
-        (vec![cert, self.intermediate.clone()], key)
-    }
-}
-
-impl Pki {
-    /// A validated-looking SVID for `id` (the proxy validates it again on publish).
-    pub fn svid(&self, id: &str) -> Svid {
-        let (chain, key) = self.leaf(id);
-        to_svid(chain, &key)
-    }
-}
-
-pub fn to_svid(chain: Vec<CertificateDer<'static>>, key: &KeyPair) -> Svid {
-    Svid::new(chain, portable_pkcs8(key)).unwrap()
-}
+// The kit, for the tests that `use common::*` (not every test uses all of it).
+#[allow(unused_imports)]
+pub use integration::eventually_async;
+#[allow(unused_imports)]
+pub use integration::pki::{DAY, HOUR, Pki, now, to_svid};
 
 /// An identity handle with `svid` published under `bundle`.
 pub fn handle(svid: Svid, bundle: TrustBundle) -> IdentityHandle {
@@ -218,16 +132,8 @@ pub async fn round_trip(addr: SocketAddr, data: &[u8]) -> std::io::Result<Vec<u8
     Ok(got)
 }
 
-/// Polls `check` for up to 5 s.
-pub async fn eventually<F: Fn() -> bool>(what: &str, check: F) {
-    for _ in 0..500 {
-        if check() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("never happened: {what}");
-}
+/// How long a test waits for what it expects to happen soon.
+pub const WAIT: Duration = Duration::from_secs(5);
 
 pub async fn within<T>(f: impl Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_secs(20), f)
