@@ -4,7 +4,11 @@
 //! current SVIDs keep being served until they expire, failures back off from 1 s to 60 s, and
 //! everything catches up when the CA returns. Workload SVIDs are also kept in the data dir
 //! (`workload_store`), so an agent restarted during an outage serves them again while they are
-//! valid; with several CA replicas (`ca_set`), each call goes to one that answers.
+//! valid; with several CA replicas (`ca_api::replicas`), each call goes to one that answers.
+//!
+//! Why this is one file of over 500 lines: the agent's one control loop and the state it owns (node
+//! SVID, entries, a slot per workload SVID); the loop's ordering and retry rules would be spread
+//! over files if it were split.
 
 use std::collections::HashMap;
 use std::path::PathBuf;

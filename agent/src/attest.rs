@@ -15,6 +15,9 @@
 //! hands the socket to another keeps its own identity on it). A process that execs between
 //! `connect()` and the agent's `accept()` is seen with its new executable: the window is the
 //! agent's accept latency, which is why an entry must also name `unix:uid` or `unix:gid`.
+//!
+//! Why this is one file of over 500 lines: the kernel's facts about a caller (SO_PEERCRED, start
+//! time, executable) and the selector plugins that read them share the caller pinned at accept.
 
 use std::future::Future;
 use std::io;

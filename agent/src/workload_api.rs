@@ -4,6 +4,9 @@
 //!
 //! Every answer comes from the latest [`Snapshot`] the agent published. Streams push a new
 //! message only when what *this* caller would receive changed.
+//!
+//! Why this is one file of over 500 lines: the Workload API's RPCs, their attestation and their
+//! streams share one per-connection caller state pinned at accept.
 
 mod authority_shim;
 mod convert;

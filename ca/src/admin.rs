@@ -3,6 +3,9 @@
 //! connection's uid is also checked with SO_PEERCRED, so a socket or directory made wider by
 //! mistake still serves no one else. The `kith ca token|entry|node|bundle|status|audit`
 //! commands are its client (`admin_client`).
+//!
+//! Why this is one file of over 500 lines: one route table for the admin socket (tokens, entries,
+//! nodes, upstream, roots, audit) with short handlers over the service and the store.
 
 use std::convert::Infallible;
 use std::os::unix::fs::PermissionsExt;

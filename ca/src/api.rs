@@ -1,5 +1,9 @@
 //! The HTTPS API (hyper 1 + tokio-rustls, TLS 1.3). Every response body is JSON; every error
 //! has the stable shape `{"code", "message"}`. Documented in `ca/API.md`.
+//!
+//! Why this is one file of over 500 lines: the HTTPS API's accept loop (TLS, per-core workers,
+//! caps, deadlines) and its routes share the per-connection peer state that every route authorizes
+//! against.
 
 use std::convert::Infallible;
 use std::sync::Arc;

@@ -4,6 +4,11 @@
 //!
 //! The active signer is published through an `ArcSwap`, so issuance reads it without a lock
 //! and rotation never pauses signing.
+//!
+//! Why this is one file of over 500 lines: roots, intermediates and JWT keys are one state machine
+//! under one lock, with invariants that span it (a leaf never outlives its signer; a root is in the
+//! bundle before it signs). The rollover policy is in `rollover.rs`, the imported-CA case in
+//! `authority/upstream.rs`.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

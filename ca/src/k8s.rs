@@ -15,6 +15,10 @@
 //! leeway), it has no `iat` check and knows nothing of the `kubernetes.io` pod binding, and its
 //! `iss`/`aud` checks would run inside `decode`, before the binding can be looked at (a legacy
 //! secret token is reported as having no pod binding), and would take an `iss` array.
+//!
+//! Why this is one file of over 500 lines: Kubernetes token verification end to end: the JWKS
+//! source (fetched, cached, refreshed), the key set with its per-key algorithm, and the claim
+//! checks in the order whose error kinds `ca/API.md` documents.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

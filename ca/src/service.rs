@@ -1,5 +1,8 @@
 //! The CA's decisions, independent of HTTP: who may have which SVID, and the record of every
 //! issuance and refusal. The HTTP layer (`api`) only parses, calls in here, and encodes.
+//!
+//! Why this is one file of over 500 lines: every decision on who may get which SVID is here,
+//! independent of HTTP, so that a review of the CA's authorization reads one file.
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;

@@ -4,6 +4,9 @@
 //!
 //! Writes are commands (`Write`) that a store applies in groups: many concurrent issuances
 //! share one durable transaction instead of paying one fsync each.
+//!
+//! Why this is one file of over 500 lines: the `Store` trait and what both backends share (rows,
+//! errors, the audit chain check): the storage contract in one file.
 
 pub mod any;
 pub mod postgres;

@@ -4,7 +4,7 @@
 //! and says how long it took.
 //!
 //! The agent tells its three callers apart by the kernel's view of them (`unix:path:` is
-//! `/proc/<pid>/exe`, see `sidecar/src/attest.rs`), so each sidecar runs from its own copy (a
+//! `/proc/<pid>/exe`, see `agent/src/attest.rs`), so each sidecar runs from its own copy (a
 //! hard link where possible) of the binary: `<tmp>/bin/web-sidecar` and so on.
 
 use std::ffi::OsString;

@@ -28,6 +28,10 @@
 //!   1 KiB copy buffers ([`crate::copy`]). rustls itself already shrinks a connection's
 //!   receive buffer to one 4 KiB read when it holds no partial record, and its send buffers
 //!   are empty once written, so an idle pooled connection is small too.
+//!
+//! Why this is one file of over 500 lines: the pooled hop is one protocol: the pool (per-peer
+//! connections, drained on rotation), the h2 bridge and both ends of a CONNECT stream, tested
+//! together.
 
 use std::collections::HashMap;
 use std::io;

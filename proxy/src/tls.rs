@@ -13,6 +13,10 @@
 //! configurations built from one handle share the ticket keys and the cache); and
 //! a resumed session, which skips the verifiers, has its peer chain checked again against the
 //! current bundle and clock by [`check_resumed`]: a resumed session shows no certificate, so rotation would be hidden.
+//!
+//! Why this is one file of over 500 lines: the data plane's TLS settings and the identity handle
+//! they read (SVID, bundle, verified-chain cache, session tickets) change together: client and
+//! server side are built next to each other from the one handle.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;

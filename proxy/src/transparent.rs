@@ -18,6 +18,10 @@
 //! The redirect rules must exclude the proxy's own outbound connections (for example
 //! `-m owner --uid-owner <proxy uid> --gid-owner <proxy gid> -j RETURN`), or they loop back
 //! into it; the forwarded inbound connections (to the pod's own address) are among them.
+//!
+//! Why this is one file of over 500 lines: transparent mode's two listeners, the
+//! original-destination lookup, the mesh-CIDR decision and their counters are one feature,
+//! configured together.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

@@ -42,6 +42,10 @@
 //! The IPv4 canary needs a route to its address (a pod has a default route) and, for another
 //! UID, `bash` in the image. A failed check exits non-zero and leaves the rules in place (the
 //! pod does not start; `--uninstall` removes them).
+//!
+//! Why this is one file of over 500 lines: everything `kith sidecar init` does to a pod's
+//! namespace, in the order it does it: the rules (rendered, installed, removed), the IPv6 policy,
+//! and the canary checks that prove the rules just installed.
 
 use std::fmt::Write as _;
 use std::io::Read as _;

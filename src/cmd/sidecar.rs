@@ -11,6 +11,10 @@
 //! Before the first SVID, connections wait up to `--hold-timeout`; SIGTERM (or
 //! `POST /quitquitquit`) stops accepting and lets open connections finish for
 //! `--drain-timeout`.
+//!
+//! Why this is one file of over 500 lines: about half of it is `kith sidecar run`'s documented
+//! flags (each also a `KITH_SIDECAR_*` variable) and their validation; the rest is the wiring of
+//! sources, tunnels, transparent mode and the admin port, which reads those flags.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;

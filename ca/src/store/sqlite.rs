@@ -2,6 +2,10 @@
 //! loss), versioned migrations, and one writer thread that drains every pending write into a
 //! single transaction (group commit). Reads use their own connection; WAL lets them run beside
 //! the writer.
+//!
+//! Why this is one file of over 500 lines: the `Store` implementation and its writer thread share
+//! one connection, the migrations and the audit chain's append; `postgres.rs` has the same shape,
+//! so the two backends read side by side, method by method.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
