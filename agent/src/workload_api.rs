@@ -146,7 +146,7 @@ pub async fn serve<J: JwtSource>(
         streams: Arc::new(Semaphore::new(
             limits.max_streams.min(Semaphore::MAX_PERMITS),
         )),
-        streams_per_uid: Arc::new(PerUid::new(limits.max_streams_per_uid)),
+        streams_per_uid: listen::PerSource::new(limits.max_streams_per_uid),
         jwt_cache: Mutex::new(HashMap::new()),
         tasks: tasks.clone(),
         shutdown: shutdown.clone(),
@@ -163,7 +163,7 @@ pub async fn serve<J: JwtSource>(
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
         .add_service(service)
         .serve_with_incoming_shutdown(
-            socket::incoming(listener, force_close.clone(), admission),
+            socket::incoming(listener, force_close.clone(), admission, shutdown.clone()),
             shutdown.cancelled(),
         );
     tokio::pin!(serving);
@@ -190,7 +190,7 @@ struct WorkloadApi<J> {
     attestor: Arc<Attestor>,
     metrics: Arc<WorkloadApiMetrics>,
     streams: Arc<Semaphore>,
-    streams_per_uid: Arc<PerUid>,
+    streams_per_uid: Arc<listen::PerSource<u32>>,
     jwt_cache: Mutex<HashMap<JwtKey, CachedJwt>>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
@@ -219,52 +219,6 @@ impl CachedJwt {
 
 /// Distinct (ID, audience) tokens kept at most; the audience is the caller's choice.
 const JWT_CACHE_CAPACITY: usize = 4096;
-
-/// Counts held per uid against one limit; a [`PerUidGuard`] gives its unit back when dropped.
-pub(crate) struct PerUid {
-    limit: usize,
-    held: Mutex<HashMap<u32, usize>>,
-}
-
-impl PerUid {
-    pub(crate) fn new(limit: usize) -> Self {
-        Self {
-            limit,
-            held: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// One more for `uid`, unless it already holds the limit.
-    pub(crate) fn try_take(self: &Arc<Self>, uid: u32) -> Option<PerUidGuard> {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        let n = held.entry(uid).or_insert(0);
-        if *n >= self.limit {
-            return None;
-        }
-        *n += 1;
-        Some(PerUidGuard {
-            owner: self.clone(),
-            uid,
-        })
-    }
-}
-
-pub(crate) struct PerUidGuard {
-    owner: Arc<PerUid>,
-    uid: u32,
-}
-
-impl Drop for PerUidGuard {
-    fn drop(&mut self) {
-        let mut held = self.owner.held.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = held.get_mut(&self.uid) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                held.remove(&self.uid);
-            }
-        }
-    }
-}
 
 impl<J: JwtSource> WorkloadApi<J> {
     /// The caller's selectors, once the request proved it is a Workload API call. Every
@@ -317,7 +271,7 @@ impl<J: JwtSource> WorkloadApi<J> {
         F: Fn(&Snapshot) -> Result<T, Status> + Send + 'static,
     {
         let uid = uid.ok_or_else(|| Status::permission_denied("no peer credentials"))?;
-        let Some(per_uid) = self.streams_per_uid.try_take(uid) else {
+        let Some(per_uid) = self.streams_per_uid.admit(uid) else {
             self.metrics.refuse(
                 "streams_per_uid_cap",
                 Some(uid),
@@ -539,7 +493,7 @@ async fn push_changes<T, F>(
     mut last: T,
     build: F,
     shutdown: CancellationToken,
-    _permits: (OwnedSemaphorePermit, PerUidGuard),
+    _permits: (OwnedSemaphorePermit, listen::SourceSlot<u32>),
 ) where
     T: PartialEq + Clone + Send,
     F: Fn(&Snapshot) -> Result<T, Status>,

@@ -22,6 +22,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use tokio::net::unix::UCred;
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -58,30 +59,35 @@ pub async fn serve<S: Store>(
 ) {
     let tracker = TaskTracker::new();
     let own_uid = nix::unistd::geteuid().as_raw();
-    loop {
-        let stream = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+    let mut acceptor = listen::Acceptor::new(listener, "ca admin", ADMIN_CAPS);
+    while let Some(next) = acceptor.next(&shutdown).await {
+        let conn = match next {
+            listen::Next::Admitted(conn) => conn,
+            listen::Next::Refused(_, why) => {
+                ca.metrics.refused(match why {
+                    listen::Refusal::TooManyFromSource => "admin_too_many_from_source",
+                    _ => "admin_too_many_connections",
+                });
+                continue;
+            }
         };
+        let (stream, held) = (conn.io, conn.held);
         let ca = ca.clone();
         let ctx = ctx.clone();
         // SECURITY: the socket's mode is a first fence, not the only one: a data directory or
         // socket made wider by mistake must not hand the CA to every local user. The kernel
         // says who connected; only root and the CA's own user are served.
-        if let Err(why) = peer_allowed(&stream, own_uid) {
+        if let Err(why) = peer_allowed(conn.peer, own_uid) {
             ca.metrics.refused("admin_peer_not_allowed");
             tracing::warn!(reason = %why, "refused an admin connection");
-            tracker.spawn(refuse_peer(stream, why));
+            tracker.spawn(async move {
+                let _held = held;
+                refuse_peer(stream, why).await;
+            });
             continue;
         }
         tracker.spawn(async move {
+            let _held = held;
             let svc = hyper::service::service_fn(move |req| {
                 let ca = ca.clone();
                 let ctx = ctx.clone();
@@ -108,15 +114,20 @@ pub async fn serve<S: Store>(
     tracker.wait().await;
 }
 
+/// Connections the admin socket holds at once, and per UID: it serves one operator's commands,
+/// and a local user that is refused must not be able to hold the socket either.
+const ADMIN_CAPS: listen::Caps = listen::Caps {
+    max_connections: 64,
+    max_per_source: 16,
+};
+
 /// How long an admin client may take to send a request's headers.
 const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Whether the connected process may use the admin API: root or the CA's own user, as the
 /// kernel reports it (SO_PEERCRED).
-fn peer_allowed(stream: &UnixStream, own_uid: u32) -> Result<(), String> {
-    let cred = stream
-        .peer_cred()
-        .map_err(|e| format!("cannot read the peer's credentials: {e}"))?;
+fn peer_allowed(cred: Option<UCred>, own_uid: u32) -> Result<(), String> {
+    let cred = cred.ok_or("the kernel gave no credentials for the peer")?;
     if cred.uid() == 0 || cred.uid() == own_uid {
         Ok(())
     } else {

@@ -29,7 +29,7 @@ use identity::SpiffeId;
 use crate::service::{ApiError, Ca};
 use crate::store::Store;
 use crate::tls::Peer;
-use listen::{Activity, LogLimit, PerSource, SourceSlot, Watched};
+use listen::{Activity, LogLimit, Watched};
 
 pub const MAX_BODY: usize = 64 * 1024;
 
@@ -73,10 +73,11 @@ pub async fn serve<S: Store>(
     limits: Limits,
     shutdown: CancellationToken,
 ) {
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let per_source = PerSource::new(limits.max_per_source);
-    let source_log = LogLimit::default();
-    let total_log = LogLimit::default();
+    let caps = listen::Caps {
+        max_connections: limits.max_connections,
+        max_per_source: limits.max_per_source,
+    };
+    let mut acceptor = listen::Acceptor::new(listener, "ca api", caps);
     // Connections past the limit get a short 429 answer from a small separate budget, so an
     // overloaded CA still says why; past that budget they are closed at once.
     let overflow = Arc::new(Semaphore::new(64));
@@ -89,105 +90,33 @@ pub async fn serve<S: Store>(
         }
     };
     let mut next = 0usize;
-    let mut backoff = Duration::from_millis(5);
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => r,
-        };
-        let (tcp, from) = match accepted {
-            Ok(conn) => {
-                backoff = Duration::from_millis(5);
-                conn
+    while let Some(accepted) = acceptor.next(&shutdown).await {
+        let conn = match accepted {
+            listen::Next::Admitted(conn) => conn,
+            listen::Next::Refused(_, listen::Refusal::TooManyFromSource) => {
+                ca.metrics.refused("too_many_connections_from_source");
+                continue;
             }
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
+            listen::Next::Refused(conn, _) => {
+                ca.metrics.refused("too_many_connections");
+                if let Ok(p) = overflow.clone().try_acquire_owned() {
+                    let acceptor = TlsAcceptor::from(tls.load_full());
+                    tracker.spawn(answer_overloaded(
+                        conn,
+                        p,
+                        acceptor,
+                        ca.clone(),
+                        limits.clone(),
+                    ));
+                }
                 continue;
             }
         };
-        let _ = tcp.set_nodelay(true);
-        // SECURITY: the per-source cap comes first, so one client can take neither the
-        // connection slots nor the small budget of 429 answers.
-        let Some(slot) = per_source.admit(from.ip()) else {
-            ca.metrics.refused("too_many_connections_from_source");
-            if let Some(skipped) = source_log.admit() {
-                tracing::warn!(source = %from.ip(), limit = limits.max_per_source, skipped, "refused a connection: too many connections from this source");
-            }
-            continue;
-        };
-        let permit = match permits.clone().try_acquire_owned() {
-            Ok(p) => Some(p),
-            Err(_) => match overflow.clone().try_acquire_owned() {
-                Ok(p) => {
-                    let acceptor = TlsAcceptor::from(tls.load_full());
-                    let ca = ca.clone();
-                    let limits = limits.clone();
-                    if let Some(skipped) = total_log.admit() {
-                        tracing::warn!(
-                            limit = limits.max_connections,
-                            skipped,
-                            "refused a connection: the CA is at its connection limit"
-                        );
-                    }
-                    tracker.spawn(async move {
-                        let _p = p;
-                        let _slot = slot;
-                        ca.metrics.refused("too_many_connections");
-                        let activity = Activity::new();
-                        let tcp = Watched::new(tcp, activity.clone());
-                        if let Ok(Ok(stream)) =
-                            tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp))
-                                .await
-                        {
-                            let svc = hyper::service::service_fn(|_req| async {
-                                let mut resp = error_response(&ApiError::new(
-                                    429,
-                                    "too_many_connections",
-                                    "the CA is at its connection limit; retry shortly",
-                                ));
-                                resp.headers_mut().insert(
-                                    RETRY_AFTER,
-                                    hyper::header::HeaderValue::from_static("1"),
-                                );
-                                Ok::<_, Infallible>(resp)
-                            });
-                            // The 429 path has the same header and idle deadlines as the rest.
-                            let conn = hyper::server::conn::http1::Builder::new()
-                                .timer(TokioTimer::new())
-                                .header_read_timeout(limits.request_timeout)
-                                .keep_alive(false)
-                                .serve_connection(TokioIo::new(stream), svc);
-                            tokio::select! {
-                                r = conn => note_close(&ca, r, false),
-                                _ = activity.idle(limits.idle_timeout) => {
-                                    IDLE_LOG.warn("closed an api connection on which nothing moved for the idle timeout");
-                                    ca.metrics.refused("idle_timeout");
-                                }
-                            }
-                        }
-                    });
-                    continue;
-                }
-                Err(_) => {
-                    ca.metrics.refused("too_many_connections");
-                    if let Some(skipped) = total_log.admit() {
-                        tracing::warn!(
-                            limit = limits.max_connections,
-                            skipped,
-                            "refused a connection: the CA is at its connection limit"
-                        );
-                    }
-                    continue;
-                }
-            },
-        };
+        let _ = conn.io.set_nodelay(true);
         // Connections are dealt round-robin to the per-core workers.
         // Deregistered here and registered again in the worker's runtime, so its readiness
         // events are polled by the thread that serves it.
-        let tcp = match tcp.into_std() {
+        let tcp = match conn.io.into_std() {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot hand over a connection");
@@ -196,8 +125,7 @@ pub async fn serve<S: Store>(
         };
         let job = Job {
             tcp,
-            permit,
-            slot,
+            held: conn.held,
             tls: tls.load_full(),
         };
         let worker = &workers[next % workers.len()];
@@ -225,9 +153,48 @@ type Workers = (
 /// A connection handed from the acceptor to a worker, with its connection-limit permit.
 struct Job {
     tcp: std::net::TcpStream,
-    permit: Option<tokio::sync::OwnedSemaphorePermit>,
-    slot: SourceSlot,
+    held: listen::Held<std::net::IpAddr>,
     tls: Arc<ServerConfig>,
+}
+
+/// Past the connection limit, within the small budget `budget` is taken from: a 429 with
+/// `Retry-After`, under the same handshake, header and idle deadlines as the rest.
+async fn answer_overloaded<S: Store>(
+    conn: listen::Conn<TcpListener>,
+    budget: tokio::sync::OwnedSemaphorePermit,
+    acceptor: TlsAcceptor,
+    ca: Arc<Ca<S>>,
+    limits: Limits,
+) {
+    let _held = (budget, conn.held);
+    let activity = Activity::new();
+    let tcp = Watched::new(conn.io, activity.clone());
+    let Ok(Ok(stream)) = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await
+    else {
+        return;
+    };
+    let svc = hyper::service::service_fn(|_req| async {
+        let mut resp = error_response(&ApiError::new(
+            429,
+            "too_many_connections",
+            "the CA is at its connection limit; retry shortly",
+        ));
+        resp.headers_mut()
+            .insert(RETRY_AFTER, hyper::header::HeaderValue::from_static("1"));
+        Ok::<_, Infallible>(resp)
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.request_timeout)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), svc);
+    tokio::select! {
+        r = conn => note_close(&ca, r, false),
+        _ = activity.idle(limits.idle_timeout) => {
+            IDLE_LOG.warn("closed an api connection on which nothing moved for the idle timeout");
+            ca.metrics.refused("idle_timeout");
+        }
+    }
 }
 
 /// Starts `n` threads, each with its own single-threaded runtime serving the connections it is
@@ -263,8 +230,7 @@ fn start_workers<S: Store>(
                         let limits = limits.clone();
                         let shutdown = shutdown.clone();
                         tracker.spawn(async move {
-                            let _permit = job.permit;
-                            let _slot = job.slot;
+                            let _held = job.held;
                             ca.metrics.connections.inc();
                             serve_connection(
                                 ca.clone(),

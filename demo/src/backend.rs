@@ -20,20 +20,21 @@ use tokio_util::task::TaskTracker;
 pub async fn serve(listener: TcpListener, stop: CancellationToken) {
     let count = Arc::new(AtomicU64::new(0));
     let tracker = TaskTracker::new();
-    loop {
-        let stream = tokio::select! {
-            () = stop.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok((stream, _)) => stream,
-                Err(_) => {
-                    // EMFILE and friends pass; back off instead of spinning.
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+    // Only its sidecar connects, from loopback: the caps are a fence against a runaway
+    // client, not a share between clients.
+    let caps = listen::Caps {
+        max_connections: 4096,
+        max_per_source: 4096,
+    };
+    let mut acceptor = listen::Acceptor::new(listener, "demo api app", caps);
+    while let Some(next) = acceptor.next(&stop).await {
+        let listen::Next::Admitted(conn) = next else {
+            continue;
         };
+        let (stream, held) = (conn.io, conn.held);
         let (count, stop) = (count.clone(), stop.clone());
         tracker.spawn(async move {
+            let _held = held;
             let svc = hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
                 let n = count.fetch_add(1, Ordering::Relaxed) + 1;
                 async move { Ok::<_, Infallible>(answer(n)) }

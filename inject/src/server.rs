@@ -19,7 +19,6 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::ServerConfig;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -64,36 +63,27 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let acceptor = TlsAcceptor::from(tls);
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    // The webhook's one caller is the kube-apiserver, often from one address: no per-source
+    // share below the total.
+    let caps = listen::Caps {
+        max_connections: limits.max_connections,
+        max_per_source: limits.max_connections,
+    };
+    let mut incoming = listen::Acceptor::new(listener, "injector", caps);
     let tracker = TaskTracker::new();
-    let mut backoff = Duration::from_millis(5);
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => r,
-        };
-        let tcp = match accepted {
-            Ok((tcp, _)) => {
-                backoff = Duration::from_millis(5);
-                tcp
-            }
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
+    while let Some(next) = incoming.next(&shutdown).await {
+        let conn = match next {
+            listen::Next::Admitted(conn) => conn,
+            listen::Next::Refused(_, why) => {
+                webhook.metrics.count(why.label());
                 continue;
             }
-        };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            webhook.metrics.count("too_many_connections");
-            continue;
         };
         let (acceptor, webhook, limits) = (acceptor.clone(), webhook.clone(), limits.clone());
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
-            serve_connection(tcp, acceptor, webhook, limits, shutdown).await;
-            drop(permit);
+            let _held = conn.held;
+            serve_connection(conn.io, acceptor, webhook, limits, shutdown).await;
         });
     }
     tracker.close();

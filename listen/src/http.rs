@@ -13,11 +13,11 @@ use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::limits::{Activity, LogLimit, PerSource, Watched};
+use crate::accept::{Acceptor, Caps, Conn, Next, Refusal};
+use crate::limits::{Activity, LogLimit, Watched};
 
 /// The bounds of one listener.
 #[derive(Debug, Clone, Copy)]
@@ -44,30 +44,6 @@ impl HttpLimits {
     };
 }
 
-/// Why a connection was closed by the listener rather than by its client; each is counted by
-/// the caller (its metrics label is [`Refusal::label`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    TooManyConnections,
-    TooManyFromSource,
-    HeaderTimeout,
-    IdleTimeout,
-}
-
-impl Refusal {
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::TooManyConnections => "too_many_connections",
-            Self::TooManyFromSource => "too_many_from_source",
-            Self::HeaderTimeout => "header_timeout",
-            Self::IdleTimeout => "idle_timeout",
-        }
-    }
-}
-
-/// Accept backoff: the first wait after `accept` fails, doubling to the second.
-const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(5), Duration::from_secs(1));
-
 /// Serves `listener` until `shutdown`: every connection is bounded by `limits`, and each one
 /// gets the service `make(peer, local)` builds. Open connections are closed on `shutdown`.
 /// `refused` is called for every connection the limits closed (`name` goes in the logs).
@@ -91,56 +67,28 @@ pub async fn serve_http1<F, S, R>(
 {
     let refused = Arc::new(refused);
     let tracker = TaskTracker::new();
-    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
-    let per_source = PerSource::new(limits.max_per_source);
-    let logs = Logs::default();
-    let mut backoff = ACCEPT_BACKOFF.0;
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(s) => {
-                    backoff = ACCEPT_BACKOFF.0;
-                    s
-                }
-                Err(e) => {
-                    // EMFILE and the like: the next accept would fail the same way at once.
-                    if let Some(skipped) = logs.accept.admit() {
-                        tracing::warn!(listener = name, error = %e, skipped, retry_in = ?backoff, "accept failed");
-                    }
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(ACCEPT_BACKOFF.1);
-                    continue;
-                }
-            },
-        };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            refused(Refusal::TooManyConnections);
-            if let Some(skipped) = logs.cap.admit() {
-                tracing::warn!(
-                    listener = name,
-                    limit = limits.max_connections,
-                    skipped,
-                    "refused a connection: at the connection limit"
-                );
+    let caps = Caps {
+        max_connections: limits.max_connections,
+        max_per_source: limits.max_per_source,
+    };
+    let mut acceptor = Acceptor::new(listener, name, caps);
+    while let Some(next) = acceptor.next(&shutdown).await {
+        let Conn {
+            io: stream,
+            peer,
+            held,
+        } = match next {
+            Next::Admitted(conn) => conn,
+            Next::Refused(_, why) => {
+                refused(why);
+                continue;
             }
-            continue;
-        };
-        let Some(slot) = per_source.admit(peer.ip()) else {
-            refused(Refusal::TooManyFromSource);
-            if let Some(skipped) = logs.source.admit() {
-                tracing::warn!(listener = name, %peer, limit = limits.max_per_source, skipped, "refused a connection: that source holds its share");
-            }
-            continue;
         };
         let local = stream.local_addr().ok();
         let svc = make(peer, local);
         let (refused, shutdown) = (refused.clone(), shutdown.clone());
         tracker.spawn(async move {
-            let _held = (permit, slot);
+            let _held = held;
             let activity = Activity::new();
             let stream = Watched::new(stream, activity.clone());
             let served = Arc::new(AtomicBool::new(false));
@@ -173,13 +121,6 @@ pub async fn serve_http1<F, S, R>(
     }
     tracker.close();
     tracker.wait().await;
-}
-
-#[derive(Default)]
-struct Logs {
-    accept: LogLimit,
-    cap: LogLimit,
-    source: LogLimit,
 }
 
 /// Slow and silent clients are logged at most once a second per kind.

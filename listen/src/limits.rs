@@ -3,6 +3,7 @@
 //! attacker can repeat as fast as it likes.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -14,21 +15,21 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
-/// Open connections per source address, capped.
+/// Open connections per source (an address, or a UID on a Unix socket), capped.
 #[derive(Debug)]
-pub struct PerSource {
+pub struct PerSource<K = IpAddr> {
     max: usize,
-    open: Mutex<HashMap<IpAddr, usize>>,
+    open: Mutex<HashMap<K, usize>>,
 }
 
 /// One admitted connection; dropping it gives the source's slot back.
 #[derive(Debug)]
-pub struct SourceSlot {
-    gate: Arc<PerSource>,
-    ip: IpAddr,
+pub struct SourceSlot<K: Copy + Eq + Hash = IpAddr> {
+    gate: Arc<PerSource<K>>,
+    key: K,
 }
 
-impl PerSource {
+impl<K: Copy + Eq + Hash> PerSource<K> {
     pub fn new(max: usize) -> Arc<Self> {
         Arc::new(Self {
             max: max.max(1),
@@ -36,33 +37,33 @@ impl PerSource {
         })
     }
 
-    /// A slot for `ip`, or `None` when that source already holds its maximum.
-    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<SourceSlot> {
+    /// A slot for `key`, or `None` when that source already holds its maximum.
+    pub fn admit(self: &Arc<Self>, key: K) -> Option<SourceSlot<K>> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        let n = open.entry(ip).or_insert(0);
+        let n = open.entry(key).or_insert(0);
         if *n >= self.max {
             return None;
         }
         *n += 1;
         Some(SourceSlot {
             gate: Arc::clone(self),
-            ip,
+            key,
         })
     }
 
-    pub fn open(&self, ip: IpAddr) -> usize {
+    pub fn open(&self, key: K) -> usize {
         let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        open.get(&ip).copied().unwrap_or(0)
+        open.get(&key).copied().unwrap_or(0)
     }
 }
 
-impl Drop for SourceSlot {
+impl<K: Copy + Eq + Hash> Drop for SourceSlot<K> {
     fn drop(&mut self) {
         let mut open = self.gate.open.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = open.get_mut(&self.ip) {
+        if let Some(n) = open.get_mut(&self.key) {
             *n -= 1;
             if *n == 0 {
-                open.remove(&self.ip);
+                open.remove(&self.key);
             }
         }
     }

@@ -360,7 +360,7 @@ impl Slot {
         if self.source.is_some() {
             return true;
         }
-        let key = source_key(peer.ip());
+        let key = listen::source_of(peer.ip());
         let mut counts = self.sources.lock();
         let n = counts.entry(key).or_insert(0);
         if *n >= cap {
@@ -403,14 +403,6 @@ impl Drop for SourceGuard {
     }
 }
 
-/// IPv4 by address; IPv6 by its /64, the block one host (or attacker) usually holds.
-fn source_key(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
-        v4 => v4,
-    }
-}
-
 /// Accepts until `shutdown`, then drains: open connections may finish within
 /// `limits.drain_timeout`, after which the rest are cut.
 pub(crate) async fn accept_loop<F, Fut>(
@@ -423,6 +415,9 @@ pub(crate) async fn accept_loop<F, Fut>(
     Fut: Future<Output = ()> + Send + 'static,
 {
     let pending = Arc::new(Semaphore::new(limits.max_pending));
+    // Uncapped at accept: a connection is accepted only once a handshake slot is free, and
+    // its source is counted once its first byte arrived (`opening`).
+    let mut acceptor = listen::Acceptor::new(listener, "proxy", listen::Caps::NONE);
     let active = Arc::new(Semaphore::new(limits.max_connections));
     let sources = Arc::new(Sources::default());
     let tracker = TaskTracker::new();
@@ -437,18 +432,10 @@ pub(crate) async fn accept_loop<F, Fut>(
                 Err(_) => break,
             },
         };
-        let (stream, peer) = tokio::select! {
-            () = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // EMFILE and friends pass; back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+        let Some(listen::Next::Admitted(conn)) = acceptor.next(&shutdown).await else {
+            break;
         };
+        let (stream, peer) = (conn.io, conn.peer);
         let _ = stream.set_nodelay(true);
         let conn = handle(
             stream,
@@ -470,7 +457,7 @@ pub(crate) async fn accept_loop<F, Fut>(
         });
     }
     // Stop accepting at once: new connections are refused by the kernel, not queued.
-    drop(listener);
+    drop(acceptor);
     tracker.close();
     if !tracker.is_empty() {
         tracing::info!(open = tracker.len(), drain = ?limits.drain_timeout, "draining connections");

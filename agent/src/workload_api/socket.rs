@@ -8,7 +8,6 @@ use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt}
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -19,12 +18,8 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::Connected;
 
 use super::authority_shim::AuthorityFix;
-use super::{Limits, PerUid, PerUidGuard, WorkloadApiMetrics};
+use super::{Limits, WorkloadApiMetrics};
 use crate::attest::PeerCred;
-
-/// How long the accept loop rests after an accept error (EMFILE, ENFILE, ENOMEM): tonic
-/// retries at once, which would spin a core while the condition lasts.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Binds the Workload API socket at `path`: removes a stale socket left by an earlier run,
 /// creates the parent directory (0755) if missing, and opens the socket to every local user
@@ -78,9 +73,7 @@ pub(crate) struct ConnInfo {
 /// Which connections are let in: the total and per-uid caps, and the first-request deadline
 /// each one gets.
 pub(crate) struct Admission {
-    max_total: usize,
-    open: Arc<AtomicUsize>,
-    per_uid: Arc<PerUid>,
+    caps: listen::Caps,
     first_request_timeout: Duration,
     metrics: Arc<WorkloadApiMetrics>,
 }
@@ -88,55 +81,20 @@ pub(crate) struct Admission {
 impl Admission {
     pub(crate) fn new(limits: &Limits, metrics: Arc<WorkloadApiMetrics>) -> Self {
         Self {
-            max_total: limits.max_connections,
-            open: Arc::new(AtomicUsize::new(0)),
-            per_uid: Arc::new(PerUid::new(limits.max_connections_per_uid)),
+            caps: listen::Caps {
+                max_connections: limits.max_connections,
+                max_per_source: limits.max_connections_per_uid,
+            },
             first_request_timeout: limits.first_request_timeout,
             metrics,
         }
-    }
-
-    /// A slot for a connection from `uid` (`None`: no credentials, counted in the total only),
-    /// or the refusal's reason.
-    fn admit(&self, uid: Option<u32>) -> Result<Slot, &'static str> {
-        let taken = self
-            .open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max_total).then_some(n + 1)
-            });
-        if taken.is_err() {
-            return Err("connections_total_cap");
-        }
-        let total = TotalGuard(self.open.clone());
-        let per_uid = match uid {
-            Some(uid) => Some(
-                self.per_uid
-                    .try_take(uid)
-                    .ok_or("connections_per_uid_cap")?,
-            ),
-            None => None,
-        };
-        Ok(Slot {
-            _total: total,
-            _per_uid: per_uid,
-            metrics: self.metrics.clone(),
-        })
-    }
-}
-
-struct TotalGuard(Arc<AtomicUsize>);
-
-impl Drop for TotalGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 /// A connection's place under the caps, given back when the connection is dropped (the
 /// open-connection gauge, raised once the connection is set up, goes down with it).
 struct Slot {
-    _total: TotalGuard,
-    _per_uid: Option<PerUidGuard>,
+    _held: listen::Held<u32>,
     metrics: Arc<WorkloadApiMetrics>,
 }
 
@@ -268,65 +226,55 @@ impl AsyncWrite for Conn {
 }
 
 /// The listener's connections, each with its peer's credentials read at accept; all of them
-/// are cut when `force_close` is cancelled. Connections past the caps are closed at once.
+/// are cut when `force_close` is cancelled. Connections past the caps (a connection without
+/// credentials counts in the total only) are closed at once. The stream ends with `shutdown`.
 pub(crate) fn incoming(
     listener: UnixListener,
     force_close: CancellationToken,
     admission: Admission,
+    shutdown: CancellationToken,
 ) -> impl Stream<Item = io::Result<Conn>> {
-    let admission = Arc::new(admission);
-    futures_util::stream::unfold(listener, move |listener| {
-        let force_close = force_close.clone();
-        let admission = admission.clone();
-        async move {
-            let item = loop {
-                match listener.accept().await {
-                    Ok((io, _)) => {
-                        let ucred = match io.peer_cred() {
-                            Ok(ucred) => Some(ucred),
-                            Err(e) => {
-                                tracing::debug!(error = %e, "no peer credentials on workload api connection");
-                                None
-                            }
+    let acceptor = listen::Acceptor::new(listener, "workload api", admission.caps);
+    futures_util::stream::unfold(
+        (acceptor, admission, force_close, shutdown),
+        |(mut acceptor, admission, force_close, shutdown)| async move {
+            let conn = loop {
+                match acceptor.next(&shutdown).await? {
+                    listen::Next::Admitted(conn) => break conn,
+                    listen::Next::Refused(conn, why) => {
+                        let reason = match why {
+                            listen::Refusal::TooManyFromSource => "connections_per_uid_cap",
+                            _ => "connections_total_cap",
                         };
-                        let slot = match admission.admit(ucred.map(|c| c.uid())) {
-                            Ok(slot) => slot,
-                            Err(reason) => {
-                                admission.metrics.refuse(
-                                    reason,
-                                    ucred.map(|c| c.uid()),
-                                    ucred.and_then(|c| c.pid()),
-                                    "connection closed at accept: too many open",
-                                );
-                                drop(io);
-                                continue;
-                            }
-                        };
-                        // As early as possible: the executable and start time that every call
-                        // on this connection is checked against.
-                        let cred = ucred.and_then(PeerCred::at_accept);
-                        // Counted open once its credentials are pinned.
-                        admission.metrics.connection_opened();
-                        break Ok(Conn {
-                            io: AuthorityFix::new(io),
-                            info: ConnInfo { cred },
-                            force_close: Box::pin(force_close.cancelled_owned()),
-                            first_request: Some(Box::pin(tokio::time::sleep(
-                                admission.first_request_timeout,
-                            ))),
-                            cut: None,
-                            metrics: admission.metrics.clone(),
-                            _slot: slot,
-                        });
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "workload api accept failed; backing off");
-                        tokio::time::sleep(ACCEPT_BACKOFF).await;
-                        break Err(e);
+                        admission.metrics.refuse(
+                            reason,
+                            conn.peer.map(|c| c.uid()),
+                            conn.peer.and_then(|c| c.pid()),
+                            "connection closed at accept: too many open",
+                        );
                     }
                 }
             };
-            Some((item, listener))
-        }
-    })
+            // As early as possible: the executable and start time that every call on this
+            // connection is checked against.
+            let cred = conn.peer.and_then(PeerCred::at_accept);
+            // Counted open once its credentials are pinned.
+            admission.metrics.connection_opened();
+            let item = Conn {
+                io: AuthorityFix::new(conn.io),
+                info: ConnInfo { cred },
+                force_close: Box::pin(force_close.clone().cancelled_owned()),
+                first_request: Some(Box::pin(tokio::time::sleep(
+                    admission.first_request_timeout,
+                ))),
+                cut: None,
+                metrics: admission.metrics.clone(),
+                _slot: Slot {
+                    _held: conn.held,
+                    metrics: admission.metrics.clone(),
+                },
+            };
+            Some((Ok(item), (acceptor, admission, force_close, shutdown)))
+        },
+    )
 }
