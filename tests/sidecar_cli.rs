@@ -286,6 +286,13 @@ fn new_certificate_files_apply_without_a_restart_and_quitquitquit_stops_it() {
     let ok = r#"kith_sidecar_identity_updates_total{result="ok"}"#;
     let failed = r#"kith_sidecar_identity_updates_total{result="failed"}"#;
     let m = http(client.admin, "GET", "/metrics");
+    // One OpenMetrics exposition (the proxy's families and the sidecar's, one registry).
+    assert!(
+        m.to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        "{m}"
+    );
+    assert!(m.ends_with("# EOF\n"), "{m}");
     let (ok_before, failed_before) = (metric(&m, ok).unwrap(), metric(&m, failed).unwrap());
     std::fs::write(kith.path("client/svid.key"), "garbage").unwrap();
     let m = wait_metric(

@@ -19,8 +19,8 @@ pub const MAX_CONNECTIONS: usize = HttpLimits::ADMIN.max_connections;
 
 /// Serves the admin endpoints until `shutdown`, through the one accept loop (at most
 /// [`MAX_CONNECTIONS`], headers within 10 s, idle connections closed after 60 s), so a local
-/// flood cannot take the agent's descriptors. The Workload API's refusal and connection
-/// metrics are added to the agent's registry here, once.
+/// flood cannot take the agent's descriptors. The Workload API's metrics are added to the
+/// agent's registry here, once: `/metrics` is that one registry, encoded.
 pub async fn serve(
     agent: Arc<Agent>,
     api: Arc<WorkloadApiMetrics>,
@@ -29,16 +29,16 @@ pub async fn serve(
 ) {
     agent.metrics.register(|r| api.register(r));
     let make = |_, _| {
-        let (agent, api) = (agent.clone(), api.clone());
+        let agent = agent.clone();
         hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-            let (agent, api) = (agent.clone(), api.clone());
-            async move { Ok::<_, Infallible>(route(&agent, &api, req.uri().path())) }
+            let agent = agent.clone();
+            async move { Ok::<_, Infallible>(route(&agent, req.uri().path())) }
         })
     };
     listen::serve_http1(listener, "admin", HttpLimits::ADMIN, |_| (), shutdown, make).await
 }
 
-fn route(agent: &Agent, api: &WorkloadApiMetrics, path: &str) -> Response<Full<Bytes>> {
+fn route(agent: &Agent, path: &str) -> Response<Full<Bytes>> {
     let (status, body, ctype) = match path {
         "/live" => (StatusCode::OK, "ok\n".to_owned(), "text/plain"),
         "/ready" if agent.is_ready() => (StatusCode::OK, "ready\n".to_owned(), "text/plain"),
@@ -49,7 +49,7 @@ fn route(agent: &Agent, api: &WorkloadApiMetrics, path: &str) -> Response<Full<B
         ),
         "/metrics" => (
             StatusCode::OK,
-            metrics_text(agent, api),
+            agent.metrics.encode(),
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         ),
         _ => (
@@ -65,28 +65,4 @@ fn route(agent: &Agent, api: &WorkloadApiMetrics, path: &str) -> Response<Full<B
         hyper::header::HeaderValue::from_static(ctype),
     );
     resp
-}
-
-/// The agent's registry, with the Workload API's call counters added before the end marker.
-fn metrics_text(agent: &Agent, api: &WorkloadApiMetrics) -> String {
-    let text = agent.metrics.encode();
-    let body = text.strip_suffix("# EOF\n").unwrap_or(&text);
-    let mut out = String::from(body);
-    out.push_str(
-        "# HELP kith_agent_workload_api_calls Workload API calls, by method and gRPC status.\n",
-    );
-    out.push_str("# TYPE kith_agent_workload_api_calls counter\n");
-    for c in api.calls() {
-        out.push_str(&format!(
-            "kith_agent_workload_api_calls_total{{method=\"{}\",code=\"{}\"}} {}\n",
-            c.method, c.code, c.count
-        ));
-    }
-    out.push_str("# TYPE kith_agent_workload_api_open_streams gauge\n");
-    out.push_str(&format!(
-        "kith_agent_workload_api_open_streams {}\n",
-        api.open_streams()
-    ));
-    out.push_str("# EOF\n");
-    out
 }

@@ -36,7 +36,7 @@ pub mod fuzzing {
 }
 
 pub use authz::{Denied, Policy};
-pub use metrics::{DirectionMetrics, Metrics, Reason};
+pub use metrics::{DirectionMetrics, Metrics, Reason, Tunnels};
 pub use refusal::{Refusal, RefusalLog};
 pub use socket::{OriginalDst, SoOriginalDst};
 pub use tls::{ExpectedPeer, IdentityHandle};

@@ -1,10 +1,17 @@
-//! Counters as plain atomics: connections by direction and result, bytes each way. An
-//! exporter (Prometheus text) reads them; nothing here allocates per connection.
+//! Counters as plain atomics: connections by direction and result, bytes each way. Nothing
+//! here allocates or locks per connection; prometheus-client reads the atomics at scrape time
+//! ([`Collector`] implementations), so they join the process's one registry.
 
 use std::fmt;
-use std::fmt::Write as _;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeGaugeValue, EncodeLabelSet, MetricEncoder, NoLabelSet,
+};
+use prometheus_client::metrics::MetricType;
 
 use identity::VerifyError;
 
@@ -232,119 +239,148 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Appends the Prometheus text exposition (format 0.0.4) of one or more sets of counters,
-    /// each set's series labelled with its labels (such as `tunnel="db"`; empty for none).
-    pub fn render_prometheus(out: &mut String, sets: &[(&str, &Metrics)]) {
+    /// Encodes the families of one or more sets of counters, each set's series labelled
+    /// `tunnel="<name>"` when its name is not empty, then `direction`.
+    pub fn encode(encoder: &mut DescriptorEncoder, sets: &[(&str, &Metrics)]) -> fmt::Result {
         let series = || {
-            sets.iter().flat_map(|(labels, m)| {
+            sets.iter().flat_map(|(tunnel, m)| {
                 [("inbound", &m.inbound), ("outbound", &m.outbound)].map(|(dir, d)| {
-                    let l = if labels.is_empty() {
-                        format!("direction=\"{dir}\"")
-                    } else {
-                        format!("{labels},direction=\"{dir}\"")
-                    };
-                    (l, d)
+                    let mut labels = Vec::with_capacity(2);
+                    if !tunnel.is_empty() {
+                        labels.push(("tunnel", *tunnel));
+                    }
+                    labels.push(("direction", dir));
+                    (labels, d)
                 })
             })
         };
-        family(
-            out,
-            "kith_sidecar_connections_total",
-            "counter",
+        let mut f = encoder.encode_descriptor(
+            "kith_sidecar_connections",
             "Connections by direction and result (accepted, or the refusal reason)",
-        );
+            None,
+            MetricType::Counter,
+        )?;
         for (l, m) in series() {
-            let _ = writeln!(
-                out,
-                "kith_sidecar_connections_total{{{l},result=\"accepted\"}} {}",
-                m.accepted()
-            );
+            counter(
+                &mut f,
+                &(l.as_slice(), [("result", "accepted")]),
+                m.accepted(),
+            )?;
             for r in Reason::ALL {
-                let _ = writeln!(
-                    out,
-                    "kith_sidecar_connections_total{{{l},result=\"{r}\"}} {}",
-                    m.refused(r)
-                );
+                counter(
+                    &mut f,
+                    &(l.as_slice(), [("result", r.as_str())]),
+                    m.refused(r),
+                )?;
             }
         }
-        family(
-            out,
+        let mut f = encoder.encode_descriptor(
             "kith_sidecar_active_connections",
-            "gauge",
             "Connections being forwarded now",
-        );
+            None,
+            MetricType::Gauge,
+        )?;
         for (l, m) in series() {
-            let _ = writeln!(out, "kith_sidecar_active_connections{{{l}}} {}", m.active());
+            gauge(&mut f, &l, m.active())?;
         }
-        family(
-            out,
-            "kith_sidecar_bytes_total",
-            "counter",
+        let mut f = encoder.encode_descriptor(
+            "kith_sidecar_bytes",
             "Bytes forwarded, by direction and by side (from or to the TLS side)",
-        );
+            None,
+            MetricType::Counter,
+        )?;
         for (l, m) in series() {
-            let _ = writeln!(
-                out,
-                "kith_sidecar_bytes_total{{{l},side=\"from_tls\"}} {}",
-                m.bytes_from_tls()
-            );
-            let _ = writeln!(
-                out,
-                "kith_sidecar_bytes_total{{{l},side=\"to_tls\"}} {}",
-                m.bytes_to_tls()
-            );
+            counter(
+                &mut f,
+                &(l.as_slice(), [("side", "from_tls")]),
+                m.bytes_from_tls(),
+            )?;
+            counter(
+                &mut f,
+                &(l.as_slice(), [("side", "to_tls")]),
+                m.bytes_to_tls(),
+            )?;
         }
-        family(
-            out,
+        let mut f = encoder.encode_descriptor(
             "kith_sidecar_handshake_seconds",
-            "histogram",
             "Duration of completed TLS handshakes",
-        );
+            None,
+            MetricType::Histogram,
+        )?;
         for (l, m) in series() {
-            m.handshake
-                .render(out, "kith_sidecar_handshake_seconds", &l);
+            m.handshake.encode(&mut f.encode_family(&l)?)?;
         }
-        family(
-            out,
-            "kith_sidecar_tls_resumed_total",
-            "counter",
+        let mut f = encoder.encode_descriptor(
+            "kith_sidecar_tls_resumed",
             "Completed TLS handshakes that resumed a session (no certificate exchange)",
-        );
+            None,
+            MetricType::Counter,
+        )?;
         for (l, m) in series() {
-            let _ = writeln!(out, "kith_sidecar_tls_resumed_total{{{l}}} {}", m.resumed());
+            counter(&mut f, &l, m.resumed())?;
         }
-        family(
-            out,
-            "kith_sidecar_handshakes_total",
-            "counter",
+        let mut f = encoder.encode_descriptor(
+            "kith_sidecar_handshakes",
             "Completed TLS handshakes by negotiated key-exchange group (X25519MLKEM768 is the post-quantum hybrid)",
-        );
+            None,
+            MetricType::Counter,
+        )?;
         for (l, m) in series() {
             for (i, kx) in KX_GROUPS.iter().enumerate() {
                 let n = m.kx[i].load(Ordering::Relaxed);
-                let _ = writeln!(out, "kith_sidecar_handshakes_total{{{l},kx=\"{kx}\"}} {n}");
+                counter(&mut f, &(l.as_slice(), [("kx", *kx)]), n)?;
             }
         }
-        family(
-            out,
-            "kith_sidecar_pooled_connections_total",
-            "counter",
+        let mut f = encoder.encode_descriptor(
+            "kith_sidecar_pooled_connections",
             "Pooled mTLS connections between kith sidecars (kith/2), each carrying many connections as HTTP/2 streams",
-        );
+            None,
+            MetricType::Counter,
+        )?;
         for (l, m) in series() {
-            let _ = writeln!(
-                out,
-                "kith_sidecar_pooled_connections_total{{{l}}} {}",
-                m.pooled()
-            );
+            counter(&mut f, &l, m.pooled())?;
         }
+        Ok(())
     }
 }
 
-/// Writes the `# HELP` and `# TYPE` lines of a metric family.
-pub fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
+/// One set of counters, its series without a `tunnel` label (a registry's collector).
+impl Collector for Metrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        Metrics::encode(&mut encoder, &[("", self)])
+    }
+}
+
+/// The counters of the explicit tunnels, each with its tunnel's name (empty: no `tunnel`
+/// label), as one collector: each family is written once, with every tunnel's series.
+#[derive(Debug, Default)]
+pub struct Tunnels(pub Vec<(String, Arc<Metrics>)>);
+
+impl Collector for Tunnels {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let sets: Vec<(&str, &Metrics)> = self
+            .0
+            .iter()
+            .map(|(t, m)| (t.as_str(), m.as_ref()))
+            .collect();
+        Metrics::encode(&mut encoder, &sets)
+    }
+}
+
+/// Writes one counter series of the family `f`. The exposed name is the family's plus
+/// `_total` (OpenMetrics), so families are described without it.
+pub fn counter(f: &mut MetricEncoder, labels: &impl EncodeLabelSet, value: u64) -> fmt::Result {
+    f.encode_family(labels)?
+        .encode_counter::<NoLabelSet, _, f64>(&value, None)
+}
+
+/// Writes one gauge series of the family `f`.
+pub fn gauge(
+    f: &mut MetricEncoder,
+    labels: &impl EncodeLabelSet,
+    value: impl EncodeGaugeValue,
+) -> fmt::Result {
+    f.encode_family(labels)?.encode_gauge(&value)
 }
 
 /// Upper bounds of the handshake histogram's buckets, in microseconds (250 µs to 10 s).
@@ -353,7 +389,8 @@ const BUCKETS_US: [u64; 14] = [
     2_500_000, 10_000_000,
 ];
 
-/// A fixed-bucket latency histogram of atomics: recording is three relaxed adds, no lock.
+/// A fixed-bucket latency histogram of atomics: recording is three relaxed adds, no lock
+/// (prometheus-client's `Histogram` locks per observation). Encoded at scrape time.
 #[derive(Debug, Default)]
 pub struct Histogram {
     /// Per bucket (not cumulative); the last slot is +Inf.
@@ -378,23 +415,15 @@ impl Histogram {
         self.count.load(Ordering::Relaxed)
     }
 
-    /// Appends `_bucket` (cumulative), `_sum` and `_count` series.
-    pub fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let sep = if labels.is_empty() { "" } else { "," };
-        let mut cumulative = 0;
-        for (i, slot) in self.buckets.iter().enumerate() {
-            cumulative += slot.load(Ordering::Relaxed);
-            let le = BUCKETS_US
-                .get(i)
-                .map_or_else(|| "+Inf".to_owned(), |us| format!("{}", *us as f64 / 1e6));
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}"
-            );
-        }
+    /// Writes `_sum`, `_count` and the cumulative `_bucket` series, in seconds.
+    pub fn encode(&self, series: &mut MetricEncoder) -> fmt::Result {
+        let buckets: [(f64, u64); BUCKETS_US.len() + 1] = std::array::from_fn(|i| {
+            // The encoder writes an upper bound of f64::MAX as `+Inf`.
+            let le = BUCKETS_US.get(i).map_or(f64::MAX, |us| *us as f64 / 1e6);
+            (le, self.buckets[i].load(Ordering::Relaxed))
+        });
         let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
-        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count());
+        series.encode_histogram::<NoLabelSet>(sum, self.count(), &buckets, None)
     }
 }
 
@@ -439,22 +468,69 @@ mod tests {
         assert_eq!(m.handshake().count(), 4);
     }
 
+    /// The OpenMetrics text of a registry holding `c` alone.
+    fn text(c: impl Collector) -> String {
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(c));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+        out
+    }
+
     #[test]
     fn histogram_buckets_are_cumulative() {
-        let h = Histogram::default();
+        let m = Metrics::default();
+        let h = m.inbound.handshake();
         h.record(Duration::from_micros(100));
         h.record(Duration::from_millis(3));
         h.record(Duration::from_secs(60));
-        let mut out = String::new();
-        h.render(&mut out, "x", "d=\"in\"");
-        assert!(
-            out.contains("x_bucket{d=\"in\",le=\"0.00025\"} 1\n"),
-            "{out}"
-        );
-        assert!(out.contains("x_bucket{d=\"in\",le=\"0.005\"} 2\n"), "{out}");
-        assert!(out.contains("x_bucket{d=\"in\",le=\"10\"} 2\n"), "{out}");
-        assert!(out.contains("x_bucket{d=\"in\",le=\"+Inf\"} 3\n"), "{out}");
-        assert!(out.contains("x_count{d=\"in\"} 3\n"), "{out}");
-        assert!(out.contains("x_sum{d=\"in\"} 60.0031\n"), "{out}");
+        let out = text(m);
+        let x = "kith_sidecar_handshake_seconds";
+        for line in [
+            format!("{x}_bucket{{le=\"0.00025\",direction=\"inbound\"}} 1\n"),
+            format!("{x}_bucket{{le=\"0.005\",direction=\"inbound\"}} 2\n"),
+            format!("{x}_bucket{{le=\"10.0\",direction=\"inbound\"}} 2\n"),
+            format!("{x}_bucket{{le=\"+Inf\",direction=\"inbound\"}} 3\n"),
+            format!("{x}_count{{direction=\"inbound\"}} 3\n"),
+            format!("{x}_sum{{direction=\"inbound\"}} 60.0031\n"),
+            format!("{x}_count{{direction=\"outbound\"}} 0\n"),
+            "# TYPE kith_sidecar_handshake_seconds histogram\n".to_owned(),
+        ] {
+            assert!(out.contains(&line), "{line} in\n{out}");
+        }
+    }
+
+    #[test]
+    fn tunnels_share_each_family_and_keep_the_exposed_names() {
+        let (db, plain) = (Arc::new(Metrics::default()), Arc::new(Metrics::default()));
+        db.inbound.open();
+        db.inbound.close(7, 9);
+        plain.outbound.count_refusal(Reason::NotAuthorized);
+        let out = text(Tunnels(vec![("db".into(), db), (String::new(), plain)]));
+        assert!(out.ends_with("# EOF\n"), "{out}");
+        for line in [
+            "kith_sidecar_connections_total{tunnel=\"db\",direction=\"inbound\",result=\"accepted\"} 1\n",
+            "kith_sidecar_connections_total{direction=\"outbound\",result=\"not_authorized\"} 1\n",
+            "kith_sidecar_active_connections{tunnel=\"db\",direction=\"inbound\"} 0\n",
+            "kith_sidecar_bytes_total{tunnel=\"db\",direction=\"inbound\",side=\"from_tls\"} 7\n",
+            "kith_sidecar_bytes_total{tunnel=\"db\",direction=\"inbound\",side=\"to_tls\"} 9\n",
+            "kith_sidecar_tls_resumed_total{direction=\"inbound\"} 0\n",
+            "kith_sidecar_handshakes_total{tunnel=\"db\",direction=\"outbound\",kx=\"X25519\"} 0\n",
+            "kith_sidecar_pooled_connections_total{direction=\"outbound\"} 0\n",
+        ] {
+            assert!(out.contains(line), "{line} in\n{out}");
+        }
+        for family in [
+            "connections",
+            "active_connections",
+            "bytes",
+            "handshake_seconds",
+            "tls_resumed",
+            "handshakes",
+            "pooled_connections",
+        ] {
+            let help = format!("# HELP kith_sidecar_{family} ");
+            assert_eq!(out.matches(&help).count(), 1, "{family} in\n{out}");
+        }
     }
 }

@@ -30,13 +30,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use identity::SpiffeId;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::metrics::MetricType;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
 use crate::authz::Policy;
 use crate::copy::copy_bidirectional;
-use crate::metrics::{Metrics, Reason};
+use crate::metrics::{Metrics, Reason, counter};
 use crate::pool::{Pool, Target};
 use crate::refusal::{self, Refusal};
 use crate::socket::{OriginalDst, SoOriginalDst};
@@ -344,18 +347,18 @@ impl TransparentMetrics {
     pub fn inbound_sidecar_port(&self) -> u64 {
         self.inbound_sidecar_port.load(Ordering::Relaxed)
     }
+}
 
-    /// The mTLS series of [`Metrics::render_prometheus`], then the capture outcomes and the
-    /// plaintext connections.
-    pub fn render_prometheus(&self, out: &mut String) {
-        use std::fmt::Write as _;
-        Metrics::render_prometheus(out, &[("", &self.tunnels)]);
-        crate::metrics::family(
-            out,
-            "kith_sidecar_captured_total",
-            "counter",
+/// The mTLS families of [`Metrics`], then the capture outcomes and the plaintext connections.
+impl Collector for TransparentMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        Metrics::encode(&mut encoder, &[("", &self.tunnels)])?;
+        let mut f = encoder.encode_descriptor(
+            "kith_sidecar_captured",
             "Captured connections by what became of them",
-        );
+            None,
+            MetricType::Counter,
+        )?;
         for (outcome, value) in [
             ("outbound_mesh", self.outbound_mesh()),
             ("outbound_passthrough", self.outbound_passthrough.accepted()),
@@ -374,32 +377,24 @@ impl TransparentMetrics {
             ("inbound_no_original_dst", self.inbound_no_original_dst()),
             ("inbound_sidecar_port_refused", self.inbound_sidecar_port()),
         ] {
-            let _ = writeln!(
-                out,
-                "kith_sidecar_captured_total{{outcome=\"{outcome}\"}} {value}"
-            );
+            counter(&mut f, &[("outcome", outcome)], value)?;
         }
-        crate::metrics::family(
-            out,
-            "kith_sidecar_plaintext_bytes_total",
-            "counter",
+        let mut f = encoder.encode_descriptor(
+            "kith_sidecar_plaintext_bytes",
             "Bytes of plaintext connections (outbound pass-through, permissive inbound)",
-        );
+            None,
+            MetricType::Counter,
+        )?;
         for (kind, m) in [
             ("outbound_passthrough", &self.outbound_passthrough),
             ("inbound_plaintext", &self.inbound_plaintext),
         ] {
-            let _ = writeln!(
-                out,
-                "kith_sidecar_plaintext_bytes_total{{kind=\"{kind}\",side=\"sent\"}} {}",
-                m.bytes_sent()
-            );
-            let _ = writeln!(
-                out,
-                "kith_sidecar_plaintext_bytes_total{{kind=\"{kind}\",side=\"received\"}} {}",
-                m.bytes_received()
-            );
+            let sent = [("kind", kind), ("side", "sent")];
+            counter(&mut f, &sent, m.bytes_sent())?;
+            let received = [("kind", kind), ("side", "received")];
+            counter(&mut f, &received, m.bytes_received())?;
         }
+        Ok(())
     }
 }
 

@@ -521,8 +521,10 @@ async fn inbound_to_a_sidecar_port_is_refused_and_counted() {
     .await;
     assert_eq!(metrics.inbound_plaintext.accepted(), 0);
     assert_eq!(metrics.tunnels().inbound.accepted(), 0);
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register_collector(Box::new(metrics.clone()));
     let mut text = String::new();
-    metrics.render_prometheus(&mut text);
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
     assert!(
         text.contains("kith_sidecar_captured_total{outcome=\"inbound_sidecar_port_refused\"} 2"),
         "{text}"

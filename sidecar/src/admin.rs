@@ -4,16 +4,20 @@
 //! connection the proxy forwarded may send.
 
 use std::convert::Infallible;
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Response, StatusCode};
 use listen::HttpLimits;
-use proxy::metrics::{Metrics, family};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use proxy::metrics::{Metrics, Tunnels, counter, gauge};
 use proxy::tls::IdentityHandle;
 use proxy::transparent::TransparentMetrics;
 use tokio_util::sync::CancellationToken;
@@ -21,8 +25,8 @@ use tokio_util::sync::CancellationToken;
 use crate::app_probe::AppProbes;
 use crate::source::SourceMetrics;
 
-/// The proxy's connection counters: one set per explicit tunnel (with its label), or the
-/// transparent mode's.
+/// The proxy's connection counters: one set per explicit tunnel (with its name, empty for an
+/// unnamed tunnel: no `tunnel` label), or the transparent mode's.
 pub enum Counters {
     Explicit(Vec<(String, Arc<Metrics>)>),
     Transparent(Arc<TransparentMetrics>),
@@ -72,6 +76,7 @@ struct Admin {
 
 impl Admin {
     async fn route(&self, req: hyper::Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+        let metrics = req.uri().path() == "/metrics";
         if let Some(name) = req.uri().path().strip_prefix("/app-health/") {
             let (status, body) = self.probes.check(name).await;
             let mut resp = Response::new(Full::new(Bytes::from(body)));
@@ -109,6 +114,12 @@ impl Admin {
         };
         let mut resp = Response::new(Full::new(Bytes::from(body)));
         *resp.status_mut() = status;
+        if metrics {
+            resp.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static(METRICS_CONTENT_TYPE),
+            );
+        }
         resp
     }
 }
@@ -157,8 +168,8 @@ fn quit_refusal(peer: SocketAddr, at: Option<SocketAddr>) -> Option<QuitRefusal>
 /// Refused `POST /quitquitquit`s, by reason.
 #[derive(Debug, Default)]
 pub struct AdminRefusals {
-    not_local: std::sync::atomic::AtomicU64,
-    proxied: std::sync::atomic::AtomicU64,
+    not_local: AtomicU64,
+    proxied: AtomicU64,
 }
 
 impl AdminRefusals {
@@ -167,74 +178,104 @@ impl AdminRefusals {
             QuitRefusal::NotLocal => &self.not_local,
             QuitRefusal::Proxied => &self.proxied,
         };
-        c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        c.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn render(&self, out: &mut String) {
-        family(
-            out,
-            "kith_sidecar_admin_refused_total",
-            "counter",
-            "POST /quitquitquit requests refused, by reason",
-        );
-        for (reason, c) in [("not_local", &self.not_local), ("proxied", &self.proxied)] {
-            let _ = writeln!(
-                out,
-                "kith_sidecar_admin_refused_total{{reason=\"{reason}\"}} {}",
-                c.load(std::sync::atomic::Ordering::Relaxed)
-            );
+    /// Refusals counted with `reason`.
+    pub fn get(&self, reason: QuitRefusal) -> u64 {
+        match reason {
+            QuitRefusal::NotLocal => &self.not_local,
+            QuitRefusal::Proxied => &self.proxied,
         }
+        .load(Ordering::Relaxed)
     }
 }
 
-/// Prometheus text (format 0.0.4): connections by direction and result, handshake latency,
-/// bytes, the SVID's time left and the identity source's counters.
-pub fn metrics_text(
-    counters: &Counters,
+/// The sidecar process's one registry: the proxy's connection counters, then the SVID's time
+/// left, the identity source's counters and the refused `POST /quitquitquit`s. Everything is
+/// read from atomics at scrape time.
+pub fn registry(
+    counters: Counters,
     identity: &IdentityHandle,
-    source: &SourceMetrics,
-) -> String {
-    let mut out = String::new();
+    source: &Arc<SourceMetrics>,
+    refused: &Arc<AdminRefusals>,
+) -> Registry {
+    let mut registry = Registry::default();
     match counters {
-        Counters::Explicit(sets) => {
-            let sets: Vec<(&str, &Metrics)> =
-                sets.iter().map(|(l, m)| (l.as_str(), m.as_ref())).collect();
-            Metrics::render_prometheus(&mut out, &sets);
-        }
-        Counters::Transparent(tm) => tm.render_prometheus(&mut out),
+        Counters::Explicit(sets) => registry.register_collector(Box::new(Tunnels(sets))),
+        Counters::Transparent(tm) => registry.register_collector(Box::new(tm)),
     }
-    family(
-        &mut out,
-        "kith_sidecar_svid_seconds_to_expiry",
-        "gauge",
-        "Seconds until the current SVID expires (negative: expired)",
-    );
-    if let Some(c) = identity.current() {
-        let left = match c.svid().not_after().duration_since(SystemTime::now()) {
-            Ok(d) => d.as_secs() as i64,
-            Err(e) => -(e.duration().as_secs() as i64),
-        };
-        let _ = writeln!(
-            out,
-            "kith_sidecar_svid_seconds_to_expiry{{spiffe_id=\"{}\"}} {left}",
-            c.svid().id()
-        );
+    registry.register_collector(Box::new(SidecarMetrics {
+        identity: identity.clone(),
+        source: source.clone(),
+        refused: refused.clone(),
+    }));
+    registry
+}
+
+/// The OpenMetrics text of `registry` (ends in `# EOF`), served as [`METRICS_CONTENT_TYPE`].
+pub fn encode(registry: &Registry) -> String {
+    let mut out = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, registry) {
+        tracing::warn!(error = %e, "cannot encode the metrics");
+        out.clear();
     }
-    family(
-        &mut out,
-        "kith_sidecar_identity_updates_total",
-        "counter",
-        "SVIDs and bundles published (ok), and failed attempts to get one (failed)",
-    );
-    let _ = writeln!(
-        out,
-        "kith_sidecar_identity_updates_total{{result=\"ok\"}} {}",
-        source.updates()
-    );
-    let _ = writeln!(
-        out,
-        "kith_sidecar_identity_updates_total{{result=\"failed\"}} {}",
-        source.failures()
-    );
     out
+}
+
+/// The content type of `/metrics`.
+pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The sidecar's own families, after the proxy's.
+struct SidecarMetrics {
+    identity: IdentityHandle,
+    source: Arc<SourceMetrics>,
+    refused: Arc<AdminRefusals>,
+}
+
+impl std::fmt::Debug for SidecarMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SidecarMetrics")
+            .field("source", &self.source)
+            .field("refused", &self.refused)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Collector for SidecarMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let mut f = encoder.encode_descriptor(
+            "kith_sidecar_svid_seconds_to_expiry",
+            "Seconds until the current SVID expires (negative: expired)",
+            None,
+            MetricType::Gauge,
+        )?;
+        if let Some(c) = self.identity.current() {
+            let left = match c.svid().not_after().duration_since(SystemTime::now()) {
+                Ok(d) => d.as_secs() as i64,
+                Err(e) => -(e.duration().as_secs() as i64),
+            };
+            let id = c.svid().id().to_string();
+            gauge(&mut f, &[("spiffe_id", id.as_str())], left)?;
+        }
+        let mut f = encoder.encode_descriptor(
+            "kith_sidecar_identity_updates",
+            "SVIDs and bundles published (ok), and failed attempts to get one (failed)",
+            None,
+            MetricType::Counter,
+        )?;
+        counter(&mut f, &[("result", "ok")], self.source.updates())?;
+        counter(&mut f, &[("result", "failed")], self.source.failures())?;
+        let mut f = encoder.encode_descriptor(
+            "kith_sidecar_admin_refused",
+            "POST /quitquitquit requests refused, by reason",
+            None,
+            MetricType::Counter,
+        )?;
+        for reason in [QuitRefusal::NotLocal, QuitRefusal::Proxied] {
+            let n = self.refused.get(reason);
+            counter(&mut f, &[("reason", reason.label())], n)?;
+        }
+        Ok(())
+    }
 }

@@ -33,7 +33,7 @@ use proxy::tunnel::{self, Limits, Upstream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use sidecar::admin::{self, AdminRefusals, Counters, metrics_text};
+use sidecar::admin::{self, AdminRefusals, Counters};
 use sidecar::app_probe::AppProbes;
 use sidecar::source::FirstContact;
 use sidecar::source::{self, Source, SourceMetrics};
@@ -445,12 +445,7 @@ async fn run_sidecar(args: RunArgs) -> Result<()> {
                     .context(name)?;
                 }
             }
-            let label = if t.name.is_empty() {
-                String::new()
-            } else {
-                format!("tunnel=\"{}\"", t.name)
-            };
-            sets.push((label, metrics));
+            sets.push((t.name, metrics));
         }
         Counters::Explicit(sets)
     };
@@ -464,12 +459,8 @@ async fn run_sidecar(args: RunArgs) -> Result<()> {
     ));
     let refused = Arc::new(AdminRefusals::default());
     let render = {
-        let (identity, refused) = (identity.clone(), refused.clone());
-        Arc::new(move || {
-            let mut out = metrics_text(&counters, &identity, &source_metrics);
-            refused.render(&mut out);
-            out
-        })
+        let registry = admin::registry(counters, &identity, &source_metrics, &refused);
+        Arc::new(move || admin::encode(&registry))
     };
     let admin_shutdown = CancellationToken::new();
     let admin_task = tokio::spawn(admin::serve(
