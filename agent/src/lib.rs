@@ -9,6 +9,7 @@ pub mod docker;
 pub mod fetch;
 pub mod metrics;
 pub mod node;
+pub mod run;
 pub mod snapshot;
 pub mod workload_api;
 pub mod workload_store;

@@ -3,19 +3,13 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Args, Subcommand};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use agent::agent::{Agent, AgentConfig, JoinToken};
-use agent::attest::Attestor;
-use agent::docker::DockerPlugin;
-use agent::metrics::AgentMetrics;
-use agent::workload_api::{self, Limits, WorkloadApiMetrics};
+use agent::agent::{AgentConfig, JoinToken};
+use agent::workload_api::Limits;
 
 use crate::process::{self, Threads};
 
@@ -154,97 +148,25 @@ fn join_token(args: &RunArgs) -> Result<Option<JoinToken>> {
 async fn run_agent(args: RunArgs) -> Result<()> {
     let signalled = process::on_signal();
     process::init_logging(&args.log_format);
-    let token = join_token(&args)?;
-    let cfg = AgentConfig {
-        ca_urls: args.ca.clone(),
-        ca_timeout: args.ca_timeout,
-        bundle_file: args.bundle.clone(),
-        bundle_sha256: args.bundle_sha256.clone(),
-        join_token: token,
-        data_dir: args.data_dir.clone(),
+    let config = agent::run::Config {
+        agent: AgentConfig {
+            ca_urls: args.ca.clone(),
+            ca_timeout: args.ca_timeout,
+            bundle_file: args.bundle.clone(),
+            bundle_sha256: args.bundle_sha256.clone(),
+            join_token: join_token(&args)?,
+            data_dir: args.data_dir.clone(),
+        },
+        socket: args.socket.clone(),
+        admin: args.admin_listen,
+        docker_socket: args.docker_socket.clone(),
+        limits: Limits {
+            max_connections: args.max_connections as usize,
+            max_connections_per_uid: args.max_connections_per_uid as usize,
+            max_streams_per_uid: args.max_streams_per_uid as usize,
+            first_request_timeout: Duration::from_secs(args.first_request_timeout),
+            ..Limits::default()
+        },
     };
-    tracing::info!(
-        ca = %args.ca.join(","),
-        ca_timeout = ?args.ca_timeout,
-        data_dir = %args.data_dir.display(),
-        socket = %args.socket.display(),
-        admin = %args.admin_listen,
-        first_contact = if args.bundle.is_some() { "bundle file" } else if args.bundle_sha256.is_some() { "pinned sha256" } else { "stored" },
-        join_token = if cfg.join_token.is_some() { "<redacted>" } else { "none" },
-        "kith agent starting"
-    );
-    let metrics = Arc::new(AgentMetrics::new());
-    let (agent, snapshots) = Agent::bootstrap(cfg, metrics).await?;
-    let socket = workload_api::bind(&args.socket).with_context(|| {
-        format!(
-            "cannot bind the Workload API socket {}",
-            args.socket.display()
-        )
-    })?;
-    let admin = tokio::net::TcpListener::bind(args.admin_listen)
-        .await
-        .with_context(|| format!("cannot listen on {} (admin)", args.admin_listen))?;
-    tracing::info!(id = %agent.node_id(), socket = %args.socket.display(), "serving the Workload API");
-
-    // Without the engine the agent still serves host processes; callers in containers are
-    // refused until it answers (see agent::docker for why). Warned once, here.
-    let docker = DockerPlugin::new(&args.docker_socket);
-    match docker.api_version().await {
-        Ok(api) => {
-            tracing::info!(socket = %args.docker_socket.display(), api, "docker attestation enabled")
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "callers in docker containers will be refused until the engine answers")
-        }
-    }
-
-    let shutdown = CancellationToken::new();
-    let tasks = TaskTracker::new();
-    let api_metrics = Arc::new(WorkloadApiMetrics::new());
-    let limits = Limits {
-        max_connections: args.max_connections as usize,
-        max_connections_per_uid: args.max_connections_per_uid as usize,
-        max_streams_per_uid: args.max_streams_per_uid as usize,
-        first_request_timeout: Duration::from_secs(args.first_request_timeout),
-        ..Limits::default()
-    };
-    tasks.spawn(agent.clone().run(shutdown.clone()));
-    tasks.spawn(agent::admin::serve(
-        agent.clone(),
-        api_metrics.clone(),
-        admin,
-        shutdown.clone(),
-    ));
-    let api = workload_api::serve(
-        socket,
-        snapshots,
-        agent.clone(),
-        Arc::new(
-            Attestor::new()
-                .with_plugin(docker)
-                .with_metrics(api_metrics.clone()),
-        ),
-        limits,
-        api_metrics,
-        shutdown.clone(),
-    );
-    let api = tasks.spawn(api);
-    tasks.close();
-    tokio::select! {
-        _ = signalled.cancelled() => tracing::info!("shutting down"),
-        r = api => {
-            if let Ok(Err(e)) = r {
-                tracing::error!(error = %e, "the Workload API stopped");
-            }
-        }
-    }
-    shutdown.cancel();
-    if tokio::time::timeout(Duration::from_secs(10), tasks.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("some tasks did not stop within 10s");
-    }
-    let _ = std::fs::remove_file(&args.socket);
-    Ok(())
+    Ok(agent::run::run(config, signalled).await?)
 }
