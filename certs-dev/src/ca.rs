@@ -179,11 +179,10 @@ pub fn load(home: &Path) -> Result<DevCa> {
     })?;
     let intermediate = one_cert(&home.join(INTERMEDIATE_CRT))?;
     let key = load_key(&home.join(INTERMEDIATE_KEY))?;
-    let issuer = Issuer::from_ca_cert_der(&intermediate, key)
-        .map_err(|source| CaError::NotCa {
-            what: INTERMEDIATE_CRT,
-            source,
-        })?;
+    let issuer = Issuer::from_ca_cert_der(&intermediate, key).map_err(|source| CaError::NotCa {
+        what: INTERMEDIATE_CRT,
+        source,
+    })?;
     Ok(DevCa {
         home: home.to_owned(),
         trust_domain,
@@ -207,8 +206,8 @@ impl DevCa {
     /// returns the reloaded CA. Leaves already issued keep their old intermediate in their chain.
     pub fn rotate_intermediate(self, key_type: KeyType) -> Result<DevCa> {
         let root_key = load_key(&self.home.join(ROOT_KEY))?;
-        let root_issuer = Issuer::from_ca_cert_der(&self.root, root_key)
-            .map_err(|source| CaError::NotCa {
+        let root_issuer =
+            Issuer::from_ca_cert_der(&self.root, root_key).map_err(|source| CaError::NotCa {
                 what: ROOT_CRT,
                 source,
             })?;
@@ -262,12 +261,11 @@ fn key_pem(key: &KeyPair) -> Zeroizing<String> {
 }
 
 fn one_cert(path: &Path) -> Result<CertificateDer<'static>> {
-    let certs = identity::pem::certificates(&read(path)?).map_err(|source| {
-        CaError::NotCertificate {
+    let certs =
+        identity::pem::certificates(&read(path)?).map_err(|source| CaError::NotCertificate {
             path: path.to_owned(),
             source,
-        }
-    })?;
+        })?;
     certs
         .into_iter()
         .next()
@@ -277,11 +275,9 @@ fn one_cert(path: &Path) -> Result<CertificateDer<'static>> {
 }
 
 fn load_key(path: &Path) -> Result<KeyPair> {
-    let pem = Zeroizing::new(
-        String::from_utf8(read(path)?).map_err(|_| CaError::NotPem {
-            path: path.to_owned(),
-        })?,
-    );
+    let pem = Zeroizing::new(String::from_utf8(read(path)?).map_err(|_| CaError::NotPem {
+        path: path.to_owned(),
+    })?);
     KeyPair::from_pem(&pem).map_err(|source| CaError::NotKey {
         path: path.to_owned(),
         source,
@@ -289,8 +285,7 @@ fn load_key(path: &Path) -> Result<KeyPair> {
 }
 
 fn from_offset_cert(der: &CertificateDer<'_>) -> Result<SystemTime> {
-    let (_, cert) =
-        x509_parser::parse_x509_certificate(der).map_err(CaError::Unparsable)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(CaError::Unparsable)?;
     Ok(from_offset(cert.validity().not_after.to_datetime()))
 }
 

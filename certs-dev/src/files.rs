@@ -2,8 +2,8 @@
 //! and private keys are 0600 from the moment they exist.
 
 use std::fs;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::io;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// A file or directory of the CA home or the output that cannot be read or written.
@@ -70,11 +70,12 @@ pub fn ensure_dir(dir: &Path, mode: Option<u32>) -> Result<()> {
             source,
         })?;
     if let Some(mode) = mode {
-        fs::set_permissions(dir, fs::Permissions::from_mode(mode))
-            .map_err(|source| FilesError::Permissions {
+        fs::set_permissions(dir, fs::Permissions::from_mode(mode)).map_err(|source| {
+            FilesError::Permissions {
                 path: dir.to_owned(),
                 source,
-            })?;
+            }
+        })?;
     }
     Ok(())
 }

@@ -146,8 +146,7 @@ pub fn issue(home: &Path, req: Request) -> Result<Issued> {
         .signed_by(&*key, &ca.issuer)
         .map_err(IssueError::Sign)?;
     let chain = vec![leaf.der().clone(), ca.intermediate.clone()];
-    let svid = Svid::new(chain, portable_pkcs8(&key))
-        .map_err(IssueError::NotSvid)?;
+    let svid = Svid::new(chain, portable_pkcs8(&key)).map_err(IssueError::NotSvid)?;
     // Validate what we made exactly as a peer would before handing it out.
     let bundle = ca.bundle()?;
     verify_x509_svid(svid.chain(), &bundle, now).map_err(IssueError::DoesNotVerify)?;

@@ -121,10 +121,7 @@ async fn demo(args: Options) -> ExitCode {
             None if started_any => "\n  run with --keep to keep every component's log".to_owned(),
             None => String::new(),
         };
-        return fail(
-            &mut term,
-            &format!("{}{hint}", identity::report::chain(&e)),
-        );
+        return fail(&mut term, &format!("{}{hint}", identity::report::chain(&e)));
     }
 
     let mut live = Live::new(&stack, args.duration);

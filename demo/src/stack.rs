@@ -111,9 +111,7 @@ pub enum StackError {
     },
     #[error("cannot find the kith binary itself")]
     OwnBinary(#[source] std::io::Error),
-    #[error(
-        "the kith binary was replaced on disk while it ran (a rebuild?); run the demo again"
-    )]
+    #[error("the kith binary was replaced on disk while it ran (a rebuild?); run the demo again")]
     BinaryReplaced,
     #[error("cannot resolve {}", path.display())]
     Resolve {

@@ -83,7 +83,10 @@ pub enum CaptureError {
         source: Box<CaptureError>,
     },
     #[error("canary check: an IPv6 original destination {got} for {target}")]
-    CanaryGotIpv6 { got: SocketAddrV6, target: SocketAddr },
+    CanaryGotIpv6 {
+        got: SocketAddrV6,
+        target: SocketAddr,
+    },
     #[error("{what} is not working: {bin} has no `{rule}`")]
     NoJump {
         what: &'static str,
@@ -905,8 +908,8 @@ fn probe(
     what: &'static str,
 ) -> Result<SocketAddr> {
     let (uid, gid) = (canary_uid(args), canary_gid(args));
-    let listener =
-        TcpListener::bind(listen).map_err(|source| CaptureError::CanaryListen { listen, source })?;
+    let listener = TcpListener::bind(listen)
+        .map_err(|source| CaptureError::CanaryListen { listen, source })?;
     listener
         .set_nonblocking(true)
         .map_err(|source| CaptureError::CanaryNonBlocking { listen, source })?;

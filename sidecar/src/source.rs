@@ -19,9 +19,9 @@ use identity::{BundleError, SpiffeId, Svid, SvidError, TrustBundle};
 use proxy::tls::{IdentityHandle, TlsError};
 use tokio_util::sync::CancellationToken;
 
+use ca_api::LinkError;
 use ca_api::certify::{Backoff, Expect, certify};
 use ca_api::link as ca_link;
-use ca_api::LinkError;
 use ca_api::replicas::CaSet;
 
 /// Why the identity source cannot be used (at start) or could not renew (logged, retried).
@@ -242,21 +242,21 @@ impl Files {
 
     fn load(&self) -> Result<(Svid, TrustBundle)> {
         let key = zeroize::Zeroizing::new(read(&self.key)?);
-        let svid = Svid::from_pem(&read(&self.cert)?, &key).map_err(|source| {
-            SourceError::NotSvid {
+        let svid =
+            Svid::from_pem(&read(&self.cert)?, &key).map_err(|source| SourceError::NotSvid {
                 cert: self.cert.clone(),
                 key: self.key.clone(),
                 source,
-            }
-        })?;
+            })?;
         let td = svid.id().trust_domain();
-        let bundle = TrustBundle::parse(Some(td.clone()), &read(&self.bundle)?).map_err(|source| {
-            SourceError::NotBundleFor {
-                path: self.bundle.clone(),
-                trust_domain: td.to_string(),
-                source,
-            }
-        })?;
+        let bundle =
+            TrustBundle::parse(Some(td.clone()), &read(&self.bundle)?).map_err(|source| {
+                SourceError::NotBundleFor {
+                    path: self.bundle.clone(),
+                    trust_domain: td.to_string(),
+                    source,
+                }
+            })?;
         Ok((svid, bundle))
     }
 

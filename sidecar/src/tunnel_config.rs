@@ -288,9 +288,7 @@ pub fn load_tunnels(path: &Path, global: &Policy) -> Result<Vec<Tunnel>> {
                     return Err(at(ConfigError::AllowOnClient));
                 }
                 End::Client {
-                    connect: connect
-                        .parse()
-                        .map_err(|e: UpstreamError| at(e.into()))?,
+                    connect: connect.parse().map_err(|e: UpstreamError| at(e.into()))?,
                     expect: expected_peer(
                         t.expect_id.as_deref(),
                         t.expect_trust_domain,

@@ -266,8 +266,8 @@ impl RunArgs {
     fn transparent(&self) -> Result<Transparent> {
         let mesh = proxy::transparent::parse_cidrs(self.mesh_cidr.iter().map(String::as_str))
             .context("--mesh-cidr")?;
-        let expect = ExpectRules::parse(self.expect_id.iter().map(String::as_str))
-            .context("--expect-id")?;
+        let expect =
+            ExpectRules::parse(self.expect_id.iter().map(String::as_str)).context("--expect-id")?;
         Ok(Transparent {
             outbound_listen: self.outbound_listen,
             inbound_listen: self.inbound_listen,
