@@ -65,7 +65,7 @@ pub enum ConfigError {
     Toml {
         path: PathBuf,
         what: &'static str,
-        error: toml::de::Error,
+        error: Box<toml::de::Error>,
     },
     #[error("--allow {flag:?}: {port:?} is not a port")]
     AllowPort { flag: String, port: String },
@@ -198,7 +198,7 @@ fn read_toml<T: for<'de> Deserialize<'de>>(path: &Path, what: &'static str) -> R
     toml::from_str(&text).map_err(|error| ConfigError::Toml {
         path: path.to_owned(),
         what,
-        error,
+        error: Box::new(error),
     })
 }
 
