@@ -1,5 +1,8 @@
 //! Wiring: opens the store, unseals or creates the keys, issues the CA's own SVID, and runs the
 //! API, the metrics endpoint, the admin socket and the maintenance loop until shutdown.
+//!
+//! Why this is one file of over 500 lines: the CA's start, in order, with one error variant
+//! for each step that can fail, and the loop that maintains what the start set up.
 
 use std::convert::Infallible;
 use std::os::unix::fs::PermissionsExt;

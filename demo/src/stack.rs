@@ -6,6 +6,9 @@
 //! The agent tells its three callers apart by the kernel's view of them (`unix:path:` is
 //! `/proc/<pid>/exe`, see `agent/src/attest.rs`), so each sidecar runs from its own copy (a
 //! hard link where possible) of the binary: `<tmp>/bin/web-sidecar` and so on.
+//!
+//! Why this is one file of over 500 lines: the start is one sequence of steps, each of which
+//! can fail with its own error variant (what to do about it included), and reads best in order.
 
 use std::ffi::OsString;
 use std::net::{SocketAddr, TcpListener};
