@@ -680,11 +680,8 @@ fn free_net() -> String {
 
 /// `a.b.c.d/n` as (address, mask); IPv6 subnets are ignored.
 fn parse_cidr(cidr: &str) -> Option<(u32, u32)> {
-    let (addr, len) = cidr.split_once('/')?;
-    let addr: std::net::Ipv4Addr = addr.parse().ok()?;
-    let len: u32 = len.parse().ok().filter(|l| *l <= 32)?;
-    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-    Some((u32::from(addr), mask))
+    let net: ipnet::Ipv4Net = cidr.parse().ok()?;
+    Some((u32::from(net.addr()), u32::from(net.netmask())))
 }
 
 // ---- processes with a deadline ----

@@ -60,6 +60,16 @@ pub enum AgentError {
     BadBundle { path: PathBuf, detail: String },
     #[error("the stored node identity is for {stored}, but --ca serves {served}")]
     WrongTrustDomain { stored: String, served: String },
+    #[error("--join-token-file {}", path.display())]
+    TokenFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--join-token-file {}: {len} bytes is not a join token", path.display())]
+    TokenTooLong { path: PathBuf, len: u64 },
+    #[error("--join-token-file {} is empty", path.display())]
+    TokenEmpty { path: PathBuf },
 }
 
 #[derive(Clone, Debug)]
@@ -87,20 +97,22 @@ impl JoinToken {
     }
 
     /// Reads the token from a file (surrounding whitespace ignored).
-    pub fn from_file(path: &std::path::Path) -> anyhow::Result<Self> {
-        use anyhow::Context as _;
-        let meta = std::fs::metadata(path)
-            .with_context(|| format!("--join-token-file {}", path.display()))?;
+    pub fn from_file(path: &std::path::Path) -> Result<Self, AgentError> {
+        let unreadable = |source| AgentError::TokenFile {
+            path: path.to_owned(),
+            source,
+        };
+        let meta = std::fs::metadata(path).map_err(unreadable)?;
         if meta.len() > 4096 {
-            anyhow::bail!(
-                "--join-token-file {}: {} bytes is not a join token",
-                path.display(),
-                meta.len()
-            );
+            return Err(AgentError::TokenTooLong {
+                path: path.to_owned(),
+                len: meta.len(),
+            });
         }
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("--join-token-file {}", path.display()))?;
-        Self::new(text).with_context(|| format!("--join-token-file {} is empty", path.display()))
+        let text = std::fs::read_to_string(path).map_err(unreadable)?;
+        Self::new(text).ok_or_else(|| AgentError::TokenEmpty {
+            path: path.to_owned(),
+        })
     }
 
     pub fn as_str(&self) -> &str {

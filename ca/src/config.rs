@@ -5,12 +5,71 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
 use clap::Args;
-use identity::TrustDomain;
+use identity::{IdError, TrustDomain};
 use serde::{Deserialize, Serialize};
 
 use crate::guard::MinFree;
+
+/// A setting (flag, environment variable or config file key) that cannot be used, named as
+/// the flag or the file's key, with what it must be.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}", path.display())]
+    ReadFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {} is not valid", path.display())]
+    InvalidFile {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("config file: {field} = {value:?} is not a duration like 1h or 7d")]
+    Duration {
+        field: &'static str,
+        value: String,
+        #[source]
+        source: humantime::DurationError,
+    },
+    #[error("--trust-domain {value:?}")]
+    TrustDomain {
+        value: String,
+        #[source]
+        source: IdError,
+    },
+    #[error("--dns {0:?} is not a valid DNS name")]
+    Dns(String),
+    #[error("--{0} must be at least 10s")]
+    TtlTooShort(&'static str),
+    #[error(
+        "--root-rollover-at must be a fraction of the root's life between 0 and 1 (exclusive), not {0}"
+    )]
+    RolloverAt(f64),
+    #[error("--intermediate-ttl must be at least 1m and no longer than --root-ttl")]
+    IntermediateTtl,
+    /// The value shown is redacted (no password).
+    #[error("--store {0:?} is neither `sqlite` nor a postgres:// connection string")]
+    Store(String),
+    #[error("--log-format must be text or json, not {0:?}")]
+    LogFormat(String),
+    #[error("--max-connections must be at least 1")]
+    MaxConnections,
+    #[error("config file: min-free-disk: {0}")]
+    MinFreeDisk(String),
+    #[error("--max-connections-per-source must be between 1 and --max-connections")]
+    MaxConnectionsPerSource,
+    #[error("--idle-timeout must be at least 1s")]
+    IdleTimeout,
+    #[error("--k8s-jwks-max-staleness must be at least 1s")]
+    JwksMaxStaleness,
+    #[error("--k8s-token-review {0:?} must be an https:// URL of the Kubernetes API server")]
+    TokenReview(String),
+}
+
+type Result<T, E = ConfigError> = std::result::Result<T, E>;
 
 #[derive(Debug, Args, Default)]
 pub struct ServeArgs {
@@ -213,10 +272,12 @@ mod humantime_serde_secs {
     }
 }
 
-fn dur(field: &str, v: Option<String>) -> Result<Option<Duration>> {
+fn dur(field: &'static str, v: Option<String>) -> Result<Option<Duration>> {
     v.map(|s| {
-        humantime::parse_duration(&s).with_context(|| {
-            format!("config file: {field} = {s:?} is not a duration like 1h or 7d")
+        humantime::parse_duration(&s).map_err(|source| ConfigError::Duration {
+            field,
+            value: s,
+            source,
         })
     })
     .transpose()
@@ -233,7 +294,10 @@ impl Config {
             .or(file.trust_domain)
             .unwrap_or_else(|| "example.org".into());
         let trust_domain =
-            TrustDomain::new(&td_text).with_context(|| format!("--trust-domain {td_text:?}"))?;
+            TrustDomain::new(&td_text).map_err(|source| ConfigError::TrustDomain {
+                value: td_text.clone(),
+                source,
+            })?;
         let listen = args
             .listen
             .or(file.listen)
@@ -249,7 +313,7 @@ impl Config {
         };
         for name in &dns {
             rustls_pki_types::DnsName::try_from(name.as_str())
-                .map_err(|_| anyhow::anyhow!("--dns {name:?} is not a valid DNS name"))?;
+                .map_err(|_| ConfigError::Dns(name.clone()))?;
         }
         let public_url = args.public_url.or(file.public_url).unwrap_or_else(|| {
             format!(
@@ -276,7 +340,7 @@ impl Config {
             .unwrap_or(Duration::from_secs(365 * 86_400));
         for (name, d) in [("workload-ttl", workload_ttl), ("node-ttl", node_ttl)] {
             if d < Duration::from_secs(10) {
-                bail!("--{name} must be at least 10s");
+                return Err(ConfigError::TtlTooShort(name));
             }
         }
         let root_rollover_at = args
@@ -284,21 +348,16 @@ impl Config {
             .or(file.root_rollover_at)
             .unwrap_or(0.5);
         if !(root_rollover_at > 0.0 && root_rollover_at < 1.0) {
-            bail!(
-                "--root-rollover-at must be a fraction of the root's life between 0 and 1 (exclusive), not {root_rollover_at}"
-            );
+            return Err(ConfigError::RolloverAt(root_rollover_at));
         }
         if intermediate_ttl < Duration::from_secs(60) || intermediate_ttl > root_ttl {
-            bail!("--intermediate-ttl must be at least 1m and no longer than --root-ttl");
+            return Err(ConfigError::IntermediateTtl);
         }
         let store = match args.store.or(file.store) {
             None => None,
             Some(s) if s == "sqlite" => None,
             Some(s) if crate::store::postgres::is_url(&s) => Some(s),
-            Some(s) => bail!(
-                "--store {:?} is neither `sqlite` nor a postgres:// connection string",
-                crate::store::postgres::redact(&s)
-            ),
+            Some(s) => return Err(ConfigError::Store(crate::store::postgres::redact(&s))),
         };
         let store_target = match &store {
             Some(url) => crate::store::postgres::redact(url),
@@ -313,20 +372,19 @@ impl Config {
             .or(file.log_format)
             .unwrap_or_else(|| "text".into());
         if log_format != "text" && log_format != "json" {
-            bail!("--log-format must be text or json, not {log_format:?}");
+            return Err(ConfigError::LogFormat(log_format));
         }
         let max_connections = args
             .max_connections
             .or(file.max_connections)
             .unwrap_or(4096);
         if max_connections == 0 {
-            bail!("--max-connections must be at least 1");
+            return Err(ConfigError::MaxConnections);
         }
         let min_free_disk = match args.min_free_disk {
             Some(m) => m,
             None => match file.min_free_disk {
-                Some(text) => MinFree::parse(&text)
-                    .map_err(|e| anyhow::anyhow!("config file: min-free-disk: {e}"))?,
+                Some(text) => MinFree::parse(&text).map_err(ConfigError::MinFreeDisk)?,
                 None => MinFree::default(),
             },
         };
@@ -335,29 +393,27 @@ impl Config {
             .or(file.max_connections_per_source)
             .unwrap_or((max_connections / 8).max(1));
         if max_connections_per_source == 0 || max_connections_per_source > max_connections {
-            bail!("--max-connections-per-source must be between 1 and --max-connections");
+            return Err(ConfigError::MaxConnectionsPerSource);
         }
         let idle_timeout = args
             .idle_timeout
             .or(dur("idle-timeout", file.idle_timeout)?)
             .unwrap_or(Duration::from_secs(60));
         if idle_timeout < Duration::from_secs(1) {
-            bail!("--idle-timeout must be at least 1s");
+            return Err(ConfigError::IdleTimeout);
         }
         let k8s_jwks_max_staleness = args
             .k8s_jwks_max_staleness
             .or(dur("k8s-jwks-max-staleness", file.k8s_jwks_max_staleness)?)
             .unwrap_or(Duration::from_secs(3600));
         if k8s_jwks_max_staleness < Duration::from_secs(1) {
-            bail!("--k8s-jwks-max-staleness must be at least 1s");
+            return Err(ConfigError::JwksMaxStaleness);
         }
         let k8s_token_review = args.k8s_token_review.or(file.k8s_token_review);
         if let Some(url) = &k8s_token_review
             && !url.starts_with("https://")
         {
-            bail!(
-                "--k8s-token-review {url:?} must be an https:// URL of the Kubernetes API server"
-            );
+            return Err(ConfigError::TokenReview(url.clone()));
         }
         Ok(Self {
             trust_domain,
@@ -431,9 +487,14 @@ pub fn kek_from_env() -> Option<String> {
 }
 
 fn read_file(path: &Path) -> Result<FileConfig> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read config file {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("config file {} is not valid", path.display()))
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|source| ConfigError::InvalidFile {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -480,7 +541,11 @@ mod tests {
             ..Default::default()
         })
         .unwrap_err();
-        assert!(format!("{err:#}").contains("min-free-disk"), "{err:#}");
+        assert!(
+            identity::report::chain(&err).contains("min-free-disk"),
+            "{}",
+            identity::report::chain(&err)
+        );
     }
 
     #[test]
@@ -494,8 +559,9 @@ mod tests {
         })
         .unwrap_err();
         assert!(
-            format!("{err:#}").contains("unknown field `trust-domian`"),
-            "{err:#}"
+            identity::report::chain(&err).contains("unknown field `trust-domian`"),
+            "{}",
+            identity::report::chain(&err)
         );
         std::fs::write(&file, "node-ttl = \"forever\"\n").unwrap();
         let err = Config::resolve(ServeArgs {
@@ -503,13 +569,21 @@ mod tests {
             ..Default::default()
         })
         .unwrap_err();
-        assert!(format!("{err:#}").contains("node-ttl"), "{err:#}");
+        assert!(
+            identity::report::chain(&err).contains("node-ttl"),
+            "{}",
+            identity::report::chain(&err)
+        );
         let err = Config::resolve(ServeArgs {
             trust_domain: Some("Bad.Org".into()),
             ..Default::default()
         })
         .unwrap_err();
-        assert!(format!("{err:#}").contains("lowercase"), "{err:#}");
+        assert!(
+            identity::report::chain(&err).contains("lowercase"),
+            "{}",
+            identity::report::chain(&err)
+        );
     }
 
     #[test]

@@ -1,5 +1,8 @@
 //! Wiring: opens the store, unseals or creates the keys, issues the CA's own SVID, and runs the
 //! API, the metrics endpoint, the admin socket and the maintenance loop until shutdown.
+//!
+//! Why this is one file of over 500 lines: the CA's start, in order, with one error variant
+//! for each step that can fail, and the loop that maintains what the start set up.
 
 use std::convert::Infallible;
 use std::os::unix::fs::PermissionsExt;
@@ -7,7 +10,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::Full;
@@ -16,19 +18,21 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use identity::pem::PemError;
+
 use crate::admin::{self, AdminContext};
 use crate::api::{self, Limits, json_response, readyz_response};
-use crate::authority::{Authority, Lifetimes, Push, Rotation, Upstream, unix};
+use crate::authority::{Authority, AuthorityError, Lifetimes, Push, Rotation, Upstream, unix};
 use crate::config::Config;
 use crate::guard::DiskGuard;
-use crate::k8s::{JwksSource, K8sConfig, K8sVerifier, TokenReview};
+use crate::k8s::{JwksSource, K8sConfig, K8sError, K8sVerifier, TokenReview};
 use crate::metrics::Metrics;
-use crate::seal::{Kek, KekSource};
+use crate::seal::{Kek, KekSource, SealError};
 use crate::service::{Ca, Policy};
-use crate::store::Store;
 use crate::store::any::AnyStore;
 use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;
+use crate::store::{Store, StoreError};
 use crate::tls::{ServingCert, server_config};
 
 /// Connections the metrics listener serves at once (scrapers and probes need a handful).
@@ -36,6 +40,83 @@ const METRICS_MAX_CONNECTIONS: usize = 64;
 
 /// The serving certificate's lifetime; it renews at half of it.
 const SERVING_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Why the CA could not start: the data directory, the KEK, the store, the keys, an upstream
+/// CA's files or the Kubernetes token verifier.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot create data dir {}", path.display())]
+    CreateDataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot set permissions on {}", path.display())]
+    DataDirMode {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("key-encryption key")]
+    Kek(#[source] SealError),
+    #[error("opening the CA database")]
+    OpenDatabase(#[source] StoreError),
+    #[error("opening the CA store {target}")]
+    OpenStore {
+        target: String,
+        #[source]
+        source: StoreError,
+    },
+    #[error("start lock")]
+    StartLock(#[source] StoreError),
+    #[error("cannot read {}", path.display())]
+    ReadUpstream {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} is not a certificate chain", path.display())]
+    UpstreamChain {
+        path: PathBuf,
+        #[source]
+        source: PemError,
+    },
+    #[error("{} is not a private key", path.display())]
+    UpstreamKey {
+        path: PathBuf,
+        #[source]
+        source: PemError,
+    },
+    #[error("loading the CA keys")]
+    LoadKeys(#[source] AuthorityError),
+    #[error("root rollover at start")]
+    Rollover(#[source] AuthorityError),
+    #[error("--k8s-jwks {}", path.display())]
+    JwksFile {
+        path: PathBuf,
+        #[source]
+        source: K8sError,
+    },
+    #[error("fetching the service-account keys from {issuer}")]
+    FetchJwks {
+        issuer: String,
+        #[source]
+        source: K8sError,
+    },
+    #[error(transparent)]
+    K8s(#[from] K8sError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The CA's own serving certificate could not be issued.
+    #[error(transparent)]
+    Authority(#[from] AuthorityError),
+    #[error(transparent)]
+    Tls(#[from] rustls::Error),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+type Result<T, E = ServerError> = std::result::Result<T, E>;
 
 pub struct Listeners {
     pub api: TcpListener,
@@ -51,10 +132,16 @@ pub struct Running {
 
 /// Creates the data directory (0700) if needed.
 pub fn prepare_data_dir(cfg: &Config) -> Result<()> {
-    std::fs::create_dir_all(&cfg.data_dir)
-        .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
-    std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("cannot set permissions on {}", cfg.data_dir.display()))?;
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|source| ServerError::CreateDataDir {
+        path: cfg.data_dir.clone(),
+        source,
+    })?;
+    std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700)).map_err(
+        |source| ServerError::DataDirMode {
+            path: cfg.data_dir.clone(),
+            source,
+        },
+    )?;
     Ok(())
 }
 
@@ -66,7 +153,7 @@ pub async fn start(
 ) -> Result<Running> {
     prepare_data_dir(cfg)?;
     let (kek, source) = Kek::load(cfg.kek_file.as_deref(), cfg.kek.as_deref(), &cfg.data_dir)
-        .context("key-encryption key")?;
+        .map_err(ServerError::Kek)?;
     match &source {
         KekSource::Generated(p) | KekSource::Existing(p) => tracing::warn!(
             kek = %p.display(),
@@ -77,13 +164,16 @@ pub async fn start(
     }
     let store = Arc::new(match &cfg.store {
         None => AnyStore::Sqlite(
-            SqliteStore::open(&cfg.data_dir, kek.audit_key()).context("opening the CA database")?,
+            SqliteStore::open(&cfg.data_dir, kek.audit_key()).map_err(ServerError::OpenDatabase)?,
         ),
         Some(url) => {
             let replica = replica_id();
             let pg = PgStore::open(url, kek.audit_key(), &replica)
                 .await
-                .with_context(|| format!("opening the CA store {}", cfg.store_target))?;
+                .map_err(|source| ServerError::OpenStore {
+                    target: cfg.store_target.clone(),
+                    source,
+                })?;
             tracing::info!(store = %cfg.store_target, replica = %replica, "CA store on PostgreSQL");
             AnyStore::Postgres(pg)
         }
@@ -91,19 +181,29 @@ pub async fn start(
     // Replicas starting together on an empty database take turns: exactly one creates the
     // root and the first keys.
     let startup = match store.as_ref() {
-        AnyStore::Postgres(pg) => Some(pg.startup_lock().await.context("start lock")?),
+        AnyStore::Postgres(pg) => Some(pg.startup_lock().await.map_err(ServerError::StartLock)?),
         AnyStore::Sqlite(_) => None,
     };
     let upstream = match (&cfg.upstream_cert, &cfg.upstream_key) {
         (Some(c), Some(k)) => {
-            let chain = identity::pem::certificates(
-                &std::fs::read(c).with_context(|| format!("cannot read {}", c.display()))?,
-            )
-            .with_context(|| format!("{} is not a certificate chain", c.display()))?;
-            let key = identity::pem::private_key(
-                &std::fs::read(k).with_context(|| format!("cannot read {}", k.display()))?,
-            )
-            .with_context(|| format!("{} is not a private key", k.display()))?;
+            let read = |path: &PathBuf| {
+                std::fs::read(path).map_err(|source| ServerError::ReadUpstream {
+                    path: path.clone(),
+                    source,
+                })
+            };
+            let chain = identity::pem::certificates(&read(c)?).map_err(|source| {
+                ServerError::UpstreamChain {
+                    path: c.clone(),
+                    source,
+                }
+            })?;
+            let key = identity::pem::private_key(&read(k)?).map_err(|source| {
+                ServerError::UpstreamKey {
+                    path: k.clone(),
+                    source,
+                }
+            })?;
             Some(Upstream { chain, key })
         }
         _ => None,
@@ -128,13 +228,13 @@ pub async fn start(
             now,
         )
         .await
-        .context("loading the CA keys")?,
+        .map_err(ServerError::LoadKeys)?,
     );
     // The bundle is right from the first answer: a successor published, retired roots gone.
     authority
         .rollover(store.as_ref(), now, Push::None)
         .await
-        .context("root rollover at start")?;
+        .map_err(ServerError::Rollover)?;
     drop(startup);
     let metrics = Arc::new(Metrics::new());
     let policy = Policy {
@@ -243,8 +343,11 @@ async fn k8s_verifier(
         None => v,
     };
     if let Some(path) = &cfg.k8s_jwks {
-        let v = K8sVerifier::from_jwks_file(k8s_cfg, path)
-            .with_context(|| format!("--k8s-jwks {}", path.display()))?;
+        let v =
+            K8sVerifier::from_jwks_file(k8s_cfg, path).map_err(|source| ServerError::JwksFile {
+                path: path.clone(),
+                source,
+            })?;
         return Ok(Some(Arc::new(with_review(v))));
     }
     let token = token_file
@@ -256,7 +359,10 @@ async fn k8s_verifier(
         token.as_deref().map(str::trim),
     )
     .await
-    .with_context(|| format!("fetching the service-account keys from {issuer}"))?;
+    .map_err(|source| ServerError::FetchJwks {
+        issuer: issuer.clone(),
+        source,
+    })?;
     let source = JwksSource {
         issuer_url: issuer.clone(),
         ca_file: cfg.k8s_ca_file.clone(),

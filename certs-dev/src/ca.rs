@@ -4,14 +4,81 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use anyhow::{Context, Result, bail};
-use identity::x509::{BACKDATE, from_offset, intermediate_params, root_params};
-use identity::{KeyType, TrustBundle, TrustDomain, bundle::root_trust_domain};
+use identity::pem::PemError;
+use identity::x509::{BACKDATE, TemplateError, from_offset, intermediate_params, root_params};
+use identity::{BundleError, KeyType, TrustBundle, TrustDomain, bundle::root_trust_domain};
 use rcgen::{Issuer, KeyPair};
 use rustls_pki_types::CertificateDer;
 use zeroize::Zeroizing;
 
-use crate::files::{KEY_MODE, PUBLIC_MODE, ensure_dir, read, write_atomic};
+use crate::files::{FilesError, KEY_MODE, PUBLIC_MODE, ensure_dir, read, write_atomic};
+
+/// Why the dev CA cannot be created, loaded or rotated.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("cannot find a data directory: set KITH_HOME or HOME")]
+    NoDataDir,
+    #[error(
+        "the dev CA in {} is for trust domain {have}, not {want}; use another KITH_HOME (or --home) for {want}",
+        home.display()
+    )]
+    OtherTrustDomain {
+        home: PathBuf,
+        have: TrustDomain,
+        want: TrustDomain,
+    },
+    #[error(
+        "{} holds {leftover} but no {ROOT_CRT}: an incomplete CA; move it away and run init again",
+        home.display()
+    )]
+    Incomplete {
+        home: PathBuf,
+        leftover: &'static str,
+    },
+    #[error("no dev CA in {}: run `kith certs init` first", home.display())]
+    Missing { home: PathBuf },
+    #[error("{} has no spiffe:// URI SAN naming its trust domain", path.display())]
+    NoTrustDomain { path: PathBuf },
+    #[error("{what} does not parse as a CA certificate")]
+    NotCa {
+        what: &'static str,
+        #[source]
+        source: rcgen::Error,
+    },
+    #[error("failed to sign the {what}")]
+    Sign {
+        what: &'static str,
+        #[source]
+        source: rcgen::Error,
+    },
+    #[error("{} is not a certificate", path.display())]
+    NotCertificate {
+        path: PathBuf,
+        #[source]
+        source: PemError,
+    },
+    #[error("{} holds no certificate", path.display())]
+    NoCertificate { path: PathBuf },
+    #[error("{} is not PEM", path.display())]
+    NotPem { path: PathBuf },
+    #[error("{} is not a PKCS#8 private key", path.display())]
+    NotKey {
+        path: PathBuf,
+        #[source]
+        source: rcgen::Error,
+    },
+    #[error("certificate does not parse")]
+    Unparsable(#[source] x509_parser::nom::Err<x509_parser::error::X509Error>),
+    /// A key, serial or certificate template that could not be made.
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    #[error(transparent)]
+    Files(#[from] FilesError),
+}
+
+type Result<T, E = CaError> = std::result::Result<T, E>;
 
 pub const ROOT_TTL: Duration = Duration::from_secs(10 * 365 * 86_400);
 pub const INTERMEDIATE_TTL: Duration = Duration::from_secs(365 * 86_400);
@@ -42,7 +109,7 @@ pub enum Init {
 pub fn default_home() -> Result<PathBuf> {
     dirs::data_dir()
         .map(|d| d.join("kith"))
-        .context("cannot find a data directory: set KITH_HOME or HOME")
+        .ok_or(CaError::NoDataDir)
 }
 
 pub fn exists(home: &Path) -> bool {
@@ -54,20 +121,20 @@ pub fn init(home: &Path, td: &TrustDomain, key_type: KeyType) -> Result<Init> {
     if exists(home) {
         let ca = load(home)?;
         if &ca.trust_domain != td {
-            bail!(
-                "the dev CA in {} is for trust domain {}, not {td}; use another KITH_HOME (or --home) for {td}",
-                home.display(),
-                ca.trust_domain
-            );
+            return Err(CaError::OtherTrustDomain {
+                home: home.to_owned(),
+                have: ca.trust_domain,
+                want: td.clone(),
+            });
         }
         return Ok(Init::Existing(ca));
     }
     for leftover in [ROOT_KEY, INTERMEDIATE_CRT, INTERMEDIATE_KEY] {
         if home.join(leftover).exists() {
-            bail!(
-                "{} holds {leftover} but no {ROOT_CRT}: an incomplete CA; move it away and run init again",
-                home.display()
-            );
+            return Err(CaError::Incomplete {
+                home: home.to_owned(),
+                leftover,
+            });
         }
     }
     ensure_dir(home, Some(0o700))?;
@@ -77,7 +144,10 @@ pub fn init(home: &Path, td: &TrustDomain, key_type: KeyType) -> Result<Init> {
     let params = root_params(td, &root_cn, now - BACKDATE, now + ROOT_TTL)?;
     let root = params
         .self_signed(&root_key)
-        .context("failed to sign the root")?;
+        .map_err(|source| CaError::Sign {
+            what: "root",
+            source,
+        })?;
     // Key first: a root.crt without its key would be an unusable CA.
     write_atomic(
         &home.join(ROOT_KEY),
@@ -99,22 +169,20 @@ pub fn init(home: &Path, td: &TrustDomain, key_type: KeyType) -> Result<Init> {
 /// Loads the CA from `home`.
 pub fn load(home: &Path) -> Result<DevCa> {
     if !exists(home) {
-        bail!(
-            "no dev CA in {}: run `kith certs init` first",
-            home.display()
-        );
+        return Err(CaError::Missing {
+            home: home.to_owned(),
+        });
     }
     let root = one_cert(&home.join(ROOT_CRT))?;
-    let trust_domain = root_trust_domain(&root).with_context(|| {
-        format!(
-            "{} has no spiffe:// URI SAN naming its trust domain",
-            home.join(ROOT_CRT).display()
-        )
+    let trust_domain = root_trust_domain(&root).ok_or_else(|| CaError::NoTrustDomain {
+        path: home.join(ROOT_CRT),
     })?;
     let intermediate = one_cert(&home.join(INTERMEDIATE_CRT))?;
     let key = load_key(&home.join(INTERMEDIATE_KEY))?;
-    let issuer = Issuer::from_ca_cert_der(&intermediate, key)
-        .context("intermediate.crt does not parse as a CA certificate")?;
+    let issuer = Issuer::from_ca_cert_der(&intermediate, key).map_err(|source| CaError::NotCa {
+        what: INTERMEDIATE_CRT,
+        source,
+    })?;
     Ok(DevCa {
         home: home.to_owned(),
         trust_domain,
@@ -138,8 +206,11 @@ impl DevCa {
     /// returns the reloaded CA. Leaves already issued keep their old intermediate in their chain.
     pub fn rotate_intermediate(self, key_type: KeyType) -> Result<DevCa> {
         let root_key = load_key(&self.home.join(ROOT_KEY))?;
-        let root_issuer = Issuer::from_ca_cert_der(&self.root, root_key)
-            .context("root.crt does not parse as a CA certificate")?;
+        let root_issuer =
+            Issuer::from_ca_cert_der(&self.root, root_key).map_err(|source| CaError::NotCa {
+                what: ROOT_CRT,
+                source,
+            })?;
         new_intermediate(
             &self.home,
             &self.trust_domain,
@@ -167,7 +238,10 @@ fn new_intermediate(
     let params = intermediate_params(td, &cn, now - BACKDATE, not_after)?;
     let cert = params
         .signed_by(&*key, root)
-        .context("failed to sign the intermediate")?;
+        .map_err(|source| CaError::Sign {
+            what: "intermediate",
+            source,
+        })?;
     write_atomic(
         &home.join(INTERMEDIATE_KEY),
         key_pem(&key).as_bytes(),
@@ -187,25 +261,31 @@ fn key_pem(key: &KeyPair) -> Zeroizing<String> {
 }
 
 fn one_cert(path: &Path) -> Result<CertificateDer<'static>> {
-    let certs = identity::pem::certificates(&read(path)?)
-        .with_context(|| format!("{} is not a certificate", path.display()))?;
+    let certs =
+        identity::pem::certificates(&read(path)?).map_err(|source| CaError::NotCertificate {
+            path: path.to_owned(),
+            source,
+        })?;
     certs
         .into_iter()
         .next()
-        .with_context(|| format!("{} holds no certificate", path.display()))
+        .ok_or_else(|| CaError::NoCertificate {
+            path: path.to_owned(),
+        })
 }
 
 fn load_key(path: &Path) -> Result<KeyPair> {
-    let pem = Zeroizing::new(
-        String::from_utf8(read(path)?).with_context(|| format!("{} is not PEM", path.display()))?,
-    );
-    KeyPair::from_pem(&pem)
-        .with_context(|| format!("{} is not a PKCS#8 private key", path.display()))
+    let pem = Zeroizing::new(String::from_utf8(read(path)?).map_err(|_| CaError::NotPem {
+        path: path.to_owned(),
+    })?);
+    KeyPair::from_pem(&pem).map_err(|source| CaError::NotKey {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 fn from_offset_cert(der: &CertificateDer<'_>) -> Result<SystemTime> {
-    let (_, cert) =
-        x509_parser::parse_x509_certificate(der).context("certificate does not parse")?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(CaError::Unparsable)?;
     Ok(from_offset(cert.validity().not_after.to_datetime()))
 }
 

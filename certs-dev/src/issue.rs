@@ -5,13 +5,43 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use anyhow::{Context, Result, bail};
-use identity::x509::{BACKDATE, portable_pkcs8, svid_params};
-use identity::{KeyType, SpiffeId, Svid, TrustBundle, verify_x509_svid};
+use identity::x509::{BACKDATE, TemplateError, portable_pkcs8, svid_params};
+use identity::{
+    KeyType, SpiffeId, Svid, SvidError, TrustBundle, TrustDomain, VerifyError, verify_x509_svid,
+};
 use serde::Serialize;
 
-use crate::ca::{self, DevCa, Init};
-use crate::files::{KEY_MODE, PUBLIC_MODE, ensure_dir, write_atomic};
+use crate::ca::{self, CaError, DevCa, Init};
+use crate::files::{FilesError, KEY_MODE, PUBLIC_MODE, ensure_dir, write_atomic};
+
+/// Why a leaf could not be issued: a flag to change, the dev CA, or a file.
+#[derive(Debug, thiserror::Error)]
+pub enum IssueError {
+    #[error("--ttl must be at least 1m (got {0})")]
+    Ttl(humantime::FormattedDuration),
+    #[error("--name {0:?} is not a usable file name")]
+    Name(String),
+    #[error(
+        "{id} is outside the dev CA's trust domain {ca}; issue an ID under spiffe://{ca}/ or use another KITH_HOME for {}",
+        id.trust_domain()
+    )]
+    OutsideTrustDomain { id: SpiffeId, ca: TrustDomain },
+    #[error("failed to sign the leaf")]
+    Sign(#[source] rcgen::Error),
+    #[error("issued certificate is not a valid X509-SVID (this is a bug)")]
+    NotSvid(#[source] SvidError),
+    #[error("issued certificate does not verify (this is a bug)")]
+    DoesNotVerify(#[source] VerifyError),
+    /// The key or certificate template could not be made.
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error(transparent)]
+    Files(#[from] FilesError),
+}
+
+type Result<T, E = IssueError> = std::result::Result<T, E>;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -56,17 +86,14 @@ pub struct Files {
 pub fn issue(home: &Path, req: Request) -> Result<Issued> {
     let mut notes = Vec::new();
     if req.ttl < Duration::from_secs(60) {
-        bail!(
-            "--ttl must be at least 1m (got {})",
-            humantime::format_duration(req.ttl)
-        );
+        return Err(IssueError::Ttl(humantime::format_duration(req.ttl)));
     }
     let name = match &req.name {
         Some(n) => n.clone(),
         None => default_name(&req.id),
     };
     if name.is_empty() || name.contains('/') || name.starts_with('.') {
-        bail!("--name {name:?} is not a usable file name");
+        return Err(IssueError::Name(name));
     }
     // Check the output directory before making keys, so a bad --out fails fast.
     ensure_dir(&req.out, None)?;
@@ -84,13 +111,10 @@ pub fn issue(home: &Path, req: Request) -> Result<Issued> {
         }
     };
     if !req.id.is_member_of(&ca.trust_domain) {
-        bail!(
-            "{} is outside the dev CA's trust domain {}; issue an ID under spiffe://{}/ or use another KITH_HOME for {}",
-            req.id,
-            ca.trust_domain,
-            ca.trust_domain,
-            req.id.trust_domain()
-        );
+        return Err(IssueError::OutsideTrustDomain {
+            id: req.id,
+            ca: ca.trust_domain,
+        });
     }
 
     let now = SystemTime::now();
@@ -120,14 +144,12 @@ pub fn issue(home: &Path, req: Request) -> Result<Issued> {
         .unwrap_or_default();
     let leaf = params
         .signed_by(&*key, &ca.issuer)
-        .context("failed to sign the leaf")?;
+        .map_err(IssueError::Sign)?;
     let chain = vec![leaf.der().clone(), ca.intermediate.clone()];
-    let svid = Svid::new(chain, portable_pkcs8(&key))
-        .context("issued certificate is not a valid X509-SVID (this is a bug)")?;
+    let svid = Svid::new(chain, portable_pkcs8(&key)).map_err(IssueError::NotSvid)?;
     // Validate what we made exactly as a peer would before handing it out.
     let bundle = ca.bundle()?;
-    verify_x509_svid(svid.chain(), &bundle, now)
-        .context("issued certificate does not verify (this is a bug)")?;
+    verify_x509_svid(svid.chain(), &bundle, now).map_err(IssueError::DoesNotVerify)?;
 
     let files = write(&req, &name, &svid, &ca, &bundle)?;
     Ok(Issued {

@@ -14,12 +14,49 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
-use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use identity::{KeyType, SpiffeId, TrustBundle, TrustDomain, verify_x509_svid};
+use identity::pem::PemError;
+use identity::{
+    BundleError, KeyType, SpiffeId, SvidError, TrustBundle, TrustDomain, verify_x509_svid,
+};
 use serde_json::json;
 
-pub use issue::Format;
+pub use ca::CaError;
+pub use files::FilesError;
+pub use issue::{Format, IssueError};
+
+/// Why a `kith certs` command failed (exit code 2).
+#[derive(Debug, thiserror::Error)]
+pub enum CertsError {
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error(transparent)]
+    Issue(#[from] IssueError),
+    #[error(transparent)]
+    Files(#[from] FilesError),
+    #[error("certificate {index}: {reason}")]
+    Inspect { index: usize, reason: String },
+    #[error("{} is not a trust bundle", path.display())]
+    NotBundle {
+        path: PathBuf,
+        #[source]
+        source: BundleError,
+    },
+    #[error("{} is not a valid credential bundle", path.display())]
+    NotCredentialBundle {
+        path: PathBuf,
+        #[source]
+        source: SvidError,
+    },
+    #[error("{} is not a certificate", path.display())]
+    NotCertificate {
+        path: PathBuf,
+        #[source]
+        source: PemError,
+    },
+}
+
+type Result<T, E = CertsError> = std::result::Result<T, E>;
 
 #[derive(Debug, Args)]
 pub struct CertsArgs {
@@ -105,7 +142,7 @@ pub fn run(args: CertsArgs) -> ExitCode {
     match run_inner(args) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", chain(&e));
+            eprintln!("error: {}", identity::report::chain(&e));
             ExitCode::from(2)
         }
     }
@@ -199,8 +236,10 @@ fn run_inner(args: CertsArgs) -> Result<ExitCode> {
                 .iter()
                 .enumerate()
                 .map(|(i, c)| {
-                    inspect::inspect(c, now)
-                        .map_err(|e| anyhow::anyhow!("certificate {}: {e}", i + 1))
+                    inspect::inspect(c, now).map_err(|reason| CertsError::Inspect {
+                        index: i + 1,
+                        reason,
+                    })
                 })
                 .collect::<Result<Vec<_>>>()?;
             if json {
@@ -220,8 +259,12 @@ fn run_inner(args: CertsArgs) -> Result<ExitCode> {
         } => {
             let certs = read_chain(&chain)?;
             let td = trust_domain.or_else(|| id.as_ref().map(SpiffeId::trust_domain));
-            let bundle = TrustBundle::parse(td, &files::read(&bundle)?)
-                .with_context(|| format!("{} is not a trust bundle", bundle.display()))?;
+            let bundle = TrustBundle::parse(td, &files::read(&bundle)?).map_err(|source| {
+                CertsError::NotBundle {
+                    path: bundle.clone(),
+                    source,
+                }
+            })?;
             let now = at.unwrap_or_else(SystemTime::now);
             let outcome = verify_x509_svid(&certs, &bundle, now)
                 .map_err(|e| (e.detailed_reason(), e.to_string()))
@@ -273,16 +316,23 @@ fn read_chain(path: &std::path::Path) -> Result<Vec<rustls_pki_types::Certificat
     let bytes = files::read(path)?;
     match identity::pem::certificates(&bytes) {
         Ok(certs) => Ok(certs),
-        Err(identity::pem::PemError::NotACertificate {
+        Err(PemError::NotACertificate {
             found: "private key",
         }) if bytes.starts_with(b"-----BEGIN PRIVATE KEY-----")
             && bytes.windows(17).any(|w| w == b"BEGIN CERTIFICATE") =>
         {
-            let svid = identity::Svid::from_credential_bundle(&bytes)
-                .with_context(|| format!("{} is not a valid credential bundle", path.display()))?;
+            let svid = identity::Svid::from_credential_bundle(&bytes).map_err(|source| {
+                CertsError::NotCredentialBundle {
+                    path: path.to_owned(),
+                    source,
+                }
+            })?;
             Ok(svid.chain().to_vec())
         }
-        Err(e) => Err(e).with_context(|| format!("{} is not a certificate", path.display())),
+        Err(source) => Err(CertsError::NotCertificate {
+            path: path.to_owned(),
+            source,
+        }),
     }
 }
 
@@ -291,14 +341,6 @@ fn print_json(value: &impl serde::Serialize) {
         Ok(s) => println!("{s}"),
         Err(e) => eprintln!("error: cannot encode json: {e}"),
     }
-}
-
-/// One line: the error and its causes, outermost first.
-fn chain(e: &anyhow::Error) -> String {
-    e.chain()
-        .map(|c| c.to_string())
-        .collect::<Vec<_>>()
-        .join(": ")
 }
 
 fn parse_id(s: &str) -> Result<SpiffeId, String> {

@@ -8,12 +8,11 @@ use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::fmt;
 use std::io::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -57,6 +56,38 @@ pub struct Child {
     tail: Arc<Mutex<VecDeque<String>>>,
 }
 
+/// A child that could not be started, or a one-shot command that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ChildError {
+    #[error("cannot create {}", path.display())]
+    Log {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// `hint` says what to do when the cause is a known one (a noexec temporary directory).
+    #[error("cannot start {role} ({}): {error}{hint}", exe.display())]
+    Spawn {
+        role: String,
+        exe: PathBuf,
+        error: std::io::Error,
+        hint: &'static str,
+    },
+    #[error("the child has no pid")]
+    NoPid,
+    #[error("no answer within 20 s")]
+    Timeout,
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The command's own error message (its stderr).
+    #[error("{0}")]
+    Failed(String),
+    #[error("its output is not the JSON it should be")]
+    NotJson(#[source] serde_json::Error),
+}
+
+type Result<T, E = ChildError> = std::result::Result<T, E>;
+
 impl Child {
     /// Starts `exe args…` with `env` added to a cleaned environment.
     pub fn spawn(
@@ -69,8 +100,10 @@ impl Child {
         tracker: &TaskTracker,
     ) -> Result<Self> {
         let log_path = logs.join(format!("{}.log", role.slug()));
-        let file = std::fs::File::create(&log_path)
-            .with_context(|| format!("cannot create {}", log_path.display()))?;
+        let file = std::fs::File::create(&log_path).map_err(|source| ChildError::Log {
+            path: log_path.clone(),
+            source,
+        })?;
         let mut cmd = clean_command(exe);
         cmd.args(args)
             .envs(env.iter().map(|(k, v)| (k, v)))
@@ -81,19 +114,20 @@ impl Child {
             // or it panics) is killed.
             .kill_on_drop(true)
             .process_group(0);
-        let mut child = cmd.spawn().map_err(|e| {
-            let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
+        let mut child = cmd.spawn().map_err(|error| {
+            let hint = if error.kind() == std::io::ErrorKind::PermissionDenied {
                 "; if the temporary directory is on a noexec file system, set TMPDIR to another one"
             } else {
                 ""
             };
-            anyhow!(
-                "cannot start {} ({}): {e}{hint}",
-                role.title(),
-                exe.display()
-            )
+            ChildError::Spawn {
+                role: role.title(),
+                exe: exe.to_owned(),
+                error,
+                hint,
+            }
         })?;
-        let pid = child.id().context("the child has no pid")?;
+        let pid = child.id().ok_or(ChildError::NoPid)?;
         let tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL)));
         if let Some(stderr) = child.stderr.take() {
             tracker.spawn(read_log(role, stderr, file, tail.clone(), tx));
@@ -207,11 +241,13 @@ pub async fn run_json(exe: &Path, args: &[OsString]) -> Result<serde_json::Value
         .process_group(0);
     let out = tokio::time::timeout(Duration::from_secs(20), cmd.output())
         .await
-        .context("no answer within 20 s")??;
+        .map_err(|_| ChildError::Timeout)??;
     if !out.status.success() {
-        bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
+        return Err(ChildError::Failed(
+            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        ));
     }
-    serde_json::from_slice(&out.stdout).context("its output is not the JSON it should be")
+    serde_json::from_slice(&out.stdout).map_err(ChildError::NotJson)
 }
 
 /// Copies the child's stderr to its log file and parses each line. Reads until EOF even when

@@ -25,7 +25,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -79,7 +78,7 @@ async fn demo(args: Options) -> ExitCode {
     };
     let tmp = match temp_dir() {
         Ok(t) => t,
-        Err(e) => return fail(&mut term, &format!("{e:#}")),
+        Err(e) => return fail(&mut term, &identity::report::chain(&e)),
     };
     let dir = tmp.path().to_path_buf();
     term.line(&format!(
@@ -106,8 +105,8 @@ async fn demo(args: Options) -> ExitCode {
             log_rx: &mut log_rx,
             early: &mut early,
             backend_stop: backend_stop.clone(),
-        }) => r,
-        sig = signals.recv() => Err(anyhow::anyhow!("interrupted by {sig} during startup")),
+        }) => r.map_err(DemoError::Stack),
+        sig = signals.recv() => Err(DemoError::Interrupted(sig)),
     };
     if let Err(e) = started {
         let failed = term.paint(Style::Red, "failed");
@@ -122,7 +121,7 @@ async fn demo(args: Options) -> ExitCode {
             None if started_any => "\n  run with --keep to keep every component's log".to_owned(),
             None => String::new(),
         };
-        return fail(&mut term, &format!("{e:#}{hint}"));
+        return fail(&mut term, &format!("{}{hint}", identity::report::chain(&e)));
     }
 
     let mut live = Live::new(&stack, args.duration);
@@ -232,18 +231,31 @@ async fn stop_children(stack: &Stack, signals: &mut Signals) {
 
 /// Creates `kith-demo-XXXXXX` under the system's temporary directory, by its canonical path
 /// (the one `/proc/<pid>/exe` will show for the sidecars' binaries).
-fn temp_dir() -> Result<tempfile::TempDir> {
+fn temp_dir() -> Result<tempfile::TempDir, DemoError> {
     let base = std::env::temp_dir();
     let base = base.canonicalize().unwrap_or(base);
     tempfile::Builder::new()
         .prefix("kith-demo-")
         .tempdir_in(&base)
-        .with_context(|| {
-            format!(
-                "cannot create a temporary directory in {}; set TMPDIR to a writable directory",
-                base.display()
-            )
-        })
+        .map_err(|source| DemoError::TempDir { base, source })
+}
+
+/// Why the demo could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error(
+        "cannot create a temporary directory in {}; set TMPDIR to a writable directory",
+        base.display()
+    )]
+    TempDir {
+        base: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("interrupted by {0} during startup")]
+    Interrupted(&'static str),
+    #[error(transparent)]
+    Stack(#[from] stack::StackError),
 }
 
 /// Removes the temporary directory, or keeps it (returning its path).

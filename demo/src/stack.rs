@@ -6,13 +6,15 @@
 //! The agent tells its three callers apart by the kernel's view of them (`unix:path:` is
 //! `/proc/<pid>/exe`, see `agent/src/attest.rs`), so each sidecar runs from its own copy (a
 //! hard link where possible) of the binary: `<tmp>/bin/web-sidecar` and so on.
+//!
+//! Why this is one file of over 500 lines: the start is one sequence of steps, each of which
+//! can fail with its own error variant (what to do about it included), and reads best in order.
 
 use std::ffi::OsString;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
 use base64::Engine as _;
 use identity::{SpiffeId, TrustDomain};
 use ring::rand::{SecureRandom, SystemRandom};
@@ -20,7 +22,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::child::{self, Child, LogTx};
+use crate::child::{self, Child, ChildError, LogTx};
 use crate::observe::{self, LogEvent};
 use crate::roles::{Role, Workload};
 use crate::view::{Style, Term};
@@ -75,22 +77,98 @@ pub struct Wiring<'a> {
 }
 
 /// Starts everything into `stack`; on error, what was started is in `stack.children`.
+/// Why the demo's stack did not start; the message says which component and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum StackError {
+    #[error("cannot create {}", path.display())]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the temporary directory's path is too long for a Unix socket ({}); set TMPDIR to a short directory such as /tmp",
+        path.display()
+    )]
+    PathTooLong { path: PathBuf },
+    /// `what` is the command (`kith ca token create`); the source its error.
+    #[error("{what} failed")]
+    Command {
+        what: String,
+        #[source]
+        source: ChildError,
+    },
+    #[error("kith ca token create answered without token or bundle_sha256: {0}")]
+    TokenAnswer(serde_json::Value),
+    #[error("node id: {0}")]
+    NodeId(identity::IdError),
+    #[error("cannot listen on 127.0.0.1 for the backend")]
+    BackendListen(#[source] std::io::Error),
+    #[error(
+        "{role} holds {held:?} instead of {want}: the agent did not tell the callers apart by their unix:path"
+    )]
+    WrongSvid {
+        role: String,
+        held: Option<String>,
+        want: String,
+    },
+    #[error("cannot find the kith binary itself")]
+    OwnBinary(#[source] std::io::Error),
+    #[error("the kith binary was replaced on disk while it ran (a rebuild?); run the demo again")]
+    BinaryReplaced,
+    #[error("cannot resolve {}", path.display())]
+    Resolve {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot copy {} to {} (is the temporary directory full?)",
+        from.display(),
+        to.display()
+    )]
+    Copy {
+        from: PathBuf,
+        to: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the system's random number generator failed")]
+    Random,
+    #[error("cannot listen on 127.0.0.1 (is the loopback interface up?)")]
+    Loopback(#[source] std::io::Error),
+    #[error("no local address")]
+    NoLocalAddr(#[source] std::io::Error),
+    #[error("the log channel closed")]
+    LogClosed,
+    /// A component that exited or did not get ready: its title, what happened, its last log
+    /// lines and a hint.
+    #[error("{0}")]
+    NotReady(String),
+    #[error(transparent)]
+    Child(#[from] ChildError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+type Result<T, E = StackError> = std::result::Result<T, E>;
+
 pub async fn start(stack: &mut Stack, term: &mut Term, w: Wiring<'_>) -> Result<()> {
     let exe = own_binary()?;
     let dir = stack.dir.clone();
     let logs = dir.join("logs");
     let bin = dir.join("bin");
     for d in [&logs, &bin] {
-        std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+        std::fs::create_dir_all(d).map_err(|source| StackError::CreateDir {
+            path: d.clone(),
+            source,
+        })?;
     }
     let socket = dir.join("agent.sock");
     // sockaddr_un holds 108 bytes; the CA's admin socket is the longer path.
     let longest = dir.join("ca").join("admin.sock");
     if longest.as_os_str().len() >= 100 {
-        bail!(
-            "the temporary directory's path is too long for a Unix socket ({}); set TMPDIR to a short directory such as /tmp",
-            longest.display()
-        );
+        return Err(StackError::PathTooLong { path: longest });
     }
 
     let step = Step::begin(term, "copying the kith binary for the three sidecars");
@@ -159,9 +237,12 @@ pub async fn start(stack: &mut Stack, term: &mut Term, w: Wiring<'_>) -> Result<
         .concat(),
     )
     .await
-    .context("kith ca token create failed")?;
+    .map_err(|source| StackError::Command {
+        what: "kith ca token create".to_owned(),
+        source,
+    })?;
     let (Some(join), Some(sha)) = (token["token"].as_str(), token["bundle_sha256"].as_str()) else {
-        bail!("kith ca token create answered without token or bundle_sha256: {token}");
+        return Err(StackError::TokenAnswer(token));
     };
     step.ok(term, "single use, bundle pinned by SHA-256");
 
@@ -172,7 +253,7 @@ pub async fn start(stack: &mut Stack, term: &mut Term, w: Wiring<'_>) -> Result<
     let parent = stack
         .td
         .id_with_path(&format!("/kith/node/{NODE}"))
-        .map_err(|e| anyhow!("node id: {e}"))?;
+        .map_err(StackError::NodeId)?;
     let uid = nix::unistd::getuid().as_raw();
     for wl in Workload::ALL {
         // Both selectors must match: the caller's executable and our uid.
@@ -200,7 +281,10 @@ pub async fn start(stack: &mut Stack, term: &mut Term, w: Wiring<'_>) -> Result<
         .concat();
         child::run_json(&exe, &args)
             .await
-            .with_context(|| format!("kith ca entry create for {} failed", wl.name()))?;
+            .map_err(|source| StackError::Command {
+                what: format!("kith ca entry create for {}", wl.name()),
+                source,
+            })?;
     }
     step.ok(term, &format!("parent {parent}"));
 
@@ -245,7 +329,7 @@ pub async fn start(stack: &mut Stack, term: &mut Term, w: Wiring<'_>) -> Result<
     let step = Step::begin(term, "starting the api backend (HTTP, in this process)");
     let backend = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
-        .context("cannot listen on 127.0.0.1 for the backend")?;
+        .map_err(StackError::BackendListen)?;
     let backend_addr = backend.local_addr()?;
     w.tracker
         .spawn(crate::backend::serve(backend, w.backend_stop.clone()));
@@ -322,12 +406,13 @@ pub async fn start(stack: &mut Stack, term: &mut Term, w: Wiring<'_>) -> Result<
         let held = observe::scrape(admin).await.and_then(|m| m.svid);
         match held {
             Some((id, _)) if id == s.id.as_str() => {}
-            other => bail!(
-                "{} holds {:?} instead of {}: the agent did not tell the callers apart by their unix:path",
-                c.role.title(),
-                other.map(|(id, _)| id),
-                s.id
-            ),
+            other => {
+                return Err(StackError::WrongSvid {
+                    role: c.role.title(),
+                    held: other.map(|(id, _)| id),
+                    want: s.id.to_string(),
+                });
+            }
         }
     }
     step.ok(term, "each holds its own SVID");
@@ -357,12 +442,12 @@ impl Step {
 
 /// This binary, as the kernel will name it in `/proc/<pid>/exe`.
 fn own_binary() -> Result<PathBuf> {
-    let exe = std::env::current_exe().context("cannot find the kith binary itself")?;
+    let exe = std::env::current_exe().map_err(StackError::OwnBinary)?;
     if exe.to_string_lossy().ends_with(" (deleted)") {
-        bail!("the kith binary was replaced on disk while it ran (a rebuild?); run the demo again");
+        return Err(StackError::BinaryReplaced);
     }
     exe.canonicalize()
-        .with_context(|| format!("cannot resolve {}", exe.display()))
+        .map_err(|source| StackError::Resolve { path: exe, source })
 }
 
 fn sidecar_exe(bin: &Path, w: Workload) -> PathBuf {
@@ -375,12 +460,10 @@ fn install(exe: &Path, to: &Path) -> Result<bool> {
     if std::fs::hard_link(exe, to).is_ok() {
         return Ok(true);
     }
-    std::fs::copy(exe, to).with_context(|| {
-        format!(
-            "cannot copy {} to {} (is the temporary directory full?)",
-            exe.display(),
-            to.display()
-        )
+    std::fs::copy(exe, to).map_err(|source| StackError::Copy {
+        from: exe.to_owned(),
+        to: to.to_owned(),
+        source,
     })?;
     Ok(false)
 }
@@ -394,7 +477,7 @@ fn random_kek() -> Result<String> {
     let mut key = [0u8; 32];
     SystemRandom::new()
         .fill(&mut key)
-        .map_err(|_| anyhow!("the system's random number generator failed"))?;
+        .map_err(|_| StackError::Random)?;
     Ok(base64::engine::general_purpose::STANDARD.encode(key))
 }
 
@@ -404,9 +487,9 @@ fn free_ports(n: usize) -> Result<Vec<SocketAddr>> {
     let held = (0..n)
         .map(|_| TcpListener::bind("127.0.0.1:0"))
         .collect::<Result<Vec<_>, _>>()
-        .context("cannot listen on 127.0.0.1 (is the loopback interface up?)")?;
+        .map_err(StackError::Loopback)?;
     held.iter()
-        .map(|l| l.local_addr().context("no local address"))
+        .map(|l| l.local_addr().map_err(StackError::NoLocalAddr))
         .collect()
 }
 
@@ -422,15 +505,15 @@ async fn wait_ca_serving(
                 ev = rx.recv() => match ev {
                     Some((Role::Ca, LogEvent::CaServing { api, metrics })) => return Ok((api, metrics)),
                     Some(other) => early.push(other),
-                    None => return Err(anyhow!("the log channel closed")),
+                    None => return Err(StackError::LogClosed),
                 },
-                exit = ca.ended() => return Err(anyhow!(ca.explain(&format!("exited during startup ({exit})")))),
+                exit = ca.ended() => return Err(StackError::NotReady(ca.explain(&format!("exited during startup ({exit})")))),
             }
         }
     };
     tokio::time::timeout(READY_WITHIN, serving)
         .await
-        .map_err(|_| anyhow!(ca.explain("did not start serving within 30 s")))?
+        .map_err(|_| StackError::NotReady(ca.explain("did not start serving within 30 s")))?
 }
 
 /// Polls `ready` until it holds; fails with the child's last log lines if it exits first or
@@ -446,16 +529,16 @@ where
             return Ok(());
         }
         if let Some(exit) = child.exited() {
-            bail!(with_hint(
+            return Err(StackError::NotReady(with_hint(
                 child.explain(&format!("exited during startup ({exit})")),
-                child
-            ));
+                child,
+            )));
         }
         if Instant::now() > deadline {
-            bail!(with_hint(
+            return Err(StackError::NotReady(with_hint(
                 child.explain(&format!("{failure} within {} s", READY_WITHIN.as_secs())),
-                child
-            ));
+                child,
+            )));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

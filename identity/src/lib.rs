@@ -9,6 +9,7 @@ pub mod kx;
 pub mod mesh;
 pub mod pem;
 pub mod refresh;
+pub mod report;
 pub mod spiffe_id;
 pub mod svid;
 pub mod verify;

@@ -5,6 +5,8 @@ use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
 
+use ipnet::{IpNet, Ipv4Net};
+
 pub use identity::mesh::{
     INBOUND_PORT, OUTBOUND_PORT, PROXY_UID, SIDECAR_ADMIN_PORT as ADMIN_PORT,
     TOKEN_AUDIENCE as DEFAULT_AUDIENCE,
@@ -97,18 +99,16 @@ pub fn parse_pin(s: &str) -> Result<String, String> {
     }
 }
 
-/// An address block, `addr/len`; a bare address is a /32 or /128.
+/// An address block, `addr/len`; a bare address is a /32 or /128. The address is kept as
+/// written (iptables clears host bits itself).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    addr: IpAddr,
-    len: u8,
-}
+pub struct Cidr(IpNet);
 
 impl Cidr {
-    const V4_PRIVATE_10: Cidr = Cidr {
-        addr: IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 0)),
-        len: 8,
-    };
+    const V4_PRIVATE_10: Cidr = Cidr(IpNet::V4(Ipv4Net::new_assert(
+        std::net::Ipv4Addr::new(10, 0, 0, 0),
+        8,
+    )));
 }
 
 impl FromStr for Cidr {
@@ -116,29 +116,23 @@ impl FromStr for Cidr {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
-        let (addr, len) = match s.split_once('/') {
-            Some((a, l)) => (a, Some(l)),
-            None => (s, None),
-        };
+        let (addr, len) = s.split_once('/').unwrap_or((s, ""));
         let addr: IpAddr = addr
             .parse()
             .map_err(|_| format!("{s:?} is not an address block (e.g. 10.0.0.0/8 or fd00::/8)"))?;
+        if len.is_empty() && !s.contains('/') {
+            return Ok(Cidr(IpNet::from(addr)));
+        }
         let max = if addr.is_ipv4() { 32 } else { 128 };
-        let len = match len {
-            None => max,
-            Some(l) => l
-                .parse::<u8>()
-                .ok()
-                .filter(|l| *l <= max)
-                .ok_or_else(|| format!("{s:?}: the prefix length must be 0..={max}"))?,
-        };
-        Ok(Cidr { addr, len })
+        s.parse::<IpNet>()
+            .map(Cidr)
+            .map_err(|_| format!("{s:?}: the prefix length must be 0..={max}"))
     }
 }
 
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.len)
+        self.0.fmt(f)
     }
 }
 

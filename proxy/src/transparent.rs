@@ -23,13 +23,12 @@
 //! original-destination lookup, the mesh-CIDR decision and their counters are one feature,
 //! configured together.
 
-use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use identity::SpiffeId;
+use ipnet::{IpNet, Ipv4Net};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::metrics::MetricType;
@@ -71,74 +70,32 @@ pub enum InboundMode {
     Permissive,
 }
 
-/// An address range such as `10.0.0.0/8` or `fd00::/8`. Host bits are cleared on parse.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Cidr {
-    addr: IpAddr,
-    prefix: u8,
-}
+/// An address range such as `10.0.0.0/8` or `fd00::/8`, as [`parse_cidr`] reads it: host
+/// bits cleared, an IPv4-mapped IPv6 range stored as IPv4. Test an address with [`in_cidr`].
+pub type Cidr = IpNet;
 
 #[derive(Debug, thiserror::Error)]
 #[error("invalid CIDR {0:?}: expected ADDRESS/PREFIX, such as 10.0.0.0/8 or fd00::/8")]
 pub struct CidrError(String);
 
-impl Cidr {
-    pub fn new(addr: IpAddr, prefix: u8) -> Option<Self> {
-        let addr = addr.to_canonical();
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        (prefix <= max).then(|| Self {
-            addr: mask(addr, prefix),
-            prefix,
-        })
-    }
-
-    pub fn addr(&self) -> IpAddr {
-        self.addr
-    }
-
-    pub fn prefix(&self) -> u8 {
-        self.prefix
-    }
-
-    /// Whether `ip` is in the range; an IPv4-mapped IPv6 address counts as IPv4.
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = ip.to_canonical();
-        ip.is_ipv4() == self.addr.is_ipv4() && mask(ip, self.prefix) == self.addr
-    }
+/// `ADDRESS/PREFIX` (a bare address is refused: write /32 or /128). Host bits are cleared; an
+/// IPv4-mapped address (`::ffff:10.0.0.0/8`) is read as the IPv4 range with that prefix.
+pub fn parse_cidr(s: &str) -> Result<Cidr, CidrError> {
+    let bad = || CidrError(s.to_owned());
+    let net: IpNet = s.parse().map_err(|_| bad())?;
+    let net = match net {
+        IpNet::V6(v6) => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => IpNet::V4(Ipv4Net::new(v4, v6.prefix_len()).map_err(|_| bad())?),
+            None => net,
+        },
+        IpNet::V4(_) => net,
+    };
+    Ok(net.trunc())
 }
 
-fn mask(ip: IpAddr, prefix: u8) -> IpAddr {
-    match ip {
-        IpAddr::V4(v4) => {
-            let m = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-            IpAddr::V4((u32::from(v4) & m).into())
-        }
-        IpAddr::V6(v6) => {
-            let m = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
-            IpAddr::V6((u128::from(v6) & m).into())
-        }
-    }
-}
-
-impl FromStr for Cidr {
-    type Err = CidrError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || CidrError(s.to_owned());
-        let (addr, prefix) = s.split_once('/').ok_or_else(bad)?;
-        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
-        if prefix.is_empty() || !prefix.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(bad());
-        }
-        let prefix: u8 = prefix.parse().map_err(|_| bad())?;
-        Self::new(addr, prefix).ok_or_else(bad)
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
+/// Whether `ip` is in `cidr`; an IPv4-mapped IPv6 address counts as IPv4.
+pub fn in_cidr(cidr: &Cidr, ip: IpAddr) -> bool {
+    cidr.contains(&ip.to_canonical())
 }
 
 /// Which server identity each mesh destination must present: rules `CIDR[:PORT]=ID` checked in
@@ -198,9 +155,9 @@ impl ExpectRules {
                         .ok()
                         .filter(|p| *p != 0)
                         .ok_or_else(bad)?;
-                    (cidr_part.parse::<Cidr>().map_err(|_| bad())?, Some(port))
+                    (parse_cidr(cidr_part).map_err(|_| bad())?, Some(port))
                 }
-                None => (dest.parse::<Cidr>().map_err(|_| bad())?, None),
+                None => (parse_cidr(dest).map_err(|_| bad())?, None),
             };
             out.rules.push(ExpectRule {
                 cidr,
@@ -215,7 +172,7 @@ impl ExpectRules {
     pub fn for_destination(&self, to: SocketAddr) -> &ExpectedPeer {
         self.rules
             .iter()
-            .find(|r| r.cidr.contains(to.ip()) && r.port.is_none_or(|p| p == to.port()))
+            .find(|r| in_cidr(&r.cidr, to.ip()) && r.port.is_none_or(|p| p == to.port()))
             .map_or(&self.default, |r| &r.expect)
     }
 }
@@ -454,7 +411,7 @@ pub async fn serve_transparent_outbound(
                     return;
                 }
             };
-            if mesh.iter().any(|c| c.contains(to.ip())) {
+            if mesh.iter().any(|c| in_cidr(c, to.ip())) {
                 bump(&metrics.outbound_mesh);
                 let tunnels = metrics.tunnels.clone();
                 let wanted = expect.for_destination(to);
@@ -635,7 +592,7 @@ async fn plain(stream: TcpStream, to: SocketAddr, limits: &Limits, m: &PlainMetr
 
 /// Parses a list of CIDRs (such as repeated `--mesh-cidr` flags).
 pub fn parse_cidrs<'a>(items: impl IntoIterator<Item = &'a str>) -> Result<Vec<Cidr>, CidrError> {
-    items.into_iter().map(str::parse).collect()
+    items.into_iter().map(parse_cidr).collect()
 }
 
 #[cfg(test)]
@@ -648,21 +605,21 @@ mod tests {
 
     #[test]
     fn cidr_parse_and_contains() {
-        let c: Cidr = "10.0.0.0/8".parse().expect("cidr");
-        assert!(c.contains(ip("10.1.2.3")));
-        assert!(!c.contains(ip("11.0.0.1")));
-        assert!(c.contains(ip("::ffff:10.9.9.9")));
-        assert!(!c.contains(ip("fd00::1")));
-        let c6: Cidr = "fd00::/8".parse().expect("cidr");
-        assert!(c6.contains(ip("fd12::1")));
-        assert!(!c6.contains(ip("fe80::1")));
-        assert!(!c6.contains(ip("10.0.0.1")));
-        let host: Cidr = "10.1.2.3/32".parse().expect("cidr");
-        assert!(host.contains(ip("10.1.2.3")) && !host.contains(ip("10.1.2.4")));
-        let all: Cidr = "0.0.0.0/0".parse().expect("cidr");
-        assert!(all.contains(ip("1.2.3.4")));
-        let all6: Cidr = "::/0".parse().expect("cidr");
-        assert!(all6.contains(ip("2001:db8::1")));
+        let c = parse_cidr("10.0.0.0/8").expect("cidr");
+        assert!(in_cidr(&c, ip("10.1.2.3")));
+        assert!(!in_cidr(&c, ip("11.0.0.1")));
+        assert!(in_cidr(&c, ip("::ffff:10.9.9.9")));
+        assert!(!in_cidr(&c, ip("fd00::1")));
+        let c6 = parse_cidr("fd00::/8").expect("cidr");
+        assert!(in_cidr(&c6, ip("fd12::1")));
+        assert!(!in_cidr(&c6, ip("fe80::1")));
+        assert!(!in_cidr(&c6, ip("10.0.0.1")));
+        let host = parse_cidr("10.1.2.3/32").expect("cidr");
+        assert!(in_cidr(&host, ip("10.1.2.3")) && !in_cidr(&host, ip("10.1.2.4")));
+        let all = parse_cidr("0.0.0.0/0").expect("cidr");
+        assert!(in_cidr(&all, ip("1.2.3.4")));
+        let all6 = parse_cidr("::/0").expect("cidr");
+        assert!(in_cidr(&all6, ip("2001:db8::1")));
     }
 
     #[test]
@@ -702,10 +659,10 @@ mod tests {
 
     #[test]
     fn cidr_clears_host_bits_and_displays() {
-        let c: Cidr = "10.1.2.3/8".parse().expect("cidr");
+        let c = parse_cidr("10.1.2.3/8").expect("cidr");
         assert_eq!(c.to_string(), "10.0.0.0/8");
         assert_eq!(
-            "fd00:1::/8".parse::<Cidr>().expect("cidr").to_string(),
+            parse_cidr("fd00:1::/8").expect("cidr").to_string(),
             "fd00::/8"
         );
     }
@@ -722,7 +679,7 @@ mod tests {
             "10.0.0.0/8/8",
             "",
         ] {
-            assert!(s.parse::<Cidr>().is_err(), "{s}");
+            assert!(parse_cidr(s).is_err(), "{s}");
         }
         assert!(parse_cidrs(["10.0.0.0/8", "bad"]).is_err());
         assert_eq!(

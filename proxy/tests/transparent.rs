@@ -25,7 +25,9 @@ fn id(s: &str) -> SpiffeId {
 }
 
 fn cidrs(list: &[&str]) -> Vec<Cidr> {
-    list.iter().map(|s| s.parse().unwrap()).collect()
+    list.iter()
+        .map(|s| proxy::transparent::parse_cidr(s).unwrap())
+        .collect()
 }
 
 /// An original destination the test can change between connections.

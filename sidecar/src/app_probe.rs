@@ -11,7 +11,6 @@ use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use anyhow::{Result, bail};
 use hyper::StatusCode;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -20,6 +19,26 @@ use tokio::net::TcpStream;
 const TIMEOUT: Duration = Duration::from_secs(10);
 /// The most of the app's answer read: the status line is all that counts.
 const MAX_HEAD: usize = 4096;
+
+/// A `--app-probe` flag that cannot be used, and how to write it.
+#[derive(Debug, thiserror::Error)]
+pub enum AppProbeError {
+    #[error("--app-probe {0:?}: write <container>/<kind>=http:<port><path> or =tcp:<port>")]
+    Syntax(String),
+    #[error(
+        "--app-probe {0:?}: the name must be <container>/<livez|readyz|startupz> with a \
+         Kubernetes container name"
+    )]
+    Name(String),
+    #[error("--app-probe {flag:?}: {port:?} is not a port (1-65535)")]
+    Port { flag: String, port: String },
+    #[error("--app-probe {0:?}: the path has spaces or control characters")]
+    Path(String),
+    #[error("--app-probe {0:?}: the target must start with http: or tcp:")]
+    Scheme(String),
+    #[error("--app-probe {flag:?}: {name} is given twice")]
+    Twice { flag: String, name: String },
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
@@ -32,12 +51,15 @@ pub enum Target {
 pub struct AppProbes(BTreeMap<String, Target>);
 
 impl AppProbes {
-    pub fn parse<'a>(flags: impl IntoIterator<Item = &'a str>) -> Result<Self> {
+    pub fn parse<'a>(flags: impl IntoIterator<Item = &'a str>) -> Result<Self, AppProbeError> {
         let mut out = BTreeMap::new();
         for flag in flags {
             let (name, target) = parse_one(flag)?;
             if out.insert(name.clone(), target).is_some() {
-                bail!("--app-probe {flag:?}: {name} is given twice");
+                return Err(AppProbeError::Twice {
+                    flag: flag.to_owned(),
+                    name,
+                });
             }
         }
         Ok(Self(out))
@@ -66,9 +88,9 @@ impl AppProbes {
     }
 }
 
-fn parse_one(flag: &str) -> Result<(String, Target)> {
+fn parse_one(flag: &str) -> Result<(String, Target), AppProbeError> {
     let Some((name, target)) = flag.split_once('=') else {
-        bail!("--app-probe {flag:?}: write <container>/<kind>=http:<port><path> or =tcp:<port>");
+        return Err(AppProbeError::Syntax(flag.to_owned()));
     };
     let valid_name = name.split_once('/').is_some_and(|(c, k)| {
         !c.is_empty()
@@ -77,22 +99,22 @@ fn parse_one(flag: &str) -> Result<(String, Target)> {
             && ["livez", "readyz", "startupz"].contains(&k)
     });
     if !valid_name {
-        bail!(
-            "--app-probe {flag:?}: the name must be <container>/<livez|readyz|startupz> with a \
-             Kubernetes container name"
-        );
+        return Err(AppProbeError::Name(flag.to_owned()));
     }
-    let port = |p: &str| -> Result<u16> {
+    let port = |p: &str| -> Result<u16, AppProbeError> {
         match p.parse::<u16>() {
             Ok(p) if p != 0 => Ok(p),
-            _ => bail!("--app-probe {flag:?}: {p:?} is not a port (1-65535)"),
+            _ => Err(AppProbeError::Port {
+                flag: flag.to_owned(),
+                port: p.to_owned(),
+            }),
         }
     };
     let target = if let Some(rest) = target.strip_prefix("http:") {
         let (p, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
         let path = if path.is_empty() { "/" } else { path };
         if path.bytes().any(|b| b.is_ascii_control() || b == b' ') {
-            bail!("--app-probe {flag:?}: the path has spaces or control characters");
+            return Err(AppProbeError::Path(flag.to_owned()));
         }
         Target::Http {
             port: port(p)?,
@@ -101,7 +123,7 @@ fn parse_one(flag: &str) -> Result<(String, Target)> {
     } else if let Some(p) = target.strip_prefix("tcp:") {
         Target::Tcp { port: port(p)? }
     } else {
-        bail!("--app-probe {flag:?}: the target must start with http: or tcp:");
+        return Err(AppProbeError::Scheme(flag.to_owned()));
     };
     Ok((name.to_owned(), target))
 }

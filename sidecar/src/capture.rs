@@ -55,9 +55,139 @@ use std::path::Path;
 use std::process::{Command, ExitCode, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use identity::mesh;
+use identity::report::chain;
+
+/// Why `kith sidecar init` failed: a program that would not run or refused a rule, an IPv6
+/// policy that cannot hold here, or a canary check that proved the capture is not working.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("cannot run {program}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Failed {
+        command: String,
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+    /// `step` says what was being done (`installing with ip6tables`); the source what failed.
+    #[error("{step}")]
+    Step {
+        step: String,
+        #[source]
+        source: Box<CaptureError>,
+    },
+    #[error("canary check: an IPv6 original destination {got} for {target}")]
+    CanaryGotIpv6 {
+        got: SocketAddrV6,
+        target: SocketAddr,
+    },
+    #[error("{what} is not working: {bin} has no `{rule}`")]
+    NoJump {
+        what: &'static str,
+        bin: String,
+        rule: String,
+    },
+    #[error(
+        "the canary would connect as UID {uid} and GID {gid}, the proxy's, whose traffic is \
+         deliberately not captured: run init as another UID or pass --canary-uid"
+    )]
+    CanaryExempt { uid: u32, gid: u32 },
+    #[error("canary check: cannot listen on {listen} (is something already using it?)")]
+    CanaryListen {
+        listen: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("canary check: cannot make the listener on {listen} non-blocking")]
+    CanaryNonBlocking {
+        listen: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "canary check: a connection from {peer} arrived at {listen} but \
+         SO_ORIGINAL_DST is unreadable ({error}): it was not redirected"
+    )]
+    OriginalDst {
+        peer: SocketAddr,
+        listen: SocketAddr,
+        error: nix::Error,
+    },
+    #[error("canary check: accept on {listen}: {error}")]
+    CanaryAccept {
+        listen: SocketAddr,
+        error: std::io::Error,
+    },
+    #[error(
+        "{what} is not working: a TCP connection from uid {uid} gid {gid} to {target} \
+         was not redirected to {listen}: {why}. Check that the nat OUTPUT chain jumps \
+         to {OUTBOUND_CHAIN} in this network namespace and that {target} is routable \
+         here (--canary-addr)"
+    )]
+    NotRedirected {
+        what: &'static str,
+        uid: u32,
+        gid: u32,
+        target: SocketAddr,
+        listen: SocketAddr,
+        why: String,
+    },
+    #[error("canary check: cannot start `bash` as the canary UID")]
+    CanaryStart(#[source] std::io::Error),
+    #[error(
+        "IPv6 is enabled in this network namespace ({interface} has {addr}) but {bin6} cannot use the \
+         nat table here ({said}), so IPv6 traffic would bypass capture; make {bin6} work (the \
+         same backend as {v4}), or pass --ipv6 off to block IPv6 instead"
+    )]
+    Ipv6Uncaptured {
+        interface: String,
+        addr: Ipv6Addr,
+        bin6: String,
+        said: String,
+        v4: String,
+    },
+    #[error(
+        "--ipv6 off: IPv6 is enabled in this network namespace ({interface} has {addr}) but {bin6} \
+         cannot use the filter table here ({said}) to block it; disable IPv6 in the pod \
+         (sysctl net.ipv6.conf.all.disable_ipv6=1) or make {bin6} work"
+    )]
+    Ipv6Unblocked {
+        interface: String,
+        addr: Ipv6Addr,
+        bin6: String,
+        said: String,
+    },
+    #[error("IPv6 is not blocked: a connection to {target} failed with {error}, not a rejection")]
+    Ipv6NotRejected {
+        target: SocketAddr,
+        error: std::io::Error,
+    },
+    #[error("IPv6 is not blocked: a connection to {target} was accepted")]
+    Ipv6Accepted { target: SocketAddr },
+    #[error("no interface outside loopback has an IPv6 address")]
+    NoIpv6Address,
+    #[error(
+        "no usable link-local address (still in duplicate address detection?) among {interfaces:?}"
+    )]
+    NoLinkLocal { interfaces: Vec<String> },
+}
+
+type Result<T, E = CaptureError> = std::result::Result<T, E>;
+
+/// Wraps an error with the step it happened in.
+fn step(what: impl Into<String>) -> impl FnOnce(CaptureError) -> CaptureError {
+    let step = what.into();
+    move |source| CaptureError::Step {
+        step,
+        source: Box::new(source),
+    }
+}
 
 pub const OUTBOUND_CHAIN: &str = "KITH_OUTBOUND";
 pub const INBOUND_CHAIN: &str = "KITH_INBOUND";
@@ -149,34 +279,22 @@ pub enum Ipv6Mode {
     Off,
 }
 
-/// An address block, `addr/len` (a bare address is a /32 or /128).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    pub addr: IpAddr,
-    pub len: u8,
-}
-
-impl std::fmt::Display for Cidr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.addr, self.len)
-    }
-}
+/// An address block, `addr/len` (a bare address is a /32 or /128). The address is kept as
+/// written: iptables clears the host bits itself.
+pub type Cidr = ipnet::IpNet;
 
 pub fn parse_cidr(s: &str) -> Result<Cidr, String> {
-    let (a, l) = s.trim().split_once('/').unwrap_or((s.trim(), ""));
+    let t = s.trim();
+    let (a, l) = t.split_once('/').unwrap_or((t, ""));
     let addr: IpAddr = a
         .parse()
         .map_err(|_| format!("{s:?} is not an IP address or CIDR"))?;
+    if l.is_empty() {
+        return Ok(Cidr::from(addr));
+    }
     let max = if addr.is_ipv4() { 32 } else { 128 };
-    let len = if l.is_empty() {
-        max
-    } else {
-        l.parse::<u8>()
-            .ok()
-            .filter(|l| *l <= max)
-            .ok_or_else(|| format!("{s:?}: prefix length must be 0..={max}"))?
-    };
-    Ok(Cidr { addr, len })
+    t.parse::<Cidr>()
+        .map_err(|_| format!("{s:?}: prefix length must be 0..={max}"))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -207,19 +325,21 @@ impl Runner {
             .args(&words[1..])
             .stdin(Stdio::null())
             .output()
-            .with_context(|| format!("cannot run {}", words[0]))
+            .map_err(|source| CaptureError::Spawn {
+                program: words[0].to_owned(),
+                source,
+            })
     }
 
     /// Runs and insists on success; the error quotes the command and its stderr.
     pub fn run(&self, program: &str, args: &[&str]) -> Result<String> {
         let out = self.output(program, args)?;
         if !out.status.success() {
-            bail!(
-                "`{program} {}` failed ({}): {}",
-                args.join(" "),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
+            return Err(CaptureError::Failed {
+                command: format!("{program} {}", args.join(" ")),
+                status: out.status,
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -294,11 +414,13 @@ pub fn detect(runner: &Runner, explicit: Option<&str>, ipv6: bool) -> Result<Bac
     };
     let version = runner
         .run(&v4, &["--version"])
-        .with_context(|| format!("{v4} does not work here"))?;
+        .map_err(step(format!("{v4} does not work here")))?;
     tracing::debug!(iptables = %v4, version = version.trim(), "capture backend");
     runner
         .run(&v4, &["-w", "-t", "nat", "-S", "OUTPUT"])
-        .with_context(|| format!("{v4} cannot read the nat table (NET_ADMIN missing?)"))?;
+        .map_err(step(format!(
+            "{v4} cannot read the nat table (NET_ADMIN missing?)"
+        )))?;
     let v6 = ip6_name(&v4);
     let v6 = (ipv6 && runner.ok(&v6, &["-w", "-t", "nat", "-S", "OUTPUT"])).then_some(v6);
     Ok(Backend { v4, v6 })
@@ -370,7 +492,7 @@ pub fn chain_rules(args: &InitArgs, family: Family) -> Vec<Rule> {
     rules.push(rule(OUTBOUND_CHAIN, &["-d", lo, "-j", "RETURN"]));
     rules.push(rule(OUTBOUND_CHAIN, &["-o", "lo", "-j", "RETURN"]));
     for c in &args.exclude_cidrs {
-        if c.addr.is_ipv4() == (family == Family::V4) {
+        if c.addr().is_ipv4() == (family == Family::V4) {
             rules.push(rule(
                 OUTBOUND_CHAIN,
                 &["-d", &c.to_string(), "-j", "RETURN"],
@@ -630,7 +752,7 @@ pub fn canary_check(args: &InitArgs, timeout: Duration) -> Result<SocketAddrV4> 
     let target = SocketAddr::V4(args.canary_addr);
     match probe(args, listen, target, timeout, "outbound capture")? {
         SocketAddr::V4(d) => Ok(d),
-        SocketAddr::V6(d) => bail!("canary check: an IPv6 original destination {d} for {target}"),
+        SocketAddr::V6(got) => Err(CaptureError::CanaryGotIpv6 { got, target }),
     }
 }
 
@@ -676,9 +798,11 @@ pub fn canary_check_ipv6(
     refuse_exempt_canary(args)?;
     let jump = rule("OUTPUT", &["-p", "tcp", "-j", OUTBOUND_CHAIN]);
     if !rule_exists(runner, bin, &jump) {
-        bail!(
-            "IPv6 outbound capture is not working: {bin} has no `-A OUTPUT -p tcp -j {OUTBOUND_CHAIN}`"
-        );
+        return Err(CaptureError::NoJump {
+            what: "IPv6 outbound capture",
+            bin: bin.to_owned(),
+            rule: format!("-A OUTPUT -p tcp -j {OUTBOUND_CHAIN}"),
+        });
     }
     let deadline = Instant::now() + timeout;
     let Some(target) = ipv6_canary_target(runner, args.canary_addr.port(), 1, deadline) else {
@@ -713,9 +837,11 @@ pub fn canary_check_inbound(
     refuse_exempt_canary(args)?;
     let jump = rule("PREROUTING", &["-p", "tcp", "-j", INBOUND_CHAIN]);
     if !rule_exists(runner, bin, &jump) {
-        bail!(
-            "inbound capture is not working: {bin} has no `-A PREROUTING -p tcp -j {INBOUND_CHAIN}`"
-        );
+        return Err(CaptureError::NoJump {
+            what: "inbound capture",
+            bin: bin.to_owned(),
+            rule: format!("-A PREROUTING -p tcp -j {INBOUND_CHAIN}"),
+        });
     }
     let port = args.canary_addr.port().wrapping_add(1).max(1);
     let (target, listen, dst) = match family {
@@ -753,13 +879,13 @@ pub fn canary_check_inbound(
     add.extend(temp);
     runner
         .run(bin, &add)
-        .context("inbound canary: cannot add its temporary rule")?;
+        .map_err(step("inbound canary: cannot add its temporary rule"))?;
     let result = probe(args, listen, target, timeout, "inbound capture").map(Some);
     let mut del = vec!["-w", "-t", "nat", "-D", "OUTPUT"];
     del.extend(temp);
     let removed = runner.run(bin, &del);
     let got = result?;
-    removed.context("inbound canary: cannot remove its temporary rule")?;
+    removed.map_err(step("inbound canary: cannot remove its temporary rule"))?;
     Ok(got)
 }
 
@@ -767,10 +893,7 @@ pub fn canary_check_inbound(
 fn refuse_exempt_canary(args: &InitArgs) -> Result<()> {
     let (uid, gid) = (canary_uid(args), canary_gid(args));
     if uid == args.proxy_uid && gid == args.proxy_gid {
-        bail!(
-            "the canary would connect as UID {uid} and GID {gid}, the proxy's, whose traffic is \
-             deliberately not captured: run init as another UID or pass --canary-uid"
-        );
+        return Err(CaptureError::CanaryExempt { uid, gid });
     }
     Ok(())
 }
@@ -782,13 +905,14 @@ fn probe(
     listen: SocketAddr,
     target: SocketAddr,
     timeout: Duration,
-    what: &str,
+    what: &'static str,
 ) -> Result<SocketAddr> {
     let (uid, gid) = (canary_uid(args), canary_gid(args));
-    let listener = TcpListener::bind(listen).with_context(|| {
-        format!("canary check: cannot listen on {listen} (is something already using it?)")
-    })?;
-    listener.set_nonblocking(true)?;
+    let listener = TcpListener::bind(listen)
+        .map_err(|source| CaptureError::CanaryListen { listen, source })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|source| CaptureError::CanaryNonBlocking { listen, source })?;
     let mut child = Canary::start(uid, gid, target, timeout)?;
     let deadline = Instant::now() + timeout;
     let mut early_exit: Option<String> = None;
@@ -798,15 +922,16 @@ fn probe(
             Ok((stream, peer)) => match original_dst(&stream, listen.is_ipv6()) {
                 Ok(d) if same(d) => break Ok(d),
                 Ok(d) => tracing::debug!(%peer, original_dst = %d, "not the canary"),
-                Err(e) => {
-                    break Err(anyhow!(
-                        "canary check: a connection from {peer} arrived at {listen} but \
-                         SO_ORIGINAL_DST is unreadable ({e}): it was not redirected"
-                    ));
+                Err(error) => {
+                    break Err(CaptureError::OriginalDst {
+                        peer,
+                        listen,
+                        error,
+                    });
                 }
             },
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => break Err(anyhow!("canary check: accept on {listen}: {e}")),
+            Err(error) => break Err(CaptureError::CanaryAccept { listen, error }),
         }
         if early_exit.is_none() {
             early_exit = child.failed();
@@ -816,12 +941,14 @@ fn probe(
                 Some(e) => format!("the canary's connect failed ({e})"),
                 None => format!("nothing arrived within {timeout:?}"),
             };
-            break Err(anyhow!(
-                "{what} is not working: a TCP connection from uid {uid} gid {gid} to {target} \
-                 was not redirected to {listen}: {why}. Check that the nat OUTPUT chain jumps \
-                 to {OUTBOUND_CHAIN} in this network namespace and that {target} is routable \
-                 here (--canary-addr)"
-            ));
+            break Err(CaptureError::NotRedirected {
+                what,
+                uid,
+                gid,
+                target,
+                listen,
+                why,
+            });
         }
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -903,7 +1030,7 @@ impl Canary {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .context("canary check: cannot start `bash` as the canary UID")?;
+            .map_err(CaptureError::CanaryStart)?;
         Ok(Canary::Child(child))
     }
 
@@ -962,14 +1089,14 @@ pub fn execute(runner: &Runner, args: &InitArgs) -> Result<String> {
     }
     if args.uninstall {
         uninstall(runner, &backend.v4)
-            .with_context(|| format!("uninstalling with {}", backend.v4))?;
+            .map_err(step(format!("uninstalling with {}", backend.v4)))?;
         let _ = writeln!(
             report,
             "{}: removed {INBOUND_CHAIN}, {OUTBOUND_CHAIN} and their jumps",
             backend.v4
         );
         if let Some(bin) = &backend.v6 {
-            uninstall(runner, bin).with_context(|| format!("uninstalling with {bin}"))?;
+            uninstall(runner, bin).map_err(step(format!("uninstalling with {bin}")))?;
             let _ = writeln!(
                 report,
                 "{bin}: removed {INBOUND_CHAIN}, {OUTBOUND_CHAIN} and their jumps"
@@ -978,7 +1105,7 @@ pub fn execute(runner: &Runner, args: &InitArgs) -> Result<String> {
         // --ipv6 off's chains, also where ip6tables has no nat table.
         if runner.ok(&bin6, &["-w", "-t", "filter", "-S", "OUTPUT"]) {
             uninstall_ipv6_block(runner, &bin6)
-                .with_context(|| format!("uninstalling with {bin6}"))?;
+                .map_err(step(format!("uninstalling with {bin6}")))?;
             let _ = writeln!(
                 report,
                 "{bin6}: removed {IPV6_IN_CHAIN}, {IPV6_OUT_CHAIN} and their jumps"
@@ -997,26 +1124,26 @@ pub fn execute(runner: &Runner, args: &InitArgs) -> Result<String> {
             o.status,
             String::from_utf8_lossy(&o.stderr).trim()
         ),
-        Err(e) => format!("{e:#}"),
+        Err(e) => chain(&e),
     };
     match args.ipv6 {
-        Ipv6Mode::On if backend.v6.is_none() && v6_enabled => bail!(
-            "IPv6 is enabled in this network namespace ({} has {}) but {bin6} cannot use the \
-             nat table here ({}), so IPv6 traffic would bypass capture; make {bin6} work (the \
-             same backend as {}), or pass --ipv6 off to block IPv6 instead",
-            v6_addrs[0].interface,
-            v6_addrs[0].addr,
-            said("nat"),
-            backend.v4
-        ),
-        Ipv6Mode::Off if filter6.is_none() && v6_enabled => bail!(
-            "--ipv6 off: IPv6 is enabled in this network namespace ({} has {}) but {bin6} \
-             cannot use the filter table here ({}) to block it; disable IPv6 in the pod \
-             (sysctl net.ipv6.conf.all.disable_ipv6=1) or make {bin6} work",
-            v6_addrs[0].interface,
-            v6_addrs[0].addr,
-            said("filter")
-        ),
+        Ipv6Mode::On if backend.v6.is_none() && v6_enabled => {
+            return Err(CaptureError::Ipv6Uncaptured {
+                interface: v6_addrs[0].interface.clone(),
+                addr: v6_addrs[0].addr,
+                bin6: bin6.clone(),
+                said: said("nat"),
+                v4: backend.v4.clone(),
+            });
+        }
+        Ipv6Mode::Off if filter6.is_none() && v6_enabled => {
+            return Err(CaptureError::Ipv6Unblocked {
+                interface: v6_addrs[0].interface.clone(),
+                addr: v6_addrs[0].addr,
+                bin6: bin6.clone(),
+                said: said("filter"),
+            });
+        }
         _ => {}
     }
     let exempt = format!(
@@ -1024,7 +1151,7 @@ pub fn execute(runner: &Runner, args: &InitArgs) -> Result<String> {
         args.proxy_uid, args.proxy_gid
     );
     install(runner, &backend.v4, args, Family::V4)
-        .with_context(|| format!("installing with {}", backend.v4))?;
+        .map_err(step(format!("installing with {}", backend.v4)))?;
     let _ = writeln!(
         report,
         "{}: outbound TCP -> :{}, inbound TCP -> :{} ({exempt})",
@@ -1034,9 +1161,9 @@ pub fn execute(runner: &Runner, args: &InitArgs) -> Result<String> {
     match (args.ipv6, &backend.v6, &filter6) {
         (Ipv6Mode::On, Some(bin), _) => {
             install(runner, bin, args, Family::V6)
-                .with_context(|| format!("installing with {bin}"))?;
+                .map_err(step(format!("installing with {bin}")))?;
             // A switch from --ipv6 off: blocking no longer wanted.
-            uninstall_ipv6_block(runner, bin).with_context(|| format!("installing with {bin}"))?;
+            uninstall_ipv6_block(runner, bin).map_err(step(format!("installing with {bin}")))?;
             let _ = writeln!(
                 report,
                 "{bin}: outbound TCP -> :{}, inbound TCP -> :{} ({exempt})",
@@ -1051,9 +1178,9 @@ pub fn execute(runner: &Runner, args: &InitArgs) -> Result<String> {
             );
         }
         (Ipv6Mode::Off, _, Some(bin)) => {
-            install_ipv6_block(runner, bin).with_context(|| format!("blocking IPv6 with {bin}"))?;
+            install_ipv6_block(runner, bin).map_err(step(format!("blocking IPv6 with {bin}")))?;
             if backend.v6.is_some() {
-                uninstall(runner, bin).with_context(|| format!("installing with {bin}"))?;
+                uninstall(runner, bin).map_err(step(format!("installing with {bin}")))?;
             }
             let _ = writeln!(
                 report,
@@ -1132,7 +1259,7 @@ pub fn execute(runner: &Runner, args: &InitArgs) -> Result<String> {
 /// blocking rules (not reach anything, not be redirected).
 pub fn canary_blocked_ipv6(runner: &Runner, args: &InitArgs) -> Result<SocketAddr> {
     let via = usable_link_local(runner, Instant::now() + Duration::from_secs(3))
-        .context("IPv6 block canary")?;
+        .map_err(step("IPv6 block canary"))?;
     let target = SocketAddr::V6(SocketAddrV6::new(
         Ipv6Addr::new(0xfe80, 0, 0, 0, 0x6b69, 0x7468, 0, 3),
         args.canary_addr.port(),
@@ -1151,10 +1278,8 @@ pub fn canary_blocked_ipv6(runner: &Runner, args: &InitArgs) -> Result<SocketAdd
         {
             Ok(target)
         }
-        Err(e) => {
-            bail!("IPv6 is not blocked: a connection to {target} failed with {e}, not a rejection")
-        }
-        Ok(_) => bail!("IPv6 is not blocked: a connection to {target} was accepted"),
+        Err(error) => Err(CaptureError::Ipv6NotRejected { target, error }),
+        Ok(_) => Err(CaptureError::Ipv6Accepted { target }),
     }
 }
 
@@ -1164,7 +1289,7 @@ fn usable_link_local(runner: &Runner, deadline: Instant) -> Result<Inet6> {
     loop {
         let addrs = ipv6_addresses(runner);
         if addrs.is_empty() {
-            bail!("no interface outside loopback has an IPv6 address");
+            return Err(CaptureError::NoIpv6Address);
         }
         if let Some(a) = addrs
             .iter()
@@ -1173,10 +1298,9 @@ fn usable_link_local(runner: &Runner, deadline: Instant) -> Result<Inet6> {
             return Ok(a.clone());
         }
         if Instant::now() >= deadline {
-            bail!(
-                "no usable link-local address (still in duplicate address detection?) among {:?}",
-                addrs.iter().map(|a| &a.interface).collect::<Vec<_>>()
-            );
+            return Err(CaptureError::NoLinkLocal {
+                interfaces: addrs.iter().map(|a| a.interface.clone()).collect(),
+            });
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -1191,7 +1315,7 @@ pub fn run(args: InitArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", chain(&e));
             ExitCode::from(1)
         }
     }

@@ -14,14 +14,76 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use anyhow::{Context, Result};
-use identity::{SpiffeId, Svid, TrustBundle};
-use proxy::tls::IdentityHandle;
+use identity::report::Chain;
+use identity::{BundleError, SpiffeId, Svid, SvidError, TrustBundle};
+use proxy::tls::{IdentityHandle, TlsError};
 use tokio_util::sync::CancellationToken;
 
+use ca_api::LinkError;
 use ca_api::certify::{Backoff, Expect, certify};
 use ca_api::link as ca_link;
 use ca_api::replicas::CaSet;
+
+/// Why the identity source cannot be used (at start) or could not renew (logged, retried).
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("cannot read {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} / {} are not an X509-SVID and its key", cert.display(), key.display())]
+    NotSvid {
+        cert: PathBuf,
+        key: PathBuf,
+        #[source]
+        source: SvidError,
+    },
+    #[error("{} is not a trust bundle for {trust_domain}", path.display())]
+    NotBundleFor {
+        path: PathBuf,
+        trust_domain: String,
+        #[source]
+        source: BundleError,
+    },
+    #[error("{} is not a trust bundle (--bundle: PEM roots or the SPIFFE format)", path.display())]
+    NotBundle {
+        path: PathBuf,
+        #[source]
+        source: BundleError,
+    },
+    #[error("the SVID does not verify against the bundle")]
+    FilesDoNotVerify(#[source] TlsError),
+    /// A new SVID or bundle that the proxy refused (it does not verify, or names another ID).
+    #[error(transparent)]
+    Publish(#[from] TlsError),
+    #[error("--ca")]
+    CaUrls(#[source] LinkError),
+    /// Talking to the CA failed (unreachable, refused, a bad answer).
+    #[error(transparent)]
+    Ca(#[from] LinkError),
+    #[error("cannot read the service-account token {} (--k8s-token-file)", path.display())]
+    TokenRead {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the service-account token {} is empty (--k8s-token-file)", path.display())]
+    TokenEmpty { path: PathBuf },
+    #[error(
+        "--bundle-sha256 {0:?} is not a SHA-256 (64 hex digits, the bundle_sha256 \
+         that `kith ca token create --json` prints)"
+    )]
+    Pin(String),
+    #[error("--workload-api: {0}")]
+    WorkloadApi(identity::workload_client::WorkloadClientError),
+    /// The agent's update holds no usable SVID (none, or not the one asked for).
+    #[error(transparent)]
+    Pick(identity::workload_client::WorkloadClientError),
+}
+
+type Result<T, E = SourceError> = std::result::Result<T, E>;
 
 /// First and longest wait between failed attempts.
 /// Reconnecting to the local agent's Workload API stream: 1 s doubling to 30 s.
@@ -108,7 +170,7 @@ pub fn prepare(source: &Source, identity: &IdentityHandle, metrics: &SourceMetri
             let (svid, bundle) = files.load()?;
             identity
                 .publish(svid, bundle, SystemTime::now())
-                .context("the SVID does not verify against the bundle")?;
+                .map_err(SourceError::FilesDoNotVerify)?;
             metrics.updated();
         }
         Source::Ca {
@@ -116,7 +178,7 @@ pub fn prepare(source: &Source, identity: &IdentityHandle, metrics: &SourceMetri
             token_file,
             bundle,
         } => {
-            CaSet::new(urls).context("--ca")?;
+            CaSet::new(urls).map_err(SourceError::CaUrls)?;
             read_token(token_file)?;
             match bundle {
                 FirstContact::File(path) => drop(read_bundle(path)?),
@@ -125,7 +187,7 @@ pub fn prepare(source: &Source, identity: &IdentityHandle, metrics: &SourceMetri
         }
         Source::WorkloadApi { endpoint, .. } => {
             identity::workload_client::check_endpoint(endpoint)
-                .map_err(|e| anyhow::anyhow!("--workload-api: {e}"))?;
+                .map_err(SourceError::WorkloadApi)?;
         }
     }
     Ok(())
@@ -180,21 +242,21 @@ impl Files {
 
     fn load(&self) -> Result<(Svid, TrustBundle)> {
         let key = zeroize::Zeroizing::new(read(&self.key)?);
-        let svid = Svid::from_pem(&read(&self.cert)?, &key).with_context(|| {
-            format!(
-                "{} / {} are not an X509-SVID and its key",
-                self.cert.display(),
-                self.key.display()
-            )
-        })?;
+        let svid =
+            Svid::from_pem(&read(&self.cert)?, &key).map_err(|source| SourceError::NotSvid {
+                cert: self.cert.clone(),
+                key: self.key.clone(),
+                source,
+            })?;
         let td = svid.id().trust_domain();
-        let bundle = TrustBundle::parse(Some(td), &read(&self.bundle)?).with_context(|| {
-            format!(
-                "{} is not a trust bundle for {}",
-                self.bundle.display(),
-                svid.id().trust_domain()
-            )
-        })?;
+        let bundle =
+            TrustBundle::parse(Some(td.clone()), &read(&self.bundle)?).map_err(|source| {
+                SourceError::NotBundleFor {
+                    path: self.bundle.clone(),
+                    trust_domain: td.to_string(),
+                    source,
+                }
+            })?;
         Ok((svid, bundle))
     }
 
@@ -212,7 +274,10 @@ impl Files {
 }
 
 fn read(p: &Path) -> Result<Vec<u8>> {
-    std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
+    std::fs::read(p).map_err(|source| SourceError::Read {
+        path: p.to_owned(),
+        source,
+    })
 }
 
 /// Reloads the files when one changes. An unusable new set is refused and the current
@@ -242,7 +307,7 @@ async fn watch_files(
             Err(e) => {
                 metrics.failed();
                 tracing::warn!(
-                    error = format!("{e:#}"),
+                    error = %Chain(&e),
                     "identity files changed but are not usable; keeping the current identity"
                 )
             }
@@ -263,18 +328,15 @@ fn publish(
 }
 
 fn read_token(path: &Path) -> Result<String> {
-    let raw = std::fs::read_to_string(path).with_context(|| {
-        format!(
-            "cannot read the service-account token {} (--k8s-token-file)",
-            path.display()
-        )
+    let raw = std::fs::read_to_string(path).map_err(|source| SourceError::TokenRead {
+        path: path.to_owned(),
+        source,
     })?;
     let token = raw.trim();
     if token.is_empty() {
-        anyhow::bail!(
-            "the service-account token {} is empty (--k8s-token-file)",
-            path.display()
-        );
+        return Err(SourceError::TokenEmpty {
+            path: path.to_owned(),
+        });
     }
     Ok(token.to_owned())
 }
@@ -282,20 +344,15 @@ fn read_token(path: &Path) -> Result<String> {
 /// A SHA-256 pin: 64 hex digits.
 pub fn check_pin(pin: &str) -> Result<()> {
     if pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()) {
-        anyhow::bail!(
-            "--bundle-sha256 {pin:?} is not a SHA-256 (64 hex digits, the bundle_sha256 \
-             that `kith ca token create --json` prints)"
-        );
+        return Err(SourceError::Pin(pin.to_owned()));
     }
     Ok(())
 }
 
 fn read_bundle(path: &Path) -> Result<TrustBundle> {
-    TrustBundle::parse(None, &read(path)?).with_context(|| {
-        format!(
-            "{} is not a trust bundle (--bundle: PEM roots or the SPIFFE format)",
-            path.display()
-        )
+    TrustBundle::parse(None, &read(path)?).map_err(|source| SourceError::NotBundle {
+        path: path.to_owned(),
+        source,
     })
 }
 
@@ -333,7 +390,7 @@ async fn from_ca(
                 } else {
                     "no SVID yet: outbound connections are held, inbound refused"
                 };
-                tracing::warn!(error = format!("{e:#}"), retry_in = ?retry, "cannot get the pod SVID from the CA; {keeping}");
+                tracing::warn!(error = %Chain(&e), retry_in = ?retry, "cannot get the pod SVID from the CA; {keeping}");
                 retry
             }
         };
@@ -389,14 +446,14 @@ async fn from_workload_api(
     let publisher = async {
         while let Some(context) = rx.recv().await {
             let picked = identity::workload_client::pick(&context, id.as_deref())
-                .map_err(anyhow::Error::from)
+                .map_err(SourceError::Pick)
                 .and_then(|p| publish(&identity, p.svid, p.own, &metrics));
             match picked {
                 Ok(id) => tracing::info!(%id, "SVID from the Workload API; new handshakes use it"),
                 Err(e) => {
                     metrics.failed();
                     tracing::warn!(
-                        error = format!("{e:#}"),
+                        error = %Chain(&e),
                         "unusable Workload API update; keeping the current SVID"
                     )
                 }

@@ -27,17 +27,103 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
 use identity::SpiffeId;
 use proxy::authz::Policy;
 use proxy::tls::ExpectedPeer;
-use proxy::tunnel::Upstream;
+use proxy::tunnel::{Upstream, UpstreamError};
 use serde::Deserialize;
 
 /// The largest config or policy file read (a typo'd path to a huge file fails fast).
 const MAX_FILE: u64 = 1 << 20;
+
+/// A tunnel config, policy file or `--allow`/`--expect-id` value that cannot be used; the
+/// message names the file (and tunnel or rule) or the flag, and what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} is {len} bytes; a {what} is at most {MAX_FILE}", path.display())]
+    TooLarge {
+        path: PathBuf,
+        len: u64,
+        what: &'static str,
+    },
+    #[error("cannot read {} as UTF-8 text", path.display())]
+    NotText {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The parser's message (unknown field, wrong type) already says where.
+    #[error("{} ({what}): {error}", path.display())]
+    Toml {
+        path: PathBuf,
+        what: &'static str,
+        error: Box<toml::de::Error>,
+    },
+    #[error("--allow {flag:?}: {port:?} is not a port")]
+    AllowPort { flag: String, port: String },
+    #[error("--allow {flag:?}")]
+    Allow {
+        flag: String,
+        #[source]
+        source: proxy::authz::Error,
+    },
+    #[error("{} has no [[allow]] rule; remove --policy to allow the own trust domain", path.display())]
+    NoAllowRule { path: PathBuf },
+    #[error("{}: allow rule {rule} lists port 0", path.display())]
+    RulePortZero { path: PathBuf, rule: usize },
+    #[error("{}: allow rule {rule}", path.display())]
+    Rule {
+        path: PathBuf,
+        rule: usize,
+        #[source]
+        source: proxy::authz::Error,
+    },
+    #[error("{} defines no [[tunnel]]", path.display())]
+    NoTunnel { path: PathBuf },
+    /// `at` is `FILE: tunnel N (NAME)`; the source says what is wrong with it.
+    #[error("{at}")]
+    Tunnel {
+        at: String,
+        #[source]
+        source: Box<ConfigError>,
+    },
+    #[error("the name must be non-empty, without quotes")]
+    TunnelName,
+    #[error("another tunnel has this name")]
+    SameName,
+    #[error("another tunnel listens on {0}")]
+    SameListen(SocketAddr),
+    #[error("allow is for server tunnels (forward)")]
+    AllowOnClient,
+    #[error("expect_id and expect_trust_domain are for client tunnels (connect)")]
+    ExpectOnServer,
+    #[error("give either connect (client side) or forward (server side)")]
+    TunnelEnd,
+    #[error(transparent)]
+    Connect(#[from] UpstreamError),
+    #[error("--expect-id {id:?}")]
+    ExpectId {
+        id: String,
+        #[source]
+        source: identity::IdError,
+    },
+    #[error("give either {id_hint} or {td_hint}, not both")]
+    ExpectBoth { id_hint: String, td_hint: String },
+    #[error(
+        "a client tunnel must name the server it expects: give {id_hint} (the server's SPIFFE ID), or {td_hint} to accept any server of the own trust domain (anyone who can intercept the traffic with such an SVID is then believed)"
+    )]
+    ExpectNone { id_hint: String, td_hint: String },
+}
+
+type Result<T, E = ConfigError> = std::result::Result<T, E>;
 
 /// One explicit tunnel, resolved.
 #[derive(Debug, Clone)]
@@ -93,19 +179,27 @@ struct AllowEntry {
     ports: Vec<u16>,
 }
 
-fn read_toml<T: for<'de> Deserialize<'de>>(path: &Path, what: &str) -> Result<T> {
-    let meta =
-        std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+fn read_toml<T: for<'de> Deserialize<'de>>(path: &Path, what: &'static str) -> Result<T> {
+    let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
     if meta.len() > MAX_FILE {
-        bail!(
-            "{} is {} bytes; a {what} is at most {MAX_FILE}",
-            path.display(),
-            meta.len()
-        );
+        return Err(ConfigError::TooLarge {
+            path: path.to_owned(),
+            len: meta.len(),
+            what,
+        });
     }
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read {} as UTF-8 text", path.display()))?;
-    toml::from_str(&text).map_err(|e| anyhow::anyhow!("{} ({what}): {e}", path.display()))
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::NotText {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|error| ConfigError::Toml {
+        path: path.to_owned(),
+        what,
+        error: Box::new(error),
+    })
 }
 
 /// `spiffe://td/path`, `spiffe://td/prefix/*`, either with `@PORT[+PORT…]`: the rule holds for
@@ -117,10 +211,12 @@ pub fn add_allow_flag(policy: Policy, flag: &str) -> Result<Policy> {
             let ports = ports
                 .split('+')
                 .map(|p| {
-                    p.parse::<u16>()
-                        .ok()
-                        .filter(|p| *p != 0)
-                        .with_context(|| format!("--allow {flag:?}: {p:?} is not a port"))
+                    p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| {
+                        ConfigError::AllowPort {
+                            flag: flag.to_owned(),
+                            port: p.to_owned(),
+                        }
+                    })
                 })
                 .collect::<Result<Vec<_>>>()?;
             (rule, ports)
@@ -128,25 +224,34 @@ pub fn add_allow_flag(policy: Policy, flag: &str) -> Result<Policy> {
     };
     policy
         .allow_on(rule, &ports)
-        .with_context(|| format!("--allow {flag:?}"))
+        .map_err(|source| ConfigError::Allow {
+            flag: flag.to_owned(),
+            source,
+        })
 }
 
 /// Adds the rules of a policy file.
 pub fn add_policy_file(mut policy: Policy, path: &Path) -> Result<Policy> {
     let file: PolicyFile = read_toml(path, "policy file")?;
     if file.allow.is_empty() {
-        bail!(
-            "{} has no [[allow]] rule; remove --policy to allow the own trust domain",
-            path.display()
-        );
+        return Err(ConfigError::NoAllowRule {
+            path: path.to_owned(),
+        });
     }
     for (i, rule) in file.allow.iter().enumerate() {
         if rule.ports.contains(&0) {
-            bail!("{}: allow rule {} lists port 0", path.display(), i + 1);
+            return Err(ConfigError::RulePortZero {
+                path: path.to_owned(),
+                rule: i + 1,
+            });
         }
         policy = policy
             .allow_on(&rule.id, &rule.ports)
-            .with_context(|| format!("{}: allow rule {}", path.display(), i + 1))?;
+            .map_err(|source| ConfigError::Rule {
+                path: path.to_owned(),
+                rule: i + 1,
+                source,
+            })?;
     }
     Ok(policy)
 }
@@ -155,59 +260,58 @@ pub fn add_policy_file(mut policy: Policy, path: &Path) -> Result<Policy> {
 pub fn load_tunnels(path: &Path, global: &Policy) -> Result<Vec<Tunnel>> {
     let file: File = read_toml(path, "tunnel config")?;
     if file.tunnel.is_empty() {
-        bail!("{} defines no [[tunnel]]", path.display());
+        return Err(ConfigError::NoTunnel {
+            path: path.to_owned(),
+        });
     }
     let mut names = HashSet::new();
     let mut listens = HashSet::new();
     let mut out = Vec::new();
     for (i, t) in file.tunnel.into_iter().enumerate() {
         let name = t.name.clone().unwrap_or_else(|| t.listen.to_string());
-        let at = || format!("{}: tunnel {} ({name})", path.display(), i + 1);
+        let at = |problem: ConfigError| ConfigError::Tunnel {
+            at: format!("{}: tunnel {} ({name})", path.display(), i + 1),
+            source: Box::new(problem),
+        };
         if name.is_empty() || name.contains(['"', '\\', '\n']) {
-            bail!("{}: the name must be non-empty, without quotes", at());
+            return Err(at(ConfigError::TunnelName));
         }
         if !names.insert(name.clone()) {
-            bail!("{}: another tunnel has this name", at());
+            return Err(at(ConfigError::SameName));
         }
         if !listens.insert(t.listen) {
-            bail!("{}: another tunnel listens on {}", at(), t.listen);
+            return Err(at(ConfigError::SameListen(t.listen)));
         }
         let end = match (t.connect, t.forward) {
             (Some(connect), None) => {
                 if t.allow.is_some() {
-                    bail!("{}: allow is for server tunnels (forward)", at());
+                    return Err(at(ConfigError::AllowOnClient));
                 }
                 End::Client {
-                    connect: connect.parse().with_context(at)?,
+                    connect: connect.parse().map_err(|e: UpstreamError| at(e.into()))?,
                     expect: expected_peer(
                         t.expect_id.as_deref(),
                         t.expect_trust_domain,
                         "expect_id = \"SPIFFE_ID\"",
                         "expect_trust_domain = true",
                     )
-                    .with_context(at)?,
+                    .map_err(at)?,
                 }
             }
             (None, Some(forward)) => {
                 if t.expect_id.is_some() || t.expect_trust_domain {
-                    bail!(
-                        "{}: expect_id and expect_trust_domain are for client tunnels (connect)",
-                        at()
-                    );
+                    return Err(at(ConfigError::ExpectOnServer));
                 }
                 let policy = match &t.allow {
                     None => global.clone(),
                     Some(rules) => rules
                         .iter()
                         .try_fold(Policy::own_trust_domain(), |p, r| add_allow_flag(p, r))
-                        .with_context(at)?,
+                        .map_err(at)?,
                 };
                 End::Server { forward, policy }
             }
-            _ => bail!(
-                "{}: give either connect (client side) or forward (server side)",
-                at()
-            ),
+            _ => return Err(at(ConfigError::TunnelEnd)),
         };
         out.push(Tunnel {
             name,
@@ -230,19 +334,28 @@ pub fn expected_peer(
     td_hint: &str,
 ) -> Result<ExpectedPeer> {
     match (expect_id, any_of_trust_domain) {
-        (Some(s), false) => Ok(ExpectedPeer::Id(
-            SpiffeId::new(s).with_context(|| format!("--expect-id {s:?}"))?,
-        )),
+        (Some(s), false) => Ok(ExpectedPeer::Id(SpiffeId::new(s).map_err(|source| {
+            ConfigError::ExpectId {
+                id: s.to_owned(),
+                source,
+            }
+        })?)),
         (None, true) => Ok(ExpectedPeer::TrustDomain),
-        (Some(_), true) => bail!("give either {id_hint} or {td_hint}, not both"),
-        (None, false) => bail!(
-            "a client tunnel must name the server it expects: give {id_hint} (the server's SPIFFE ID), or {td_hint} to accept any server of the own trust domain (anyone who can intercept the traffic with such an SVID is then believed)"
-        ),
+        (Some(_), true) => Err(ConfigError::ExpectBoth {
+            id_hint: id_hint.to_owned(),
+            td_hint: td_hint.to_owned(),
+        }),
+        (None, false) => Err(ConfigError::ExpectNone {
+            id_hint: id_hint.to_owned(),
+            td_hint: td_hint.to_owned(),
+        }),
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use identity::report::chain;
+
     use super::*;
 
     fn id(s: &str) -> SpiffeId {
@@ -289,13 +402,13 @@ mod tests {
         assert!(p.check(&id("spiffe://td/other"), 8080).is_err());
 
         let typo = write("[[allow]]\nid = \"spiffe://td/web\"\nport = [8080]\n");
-        let e = add_policy_file(Policy::own_trust_domain(), typo.path()).unwrap_err();
-        assert!(format!("{e:#}").contains("unknown field `port`"), "{e:#}");
+        let e = chain(&add_policy_file(Policy::own_trust_domain(), typo.path()).unwrap_err());
+        assert!(e.contains("unknown field `port`"), "{e}");
         let empty = write("");
         assert!(add_policy_file(Policy::own_trust_domain(), empty.path()).is_err());
         let bad = write("[[allow]]\nid = \"web\"\n");
-        let e = add_policy_file(Policy::own_trust_domain(), bad.path()).unwrap_err();
-        assert!(format!("{e:#}").contains("allow rule 1"), "{e:#}");
+        let e = chain(&add_policy_file(Policy::own_trust_domain(), bad.path()).unwrap_err());
+        assert!(e.contains("allow rule 1"), "{e}");
     }
 
     #[test]
@@ -393,14 +506,14 @@ forward = "127.0.0.1:9090"
             ),
         ] {
             let f = write(text);
-            let e = load_tunnels(f.path(), &Policy::own_trust_domain()).unwrap_err();
-            assert!(format!("{e:#}").contains(want), "{text:?}: {e:#}");
+            let e = chain(&load_tunnels(f.path(), &Policy::own_trust_domain()).unwrap_err());
+            assert!(e.contains(want), "{text:?}: {e}");
         }
         let e = load_tunnels(
             Path::new("/nonexistent/t.toml"),
             &Policy::own_trust_domain(),
         )
         .unwrap_err();
-        assert!(format!("{e:#}").contains("cannot read"), "{e:#}");
+        assert!(e.to_string().contains("cannot read"), "{e}");
     }
 }

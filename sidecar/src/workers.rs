@@ -10,9 +10,36 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 
-use anyhow::{Context, Result};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::task::TaskTracker;
+
+/// Why the workers could not listen or start.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkersError {
+    /// The address is taken, not local, or not allowed: pick another or free it.
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start a worker runtime")]
+    Runtime(#[source] std::io::Error),
+    #[error("cannot start a worker thread")]
+    Thread(#[source] std::io::Error),
+}
+
+impl WorkersError {
+    /// The OS error under a failed listen, to tell "no IPv6 here" from "port taken".
+    pub fn listen_errno(&self) -> Option<i32> {
+        match self {
+            WorkersError::Listen { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+}
+
+type Result<T, E = WorkersError> = std::result::Result<T, E>;
 
 type Job = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -70,18 +97,18 @@ impl Workers {
             // SECURITY: SO_REUSEPORT would also let this join a group that another process of
             // the same user (a second sidecar) holds, and split its traffic: the address must
             // be free first.
-            let probe =
-                bind(addr, false, v6_only).with_context(|| format!("cannot listen on {addr}"))?;
-            at = probe.local_addr()?;
+            let listen = |source| WorkersError::Listen { addr, source };
+            let probe = bind(addr, false, v6_only).map_err(listen)?;
+            at = probe.local_addr().map_err(listen)?;
         }
         let mut bound = Vec::with_capacity(self.count());
         for _ in 0..self.count() {
-            let listener =
-                bind(at, shared, v6_only).with_context(|| format!("cannot listen on {addr}"))?;
+            let listen = |source| WorkersError::Listen { addr, source };
+            let listener = bind(at, shared, v6_only).map_err(listen)?;
             // Port 0: the others join the port the first one got.
-            at = listener.local_addr()?;
+            at = listener.local_addr().map_err(listen)?;
             // Detached from this runtime; registered again on the worker's when it first runs.
-            bound.push(listener.into_std()?);
+            bound.push(listener.into_std().map_err(listen)?);
         }
         for (jobs, listener) in self.jobs.iter_mut().zip(bound) {
             jobs.push(Box::pin(serve_later(listener, addr, serve.clone())));
@@ -100,7 +127,7 @@ impl Workers {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-                .context("cannot start a worker runtime")?;
+                .map_err(WorkersError::Runtime)?;
             let done = tasks.token();
             std::thread::Builder::new()
                 .name(format!("kith-worker-{}", w + 1))
@@ -114,7 +141,7 @@ impl Workers {
                     });
                     drop(done);
                 })
-                .context("cannot start a worker thread")?;
+                .map_err(WorkersError::Thread)?;
         }
         Ok(())
     }
@@ -212,7 +239,7 @@ mod tests {
             .listen(taken.local_addr().expect("addr"), |_l: TcpListener| async {
             })
             .expect_err("taken");
-        assert!(format!("{err:#}").contains("cannot listen on"), "{err:#}");
+        assert!(err.to_string().contains("cannot listen on"), "{err}");
 
         // Nor does a second group join the port of a first (another sidecar of the same user).
         let mut first = Workers::new(2);
@@ -226,6 +253,7 @@ mod tests {
         let err = second
             .listen(at, |_l: TcpListener| async {})
             .expect_err("joined another group");
-        assert!(format!("{err:#}").contains("in use"), "{err:#}");
+        let err = identity::report::chain(&err);
+        assert!(err.contains("in use"), "{err}");
     }
 }

@@ -407,7 +407,7 @@ fn canary_fails_without_rules_and_passes_with_them() {
     let err = ns
         .within(|| capture::canary_check(&args, Duration::from_millis(1500)))
         .expect_err("no rules yet: the canary must not arrive");
-    let msg = format!("{err:#}");
+    let msg = identity::report::chain(&err);
     assert!(
         msg.contains("outbound capture is not working")
             && msg.contains("uid 0")
@@ -501,7 +501,7 @@ fn cidrs_names_and_rules_without_root() {
         capture::parse_cidr("192.0.2.7").expect("bare").to_string(),
         "192.0.2.7/32"
     );
-    assert_eq!(capture::parse_cidr("fd00::/8").expect("v6").len, 8);
+    assert_eq!(capture::parse_cidr("fd00::/8").expect("v6").prefix_len(), 8);
     assert!(capture::parse_cidr("10.0.0.0/33").is_err());
     assert!(capture::parse_cidr("example.com").is_err());
     assert_eq!(capture::ip6_name("iptables"), "ip6tables");
@@ -602,7 +602,7 @@ fn init_fails_when_ipv6_is_enabled_and_ip6tables_cannot_capture_it() {
         ..InitArgs::default()
     };
     let err = capture::execute(&a.runner(), &args).expect_err("IPv6 uncapturable: must fail");
-    let msg = format!("{err:#}");
+    let msg = identity::report::chain(&err);
     assert!(
         msg.contains("IPv6 is enabled in this network namespace")
             && msg.contains("a0")

@@ -128,7 +128,7 @@ fn join_token(args: &RunArgs) -> Result<Option<JoinToken>> {
         );
     }
     if let Some(path) = &args.join_token_file {
-        return JoinToken::from_file(path).map(Some);
+        return Ok(JoinToken::from_file(path).map(Some)?);
     }
     for var in JOIN_TOKEN_ENV {
         if let Some(value) = std::env::var_os(var) {

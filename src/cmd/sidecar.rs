@@ -12,33 +12,25 @@
 //! `POST /quitquitquit`) stops accepting and lets open connections finish for
 //! `--drain-timeout`.
 //!
-//! Why this is one file of over 500 lines: about half of it is `kith sidecar run`'s documented
-//! flags (each also a `KITH_SIDECAR_*` variable) and their validation; the rest is the wiring of
-//! sources, tunnels, transparent mode and the admin port, which reads those flags.
+//! The flags (each also a `KITH_SIDECAR_*` variable) become a validated [`sidecar::Config`];
+//! [`sidecar::run`] does the rest.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use identity::mesh;
 use proxy::authz::Policy;
-use proxy::metrics::Metrics;
-use proxy::tls::{ExpectedPeer, IdentityHandle};
-use proxy::transparent::{Captured, ExpectRules, InboundMode, OutboundPolicy, TransparentMetrics};
-use proxy::tunnel::{self, Limits, Upstream};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use proxy::transparent::{ExpectRules, InboundMode, OutboundPolicy};
+use proxy::tunnel::{Limits, Upstream};
 
-use sidecar::admin::{self, AdminRefusals, Counters};
 use sidecar::app_probe::AppProbes;
-use sidecar::source::FirstContact;
-use sidecar::source::{self, Source, SourceMetrics};
+use sidecar::source::{FirstContact, Source};
 use sidecar::tunnel_config::{self, End, Tunnel};
-use sidecar::workers::Workers;
+use sidecar::{Config, Mode, Transparent};
 
 use crate::process::{self, Threads};
 
@@ -236,6 +228,64 @@ struct RunArgs {
 }
 
 impl RunArgs {
+    /// The validated configuration the sidecar library runs.
+    fn config(&self) -> Result<Config> {
+        let source = self.source()?;
+        let policy = self.policy()?;
+        let tunnels = self.tunnels(&policy)?;
+        let mode = if tunnels.is_empty() {
+            Mode::Transparent(self.transparent()?)
+        } else {
+            Mode::Explicit(tunnels)
+        };
+        Ok(Config {
+            source,
+            policy,
+            mode,
+            limits: Limits {
+                max_connections: self.max_connections,
+                max_pending_per_source: self.max_pending_per_source,
+                first_flight_timeout: self.first_flight_timeout,
+                identity_hold: self.hold_timeout,
+                drain_timeout: self.drain_timeout,
+                idle_timeout: self.idle_timeout,
+                ..Limits::default()
+            },
+            tls_resumption: self.tls_resumption == "on",
+            pq: self.pq == "on",
+            pool: self.pool == "on",
+            workers: self
+                .workers
+                .map_or_else(sidecar::default_workers, usize::from),
+            app_probes: AppProbes::parse(self.app_probe.iter().map(String::as_str))?,
+            admin_listen: self.admin_listen,
+        })
+    }
+
+    /// Transparent mode's listeners, mesh ranges and rules.
+    fn transparent(&self) -> Result<Transparent> {
+        let mesh = proxy::transparent::parse_cidrs(self.mesh_cidr.iter().map(String::as_str))
+            .context("--mesh-cidr")?;
+        let expect =
+            ExpectRules::parse(self.expect_id.iter().map(String::as_str)).context("--expect-id")?;
+        Ok(Transparent {
+            outbound_listen: self.outbound_listen,
+            inbound_listen: self.inbound_listen,
+            mesh,
+            outbound_policy: if self.outbound_policy == "deny" {
+                OutboundPolicy::Deny
+            } else {
+                OutboundPolicy::Passthrough
+            },
+            inbound_mode: if self.mode == "permissive" {
+                InboundMode::Permissive
+            } else {
+                InboundMode::Strict
+            },
+            expect,
+        })
+    }
+
     fn source(&self) -> Result<Source> {
         match (
             &self.cert,
@@ -303,7 +353,7 @@ impl RunArgs {
                     "--config defines the tunnels; drop --connect/--forward/--expect-id/--expect-trust-domain"
                 );
             }
-            return tunnel_config::load_tunnels(path, policy);
+            return Ok(tunnel_config::load_tunnels(path, policy)?);
         }
         let Some(listen) = self.listen else {
             if self.connect.is_some() || self.forward.is_some() {
@@ -344,7 +394,7 @@ pub fn run(args: SidecarArgs) -> ExitCode {
         SidecarCommand::Init(args) => return sidecar::capture::run(*args),
     };
     // The sidecar's own runtime is single-threaded; --workers adds single-threaded runtimes
-    // (workers.rs) that serve connections too.
+    // (sidecar::workers) that serve connections too.
     let rt = match process::runtime(Threads::One, 2) {
         Ok(rt) => rt,
         Err(code) => return code,
@@ -355,320 +405,6 @@ pub fn run(args: SidecarArgs) -> ExitCode {
 async fn run_sidecar(args: RunArgs) -> Result<()> {
     let signalled = process::on_signal();
     process::init_logging(&args.log_format);
-    let source = args.source()?;
-    let policy = args.policy()?;
-    let tunnels = args.tunnels(&policy)?;
-    let workers = args.workers.map_or_else(default_workers, usize::from);
-    let app_probes = Arc::new(AppProbes::parse(args.app_probe.iter().map(String::as_str))?);
-    let limits = Limits {
-        max_connections: args.max_connections,
-        max_pending_per_source: args.max_pending_per_source,
-        first_flight_timeout: args.first_flight_timeout,
-        identity_hold: args.hold_timeout,
-        drain_timeout: args.drain_timeout,
-        idle_timeout: args.idle_timeout,
-        ..Limits::default()
-    };
-    limits
-        .validate()
-        .context("--max-connections, --max-pending-per-source and the timeouts")?;
-    let resumption = args.tls_resumption == "on";
-    if !resumption {
-        tracing::info!("TLS session resumption off: every connection is a full handshake");
-    }
-    let pq = args.pq == "on";
-    if !pq {
-        // SECURITY: an explicit opt-in; traffic recorded today could be decrypted by a future
-        // quantum computer that breaks X25519.
-        tracing::warn!(
-            "post-quantum key exchange off (--pq off): the mesh hop offers X25519 only, not X25519MLKEM768"
-        );
-    }
-    let pooling = args.pool == "on";
-    if !pooling {
-        tracing::info!("pooled hop off: one mTLS connection per application connection");
-    }
-    let identity = IdentityHandle::new()
-        .with_resumption(resumption)
-        .with_pq(pq)
-        .with_pooling(pooling);
-    let source_metrics = Arc::new(SourceMetrics::default());
-    source::prepare(&source, &identity, &source_metrics)?;
-    let admin = tokio::net::TcpListener::bind(args.admin_listen)
-        .await
-        .with_context(|| format!("cannot listen on {} (admin)", args.admin_listen))?;
-    let shutdown = CancellationToken::new();
-    let tasks = TaskTracker::new();
-    if policy.has_rules() {
-        tracing::info!(allow = ?args.allow, policy = ?args.policy, "inbound authorization rules loaded");
-    }
-
-    // Every listener is bound before any is served, so a taken port fails the start.
-    let mut pool = Workers::new(workers);
-    let counters = if tunnels.is_empty() {
-        Counters::Transparent(transparent(
-            &args, &identity, policy, limits, &mut pool, &shutdown,
-        )?)
-    } else {
-        let mut sets = Vec::new();
-        for t in tunnels {
-            let metrics = Arc::new(Metrics::default());
-            let name = tunnel_name(&t);
-            let (identity, m, shutdown) = (identity.clone(), metrics.clone(), shutdown.clone());
-            match t.end {
-                End::Client { connect, expect } => {
-                    tracing::info!(tunnel = %t.name, listen = %t.listen, %connect, ?expect, "client side (plaintext in, mTLS out)");
-                    if expect == ExpectedPeer::TrustDomain {
-                        tracing::warn!(tunnel = %t.name, %connect,
-                            "expect-trust-domain: ANY server with an SVID of the trust domain is accepted, not one named ID; whoever can intercept this traffic with any SVID of the domain is believed");
-                    }
-                    pool.listen(t.listen, move |listener| async move {
-                        log_exit(
-                            tunnel::serve_outbound(
-                                listener, identity, connect, expect, limits, m, shutdown,
-                            )
-                            .await,
-                        );
-                    })
-                    .context(name)?;
-                }
-                End::Server { forward, policy } => {
-                    tracing::info!(tunnel = %t.name, listen = %t.listen, %forward, "server side (mTLS in, plaintext out)");
-                    pool.listen(t.listen, move |listener| async move {
-                        log_exit(
-                            tunnel::serve_inbound(
-                                listener, identity, policy, forward, limits, m, shutdown,
-                            )
-                            .await,
-                        );
-                    })
-                    .context(name)?;
-                }
-            }
-            sets.push((t.name, metrics));
-        }
-        Counters::Explicit(sets)
-    };
-    pool.start(&tasks)?;
-    tracing::info!(identity = %source.describe(), hold = ?args.hold_timeout, tls_resumption = %args.tls_resumption, pq = %args.pq, pool = %args.pool, workers, "kith sidecar running");
-    tasks.spawn(source::run(
-        source,
-        identity.clone(),
-        source_metrics.clone(),
-        shutdown.clone(),
-    ));
-    let refused = Arc::new(AdminRefusals::default());
-    let render = {
-        let registry = admin::registry(counters, &identity, &source_metrics, &refused);
-        Arc::new(move || admin::encode(&registry))
-    };
-    let admin_shutdown = CancellationToken::new();
-    let admin_task = tokio::spawn(admin::serve(
-        admin,
-        identity.clone(),
-        render,
-        refused,
-        app_probes,
-        shutdown.clone(),
-        admin_shutdown.clone(),
-    ));
-    tasks.close();
-    tokio::select! {
-        _ = signalled.cancelled() => {}
-        _ = shutdown.cancelled() => {}
-    }
-    tracing::info!(drain = ?args.drain_timeout, "shutting down: no new connections; open ones may finish");
-    shutdown.cancel();
-    // The listeners drain and cut by themselves; this is only a bound on a stuck task.
-    if tokio::time::timeout(args.drain_timeout + Duration::from_secs(2), tasks.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("some tasks did not stop in time");
-    }
-    admin_shutdown.cancel();
-    let _ = admin_task.await;
-    tracing::info!("stopped");
-    Ok(())
-}
-
-/// Two threads, as Istio's sidecars run Envoy (`concurrency: 2`): a second thread keeps the
-/// proxy from being the one queue every request waits in, and more than two rarely pays on a
-/// node whose CPUs the pods share. One where the CPU quota or affinity allows only one.
-fn default_workers() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get().min(2))
-}
-
-fn tunnel_name(t: &Tunnel) -> String {
-    if t.name.is_empty() {
-        "--listen".to_owned()
-    } else {
-        format!("tunnel {}", t.name)
-    }
-}
-
-fn log_exit(result: Result<(), tunnel::Error>) {
-    if let Err(e) = result {
-        tracing::error!(error = %e, "listener stopped");
-    }
-}
-
-/// Transparent mode: connections captured by `kith sidecar init`'s rules.
-fn transparent(
-    args: &RunArgs,
-    identity: &IdentityHandle,
-    policy: Policy,
-    limits: Limits,
-    pool: &mut Workers,
-    shutdown: &CancellationToken,
-) -> Result<Arc<TransparentMetrics>> {
-    let mesh = proxy::transparent::parse_cidrs(args.mesh_cidr.iter().map(String::as_str))
-        .map_err(|e| anyhow::anyhow!("--mesh-cidr: {e}"))?;
-    if mesh.is_empty() {
-        tracing::warn!(
-            "no --mesh-cidr: every outbound connection leaves as plain TCP (or is refused with --outbound-policy deny)"
-        );
-    }
-    let outbound_policy = if args.outbound_policy == "deny" {
-        OutboundPolicy::Deny
-    } else {
-        OutboundPolicy::Passthrough
-    };
-    let inbound_mode = if args.mode == "permissive" {
-        InboundMode::Permissive
-    } else {
-        InboundMode::Strict
-    };
-    if inbound_mode == InboundMode::Permissive {
-        tracing::warn!(
-            "PERMISSIVE mode: plaintext inbound connections are accepted unauthenticated (for migration only)"
-        );
-    }
-    let expect = ExpectRules::parse(args.expect_id.iter().map(String::as_str))
-        .map_err(|e| anyhow::anyhow!("--expect-id: {e}"))?;
-    log_unexpected_destinations(&mesh, &expect);
-    let tm = Arc::new(TransparentMetrics::default());
-    let outbound = {
-        let (identity, tm, shutdown) = (identity.clone(), tm.clone(), shutdown.clone());
-        move |listener| async move {
-            log_exit(
-                proxy::transparent::serve_transparent_outbound(
-                    listener,
-                    identity,
-                    mesh,
-                    outbound_policy,
-                    expect,
-                    limits,
-                    tm,
-                    shutdown,
-                )
-                .await,
-            );
-        }
-    };
-    pool.listen(args.outbound_listen, outbound.clone())?;
-    // ip6tables redirects IPv6 connections to [::1] (outbound) and to the address they arrived
-    // at (inbound): listen on the IPv6 twin of each address too.
-    if let Some(v6) = ipv6_twin(args.outbound_listen) {
-        listen_ipv6(pool, v6, "outbound", outbound)?;
-    }
-    // SECURITY: the sidecar's own ports are never forwarded, whatever --admin-listen says.
-    let own_ports = [
-        args.admin_listen.port(),
-        args.inbound_listen.port(),
-        args.outbound_listen.port(),
-    ];
-    let inbound = {
-        let (identity, tm, shutdown) = (identity.clone(), tm.clone(), shutdown.clone());
-        move |listener| async move {
-            log_exit(
-                proxy::transparent::serve_transparent_inbound(
-                    Captured::new(listener).refusing_ports(own_ports),
-                    identity,
-                    policy,
-                    inbound_mode,
-                    limits,
-                    tm,
-                    shutdown,
-                )
-                .await,
-            );
-        }
-    };
-    pool.listen(args.inbound_listen, inbound.clone())?;
-    if let Some(v6) = ipv6_twin(args.inbound_listen) {
-        listen_ipv6(pool, v6, "inbound", inbound)?;
-    }
-    tracing::info!(outbound = %args.outbound_listen, inbound = %args.inbound_listen, mesh = ?args.mesh_cidr,
-        outbound_policy = %args.outbound_policy, mode = %args.mode, "transparent mode");
-    Ok(tm)
-}
-
-/// Transparent mode: says at start which mesh destinations have no expected server ID, so
-/// that accepting any ID of the trust domain there is a visible choice.
-fn log_unexpected_destinations(mesh: &[proxy::Cidr], expect: &ExpectRules) {
-    if expect.default != ExpectedPeer::TrustDomain {
-        return;
-    }
-    let ruled: Vec<String> = expect
-        .rules
-        .iter()
-        .map(|r| match r.port {
-            Some(p) => format!("{}:{p}", r.cidr),
-            None => r.cidr.to_string(),
-        })
-        .collect();
-    for cidr in mesh {
-        // Fully covered: a rule for every port of a range that contains this one.
-        let covered = expect.rules.iter().any(|r| {
-            r.port.is_none() && r.cidr.prefix() <= cidr.prefix() && r.cidr.contains(cidr.addr())
-        });
-        if !covered {
-            tracing::warn!(
-                destinations = %cidr,
-                with_expected_id = ?ruled,
-                "no expected ID for these mesh destinations (outside the listed rules): ANY server of the trust domain is accepted; give --expect-id ID or CIDR[:PORT]=ID rules"
-            );
-        }
-    }
-}
-
-/// The IPv6 address that goes with an IPv4 listen address: `[::1]` for `127.0.0.1`, `[::]`
-/// for `0.0.0.0`; `None` for an IPv6 address or another IPv4 one.
-fn ipv6_twin(addr: SocketAddr) -> Option<SocketAddr> {
-    let ip = match addr.ip() {
-        IpAddr::V4(v4) if v4.is_loopback() => Ipv6Addr::LOCALHOST,
-        IpAddr::V4(v4) if v4.is_unspecified() => Ipv6Addr::UNSPECIFIED,
-        _ => return None,
-    };
-    Some(SocketAddr::new(IpAddr::V6(ip), addr.port()))
-}
-
-/// Listens on an IPv6 twin address (IPV6_V6ONLY). Without IPv6 in the namespace (no `::1`, or
-/// no IPv6 in the kernel) there is nothing to capture and this is logged; any other failure
-/// (the port taken) fails the start, since ip6tables would redirect to a listener that is not
-/// ours.
-fn listen_ipv6<F, Fut>(pool: &mut Workers, addr: SocketAddr, what: &str, serve: F) -> Result<()>
-where
-    F: FnOnce(tokio::net::TcpListener) -> Fut + Clone + Send + 'static,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let Err(e) = pool.listen_v6_only(addr, serve) else {
-        return Ok(());
-    };
-    let no_ipv6 = e
-        .chain()
-        .filter_map(|c| c.downcast_ref::<std::io::Error>())
-        .any(|io| {
-            matches!(
-                io.raw_os_error(),
-                Some(code) if code == nix::errno::Errno::EADDRNOTAVAIL as i32
-                    || code == nix::errno::Errno::EAFNOSUPPORT as i32
-            )
-        });
-    if no_ipv6 {
-        tracing::info!(%addr, error = %format!("{e:#}"), "no IPv6 here: no IPv6 {what} listener");
-        return Ok(());
-    }
-    Err(e.context(format!("the IPv6 {what} listener")))
+    let config = args.config()?;
+    Ok(sidecar::run(config, signalled).await?)
 }
