@@ -11,6 +11,7 @@ pub mod pem;
 pub mod refresh;
 pub mod spiffe_id;
 pub mod svid;
+pub mod tls;
 pub mod verify;
 #[cfg(feature = "workload-client")]
 pub mod workload_client;
