@@ -55,7 +55,7 @@ impl Pki {
 /// A replica that answers every request with `status` and its `name` in the body.
 async fn replica(pki: &Pki, status: u16, name: &'static str) -> (SocketAddr, Arc<AtomicUsize>) {
     let svid = pki.svid("/kith/ca");
-    let config = rustls::ServerConfig::builder_with_provider(ca::tls::provider())
+    let config = rustls::ServerConfig::builder_with_provider(identity::tls::provider_with(identity::tls::Kx::Wide))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
         .with_no_client_auth()

@@ -10,6 +10,8 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use identity::Jitter;
+use identity::tls::HotCert;
 use http_body_util::Full;
 use hyper::StatusCode;
 use tokio::net::{TcpListener, UnixListener};
@@ -29,7 +31,7 @@ use crate::store::Store;
 use crate::store::any::AnyStore;
 use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;
-use crate::tls::{ServingCert, server_config};
+use crate::tls::{server_config, serving_cert};
 
 /// Connections the metrics listener serves at once (scrapers and probes need a handful).
 const METRICS_MAX_CONNECTIONS: usize = 64;
@@ -149,7 +151,7 @@ pub async fn start(
     ca.measure_disk();
     let ca = Arc::new(ca);
 
-    let serving = Arc::new(ServingCert::issue(&authority, &cfg.dns, SERVING_TTL, now)?);
+    let serving = Arc::new(HotCert::new(serving_cert(&authority, &cfg.dns, SERVING_TTL, now)?));
     let tls = Arc::new(ArcSwap::new(server_config(serving.clone())?));
 
     let api_addr = listeners.api.local_addr()?;
@@ -278,7 +280,7 @@ async fn k8s_verifier(
 /// current.
 async fn maintain(
     ca: Arc<Ca<AnyStore>>,
-    serving: Arc<ServingCert>,
+    serving: Arc<HotCert>,
     dns: Vec<String>,
     shutdown: CancellationToken,
 ) {
@@ -339,15 +341,15 @@ async fn maintain(
         // the CA's own certificate too, before the old root can leave the bundle.
         let active = ca.authority.keys().active.id.clone();
         if active != serving_signer {
-            match serving.renew(&ca.authority, &dns, SERVING_TTL, now) {
+            match serving_cert(&ca.authority, &dns, SERVING_TTL, now).map(|c| serving.store(c)) {
                 Ok(()) => serving_signer = active,
                 Err(e) => {
                     tracing::error!(error = %e, "failed to renew the CA's serving certificate")
                 }
             }
         }
-        if now >= serving.refresh_at() {
-            match serving.renew(&ca.authority, &dns, SERVING_TTL, now) {
+        if now >= serving.load().refresh_at(Jitter::NONE) {
+            match serving_cert(&ca.authority, &dns, SERVING_TTL, now).map(|c| serving.store(c)) {
                 Ok(()) => tracing::info!("renewed the CA's serving certificate"),
                 Err(e) => {
                     tracing::error!(error = %e, "failed to renew the CA's serving certificate")

@@ -414,14 +414,14 @@ impl ServerCertVerifier for AnyServer {
         Ok(HandshakeSignatureValid::assertion())
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        ca::tls::provider()
+        identity::tls::provider_with(identity::tls::Kx::Wide)
             .signature_verification_algorithms
             .supported_schemes()
     }
 }
 
 fn unverified() -> Arc<rustls::ClientConfig> {
-    let mut c = rustls::ClientConfig::builder_with_provider(ca::tls::provider())
+    let mut c = rustls::ClientConfig::builder_with_provider(identity::tls::provider_with(identity::tls::Kx::Wide))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
         .dangerous()
