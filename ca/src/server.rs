@@ -10,10 +10,10 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use identity::Jitter;
-use identity::tls::HotCert;
 use http_body_util::Full;
 use hyper::StatusCode;
+use identity::Jitter;
+use identity::tls::HotCert;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -151,7 +151,12 @@ pub async fn start(
     ca.measure_disk();
     let ca = Arc::new(ca);
 
-    let serving = Arc::new(HotCert::new(serving_cert(&authority, &cfg.dns, SERVING_TTL, now)?));
+    let serving = Arc::new(HotCert::new(serving_cert(
+        &authority,
+        &cfg.dns,
+        SERVING_TTL,
+        now,
+    )?));
     let tls = Arc::new(ArcSwap::new(server_config(serving.clone())?));
 
     let api_addr = listeners.api.local_addr()?;

@@ -421,12 +421,14 @@ impl ServerCertVerifier for AnyServer {
 }
 
 fn unverified() -> Arc<rustls::ClientConfig> {
-    let mut c = rustls::ClientConfig::builder_with_provider(identity::tls::provider_with(identity::tls::Kx::Wide))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyServer))
-        .with_no_client_auth();
+    let mut c = rustls::ClientConfig::builder_with_provider(identity::tls::provider_with(
+        identity::tls::Kx::Wide,
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(Arc::new(AnyServer))
+    .with_no_client_auth();
     c.alpn_protocols = vec![b"http/1.1".to_vec()];
     Arc::new(c)
 }

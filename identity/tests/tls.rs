@@ -28,7 +28,10 @@ fn verifier(pki: &Pki, expect: Expect) -> SpiffeVerifier<Arc<TrustBundle>> {
     SpiffeVerifier::new(Arc::new(pki.bundle()), expect)
 }
 
-fn verify(v: &SpiffeVerifier<Arc<TrustBundle>>, chain: &[CertificateDer<'static>]) -> Result<SpiffeId, rustls::Error> {
+fn verify(
+    v: &SpiffeVerifier<Arc<TrustBundle>>,
+    chain: &[CertificateDer<'static>],
+) -> Result<SpiffeId, rustls::Error> {
     v.verify(&chain[0], &chain[1..], UnixTime::now())
 }
 
@@ -41,18 +44,28 @@ fn other(e: &rustls::Error) -> &(dyn std::error::Error + Send + Sync + 'static) 
 }
 
 fn rejected(e: &rustls::Error) -> &RejectedChain {
-    other(e).downcast_ref::<RejectedChain>().expect("a RejectedChain")
+    other(e)
+        .downcast_ref::<RejectedChain>()
+        .expect("a RejectedChain")
 }
 
 #[test]
 fn the_exact_id_passes_and_another_is_an_unexpected_peer() {
     let pki = Pki::new("example.org");
     let (chain, _) = pki.leaf(WEB);
-    assert_eq!(verify(&verifier(&pki, Expect::Id(id(WEB))), &chain).unwrap(), id(WEB));
-    assert_eq!(verify(&verifier(&pki, Expect::TrustDomain), &chain).unwrap(), id(WEB));
+    assert_eq!(
+        verify(&verifier(&pki, Expect::Id(id(WEB))), &chain).unwrap(),
+        id(WEB)
+    );
+    assert_eq!(
+        verify(&verifier(&pki, Expect::TrustDomain), &chain).unwrap(),
+        id(WEB)
+    );
 
     let err = verify(&verifier(&pki, Expect::Id(id(DB))), &chain).unwrap_err();
-    let u = other(&err).downcast_ref::<UnexpectedPeer>().expect("UnexpectedPeer");
+    let u = other(&err)
+        .downcast_ref::<UnexpectedPeer>()
+        .expect("UnexpectedPeer");
     assert_eq!((u.got.clone(), u.expected.as_str()), (id(WEB), DB));
 }
 
@@ -64,14 +77,21 @@ fn a_foreign_trust_domain_an_expired_svid_and_an_unknown_ca_are_rejected_chains(
     let (foreign, _) = pki.leaf("spiffe://evil.org/web");
     let err = verify(&v, &foreign).unwrap_err();
     let r = rejected(&err);
-    assert!(matches!(r.error, VerifyError::WrongTrustDomain { .. }), "{err}");
+    assert!(
+        matches!(r.error, VerifyError::WrongTrustDomain { .. }),
+        "{err}"
+    );
     assert_eq!(r.id, Some(id("spiffe://evil.org/web")));
 
     let (expired, _) = pki.svid_for(&id(WEB), now() - 2 * HOUR, now() - HOUR);
     let err = verify(&v, &expired).unwrap_err();
     let r = rejected(&err);
     assert!(matches!(r.error, VerifyError::Expired { .. }), "{err}");
-    assert_eq!(r.id, Some(id(WEB)), "an expired SVID still says whose it is");
+    assert_eq!(
+        r.id,
+        Some(id(WEB)),
+        "an expired SVID still says whose it is"
+    );
 
     let (unknown, _) = Pki::new("example.org").leaf(WEB);
     let err = verify(&v, &unknown).unwrap_err();
@@ -95,17 +115,25 @@ fn a_cached_chain_is_taken_again_but_a_new_bundle_version_verifies_afresh() {
         .with_cache(Arc::new(ChainCache::default()));
     let (chain, _) = pki.leaf(WEB);
     for _ in 0..2 {
-        assert_eq!(v.verify(&chain[0], &chain[1..], UnixTime::now()).unwrap(), id(WEB));
+        assert_eq!(
+            v.verify(&chain[0], &chain[1..], UnixTime::now()).unwrap(),
+            id(WEB)
+        );
     }
     // SECURITY: a new bundle without the chain's root ends the cached verdict.
     *source.0.lock().unwrap() = (Arc::new(other_pki.bundle()), 2);
-    let err = v.verify(&chain[0], &chain[1..], UnixTime::now()).unwrap_err();
+    let err = v
+        .verify(&chain[0], &chain[1..], UnixTime::now())
+        .unwrap_err();
     assert_eq!(rejected(&err).error, VerifyError::UnknownCa);
 }
 
 fn certified(chain: Vec<CertificateDer<'static>>, key: &rcgen::KeyPair) -> CertifiedKey {
     let der = PrivateKeyDer::Pkcs8(key.serialize_der().into());
-    CertifiedKey::new(chain, rustls::crypto::ring::sign::any_supported_type(&der).unwrap())
+    CertifiedKey::new(
+        chain,
+        rustls::crypto::ring::sign::any_supported_type(&der).unwrap(),
+    )
 }
 
 /// A server presenting `server` (through a HotCert) and verifying clients with `verifier`, on
@@ -114,9 +142,14 @@ fn certified(chain: Vec<CertificateDer<'static>>, key: &rcgen::KeyPair) -> Certi
 async fn serve(
     server: (Vec<CertificateDer<'static>>, rcgen::KeyPair),
     client_verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
-) -> (std::net::SocketAddr, tokio::task::JoinHandle<Result<Option<SpiffeId>, std::io::Error>>) {
+) -> (
+    std::net::SocketAddr,
+    tokio::task::JoinHandle<Result<Option<SpiffeId>, std::io::Error>>,
+) {
     let (chain, key) = server;
-    let hot = Arc::new(HotCert::new(Current::from_leaf(Arc::new(certified(chain, &key))).unwrap()));
+    let hot = Arc::new(HotCert::new(
+        Current::from_leaf(Arc::new(certified(chain, &key))).unwrap(),
+    ));
     let config = tls::server_builder(Kx::Hybrid)
         .unwrap()
         .with_client_cert_verifier(client_verifier)
@@ -154,7 +187,9 @@ async fn connect(
         .with_client_cert_resolver(Arc::new(SingleCertAndKey::from(certified(chain, &key))));
     let tcp = TcpStream::connect(addr).await?;
     let name = ServerName::try_from("kith").unwrap();
-    let mut tls = TlsConnector::from(Arc::new(config)).connect(name, tcp).await?;
+    let mut tls = TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await?;
     tls.write_all(b"x").await?;
     let mut byte = [0u8; 1];
     tls.read_exact(&mut byte).await?;
@@ -192,8 +227,12 @@ async fn the_client_refuses_the_wrong_server_and_the_server_a_foreign_client() {
     // Client side: the server is a valid SVID, but not the one expected.
     let (addr, server) = serve(pki.leaf(WEB), server_verifier()).await;
     let expect_db = Arc::new(SpiffeVerifier::new(bundle.clone(), Expect::Id(id(DB))));
-    let err = connect(addr, expect_db.clone(), pki.leaf(WEB)).await.unwrap_err();
-    let u = other(tls_error(&err)).downcast_ref::<UnexpectedPeer>().expect("UnexpectedPeer");
+    let err = connect(addr, expect_db.clone(), pki.leaf(WEB))
+        .await
+        .unwrap_err();
+    let u = other(tls_error(&err))
+        .downcast_ref::<UnexpectedPeer>()
+        .expect("UnexpectedPeer");
     assert_eq!(u.got, id(WEB));
     assert!(server.await.unwrap().is_err());
 
@@ -203,7 +242,10 @@ async fn the_client_refuses_the_wrong_server_and_the_server_a_foreign_client() {
     assert!(connect(addr, expect_db, foreign).await.is_err());
     let err = server.await.unwrap().unwrap_err();
     let r = rejected(tls_error(&err));
-    assert_eq!((r.error.clone(), r.id.clone()), (VerifyError::UnknownCa, Some(id(WEB))));
+    assert_eq!(
+        (r.error.clone(), r.id.clone()),
+        (VerifyError::UnknownCa, Some(id(WEB)))
+    );
 }
 
 #[tokio::test]
@@ -218,10 +260,17 @@ async fn authenticated_later_accepts_any_chain_but_still_needs_the_key() {
     let foreign = Pki::new("elsewhere.org").leaf("spiffe://elsewhere.org/x");
     let later = Arc::new(AuthenticatedLater::new(Why::PinnedBundle));
     connect(addr, later.clone(), foreign).await.unwrap();
-    assert_eq!(server.await.unwrap().unwrap(), Some(id("spiffe://elsewhere.org/x")));
+    assert_eq!(
+        server.await.unwrap().unwrap(),
+        Some(id("spiffe://elsewhere.org/x"))
+    );
 
     // SECURITY: a chain shown without its key fails on the handshake signature.
-    let (addr, server) = serve(pki.leaf(DB), Arc::new(AuthenticatedLater::new(Why::ChainCheckedByHttp))).await;
+    let (addr, server) = serve(
+        pki.leaf(DB),
+        Arc::new(AuthenticatedLater::new(Why::ChainCheckedByHttp)),
+    )
+    .await;
     let (stolen, _) = pki.leaf(WEB);
     let (_, wrong_key) = pki.leaf(WEB);
     let _ = connect(addr, later, (stolen, wrong_key)).await;

@@ -395,8 +395,8 @@ fn new_client_config(
     identity: &IdentityHandle,
     expect: ExpectedPeer,
 ) -> Result<Arc<ClientConfig>, TlsError> {
-    let verifier =
-        SpiffeVerifier::new(identity.clone(), expect).with_cache(identity.sessions.verified.clone());
+    let verifier = SpiffeVerifier::new(identity.clone(), expect)
+        .with_cache(identity.sessions.verified.clone());
     let mut config = identity::tls::client_builder(Kx::mesh(identity.pq))?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))

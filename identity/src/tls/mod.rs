@@ -107,7 +107,11 @@ mod tests {
     use rustls::NamedGroup;
 
     fn groups(kx: Kx) -> Vec<NamedGroup> {
-        provider_with(kx).kx_groups.iter().map(|g| g.name()).collect()
+        provider_with(kx)
+            .kx_groups
+            .iter()
+            .map(|g| g.name())
+            .collect()
     }
 
     #[test]
@@ -119,7 +123,11 @@ mod tests {
         assert_eq!(groups(Kx::X25519), [NamedGroup::X25519]);
         assert_eq!(
             groups(Kx::Wide),
-            [NamedGroup::X25519, NamedGroup::secp256r1, NamedGroup::secp384r1]
+            [
+                NamedGroup::X25519,
+                NamedGroup::secp256r1,
+                NamedGroup::secp384r1
+            ]
         );
         assert_eq!(Kx::mesh(true), Kx::Hybrid);
         assert_eq!(Kx::mesh(false), Kx::X25519);
