@@ -55,15 +55,17 @@ impl Pki {
 /// A replica that answers every request with `status` and its `name` in the body.
 async fn replica(pki: &Pki, status: u16, name: &'static str) -> (SocketAddr, Arc<AtomicUsize>) {
     let svid = pki.svid("/kith/ca");
-    let config = rustls::ServerConfig::builder_with_provider(ca::tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            svid.chain().to_vec(),
-            PrivateKeyDer::Pkcs8(svid.key().clone_key()),
-        )
-        .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(identity::tls::provider_with(
+        identity::tls::Kx::Wide,
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        svid.chain().to_vec(),
+        PrivateKeyDer::Pkcs8(svid.key().clone_key()),
+    )
+    .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -3,21 +3,19 @@
 //! and HTTP/1.1 keep-alive. Used by the CLI, the agent, the sidecar, the benchmark and tests.
 
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
+use rustls::ClientConfig;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use identity::{SpiffeId, TrustBundle};
+use identity::TrustBundle;
+use identity::tls::{AuthenticatedLater, Expect, Kx, SpiffeVerifier, Why};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -35,83 +33,6 @@ pub enum ClientError {
     PinMismatch { expected: String, got: String },
 }
 
-/// Verifies the server's chain with rustls-webpki against the bundle (via
-/// `identity::verify_x509_svid`) and requires the exact expected SPIFFE ID.
-#[derive(Debug)]
-pub struct SpiffeServerVerifier {
-    bundle: Arc<TrustBundle>,
-    expected: SpiffeId,
-    provider: Arc<CryptoProvider>,
-}
-
-impl SpiffeServerVerifier {
-    pub fn new(bundle: Arc<TrustBundle>, expected: SpiffeId) -> Self {
-        Self {
-            bundle,
-            expected,
-            provider: provider(),
-        }
-    }
-}
-
-impl ServerCertVerifier for SpiffeServerVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let mut chain = vec![end_entity.clone()];
-        chain.extend(intermediates.iter().cloned());
-        let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(now.as_secs());
-        let id = identity::verify_x509_svid(&chain, &self.bundle, at)
-            .map_err(|e| rustls::Error::General(format!("server certificate: {e}")))?;
-        if id != self.expected {
-            return Err(rustls::Error::General(format!(
-                "server is {id}, expected {}",
-                self.expected
-            )));
-        }
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("TLS 1.2 is not supported".into()))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-/// The ring provider, as everywhere in kith (no aws-lc in the build).
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
 /// What a caller reports on a renewal about the bundle it holds: the hex SHA-256 of each X.509
 /// root. The CA switches to a new root only once its callers hold it.
 pub fn held_roots(bundle: &TrustBundle) -> Vec<String> {
@@ -122,7 +43,9 @@ pub fn held_roots(bundle: &TrustBundle) -> Vec<String> {
         .collect()
 }
 
-/// Client TLS settings for talking to the CA of `bundle`'s trust domain.
+/// Client TLS settings for talking to the CA of `bundle`'s trust domain: its chain verified
+/// against `bundle` (rustls-webpki), its ID exactly `spiffe://<td>/kith/ca`. ring's default
+/// key-exchange groups, as the CA's API serves.
 pub fn client_config(
     bundle: Arc<TrustBundle>,
     client: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
@@ -131,11 +54,11 @@ pub fn client_config(
         .trust_domain()
         .id_with_path("/kith/ca")
         .map_err(|e| ClientError::Credentials(e.to_string()))?;
-    let builder = ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
+    let verifier = SpiffeVerifier::new(bundle, Expect::Id(expected));
+    let builder = identity::tls::client_builder(Kx::Wide)
         .map_err(|e| ClientError::Credentials(e.to_string()))?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier::new(bundle, expected)));
+        .with_custom_certificate_verifier(Arc::new(verifier));
     let mut config = match client {
         Some((chain, key)) => builder
             .with_client_auth_cert(chain, key)
@@ -153,13 +76,10 @@ pub fn client_config(
 /// SECURITY: the pin is the only thing that authenticates this response; the TLS session only
 /// keeps it private. Nothing else may be read over this connection.
 pub async fn fetch_bundle_pinned(addr: &str, pin_hex: &str) -> Result<TrustBundle, ClientError> {
-    let config = ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
+    let config = identity::tls::client_builder(Kx::Wide)
         .map_err(|e| ClientError::Credentials(e.to_string()))?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedLater {
-            provider: provider(),
-        }))
+        .with_custom_certificate_verifier(Arc::new(AuthenticatedLater::new(Why::PinnedBundle)))
         .with_no_client_auth();
     let mut conn = Connection::open(addr, Arc::new(config)).await?;
     let (status, _, body) = conn
@@ -179,54 +99,6 @@ pub async fn fetch_bundle_pinned(addr: &str, pin_hex: &str) -> Result<TrustBundl
     }
     TrustBundle::parse(None, &body)
         .map_err(|e| ClientError::Http(format!("the pinned bundle does not parse: {e}")))
-}
-
-/// Accepts any server certificate; see `fetch_bundle_pinned` for why that is safe there.
-#[derive(Debug)]
-struct PinnedLater {
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for PinnedLater {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("TLS 1.2 is not supported".into()))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
 }
 
 /// One keep-alive HTTP/1.1 connection to the CA.

@@ -891,13 +891,11 @@ async fn https_request(
             .add(cert)
             .map_err(|e| fail("ca file certificate", &e))?;
     }
-    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| fail("tls config", &e))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    // ring's default key-exchange groups; TLS 1.3, the only version this build of rustls has.
+    let mut tls = identity::tls::client_builder(identity::tls::Kx::Wide)
+        .map_err(|e| fail("tls config", &e))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     let server_name = ServerName::try_from(host.clone()).map_err(|e| fail("server name", &e))?;
 

@@ -14,6 +14,8 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::StatusCode;
+use identity::Jitter;
+use identity::tls::HotCert;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -33,7 +35,7 @@ use crate::store::any::AnyStore;
 use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
-use crate::tls::{ServingCert, server_config};
+use crate::tls::{server_config, serving_cert};
 
 /// Connections the metrics listener serves at once (scrapers and probes need a handful).
 const METRICS_MAX_CONNECTIONS: usize = 64;
@@ -249,7 +251,12 @@ pub async fn start(
     ca.measure_disk();
     let ca = Arc::new(ca);
 
-    let serving = Arc::new(ServingCert::issue(&authority, &cfg.dns, SERVING_TTL, now)?);
+    let serving = Arc::new(HotCert::new(serving_cert(
+        &authority,
+        &cfg.dns,
+        SERVING_TTL,
+        now,
+    )?));
     let tls = Arc::new(ArcSwap::new(server_config(serving.clone())?));
 
     let api_addr = listeners.api.local_addr()?;
@@ -384,7 +391,7 @@ async fn k8s_verifier(
 /// current.
 async fn maintain(
     ca: Arc<Ca<AnyStore>>,
-    serving: Arc<ServingCert>,
+    serving: Arc<HotCert>,
     dns: Vec<String>,
     shutdown: CancellationToken,
 ) {
@@ -445,15 +452,15 @@ async fn maintain(
         // the CA's own certificate too, before the old root can leave the bundle.
         let active = ca.authority.keys().active.id.clone();
         if active != serving_signer {
-            match serving.renew(&ca.authority, &dns, SERVING_TTL, now) {
+            match serving_cert(&ca.authority, &dns, SERVING_TTL, now).map(|c| serving.store(c)) {
                 Ok(()) => serving_signer = active,
                 Err(e) => {
                     tracing::error!(error = %e, "failed to renew the CA's serving certificate")
                 }
             }
         }
-        if now >= serving.refresh_at() {
-            match serving.renew(&ca.authority, &dns, SERVING_TTL, now) {
+        if now >= serving.load().refresh_at(Jitter::NONE) {
+            match serving_cert(&ca.authority, &dns, SERVING_TTL, now).map(|c| serving.store(c)) {
                 Ok(()) => tracing::info!("renewed the CA's serving certificate"),
                 Err(e) => {
                     tracing::error!(error = %e, "failed to renew the CA's serving certificate")

@@ -1,86 +1,28 @@
-//! TLS for the CA's API: TLS 1.3 only (ring), the CA's own X509-SVID as server certificate
-//! (hot-swapped when it renews), and client certificates requested but judged by the HTTP
-//! layer, so that a bad client certificate gets a JSON refusal with its reason.
+//! TLS for the CA's API: TLS 1.3 only (ring, its default key-exchange groups), the CA's own
+//! X509-SVID as server certificate (hot-swapped when it renews), and client certificates
+//! requested but judged by the HTTP layer, so that a bad client certificate gets a JSON
+//! refusal with its reason.
 
-use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use arc_swap::ArcSwap;
 use identity::SpiffeId;
-use rustls::client::danger::HandshakeSignatureValid;
-use rustls::crypto::CryptoProvider;
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::{ClientHello, ResolvesServerCert};
+use identity::tls::{AuthenticatedLater, Current, HotCert, Kx, Why};
+use rustls::ServerConfig;
 use rustls::sign::CertifiedKey;
-use rustls::{DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::authority::{Authority, AuthorityError};
 
-pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// The CA's serving certificate, swapped in place when it renews.
-pub struct ServingCert {
-    current: ArcSwap<CertifiedKey>,
-    not_after: ArcSwap<SystemTime>,
-    not_before: ArcSwap<SystemTime>,
-}
-
-impl fmt::Debug for ServingCert {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ServingCert").finish_non_exhaustive()
-    }
-}
-
-impl ServingCert {
-    /// Issues the CA's own SVID (`spiffe://<td>/kith/ca` plus `dns`) from its own signer.
-    pub fn issue(
-        authority: &Authority,
-        dns: &[String],
-        ttl: Duration,
-        now: SystemTime,
-    ) -> Result<Self, AuthorityError> {
-        let (key, not_after) = make(authority, dns, ttl, now)?;
-        Ok(Self {
-            current: ArcSwap::from_pointee(key),
-            not_after: ArcSwap::from_pointee(not_after),
-            not_before: ArcSwap::from_pointee(now),
-        })
-    }
-
-    pub fn renew(
-        &self,
-        authority: &Authority,
-        dns: &[String],
-        ttl: Duration,
-        now: SystemTime,
-    ) -> Result<(), AuthorityError> {
-        let (key, not_after) = make(authority, dns, ttl, now)?;
-        self.current.store(Arc::new(key));
-        self.not_after.store(Arc::new(not_after));
-        self.not_before.store(Arc::new(now));
-        Ok(())
-    }
-
-    /// When to renew it: the same schedule as every SVID.
-    pub fn refresh_at(&self) -> SystemTime {
-        identity::refresh_at(
-            **self.not_before.load(),
-            **self.not_after.load(),
-            identity::Jitter::NONE,
-        )
-    }
-}
-
-fn make(
+/// Issues the CA's own SVID (`spiffe://<td>/kith/ca` plus `dns`) from its own signer, to
+/// serve from a [`HotCert`] (first with `HotCert::new`, on renewal with `HotCert::store`).
+/// Renewed on the schedule of every SVID, from `now` (its issue time) to its expiry.
+pub fn serving_cert(
     authority: &Authority,
     dns: &[String],
     ttl: Duration,
     now: SystemTime,
-) -> Result<(CertifiedKey, SystemTime), AuthorityError> {
+) -> Result<Current, AuthorityError> {
     let id = authority
         .trust_domain()
         .id_with_path("/kith/ca")
@@ -90,92 +32,22 @@ fn make(
         .map_err(|e| AuthorityError::Cert(e.to_string()))?;
     let issued = authority.sign(&id, &key, dns, ttl, now)?;
     let der = PrivateKeyDer::Pkcs8(identity::x509::portable_pkcs8(&key));
-    let signing = provider()
-        .key_provider
-        .load_private_key(der)
+    let signing = rustls::crypto::ring::sign::any_supported_type(&der)
         .map_err(|e| AuthorityError::Cert(e.to_string()))?;
-    Ok((CertifiedKey::new(issued.chain, signing), issued.not_after))
-}
-
-impl ResolvesServerCert for ServingCert {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.load_full())
-    }
-}
-
-/// Requests a client certificate and checks the handshake signature (proof that the client
-/// holds the key), but leaves the chain to `identity::verify_x509_svid` in the HTTP layer.
-///
-/// SECURITY: accepting any chain here is safe only because every endpoint that needs a caller
-/// identity calls `verify_x509_svid` on the peer chain before reading it; unauthenticated
-/// endpoints (bundle, attest) use no peer identity at all. This is what lets the CA answer a
-/// certificate from another CA with a 401 and a reason, instead of a bare TLS alert.
-#[derive(Debug)]
-pub struct DeferredClientAuth {
-    provider: Arc<CryptoProvider>,
-}
-
-impl ClientCertVerifier for DeferredClientAuth {
-    fn offer_client_auth(&self) -> bool {
-        true
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        false
-    }
-
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &[]
-    }
-
-    fn verify_client_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        Ok(ClientCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        // TLS 1.2 is compiled out; never reached.
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls13RequiredForQuic,
-        ))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
+    let key = Arc::new(CertifiedKey::new(issued.chain, signing));
+    Ok(Current::new(key, now, issued.not_after))
 }
 
 /// The API's TLS configuration: TLS 1.3 only, HTTP/1.1.
-pub fn server_config(cert: Arc<ServingCert>) -> Result<Arc<ServerConfig>, rustls::Error> {
-    let provider = provider();
-    let mut config = ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(Arc::new(DeferredClientAuth { provider }))
+pub fn server_config(cert: Arc<HotCert>) -> Result<Arc<ServerConfig>, rustls::Error> {
+    // SECURITY: any client chain passes the handshake (its signature still proves the key);
+    // this is safe only because every endpoint that needs a caller identity calls
+    // `verify_x509_svid` on the peer chain (`Peer::from_chain`) before reading it, and the
+    // unauthenticated endpoints (bundle, attest) use no peer identity at all. This is what
+    // lets the CA answer a certificate from another CA with a 401 and a reason.
+    let verifier = AuthenticatedLater::new(Why::ChainCheckedByHttp);
+    let mut config = identity::tls::server_builder(Kx::Wide)?
+        .with_client_cert_verifier(Arc::new(verifier))
         .with_cert_resolver(cert);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     // SECURITY: no resumption. A resumed session presents no certificate, so an evicted or

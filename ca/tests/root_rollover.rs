@@ -414,19 +414,21 @@ impl ServerCertVerifier for AnyServer {
         Ok(HandshakeSignatureValid::assertion())
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        ca::tls::provider()
+        identity::tls::provider_with(identity::tls::Kx::Wide)
             .signature_verification_algorithms
             .supported_schemes()
     }
 }
 
 fn unverified() -> Arc<rustls::ClientConfig> {
-    let mut c = rustls::ClientConfig::builder_with_provider(ca::tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyServer))
-        .with_no_client_auth();
+    let mut c = rustls::ClientConfig::builder_with_provider(identity::tls::provider_with(
+        identity::tls::Kx::Wide,
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(Arc::new(AnyServer))
+    .with_no_client_auth();
     c.alpn_protocols = vec![b"http/1.1".to_vec()];
     Arc::new(c)
 }

@@ -12,6 +12,7 @@ pub mod refresh;
 pub mod report;
 pub mod spiffe_id;
 pub mod svid;
+pub mod tls;
 pub mod verify;
 #[cfg(feature = "workload-client")]
 pub mod workload_client;

@@ -7,10 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use identity::tls::{Current, HotCert, Kx};
 use rustls::ServerConfig;
-use rustls::crypto::CryptoProvider;
-use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -41,7 +39,7 @@ pub enum TlsError {
 pub struct ReloadingCert {
     cert: PathBuf,
     key: PathBuf,
-    current: ArcSwap<CertifiedKey>,
+    current: Arc<HotCert>,
     /// The bytes behind `current`, to tell a change from a re-read.
     loaded: Mutex<(Vec<u8>, Vec<u8>)>,
 }
@@ -54,7 +52,7 @@ impl ReloadingCert {
         Ok(Arc::new(Self {
             cert: cert.to_owned(),
             key: key.to_owned(),
-            current: ArcSwap::from_pointee(certified),
+            current: Arc::new(HotCert::new(certified)),
             loaded: Mutex::new((cert_pem, key_pem)),
         }))
     }
@@ -68,7 +66,7 @@ impl ReloadingCert {
             return Ok(false);
         }
         let certified = certified_key(&self.cert, &self.key, &cert_pem, &key_pem)?;
-        self.current.store(Arc::new(certified));
+        self.current.store(certified);
         *loaded = (cert_pem, key_pem);
         Ok(true)
     }
@@ -96,7 +94,12 @@ impl ReloadingCert {
 
     /// The certificate in use: its chain, leaf first.
     pub fn chain(&self) -> Vec<CertificateDer<'static>> {
-        self.current.load().cert.clone()
+        self.current.load().key.cert.clone()
+    }
+
+    /// What the TLS configuration serves: the certificate in use, swapped by `reload`.
+    pub fn resolver(&self) -> Arc<HotCert> {
+        self.current.clone()
     }
 }
 
@@ -109,26 +112,15 @@ impl fmt::Debug for ReloadingCert {
     }
 }
 
-impl ResolvesServerCert for ReloadingCert {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.load_full())
-    }
-}
-
 /// TLS 1.3 only (the workspace builds rustls without TLS 1.2; the kube-apiserver speaks 1.3),
-/// the ring provider named explicitly, HTTP/2 and HTTP/1.1 offered.
+/// ring with its default key-exchange groups, HTTP/2 and HTTP/1.1 offered.
 pub fn server_config(cert: Arc<ReloadingCert>) -> Result<Arc<ServerConfig>, TlsError> {
-    let mut config = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
+    let mut config = identity::tls::server_builder(Kx::Wide)
         .map_err(TlsError::Config)?
         .with_no_client_auth()
-        .with_cert_resolver(cert);
+        .with_cert_resolver(cert.resolver());
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
-}
-
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -143,7 +135,7 @@ fn certified_key(
     key: &Path,
     cert_pem: &[u8],
     key_pem: &[u8],
-) -> Result<CertifiedKey, TlsError> {
+) -> Result<Current, TlsError> {
     let chain = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsError::Pem {
@@ -157,10 +149,15 @@ fn certified_key(
         path: key.to_owned(),
         reason: format!("no usable private key ({e})"),
     })?;
-    CertifiedKey::from_der(chain, private, &provider()).map_err(|e| TlsError::Key {
-        cert: cert.to_owned(),
-        key: key.to_owned(),
-        reason: e.to_string(),
+    let certified = CertifiedKey::from_der(chain, private, &identity::tls::provider_with(Kx::Wide))
+        .map_err(|e| TlsError::Key {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            reason: e.to_string(),
+        })?;
+    Current::from_leaf(Arc::new(certified)).ok_or_else(|| TlsError::Pem {
+        path: cert.to_owned(),
+        reason: "the certificate's validity does not parse".into(),
     })
 }
 

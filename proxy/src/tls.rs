@@ -1,5 +1,6 @@
 //! The proxy's TLS: the current identity (SVID + trust bundle) published on a `watch`, a
-//! certificate resolver and two SPIFFE verifiers that read it on every handshake, and the
+//! certificate resolver and `identity::tls`'s SPIFFE verifier (both sides, with the handle's
+//! verified-chain cache) that read it on every handshake, and the
 //! rustls configurations (TLS 1.3 only, ring, ALPN `kith/1`; key exchange X25519MLKEM768 first
 //! and X25519 second, or X25519 only with post-quantum off, see [`IdentityHandle::with_pq`]).
 //!
@@ -23,23 +24,25 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use identity::tls::{BundleSource, ChainCache, Kx, SpiffeVerifier, verify_chain};
 use rustls::client::{
     ClientSessionStore, ResolvesClientCert, Resumption, TicketRequest, Tls12ClientSessionValue,
     Tls13ClientSessionValue,
 };
-use rustls::crypto::CryptoProvider;
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, NoServerSessionStorage, ProducesTickets, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{
-    CertificateError, ClientConfig, CommonState, DigitallySignedStruct, DistinguishedName,
-    HandshakeKind, NamedGroup, OtherError, ServerConfig, SignatureScheme,
+    CertificateError, ClientConfig, CommonState, HandshakeKind, NamedGroup, OtherError,
+    ServerConfig, SignatureScheme,
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use tokio::sync::watch;
 
 use identity::{SpiffeId, Svid, TrustBundle, VerifyError};
+
+/// The verifier's refusals, which [`refusal`] turns into reasons, and which peer a client
+/// accepts.
+pub use identity::tls::{Expect as ExpectedPeer, RejectedChain, UnexpectedPeer, provider};
 
 use crate::metrics::Reason;
 use crate::refusal::Refusal;
@@ -77,37 +80,6 @@ pub enum TlsError {
     Key(rustls::Error),
     #[error("tls configuration: {0}")]
     Config(#[from] rustls::Error),
-}
-
-/// A peer chain the verifier refused, with the SPIFFE ID its leaf names where it can be read
-/// (for the refusal log: an expired or foreign SVID still says whose it is).
-#[derive(Debug, thiserror::Error)]
-#[error("{error}")]
-pub struct RejectedChain {
-    pub id: Option<SpiffeId>,
-    #[source]
-    pub error: VerifyError,
-}
-
-/// The peer presented a valid SVID, but not the identity this side expects.
-#[derive(Debug, thiserror::Error)]
-#[error("peer is {got}, expected {expected}")]
-pub struct UnexpectedPeer {
-    pub got: SpiffeId,
-    pub expected: String,
-}
-
-/// ring, with the post-quantum hybrid X25519MLKEM768 offered first and X25519 second (the mesh
-/// default); TLS 1.2 is compiled out.
-pub fn provider() -> Arc<CryptoProvider> {
-    provider_with_pq(true)
-}
-
-/// [`provider`], with X25519 only when `pq` is off.
-pub fn provider_with_pq(pq: bool) -> Arc<CryptoProvider> {
-    let mut provider = rustls::crypto::ring::default_provider();
-    provider.kx_groups = identity::kx::kx_groups(pq);
-    Arc::new(provider)
 }
 
 /// A published identity: validated SVID, the bundle it validated against, and the signing key.
@@ -171,58 +143,7 @@ struct Sessions {
     cache: OnceLock<Arc<IdentitySessions>>,
     /// By expectation and pooling (which decides the ALPN offered).
     clients: Mutex<Vec<(ExpectedPeer, bool, Arc<ClientConfig>)>>,
-    verified: Mutex<VerifiedChains>,
-}
-
-/// Peer chains that verified under the current identity version, so that a peer that connects
-/// again costs no chain verification (two signature checks with kith's chains); its handshake
-/// signature, the proof that it holds the key, is still checked every time.
-#[derive(Default)]
-struct VerifiedChains {
-    version: u64,
-    chains: HashMap<Vec<u8>, Verified>,
-}
-
-struct Verified {
-    id: SpiffeId,
-    /// Outside this window some certificate of the chain or a root is not valid: verify again.
-    from: SystemTime,
-    until: SystemTime,
-}
-
-/// Chains remembered at most (about 1.3 KB each with kith's two-certificate chains).
-const VERIFIED_CHAINS: usize = 1024;
-
-impl fmt::Debug for VerifiedChains {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("VerifiedChains")
-            .field("version", &self.version)
-            .field("chains", &self.chains.len())
-            .finish()
-    }
-}
-
-impl VerifiedChains {
-    /// Forgets everything verified under another identity version (another bundle).
-    fn at_version(&mut self, version: u64) -> &mut Self {
-        if self.version != version {
-            self.version = version;
-            self.chains.clear();
-        }
-        self
-    }
-
-    fn get(&self, key: &[u8], at: SystemTime) -> Option<SpiffeId> {
-        let v = self.chains.get(key)?;
-        (v.from <= at && at <= v.until).then(|| v.id.clone())
-    }
-
-    fn insert(&mut self, key: Vec<u8>, verified: Verified) {
-        if self.chains.len() >= VERIFIED_CHAINS {
-            self.chains.clear();
-        }
-        self.chains.insert(key, verified);
-    }
+    verified: Arc<ChainCache>,
 }
 
 impl IdentityHandle {
@@ -362,6 +283,14 @@ impl IdentityHandle {
     }
 }
 
+/// The verifiers read the current bundle per handshake; its version keys the chain cache.
+impl BundleSource for IdentityHandle {
+    fn with_bundle<R>(&self, f: impl FnOnce(&TrustBundle, u64) -> R) -> Option<R> {
+        let current = self.current()?;
+        Some(f(current.bundle(), current.version))
+    }
+}
+
 impl Default for IdentityHandle {
     fn default() -> Self {
         Self::new()
@@ -376,29 +305,6 @@ impl fmt::Debug for IdentityHandle {
             .field("pq", &self.pq)
             .field("pooling", &self.pooling)
             .finish()
-    }
-}
-
-/// Which server the client side accepts.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ExpectedPeer {
-    /// Exactly this SPIFFE ID.
-    Id(SpiffeId),
-    /// Any workload of the own trust domain (the bundle's).
-    TrustDomain,
-}
-
-impl ExpectedPeer {
-    fn check(&self, id: &SpiffeId) -> Result<(), UnexpectedPeer> {
-        match self {
-            // The trust domain was already enforced by `verify_x509_svid`.
-            Self::TrustDomain => Ok(()),
-            Self::Id(expected) if expected == id => Ok(()),
-            Self::Id(expected) => Err(UnexpectedPeer {
-                got: id.clone(),
-                expected: expected.to_string(),
-            }),
-        }
     }
 }
 
@@ -426,168 +332,6 @@ impl ResolvesClientCert for CurrentCert {
     }
 }
 
-/// Validates a peer chain against the *current* bundle and returns its SPIFFE ID.
-fn verify_peer(
-    identity: &IdentityHandle,
-    end_entity: &CertificateDer<'_>,
-    intermediates: &[CertificateDer<'_>],
-    now: UnixTime,
-) -> Result<SpiffeId, rustls::Error> {
-    let Some(current) = identity.current() else {
-        return Err(rustls::Error::General("no identity yet".into()));
-    };
-    let at = SystemTime::UNIX_EPOCH + Duration::from_secs(now.as_secs());
-    // SECURITY: the key is every certificate's exact DER, length-prefixed: only the very same
-    // chain, under the same bundle, within its validity, is taken as verified.
-    let mut key = Vec::with_capacity(
-        8 + end_entity.len() + intermediates.iter().map(|c| 4 + c.len()).sum::<usize>(),
-    );
-    for cert in std::iter::once(end_entity).chain(intermediates) {
-        key.extend_from_slice(&u32::try_from(cert.len()).unwrap_or(u32::MAX).to_be_bytes());
-        key.extend_from_slice(cert);
-    }
-    let verified = || {
-        identity
-            .sessions
-            .verified
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    };
-    if let Some(id) = verified().at_version(current.version).get(&key, at) {
-        return Ok(id);
-    }
-    let mut chain = Vec::with_capacity(1 + intermediates.len());
-    chain.push(end_entity.clone());
-    chain.extend(intermediates.iter().cloned());
-    // SECURITY: rustls-webpki validates the chain inside verify_x509_svid; the error travels
-    // as an OtherError so that the listener can count the refusal by its reason.
-    let id = identity::verify_x509_svid(&chain, current.bundle(), at).map_err(|error| {
-        other(RejectedChain {
-            id: identity::check_svid_leaf(end_entity).ok(),
-            error,
-        })
-    })?;
-    if let Some((from, until)) = identity::verdict_window(&chain, current.bundle(), at) {
-        let entry = Verified {
-            id: id.clone(),
-            from,
-            until,
-        };
-        verified().at_version(current.version).insert(key, entry);
-    }
-    Ok(id)
-}
-
-fn other(e: impl std::error::Error + Send + Sync + 'static) -> rustls::Error {
-    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
-}
-
-/// Server side: a client certificate is mandatory and must be an SVID of the current bundle.
-/// Authorization of the ID happens after the handshake (`authz::Policy`).
-#[derive(Debug)]
-struct SpiffeClientVerifier {
-    identity: IdentityHandle,
-    provider: Arc<CryptoProvider>,
-}
-
-impl ClientCertVerifier for SpiffeClientVerifier {
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &[]
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        verify_peer(&self.identity, end_entity, intermediates, now)?;
-        Ok(ClientCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("tls 1.2 is not supported".into()))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-/// Client side: the server must present an SVID of the current bundle with the expected ID.
-/// SECURITY: the server name is ignored on purpose; an SVID is identified by its URI SAN only.
-#[derive(Debug)]
-struct SpiffeServerVerifier {
-    identity: IdentityHandle,
-    expect: ExpectedPeer,
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for SpiffeServerVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let id = verify_peer(&self.identity, end_entity, intermediates, now)?;
-        self.expect.check(&id).map_err(other)?;
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("tls 1.2 is not supported".into()))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
 /// The inbound configuration for clients that are not kith proxies (curl, a Go program with
 /// its SVID): the same client-certificate requirement, but no ALPN, since such clients offer
 /// their own application protocols (`h2`, `http/1.1`) and `kith/1` would refuse them.
@@ -600,13 +344,10 @@ pub fn edge_server_config(identity: &IdentityHandle) -> Result<Arc<ServerConfig>
 
 /// The inbound (server) configuration: client certificate required, read per handshake.
 pub fn server_config(identity: &IdentityHandle) -> Result<Arc<ServerConfig>, TlsError> {
-    let provider = provider_with_pq(identity.pq);
-    let verifier = SpiffeClientVerifier {
-        identity: identity.clone(),
-        provider: provider.clone(),
-    };
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
+    // Authorization of the client's ID happens after the handshake (`authz::Policy`).
+    let verifier = SpiffeVerifier::new(identity.clone(), ExpectedPeer::TrustDomain)
+        .with_cache(identity.sessions.verified.clone());
+    let mut config = identity::tls::server_builder(Kx::mesh(identity.pq))?
         .with_client_cert_verifier(Arc::new(verifier))
         .with_cert_resolver(Arc::new(CurrentCert(identity.clone())));
     config.alpn_protocols = identity.mesh_alpn();
@@ -654,14 +395,9 @@ fn new_client_config(
     identity: &IdentityHandle,
     expect: ExpectedPeer,
 ) -> Result<Arc<ClientConfig>, TlsError> {
-    let provider = provider_with_pq(identity.pq);
-    let verifier = SpiffeServerVerifier {
-        identity: identity.clone(),
-        expect,
-        provider: provider.clone(),
-    };
-    let mut config = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
+    let verifier = SpiffeVerifier::new(identity.clone(), expect)
+        .with_cache(identity.sessions.verified.clone());
+    let mut config = identity::tls::client_builder(Kx::mesh(identity.pq))?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_cert_resolver(Arc::new(CurrentCert(identity.clone())));
@@ -858,7 +594,8 @@ pub fn check_resumed(
     let Some((leaf, intermediates)) = conn.peer_certificates().and_then(<[_]>::split_first) else {
         return Err(Reason::BadCertificate.into());
     };
-    let id = verify_peer(identity, leaf, intermediates, UnixTime::now()).map_err(|e| {
+    let cache = Some(&*identity.sessions.verified);
+    let id = verify_chain(identity, cache, leaf, intermediates, UnixTime::now()).map_err(|e| {
         let (reason, id) = refusal_of(&e).unwrap_or((Reason::HandshakeFailed, None));
         Refusal::new(reason, None).with_id(id)
     })?;
@@ -912,15 +649,6 @@ fn refusal_of(tls: &rustls::Error) -> Option<(Reason, Option<SpiffeId>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn expected_peer_checks_exact_id() {
-        let a = SpiffeId::new("spiffe://example.test/a").expect("id");
-        let b = SpiffeId::new("spiffe://example.test/b").expect("id");
-        assert!(ExpectedPeer::Id(a.clone()).check(&a).is_ok());
-        assert!(ExpectedPeer::Id(a).check(&b).is_err());
-        assert!(ExpectedPeer::TrustDomain.check(&b).is_ok());
-    }
 
     #[test]
     fn configs_build_without_identity() {

@@ -19,10 +19,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{WebPkiSupportedAlgorithms, verify_tls12_signature, verify_tls13_signature};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use identity::tls::{AuthenticatedLater, Kx, Why};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, RootCertStore};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
 
@@ -97,11 +96,11 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The rustls client configuration for `verify`.
+/// The rustls client configuration for `verify`: TLS 1.3 (the only version this build of
+/// rustls has), ring's default key-exchange groups (PostgreSQL 15 refuses an X25519-only
+/// hello).
 pub fn client_config(verify: &Verify) -> Result<Arc<ClientConfig>, StoreError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
+    let builder = identity::tls::client_builder(Kx::Wide)
         .map_err(|e| StoreError::Db(format!("TLS setup: {e}")))?;
     let config = match verify {
         Verify::Full(path) => {
@@ -118,54 +117,15 @@ pub fn client_config(verify: &Verify) -> Result<Arc<ClientConfig>, StoreError> {
             }
             builder.with_root_certificates(roots).with_no_client_auth()
         }
+        // SECURITY: `sslmode=require` without a root: the handshake's signatures are checked
+        // (the session is really encrypted to whoever holds the certificate's key) but not who
+        // that is, as libpq does; warned about at start.
         Verify::None => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Unverified(
-                provider.signature_verification_algorithms,
-            )))
+            .with_custom_certificate_verifier(Arc::new(AuthenticatedLater::new(Why::EncryptOnly)))
             .with_no_client_auth(),
     };
     Ok(Arc::new(config))
-}
-
-/// `sslmode=require` without a root: the handshake's signatures are checked (the session is
-/// really encrypted to whoever holds the certificate's key) but not who that is.
-#[derive(Debug)]
-struct Unverified(WebPkiSupportedAlgorithms);
-
-impl ServerCertVerifier for Unverified {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.0)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.0)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_schemes()
-    }
 }
 
 /// tokio-postgres's TLS factory over rustls.
