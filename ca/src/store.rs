@@ -5,10 +5,12 @@
 //! Writes are commands (`Write`) that a store applies in groups: many concurrent issuances
 //! share one durable transaction instead of paying one fsync each.
 //!
-//! Why this is one file of over 500 lines: the `Store` trait and what both backends share (rows,
-//! errors, the audit chain check): the storage contract in one file.
+//! Why this is one file of over 500 lines: the `Store` trait and what both backends share (records,
+//! errors, the audit chain's MAC and check): the storage contract in one file. How the backends
+//! read and write those records alike is in `store/common.rs`.
 
 pub mod any;
+pub(crate) mod common;
 pub mod postgres;
 pub mod sqlite;
 pub mod tls;
@@ -423,10 +425,15 @@ fn audit_encoding(prev: &[u8; 32], seq: i64, e: &AuditEvent, detail: &str) -> Ve
 
 pub use identity::digest::hex;
 
-/// The audit chain check, row by row, for stores that walk their rows themselves (the same
-/// rules as the SQLite store's walk): sequence without gaps, each row's previous MAC the MAC of
-/// the row before, each MAC valid under the audit key; plain SHA-256 rows of an older kith only
-/// before the first keyed row; the newest row keyed; `expect` in the chain unchanged.
+/// The audit chain check, row by row, fed by each store's walk over its rows in order. A row is
+/// broken when its sequence number skips (a row was deleted), its stored previous MAC is not
+/// the MAC of the row before, or its own MAC does not match its content under the audit key
+/// (it was edited, or the chain recomputed without the key).
+///
+/// Rows an older kith wrote (a plain SHA-256 chain) are accepted only before the first keyed
+/// row, and the newest row must be keyed: rewriting the whole log as a plain chain, or cutting
+/// it back to its legacy part, does not verify. Deleting the newest keyed rows leaves a valid
+/// shorter chain; `expect` (a head written down earlier) catches that.
 pub struct ChainCheck<'a> {
     key: &'a AuditKey,
     expect: Option<&'a AuditHead>,
@@ -465,33 +472,30 @@ impl<'a> ChainCheck<'a> {
         stored: &[u8],
     ) -> Option<AuditVerdict> {
         self.count += 1;
-        let broken = |why: String, count: i64, legacy: i64| {
+        // A broken row's verdict counts the rows up to it and the legacy rows before it.
+        let (count, legacy_before) = (self.count, self.legacy_rows);
+        let broken = |why: String| {
             Some(AuditVerdict {
                 rows: count,
                 first_broken: Some(seq),
                 detail: Some(why),
-                legacy_rows: legacy,
+                legacy_rows: legacy_before,
                 head: None,
             })
         };
         if seq != self.expected_seq {
-            return broken(
-                format!("row {} is missing (next row is {seq})", self.expected_seq),
-                self.count,
-                self.legacy_rows,
-            );
+            return broken(format!(
+                "row {} is missing (next row is {seq})",
+                self.expected_seq
+            ));
         }
         if stored_prev != self.prev {
-            return broken(
-                "previous-hash does not match the row before".into(),
-                self.count,
-                self.legacy_rows,
-            );
+            return broken("previous-hash does not match the row before".into());
         }
         if audit_mac_ok(self.key, &self.prev, seq, event, detail, stored) {
             self.keyed = true;
         } else if !self.keyed
-            && event.action != "audit.keyed"
+            && event.action != common::AUDIT_KEYED
             && legacy_audit_hash(&self.prev, seq, event, detail).as_slice() == stored
         {
             self.legacy_rows += 1;
@@ -499,8 +503,6 @@ impl<'a> ChainCheck<'a> {
             return broken(
                 "content does not match its MAC (the row was altered, or the key-encryption key is not this CA's)"
                     .into(),
-                self.count,
-                self.legacy_rows,
             );
         }
         let hash = hex(stored);
@@ -508,13 +510,9 @@ impl<'a> ChainCheck<'a> {
             && e.seq == seq
         {
             if e.hash != hash {
-                return broken(
-                    format!(
-                        "row {seq} is not the expected head {e}: the chain was rewritten from there"
-                    ),
-                    self.count,
-                    self.legacy_rows,
-                );
+                return broken(format!(
+                    "row {seq} is not the expected head {e}: the chain was rewritten from there"
+                ));
             }
             self.expect_seen = true;
         }

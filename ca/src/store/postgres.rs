@@ -40,7 +40,8 @@
 //! Why this is one file of over 500 lines: the `Store` implementation, the group-commit writer it
 //! feeds and the importer share the connection pool, the statement set and the audit-head lock
 //! protocol. `sqlite.rs` has the same shape, so the two backends read side by side, method by
-//! method.
+//! method; what they do alike around their SQL (reading rows, the token check, the answer to a
+//! write) is in `common.rs`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -48,15 +49,14 @@ use std::time::Duration;
 
 use deadpool_postgres::Transaction;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
-use subtle::ConstantTimeEq;
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::Row;
 
+use super::common::{self, AUDIT_KEYED, Cell, found, kind_str, unix_now};
 use super::tls::{MakeRustls, Verify, client_config, split_url};
 use super::{
     AuditEvent, AuditHead, AuditKey, AuditRow, AuditVerdict, CaKeyRecord, CertRecord, ChainCheck,
-    Counts, Entry, IssuedCert, JoinToken, KeyKind, Lease, Node, Outcome, Store, StoreError,
-    TokenRefusal, Write, audit_mac, audit_mac_ok, hex, legacy_audit_hash,
+    Counts, Entry, IssuedCert, JoinToken, Lease, Node, Outcome, Store, StoreError, Write,
 };
 
 /// The most writes folded into one transaction.
@@ -77,8 +77,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const MIGRATION_LOCK: i64 = 0x6b69_7468;
 /// The advisory lock id of a replica's start ("kits").
 const STARTUP_LOCK: i64 = 0x6b69_7473;
-/// The action of the row that starts the keyed chain (as in the SQLite store).
-const AUDIT_KEYED: &str = "audit.keyed";
 
 /// The statements of a write group (prepared once per connection).
 const INSERT_CERTS: &str =
@@ -204,6 +202,12 @@ fn db(e: tokio_postgres::Error) -> StoreError {
     match e.as_db_error() {
         Some(d) => StoreError::Db(format!("{}: {}", d.code().code(), d.message())),
         None => StoreError::Db(e.to_string()),
+    }
+}
+
+impl<T: for<'a> tokio_postgres::types::FromSql<'a>> Cell<T> for Row {
+    fn cell(&self, i: usize) -> Result<T, StoreError> {
+        self.try_get(i).map_err(db)
     }
 }
 
@@ -359,6 +363,26 @@ impl PgStore {
         self.up.store(true, Ordering::Relaxed);
         Ok(rows)
     }
+
+    /// Every row `sql` returns, each read by `read`.
+    async fn all<T>(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+        read: impl Fn(&Row) -> Result<T, StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
+        self.query(sql, params).await?.iter().map(read).collect()
+    }
+
+    /// The first row `sql` returns, read by `read`.
+    async fn first<T>(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+        read: impl FnOnce(&Row) -> Result<T, StoreError>,
+    ) -> Result<Option<T>, StoreError> {
+        self.query(sql, params).await?.first().map(read).transpose()
+    }
 }
 
 fn pool(url: &str) -> Result<Pool, StoreError> {
@@ -454,8 +478,7 @@ async fn migrate(client: &mut deadpool_postgres::Client) -> Result<(), StoreErro
     tx.commit().await.map_err(mig)
 }
 
-/// As in the SQLite store: `Some(rows)` when the newest row is a legacy plain hash, `None`
-/// when the chain is empty or keyed, an error when the newest row verifies neither way.
+/// Whether the chain needs an `audit.keyed` row first: see [`common::newest_row_state`].
 async fn newest_row_state(
     client: &deadpool_postgres::Client,
     key: &AuditKey,
@@ -468,40 +491,8 @@ async fn newest_row_state(
         )
         .await
         .map_err(db)?;
-    let Some(r) = row else { return Ok(None) };
-    let (seq, event, detail, prev, stored) = audit_parts(&r);
-    let prev: [u8; 32] = prev.try_into().map_err(|_| StoreError::Corrupt {
-        table: "audit",
-        detail: format!("row {seq} has a previous hash that is not 32 bytes"),
-    })?;
-    if audit_mac_ok(key, &prev, seq, &event, &detail, &stored) {
-        return Ok(None);
-    }
-    if legacy_audit_hash(&prev, seq, &event, &detail).as_slice() == stored.as_slice() {
-        return Ok(Some(seq));
-    }
-    Err(StoreError::Corrupt {
-        table: "audit",
-        detail: format!(
-            "the newest row ({seq}) does not verify under this key-encryption key: the KEK is not the one this CA was started with, or the row was altered (`kith ca audit verify` with the right KEK says which)"
-        ),
-    })
-}
-
-fn audit_parts(r: &Row) -> crate::store::RawAuditRow {
-    (
-        r.get(0),
-        AuditEvent {
-            at: r.get(1),
-            action: r.get(2),
-            subject: r.get(3),
-            outcome: r.get(4),
-            detail: serde_json::Value::Null,
-        },
-        r.get(5),
-        r.get(6),
-        r.get(7),
-    )
+    let newest = row.as_ref().map(common::audit_parts).transpose()?;
+    common::newest_row_state(key, newest)
 }
 
 /// Locks the chain's head for this transaction; other replicas' writes wait until it ends.
@@ -551,9 +542,7 @@ impl Pending {
     }
 
     fn audit(&mut self, key: &AuditKey, e: &AuditEvent, last: &mut (i64, [u8; 32])) {
-        let seq = last.0 + 1;
-        let detail = e.detail.to_string();
-        let hash = audit_mac(key, &last.1, seq, e, &detail);
+        let common::Link { seq, detail, hash } = common::next_link(key, e, last);
         self.seq.push(seq);
         self.at.push(e.at);
         self.action.push(e.action.clone());
@@ -882,8 +871,8 @@ async fn upsert_node<C: deadpool_postgres::GenericClient>(
     .map(drop)
 }
 
-/// One write inside its group's transaction, after the head's lock. A plain issuance's
-/// certificate is already in (see [`group`]).
+/// One write inside its group's transaction, after the head's lock: its own rows, then its
+/// audit row (the audit rows go in together after the group's last write).
 async fn apply<C: deadpool_postgres::GenericClient>(
     tx: &C,
     key: &AuditKey,
@@ -892,17 +881,27 @@ async fn apply<C: deadpool_postgres::GenericClient>(
     pending: &mut Pending,
     last: &mut (i64, [u8; 32]),
 ) -> Result<Outcome, StoreError> {
+    let early = change(tx, replica, op, pending).await?;
+    common::settle(op, early, |e| {
+        pending.audit(key, e, last);
+        Ok(())
+    })
+}
+
+/// A write's own rows; `Some` when it ends without them (see [`common::settle`]). A plain
+/// issuance's certificate is already in (see [`group`]).
+async fn change<C: deadpool_postgres::GenericClient>(
+    tx: &C,
+    replica: &str,
+    op: &Write,
+    pending: &mut Pending,
+) -> Result<Option<Outcome>, StoreError> {
     match op {
-        Write::Issue {
-            cert: _,
-            node,
-            audit,
-        } => {
+        Write::Issue { cert: _, node, .. } => {
             if let Some(node) = node {
                 upsert_node(tx, node).await?;
             }
-            pending.audit(key, audit, last);
-            Ok(Outcome::Done)
+            Ok(None)
         }
         Write::JoinIssue {
             token_id,
@@ -910,7 +909,7 @@ async fn apply<C: deadpool_postgres::GenericClient>(
             now,
             cert,
             node,
-            audit,
+            ..
         } => {
             // SECURITY: the row lock makes a second replica spending the same token wait for
             // this transaction, then read the row as this one left it (used).
@@ -921,27 +920,11 @@ async fn apply<C: deadpool_postgres::GenericClient>(
                 .await
                 .map_err(db)?;
             let row = tx.query_opt(&stmt, &[token_id]).await.map_err(db)?;
-            // SECURITY: constant-time comparison of the secret's hash.
-            let row = row.filter(|r| {
-                let h: Vec<u8> = r.get(0);
-                bool::from(h.as_slice().ct_eq(&token_hash[..]))
-            });
-            let row = row.map(|r| {
-                (
-                    r.get::<_, i64>(1),
-                    r.get::<_, Option<i64>>(2),
-                    r.get::<_, Option<i64>>(3),
-                )
-            });
-            let refusal = match row {
-                None => Some(TokenRefusal::Unknown),
-                Some((_, _, Some(_))) => Some(TokenRefusal::Revoked),
-                Some((_, Some(_), _)) => Some(TokenRefusal::Used),
-                Some((expires, _, _)) if expires <= *now => Some(TokenRefusal::Expired),
-                _ => None,
-            };
-            if let Some(r) = refusal {
-                return Ok(Outcome::TokenRefused(r));
+            let row = row
+                .map(|r| Ok::<_, StoreError>((r.cell(0)?, r.cell(1)?, r.cell(2)?, r.cell(3)?)))
+                .transpose()?;
+            if let Some(r) = common::token_refusal(row, token_hash, *now) {
+                return Ok(Some(Outcome::TokenRefused(r)));
             }
             exec(
                 tx,
@@ -966,13 +949,9 @@ async fn apply<C: deadpool_postgres::GenericClient>(
                 ],
             )
             .await?;
-            pending.audit(key, audit, last);
-            Ok(Outcome::Done)
+            Ok(None)
         }
-        Write::Audit(e) => {
-            pending.audit(key, e, last);
-            Ok(Outcome::Done)
-        }
+        Write::Audit(_) => Ok(None),
         Write::Probe => {
             exec(
                 tx,
@@ -981,32 +960,27 @@ async fn apply<C: deadpool_postgres::GenericClient>(
                 &[&replica],
             )
             .await?;
-            Ok(Outcome::Done)
+            Ok(None)
         }
-        Write::CreateToken(t, audit) => {
+        Write::CreateToken(t, _) => {
             exec(
                 tx,
                 "INSERT INTO join_tokens (hash, id, name, created_at, expires_at) VALUES ($1, $2, $3, $4, $5)",
                 &[&&t.hash[..], &t.id, &t.name, &t.created_at, &t.expires_at],
             )
             .await?;
-            pending.audit(key, audit, last);
-            Ok(Outcome::Done)
+            Ok(None)
         }
-        Write::RevokeToken { id, now, audit } => {
+        Write::RevokeToken { id, now, .. } => {
             let n = exec(
                 tx,
                 "UPDATE join_tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
                 &[now, id],
             )
             .await?;
-            if n == 0 {
-                return Ok(Outcome::NotFound);
-            }
-            pending.audit(key, audit, last);
-            Ok(Outcome::Done)
+            Ok(found(n))
         }
-        Write::PutEntry(e, audit) => {
+        Write::PutEntry(e, _) => {
             exec(
                 tx,
                 "INSERT INTO entries (id, spiffe_id, parent_id, selectors, ttl, dns, created_at)
@@ -1015,42 +989,29 @@ async fn apply<C: deadpool_postgres::GenericClient>(
                     &e.id,
                     &e.spiffe_id,
                     &e.parent_id,
-                    &serde_json::to_string(&e.selectors).unwrap_or_default(),
-                    &e.ttl.map(|t| t as i64),
-                    &serde_json::to_string(&e.dns).unwrap_or_default(),
+                    &common::json_list(&e.selectors),
+                    &common::ttl_column(e.ttl),
+                    &common::json_list(&e.dns),
                     &e.created_at,
                 ],
             )
             .await?;
-            pending.audit(key, audit, last);
-            Ok(Outcome::Done)
+            Ok(None)
         }
-        Write::DeleteEntry { id, audit } => {
+        Write::DeleteEntry { id, .. } => {
             let n = exec(tx, "DELETE FROM entries WHERE id = $1", &[id]).await?;
-            if n == 0 {
-                return Ok(Outcome::NotFound);
-            }
-            pending.audit(key, audit, last);
-            Ok(Outcome::Done)
+            Ok(found(n))
         }
-        Write::EvictNode {
-            spiffe_id,
-            now,
-            audit,
-        } => {
+        Write::EvictNode { spiffe_id, now, .. } => {
             let n = exec(
                 tx,
                 "UPDATE nodes SET evicted_at = $1 WHERE spiffe_id = $2 AND evicted_at IS NULL",
                 &[now, spiffe_id],
             )
             .await?;
-            if n == 0 {
-                return Ok(Outcome::NotFound);
-            }
-            pending.audit(key, audit, last);
-            Ok(Outcome::Done)
+            Ok(found(n))
         }
-        Write::PutCaKey(k, audit) => {
+        Write::PutCaKey(k, _) => {
             exec(
                 tx,
                 "INSERT INTO ca_keys (id, kind, cert_der, sealed_key, not_before, not_after, activate_at, created_at)
@@ -1067,31 +1028,22 @@ async fn apply<C: deadpool_postgres::GenericClient>(
                 ],
             )
             .await?;
-            pending.audit(key, audit, last);
-            Ok(Outcome::Done)
+            Ok(None)
         }
-        Write::ResealCaKey {
-            id,
-            sealed_key,
-            audit,
-        } => {
+        Write::ResealCaKey { id, sealed_key, .. } => {
             let n = exec(
                 tx,
                 "UPDATE ca_keys SET sealed_key = $1 WHERE id = $2",
                 &[sealed_key, id],
             )
             .await?;
-            if n == 0 {
-                return Ok(Outcome::NotFound);
-            }
-            pending.audit(key, audit, last);
-            Ok(Outcome::Done)
+            Ok(found(n))
         }
         Write::ActivateCaKey {
             id,
             activate_at,
             sealed_key,
-            audit,
+            ..
         } => {
             let n = exec(
                 tx,
@@ -1099,45 +1051,8 @@ async fn apply<C: deadpool_postgres::GenericClient>(
                 &[activate_at, sealed_key, id],
             )
             .await?;
-            if n == 0 {
-                return Ok(Outcome::NotFound);
-            }
-            pending.audit(key, audit, last);
-            Ok(Outcome::Done)
+            Ok(found(n))
         }
-    }
-}
-
-fn token_row(r: &Row) -> JoinToken {
-    let hash: Vec<u8> = r.get(0);
-    let mut h = [0u8; 32];
-    if hash.len() == 32 {
-        h.copy_from_slice(&hash);
-    }
-    JoinToken {
-        hash: h,
-        id: r.get(1),
-        name: r.get(2),
-        created_at: r.get(3),
-        expires_at: r.get(4),
-        used_at: r.get(5),
-        revoked_at: r.get(6),
-    }
-}
-
-fn audit_row(r: &Row) -> AuditRow {
-    let detail: String = r.get(5);
-    AuditRow {
-        seq: r.get(0),
-        event: AuditEvent {
-            at: r.get(1),
-            action: r.get(2),
-            subject: r.get(3),
-            outcome: r.get(4),
-            detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::String(detail)),
-        },
-        prev_hash: hex(&r.get::<_, Vec<u8>>(6)),
-        hash: hex(&r.get::<_, Vec<u8>>(7)),
     }
 }
 
@@ -1151,122 +1066,68 @@ impl Store for PgStore {
     }
 
     async fn ca_keys(&self) -> Result<Vec<CaKeyRecord>, StoreError> {
-        let rows = self
-            .query(
-                "SELECT id, kind, cert_der, sealed_key, not_before, not_after, activate_at, created_at
+        self.all(
+            "SELECT id, kind, cert_der, sealed_key, not_before, not_after, activate_at, created_at
                  FROM ca_keys ORDER BY created_at, id",
-                &[],
-            )
-            .await?;
-        rows.iter()
-            .map(|r| {
-                let id: String = r.get(0);
-                let kind: String = r.get(1);
-                let kind = parse_kind(&kind).ok_or_else(|| StoreError::Corrupt {
-                    table: "ca_keys",
-                    detail: format!("key {id} has unknown kind {kind:?}"),
-                })?;
-                Ok(CaKeyRecord {
-                    id,
-                    kind,
-                    cert_der: r.get(2),
-                    sealed_key: r.get(3),
-                    not_before: r.get(4),
-                    not_after: r.get(5),
-                    activate_at: r.get(6),
-                    created_at: r.get(7),
-                })
-            })
-            .collect()
+            &[],
+            common::ca_key,
+        )
+        .await
     }
 
     async fn token(&self, id: &str) -> Result<Option<JoinToken>, StoreError> {
-        let rows = self
-            .query(
-                "SELECT hash, id, name, created_at, expires_at, used_at, revoked_at FROM join_tokens WHERE id = $1",
-                &[&id],
-            )
-            .await?;
-        Ok(rows.first().map(token_row))
+        self.first(
+            "SELECT hash, id, name, created_at, expires_at, used_at, revoked_at FROM join_tokens WHERE id = $1",
+            &[&id],
+            common::token,
+        )
+        .await
     }
 
     async fn certificate(&self, serial: &[u8]) -> Result<Option<CertRecord>, StoreError> {
-        let rows = self
-            .query(
-                "SELECT spiffe_id, kind, parent FROM certificates WHERE serial = $1",
-                &[&serial],
-            )
-            .await?;
-        Ok(rows.first().map(|r| CertRecord {
-            spiffe_id: r.get(0),
-            kind: r.get(1),
-            parent: r.get(2),
-        }))
+        self.first(
+            "SELECT spiffe_id, kind, parent FROM certificates WHERE serial = $1",
+            &[&serial],
+            common::cert_record,
+        )
+        .await
     }
 
     async fn tokens(&self) -> Result<Vec<JoinToken>, StoreError> {
-        let rows = self
-            .query(
-                "SELECT hash, id, name, created_at, expires_at, used_at, revoked_at FROM join_tokens ORDER BY created_at, id",
-                &[],
-            )
-            .await?;
-        Ok(rows.iter().map(token_row).collect())
+        self.all(
+            "SELECT hash, id, name, created_at, expires_at, used_at, revoked_at FROM join_tokens ORDER BY created_at, id",
+            &[],
+            common::token,
+        )
+        .await
     }
 
     async fn entries(&self) -> Result<Vec<Entry>, StoreError> {
-        let rows = self
-            .query(
-                "SELECT id, spiffe_id, parent_id, selectors, ttl, dns, created_at FROM entries ORDER BY created_at, id",
-                &[],
-            )
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|r| {
-                let selectors: String = r.get(3);
-                let dns: String = r.get(5);
-                Entry {
-                    id: r.get(0),
-                    spiffe_id: r.get(1),
-                    parent_id: r.get(2),
-                    selectors: serde_json::from_str(&selectors).unwrap_or_default(),
-                    ttl: r.get::<_, Option<i64>>(4).map(|t| t.max(0) as u64),
-                    dns: serde_json::from_str(&dns).unwrap_or_default(),
-                    created_at: r.get(6),
-                }
-            })
-            .collect())
+        self.all(
+            "SELECT id, spiffe_id, parent_id, selectors, ttl, dns, created_at FROM entries ORDER BY created_at, id",
+            &[],
+            common::entry,
+        )
+        .await
     }
 
     async fn nodes(&self) -> Result<Vec<Node>, StoreError> {
-        let rows = self
-            .query(
-                "SELECT spiffe_id, name, attested_at, last_issued_at, evicted_at FROM nodes ORDER BY spiffe_id",
-                &[],
-            )
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|r| Node {
-                spiffe_id: r.get(0),
-                name: r.get(1),
-                attested_at: r.get(2),
-                last_issued_at: r.get(3),
-                evicted_at: r.get(4),
-            })
-            .collect())
+        self.all(
+            "SELECT spiffe_id, name, attested_at, last_issued_at, evicted_at FROM nodes ORDER BY spiffe_id",
+            &[],
+            common::node,
+        )
+        .await
     }
 
     async fn audit(&self, after_seq: i64, limit: i64) -> Result<Vec<AuditRow>, StoreError> {
-        let rows = self
-            .query(
-                "SELECT seq, at, action, subject, outcome, detail, prev_hash, hash FROM audit
+        self.all(
+            "SELECT seq, at, action, subject, outcome, detail, prev_hash, hash FROM audit
                  WHERE seq > $1 ORDER BY seq LIMIT $2",
-                &[&after_seq, &limit],
-            )
-            .await?;
-        Ok(rows.iter().map(audit_row).collect())
+            &[&after_seq, &limit],
+            common::audit_row,
+        )
+        .await
     }
 
     async fn verify_audit(&self, expect: Option<&AuditHead>) -> Result<AuditVerdict, StoreError> {
@@ -1282,7 +1143,7 @@ impl Store for PgStore {
                 )
                 .await?;
             for r in &rows {
-                let (seq, event, detail, prev, stored) = audit_parts(r);
+                let (seq, event, detail, prev, stored) = common::audit_parts(r)?;
                 if let Some(verdict) = check.push(seq, &event, &detail, &prev, &stored) {
                     return Ok(verdict);
                 }
@@ -1295,13 +1156,12 @@ impl Store for PgStore {
     }
 
     async fn audit_head(&self) -> Result<Option<AuditHead>, StoreError> {
-        let rows = self
-            .query("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", &[])
-            .await?;
-        Ok(rows.first().map(|r| AuditHead {
-            seq: r.get(0),
-            hash: hex(&r.get::<_, Vec<u8>>(1)),
-        }))
+        self.first(
+            "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
+            &[],
+            common::audit_head,
+        )
+        .await
     }
 
     async fn audit_has(&self, action: &str, subject: &str) -> Result<bool, StoreError> {
@@ -1492,9 +1352,9 @@ pub mod import {
                 &e.id,
                 &e.spiffe_id,
                 &e.parent_id,
-                &serde_json::to_string(&e.selectors).unwrap_or_default(),
-                &e.ttl.map(|t| t as i64),
-                &serde_json::to_string(&e.dns).unwrap_or_default(),
+                &common::json_list(&e.selectors),
+                &common::ttl_column(e.ttl),
+                &common::json_list(&e.dns),
                 &e.created_at,
             ],
         )
@@ -1564,34 +1424,10 @@ pub mod import {
     }
 }
 
-fn kind_str(k: KeyKind) -> &'static str {
-    match k {
-        KeyKind::Root => "root",
-        KeyKind::Intermediate => "intermediate",
-        KeyKind::Jwt => "jwt",
-    }
-}
-
-fn parse_kind(s: &str) -> Option<KeyKind> {
-    match s {
-        "root" => Some(KeyKind::Root),
-        "intermediate" => Some(KeyKind::Intermediate),
-        "jwt" => Some(KeyKind::Jwt),
-        _ => None,
-    }
-}
-
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "unknown".into())
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }

@@ -5,20 +5,20 @@
 //!
 //! Why this is one file of over 500 lines: the `Store` implementation and its writer thread share
 //! one connection, the migrations and the audit chain's append; `postgres.rs` has the same shape,
-//! so the two backends read side by side, method by method.
+//! so the two backends read side by side, method by method. What they do alike around their SQL
+//! (reading rows, the token check, the answer to a write) is in `common.rs`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::thread;
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
-use subtle::ConstantTimeEq;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Params, Row, Statement, params};
 use tokio::sync::{mpsc, oneshot};
 
+use super::common::{self, Cell, TokenState, found, kind_str, unix_now};
 use super::{
-    AuditEvent, AuditHead, AuditKey, AuditRow, AuditVerdict, CaKeyRecord, CertRecord, Counts,
-    Entry, IssuedCert, JoinToken, KeyKind, Node, Outcome, Store, StoreError, TokenRefusal, Write,
-    audit_mac, audit_mac_ok, hex, legacy_audit_hash,
+    AuditEvent, AuditHead, AuditKey, AuditRow, AuditVerdict, CaKeyRecord, CertRecord, ChainCheck,
+    Counts, Entry, IssuedCert, JoinToken, Node, Outcome, Store, StoreError, Write,
 };
 
 /// The most writes folded into one transaction.
@@ -84,8 +84,7 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE certificates ADD COLUMN parent TEXT;",
 ];
 
-/// The action of the row that starts the keyed chain in a database an older kith began.
-pub const AUDIT_KEYED: &str = "audit.keyed";
+pub use super::common::AUDIT_KEYED;
 
 pub struct SqliteStore {
     path: PathBuf,
@@ -101,6 +100,36 @@ struct Job {
 
 fn db(e: rusqlite::Error) -> StoreError {
     StoreError::Db(e.to_string())
+}
+
+impl<T: rusqlite::types::FromSql> Cell<T> for Row<'_> {
+    fn cell(&self, i: usize) -> Result<T, StoreError> {
+        self.get(i).map_err(db)
+    }
+}
+
+/// Every row `stmt` returns for `params`, each read by `read`.
+fn all<'s, T>(
+    stmt: &'s mut Statement<'_>,
+    params: impl Params,
+    read: impl Fn(&Row<'s>) -> Result<T, StoreError>,
+) -> Result<Vec<T>, StoreError> {
+    let mut rows = stmt.query(params).map_err(db)?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next().map_err(db)? {
+        out.push(read(r)?);
+    }
+    Ok(out)
+}
+
+/// The first row `stmt` returns for `params`, read by `read`.
+fn first<'s, T>(
+    stmt: &'s mut Statement<'_>,
+    params: impl Params,
+    read: impl FnOnce(&Row<'s>) -> Result<T, StoreError>,
+) -> Result<Option<T>, StoreError> {
+    let mut rows = stmt.query(params).map_err(db)?;
+    rows.next().map_err(db)?.map(read).transpose()
 }
 
 impl SqliteStore {
@@ -264,51 +293,16 @@ fn last_hash(conn: &Connection) -> Result<(i64, [u8; 32]), StoreError> {
     }
 }
 
-/// Whether the chain needs an `audit.keyed` row before this key's rows: `Some(rows)` when the
-/// newest row is a legacy plain hash; `None` when the chain is empty or already keyed.
+/// Whether the chain needs an `audit.keyed` row first: see [`common::newest_row_state`].
 fn newest_row_state(conn: &Connection, key: &AuditKey) -> Result<Option<i64>, StoreError> {
-    let row = conn
-        .query_row(
+    let mut stmt = conn
+        .prepare(
             "SELECT seq, at, action, subject, outcome, detail, prev_hash, hash FROM audit
              ORDER BY seq DESC LIMIT 1",
-            [],
-            |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    AuditEvent {
-                        at: r.get(1)?,
-                        action: r.get(2)?,
-                        subject: r.get(3)?,
-                        outcome: r.get(4)?,
-                        detail: serde_json::Value::Null,
-                    },
-                    r.get::<_, String>(5)?,
-                    r.get::<_, Vec<u8>>(6)?,
-                    r.get::<_, Vec<u8>>(7)?,
-                ))
-            },
         )
-        .optional()
         .map_err(db)?;
-    let Some((seq, event, detail, prev, stored)) = row else {
-        return Ok(None);
-    };
-    let prev: [u8; 32] = prev.try_into().map_err(|_| StoreError::Corrupt {
-        table: "audit",
-        detail: format!("row {seq} has a previous hash that is not 32 bytes"),
-    })?;
-    if audit_mac_ok(key, &prev, seq, &event, &detail, &stored) {
-        return Ok(None);
-    }
-    if legacy_audit_hash(&prev, seq, &event, &detail).as_slice() == stored.as_slice() {
-        return Ok(Some(seq));
-    }
-    Err(StoreError::Corrupt {
-        table: "audit",
-        detail: format!(
-            "the newest row ({seq}) does not verify under this key-encryption key: the KEK is not the one this CA was started with, or the row was altered (`kith ca audit verify` with the right KEK says which)"
-        ),
-    })
+    let newest = first(&mut stmt, [], common::audit_parts)?;
+    common::newest_row_state(key, newest)
 }
 
 /// The writer loop: take one job, drain whatever else is waiting, apply them all in one
@@ -375,9 +369,7 @@ fn append_audit(
     e: &AuditEvent,
     last: &mut (i64, [u8; 32]),
 ) -> rusqlite::Result<()> {
-    let seq = last.0 + 1;
-    let detail = e.detail.to_string();
-    let hash = audit_mac(key, &last.1, seq, e, &detail);
+    let common::Link { seq, detail, hash } = common::next_link(key, e, last);
     tx.prepare_cached(
         "INSERT INTO audit (seq, at, action, subject, outcome, detail, prev_hash, hash)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -419,24 +411,31 @@ fn upsert_node(tx: &Connection, n: &Node) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// A join token's stored hash, expiry, use and revocation times.
-type TokenState = (Vec<u8>, i64, Option<i64>, Option<i64>);
+/// Runs one cached statement; the number of rows it changed.
+fn exec(tx: &Connection, sql: &str, params: impl Params) -> rusqlite::Result<u64> {
+    Ok(tx.prepare_cached(sql)?.execute(params)? as u64)
+}
 
-/// Applies one write inside its savepoint (which derefs to the connection).
+/// Applies one write inside its transaction: its own rows, then its audit row.
 fn apply(
     tx: &Connection,
     key: &AuditKey,
     op: &Write,
     last: &mut (i64, [u8; 32]),
 ) -> rusqlite::Result<Outcome> {
+    let early = change(tx, op)?;
+    common::settle(op, early, |e| append_audit(tx, key, e, last))
+}
+
+/// A write's own rows; `Some` when it ends without them (see [`common::settle`]).
+fn change(tx: &Connection, op: &Write) -> rusqlite::Result<Option<Outcome>> {
     match op {
-        Write::Issue { cert, node, audit } => {
+        Write::Issue { cert, node, .. } => {
             insert_cert(tx, cert)?;
             if let Some(node) = node {
                 upsert_node(tx, node)?;
             }
-            append_audit(tx, key, audit, last)?;
-            Ok(Outcome::Done)
+            Ok(None)
         }
         Write::JoinIssue {
             token_id,
@@ -444,7 +443,7 @@ fn apply(
             now,
             cert,
             node,
-            audit,
+            ..
         } => {
             let row: Option<TokenState> = tx
                 .prepare_cached(
@@ -454,119 +453,88 @@ fn apply(
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
                 })
                 .optional()?;
-            // SECURITY: constant-time comparison of the secret's hash.
-            let row = row.filter(|(h, ..)| bool::from(h.as_slice().ct_eq(&token_hash[..])));
-            let row = row.map(|(_, e, u, r)| (e, u, r));
-            let refusal = match row {
-                None => Some(TokenRefusal::Unknown),
-                Some((_, _, Some(_))) => Some(TokenRefusal::Revoked),
-                Some((_, Some(_), _)) => Some(TokenRefusal::Used),
-                Some((expires, _, _)) if expires <= *now => Some(TokenRefusal::Expired),
-                _ => None,
-            };
-            if let Some(r) = refusal {
-                return Ok(Outcome::TokenRefused(r));
+            if let Some(r) = common::token_refusal(row, token_hash, *now) {
+                return Ok(Some(Outcome::TokenRefused(r)));
             }
-            tx.prepare_cached("UPDATE join_tokens SET used_at = ?1 WHERE id = ?2")?
-                .execute(params![now, token_id])?;
+            exec(
+                tx,
+                "UPDATE join_tokens SET used_at = ?1 WHERE id = ?2",
+                params![now, token_id],
+            )?;
             insert_cert(tx, cert)?;
             // A node re-attesting with a new token after eviction is a new decision by an
             // operator (they made the token), so it clears the eviction.
-            tx.prepare_cached(
+            exec(
+                tx,
                 "INSERT INTO nodes (spiffe_id, name, attested_at, last_issued_at, evicted_at)
                  VALUES (?1, ?2, ?3, ?4, NULL)
                  ON CONFLICT(spiffe_id) DO UPDATE SET attested_at = excluded.attested_at,
                    last_issued_at = excluded.last_issued_at, evicted_at = NULL",
-            )?
-            .execute(params![
-                node.spiffe_id,
-                node.name,
-                node.attested_at,
-                node.last_issued_at
-            ])?;
-            append_audit(tx, key, audit, last)?;
-            Ok(Outcome::Done)
+                params![
+                    node.spiffe_id,
+                    node.name,
+                    node.attested_at,
+                    node.last_issued_at
+                ],
+            )?;
+            Ok(None)
         }
-        Write::Audit(e) => {
-            append_audit(tx, key, e, last)?;
-            Ok(Outcome::Done)
-        }
+        Write::Audit(_) => Ok(None),
         Write::Probe => {
             // Rewrites the header's user_version with its own value: a real page write (and
             // fsync at commit) without a table of its own.
             let v: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
             tx.execute_batch(&format!("PRAGMA user_version = {v}"))?;
-            Ok(Outcome::Done)
+            Ok(None)
         }
-        Write::CreateToken(t, audit) => {
-            tx.prepare_cached(
+        Write::CreateToken(t, _) => {
+            exec(
+                tx,
                 "INSERT INTO join_tokens (hash, id, name, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?
-            .execute(params![&t.hash[..], t.id, t.name, t.created_at, t.expires_at])?;
-            append_audit(tx, key, audit, last)?;
-            Ok(Outcome::Done)
+                params![&t.hash[..], t.id, t.name, t.created_at, t.expires_at],
+            )?;
+            Ok(None)
         }
-        Write::RevokeToken { id, now, audit } => {
-            let n = tx
-                .prepare_cached(
-                    "UPDATE join_tokens SET revoked_at = ?1 WHERE id = ?2 AND revoked_at IS NULL",
-                )?
-                .execute(params![now, id])?;
-            if n == 0 {
-                return Ok(Outcome::NotFound);
-            }
-            append_audit(tx, key, audit, last)?;
-            Ok(Outcome::Done)
+        Write::RevokeToken { id, now, .. } => {
+            let n = exec(
+                tx,
+                "UPDATE join_tokens SET revoked_at = ?1 WHERE id = ?2 AND revoked_at IS NULL",
+                params![now, id],
+            )?;
+            Ok(found(n))
         }
-        Write::PutEntry(e, audit) => {
-            tx.prepare_cached(
+        Write::PutEntry(e, _) => {
+            exec(
+                tx,
                 "INSERT INTO entries (id, spiffe_id, parent_id, selectors, ttl, dns, created_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )?
-            .execute(params![
-                e.id,
-                e.spiffe_id,
-                e.parent_id,
-                serde_json::to_string(&e.selectors).unwrap_or_default(),
-                e.ttl.map(|t| t as i64),
-                serde_json::to_string(&e.dns).unwrap_or_default(),
-                e.created_at
-            ])?;
-            append_audit(tx, key, audit, last)?;
-            Ok(Outcome::Done)
+                params![
+                    e.id,
+                    e.spiffe_id,
+                    e.parent_id,
+                    common::json_list(&e.selectors),
+                    common::ttl_column(e.ttl),
+                    common::json_list(&e.dns),
+                    e.created_at
+                ],
+            )?;
+            Ok(None)
         }
-        Write::DeleteEntry { id, audit } => {
-            let n = tx
-                .prepare_cached("DELETE FROM entries WHERE id = ?1")?
-                .execute(params![id])?;
-            if n == 0 {
-                return Ok(Outcome::NotFound);
-            }
-            append_audit(tx, key, audit, last)?;
-            Ok(Outcome::Done)
+        Write::DeleteEntry { id, .. } => {
+            let n = exec(tx, "DELETE FROM entries WHERE id = ?1", params![id])?;
+            Ok(found(n))
         }
-        Write::EvictNode {
-            spiffe_id,
-            now,
-            audit,
-        } => {
-            let n = tx
-                .prepare_cached(
-                    "UPDATE nodes SET evicted_at = ?1 WHERE spiffe_id = ?2 AND evicted_at IS NULL",
-                )?
-                .execute(params![now, spiffe_id])?;
-            if n == 0 {
-                return Ok(Outcome::NotFound);
-            }
-            append_audit(tx, key, audit, last)?;
-            Ok(Outcome::Done)
+        Write::EvictNode { spiffe_id, now, .. } => {
+            let n = exec(
+                tx,
+                "UPDATE nodes SET evicted_at = ?1 WHERE spiffe_id = ?2 AND evicted_at IS NULL",
+                params![now, spiffe_id],
+            )?;
+            Ok(found(n))
         }
-        Write::PutCaKey(k, audit) => {
-            tx.prepare_cached(
-                "INSERT INTO ca_keys (id, kind, cert_der, sealed_key, not_before, not_after, activate_at, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            )?
-            .execute(params![
+        Write::PutCaKey(k, _) => {
+            exec(tx, "INSERT INTO ca_keys (id, kind, cert_der, sealed_key, not_before, not_after, activate_at, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)", params![
                 k.id,
                 kind_str(k.kind),
                 k.cert_der,
@@ -576,39 +544,28 @@ fn apply(
                 k.activate_at,
                 k.created_at
             ])?;
-            append_audit(tx, key, audit, last)?;
-            Ok(Outcome::Done)
+            Ok(None)
         }
-        Write::ResealCaKey {
-            id,
-            sealed_key,
-            audit,
-        } => {
-            let n = tx
-                .prepare_cached("UPDATE ca_keys SET sealed_key = ?1 WHERE id = ?2")?
-                .execute(params![sealed_key, id])?;
-            if n == 0 {
-                return Ok(Outcome::NotFound);
-            }
-            append_audit(tx, key, audit, last)?;
-            Ok(Outcome::Done)
+        Write::ResealCaKey { id, sealed_key, .. } => {
+            let n = exec(
+                tx,
+                "UPDATE ca_keys SET sealed_key = ?1 WHERE id = ?2",
+                params![sealed_key, id],
+            )?;
+            Ok(found(n))
         }
         Write::ActivateCaKey {
             id,
             activate_at,
             sealed_key,
-            audit,
+            ..
         } => {
-            let n = tx
-                .prepare_cached(
-                    "UPDATE ca_keys SET activate_at = ?1, sealed_key = ?2 WHERE id = ?3",
-                )?
-                .execute(params![activate_at, sealed_key, id])?;
-            if n == 0 {
-                return Ok(Outcome::NotFound);
-            }
-            append_audit(tx, key, audit, last)?;
-            Ok(Outcome::Done)
+            let n = exec(
+                tx,
+                "UPDATE ca_keys SET activate_at = ?1, sealed_key = ?2 WHERE id = ?3",
+                params![activate_at, sealed_key, id],
+            )?;
+            Ok(found(n))
         }
     }
 }
@@ -623,69 +580,28 @@ impl Store for SqliteStore {
     }
 
     async fn ca_keys(&self) -> Result<Vec<CaKeyRecord>, StoreError> {
-        self.read(|c| {
-            let mut stmt = c
-                .prepare(
-                    "SELECT id, kind, cert_der, sealed_key, not_before, not_after, activate_at, created_at
-                     FROM ca_keys ORDER BY created_at, id",
-                )
-                .map_err(db)?;
-            let rows = stmt
-                .query_map([], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        CaKeyRecord {
-                            id: r.get(0)?,
-                            kind: KeyKind::Root,
-                            cert_der: r.get(2)?,
-                            sealed_key: r.get(3)?,
-                            not_before: r.get(4)?,
-                            not_after: r.get(5)?,
-                            activate_at: r.get(6)?,
-                            created_at: r.get(7)?,
-                        },
-                    ))
-                })
-                .map_err(db)?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (id, kind, mut rec) = row.map_err(db)?;
-                rec.kind = parse_kind(&kind).ok_or_else(|| StoreError::Corrupt {
-                    table: "ca_keys",
-                    detail: format!("key {id} has unknown kind {kind:?}"),
-                })?;
-                out.push(rec);
-            }
-            Ok(out)
-        })
+        self.read(ca_keys)
     }
 
     async fn token(&self, id: &str) -> Result<Option<JoinToken>, StoreError> {
         self.read(|c| {
-            c.prepare_cached(
-                "SELECT hash, id, name, created_at, expires_at, used_at, revoked_at FROM join_tokens WHERE id = ?1",
-            )
-            .map_err(db)?
-            .query_row(params![id], token_row)
-            .optional()
-            .map_err(db)
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT hash, id, name, created_at, expires_at, used_at, revoked_at FROM join_tokens WHERE id = ?1",
+                )
+                .map_err(db)?;
+            first(&mut stmt, params![id], common::token)
         })
     }
 
     async fn certificate(&self, serial: &[u8]) -> Result<Option<CertRecord>, StoreError> {
         self.read(|c| {
-            c.prepare_cached("SELECT spiffe_id, kind, parent FROM certificates WHERE serial = ?1")
-                .map_err(db)?
-                .query_row(params![serial], |r| {
-                    Ok(CertRecord {
-                        spiffe_id: r.get(0)?,
-                        kind: r.get(1)?,
-                        parent: r.get(2)?,
-                    })
-                })
-                .optional()
-                .map_err(db)
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT spiffe_id, kind, parent FROM certificates WHERE serial = ?1",
+                )
+                .map_err(db)?;
+            first(&mut stmt, params![serial], common::cert_record)
         })
     }
 
@@ -696,53 +612,16 @@ impl Store for SqliteStore {
                     "SELECT hash, id, name, created_at, expires_at, used_at, revoked_at FROM join_tokens ORDER BY created_at",
                 )
                 .map_err(db)?;
-            let rows = stmt.query_map([], token_row).map_err(db)?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(db)
+            all(&mut stmt, [], common::token)
         })
     }
 
     async fn entries(&self) -> Result<Vec<Entry>, StoreError> {
-        self.read(|c| {
-            let mut stmt = c
-                .prepare("SELECT id, spiffe_id, parent_id, selectors, ttl, dns, created_at FROM entries ORDER BY created_at, id")
-                .map_err(db)?;
-            let rows = stmt
-                .query_map([], |r| {
-                    let selectors: String = r.get(3)?;
-                    let dns: String = r.get(5)?;
-                    Ok(Entry {
-                        id: r.get(0)?,
-                        spiffe_id: r.get(1)?,
-                        parent_id: r.get(2)?,
-                        selectors: serde_json::from_str(&selectors).unwrap_or_default(),
-                        ttl: r.get::<_, Option<i64>>(4)?.map(|t| t.max(0) as u64),
-                        dns: serde_json::from_str(&dns).unwrap_or_default(),
-                        created_at: r.get(6)?,
-                    })
-                })
-                .map_err(db)?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(db)
-        })
+        self.read(entries)
     }
 
     async fn nodes(&self) -> Result<Vec<Node>, StoreError> {
-        self.read(|c| {
-            let mut stmt = c
-                .prepare("SELECT spiffe_id, name, attested_at, last_issued_at, evicted_at FROM nodes ORDER BY spiffe_id")
-                .map_err(db)?;
-            let rows = stmt
-                .query_map([], |r| {
-                    Ok(Node {
-                        spiffe_id: r.get(0)?,
-                        name: r.get(1)?,
-                        attested_at: r.get(2)?,
-                        last_issued_at: r.get(3)?,
-                        evicted_at: r.get(4)?,
-                    })
-                })
-                .map_err(db)?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(db)
-        })
+        self.read(nodes)
     }
 
     async fn audit(&self, after_seq: i64, limit: i64) -> Result<Vec<AuditRow>, StoreError> {
@@ -786,21 +665,28 @@ impl Store for SqliteStore {
     }
 }
 
-fn token_row(r: &Row<'_>) -> rusqlite::Result<JoinToken> {
-    let hash: Vec<u8> = r.get(0)?;
-    let mut h = [0u8; 32];
-    if hash.len() == 32 {
-        h.copy_from_slice(&hash);
-    }
-    Ok(JoinToken {
-        hash: h,
-        id: r.get(1)?,
-        name: r.get(2)?,
-        created_at: r.get(3)?,
-        expires_at: r.get(4)?,
-        used_at: r.get(5)?,
-        revoked_at: r.get(6)?,
-    })
+fn ca_keys(c: &Connection) -> Result<Vec<CaKeyRecord>, StoreError> {
+    let mut stmt = c
+        .prepare(
+            "SELECT id, kind, cert_der, sealed_key, not_before, not_after, activate_at, created_at
+             FROM ca_keys ORDER BY created_at, id",
+        )
+        .map_err(db)?;
+    all(&mut stmt, [], common::ca_key)
+}
+
+fn entries(c: &Connection) -> Result<Vec<Entry>, StoreError> {
+    let mut stmt = c
+        .prepare("SELECT id, spiffe_id, parent_id, selectors, ttl, dns, created_at FROM entries ORDER BY created_at, id")
+        .map_err(db)?;
+    all(&mut stmt, [], common::entry)
+}
+
+fn nodes(c: &Connection) -> Result<Vec<Node>, StoreError> {
+    let mut stmt = c
+        .prepare("SELECT spiffe_id, name, attested_at, last_issued_at, evicted_at FROM nodes ORDER BY spiffe_id")
+        .map_err(db)?;
+    all(&mut stmt, [], common::node)
 }
 
 fn audit_rows(c: &Connection, after_seq: i64, limit: i64) -> Result<Vec<AuditRow>, StoreError> {
@@ -810,51 +696,17 @@ fn audit_rows(c: &Connection, after_seq: i64, limit: i64) -> Result<Vec<AuditRow
              WHERE seq > ?1 ORDER BY seq LIMIT ?2",
         )
         .map_err(db)?;
-    let rows = stmt
-        .query_map(params![after_seq, limit], |r| {
-            let detail: String = r.get(5)?;
-            Ok(AuditRow {
-                seq: r.get(0)?,
-                event: AuditEvent {
-                    at: r.get(1)?,
-                    action: r.get(2)?,
-                    subject: r.get(3)?,
-                    outcome: r.get(4)?,
-                    detail: serde_json::from_str(&detail)
-                        .unwrap_or(serde_json::Value::String(detail)),
-                },
-                prev_hash: hex(&r.get::<_, Vec<u8>>(6)?),
-                hash: hex(&r.get::<_, Vec<u8>>(7)?),
-            })
-        })
-        .map_err(db)?;
-    rows.collect::<Result<Vec<_>, _>>().map_err(db)
+    all(&mut stmt, params![after_seq, limit], common::audit_row)
 }
 
 fn audit_head(c: &Connection) -> Result<Option<AuditHead>, StoreError> {
-    c.query_row(
-        "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
-        [],
-        |r| {
-            Ok(AuditHead {
-                seq: r.get(0)?,
-                hash: hex(&r.get::<_, Vec<u8>>(1)?),
-            })
-        },
-    )
-    .optional()
-    .map_err(db)
+    let mut stmt = c
+        .prepare("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+        .map_err(db)?;
+    first(&mut stmt, [], common::audit_head)
 }
 
-/// Walks the whole chain in order. A row is broken when its sequence number skips (a row was
-/// deleted), its stored previous MAC is not the MAC of the row before, or its own MAC does not
-/// match its content under the audit key (it was edited, or the chain recomputed without the
-/// key).
-///
-/// Rows an older kith wrote (a plain SHA-256 chain) are accepted only before the first keyed
-/// row, and the newest row must be keyed: rewriting the whole log as a plain chain, or cutting
-/// it back to its legacy part, does not verify. Deleting the newest keyed rows leaves a valid
-/// shorter chain; `expect` (a head written down earlier) catches that.
+/// Walks the whole chain in order, in one query (the rules: [`ChainCheck`]).
 fn verify_audit(
     c: &Connection,
     key: &AuditKey,
@@ -863,117 +715,15 @@ fn verify_audit(
     let mut stmt = c
         .prepare("SELECT seq, at, action, subject, outcome, detail, prev_hash, hash FROM audit ORDER BY seq")
         .map_err(db)?;
-    let mut rows = stmt.query([]).map_err(db)?;
-    let mut prev = [0u8; 32];
-    let mut expected_seq = 1i64;
-    let mut count = 0i64;
-    let mut legacy_rows = 0i64;
-    let mut keyed = false;
-    let mut head = None;
-    let mut expect_seen = false;
-    while let Some(r) = rows.next().map_err(db)? {
-        let seq: i64 = r.get(0).map_err(db)?;
-        let detail: String = r.get(5).map_err(db)?;
-        let event = AuditEvent {
-            at: r.get(1).map_err(db)?,
-            action: r.get(2).map_err(db)?,
-            subject: r.get(3).map_err(db)?,
-            outcome: r.get(4).map_err(db)?,
-            detail: serde_json::Value::Null,
-        };
-        let stored_prev: Vec<u8> = r.get(6).map_err(db)?;
-        let stored: Vec<u8> = r.get(7).map_err(db)?;
-        count += 1;
-        let legacy_so_far = legacy_rows;
-        let broken = |why: String| {
-            Ok(AuditVerdict {
-                rows: count,
-                first_broken: Some(seq),
-                detail: Some(why),
-                legacy_rows: legacy_so_far,
-                head: None,
-            })
-        };
-        if seq != expected_seq {
-            return broken(format!("row {expected_seq} is missing (next row is {seq})"));
+    let mut walk = stmt.query([]).map_err(db)?;
+    let mut check = ChainCheck::new(key, expect);
+    while let Some(r) = walk.next().map_err(db)? {
+        let (seq, event, detail, prev, stored) = common::audit_parts(r)?;
+        if let Some(verdict) = check.push(seq, &event, &detail, &prev, &stored) {
+            return Ok(verdict);
         }
-        if stored_prev != prev {
-            return broken("previous-hash does not match the row before".into());
-        }
-        if audit_mac_ok(key, &prev, seq, &event, &detail, &stored) {
-            keyed = true;
-        } else if !keyed
-            && event.action != AUDIT_KEYED
-            && legacy_audit_hash(&prev, seq, &event, &detail).as_slice() == stored.as_slice()
-        {
-            legacy_rows += 1;
-        } else {
-            return broken(
-                "content does not match its MAC (the row was altered, or the key-encryption key is not this CA's)"
-                    .into(),
-            );
-        }
-        let hash = hex(&stored);
-        if let Some(e) = expect
-            && e.seq == seq
-        {
-            if e.hash != hash {
-                return broken(format!(
-                    "row {seq} is not the expected head {e}: the chain was rewritten from there"
-                ));
-            }
-            expect_seen = true;
-        }
-        prev.copy_from_slice(&stored);
-        head = Some(AuditHead { seq, hash });
-        expected_seq += 1;
     }
-    let mut verdict = AuditVerdict {
-        rows: count,
-        first_broken: None,
-        detail: None,
-        legacy_rows,
-        head: head.clone(),
-    };
-    if count > 0 && !keyed {
-        verdict.first_broken = Some(count);
-        verdict.detail = Some(
-            "no row is keyed: the whole chain is plain SHA-256, which anyone can recompute; start the CA once to key it, or the log was rewritten"
-                .into(),
-        );
-    } else if let Some(e) = expect
-        && !expect_seen
-    {
-        verdict.first_broken = Some(count + 1);
-        verdict.detail = Some(format!(
-            "the chain ends at row {count}, before the expected head {e}: rows were deleted"
-        ));
-    }
-    Ok(verdict)
-}
-
-fn kind_str(k: KeyKind) -> &'static str {
-    match k {
-        KeyKind::Root => "root",
-        KeyKind::Intermediate => "intermediate",
-        KeyKind::Jwt => "jwt",
-    }
-}
-
-fn parse_kind(s: &str) -> Option<KeyKind> {
-    match s {
-        "root" => Some(KeyKind::Root),
-        "intermediate" => Some(KeyKind::Intermediate),
-        "jwt" => Some(KeyKind::Jwt),
-        _ => None,
-    }
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    Ok(check.finish())
 }
 
 /// Everything a CA keeps, as stored, for `kith ca store migrate`.
@@ -992,104 +742,32 @@ impl ReadOnly {
     /// Reads every row of every table, unchanged (the audit rows byte for byte).
     pub fn export(&self) -> Result<Export, StoreError> {
         let c = &self.conn;
-        let mut stmt = c
-            .prepare(
-                "SELECT id, kind, cert_der, sealed_key, not_before, not_after, activate_at, created_at
-                 FROM ca_keys ORDER BY created_at, id",
-            )
-            .map_err(db)?;
-        let mut ca_keys = Vec::new();
-        let mut rows = stmt.query([]).map_err(db)?;
-        while let Some(r) = rows.next().map_err(db)? {
-            let id: String = r.get(0).map_err(db)?;
-            let kind: String = r.get(1).map_err(db)?;
-            ca_keys.push(CaKeyRecord {
-                kind: parse_kind(&kind).ok_or_else(|| StoreError::Corrupt {
-                    table: "ca_keys",
-                    detail: format!("key {id} has unknown kind {kind:?}"),
-                })?,
-                id,
-                cert_der: r.get(2).map_err(db)?,
-                sealed_key: r.get(3).map_err(db)?,
-                not_before: r.get(4).map_err(db)?,
-                not_after: r.get(5).map_err(db)?,
-                activate_at: r.get(6).map_err(db)?,
-                created_at: r.get(7).map_err(db)?,
-            });
-        }
-        let tokens = c
-            .prepare(
-                "SELECT hash, id, name, created_at, expires_at, used_at, revoked_at FROM join_tokens ORDER BY created_at, id",
-            )
-            .map_err(db)?
-            .query_map([], token_row)
-            .map_err(db)?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(db)?;
-        let entries = c
-            .prepare("SELECT id, spiffe_id, parent_id, selectors, ttl, dns, created_at FROM entries ORDER BY created_at, id")
-            .map_err(db)?
-            .query_map([], |r| {
-                let selectors: String = r.get(3)?;
-                let dns: String = r.get(5)?;
-                Ok(Entry {
-                    id: r.get(0)?,
-                    spiffe_id: r.get(1)?,
-                    parent_id: r.get(2)?,
-                    selectors: serde_json::from_str(&selectors).unwrap_or_default(),
-                    ttl: r.get::<_, Option<i64>>(4)?.map(|t| t.max(0) as u64),
-                    dns: serde_json::from_str(&dns).unwrap_or_default(),
-                    created_at: r.get(6)?,
-                })
-            })
-            .map_err(db)?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(db)?;
-        let nodes = c
-            .prepare("SELECT spiffe_id, name, attested_at, last_issued_at, evicted_at FROM nodes ORDER BY spiffe_id")
-            .map_err(db)?
-            .query_map([], |r| {
-                Ok(Node {
-                    spiffe_id: r.get(0)?,
-                    name: r.get(1)?,
-                    attested_at: r.get(2)?,
-                    last_issued_at: r.get(3)?,
-                    evicted_at: r.get(4)?,
-                })
-            })
-            .map_err(db)?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(db)?;
-        let certificates = c
-            .prepare("SELECT serial, spiffe_id, kind, not_after, issued_at, parent FROM certificates ORDER BY issued_at")
-            .map_err(db)?
-            .query_map([], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
-            })
-            .map_err(db)?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(db)?;
-        let audit = c
-            .prepare("SELECT seq, at, action, subject, outcome, detail, prev_hash, hash FROM audit ORDER BY seq")
-            .map_err(db)?
-            .query_map([], |r| {
-                Ok((
-                    r.get(0)?,
-                    AuditEvent {
-                        at: r.get(1)?,
-                        action: r.get(2)?,
-                        subject: r.get(3)?,
-                        outcome: r.get(4)?,
-                        detail: serde_json::Value::Null,
-                    },
-                    r.get(5)?,
-                    r.get(6)?,
-                    r.get(7)?,
-                ))
-            })
-            .map_err(db)?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(db)?;
+        let ca_keys = ca_keys(c)?;
+        let tokens = all(
+            &mut c
+                .prepare(
+                    "SELECT hash, id, name, created_at, expires_at, used_at, revoked_at FROM join_tokens ORDER BY created_at, id",
+                )
+                .map_err(db)?,
+            [],
+            common::token,
+        )?;
+        let entries = entries(c)?;
+        let nodes = nodes(c)?;
+        let certificates = all(
+            &mut c
+                .prepare("SELECT serial, spiffe_id, kind, not_after, issued_at, parent FROM certificates ORDER BY issued_at")
+                .map_err(db)?,
+            [],
+            common::cert_row,
+        )?;
+        let audit = all(
+            &mut c
+                .prepare("SELECT seq, at, action, subject, outcome, detail, prev_hash, hash FROM audit ORDER BY seq")
+                .map_err(db)?,
+            [],
+            common::audit_parts,
+        )?;
         Ok(Export {
             ca_keys,
             tokens,
