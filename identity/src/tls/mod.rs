@@ -76,6 +76,36 @@ pub fn client_builder(kx: Kx) -> Result<ConfigBuilder<ClientConfig, WantsVerifie
 #[derive(Clone, Copy, Debug)]
 struct Signatures(WebPkiSupportedAlgorithms);
 
+/// The three handshake-signature methods that rustls's verifier traits (server and client
+/// side alike) ask for, delegated to the verifier's `signatures` field: written once for every
+/// verifier impl of this module.
+macro_rules! signature_methods {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            _message: &[u8],
+            _cert: &rustls_pki_types::CertificateDer<'_>,
+            _dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            self.signatures.tls12()
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls_pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            self.signatures.tls13(message, cert, dss)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.signatures.schemes()
+        }
+    };
+}
+use signature_methods;
+
 impl Signatures {
     fn ring() -> Self {
         Self(rustls::crypto::ring::default_provider().signature_verification_algorithms)
