@@ -349,9 +349,12 @@ impl SelectorPlugin for DockerPlugin {
             };
             let unavailable = |e: DockerError| match e {
                 DockerError::NotFound(_) | DockerError::NotRunning(_) => {
-                    PluginError::denied("docker_container_not_running", error_chain(&e))
+                    PluginError::denied("docker_container_not_running", identity::report::chain(&e))
                 }
-                _ => PluginError::unavailable("docker_engine_unavailable", error_chain(&e)),
+                _ => PluginError::unavailable(
+                    "docker_engine_unavailable",
+                    identity::report::chain(&e),
+                ),
             };
             if caller.pid_ns.is_none() || caller.mnt_ns.is_none() {
                 return Err(PluginError::unavailable(
@@ -544,22 +547,6 @@ fn connect_error(path: &Path, e: io::Error) -> DockerError {
             source: e,
         },
     }
-}
-
-/// The error and its causes on one line, for the plugin's string error.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        // Most messages above already quote their direct source.
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
 }
 
 /// The cache holds plain data; a panic elsewhere cannot leave it inconsistent.

@@ -158,7 +158,7 @@ async fn connect(
     let _ = stream.set_nodelay(true);
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| chain(&e))?;
+        .map_err(|e| identity::report::chain(&e))?;
     // Ends when the sender is dropped or the peer closes.
     tracker.spawn(async move {
         let _ = conn.await;
@@ -182,7 +182,7 @@ async fn send(sender: &mut SendRequest<Empty<Bytes>>, close: bool) -> Result<u16
         .into_body()
         .collect()
         .await
-        .map_err(|e| format!("reading the answer: {}", chain(&e)))?
+        .map_err(|e| format!("reading the answer: {}", identity::report::chain(&e)))?
         .to_bytes();
     if status == 200 && !body.starts_with(b"{\"from\":\"api\"") {
         return Err(format!(
@@ -191,16 +191,4 @@ async fn send(sender: &mut SendRequest<Empty<Bytes>>, close: bool) -> Result<u16
         ));
     }
     Ok(status)
-}
-
-/// An error with its causes: hyper's own message alone ("connection error") says too little.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
 }

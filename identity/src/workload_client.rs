@@ -163,28 +163,13 @@ fn api_error(endpoint: &str, e: WorkloadApiError) -> Error {
         }
         WorkloadApiError::Transport(t @ TransportError::Connect(_)) => Error::Unreachable {
             endpoint: endpoint.to_owned(),
-            detail: chain(&t),
+            detail: crate::report::chain(&t),
         },
         other => Error::Api {
             endpoint: endpoint.to_owned(),
-            detail: chain(&other),
+            detail: crate::report::chain(&other),
         },
     }
-}
-
-/// An error and its sources, so "transport error" comes with the "No such file" under it.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
 }
 
 /// Picks the SVID (`wanted`, or the default one) and checks it against its own trust domain's

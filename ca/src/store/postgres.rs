@@ -213,17 +213,10 @@ impl<T: for<'a> tokio_postgres::types::FromSql<'a>> Cell<T> for Row {
 
 fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
     // The causes say what went wrong (refused, a certificate not trusted, a bad password).
-    let mut msg = format!("cannot reach the database: {e}");
-    let mut cause = std::error::Error::source(&e);
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if !msg.contains(&text) {
-            msg.push_str(": ");
-            msg.push_str(&text);
-        }
-        cause = c.source();
-    }
-    StoreError::Db(msg)
+    StoreError::Db(format!(
+        "cannot reach the database: {}",
+        identity::report::chain(&e)
+    ))
 }
 
 /// Whether `s` is a PostgreSQL connection string (`postgres://` or `postgresql://`).
