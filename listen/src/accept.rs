@@ -158,7 +158,8 @@ pub struct Acceptor<L: Listener> {
     listener: L,
     name: &'static str,
     caps: Caps,
-    total: Arc<Semaphore>,
+    /// `None` when uncapped ([`Caps::NONE`]): nothing to count on the proxy's accept path.
+    total: Option<Arc<Semaphore>>,
     /// `None` when uncapped ([`Caps::NONE`]): nothing to count.
     per_source: Option<Arc<PerSource<L::Source>>>,
     backoff: Duration,
@@ -188,9 +189,8 @@ impl<L: Listener> Acceptor<L> {
             listener,
             name,
             caps,
-            total: Arc::new(Semaphore::new(
-                caps.max_connections.clamp(1, Semaphore::MAX_PERMITS),
-            )),
+            total: (caps.max_connections < Semaphore::MAX_PERMITS)
+                .then(|| Arc::new(Semaphore::new(caps.max_connections.max(1)))),
             per_source: (caps.max_per_source != usize::MAX)
                 .then(|| PerSource::new(caps.max_per_source)),
             backoff: BACKOFF.0,
@@ -250,12 +250,16 @@ impl<L: Listener> Acceptor<L> {
             },
             None => None,
         };
-        match self.total.clone().try_acquire_owned() {
+        let permit = match &self.total {
+            None => Ok(None),
+            Some(total) => total.clone().try_acquire_owned().map(Some),
+        };
+        match permit {
             Ok(permit) => Next::Admitted(Conn {
                 io,
                 peer,
                 held: Held {
-                    _total: Some(permit),
+                    _total: permit,
                     _source: slot,
                 },
             }),
