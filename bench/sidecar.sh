@@ -15,6 +15,10 @@
 # handshake per connection like the peers, kith_pool the pooled hop), RESUMPTION (1: also measure new connections
 # with TLS session resumption on, for kith and each TLS peer, in a table of their own), KEEP=1 (keep the temp dir with the
 # configurations and logs), QUICK, SAVE. See bench/README.md.
+# KITH_BASE=/path/to/an/older/kith adds kith_base and kith_pool_base (that binary, run exactly like
+# kith and kith_pool) to the same rounds, and a table of this build ÷ that one: an A/B comparison
+# of two builds on one machine at one time, where comparing against a saved run would mix in how
+# busy the machine was then.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -61,7 +65,7 @@ for c in $CANDIDATES; do
     case $c in
     haproxy | plain) need haproxy "apt-get install haproxy" ;;
     stunnel) need stunnel4 "apt-get install stunnel4" ;;
-    kith | kith_pool | ghostunnel) ;;
+    kith | kith_pool | kith_base | kith_pool_base | ghostunnel) ;;
     *) die "unknown candidate $c (kith kith_pool haproxy stunnel ghostunnel plain)" ;;
     esac
 done
@@ -77,6 +81,18 @@ TARGET_DIR=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps | jq -r .
 KITH=$TARGET_DIR/release/kith
 HOLD=$TARGET_DIR/release/conn-hold
 [[ -x $KITH && -x $HOLD ]] || die "binaries not found in $TARGET_DIR/release"
+KITH_BASE=${KITH_BASE:-}
+if [[ -n $KITH_BASE ]]; then
+    [[ -x $KITH_BASE ]] || die "KITH_BASE=$KITH_BASE is not an executable"
+    KITH_BASE=$(realpath "$KITH_BASE")
+    WITH_BASE=()
+    for c in $CANDIDATES; do
+        WITH_BASE+=("$c")
+        [[ $c == kith || $c == kith_pool ]] && WITH_BASE+=("${c}_base")
+    done
+    CANDIDATES=${WITH_BASE[*]}
+    log "A/B: kith_base and kith_pool_base run $KITH_BASE ($("$KITH_BASE" --version 2>/dev/null || echo 'no --version'))"
+fi
 
 WORK=$(mktemp -d /tmp/kith-bench-sidecar.XXXXXX)
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -193,24 +209,26 @@ NGINX_PIDS=("$NGINX_PID" $(cat /proc/"$NGINX_PID"/task/*/children))
 # on (kith's default), measured for new connections only.
 declare -A CPORT SPORT CPID SPID LABEL SETUP STATUS
 
-start_kith() { # [resume | pqoff | pool]
-    local c=kith${1:+_$1} resumption=off pool=off extra=()
+start_kith() { # [resume | pqoff | pool | base | pool_base]
+    local c=kith${1:+_$1} resumption=off pool=off extra=() bin=$KITH
     local d=$WORK/$c
     [[ ${1:-} == resume ]] && resumption=on
-    [[ ${1:-} == pool ]] && pool=on
+    [[ ${1:-} == pool* ]] && pool=on
     [[ ${1:-} == pqoff ]] && extra=(--pq off)
+    [[ ${1:-} == *base ]] && bin=$KITH_BASE
     mkdir -p "$d"
     LABEL[$c]="kith"
     [[ $pool == on ]] && LABEL[$c]="kith pooled"
+    [[ $bin != "$KITH" ]] && LABEL[$c]+=" (base)"
     SETUP[$c]="two kith sidecar run processes (default --workers: 2 here, single-threaded event loops on SO_REUSEPORT listeners), explicit tunnels (--connect --expect-id; --forward --allow), identity from files; TLS 1.3 only (rustls + ring), --tls-resumption $resumption, --pool $pool${extra[*]:+, ${extra[*]}}; checks the peer's SPIFFE ID"
     [[ $pool == on ]] && SETUP[$c]+="; the pooled hop: each application connection is an HTTP/2 CONNECT stream of a few long-lived mTLS connections between the sidecars (kith/2), authorized per stream"
-    "$KITH" sidecar run --cert "$CRT_S" --key "$KEY_S" --bundle "$BUNDLE" --tls-resumption $resumption \
+    "$bin" sidecar run --cert "$CRT_S" --key "$KEY_S" --bundle "$BUNDLE" --tls-resumption $resumption \
         --pool $pool "${extra[@]}" \
         --listen "127.0.0.1:${SPORT[$c]}" --forward "127.0.0.1:$BACKEND_PORT" --allow "$CLIENT_ID" \
         --admin-listen "127.0.0.1:$(free_port)" >"$d/server.log" 2>&1 &
     SPID[$c]=$!
     PIDS+=("${SPID[$c]}")
-    "$KITH" sidecar run --cert "$CRT_C" --key "$KEY_C" --bundle "$BUNDLE" --tls-resumption $resumption \
+    "$bin" sidecar run --cert "$CRT_C" --key "$KEY_C" --bundle "$BUNDLE" --tls-resumption $resumption \
         --pool $pool "${extra[@]}" \
         --listen "127.0.0.1:${CPORT[$c]}" --connect "127.0.0.1:${SPORT[$c]}" --expect-id "$SERVER_ID" \
         --admin-listen "127.0.0.1:$(free_port)" >"$d/client.log" 2>&1 &
@@ -235,6 +253,8 @@ EOF
 }
 
 start_kith_pool() { start_kith pool; }
+start_kith_base() { start_kith base; }
+start_kith_pool_base() { start_kith pool_base; }
 
 start_haproxy() { # [resume]
     local c=haproxy${1:+_resume} d server_opts=" no-tls-tickets" client_opts=" no-ssl-reuse no-tls-tickets"
@@ -584,7 +604,8 @@ ran_all = [c["cand"] for c in cands if c["status"].startswith("ran")]
 ran = [c for c in ran_all if not c.endswith("_resume") and c != "kith_pqoff"]
 resumed = [c for c in ran_all if c.endswith("_resume")]
 label = {c["cand"]: c["label"] for c in cands}
-peers = [c for c in ran if c not in ("kith", "kith_pool", "plain")]
+KITHS = ("kith", "kith_pool", "kith_base", "kith_pool_base")
+peers = [c for c in ran if c not in KITHS + ("plain",)]
 
 def med(xs):
     xs = [x for x in xs if x is not None]
@@ -647,7 +668,7 @@ def fmt(v, d):
         return "n/a"
     return f"{v:,.{d}f}"
 
-others = [c for c in ran if c not in ("kith", "kith_pool")]
+others = [c for c in ran if c not in KITHS]
 print(f"## Sidecar data path: kith vs {', '.join(label[c] for c in others)}\n")
 print("Chain on loopback: load generator → client tunnel (plaintext in, mTLS out) → server tunnel "
       "(mTLS in, plaintext out) → nginx. Same nginx, same certificates (kith dev CA, P-256 ECDSA "
@@ -765,6 +786,20 @@ if "kith_pool" in ran_all:
               f"with it ÷ without: {kf['cps'] / pq:.2f}.")
     elif "kith_pqoff" not in ran_all:
         print("No `--pq off` row: this kith has no `--pq` switch.")
+    print()
+if "kith_base" in ran_all or "kith_pool_base" in ran_all:
+    print("### A/B: this build against the base build (KITH_BASE), in the same rounds\n")
+    print("Both builds run as the same candidates, one after the other in every round. Above 1 is "
+          "more for rates, and worse for latency, memory and CPU.\n")
+    pairs = [(c, c + "_base") for c in ("kith", "kith_pool") if c in ran_all and c + "_base" in ran_all]
+    print("| figure | " + " | ".join(f"{label[a]} | {label[b]} | ÷" for a, b in pairs) + " |")
+    print("|---|" + "---:|---:|---:|" * len(pairs))
+    for key, name, d, _ in FIGS:
+        cells = [name]
+        for a, b in pairs:
+            x, y = fig[a][key], fig[b][key]
+            cells += [fmt(x, d), fmt(y, d), f"{x / y:.2f}" if x and y else "n/a"]
+        print("| " + " | ".join(cells) + " |")
     print()
 print("Per round (errors: wrk's connect/read/write/timeout/status errors):\n")
 print("| round | candidate | keep-alive req/s | p50 / p99 ms | errors | new conn/s | errors | bulk MiB/s | other load (cores) | load avg |")

@@ -1,10 +1,19 @@
-//! The static release `kith` that the Docker images carry (`FROM scratch`): built once with
-//! exactly the flags the README and CI use, so the Docker tests share one build.
+//! The static `kith` that the Docker images carry (`FROM scratch`): built once with the README's
+//! command (`RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --target <host>`),
+//! so the Docker tests share one build.
+//!
+//! The tests turn the release profile's optimisation off through cargo's own
+//! `CARGO_PROFILE_RELEASE_*` variables and build into a target directory of their own
+//! (`target/static-test`). What the tests need from this binary is that it is static and runs in
+//! an image with no libc, which the profile does not change; what they avoid is the release
+//! profile's fat LTO with one codegen unit, about 5.5 minutes of a 2-core machine against 2 for
+//! this build. Their own directory keeps an operator's optimised `target/<host>/release/kith`
+//! from being replaced by this one.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Builds (a no-op when fresh) and returns the static release binary of the workspace at `repo`.
+/// Builds (a no-op when fresh) and returns the static binary of the workspace at `repo`.
 /// Panics with cargo's output when the build fails: the caller is a test.
 pub fn static_kith(repo: &Path) -> PathBuf {
     let target = host_triple();
@@ -15,7 +24,12 @@ pub fn static_kith(repo: &Path) -> PathBuf {
         // Static glibc needs the explicit --target: without it the flag also hits proc-macros
         // and build scripts, which cannot be static. Exactly this, so the build is shared.
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS");
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env("CARGO_TARGET_DIR", repo.join("target/static-test"))
+        .env("CARGO_PROFILE_RELEASE_OPT_LEVEL", "0")
+        .env("CARGO_PROFILE_RELEASE_LTO", "off")
+        .env("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "256")
+        .env("CARGO_PROFILE_RELEASE_DEBUG", "false");
     // What cargo set for the calling test describes that package; left in, it changes the
     // fingerprints (env! dependencies) and every crate is rebuilt, each run.
     for (key, _) in std::env::vars() {
