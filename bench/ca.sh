@@ -9,7 +9,9 @@
 # CFSSL_LOGLEVEL (2 = warnings; cfssl's default 1 logs three lines per issuance),
 # QUIET_WAIT (seconds to wait for other work on the machine to stop before each round, 120),
 # KEEP=1 (keep the temp dir with logs and databases), PG_ROWS (1: also kith on PostgreSQL, one
-# replica and two sharing one database; 0: skip). See bench/README.md.
+# replica and two sharing one database; 0: skip), KITH_BASE (an older kith binary: also run it on
+# SQLite right after this build, as the series kith-base, and report this build ÷ that one; an
+# A/B comparison at one time on one machine). See bench/README.md.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -48,6 +50,11 @@ TARGET_DIR=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps | jq -r .
 KITH=$TARGET_DIR/release/kith
 LOAD=$TARGET_DIR/release/ca-load
 [[ -x $KITH && -x $LOAD ]] || die "binaries not found in $TARGET_DIR/release"
+KITH_BASE=${KITH_BASE:-}
+if [[ -n $KITH_BASE ]]; then
+    [[ -x $KITH_BASE ]] || die "KITH_BASE=$KITH_BASE is not an executable"
+    KITH_BASE=$(realpath "$KITH_BASE")
+fi
 
 WORK=$(mktemp -d /tmp/kith-bench-ca.XXXXXX)
 PIDS=()
@@ -143,46 +150,58 @@ read -r SIGN_S VERIFY_S <<<"$SPEED"
 OPENSSL_VERSION=$(openssl version)
 
 # ---- (b) kith ----------------------------------------------------------------------------
-KDIR=$WORK/kith
-mkdir -p "$KDIR"
-KPORT=$(free_port)
-KMPORT=$(free_port)
+# One CA on SQLite, ROUNDS rounds; the series is NAME. Sets SERIES_PID to the stopped CA's pid
+# and leaves its data dir in $WORK/NAME.
+kith_sqlite_series() { # name binary
+    local name=$1 bin=$2 dir=$WORK/$1 port mport pid r line
+    mkdir -p "$dir"
+    port=$(free_port)
+    mport=$(free_port)
+    log "starting $name ca on 127.0.0.1:$port ($bin)"
+    "$bin" ca serve --data-dir "$dir/data" --listen "127.0.0.1:$port" \
+        --metrics-listen "127.0.0.1:$mport" --trust-domain "$TD" >"$dir/ca.log" 2>&1 &
+    pid=$!
+    PIDS+=("$pid")
+    wait_tcp 127.0.0.1 "$port" "$name ca"
+    for _ in $(seq 1 50); do
+        "$bin" ca bundle --data-dir "$dir/data" >"$dir/bundle.pem" 2>/dev/null && break
+        sleep 0.1
+    done
+    [[ -s $dir/bundle.pem ]] || die "$name ca bundle failed; see $dir/ca.log"
+    "$bin" ca entry create --id "$WORKLOAD_ID" --parent "spiffe://$TD/kith/node/bench" \
+        --selector unix:uid:0 --data-dir "$dir/data" >/dev/null
+    SERIES_DB_BEFORE=$(db_bytes "$dir/data")
+    SERIES_ISSUED=0
+    for r in $(seq 1 "$ROUNDS"); do
+        TOKEN=$("$bin" ca token create --name bench --data-dir "$dir/data" --json | jq -r .token)
+        wait_quiet
+        log "$name round $r/$ROUNDS"
+        line=$("$LOAD" --target kith --series "$name" --addr "127.0.0.1:$port" \
+            --bundle "$dir/bundle.pem" --token "$TOKEN" --id "$WORKLOAD_ID" \
+            --connections "$CONNECTIONS" --duration "$DURATION" --warmup "$WARMUP" \
+            --server-pid "$pid" --label "round $r")
+        echo "$line" | tee -a "$RESULTS" >&2
+        # The node SVID of the attestation is an issuance too.
+        SERIES_ISSUED=$((SERIES_ISSUED + $(jq .total_ok <<<"$line") + 1))
+    done
+    SERIES_RSS_KB=$(awk '/^VmHWM/ { print $2 }' "/proc/$pid/status")
+    stop "$pid"
+}
 KITH_CA_KEK=$(openssl rand -base64 32)
 export KITH_CA_KEK
-log "starting kith ca on 127.0.0.1:$KPORT"
-"$KITH" ca serve --data-dir "$KDIR/data" --listen "127.0.0.1:$KPORT" \
-    --metrics-listen "127.0.0.1:$KMPORT" --trust-domain "$TD" >"$KDIR/ca.log" 2>&1 &
-KPID=$!
-PIDS+=("$KPID")
-wait_tcp 127.0.0.1 "$KPORT" "kith ca"
-for _ in $(seq 1 50); do
-    "$KITH" ca bundle --data-dir "$KDIR/data" >"$KDIR/bundle.pem" 2>/dev/null && break
-    sleep 0.1
-done
-[[ -s $KDIR/bundle.pem ]] || die "kith ca bundle failed; see $KDIR/ca.log"
-"$KITH" ca entry create --id "$WORKLOAD_ID" --parent "spiffe://$TD/kith/node/bench" \
-    --selector unix:uid:0 --data-dir "$KDIR/data" >/dev/null
-KDB_BEFORE=$(db_bytes "$KDIR/data")
-KITH_ISSUED=0
-
-for r in $(seq 1 "$ROUNDS"); do
-    TOKEN=$("$KITH" ca token create --name bench --data-dir "$KDIR/data" --json | jq -r .token)
-    wait_quiet
-    log "kith round $r/$ROUNDS"
-    line=$("$LOAD" --target kith --addr "127.0.0.1:$KPORT" --bundle "$KDIR/bundle.pem" \
-        --token "$TOKEN" --id "$WORKLOAD_ID" --connections "$CONNECTIONS" \
-        --duration "$DURATION" --warmup "$WARMUP" --server-pid "$KPID" --label "round $r")
-    echo "$line" | tee -a "$RESULTS" >&2
-    # The node SVID of the attestation is an issuance too.
-    KITH_ISSUED=$((KITH_ISSUED + $(jq .total_ok <<<"$line") + 1))
-done
-KITH_RSS_KB=$(awk '/^VmHWM/ { print $2 }' "/proc/$KPID/status")
-stop "$KPID"
+kith_sqlite_series kith "$KITH"
+KDIR=$WORK/kith
+KDB_BEFORE=$SERIES_DB_BEFORE
+KITH_ISSUED=$SERIES_ISSUED
+KITH_RSS_KB=$SERIES_RSS_KB
 KDB_STOPPED=$(db_bytes "$KDIR/data")
 # What the issuances really take: fold the WAL into the database (the CA is stopped).
 python3 -c 'import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute("PRAGMA wal_checkpoint(TRUNCATE)"); c.close()' \
     "$KDIR/data/kith-ca.db"
 KDB_AFTER=$(db_bytes "$KDIR/data")
+if [[ -n $KITH_BASE ]]; then
+    kith_sqlite_series kith-base "$KITH_BASE"
+fi
 
 # ---- (b2) kith on PostgreSQL: one replica, then two replicas sharing one database ---------
 # A throwaway cluster (Debian's postgresql), durable like the SQLite store (fsync and
@@ -299,7 +318,7 @@ jq -rs \
       client: (map((.client_cpu_s // 0) / .duration_s) | mean),
       other: (map(.other_busy_cores // 0) | max), inline: (map(.csr_inline) | add) };
   (summary("kith")) as $k | (summary("cfssl")) as $c |
-  (summary("kith-pg")) as $p1 | (summary("kith-pg2")) as $p2 |
+  (summary("kith-pg")) as $p1 | (summary("kith-pg2")) as $p2 | (summary("kith-base")) as $b |
   (1 / (1 / $sign + 1 / $verify)) as $core |
   (1e6 / $sign + 1e6 / $verify) as $cryptous |
   "## CA issuance: kith vs cfssl\n",
@@ -327,6 +346,16 @@ jq -rs \
     "| PostgreSQL | 1 | \($p1.rate | r1) | \($p1.p50) | \($p1.p99) | \($p1.errors) | \($p1.rate / $c.rate | r2)x | \(if $p1.p99 < 20 then "yes" else "NO" end) |",
     "| PostgreSQL, load split over both | 2 | \($p2.rate | r1) | \($p2.p50) | \($p2.p99) | \($p2.errors) | **\($p2.rate / $c.rate | r2)x** | \(if $p2.p99 < 20 then "yes" else "NO" end) |",
     "| cfssl (plain HTTP, stores nothing) | 1 | \($c.rate | r1) | \($c.p50) | \($c.p99) | \($c.errors) | 1x | \(if $c.p99 < 20 then "yes" else "NO" end) |",
+    ""
+  else empty end),
+  (if (map(select(.target == "kith-base")) | length) > 0 then
+    "A/B on SQLite (KITH_BASE: an older build, its rounds right after this build'"'"'s):\n",
+    "| | this build | base build | this ÷ base |",
+    "|---|---:|---:|---:|",
+    "| issued/s (mean of rounds) | \($k.rate | r1) | \($b.rate | r1) | **\($k.rate / $b.rate | r2)x** |",
+    "| p99 latency ms (median of rounds) | \($k.p99) | \($b.p99) | \($k.p99 / $b.p99 | r2)x |",
+    "| server CPU per issuance, us | \($k.cpu | r1) | \($b.cpu | r1) | \($k.cpu / $b.cpu | r2)x |",
+    "| errors | \($k.errors) | \($b.errors) | |",
     ""
   else empty end),
   "Crypto limit (\($ossl), `openssl speed -seconds 3 ecdsap256`, one core): sign \($sign | r1)/s, verify \($verify | r1)/s.",
