@@ -308,9 +308,9 @@ jq -rs \
     --arg rounds "$ROUNDS" --arg dur "$DURATION" --arg warm "$WARMUP" --arg conns "$CONNECTIONS" '
   def r1: (. * 10 | round) / 10;
   def r2: (. * 100 | round) / 100;
-  def median: sort | if length % 2 == 1 then .[length / 2 | floor]
+  def median: sort | if length == 0 then null elif length % 2 == 1 then .[length / 2 | floor]
                       else (.[length / 2 - 1] + .[length / 2]) / 2 end;
-  def mean: add / length;
+  def mean: if length == 0 then null else add / length end;
   def summary($t): map(select(.target == $t)) | {
       rate: (map(.rate) | mean), rmin: (map(.rate) | min), rmax: (map(.rate) | max),
       p50: (map(.p50_ms) | median), p99: (map(.p99_ms) | median), max: (map(.max_ms) | max),
