@@ -27,6 +27,12 @@
 //!
 //! Anything in a spec the runner does not understand is an error naming its path, never
 //! silently skipped: a test that passes proves what the spec says.
+//!
+//! Why this is one file of over 500 lines: it is one sequence, a pod's life as the kubelet runs
+//! it (read the spec, refuse what is not understood, start the pause container, the init and
+//! native sidecar containers in order, the app containers, probe, tear down), and every step
+//! reads the same parsed spec and writes the same `docker run` flags. Split by step, each piece
+//! would import the others' types and no piece would read alone.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;

@@ -17,7 +17,11 @@ use std::process::Command;
 /// Panics with cargo's output when the build fails: the caller is a test.
 pub fn static_kith(repo: &Path) -> PathBuf {
     let target = host_triple();
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    // Lowest CPU priority: the tests that run beside this build (libtest runs a binary's tests
+    // side by side) wait on child processes and deadlines, and get the cores first.
+    let mut cmd = Command::new("nice");
+    cmd.args(["-n", "19"])
+        .arg(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(repo)
         .args(["build", "--release", "--bin", "kith", "--target", &target])
         .arg("--message-format=json-render-diagnostics")

@@ -11,9 +11,7 @@ use integration::pki::csr;
 use integration::postgres::Postgres;
 use serde_json::{Value, json};
 
-mod common;
-
-use common::{json_of, kith, kith_with_kek, serve_ca_with, stop};
+use crate::common::{json_of, kith, kith_with_kek, serve_ca_with, stop};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_ca_processes_on_one_database_issue_with_one_chain_and_one_lease() {

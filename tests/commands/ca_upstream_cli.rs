@@ -3,13 +3,11 @@
 //! published beside the current root, and once switched new SVIDs chain to it alone.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use common::{json_of, kith, serve_ca_with, stop};
+use crate::common::{json_of, kith, serve_ca_with, stop};
 use identity::{TrustBundle, TrustDomain, verify_x509_svid};
 use integration::pki::operator_root;
 use serde_json::json;

@@ -5,9 +5,8 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-mod common;
-
-use common::{ca_serve_command, kith, stop};
+use crate::common;
+use crate::common::{ca_serve_command, kith, stop};
 use integration::eventually;
 
 #[test]

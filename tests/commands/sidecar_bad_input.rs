@@ -5,14 +5,12 @@
 //! meanwhile. Refusals are counted with their reason.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use common::net::{echo_backend, free_port, http, metric, roundtrip, wait_port};
-use common::{Kith, Proc};
+use crate::common::net::{echo_backend, free_port, http, metric, roundtrip, wait_port};
+use crate::common::{Kith, Proc};
 use integration::eventually;
 
 /// Resident memory of `pid` in KiB (VmRSS).

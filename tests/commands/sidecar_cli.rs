@@ -5,15 +5,15 @@
 //! /quitquitquit stops it.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::net::{echo_backend, free_port, http, metric, roundtrip, wait_metric, wait_port};
-use common::{Kith, have_tool};
+use crate::common::net::{
+    echo_backend, free_port, http, metric, roundtrip, wait_metric, wait_port,
+};
+use crate::common::{Kith, have_tool};
 use integration::eventually;
 
 struct Sidecar {

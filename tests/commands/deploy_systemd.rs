@@ -11,9 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-mod common;
-
-use common::have_tool;
+use crate::common::have_tool;
 
 const UNITS: [&str; 2] = ["kith-ca.service", "kith-agent.service"];
 

@@ -4,13 +4,11 @@
 //! that have no expected ID.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::process::Command;
 use std::time::Duration;
 
-use common::net::{echo_backend, free_port, roundtrip, wait_port};
-use common::{Kith, Proc};
+use crate::common::net::{echo_backend, free_port, roundtrip, wait_port};
+use crate::common::{Kith, Proc};
 
 fn identity(kith: &Kith, name: &str) -> Vec<String> {
     let d = kith.path(name);

@@ -10,9 +10,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-mod common;
-
-use common::have_tool;
+use crate::common::have_tool;
 
 const FIXTURE: &str = "tests/fixtures/inject/workloads.yaml";
 

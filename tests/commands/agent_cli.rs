@@ -4,12 +4,10 @@
 //! SIGTERM, and a restart that needs no token and serves again at once.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{kith, serve_ca, stop, workload_svid};
+use crate::common::{kith, serve_ca, stop, workload_svid};
 
 fn start_agent(ca: &str, data: &std::path::Path, socket: &std::path::Path, join: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_kith"))

@@ -1,9 +1,7 @@
 //! Bad input gets a one-line error that says what is wrong, exit code 2, and never a panic.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::{Kith, Run};
+use crate::common::{Kith, Run};
 
 const ID: &str = "spiffe://example.org/web";
 

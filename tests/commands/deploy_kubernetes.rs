@@ -11,9 +11,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-mod common;
-
-use common::have_tool;
+use crate::common::have_tool;
 
 const DEPLOY: &str = "deploy/kubernetes";
 

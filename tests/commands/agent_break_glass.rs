@@ -7,13 +7,12 @@
 //! rejoined the same way, and a token left in the configuration changes nothing on a restart.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
-use common::{Proc, kith, serve_ca_with, stop, workload_svid};
+use crate::common;
+use crate::common::{Proc, kith, serve_ca_with, stop, workload_svid};
 use identity::{TrustBundle, TrustDomain, verify_x509_svid};
 use integration::eventually_async;
 use rustls_pki_types::CertificateDer;

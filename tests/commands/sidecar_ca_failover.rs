@@ -4,12 +4,10 @@
 //! answered. Both forms of the flag: repeated, and a comma list.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::time::Duration;
 
-use common::net::{echo_backend, free_port, http, wait_ready};
-use common::{Proc, kith, serve_k8s_ca, stop};
+use crate::common::net::{echo_backend, free_port, http, wait_ready};
+use crate::common::{Proc, kith, serve_k8s_ca, stop};
 
 #[test]
 fn a_pod_sidecar_skips_a_dead_ca_address_and_gets_its_svid_from_the_next() {

@@ -8,9 +8,8 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
-mod common;
-
-use common::{kith, kith_with_kek, serve_ca as serve, stop};
+use crate::common;
+use crate::common::{kith, kith_with_kek, serve_ca as serve, stop};
 use integration::CA_KEK as KEK;
 use integration::pki::csr;
 

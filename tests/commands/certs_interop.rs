@@ -3,11 +3,10 @@
 //! positives.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 
-use common::{Kith, have_tool, openssl, pkilint_findings, split_pem};
+use crate::common;
+use crate::common::{Kith, have_tool, openssl, pkilint_findings, split_pem};
 
 const ID: &str = "spiffe://example.org/ns/default/sa/web";
 

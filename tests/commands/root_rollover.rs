@@ -6,16 +6,14 @@
 //! audit log records each phase.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use common::net::{echo_backend, free_port, try_http, wait_port};
-use common::{Proc, kith, serve_ca_with, stop, workload_svid};
+use crate::common::net::{echo_backend, free_port, try_http, wait_port};
+use crate::common::{Proc, kith, serve_ca_with, stop, workload_svid};
 use identity::{TrustBundle, TrustDomain, verify_x509_svid};
 use integration::{eventually, eventually_async};
 use rustls_pki_types::CertificateDer;

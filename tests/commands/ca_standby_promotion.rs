@@ -10,15 +10,13 @@
 //! passes, under CI=true it fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-mod replicas;
-
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::replicas::{admin_json, check_store, replica, store_available};
 use ca_api::link as ca_link;
 use ca_api::replicas::CaSet;
 use ca_api::wire;
@@ -26,7 +24,6 @@ use hyper::Method;
 use identity::{SpiffeId, TrustDomain};
 use integration::eventually;
 use integration::postgres::{Options, Postgres, free_port};
-use replicas::{admin_json, check_store, replica, store_available};
 
 /// A streaming standby of `primary` in its own directory, stopped on drop.
 struct Standby<'a> {

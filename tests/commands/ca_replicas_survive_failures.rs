@@ -15,21 +15,18 @@
 //! `--store`; without them it prints `SKIPPED …` and passes, under CI=true it fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-mod replicas;
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::Proc;
-use common::net::{echo_backend, free_port, wait_port};
-use integration::eventually;
-use integration::postgres::Postgres;
-use replicas::{
+use crate::common::Proc;
+use crate::common::net::{echo_backend, free_port, wait_port};
+use crate::replicas::{
     CutProxy, Traffic, admin_json, check_store, http_status, replica, request, store_available,
 };
+use integration::eventually;
+use integration::postgres::Postgres;
 
 const WEB: &str = "spiffe://example.org/web";
 /// Short, so that the run sees several renewals; the CA's minimum is 10 s.

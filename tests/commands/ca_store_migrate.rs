@@ -9,9 +9,7 @@ use integration::pki::csr;
 use integration::postgres::Postgres;
 use serde_json::{Value, json};
 
-mod common;
-
-use common::{json_of, kith, kith_with_kek as kith_kek, serve_ca, serve_ca_with, stop};
+use crate::common::{json_of, kith, kith_with_kek as kith_kek, serve_ca, serve_ca_with, stop};
 
 /// The rows of a `--json` list, in a fixed order (stores order ties differently).
 fn sorted(v: Value, key: &str) -> Vec<Value> {

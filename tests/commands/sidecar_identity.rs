@@ -8,15 +8,13 @@
 //!   connects before the agent is even running is held, then served.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
-use common::net::{
+use crate::common::net::{
     echo_backend, free_port, http, metric, roundtrip, try_http, wait_metric, wait_port, wait_ready,
 };
-use common::{Proc, kith, serve_ca, serve_k8s_ca, stop};
+use crate::common::{Proc, kith, serve_ca, serve_k8s_ca, stop};
 use serde_json::Value;
 
 fn write_bundle(ca_data: &Path, to: &Path) {

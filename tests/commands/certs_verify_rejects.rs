@@ -2,12 +2,10 @@
 //! reason and exit code 1.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use common::Kith;
+use crate::common::Kith;
 use identity::SpiffeId;
 use identity::x509::{intermediate_params, svid_params, to_offset};
 use rcgen::{Issuer, KeyPair, SanType};
