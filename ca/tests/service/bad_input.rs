@@ -3,12 +3,10 @@
 //! bad methods, malformed or oversized bodies, no client certificate) is only counted.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::{Svid, TestCa, csr, csr_with, start_ca};
 use ca::store::{AuditEvent, JoinToken, Store, Write};
-use common::{Svid, TestCa, csr, csr_with, start_ca};
 use integration::eventually_async;
 use rcgen::{BasicConstraints, IsCa, SanType};
 use serde_json::json;

@@ -4,8 +4,6 @@
 //! survives a restart. And expiry safety: an expired root signs nothing.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -13,6 +11,7 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use rustls_pki_types::{ServerName, UnixTime};
 use std::time::{Duration, SystemTime};
 
+use crate::common;
 use ca::authority::{Authority, Lifetimes, Push, RolloverOutcome, Upstream};
 use ca::rollover::{Policy, Wait};
 use ca::seal::Kek;

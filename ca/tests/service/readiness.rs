@@ -3,11 +3,9 @@
 //! opens the stored signer key.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::time::{Duration, SystemTime};
 
-use common::{TestCa, start_ca};
+use crate::common::{TestCa, start_ca};
 use integration::eventually_async;
 use serde_json::Value;
 

@@ -3,11 +3,9 @@
 //! `/v1/svid`, which keeps the entry's DNS names.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{Svid, TestCa, csr, start_ca};
+use crate::common::{Svid, TestCa, csr, start_ca};
 use serde_json::json;
 use x509_parser::prelude::*;
 

@@ -4,13 +4,11 @@
 //! anonymous work while renewals go on.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::time::SystemTime;
 
+use crate::common::{Svid, TestCa, csr, start_ca, start_in};
 use ca::guard::MinFree;
 use ca::store::Store;
-use common::{Svid, TestCa, csr, start_ca, start_in};
 use serde_json::{Value, json};
 
 /// The database and its write-ahead log, in bytes.

@@ -2,11 +2,9 @@
 //! ignored or refused; TTLs are capped; renewals are covered in `renewal.rs`.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::time::{Duration, SystemTime};
 
-use common::{csr, csr_with, start_ca};
+use crate::common::{csr, csr_with, start_ca};
 use rcgen::{DnType, KeyUsagePurpose};
 use serde_json::json;
 use x509_parser::prelude::*;

@@ -2,15 +2,14 @@
 //! loop) on one PostgreSQL database, and a replica whose database goes away.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::time::Duration;
 
-use common::{TestCa, csr, start_ca};
+use crate::common::{TestCa, csr, start_ca};
 use integration::eventually_async;
 use integration::postgres::Postgres;
 use serde_json::{Value, json};
 
+use crate::common;
 use ca::store::Store;
 
 async fn replica(url: &str) -> TestCa {

@@ -3,12 +3,10 @@
 //! every API connection slot.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::{TestCa, start_ca};
 use ca_api::client::{Connection, client_config};
-use common::{TestCa, start_ca};
 use integration::eventually_async;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};

@@ -2,14 +2,12 @@
 //! through the CA's API.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::common::{TestCa, csr, start_ca};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ca::store::Store;
-use common::{TestCa, csr, start_ca};
 use integration::ClusterKey as SaKey;
 use serde_json::{Value, json};
 

@@ -3,11 +3,9 @@
 //! nothing.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::time::SystemTime;
 
-use common::{csr, start_ca, start_in};
+use crate::common::{csr, start_ca, start_in};
 use identity::{SpiffeId, verify_x509_svid};
 use serde_json::json;
 

@@ -2,11 +2,9 @@
 //! intermediate whose chain leads to the operator's root.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::time::{Duration, SystemTime};
 
-use common::start_ca;
+use crate::common::start_ca;
 use identity::TrustDomain;
 use identity::x509::root_params;
 use integration::pki::operator_root;

@@ -4,12 +4,10 @@
 //! with the cause named.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::{TestCa, start_ca};
 use ca::guard::MinFree;
-use common::{TestCa, start_ca};
 use integration::eventually_async;
 use serde_json::Value;
 

@@ -5,15 +5,13 @@
 //! the keys at most once per interval.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::common::{TestCa, csr, start_ca};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
-use common::{TestCa, csr, start_ca};
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::TokioIo;
 use integration::ClusterKey as SaKey;
