@@ -150,10 +150,29 @@ read -r SIGN_S VERIFY_S <<<"$SPEED"
 OPENSSL_VERSION=$(openssl version)
 
 # ---- (b) kith ----------------------------------------------------------------------------
+# ROUNDS rounds of the load against the CAs at ADDRS (comma-separated, pids PIDS) of one
+# series; DIR holds the first CA's data dir and bundle. Sets SERIES_ISSUED.
+kith_rounds() { # name binary dir addrs pids
+    local name=$1 bin=$2 dir=$3 addrs=$4 pids=$5 r line
+    SERIES_ISSUED=0
+    for r in $(seq 1 "$ROUNDS"); do
+        TOKEN=$("$bin" ca token create --name bench --data-dir "$dir/data" --json | jq -r .token)
+        wait_quiet
+        log "$name round $r/$ROUNDS ($addrs)"
+        line=$("$LOAD" --target kith --series "$name" --addr "$addrs" \
+            --bundle "$dir/bundle.pem" --token "$TOKEN" --id "$WORKLOAD_ID" \
+            --connections "$CONNECTIONS" --duration "$DURATION" --warmup "$WARMUP" \
+            --server-pid "$pids" --label "round $r")
+        echo "$line" | tee -a "$RESULTS" >&2
+        # The node SVID of the attestation is an issuance too.
+        SERIES_ISSUED=$((SERIES_ISSUED + $(jq .total_ok <<<"$line") + 1))
+    done
+}
+
 # One CA on SQLite, ROUNDS rounds; the series is NAME. Sets SERIES_PID to the stopped CA's pid
 # and leaves its data dir in $WORK/NAME.
 kith_sqlite_series() { # name binary
-    local name=$1 bin=$2 dir=$WORK/$1 port mport pid r line
+    local name=$1 bin=$2 dir=$WORK/$1 port mport pid
     mkdir -p "$dir"
     port=$(free_port)
     mport=$(free_port)
@@ -171,19 +190,7 @@ kith_sqlite_series() { # name binary
     "$bin" ca entry create --id "$WORKLOAD_ID" --parent "spiffe://$TD/kith/node/bench" \
         --selector unix:uid:0 --data-dir "$dir/data" >/dev/null
     SERIES_DB_BEFORE=$(db_bytes "$dir/data")
-    SERIES_ISSUED=0
-    for r in $(seq 1 "$ROUNDS"); do
-        TOKEN=$("$bin" ca token create --name bench --data-dir "$dir/data" --json | jq -r .token)
-        wait_quiet
-        log "$name round $r/$ROUNDS"
-        line=$("$LOAD" --target kith --series "$name" --addr "127.0.0.1:$port" \
-            --bundle "$dir/bundle.pem" --token "$TOKEN" --id "$WORKLOAD_ID" \
-            --connections "$CONNECTIONS" --duration "$DURATION" --warmup "$WARMUP" \
-            --server-pid "$pid" --label "round $r")
-        echo "$line" | tee -a "$RESULTS" >&2
-        # The node SVID of the attestation is an issuance too.
-        SERIES_ISSUED=$((SERIES_ISSUED + $(jq .total_ok <<<"$line") + 1))
-    done
+    kith_rounds "$name" "$bin" "$dir" "127.0.0.1:$port" "$pid"
     SERIES_RSS_KB=$(awk '/^VmHWM/ { print $2 }' "/proc/$pid/status")
     stop "$pid"
 }
@@ -226,7 +233,7 @@ if [[ $PG_ROWS == 1 && -x $PGBIN/initdb ]]; then
 
     # Runs ROUNDS rounds against REPLICAS replicas on database DB; the series is NAME.
     kith_pg_series() { # name db replicas
-        local name=$1 db=$2 n=$3 i r line addrs="" pids="" dirs=() url
+        local name=$1 db=$2 n=$3 i addrs="" pids="" dirs=() url
         "$PGBIN/psql" -X -q -h "$PGDIR" -p "$PGPORT" -U postgres -c "CREATE DATABASE $db" postgres
         url="postgres://postgres@127.0.0.1:$PGPORT/$db?sslmode=disable"
         for i in $(seq 1 "$n"); do
@@ -248,16 +255,7 @@ if [[ $PG_ROWS == 1 && -x $PGBIN/initdb ]]; then
             --selector unix:uid:0 --data-dir "${dirs[0]}/data" >/dev/null
         # Replicas pick up entries made on another within 2 s.
         sleep 3
-        for r in $(seq 1 "$ROUNDS"); do
-            TOKEN=$("$KITH" ca token create --name bench --data-dir "${dirs[0]}/data" --json | jq -r .token)
-            wait_quiet
-            log "$name round $r/$ROUNDS ($n replica(s): $addrs)"
-            line=$("$LOAD" --target kith --series "$name" --addr "$addrs" \
-                --bundle "${dirs[0]}/bundle.pem" --token "$TOKEN" --id "$WORKLOAD_ID" \
-                --connections "$CONNECTIONS" --duration "$DURATION" --warmup "$WARMUP" \
-                --server-pid "$pids" --label "round $r")
-            echo "$line" | tee -a "$RESULTS" >&2
-        done
+        kith_rounds "$name" "$KITH" "${dirs[0]}" "$addrs" "$pids"
         "$KITH" ca audit verify --data-dir "${dirs[0]}/data" >&2
         for pid in ${pids//,/ }; do stop "$pid"; done
     }

@@ -198,12 +198,7 @@ impl Lab {
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
-        let child = c.spawn().unwrap();
-        Proc {
-            name: name.to_owned(),
-            child: Some(child),
-            log,
-        }
+        Proc::new(name, c.spawn().unwrap(), log)
     }
 
     /// Keeps `p` until the lab is dropped.

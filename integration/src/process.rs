@@ -112,11 +112,20 @@ pub(crate) fn tool_works(args: &[&str]) -> bool {
 /// A process of the lab, killed on drop; its stderr is kept in a file.
 pub struct Proc {
     pub name: String,
-    pub(crate) child: Option<Child>,
-    pub(crate) log: PathBuf,
+    child: Option<Child>,
+    log: PathBuf,
 }
 
 impl Proc {
+    /// `child`, already spawned with its stderr going to `log`.
+    pub fn new(name: &str, child: Child, log: PathBuf) -> Self {
+        Self {
+            name: name.to_owned(),
+            child: Some(child),
+            log,
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)
     }
