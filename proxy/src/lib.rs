@@ -6,7 +6,8 @@
 //! - [`tunnel`]: `serve_inbound` (mTLS in) and `serve_outbound` (mTLS out);
 //! - [`transparent`]: `serve_transparent_outbound`/`serve_transparent_inbound` for
 //!   iptables-captured connections;
-//! - [`pool`]: the pooled hop between kith sidecars (`kith/2`, HTTP/2 CONNECT streams);
+//! - [`pool`]: the pooled hop between kith sidecars (`kith/2`, HTTP/2 CONNECT streams), its
+//!   streams copied to and from TCP by `stream_copy`;
 //! - [`socket`]: the original destination of a captured connection (`SO_ORIGINAL_DST`);
 //! - [`metrics`]: connection and byte counters;
 //! - [`refusal`]: every refused connection counted and logged (rate-limited per reason).
@@ -18,6 +19,7 @@ pub mod metrics;
 pub mod pool;
 pub mod refusal;
 pub mod socket;
+mod stream_copy;
 pub mod tls;
 pub mod transparent;
 pub mod tunnel;

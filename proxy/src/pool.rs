@@ -24,36 +24,34 @@
 //! - Half-close is END_STREAM one way and TCP `shutdown(Write)` the other; a reset stream is
 //!   an RST on the TCP side (zero linger) and a TCP error a RST_STREAM (CANCEL).
 //! - Idle cost: an idle application connection holds no TLS state of its own (the pooled
-//!   connection's is shared by all its streams), only its socket, its h2 stream entry and two
-//!   1 KiB copy buffers ([`crate::copy`]). rustls itself already shrinks a connection's
-//!   receive buffer to one 4 KiB read when it holds no partial record, and its send buffers
-//!   are empty once written, so an idle pooled connection is small too.
+//!   connection's is shared by all its streams) and no copy buffer (`stream_copy` reads only
+//!   once the socket is readable), only its socket, its task (the dial's state is boxed and
+//!   gone once the stream is open: about 2 KiB is left) and its h2 stream entry. rustls
+//!   itself already shrinks a connection's receive buffer to one 4 KiB read when it holds no
+//!   partial record, and its send buffers are empty once written, so an idle pooled
+//!   connection is small too.
 //!
 //! Why this is one file of over 500 lines: the pooled hop is one protocol: the pool (per-peer
 //! connections, drained on rotation), the h2 bridge and both ends of a CONNECT stream, tested
 //! together.
 
 use std::collections::HashMap;
-use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
-use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use h2::{RecvStream, SendStream};
 use identity::SpiffeId;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::authz::Policy;
-use crate::copy::copy_bidirectional;
 use crate::metrics::{DirectionMetrics, Metrics, Reason};
 use crate::refusal::Refusal;
+use crate::stream_copy;
 use crate::tls::IdentityHandle;
 use crate::tunnel::{self, Limits, Upstream};
 
@@ -96,148 +94,18 @@ const OPEN_ATTEMPTS: usize = 3;
 /// Destinations remembered at most; beyond, destinations without a connection are forgotten.
 const DESTINATIONS: usize = 1024;
 
-/// One direction of a CONNECT stream as a byte stream.
-pub struct H2Io {
-    send: SendStream<Bytes>,
-    recv: RecvStream,
-    /// Received but not yet read by the application.
-    leftover: Bytes,
-    shut: bool,
-}
-
-impl H2Io {
-    fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
-        Self {
-            send,
-            recv,
-            leftover: Bytes::new(),
-            shut: false,
-        }
-    }
-
-    /// Resets the stream (RST_STREAM CANCEL): the TCP side ended in an error.
-    fn reset(&mut self) {
-        self.send.send_reset(h2::Reason::CANCEL);
-    }
-}
-
-fn h2_io(e: h2::Error) -> io::Error {
-    if e.is_io() {
-        return e.into_io().unwrap_or_else(|| io::ErrorKind::Other.into());
-    }
-    if e.is_reset() || e.is_go_away() {
-        return io::Error::new(io::ErrorKind::ConnectionReset, e);
-    }
-    io::Error::other(e)
-}
-
-impl AsyncRead for H2Io {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        loop {
-            if !this.leftover.is_empty() {
-                let n = this.leftover.len().min(buf.remaining());
-                buf.put_slice(&this.leftover[..n]);
-                if n == this.leftover.len() {
-                    // Not `advance`: an empty slice of a received frame still holds h2's whole
-                    // read buffer it was cut from, kilobytes per idle stream.
-                    this.leftover = Bytes::new();
-                } else {
-                    this.leftover.advance(n);
-                }
-                // The window opens only as far as the application took the bytes: a reader
-                // that stops reading stops its own stream, and only its own.
-                let _ = this.recv.flow_control().release_capacity(n);
-                return Poll::Ready(Ok(()));
-            }
-            match ready!(this.recv.poll_data(cx)) {
-                Some(Ok(data)) => this.leftover = data,
-                Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
-                // END_STREAM: the peer's half-close.
-                None => return Poll::Ready(Ok(())),
-            }
-        }
-    }
-}
-
-impl AsyncWrite for H2Io {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        if buf.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
-        let this = &mut *self;
-        // Bytes are handed to h2 only within the stream's window, so nothing queues beyond it.
-        this.send.reserve_capacity(buf.len());
-        loop {
-            match ready!(this.send.poll_capacity(cx)) {
-                Some(Ok(0)) => continue,
-                Some(Ok(n)) => {
-                    let n = n.min(buf.len());
-                    return Poll::Ready(
-                        this.send
-                            .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-                            .map(|()| n)
-                            .map_err(h2_io),
-                    );
-                }
-                Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
-                None => {
-                    // The stream is closed for sending: say why, when the peer reset it.
-                    let reason = ready!(this.send.poll_reset(cx));
-                    let e = match reason {
-                        Ok(r) => io::Error::new(
-                            io::ErrorKind::ConnectionReset,
-                            format!("stream reset: {r:?}"),
-                        ),
-                        Err(e) => h2_io(e),
-                    };
-                    return Poll::Ready(Err(e));
-                }
-            }
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // h2 writes queued frames as the connection task runs.
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if !self.shut {
-            self.shut = true;
-            // Half-close: END_STREAM; the other direction goes on.
-            self.send.send_data(Bytes::new(), true).map_err(h2_io)?;
-        }
-        Poll::Ready(Ok(()))
-    }
-}
-
 /// Copies an application's TCP connection to and from a stream; an error on either side ends
 /// the other with a reset. Returns (from the stream to TCP, from TCP to the stream).
 async fn bridge(
     tcp: &mut TcpStream,
-    io: &mut H2Io,
+    (send, recv): (SendStream<Bytes>, RecvStream),
     idle: Duration,
     label: &str,
-) -> (u64, u64, bool) {
-    let outcome = copy_bidirectional(&mut *tcp, &mut *io, idle).await;
+) -> (u64, u64) {
+    let outcome = stream_copy::bridge(tcp, send, recv, idle).await;
     tunnel::log_end(label, &outcome);
-    let ok = outcome.result.is_ok();
-    if !ok {
-        io.reset();
-        // A reset stream is a reset TCP connection, not a clean end.
-        let _ = tcp.set_zero_linger();
-    }
     let t = outcome.transferred;
-    (t.b_to_a, t.a_to_b, ok)
+    (t.b_to_a, t.a_to_b)
 }
 
 fn client_builder() -> h2::client::Builder {
@@ -381,7 +249,7 @@ pub(crate) enum Hop {
 }
 
 pub(crate) struct OpenStream {
-    io: H2Io,
+    stream: (SendStream<Bytes>, RecvStream),
     slot: Slot,
 }
 
@@ -492,9 +360,9 @@ impl Pool {
                 }
             };
             match open_stream(&slot.conn, limits).await {
-                Ok(io) => {
+                Ok(stream) => {
                     slot.conn.proven.store(true, Ordering::Release);
-                    return Ok(Hop::Stream(OpenStream { io, slot }));
+                    return Ok(Hop::Stream(OpenStream { stream, slot }));
                 }
                 Err(OpenError::Refused(status)) => {
                     slot.conn.proven.store(true, Ordering::Release);
@@ -649,7 +517,10 @@ async fn drive<T>(
     }
 }
 
-async fn open_stream(conn: &Conn, limits: &Limits) -> Result<H2Io, OpenError> {
+async fn open_stream(
+    conn: &Conn,
+    limits: &Limits,
+) -> Result<(SendStream<Bytes>, RecvStream), OpenError> {
     // The authority is the destination without an IPv6 scope (`%eth0` is no URI syntax); the
     // server side forwards to where the pooled connection went anyway.
     let authority = SocketAddr::new(conn.addr.ip(), conn.addr.port());
@@ -687,7 +558,7 @@ async fn open_stream(conn: &Conn, limits: &Limits) -> Result<H2Io, OpenError> {
     if response.status() != http::StatusCode::OK {
         return Err(OpenError::Refused(response.status()));
     }
-    Ok(H2Io::new(stream, response.into_body()))
+    Ok((stream, response.into_body()))
 }
 
 /// Carries an application connection over an accepted stream, counted as one outbound
@@ -698,13 +569,12 @@ pub(crate) async fn carry(
     limits: &Limits,
     metrics: &Metrics,
 ) {
-    let OpenStream { mut io, slot } = opened;
+    let OpenStream { stream, slot } = opened;
     let m = &metrics.outbound;
     m.open();
     let label = slot.conn.addr.to_string();
-    let (from_tls, to_tls, _) = bridge(&mut app, &mut io, limits.idle_timeout, &label).await;
+    let (from_tls, to_tls) = bridge(&mut app, stream, limits.idle_timeout, &label).await;
     m.close(from_tls, to_tls);
-    drop(io);
     drop(slot);
 }
 
@@ -878,10 +748,9 @@ async fn stream(
             return;
         }
     };
-    let mut io = H2Io::new(send, request.into_body());
     m.open();
     let label = ctx.peer_id.to_string();
-    let (from_tls, to_tls, _) =
-        bridge(&mut upstream, &mut io, ctx.limits.idle_timeout, &label).await;
+    let stream = (send, request.into_body());
+    let (from_tls, to_tls) = bridge(&mut upstream, stream, ctx.limits.idle_timeout, &label).await;
     m.close(from_tls, to_tls);
 }

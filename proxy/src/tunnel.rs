@@ -544,7 +544,12 @@ pub(crate) async fn inbound(
     // SECURITY: the ClientHello must arrive by the first-flight deadline; a peer that sends a
     // byte and stalls holds only a pending slot, and not for long.
     let began = std::time::Instant::now();
-    let hello = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
+    // The handshake's futures are boxed: inline, their state (kilobytes) would be part of the
+    // connection's task for as long as the connection lives.
+    let hello = Box::pin(tokio_rustls::LazyConfigAcceptor::new(
+        rustls::server::Acceptor::default(),
+        stream,
+    ));
     let start = match tokio::time::timeout_at(slot.first_flight_deadline(limits), hello).await {
         Ok(Ok(start)) => start,
         Ok(Err(e)) => return Err(handshake_refusal(&e, peer)),
@@ -561,8 +566,8 @@ pub(crate) async fn inbound(
     } else {
         acceptor.edge.clone()
     };
-    let tls = match tokio::time::timeout(limits.handshake_timeout, start.into_stream(config)).await
-    {
+    let handshake = Box::pin(start.into_stream(config));
+    let tls = match tokio::time::timeout(limits.handshake_timeout, handshake).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => return Err(handshake_refusal(&e, peer)),
         Err(_) => return Err(refused(Reason::HandshakeTimeout)),
@@ -591,7 +596,7 @@ pub(crate) async fn inbound(
             limits: *limits,
             slots,
         };
-        pool::serve_pooled(tls, ctx, shutdown.clone()).await;
+        Box::pin(pool::serve_pooled(tls, ctx, shutdown.clone())).await;
         return Ok(());
     }
     let own_td = own.svid().id().trust_domain();
@@ -687,25 +692,27 @@ pub(crate) async fn outbound(
         };
         return Err(Refusal::new(Reason::NoIdentityYet, peer));
     }
-    let dialed = || dial(hop, identity, to, limits, &metrics);
+    // The dial (TCP connect, TLS and HTTP/2 handshakes) is boxed: its state is kilobytes, and
+    // a future inline in the connection's task would hold that much for as long as the
+    // connection lives, also while it only copies.
+    let dialed = || Box::pin(dial(hop, identity, to, limits, &metrics));
     let (tls, to) = match hop.pool {
-        Some(pool) => match pool
-            .open(to, identity, limits, &metrics.outbound, dialed)
-            .await
-        {
-            Ok(pool::Hop::Stream(opened)) => {
-                pool::carry(stream, opened, limits, &metrics).await;
-                return Ok(());
+        Some(pool) => {
+            match Box::pin(pool.open(to, identity, limits, &metrics.outbound, dialed)).await {
+                Ok(pool::Hop::Stream(opened)) => {
+                    pool::carry(stream, opened, limits, &metrics).await;
+                    return Ok(());
+                }
+                Ok(pool::Hop::Direct(tls, to)) => (tls, to),
+                Err(refusal) => {
+                    // A refused stream: the app's request is still unread in its socket, and the
+                    // kernel answers a close with unread data by an RST. Close it as a refused
+                    // direct connection closes: a FIN, "closed without an answer".
+                    tokio::spawn(close_unanswered(stream));
+                    return Err(refusal);
+                }
             }
-            Ok(pool::Hop::Direct(tls, to)) => (tls, to),
-            Err(refusal) => {
-                // A refused stream: the app's request is still unread in its socket, and the
-                // kernel answers a close with unread data by an RST. Close it as a refused
-                // direct connection closes: a FIN, "closed without an answer".
-                tokio::spawn(close_unanswered(stream));
-                return Err(refusal);
-            }
-        },
+        }
         None => {
             let (tls, to) = dialed().await?;
             (Box::new(tls), to)
