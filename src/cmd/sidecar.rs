@@ -393,6 +393,7 @@ pub fn run(args: SidecarArgs) -> ExitCode {
         SidecarCommand::Run(args) => args,
         SidecarCommand::Init(args) => return sidecar::capture::run(*args),
     };
+    process::settle_allocator();
     // The sidecar's own runtime is single-threaded; --workers adds single-threaded runtimes
     // (sidecar::workers) that serve connections too.
     let rt = match process::runtime(Threads::One, 2) {
