@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 
@@ -38,10 +38,10 @@ pub(crate) async fn bridge(
     let up = AtomicU64::new(0);
     let down = AtomicU64::new(0);
     let result = {
-        let (read, mut write) = tcp.split();
+        let (mut read, mut write) = tcp.split();
         let both = async {
             tokio::try_join!(
-                tcp_to_stream(&read, &mut send, &activity, &up),
+                tcp_to_stream(&mut read, &mut send, &activity, &up),
                 stream_to_tcp(&mut recv, &mut write, &activity, &down)
             )
         };
@@ -65,20 +65,19 @@ pub(crate) async fn bridge(
 }
 
 async fn tcp_to_stream(
-    tcp: &ReadHalf<'_>,
+    tcp: &mut ReadHalf<'_>,
     send: &mut SendStream<Bytes>,
     activity: &Activity,
     total: &AtomicU64,
 ) -> io::Result<()> {
     let mut moved = 0u64;
     loop {
+        // The buffer is made once there is something to read (an idle connection holds none),
+        // and the read goes through `AsyncRead`: a short read marks the socket drained, where
+        // `try_read_buf` would make one more read, which fails with EAGAIN, per message.
         tcp.readable().await?;
         let mut buf = BytesMut::with_capacity(buffer_size(moved));
-        let n = match tcp.try_read_buf(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        };
+        let n = tcp.read_buf(&mut buf).await?;
         if n == 0 {
             // Half-close: END_STREAM; the other direction goes on.
             return send.send_data(Bytes::new(), true).map_err(h2_io);
