@@ -40,6 +40,7 @@ THREADS=${THREADS:-2}
 BULK_MIB=${BULK_MIB:-256}
 HOLD_CONNS=${HOLD_CONNS:-1000}
 CANDIDATES=${CANDIDATES:-kith kith_pool haproxy stunnel ghostunnel plain}
+ASKED=$CANDIDATES
 SAVE=${SAVE:-0}
 KEEP=${KEEP:-0}
 RESUMPTION=${RESUMPTION:-1}
@@ -821,7 +822,8 @@ PY
 
 if [[ $SAVE == 1 ]]; then
     save_results sidecar "Sidecar data path benchmark" \
-        "$(printf '%s ' QUICK="$QUICK" ROUNDS="$ROUNDS" DURATION="$DURATION" CONNECTIONS="$CONNECTIONS")bench/sidecar.sh" \
+        "$(printf '%s ' QUICK="$QUICK" ROUNDS="$ROUNDS" DURATION="$DURATION" CONNECTIONS="$CONNECTIONS" \
+            BULK_COUNT="$BULK_COUNT" RESUMPTION="$RESUMPTION" CANDIDATES="'$ASKED'" ${KITH_BASE:+KITH_BASE="$KITH_BASE"})bench/sidecar.sh" \
         "$(nproc) cores, $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo), $(uname -r); kith $BUILT_FROM; nginx $(nginx -v 2>&1 | cut -d/ -f2), wrk $(wrk -v 2>&1 | awk 'NR == 1 { print $2 }')" \
         "$REPORT" "Raw lines" "$RESULTS"
 fi
