@@ -145,7 +145,7 @@ async fn closed(send: &mut SendStream<Bytes>) -> io::Error {
     }
 }
 
-pub(crate) fn h2_io(e: h2::Error) -> io::Error {
+fn h2_io(e: h2::Error) -> io::Error {
     if e.is_io() {
         return e.into_io().unwrap_or_else(|| io::ErrorKind::Other.into());
     }
