@@ -49,17 +49,28 @@ where
 {
     let (ar, aw) = tokio::io::split(a);
     let (br, bw) = tokio::io::split(b);
+    both_ways(idle, async |activity, a_to_b, b_to_a| {
+        tokio::try_join!(
+            one_way(ar, bw, activity, a_to_b),
+            one_way(br, aw, activity, b_to_a)
+        )
+        .map(|_| ())
+    })
+    .await
+}
+
+/// Runs the two directions of a copy (`ways`, given the shared activity and a byte count for
+/// each way: a → b, then b → a) until both ended or one failed, or until no byte moved either
+/// way for `idle`.
+pub(crate) async fn both_ways<F>(idle: Duration, ways: F) -> Outcome
+where
+    F: AsyncFnOnce(&Activity, &AtomicU64, &AtomicU64) -> io::Result<()>,
+{
     let activity = Activity::new();
     let a_to_b = AtomicU64::new(0);
     let b_to_a = AtomicU64::new(0);
-    let both = async {
-        tokio::try_join!(
-            one_way(ar, bw, &activity, &a_to_b),
-            one_way(br, aw, &activity, &b_to_a)
-        )
-    };
     let result = tokio::select! {
-        r = both => r.map(|_| ()).map_err(Error::Io),
+        r = ways(&activity, &a_to_b, &b_to_a) => r.map_err(Error::Io),
         () = activity.idle(idle) => Err(Error::Idle(idle)),
     };
     Outcome {
@@ -123,7 +134,7 @@ pub(crate) struct Activity {
 }
 
 impl Activity {
-    pub(crate) fn new() -> Self {
+    fn new() -> Self {
         Self {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
@@ -136,7 +147,7 @@ impl Activity {
     }
 
     /// Completes once nothing moved for `idle`.
-    pub(crate) async fn idle(&self, idle: Duration) {
+    async fn idle(&self, idle: Duration) {
         loop {
             let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
             let deadline = last + idle;

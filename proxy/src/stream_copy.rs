@@ -25,7 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 
-use crate::copy::{self, Activity, Outcome, Transferred, buffer_size};
+use crate::copy::{self, Activity, Outcome, buffer_size};
 
 /// Copies `tcp` to and from a stream until both directions ended (see the module's doc).
 pub(crate) async fn bridge(
@@ -34,34 +34,23 @@ pub(crate) async fn bridge(
     mut recv: RecvStream,
     idle: Duration,
 ) -> Outcome {
-    let activity = Activity::new();
-    let up = AtomicU64::new(0);
-    let down = AtomicU64::new(0);
-    let result = {
+    let outcome = {
         let (mut read, mut write) = tcp.split();
-        let both = async {
+        copy::both_ways(idle, async |activity, up, down| {
             tokio::try_join!(
-                tcp_to_stream(&mut read, &mut send, &activity, &up),
-                stream_to_tcp(&mut recv, &mut write, &activity, &down)
+                tcp_to_stream(&mut read, &mut send, activity, up),
+                stream_to_tcp(&mut recv, &mut write, activity, down)
             )
-        };
-        tokio::select! {
-            r = both => r.map(|_| ()).map_err(copy::Error::Io),
-            () = activity.idle(idle) => Err(copy::Error::Idle(idle)),
-        }
+            .map(|_| ())
+        })
+        .await
     };
-    if result.is_err() {
+    if outcome.result.is_err() {
         send.send_reset(h2::Reason::CANCEL);
         // A reset stream is a reset TCP connection, not a clean end.
         let _ = tcp.set_zero_linger();
     }
-    Outcome {
-        transferred: Transferred {
-            a_to_b: up.load(Ordering::Relaxed),
-            b_to_a: down.load(Ordering::Relaxed),
-        },
-        result,
-    }
+    outcome
 }
 
 async fn tcp_to_stream(
