@@ -450,7 +450,9 @@ async fn start(
     entry: &Arc<Entry>,
     limits: &Limits,
 ) -> Result<Arc<Conn>, Refusal> {
-    let server_id = crate::tls::peer_id(tls.get_ref().1.peer_certificates());
+    let server_id = (tls.get_ref().1.peer_certificates())
+        .and_then(<[_]>::first)
+        .and_then(crate::tls::leaf_id);
     let refused = |reason| Refusal::new(reason, Some(addr)).with_id(server_id.clone());
     let (send, connection) =
         match tokio::time::timeout(limits.handshake_timeout, client_builder().handshake(tls)).await

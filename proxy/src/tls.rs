@@ -607,9 +607,20 @@ pub fn check_resumed(
     Ok(())
 }
 
-/// The SPIFFE ID of an already verified peer chain's leaf.
-pub fn peer_id(certs: Option<&[CertificateDer<'static>]>) -> Option<SpiffeId> {
-    let leaf = certs?.first()?;
+/// The SPIFFE ID of the peer of a finished handshake, whose chain a verifier (or
+/// [`check_resumed`]) already checked: read from the verified-chain cache, where that check put
+/// it, and parsed from the leaf only when the cache no longer holds the chain.
+pub fn peer_id(identity: &IdentityHandle, conn: &CommonState) -> Option<SpiffeId> {
+    let (leaf, intermediates) = conn.peer_certificates()?.split_first()?;
+    identity
+        .sessions
+        .verified
+        .verified_id(leaf, intermediates)
+        .or_else(|| leaf_id(leaf))
+}
+
+/// The SPIFFE ID a certificate names, parsed from it (for an already verified leaf).
+pub fn leaf_id(leaf: &CertificateDer<'_>) -> Option<SpiffeId> {
     identity::check_svid_leaf(leaf).ok()
 }
 

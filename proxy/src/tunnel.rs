@@ -580,7 +580,7 @@ pub(crate) async fn inbound(
         return Err(refused(Reason::HandshakeFailed));
     }
     tls::check_resumed(identity, conn, None).map_err(|r| Refusal { peer, ..r })?;
-    let peer_id = tls::peer_id(conn.peer_certificates()).ok_or(refused(Reason::BadCertificate))?;
+    let peer_id = tls::peer_id(identity, conn).ok_or(refused(Reason::BadCertificate))?;
     if pooled {
         // Authenticated; each stream is authorized on its own, and takes a connection slot
         // as a direct connection would.
@@ -671,7 +671,9 @@ async fn dial(
         peer: Some(to),
         ..r
     })?;
-    if let Some(peer) = tls::peer_id(conn.peer_certificates()) {
+    if tracing::enabled!(tracing::Level::DEBUG)
+        && let Some(peer) = tls::peer_id(identity, conn)
+    {
         log_established("outbound", &peer, conn);
     }
     Ok((tls, to))
@@ -719,7 +721,8 @@ pub(crate) async fn outbound(
         }
     };
     let refused = |reason| Refusal::new(reason, Some(to));
-    let server_id = tls::peer_id(tls.get_ref().1.peer_certificates());
+    // Named only in a refusal, so kept as the certificate and read if one comes.
+    let server_leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).cloned();
     // TLS 1.3: the server judges our certificate after our handshake "succeeded"; a refusal
     // arrives as an alert on the first read. So the connection counts as established only
     // with the peer's first byte (FirstByte), and an error before it is a refusal.
@@ -740,6 +743,7 @@ pub(crate) async fn outbound(
         m.close(0, t.a_to_b);
     } else {
         m.add_bytes(0, t.a_to_b);
+        let server_id = server_leaf.as_ref().and_then(tls::leaf_id);
         return Err(refused(Reason::PeerRefused).with_id(server_id));
     }
     Ok(())
@@ -818,7 +822,10 @@ pub(crate) async fn connect(to: SocketAddr, timeout: Duration) -> Result<TcpStre
 /// One debug line per mTLS connection: who the peer is and what was negotiated
 /// (`RUST_LOG=proxy=debug`).
 fn log_established(direction: &str, peer: &identity::SpiffeId, conn: &rustls::CommonState) {
-    Handshake::of(conn).log_established(direction, peer);
+    // The event is at debug level: its strings are made only when it is written.
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        Handshake::of(conn).log_established(direction, peer);
+    }
 }
 
 /// What the `mTLS connection established` event says of a handshake, kept for the streams of

@@ -121,6 +121,21 @@ impl ChainCache {
         (v.from <= at && at <= v.until).then(|| v.id.clone())
     }
 
+    /// The SPIFFE ID of a chain this cache holds as verified, whatever the bundle version and
+    /// clock: for a handshake that just verified `end_entity`, the ID its leaf names, without
+    /// parsing the certificate again. The ID is read off the leaf's exact DER, so an entry
+    /// for the same bytes always names the same ID. `None` when the chain is not held (never
+    /// verified through this cache, or since forgotten).
+    pub fn verified_id(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+    ) -> Option<SpiffeId> {
+        let key = chain_key(end_entity, intermediates);
+        let chains = self.at(None);
+        chains.chains.get(&key).map(|v| v.id.clone())
+    }
+
     fn insert(&self, version: u64, key: Vec<u8>, verified: Verified) {
         let mut chains = self.at(Some(version));
         if chains.chains.len() >= CACHED_CHAINS {
@@ -312,5 +327,25 @@ mod tests {
         assert_eq!(cache.get(1, b"other", t), None);
         assert_eq!(cache.get(2, b"chain", t), None);
         assert_eq!(cache.get(1, b"chain", t), None, "forgotten with version 1");
+    }
+
+    #[test]
+    fn verified_id_names_only_the_exact_chain_held() {
+        let id = SpiffeId::new("spiffe://example.test/a").expect("id");
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        let (leaf, ca) = (CertificateDer::from(vec![1, 2]), CertificateDer::from(vec![3]));
+        let cache = ChainCache::default();
+        assert_eq!(cache.verified_id(&leaf, std::slice::from_ref(&ca)), None);
+        let entry = Verified {
+            id: id.clone(),
+            from: t,
+            until: t + Duration::from_secs(10),
+        };
+        cache.insert(7, chain_key(&leaf, std::slice::from_ref(&ca)), entry);
+        assert_eq!(cache.verified_id(&leaf, std::slice::from_ref(&ca)), Some(id));
+        // The same bytes cut differently, or another chain, is not the chain held.
+        let (cut_leaf, cut_ca) = (CertificateDer::from(vec![1]), CertificateDer::from(vec![2, 3]));
+        assert_eq!(cache.verified_id(&cut_leaf, &[cut_ca]), None);
+        assert_eq!(cache.verified_id(&leaf, &[]), None);
     }
 }
