@@ -11,6 +11,7 @@
 #   SMOKE=1        CI mode: an unoptimised build (--dev), a short run from the committed corpus
 #                  only, nothing written back
 #   RSS_LIMIT_MB   libFuzzer's -rss_limit_mb (default 2048); TIMEOUT libFuzzer's -timeout (10 s)
+#   BUILD_ONLY=1   install cargo-fuzz if missing and build, then stop (CI builds while tests run)
 #
 # Each target starts from fuzz/corpus/<target>/ (committed, minimized) and, outside SMOKE, adds
 # what it finds to fuzz/work/<target>/ (not committed; `cargo fuzz cmin` it into the corpus).
@@ -59,6 +60,9 @@ echo "== building ${#LIST[@]} targets (cargo fuzz build ${BUILD[*]})" >&2
 START=$(date +%s)
 fuzz build "${BUILD[@]}" >&2
 echo "== built in $(($(date +%s) - START)) s" >&2
+if [[ ${BUILD_ONLY:-0} == 1 ]]; then
+    exit 0
+fi
 BIN_DIR=target/$(rustc "${TOOLCHAIN[@]}" -vV | sed -n 's/^host: //p')/$PROFILE
 
 LOGS=$(mktemp -d /tmp/kith-fuzz.XXXXXX)

@@ -1,14 +1,8 @@
-//! The static `kith` that the Docker images carry (`FROM scratch`): built once with the README's
-//! command (`RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --target <host>`),
-//! so the Docker tests share one build.
-//!
-//! The tests turn the release profile's optimisation off through cargo's own
-//! `CARGO_PROFILE_RELEASE_*` variables and build into a target directory of their own
-//! (`target/static-test`). What the tests need from this binary is that it is static and runs in
-//! an image with no libc, which the profile does not change; what they avoid is the release
-//! profile's fat LTO with one codegen unit, about 5.5 minutes of a 2-core machine against 2 for
-//! this build. Their own directory keeps an operator's optimised `target/<host>/release/kith`
-//! from being replaced by this one.
+//! The static `kith` that the Docker images carry (`FROM scratch`): built once, by
+//! `integration/static-kith.sh` (the README's static build with the release profile's
+//! optimisation off, in `target/static-test`; the script says why), so the Docker tests share one
+//! build, and a run of the script beforehand (`.ci/run` starts one beside the tests) leaves
+//! them a fresh one.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,24 +10,10 @@ use std::process::Command;
 /// Builds (a no-op when fresh) and returns the static binary of the workspace at `repo`.
 /// Panics with cargo's output when the build fails: the caller is a test.
 pub fn static_kith(repo: &Path) -> PathBuf {
-    let target = host_triple();
-    // Lowest CPU priority: the tests that run beside this build (libtest runs a binary's tests
-    // side by side) wait on child processes and deadlines, and get the cores first.
-    let mut cmd = Command::new("nice");
-    cmd.args(["-n", "19"])
-        .arg(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.current_dir(repo)
-        .args(["build", "--release", "--bin", "kith", "--target", &target])
+    let mut cmd = Command::new("bash");
+    cmd.arg(repo.join("integration/static-kith.sh"))
         .arg("--message-format=json-render-diagnostics")
-        // Static glibc needs the explicit --target: without it the flag also hits proc-macros
-        // and build scripts, which cannot be static. Exactly this, so the build is shared.
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .env("CARGO_TARGET_DIR", repo.join("target/static-test"))
-        .env("CARGO_PROFILE_RELEASE_OPT_LEVEL", "0")
-        .env("CARGO_PROFILE_RELEASE_LTO", "off")
-        .env("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "256")
-        .env("CARGO_PROFILE_RELEASE_DEBUG", "false");
+        .current_dir(repo);
     // What cargo set for the calling test describes that package; left in, it changes the
     // fingerprints (env! dependencies) and every crate is rebuilt, each run.
     for (key, _) in std::env::vars() {
@@ -71,17 +51,4 @@ pub fn static_kith(repo: &Path) -> PathBuf {
         assert!(text.contains("static"), "not a static binary: {text}");
     }
     exe
-}
-
-/// The host's target triple, from `rustc -vV`.
-pub fn host_triple() -> String {
-    let out = Command::new("rustc")
-        .arg("-vV")
-        .output()
-        .expect("rustc runs");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("host: "))
-        .expect("rustc -vV names the host")
-        .to_owned()
 }

@@ -722,7 +722,12 @@ pub(crate) async fn outbound(
     };
     let refused = |reason| Refusal::new(reason, Some(to));
     // Named only in a refusal, so kept as the certificate and read if one comes.
-    let server_leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).cloned();
+    let server_leaf = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .cloned();
     // TLS 1.3: the server judges our certificate after our handshake "succeeded"; a refusal
     // arrives as an alert on the first read. So the connection counts as established only
     // with the peer's first byte (FirstByte), and an error before it is a refusal.

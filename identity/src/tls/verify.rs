@@ -333,7 +333,10 @@ mod tests {
     fn verified_id_names_only_the_exact_chain_held() {
         let id = SpiffeId::new("spiffe://example.test/a").expect("id");
         let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
-        let (leaf, ca) = (CertificateDer::from(vec![1, 2]), CertificateDer::from(vec![3]));
+        let (leaf, ca) = (
+            CertificateDer::from(vec![1, 2]),
+            CertificateDer::from(vec![3]),
+        );
         let cache = ChainCache::default();
         assert_eq!(cache.verified_id(&leaf, std::slice::from_ref(&ca)), None);
         let entry = Verified {
@@ -342,9 +345,15 @@ mod tests {
             until: t + Duration::from_secs(10),
         };
         cache.insert(7, chain_key(&leaf, std::slice::from_ref(&ca)), entry);
-        assert_eq!(cache.verified_id(&leaf, std::slice::from_ref(&ca)), Some(id));
+        assert_eq!(
+            cache.verified_id(&leaf, std::slice::from_ref(&ca)),
+            Some(id)
+        );
         // The same bytes cut differently, or another chain, is not the chain held.
-        let (cut_leaf, cut_ca) = (CertificateDer::from(vec![1]), CertificateDer::from(vec![2, 3]));
+        let (cut_leaf, cut_ca) = (
+            CertificateDer::from(vec![1]),
+            CertificateDer::from(vec![2, 3]),
+        );
         assert_eq!(cache.verified_id(&cut_leaf, &[cut_ca]), None);
         assert_eq!(cache.verified_id(&leaf, &[]), None);
     }
