@@ -721,13 +721,7 @@ pub(crate) async fn outbound(
         }
     };
     let refused = |reason| Refusal::new(reason, Some(to));
-    // Named only in a refusal, so kept as the certificate and read if one comes.
-    let server_leaf = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .cloned();
+    let server_id = tls::peer_id(identity, tls.get_ref().1);
     // TLS 1.3: the server judges our certificate after our handshake "succeeded"; a refusal
     // arrives as an alert on the first read. So the connection counts as established only
     // with the peer's first byte (FirstByte), and an error before it is a refusal.
@@ -748,7 +742,6 @@ pub(crate) async fn outbound(
         m.close(0, t.a_to_b);
     } else {
         m.add_bytes(0, t.a_to_b);
-        let server_id = server_leaf.as_ref().and_then(tls::leaf_id);
         return Err(refused(Reason::PeerRefused).with_id(server_id));
     }
     Ok(())
